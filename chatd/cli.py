@@ -1,0 +1,83 @@
+"""``chatd`` command line: serve, migrate, check-config, create-user, config-doc."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from chatd import config as config_mod
+from chatd import logs
+from chatd.config import Settings
+from chatd.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatd", description="Real-time chat server with an AI assistant.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="TOML file overriding config/chatd.toml (env CHATD_CONFIG)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the server (master + workers)"))
+    serve.add_argument("--workers", type=int, help="worker processes (0 = CPUs, 1 = in-process)")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--host")
+    with_config(sub.add_parser("migrate", help="apply pending SQL migrations and exit"))
+    with_config(sub.add_parser("check-config", help="print the effective config (secrets masked)"))
+    user = with_config(sub.add_parser("create-user", help="create a user (or reset its password)"))
+    user.add_argument("--email", required=True)
+    user.add_argument("--password", required=True)
+    user.add_argument("--name", default="")
+    user.add_argument("--admin", action="store_true")
+    sub.add_parser("config-doc", help="print docs/CONFIG.md generated from the settings")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    settings = config_mod.load(getattr(args, "config", None))
+    overrides = {k: getattr(args, k) for k in ("workers", "port", "host") if getattr(args, k, None) is not None}
+    if overrides:
+        settings = config_mod.replace(settings, "server", **overrides)
+        config_mod.validate(settings)
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "config-doc":
+        sys.stdout.write(config_mod.reference_markdown())
+        return 0
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log.level, settings.log.format, settings.log.access_log)
+
+    if args.command == "check-config":
+        print(json.dumps(config_mod.as_dict(settings), indent=2))
+        return 0
+    if args.command == "serve":
+        from chatd.server import serve
+
+        return serve(settings)
+
+    from chatd.server import prepare
+
+    settings, services = prepare(settings)  # migrate is part of prepare
+    try:
+        if args.command == "create-user":
+            from chatd.accounts import create_user_sync
+
+            user = create_user_sync(settings, args.email, args.password, args.name, admin=args.admin)
+            print(json.dumps(user, default=str))
+        return 0
+    finally:
+        services.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

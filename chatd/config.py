@@ -1,0 +1,368 @@
+"""Settings: one typed, frozen object loaded once at start and passed down.
+
+Sources, later ones win:
+  1. ``config/chatd.toml`` shipped with chatd (the documented defaults),
+  2. the optional ``--config FILE`` (TOML, same sections),
+  3. environment: ``CHATD_<SECTION>_<KEY>`` for every setting, plus the
+     conventional ``DATABASE_URL``, ``REDIS_URL``, ``ANTHROPIC_API_KEY``,
+     ``ANTHROPIC_BASE_URL`` and ``JWT_SECRET``.
+
+Every value is converted to its declared type and checked against the
+constraints in its field metadata here, so a bad value stops the process at
+start with a message naming the key, never deep inside a handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatd.errors import ConfigError
+
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "config" / "chatd.toml"
+
+MIN_SECRET_BYTES = 32
+
+
+def _f(default: Any, doc: str, **meta: Any) -> Any:
+    """A dataclass field with its documentation and constraints attached."""
+    meta["doc"] = doc
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = _f("127.0.0.1", "Address to listen on.")
+    port: int = _f(8080, "TCP port to listen on.", min=0, max=65535)
+    workers: int = _f(0, "Worker processes; 0 = one per CPU. 1 runs in-process (development).", min=0, max=256)
+    backlog: int = _f(4096, "listen() backlog; Tornado's default of 128 drops connect storms.", min=1)
+    reuse_port: bool = _f(False, "Each worker binds its own SO_REUSEPORT socket instead of sharing the master's.")
+    shutdown_grace_s: float = _f(30.0, "SIGTERM: time for workers to close sockets and drain before SIGKILL.", min=1)
+    drain_timeout_s: float = _f(10.0, "Within the grace period: time a worker waits for in-flight work.", min=0)
+    worker_restart_max_backoff_s: float = _f(
+        10.0, "Upper bound of the backoff before a crashed worker is replaced.", min=0.1
+    )
+    max_body_bytes: int = _f(1_048_576, "Largest accepted HTTP request body; larger gets 413.", min=1024)
+    trust_proxy_headers: bool = _f(False, "Take client IP and scheme from X-Forwarded-For / X-Real-IP (behind nginx).")
+    allowed_origins: list[str] = _f(
+        [], "Origins allowed to open /ws from a browser. Empty: same host only. Clients without Origin are allowed."
+    )
+    dev_mode: bool = _f(False, "Development mode: allows a short or generated JWT secret.")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    data_dir: str = _f("./var", "Directory of the embedded Postgres and Valkey (used when the URLs are empty).")
+    database_url: str = _f("", "PostgreSQL URL; empty starts the embedded server. Env: DATABASE_URL.", secret=True)
+    redis_url: str = _f("", "Redis/Valkey URL; empty starts the embedded server. Env: REDIS_URL.", secret=True)
+    redis_key_prefix: str = _f("chatd:", "Prefix of every Redis key and channel (share one Redis between deployments).")
+    pg_pool_min: int = _f(1, "Postgres connections each worker keeps open.", min=0)
+    pg_pool_max: int = _f(10, "Postgres connections each worker may open.", min=1)
+    pg_timeout_s: float = _f(5.0, "Wait for a pooled Postgres connection before answering 'unavailable'.", min=0.1)
+    redis_timeout_s: float = _f(2.0, "Redis socket timeout.", min=0.1)
+    health_timeout_s: float = _f(1.0, "Timeout of each dependency check of /health/ready.", min=0.05)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    jwt_secret: str = _f("", "HS256 signing secret (>= 32 bytes outside dev_mode). Env: JWT_SECRET.", secret=True)
+    jwt_algorithm: str = _f("HS256", "Algorithm chatd signs with.", choices=("HS256", "HS384", "HS512"))
+    jwt_public_key_file: str = _f(
+        "", "PEM public key or JWKS file: also accept RS256/ES256/EdDSA tokens of an external identity provider."
+    )
+    jwt_issuer: str = _f("chatd", "iss claim set and required.")
+    jwt_audience: str = _f("chatd", "aud claim set and required.")
+    access_ttl_s: int = _f(900, "Access token lifetime.", min=30)
+    refresh_ttl_s: int = _f(604_800, "Refresh token lifetime.", min=60)
+    leeway_s: int = _f(10, "Clock skew tolerated when checking exp/iat.", min=0, max=300)
+    token_expiring_warning_s: int = _f(60, "Warn a socket this long before its token expires.", min=1)
+    auth_attempts_per_min: int = _f(10, "Login/register attempts per IP and per email per minute.", min=1)
+    max_connections_per_user: int = _f(10, "Simultaneous sockets per user; the extra one is closed with 4029.", min=1)
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    max_frame_bytes: int = _f(65_536, "Largest client frame; larger closes with 1009.", min=256)
+    max_message_chars: int = _f(4000, "Longest message content; longer gets error too_large.", min=1)
+    heartbeat_interval_s: float = _f(25.0, "Server WebSocket ping interval.", min=1)
+    idle_timeout_s: float = _f(60.0, "Close a socket silent this long.", min=2)
+    max_buffer_bytes: int = _f(1_048_576, "Unsent bytes a socket may queue before it is closed with 1013.", min=4096)
+    compression: bool = _f(False, "permessage-deflate (costs ~300 KiB per socket without bounds).")
+    compression_level: int = _f(6, "zlib level when compression is on.", min=0, max=9)
+    compression_mem_level: int = _f(5, "zlib memLevel when compression is on (memory per socket).", min=1, max=9)
+    send_rate_count: int = _f(20, "Messages a user may send per window, across all instances.", min=1)
+    send_rate_window_s: float = _f(10.0, "The send rate window.", min=0.1)
+    replay_limit: int = _f(1000, "Longest replay on join; longer sends resync_required.", min=1)
+    typing_interval_s: float = _f(2.0, "At most one typing frame relayed per user per room per interval.", min=0)
+    typing_ttl_s: float = _f(6.0, "Typing state expires without a refresh.", min=0.5)
+    presence_grace_s: float = _f(5.0, "A reconnect within this time does not flap presence.", min=0)
+    batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
+    batch_max_delay_ms: float = _f(2.0, "Group commit: longest wait to fill a batch.", min=0)
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantSettings:
+    provider: str = _f(
+        "auto",
+        "auto (anthropic if a key is set, else offline), anthropic, openai, offline.",
+        choices=("auto", "anthropic", "openai", "offline"),
+    )
+    anthropic_api_key: str = _f("", "Env: ANTHROPIC_API_KEY.", secret=True)
+    anthropic_base_url: str = _f("", "Env: ANTHROPIC_BASE_URL.")
+    openai_base_url: str = _f("", "OpenAI-compatible chat-completions base URL (Ollama, vLLM, llama.cpp).")
+    openai_api_key: str = _f("", "Key of the OpenAI-compatible server.", secret=True)
+    model: str = _f("claude-sonnet-4-5", "Default model (per room overridable).")
+    max_tokens: int = _f(1024, "Default max_tokens of an answer.", min=1)
+    temperature: float = _f(0.7, "Default temperature.", min=0, max=2)
+    system_prompt: str = _f("You are a helpful assistant in a group chat.", "Default system prompt.")
+    offline_tokens_per_s: float = _f(50.0, "Token rate of the offline provider.", min=0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = _f("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    format: str = _f("json", "json (one event per line) or text.", choices=("json", "text"))
+    access_log: bool = _f(True, "One line per HTTP request.")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    ws: WebSocketSettings = field(default_factory=WebSocketSettings)
+    assistant: AssistantSettings = field(default_factory=AssistantSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+SECTIONS: dict[str, type[Any]] = {f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)}
+
+# Conventional names operators already use elsewhere.
+_ALIASES: dict[str, tuple[str, str]] = {
+    "DATABASE_URL": ("storage", "database_url"),
+    "REDIS_URL": ("storage", "redis_url"),
+    "ANTHROPIC_API_KEY": ("assistant", "anthropic_api_key"),
+    "ANTHROPIC_BASE_URL": ("assistant", "anthropic_base_url"),
+    "JWT_SECRET": ("auth", "jwt_secret"),
+}
+# CHATD_* variables that are not settings.
+_NOT_SETTINGS = {"CHATD_CONFIG"}
+
+
+def env_name(section: str, key: str) -> str:
+    return f"CHATD_{section}_{key}".upper()
+
+
+def _coerce(key: str, raw: Any, typ: Any, from_env: bool) -> Any:
+    """Convert ``raw`` to ``typ`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_env and isinstance(raw, str):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        raise ConfigError(key, f"expected a boolean, got {raw!r}")
+    if typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_env and isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer, got {raw!r}")
+    if typ is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if from_env and isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {raw!r}")
+    if typ is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(key, f"expected a string, got {raw!r}")
+    if origin is list:
+        if from_env and isinstance(raw, str):
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return list(raw)
+        raise ConfigError(key, f"expected a list of strings, got {raw!r}")
+    raise ConfigError(key, f"unsupported type {typ!r}")  # pragma: no cover - programming error
+
+
+def _check(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(key, f"must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(key, f"must be <= {meta['max']}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(key, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+
+
+def _merge_file(values: dict[str, dict[str, Any]], data: Mapping[str, Any], origin: str) -> None:
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(section, f"unknown section in {origin}")
+        if not isinstance(body, dict):
+            raise ConfigError(section, f"must be a table in {origin}")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key, raw in body.items():
+            if key not in known:
+                raise ConfigError(f"{section}.{key}", f"unknown setting in {origin}")
+            values[section][key] = (raw, False)
+
+
+def load(config_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the Settings from defaults, the optional file and the environment."""
+    env = os.environ if env is None else env
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if DEFAULTS_FILE.exists():  # absent only when installed without the source tree
+        _merge_file(values, _read_toml(DEFAULTS_FILE), str(DEFAULTS_FILE))
+    config_file = config_file or env.get("CHATD_CONFIG") or None
+    if config_file:
+        _merge_file(values, _read_toml(Path(config_file)), str(config_file))
+
+    by_env = {env_name(s, f.name): (s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for name, value in env.items():
+        if name in _ALIASES and value != "":
+            section, key = _ALIASES[name]
+            values[section][key] = (value, True)
+    for name, value in env.items():
+        if not name.startswith("CHATD_") or name in _NOT_SETTINGS:
+            continue
+        if name not in by_env:
+            raise ConfigError(name, "unknown environment setting (see docs/CONFIG.md)")
+        section, key = by_env[name]
+        values[section][key] = (value, True)
+
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values[section]:
+                continue
+            raw, from_env = values[section][f.name]
+            key = f"{section}.{f.name}"
+            value = _coerce(key, raw, hints[f.name], from_env)
+            _check(key, value, f.metadata)
+            kwargs[f.name] = value
+        sections[section] = cls(**kwargs)
+    settings = Settings(**sections)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Checks that span several settings."""
+    auth = settings.auth
+    if not settings.server.dev_mode and len(auth.jwt_secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            "auth.jwt_secret",
+            f"must be at least {MIN_SECRET_BYTES} bytes outside dev_mode (set JWT_SECRET, or server.dev_mode = true)",
+        )
+    if auth.jwt_public_key_file and not Path(auth.jwt_public_key_file).is_file():
+        raise ConfigError("auth.jwt_public_key_file", f"file not found: {auth.jwt_public_key_file}")
+    if settings.storage.pg_pool_min > settings.storage.pg_pool_max:
+        raise ConfigError("storage.pg_pool_min", "must be <= storage.pg_pool_max")
+    if settings.ws.typing_ttl_s <= settings.ws.typing_interval_s:
+        raise ConfigError("ws.typing_ttl_s", "must be greater than ws.typing_interval_s")
+    for origin in settings.server.allowed_origins:
+        if "://" not in origin and origin != "*":
+            raise ConfigError("server.allowed_origins", f"{origin!r} is not an origin like https://chat.example.com")
+
+
+def replace(settings: Settings, section: str, **changes: Any) -> Settings:
+    """A copy with some settings of one section changed (CLI flags)."""
+    current = getattr(settings, section)
+    return dataclasses.replace(settings, **{section: dataclasses.replace(current, **changes)})
+
+
+def as_dict(settings: Settings, *, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
+    """The effective settings, secrets masked, for ``chatd check-config``."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        obj = getattr(settings, section)
+        body: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if mask_secrets and f.metadata.get("secret") and value:
+                value = _mask(f.name, value)
+            body[f.name] = value
+        out[section] = body
+    return out
+
+
+def _mask(name: str, value: str) -> str:
+    if name.endswith("_url") and "@" in value:
+        # Keep the host visible, hide credentials: postgresql://user:***@host/db
+        scheme, _, rest = value.partition("://")
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    if name.endswith("_url"):
+        return value
+    return "***"
+
+
+def reference_markdown() -> str:
+    """docs/CONFIG.md, generated from the dataclasses (a test keeps it current)."""
+    lines = [
+        "# chatd configuration",
+        "",
+        "Generated from `chatd/config.py` by `chatd config-doc`; do not edit by hand.",
+        "",
+        "Settings come from `config/chatd.toml` (defaults), then the file given with `--config`"
+        " (or `CHATD_CONFIG`), then environment variables. Every setting has an environment"
+        " variable `CHATD_<SECTION>_<KEY>`; the conventional `DATABASE_URL`, `REDIS_URL`,"
+        " `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL` and `JWT_SECRET` are read too."
+        " An unknown key or `CHATD_*` variable, or a value of the wrong type or out of range,"
+        " stops chatd at start with a message naming the key.",
+        "",
+    ]
+    for section, cls in SECTIONS.items():
+        lines += [f"## [{section}]", "", "| key | type | default | env | meaning |", "|---|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            tname = getattr(typ, "__name__", str(typ)) if typing.get_origin(typ) is None else "list[str]"
+            default = getattr(instance, f.name)
+            meta = f.metadata
+            bounds = []
+            if "min" in meta:
+                bounds.append(f">= {meta['min']}")
+            if "max" in meta:
+                bounds.append(f"<= {meta['max']}")
+            if "choices" in meta:
+                bounds.append("one of " + ", ".join(meta["choices"]))
+            doc = meta["doc"] + (f" ({'; '.join(bounds)})" if bounds else "")
+            shown = "(secret)" if meta.get("secret") and default else repr(default).replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {tname} | `{shown}` | `{env_name(section, f.name)}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)

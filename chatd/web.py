@@ -1,0 +1,151 @@
+"""HTTP plumbing shared by every REST handler: JSON in, JSON out, one error shape.
+
+Handlers raise ``ChatdError`` subclasses; ``write_error`` renders them as
+``{"error": {"code", "message"}}`` with the class's status.  Anything else is
+logged with its traceback and the client sees only ``internal``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import tornado.web
+
+from chatd import errors
+from chatd.logs import access_log, app_log, fields
+from chatd.state import ServerState
+
+_HTTP_CODES = {
+    400: errors.BadRequest,
+    401: errors.Unauthorized,
+    403: errors.Forbidden,
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    409: errors.Conflict,
+    413: errors.TooLarge,
+    429: errors.RateLimited,
+    503: errors.Unavailable,
+}
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    state: ServerState
+
+    def initialize(self, state: ServerState) -> None:
+        self.state = state
+
+    def prepare(self) -> None:
+        self.state.in_flight_requests += 1
+        self._counted = True
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.state.settings.server.max_body_bytes:
+            raise errors.TooLarge(f"request body over {self.state.settings.server.max_body_bytes} bytes")
+
+    def on_finish(self) -> None:
+        if getattr(self, "_counted", False):
+            self.state.in_flight_requests -= 1
+            self._counted = False
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def json_body(self) -> dict[str, Any]:
+        try:
+            body = json.loads(self.request.body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise errors.BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise errors.BadRequest("request body must be a JSON object")
+        return body
+
+    def send_json(self, payload: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=str))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, errors.ChatdError):
+            # An expected, client-facing error: no traceback in the log.
+            if self._finished:
+                return
+            self._render_error(e)
+            return
+        super()._handle_request_exception(e)
+
+    def _render_error(self, err: errors.ChatdError) -> None:
+        self.clear()
+        self.set_status(err.http_status)
+        if err.retry_after_ms is not None:
+            self.set_header("Retry-After", str(max(1, -(-err.retry_after_ms // 1000))))
+        self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Reached for tornado.web.HTTPError and unexpected exceptions.
+        cls = _HTTP_CODES.get(status_code, errors.Internal)
+        err = cls()
+        exc_info = kwargs.get("exc_info")
+        if (
+            exc_info
+            and isinstance(exc_info[1], tornado.web.HTTPError)
+            and exc_info[1].log_message
+            and status_code < 500
+        ):
+            err = cls(exc_info[1].log_message)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False))
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise errors.NotFound("no such route")
+
+
+class LiveHandler(BaseHandler):
+    """The process is up and its loop answers."""
+
+    def get(self) -> None:
+        self.send_json({"status": "ok", "worker": self.state.worker_id})
+
+
+class ReadyHandler(BaseHandler):
+    """Postgres and Redis answer within ``health_timeout_s``; 503 naming the failing one otherwise."""
+
+    async def get(self) -> None:
+        from chatd.health import check_dependencies
+
+        checks = await check_dependencies(self.state)
+        ready = all(c["ok"] for c in checks.values()) and not self.state.draining
+        body = {
+            "status": "ready" if ready else ("draining" if self.state.draining else "not_ready"),
+            "worker": self.state.worker_id,
+            "checks": checks,
+        }
+        self.send_json(body, 200 if ready else 503)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log: method, route, status, duration; the URI is redacted by the formatter."""
+    request = handler.request
+    status = handler.get_status()
+    level = access_log.warning if status >= 500 else access_log.info
+    level(
+        "http_request",
+        extra=fields(
+            method=request.method,
+            path=request.uri,
+            route=type(handler).__name__,
+            status=status,
+            duration_ms=round(request.request_time() * 1000, 2),
+            remote_ip=request.remote_ip,
+        ),
+    )
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def unexpected(exc: BaseException, where: str) -> None:
+    app_log.error("unexpected_error", exc_info=exc, extra=fields(where=where))

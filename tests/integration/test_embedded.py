@@ -1,0 +1,80 @@
+"""The embedded default: fresh data dir, used data dir, crashed previous run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psycopg
+import redis
+
+from chatd.embedded import EmbeddedServices
+from tests.support import Chatd
+
+
+def test_fresh_then_used_data_dir_keeps_data(tmp_path: Path) -> None:
+    services = EmbeddedServices(str(tmp_path / "var"), "", "")
+    db_url, redis_url = services.start()
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (v text)")
+            conn.execute("INSERT INTO kept VALUES ('survives')")
+            exts = {r[0] for r in conn.execute("SELECT name FROM pg_available_extensions")}
+        assert {"vector", "pg_trgm"} <= exts
+        r = redis.Redis.from_url(redis_url)
+        r.set("k", "v")
+        r.close()
+    finally:
+        services.stop()
+
+    again = EmbeddedServices(str(tmp_path / "var"), "", "")
+    db_url2, redis_url2 = again.start()
+    try:
+        with psycopg.connect(db_url2) as conn:
+            assert conn.execute("SELECT v FROM kept").fetchone() == ("survives",)
+        r = redis.Redis.from_url(redis_url2)
+        assert r.get("k") == b"v"  # AOF replayed
+        r.close()
+    finally:
+        again.stop()
+
+
+def test_unix_sockets_only(tmp_path: Path) -> None:
+    services = EmbeddedServices(str(tmp_path / "var"), "", "")
+    db_url, redis_url = services.start()
+    try:
+        assert redis_url.startswith("unix://")
+        assert "host=%2F" in db_url  # a socket directory, not a TCP host
+        r = redis.Redis.from_url(redis_url)
+        assert r.config_get("port") == {"port": "0"}
+        r.close()
+    finally:
+        services.stop()
+
+
+def test_serve_after_crashed_run(tmp_path: Path) -> None:
+    """SIGKILL the whole tree (stale pid files, orphaned servers), then start again."""
+    data_dir = tmp_path / "var"
+    first = Chatd("", "", tmp_path / "first.log", workers=2, data_dir=data_dir)
+    first.env = {"DATABASE_URL": "", "REDIS_URL": ""}
+    first.start()
+    assert first.proc is not None
+    os.killpg(first.proc.pid, signal.SIGKILL)  # master and workers; the databases survive as orphans
+    first.proc.wait()
+    assert (data_dir / "postgres" / "postmaster.pid").exists()
+    assert (data_dir / "valkey" / "valkey.pid").exists()
+
+    second = Chatd("", "", tmp_path / "second.log", workers=1, data_dir=data_dir)
+    second.env = {"DATABASE_URL": "", "REDIS_URL": ""}
+    try:
+        second.start()
+        assert second.events("embedded_valkey_stale") or second.events("embedded_postgres_reused")
+    finally:
+        assert second.stop() == 0
+    # The clean stop took the databases down with it.
+    deadline = time.monotonic() + 10
+    while (data_dir / "postgres" / "postmaster.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (data_dir / "postgres" / "postmaster.pid").exists()

@@ -1,0 +1,123 @@
+"""Master and workers: readiness, replacement after SIGKILL, SIGTERM, SIGHUP."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+from chatd.embedded import EmbeddedPostgres
+from tests.conftest import Services
+from tests.support import Chatd, create_database, http_get, with_database
+
+
+def wait_for(predicate: Any, timeout_s: float = 30, interval_s: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError("condition not met in time")
+
+
+def test_two_workers_answer_ready(chatd_factory: Any) -> None:
+    server: Chatd = chatd_factory(workers=2)
+    assert len(server.worker_pids()) == 2
+    seen: set[int] = set()
+    for _ in range(300):
+        status, body = http_get(server.http + "/health/ready")
+        assert status == 200, body
+        assert body["checks"]["postgres"]["ok"] and body["checks"]["redis"]["ok"]
+        seen.add(body["worker"])
+        if len(seen) == 2:
+            break
+    assert seen == {0, 1}
+
+
+def test_worker_replaced_after_sigkill(chatd_factory: Any) -> None:
+    server: Chatd = chatd_factory(workers=2)
+    before = server.worker_pids()
+    victim = before[0]
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    after = wait_for(lambda: (p := server.worker_pids()) and len(p) == 2 and victim not in p and p)
+    assert victim not in after
+    died = wait_for(lambda: server.events("worker_died"))
+    assert died[0]["worker_pid"] == victim and died[0]["cause"] == "signal 9"
+    assert http_get(server.http + "/health/ready")[0] == 200
+
+
+def test_sighup_rolls_workers_without_refusing_connections(chatd_factory: Any) -> None:
+    server: Chatd = chatd_factory(workers=2)
+    before = set(server.worker_pids())
+    failures: list[int] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            status, _ = http_get(server.http + "/health/live")
+            if status != 200:
+                failures.append(status)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: server.events("rolling_restart_done"))
+    finally:
+        stop.set()
+        poller.join()
+    after = set(server.worker_pids())
+    assert len(after) == 2 and not (before & after)
+    assert failures == []
+
+
+def test_sigterm_stops_the_tree(chatd_factory: Any) -> None:
+    server: Chatd = chatd_factory(workers=2)
+    pids = server.worker_pids()
+    assert server.stop() == 0
+    assert len(server.events("worker_stopped")) == 2
+    import os
+
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_ready_follows_postgres(chatd_factory: Any, tmp_path: Any, services: Services) -> None:
+    pg = EmbeddedPostgres(tmp_path / "own")
+    url = pg.start()
+    try:
+        from chatd import migrations
+
+        migrations.apply(url)
+        server: Chatd = chatd_factory(database_url=url, CHATD_STORAGE_HEALTH_TIMEOUT_S="0.5")
+        assert http_get(server.http + "/health/ready")[0] == 200
+        pg.stop()
+        _, body = wait_for(lambda: (r := http_get(server.http + "/health/ready")) and r[0] == 503 and r)
+        assert body["checks"]["postgres"]["ok"] is False
+        assert body["checks"]["redis"]["ok"] is True
+        assert http_get(server.http + "/health/live")[0] == 200  # alive, just not ready
+        pg.start()
+        wait_for(lambda: http_get(server.http + "/health/ready")[0] == 200)
+    finally:
+        pg.stop()
+
+
+def test_migrate_command_and_unknown_route(services: Services, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    url = create_database(services.admin_url, "cli")
+    env = {"DATABASE_URL": url, "REDIS_URL": services.redis_url, "JWT_SECRET": "x" * 40, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "chatd", "migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "migration_applied" in out.stderr
+    import psycopg
+
+    with psycopg.connect(with_database(url, url.rsplit("dbname=", 1)[-1].split()[0])) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 1
