@@ -1,4 +1,4 @@
-"""The Tornado application: routes, with the worker's state injected into every handler."""
+"""The Tornado application: the worker's services, built once, injected into every handler."""
 
 from __future__ import annotations
 
@@ -6,26 +6,40 @@ from typing import Any
 
 import tornado.web
 
+from chatd import api
+from chatd.accounts import Accounts
+from chatd.fanout import Hub
+from chatd.rooms import MessageWriter, Rooms
 from chatd.state import ServerState
 from chatd.web import LiveHandler, NotFoundHandler, ReadyHandler, log_request
-
-
-def routes(state: ServerState) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
-    deps = {"state": state}
-    return [
-        (r"/health/live", LiveHandler, deps),
-        (r"/health/ready", ReadyHandler, deps),
-    ]
+from chatd.ws import ChatSocket, refresh_registrations
 
 
 def make_app(state: ServerState) -> tornado.web.Application:
+    """Build the services of one worker and start their background tasks (inside the loop)."""
+    hub = Hub(state)
+    writer = MessageWriter(state, hub)
+    rooms = Rooms(state, hub, writer)
+    accounts = Accounts(state, hub)
+    hub.start()
+    writer.start()
+    state.tasks.spawn(refresh_registrations(state), "connection-registry")
+
+    base = {"state": state}
+    routes: list[Any] = [
+        (r"/health/live", LiveHandler, base),
+        (r"/health/ready", ReadyHandler, base),
+        (r"/ws", ChatSocket, {"state": state, "accounts": accounts, "rooms": rooms, "hub": hub}),
+        *api.routes(state, accounts, rooms),
+    ]
+    ws = state.settings.ws
     return tornado.web.Application(
-        routes(state),  # type: ignore[arg-type]
+        routes,
         default_handler_class=NotFoundHandler,
-        default_handler_args={"state": state},
+        default_handler_args=base,
         log_function=log_request,
         compress_response=False,
-        websocket_ping_interval=state.settings.ws.heartbeat_interval_s,
-        websocket_ping_timeout=state.settings.ws.idle_timeout_s,
-        websocket_max_message_size=state.settings.ws.max_frame_bytes,
+        websocket_ping_interval=ws.heartbeat_interval_s,
+        websocket_ping_timeout=ws.idle_timeout_s,
+        websocket_max_message_size=ws.max_frame_bytes,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,7 @@ class ServerState:
     keys: Keys
     tasks: Tasks = field(default_factory=Tasks)
     connections: set[WebSocketHandler] = field(default_factory=set)
+    drainers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run before tasks are cancelled
     in_flight_requests: int = 0
     draining: bool = False
     started_at: float = field(default_factory=time.time)
@@ -90,6 +91,11 @@ class ServerState:
         return cls(settings=settings, worker_id=worker_id, pg=pg, redis=client, keys=Keys(storage.redis_key_prefix))
 
     async def close(self) -> None:
+        for drain in self.drainers:
+            try:
+                await asyncio.wait_for(drain(), self.settings.server.drain_timeout_s)
+            except (TimeoutError, Exception) as exc:
+                app_log.warning("drain_incomplete", extra=fields(error=repr(exc)[:200]))
         await self.tasks.cancel_all(timeout_s=5)
         await self.redis.aclose()
         await self.pg.close(timeout=5)

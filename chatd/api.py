@@ -1,0 +1,299 @@
+"""REST API under ``/api/v1`` (docs/API.md).  Thin: parse, call the service, render."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd import errors, store
+from chatd.accounts import Accounts, Principal
+from chatd.fanout import message_frame
+from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
+from chatd.state import ServerState
+from chatd.web import BaseHandler
+
+MAX_PAGE = 200
+_MAX_INT = 2**53 - 1
+
+
+class ApiHandler(BaseHandler):
+    accounts: Accounts
+    rooms: Rooms
+
+    def initialize(self, state: ServerState, accounts: Accounts, rooms: Rooms) -> None:  # type: ignore[override]
+        super().initialize(state)
+        self.accounts = accounts
+        self.rooms = rooms
+        self.principal: Principal | None = None
+
+    async def auth(self) -> Principal:
+        header = self.request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else None
+        self.principal = await self.accounts.authenticate(token)
+        return self.principal
+
+    def int_arg(self, name: str, default: int | None = None, minimum: int = 0, maximum: int = _MAX_INT) -> int | None:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        if not raw.isdigit() or not minimum <= int(raw) <= maximum:
+            raise errors.BadRequest(f"{name} must be an integer between {minimum} and {maximum}")
+        return int(raw)
+
+    @staticmethod
+    def path_id(raw: str, what: str) -> int:
+        if not raw.isdigit() or not 1 <= int(raw) <= _MAX_INT:
+            raise errors.NotFound(f"{what} not found")
+        return int(raw)
+
+
+# -- auth ----------------------------------------------------------------------------
+
+
+class RegisterHandler(ApiHandler):
+    async def post(self) -> None:
+        self.send_json(await self.accounts.register(self.json_body(), self.request.remote_ip or ""), 201)
+
+
+class LoginHandler(ApiHandler):
+    async def post(self) -> None:
+        self.send_json(await self.accounts.login(self.json_body(), self.request.remote_ip or ""))
+
+
+class RefreshHandler(ApiHandler):
+    async def post(self) -> None:
+        self.send_json(await self.accounts.refresh(self.json_body()))
+
+
+class LogoutHandler(ApiHandler):
+    async def post(self) -> None:
+        principal = await self.auth()
+        body = self.json_body() if self.request.body else {}
+        everywhere = body.get("all", False)
+        if not isinstance(everywhere, bool):
+            raise errors.BadRequest("all must be a boolean")
+        await self.accounts.logout(principal, everywhere)
+        self.set_status(204)
+        self.finish()
+
+
+class MeHandler(ApiHandler):
+    async def get(self) -> None:
+        principal = await self.auth()
+        user = await store.user_by_id(self.state.pg, principal.user_id)
+        if user is None:
+            raise errors.Unauthorized("unknown user")
+        from chatd.accounts import user_json
+
+        self.send_json(user_json(user))
+
+
+class BanHandler(ApiHandler):
+    async def post(self, user_id: str) -> None:
+        principal = await self.auth()
+        if not principal.is_admin:
+            raise errors.Forbidden("admin only")
+        self.send_json(await self.accounts.ban(self.path_id(user_id, "user")))
+
+
+# -- rooms ---------------------------------------------------------------------------
+
+
+def room_json(row: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "id": row["id"],
+        "name": row["name"],
+        "kind": row["kind"],
+        "owner_id": row["owner_id"],
+        "status": row["status"],
+        "assistant": row["assistant"],
+        "last_seq": row["last_seq"],
+        "created_at": store.iso(row["created_at"]),
+        "updated_at": store.iso(row["updated_at"]),
+    }
+    if "read_seq" in row:
+        out["read_seq"] = row["read_seq"]
+        out["unread_count"] = max(0, row["last_seq"] - row["read_seq"])
+    if "last_message" in row:
+        out["last_message"] = row["last_message"]
+    return out
+
+
+def parse_assistant(value: Any, defaults: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return defaults
+    if not isinstance(value, dict):
+        raise errors.BadRequest("assistant must be an object")
+    out = dict(defaults or {})
+    for key in ("model", "system_prompt"):
+        if key in value:
+            if not isinstance(value[key], str) or len(value[key]) > 20_000:
+                raise errors.BadRequest(f"assistant.{key} must be a string")
+            out[key] = value[key]
+    if "mode" in value:
+        if value["mode"] not in ASSISTANT_MODES:
+            raise errors.BadRequest(f"assistant.mode must be one of {', '.join(ASSISTANT_MODES)}")
+        out["mode"] = value["mode"]
+    unknown = set(value) - {"model", "system_prompt", "mode"}
+    if unknown:
+        raise errors.BadRequest(f"unknown assistant settings: {', '.join(sorted(unknown))}")
+    return out
+
+
+def parse_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise errors.BadRequest("name must be a non-empty string of at most 200 characters")
+    return value.strip()
+
+
+class RoomsHandler(ApiHandler):
+    async def post(self) -> None:
+        principal = await self.auth()
+        body = self.json_body()
+        kind = body.get("kind", "group")
+        if kind not in ROOM_KINDS:
+            raise errors.BadRequest(f"kind must be one of {', '.join(ROOM_KINDS)}")
+        members = body.get("members", [])
+        if not isinstance(members, list) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and 0 < m <= _MAX_INT for m in members
+        ):
+            raise errors.BadRequest("members must be a list of user ids")
+        if len(members) > 1000:
+            raise errors.BadRequest("at most 1000 members at creation")
+        default_mode = "always" if kind == "assistant" else "mention"
+        assistant = parse_assistant(body.get("assistant"), {"mode": default_mode} if kind == "assistant" else None)
+        room = await store.create_room(
+            self.state.pg, parse_name(body.get("name")), kind, principal.user_id, members, assistant
+        )
+        self.send_json(room_json(room | {"read_seq": 0}), 201)
+
+    async def get(self) -> None:
+        principal = await self.auth()
+        status = self.get_query_argument("status", "active")
+        if status not in ("active", "archived"):
+            raise errors.BadRequest("status must be active or archived")
+        limit = self.int_arg("limit", 50, 1, MAX_PAGE)
+        cursor = self.int_arg("cursor", None, 1)
+        assert limit is not None
+        rows = await store.list_rooms(self.state.pg, principal.user_id, status, limit + 1, cursor)
+        page = rows[:limit]
+        next_cursor = page[-1]["id"] if len(rows) > limit else None
+        self.send_json({"rooms": [room_json(r) for r in page], "next_cursor": next_cursor})
+
+
+class RoomHandler(ApiHandler):
+    async def _room(self, room_id: str) -> tuple[Principal, dict[str, Any]]:
+        principal = await self.auth()
+        room = await self.rooms.member_room(self.path_id(room_id, "room"), principal.user_id)
+        return principal, room
+
+    def _manage(self, principal: Principal, room: dict[str, Any]) -> None:
+        if room["owner_id"] != principal.user_id and not principal.is_admin:
+            raise errors.Forbidden("only the owner or an admin may change this room")
+
+    async def get(self, room_id: str) -> None:
+        _, room = await self._room(room_id)
+        self.send_json(room_json(room))
+
+    async def patch(self, room_id: str) -> None:
+        principal, room = await self._room(room_id)
+        self._manage(principal, room)
+        body = self.json_body()
+        changes: dict[str, Any] = {}
+        if "name" in body:
+            changes["name"] = parse_name(body["name"])
+        if "assistant" in body:
+            changes["assistant"] = parse_assistant(body["assistant"], room["assistant"] or {})
+        unknown = set(body) - {"name", "assistant"}
+        if unknown:
+            raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
+        updated = await store.update_room(self.state.pg, room["id"], changes)
+        self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
+
+    async def delete(self, room_id: str) -> None:
+        principal, room = await self._room(room_id)
+        self._manage(principal, room)
+        updated = await store.update_room(self.state.pg, room["id"], {"status": "archived"})
+        self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
+
+
+class MembersHandler(RoomHandler):
+    async def post(self, room_id: str) -> None:  # type: ignore[override]
+        principal, room = await self._room(room_id)
+        self._manage(principal, room)
+        user_id = self.json_body().get("user_id")
+        if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id <= _MAX_INT:
+            raise errors.BadRequest("user_id must be a positive integer")
+        added = await store.add_member(self.state.pg, room["id"], user_id)
+        self.send_json({"room_id": room["id"], "user_id": user_id, "added": added}, 201 if added else 200)
+
+
+class MemberHandler(RoomHandler):
+    async def delete(self, room_id: str, user_id: str) -> None:  # type: ignore[override]
+        principal, room = await self._room(room_id)
+        target = self.path_id(user_id, "member")
+        if target != principal.user_id:
+            self._manage(principal, room)
+        if target == room["owner_id"]:
+            raise errors.Conflict("the owner cannot leave; archive the room instead")
+        if not await store.remove_member(self.state.pg, room["id"], target):
+            raise errors.NotFound("member not found")
+        self.set_status(204)
+        self.finish()
+
+
+class MessagesHandler(RoomHandler):
+    async def get(self, room_id: str) -> None:  # type: ignore[override]
+        _, room = await self._room(room_id)
+        limit = self.int_arg("limit", 50, 1, MAX_PAGE)
+        assert limit is not None
+        rows, has_more = await store.messages_page(
+            self.state.pg, room["id"], self.int_arg("after_seq"), self.int_arg("before_seq"), limit
+        )
+        self.send_json({"messages": [_message_json(r) for r in rows], "has_more": has_more})
+
+    async def post(self, room_id: str) -> None:  # type: ignore[override]
+        principal = await self.auth()
+        body = self.json_body()
+        content, client_msg_id = body.get("content"), body.get("client_msg_id")
+        from chatd import protocol
+
+        try:
+            frame = protocol.parse_client_frame(
+                {
+                    "type": "send",
+                    "room_id": self.path_id(room_id, "room"),
+                    "content": content,
+                    "client_msg_id": client_msg_id,
+                },
+                max_message_chars=self.state.settings.ws.max_message_chars,
+            )
+        except protocol.FrameError as exc:
+            raise exc.error from None
+        assert isinstance(frame, protocol.Send)
+        result = await self.rooms.send(principal.user_id, frame.room_id, frame.content, frame.client_msg_id)
+        assert result.row is not None
+        self.send_json(_message_json(result.row) | {"duplicate": result.duplicate}, 200 if result.duplicate else 201)
+
+
+def _message_json(row: dict[str, Any]) -> dict[str, Any]:
+    frame = message_frame(row)
+    frame.pop("type", None)
+    return frame
+
+
+def routes(state: ServerState, accounts: Accounts, rooms: Rooms) -> list[tuple[str, type[ApiHandler], dict[str, Any]]]:
+    deps = {"state": state, "accounts": accounts, "rooms": rooms}
+    prefix = "/api/v1"
+    return [
+        (prefix + r"/auth/register", RegisterHandler, deps),
+        (prefix + r"/auth/login", LoginHandler, deps),
+        (prefix + r"/auth/refresh", RefreshHandler, deps),
+        (prefix + r"/auth/logout", LogoutHandler, deps),
+        (prefix + r"/me", MeHandler, deps),
+        (prefix + r"/admin/users/([^/]+)/ban", BanHandler, deps),
+        (prefix + r"/rooms", RoomsHandler, deps),
+        (prefix + r"/rooms/([^/]+)", RoomHandler, deps),
+        (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),
+        (prefix + r"/rooms/([^/]+)/members/([^/]+)", MemberHandler, deps),
+        (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
+    ]
