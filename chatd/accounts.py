@@ -43,6 +43,7 @@ def user_json(row: dict[str, Any]) -> dict[str, Any]:
         "email": row["email"],
         "name": row["name"],
         "role": row["role"],
+        "status": row["status"],
         "created_at": store.iso(row["created_at"]),
     }
 

@@ -35,13 +35,13 @@ class ApiHandler(BaseHandler):
         raw = self.get_query_argument(name, None)
         if raw is None or raw == "":
             return default
-        if not raw.isdigit() or not minimum <= int(raw) <= maximum:
+        if not (raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= maximum:
             raise errors.BadRequest(f"{name} must be an integer between {minimum} and {maximum}")
         return int(raw)
 
     @staticmethod
     def path_id(raw: str, what: str) -> int:
-        if not raw.isdigit() or not 1 <= int(raw) <= _MAX_INT:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_INT:
             raise errors.NotFound(f"{what} not found")
         return int(raw)
 
@@ -180,7 +180,9 @@ class RoomsHandler(ApiHandler):
         self.send_json({"rooms": [room_json(r) for r in page], "next_cursor": next_cursor})
 
 
-class RoomHandler(ApiHandler):
+class RoomAccess(ApiHandler):
+    """The caller's room (404 for non-members) and the owner/admin check, for every room route."""
+
     async def _room(self, room_id: str) -> tuple[Principal, dict[str, Any]]:
         principal = await self.auth()
         room = await self.rooms.member_room(self.path_id(room_id, "room"), principal.user_id)
@@ -190,6 +192,8 @@ class RoomHandler(ApiHandler):
         if room["owner_id"] != principal.user_id and not principal.is_admin:
             raise errors.Forbidden("only the owner or an admin may change this room")
 
+
+class RoomHandler(RoomAccess):
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
         self.send_json(room_json(room))
@@ -216,8 +220,8 @@ class RoomHandler(ApiHandler):
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
 
-class MembersHandler(RoomHandler):
-    async def post(self, room_id: str) -> None:  # type: ignore[override]
+class MembersHandler(RoomAccess):
+    async def post(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
         user_id = self.json_body().get("user_id")
@@ -227,8 +231,8 @@ class MembersHandler(RoomHandler):
         self.send_json({"room_id": room["id"], "user_id": user_id, "added": added}, 201 if added else 200)
 
 
-class MemberHandler(RoomHandler):
-    async def delete(self, room_id: str, user_id: str) -> None:  # type: ignore[override]
+class MemberHandler(RoomAccess):
+    async def delete(self, room_id: str, user_id: str) -> None:
         principal, room = await self._room(room_id)
         target = self.path_id(user_id, "member")
         if target != principal.user_id:
@@ -237,12 +241,13 @@ class MemberHandler(RoomHandler):
             raise errors.Conflict("the owner cannot leave; archive the room instead")
         if not await store.remove_member(self.state.pg, room["id"], target):
             raise errors.NotFound("member not found")
+        await self.rooms.kick(room["id"], target)
         self.set_status(204)
         self.finish()
 
 
-class MessagesHandler(RoomHandler):
-    async def get(self, room_id: str) -> None:  # type: ignore[override]
+class MessagesHandler(RoomAccess):
+    async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
         limit = self.int_arg("limit", 50, 1, MAX_PAGE)
         assert limit is not None
@@ -251,7 +256,7 @@ class MessagesHandler(RoomHandler):
         )
         self.send_json({"messages": [_message_json(r) for r in rows], "has_more": has_more})
 
-    async def post(self, room_id: str) -> None:  # type: ignore[override]
+    async def post(self, room_id: str) -> None:
         principal = await self.auth()
         body = self.json_body()
         content, client_msg_id = body.get("content"), body.get("client_msg_id")

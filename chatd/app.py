@@ -40,6 +40,8 @@ def make_app(state: ServerState) -> tornado.web.Application:
         log_function=log_request,
         compress_response=False,
         websocket_ping_interval=ws.heartbeat_interval_s,
-        websocket_ping_timeout=ws.idle_timeout_s,
+        # Tornado caps the pong wait at the ping interval: a silent socket is
+        # closed within heartbeat_interval_s + min(idle_timeout_s, heartbeat_interval_s).
+        websocket_ping_timeout=min(ws.idle_timeout_s, ws.heartbeat_interval_s),
         websocket_max_message_size=ws.max_frame_bytes,
     )

@@ -61,13 +61,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(config_mod.as_dict(settings), indent=2))
         return 0
     if args.command == "serve":
+        from chatd.embedded import DataDirInUse
         from chatd.server import serve
 
-        return serve(settings)
+        try:
+            return serve(settings)
+        except DataDirInUse as exc:
+            print(f"chatd: {exc}", file=sys.stderr)
+            return 2
 
+    from chatd.embedded import DataDirInUse
     from chatd.server import prepare
 
-    settings, services = prepare(settings)  # migrate is part of prepare
+    try:
+        settings, services = prepare(settings, owner=False)  # migrate is part of prepare
+    except DataDirInUse as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.command == "create-user":
             from chatd.accounts import create_user_sync

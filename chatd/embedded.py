@@ -69,6 +69,7 @@ class EmbeddedPostgres:
         self.pgdata = self.data_dir / "postgres"
         self.log_file = self.pgdata / "server.log"
         self._run_as: str | None = _PG_SYSTEM_USER if os.geteuid() == 0 else None
+        self.started_here = False
 
     @property
     def socket_dir(self) -> Path:
@@ -134,6 +135,7 @@ class EmbeddedPostgres:
                 "initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8", "--locale=C", "-U", "postgres"
             )
         pid = self.running_pid()
+        self.started_here = pid is None
         if pid is not None:
             server_log.info("embedded_postgres_reused", extra=fields(postgres_pid=pid))
         else:
@@ -284,28 +286,64 @@ class EmbeddedValkey:
                 self._kill(pid, timeout_s)
 
 
-class EmbeddedServices:
-    """What the master starts when the URLs are empty, and stops on exit."""
+class DataDirInUse(RuntimeError):
+    pass
 
-    def __init__(self, data_dir: str, database_url: str, redis_url: str) -> None:
+
+class EmbeddedServices:
+    """What the master starts when the URLs are empty, and stops on exit.
+
+    ``serve`` owns the data directory (an flock on ``chatd.lock``): a second
+    ``serve`` on it is refused, and whatever a crashed owner left running is
+    adopted (Postgres) or replaced (Valkey).  One-shot commands (``migrate``,
+    ``create-user``) take no lock, start only Postgres, and stop only what they
+    started, so running them beside a live server leaves its databases alone.
+    """
+
+    def __init__(self, data_dir: str, database_url: str, redis_url: str, *, owner: bool = True) -> None:
+        self.owner = owner
+        self.data_dir = Path(data_dir)
         self.postgres = EmbeddedPostgres(data_dir) if not database_url else None
-        self.valkey = EmbeddedValkey(data_dir) if not redis_url else None
+        self.valkey = EmbeddedValkey(data_dir) if not redis_url and owner else None
         self.database_url = database_url
         self.redis_url = redis_url
+        self._lock_fd: int | None = None
+
+    def _lock(self) -> None:
+        import fcntl
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / "chatd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirInUse(f"data_dir {self.data_dir} is in use by a running chatd (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
 
     def start(self) -> tuple[str, str]:
-        if self.postgres is not None:
-            self.database_url = self.postgres.start()
-        if self.valkey is not None:
-            try:
+        if self.owner and (self.postgres is not None or self.valkey is not None):
+            self._lock()
+        try:
+            if self.postgres is not None:
+                self.database_url = self.postgres.start()
+            if self.valkey is not None:
                 self.redis_url = self.valkey.start()
-            except BaseException:
-                self.stop()
-                raise
+        except BaseException:
+            self.stop()
+            raise
         return self.database_url, self.redis_url
 
     def stop(self) -> None:
+        if self.owner and self._lock_fd is None:
+            return  # never owned the data dir: what runs there belongs to someone else
         if self.valkey is not None:
             self.valkey.stop()
-        if self.postgres is not None:
+        if self.postgres is not None and (self.owner or self.postgres.started_here):
             self.postgres.stop()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None

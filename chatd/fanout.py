@@ -48,6 +48,8 @@ class Conn(Protocol):
 
     def force_close(self, code: int, reason: str) -> None: ...
 
+    def kicked(self, room_id: int) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -203,12 +205,17 @@ class Hub:
             raise
         return room
 
-    def finish_join(self, conn: Conn, room_id: int, history: list[tuple[int, Event]], last_seq: int) -> None:
-        """Deliver history then held live frames; from now on the socket is live."""
+    def finish_join(self, conn: Conn, room_id: int, history: list[tuple[int, Event]], baseline_seq: int) -> None:
+        """Deliver history then held live frames; from now on the socket is live.
+
+        ``baseline_seq``: the socket has everything up to it (since_seq when
+        replaying, else the room's last_seq at join), so older copies are dropped.
+        """
         room = self.rooms[room_id]
         merge = room.joining.pop(conn, None)
-        conn.room_seq[room_id] = last_seq
-        items = merge.merge(history, last_seq) if merge else [e for _, e in history]
+        conn.room_seq[room_id] = baseline_seq
+        last_history_seq = history[-1][0] if history else baseline_seq
+        items = merge.merge(history, last_history_seq) if merge else [e for _, e in history]
         for event in items:
             self._write(conn, room_id, event)
 
@@ -287,6 +294,20 @@ class Hub:
             envelope(b"", origin=self.origin, op="close", code=code, reason=reason, fam=family),
         )
 
+    async def kick(self, user_id: int, room_id: int) -> None:
+        """Make a user's sockets leave a room (removed from it) on every worker and instance."""
+        self._kick_local(user_id, room_id)
+        try:
+            await self.redis.publish(
+                self.keys.user_channel(user_id), envelope(b"", origin=self.origin, op="kick", room=room_id)
+            )
+        except RedisError as exc:
+            app_log.warning("publish_failed", extra=fields(user_id=user_id, error=str(exc)[:200]))
+
+    def _kick_local(self, user_id: int, room_id: int) -> None:
+        for conn in list(self.users.get(user_id, ())):
+            conn.kicked(room_id)
+
     # -- receiving ------------------------------------------------------------
 
     def _on_message(self, msg: dict[str, Any]) -> None:
@@ -312,6 +333,8 @@ class Hub:
             user_id = int(name[len(prefix) + 5 :])
             if head.get("op") == "close":
                 self._close_local(user_id, int(head["code"]), str(head.get("reason", "")), head.get("fam"))
+            elif head.get("op") == "kick":
+                self._kick_local(user_id, int(head["room"]))
             else:
                 self.deliver_user(user_id, payload, head.get("x"))
 

@@ -40,5 +40,9 @@ class Keys:
         """Hash user_id -> count of joined sockets across instances."""
         return f"{self.prefix}presence:{room_id}"
 
+    def presence_leaving(self, room_id: int, user_id: int) -> str:
+        """Set while a user's offline is held back for the grace period (any worker may cancel it)."""
+        return f"{self.prefix}presence-leaving:{room_id}:{user_id}"
+
     def typing(self, room_id: int, user_id: int) -> str:
         return f"{self.prefix}typing:{room_id}:{user_id}"

@@ -108,7 +108,7 @@ class JoinResult:
     joined: dict[str, Any]  # the `joined` frame, written first
     resync: dict[str, Any] | None  # `resync_required` when the replay would be too long
     history: list[tuple[int, Event]]  # replayed messages, merged with held live frames by hub.finish_join
-    last_seq: int
+    baseline_seq: int  # the socket is considered to have every seq up to this one
 
 
 class Rooms:
@@ -122,7 +122,6 @@ class Rooms:
         self.send_limiter = RedisLimiter(
             state.redis, lambda s: state.keys.rate("send", s), ws.send_rate_count, ws.send_rate_window_s
         )
-        self._presence_pending: dict[tuple[int, int], asyncio.TimerHandle] = {}
 
     async def member_room(self, room_id: int, user_id: int) -> dict[str, Any]:
         room = await store.room_for_member(self.state.pg, room_id, user_id)
@@ -149,7 +148,9 @@ class Rooms:
 
     # -- join / leave -------------------------------------------------------------
 
-    async def join(self, conn: Conn, room_id: int, since_seq: int | None, request_id: Any) -> JoinResult:
+    async def join(
+        self, conn: Conn, room_id: int, since_seq: int | None, request_id: Any, rejoin: bool = False
+    ) -> JoinResult:
         await self.member_room(room_id, conn.user_id)
         try:
             await self.hub.join_room(conn, room_id)
@@ -161,6 +162,7 @@ class Rooms:
             last_seq = int(row["last_seq"]) if row else 0
             history: list[tuple[int, Event]] = []
             resync = None
+            baseline_seq = last_seq
             limit = self.state.settings.ws.replay_limit
             if since_seq is not None and since_seq < last_seq:
                 if last_seq - since_seq > limit:
@@ -172,12 +174,13 @@ class Rooms:
                         history.append((int(r["seq"]), Event(frame, int(r["seq"]), None)))
                     if rows:
                         last_seq = max(last_seq, int(rows[-1]["seq"]))
+                    baseline_seq = since_seq
         except BaseException:
             await self.hub.leave_room(conn, room_id)
             raise
-        online = await self._presence_join(room_id, conn.user_id)
+        online = await self._presence_join(room_id, conn.user_id, count=not rejoin)
         joined = protocol.joined(room_id=room_id, last_seq=last_seq, online=online, reply_to=request_id)
-        return JoinResult(joined, resync, history, last_seq)
+        return JoinResult(joined, resync, history, baseline_seq)
 
     async def leave(self, conn: Conn, room_id: int) -> None:
         if room_id in conn.room_seq or room_id in self.hub.rooms:
@@ -186,39 +189,39 @@ class Rooms:
 
     # -- presence ---------------------------------------------------------------
 
-    async def _presence_join(self, room_id: int, user_id: int) -> list[int]:
+    async def _presence_join(self, room_id: int, user_id: int, count: bool = True) -> list[int]:
         key = self.state.keys.presence(room_id)
         try:
             pipe = self.state.redis.pipeline(transaction=True)
-            pipe.hincrby(key, str(user_id), 1)
+            pipe.hincrby(key, str(user_id), 1 if count else 0)
+            pipe.delete(self.state.keys.presence_leaving(room_id, user_id))
             pipe.hgetall(key)
-            count, members = await pipe.execute()
+            sockets, was_leaving, members = await pipe.execute()
         except RedisError as exc:
             app_log.warning("presence_unavailable", extra=fields(error=str(exc)[:200]))
             return [user_id]
-        pending = self._presence_pending.pop((room_id, user_id), None)
-        if pending is not None:
-            pending.cancel()  # a quick reconnect: no offline/online flap
-        elif int(count) == 1:
+        # Back within the grace period (on any worker or instance): no offline/online flap.
+        if count and int(sockets) == 1 and not was_leaving:
             await self.hub.publish_room(room_id, protocol.presence(room_id=room_id, user_id=user_id, status="online"))
         return sorted(int(u) for u, c in members.items() if int(c) > 0)
 
     async def _presence_leave(self, room_id: int, user_id: int) -> None:
-        key = self.state.keys.presence(room_id)
+        grace_s = self.state.settings.ws.presence_grace_s
         try:
-            count = int(await self.state.redis.hincrby(key, str(user_id), -1))
+            pipe = self.state.redis.pipeline(transaction=True)
+            pipe.hincrby(self.state.keys.presence(room_id), str(user_id), -1)
+            pipe.set(self.state.keys.presence_leaving(room_id, user_id), b"1", px=int(grace_s * 1000) + 5000)
+            remaining, _ = await pipe.execute()
         except RedisError:
             return
-        if count > 0:
+        if int(remaining) > 0:
+            await self.state.redis.delete(self.state.keys.presence_leaving(room_id, user_id))
             return
-        grace_s = self.state.settings.ws.presence_grace_s
-
-        def fire() -> None:
-            self._presence_pending.pop((room_id, user_id), None)
-            self.state.tasks.spawn(self._offline_if_still_gone(room_id, user_id), "presence-offline")
-
         loop = asyncio.get_running_loop()
-        self._presence_pending[(room_id, user_id)] = loop.call_later(grace_s, fire)
+        loop.call_later(
+            grace_s,
+            lambda: self.state.tasks.spawn(self._offline_if_still_gone(room_id, user_id), "presence-offline"),
+        )
 
     async def _offline_if_still_gone(self, room_id: int, user_id: int) -> None:
         key = self.state.keys.presence(room_id)
@@ -226,10 +229,17 @@ class Rooms:
             raw = await self.state.redis.hget(key, str(user_id))
             if raw is not None and int(raw) > 0:
                 return  # came back on another worker or instance
+            # Only the worker whose marker is still there announces: a rejoin deleted it.
+            if not await self.state.redis.delete(self.state.keys.presence_leaving(room_id, user_id)):
+                return
             await self.state.redis.hdel(key, str(user_id))
         except RedisError:
             return
         await self.hub.publish_room(room_id, protocol.presence(room_id=room_id, user_id=user_id, status="offline"))
+
+    async def kick(self, room_id: int, user_id: int) -> None:
+        """A removed member's sockets leave the room on every worker and instance."""
+        await self.hub.kick(user_id, room_id)
 
     # -- typing, read, edit, delete -------------------------------------------------
 

@@ -85,6 +85,10 @@ async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: in
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ready_fd is None:  # in-process (--workers 1): no master to roll workers
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: server_log.warning("sighup_ignored", extra=fields(reason="single-process mode"))
+        )
     server_log.info("worker_serving", extra=fields(worker_id=worker_id))
     if ready_fd is not None:
         os.write(ready_fd, b"1")
@@ -108,6 +112,8 @@ async def shutdown(server: object, state: object) -> None:
     for ws in closing:  # 2. tell every client to reconnect elsewhere
         ws.close(int(CloseCode.GOING_AWAY), "server shutting down")
     deadline = started + settings.server.drain_timeout_s
+    # A connection accepted just before stop() has not been counted yet: give its request time to arrive.
+    await asyncio.sleep(min(0.25, settings.server.drain_timeout_s))
     # 3. in-flight requests and close handshakes finish (polled: two counters, no event worth wiring)
     while (state.in_flight_requests or state.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
@@ -155,7 +161,8 @@ class Master:
     stopping: bool = False
     reload_requested: bool = False
 
-    def _fork(self, slot: _Slot) -> int:
+    def _fork(self, slot: _Slot) -> bool:
+        """Start a worker for ``slot``; True once it serves (False: it died or hung during start)."""
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
@@ -170,10 +177,13 @@ class Master:
             finally:
                 os._exit(code)
         os.close(write_fd)
-        self._await_ready(read_fd, pid, timeout_s=30)
+        ready = self._await_ready(read_fd, pid, timeout_s=30)
         slot.pid, slot.started_at, slot.restart_at = pid, time.monotonic(), None
-        server_log.info("worker_started", extra=fields(worker_id=slot.worker_id, worker_pid=pid))
-        return pid
+        if ready:
+            server_log.info("worker_started", extra=fields(worker_id=slot.worker_id, worker_pid=pid))
+        else:
+            server_log.error("worker_not_ready", extra=fields(worker_id=slot.worker_id, worker_pid=pid))
+        return ready
 
     @staticmethod
     def _await_ready(read_fd: int, pid: int, timeout_s: float) -> bool:
@@ -246,7 +256,14 @@ class Master:
             if self.stopping:
                 return
             old = slot.pid
-            self._fork(slot)  # the new worker serves before the old one stops
+            if not self._fork(slot):  # the new worker serves before the old one stops
+                new = slot.pid
+                if new is not None:
+                    os.kill(new, signal.SIGKILL)
+                    self._wait_exit(new, 5)
+                slot.pid = old  # keep the old one serving
+                server_log.error("rolling_restart_aborted", extra=fields(worker_id=slot.worker_id))
+                return
             if old is not None:
                 os.kill(old, signal.SIGTERM)
                 if not self._wait_exit(old, self.settings.server.shutdown_grace_s):
@@ -292,10 +309,13 @@ class Master:
         return 0
 
 
-def prepare(settings: Settings) -> tuple[Settings, EmbeddedServices]:
-    """Master-side start: embedded services, dev secret, migrations. No loop, no pool."""
+def prepare(settings: Settings, owner: bool = True) -> tuple[Settings, EmbeddedServices]:
+    """Master-side start: embedded services, dev secret, migrations. No loop, no pool.
+
+    ``owner``: ``serve`` owns the embedded services; one-shot commands only borrow Postgres.
+    """
     storage = settings.storage
-    services = EmbeddedServices(storage.data_dir, storage.database_url, storage.redis_url)
+    services = EmbeddedServices(storage.data_dir, storage.database_url, storage.redis_url, owner=owner)
     database_url, redis_url = services.start()
     try:
         settings = config_mod.replace(settings, "storage", database_url=database_url, redis_url=redis_url)

@@ -39,9 +39,10 @@ class BaseHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self.state.in_flight_requests += 1
         self._counted = True
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self.state.settings.server.max_body_bytes:
-            raise errors.TooLarge(f"request body over {self.state.settings.server.max_body_bytes} bytes")
+        # The body is read by now; chunked requests have no Content-Length, so measure it.
+        limit = self.state.settings.server.max_body_bytes
+        if len(self.request.body or b"") > limit:
+            raise errors.TooLarge(f"request body over {limit} bytes")
 
     def on_finish(self) -> None:
         if getattr(self, "_counted", False):
@@ -79,7 +80,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(err.http_status)
         if err.retry_after_ms is not None:
             self.set_header("Retry-After", str(max(1, -(-err.retry_after_ms // 1000))))
-        self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False))
+        self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False, separators=(",", ":")))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Reached for tornado.web.HTTPError and unexpected exceptions.
@@ -94,7 +95,7 @@ class BaseHandler(tornado.web.RequestHandler):
         ):
             err = cls(exc_info[1].log_message)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False))
+        self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False, separators=(",", ":")))
 
 
 class NotFoundHandler(BaseHandler):

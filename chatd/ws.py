@@ -13,6 +13,7 @@ import asyncio
 import json
 import secrets
 import time
+from asyncio import Future
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,6 +21,7 @@ import tornado.web
 import tornado.websocket
 from redis.exceptions import RedisError
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
 from chatd import errors, protocol, store
 from chatd.accounts import Accounts, Principal
@@ -38,6 +40,19 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return 1
 """
 _CONN_TTL_S = 90  # refreshed every 30 s while the socket lives; a crashed worker's entries expire
+
+
+class _StrictUtf8Protocol(WebSocketProtocol13):
+    """Invalid UTF-8 in a text frame closes with 1007 (RFC 6455 8.1) instead of Tornado's silent abort."""
+
+    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
+        if opcode == 0x1:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(int(CloseCode.INVALID_PAYLOAD), "invalid UTF-8")
+                return None
+        return super()._handle_message(opcode, data)
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
@@ -102,6 +117,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.user_id = self.principal.user_id
         self.family = self.principal.claims.family
         await super().get(*args, **kwargs)
+
+    def get_websocket_protocol(self) -> WebSocketProtocol | None:
+        proto = super().get_websocket_protocol()
+        if isinstance(proto, WebSocketProtocol13):
+            proto.__class__ = _StrictUtf8Protocol
+        return proto
 
     def get_compression_options(self) -> dict[str, Any] | None:
         ws = self.state.settings.ws
@@ -216,6 +237,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             stream.max_write_buffer_size = None  # room for the close frame
         self.force_close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
 
+    def kicked(self, room_id: int) -> None:
+        """Removed from the room by its owner: stop its frames and say so."""
+        if room_id in self.joined_rooms:
+            self.joined_rooms.discard(room_id)
+            self.send_frame(protocol.left(room_id=room_id, reply_to=None))
+            self.state.tasks.spawn(self.rooms.leave(self, room_id), "ws-kick")
+
     def force_close(self, code: int, reason: str) -> None:
         if not self._closing:
             self._closing = True
@@ -260,12 +288,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                     )
                 )
             case protocol.Join():
-                joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid)
+                rejoin = frame.room_id in self.joined_rooms
+                joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid, rejoin=rejoin)
                 self.joined_rooms.add(frame.room_id)
                 self.send_frame(joined.joined)
                 if joined.resync is not None:
                     self.send_frame(joined.resync)
-                self.hub.finish_join(self, frame.room_id, joined.history, joined.last_seq)
+                self.hub.finish_join(self, frame.room_id, joined.history, joined.baseline_seq)
             case protocol.Leave():
                 if frame.room_id not in self.joined_rooms:
                     raise errors.NotFound("not joined to this room")

@@ -16,7 +16,7 @@ import pytest
 
 from chatd import migrations
 from chatd.embedded import EmbeddedServices
-from tests.support import Chatd, create_database
+from tests.support import WS, Chatd, create_database
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,10 @@ def chatd_factory(services: Services, tmp_path: Path, redis_prefix: str) -> Iter
         return server
 
     yield make
+    # Clients that stopped reading would hold each server's shutdown for Tornado's 5 s close timeout.
+    for ws in WS.opened:
+        ws.abort()
+    WS.opened.clear()
     for server in started:
         server.stop()
 

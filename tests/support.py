@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -205,9 +205,12 @@ async def request(
 class WS:
     """A raw WebSocket client speaking chatd's JSON frames."""
 
+    opened: ClassVar[list[WS]] = []  # closed by the chatd fixtures before the servers stop
+
     def __init__(self, conn: WebSocketClientConnection) -> None:
         self.conn = conn
         self.backlog: list[dict[str, Any]] = []
+        WS.opened.append(self)
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, headers: Mapping[str, str] | None = None) -> WS:
@@ -237,6 +240,11 @@ class WS:
 
     async def expect(self, type_: str, timeout_s: float = 10, **match: Any) -> dict[str, Any]:
         """Read until a frame of ``type_`` (matching ``match``) arrives; others are kept for later."""
+        return await self.expect_any((type_,), timeout_s, **match)
+
+    async def expect_any(self, types: tuple[str, ...], timeout_s: float = 10, **match: Any) -> dict[str, Any]:
+        """Read until a frame of one of ``types`` (matching ``match``) arrives; others are kept for later."""
+        type_ = "|".join(types)
         deadline = time.monotonic() + timeout_s
         skipped: list[dict[str, Any]] = []
         try:
@@ -253,7 +261,7 @@ class WS:
                     raise ConnectionError(
                         f"closed ({self.conn.close_code} {self.conn.close_reason}) waiting for {type_}; got {skipped}"
                     )
-                if frame.get("type") == type_ and all(frame.get(k) == v for k, v in match.items()):
+                if frame.get("type") in types and all(frame.get(k) == v for k, v in match.items()):
                     return frame
                 skipped.append(frame)
         finally:
@@ -272,3 +280,12 @@ class WS:
 
     def close(self) -> None:
         self.conn.close()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without the event loop (fixture teardown)."""
+        sock = getattr(self.conn.stream, "socket", None) if self.conn.stream is not None else None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass

@@ -78,3 +78,50 @@ def test_serve_after_crashed_run(tmp_path: Path) -> None:
     while (data_dir / "postgres" / "postmaster.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
+
+
+def test_second_serve_refused_and_one_shot_commands_leave_live_databases(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "var"
+    live = Chatd("", "", tmp_path / "live.log", workers=1, data_dir=data_dir)
+    live.env = {"DATABASE_URL": "", "REDIS_URL": ""}
+    live.start()
+    try:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "JWT_SECRET": "x" * 40,
+            "CHATD_STORAGE_DATA_DIR": str(data_dir),
+            "CHATD_SERVER_PORT": "0",
+        }
+        second = subprocess.run(
+            [sys.executable, "-m", "chatd", "serve"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 2 and "in use by a running chatd" in second.stderr
+        made = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "chatd",
+                "create-user",
+                "--email",
+                "admin@example.com",
+                "--password",
+                "password-1",
+                "--admin",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+        assert '"role": "admin"' in made.stdout
+        # The live server still has both of its databases.
+        from tests.support import http_get
+
+        status, body = http_get(live.http + "/health/ready")
+        assert status == 200, body
+    finally:
+        assert live.stop() == 0
