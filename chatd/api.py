@@ -276,8 +276,116 @@ class MessagesHandler(RoomAccess):
             raise exc.error from None
         assert isinstance(frame, protocol.Send)
         result = await self.rooms.send(principal.user_id, frame.room_id, frame.content, frame.client_msg_id)
-        assert result.row is not None
-        self.send_json(_message_json(result.row) | {"duplicate": result.duplicate}, 200 if result.duplicate else 201)
+        body = _message_json(result.row) | {"duplicate": result.duplicate}
+        if result.queued_position is not None:
+            body["assistant"] = {"status": "queued", "position": result.queued_position}
+        elif result.assistant_error is not None:
+            body["assistant"] = {"status": "refused", "error": result.assistant_error.to_dict()}
+        self.send_json(body, 200 if result.duplicate else 201)
+
+
+class StreamingSendHandler(RoomAccess):
+    """``POST /rooms/{id}/messages/stream``: send, then the answer as Server-Sent Events.
+
+    The same JSON as the socket's ``queued`` / ``stream_start`` / ``stream_chunk``
+    / ``stream_end`` frames, as SSE events of those names; the room's sockets
+    see the same stream.  Ends after ``stream_end`` (or at once when no answer
+    is coming: ``error`` event).
+    """
+
+    async def post(self, room_id: str) -> None:
+        import asyncio
+
+        from chatd import protocol
+
+        principal = await self.auth()
+        room = await self.rooms.member_room(self.path_id(room_id, "room"), principal.user_id)
+        body = self.json_body()
+        try:
+            frame = protocol.parse_client_frame(
+                {
+                    "type": "send",
+                    "room_id": room["id"],
+                    "content": body.get("content"),
+                    "client_msg_id": body.get("client_msg_id"),
+                },
+                max_message_chars=self.state.settings.ws.max_message_chars,
+            )
+        except protocol.FrameError as exc:
+            raise exc.error from None
+        assert isinstance(frame, protocol.Send)
+        listener = SseListener(self, principal.user_id)
+        hub = self.rooms.hub
+        await hub.join_room(listener, room["id"])  # listening before the message exists: nothing missed
+        try:
+            hub.finish_join(listener, room["id"], [], room["last_seq"])
+            result = await self.rooms.send(principal.user_id, room["id"], frame.content, frame.client_msg_id)
+            self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
+            listener.prompt_id = result.row["id"]
+            self.sse("message", _message_json(result.row))
+            if result.assistant_error is not None:
+                self.sse("error", result.assistant_error.to_dict())
+            elif result.queued_position is None:
+                self.sse("error", {"code": "bad_request", "message": "no assistant answers in this room"})
+            else:
+                await self.flush()
+                try:
+                    await asyncio.wait_for(listener.done, self.state.settings.assistant.provider_timeout_s * 5)
+                except TimeoutError:
+                    self.sse("error", {"code": "unavailable", "message": "no answer in time"})
+        finally:
+            await hub.leave_room(listener, room["id"])
+        self.finish()
+
+    def sse(self, event: str, data: dict[str, Any]) -> None:
+        import json
+
+        self.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n")
+
+
+class SseListener:
+    """A fan-out subscriber that forwards one prompt's answer to an SSE response."""
+
+    def __init__(self, handler: StreamingSendHandler, user_id: int) -> None:
+        import asyncio
+        import secrets
+
+        self.handler = handler
+        self.connection_id = "sse-" + secrets.token_hex(6)
+        self.user_id = user_id
+        self.family: str | None = None
+        self.room_seq: dict[int, int] = {}
+        self.stream_marks: dict[int, int] = {}
+        self.prompt_id: int | None = None
+        self.message_id: int | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def write_frame(self, frame: bytes) -> None:
+        import json
+
+        length = frame[1] & 0x7F
+        frame_json = json.loads(frame[2 if length < 126 else (4 if length == 126 else 10) :])
+        kind = frame_json.get("type")
+        if kind in ("queued", "stream_start") and frame_json.get("reply_to_message_id") == self.prompt_id:
+            if kind == "stream_start":
+                self.message_id = frame_json["message_id"]
+        elif not (kind in ("stream_chunk", "stream_end") and frame_json.get("message_id") == self.message_id):
+            return
+        if self.handler.request.connection is None or self.done.done():
+            return
+        frame_json.pop("type", None)
+        self.handler.sse(kind, frame_json)
+        self.handler.flush()
+        if kind == "stream_end":
+            self.done.set_result(None)
+
+    def force_close(self, code: int, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def kicked(self, room_id: int) -> None:
+        self.force_close(0, "removed")
 
 
 def _message_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -301,4 +409,5 @@ def routes(state: ServerState, accounts: Accounts, rooms: Rooms) -> list[tuple[s
         (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),
         (prefix + r"/rooms/([^/]+)/members/([^/]+)", MemberHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
+        (prefix + r"/rooms/([^/]+)/messages/stream", StreamingSendHandler, deps),
     ]

@@ -8,11 +8,30 @@ import tornado.web
 
 from chatd import api
 from chatd.accounts import Accounts
+from chatd.assistant import Assistant
 from chatd.fanout import Hub
+from chatd.logs import assistant_log, fields
+from chatd.providers import make_provider
 from chatd.rooms import MessageWriter, Rooms
 from chatd.state import ServerState
 from chatd.web import LiveHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.ws import ChatSocket, refresh_registrations
+
+
+def _assistant(state: ServerState, hub: Hub) -> Assistant:
+    provider = make_provider(state.settings.assistant)
+    retriever = None
+    try:
+        from chatd.retrieval import Retriever, load_embedder
+    except ImportError:  # pragma: no cover - retrieval is part of chatd; kept optional for partial installs
+        Retriever = None  # type: ignore[assignment,misc]
+    if Retriever is not None:
+        retriever = Retriever(state, load_embedder(state.settings.assistant.embedder))
+        state.tasks.spawn(retriever.start(), "retrieval-start")
+    assistant = Assistant(state, hub, provider, retriever)
+    assistant.start()
+    assistant_log.info("assistant_ready", extra=fields(provider=provider.name, model=state.settings.assistant.model))
+    return assistant
 
 
 def make_app(state: ServerState) -> tornado.web.Application:
@@ -23,6 +42,7 @@ def make_app(state: ServerState) -> tornado.web.Application:
     accounts = Accounts(state, hub)
     hub.start()
     writer.start()
+    rooms.assistant = _assistant(state, hub)
     state.tasks.spawn(refresh_registrations(state), "connection-registry")
 
     base = {"state": state}

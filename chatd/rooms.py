@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -22,6 +22,9 @@ from chatd.logs import app_log, fields
 from chatd.ratelimit import RedisLimiter
 from chatd.state import ServerState
 from chatd.store import Committed, PendingMessage
+
+if TYPE_CHECKING:
+    from chatd.assistant import Assistant
 
 ROOM_KINDS = ("group", "assistant")
 ASSISTANT_MODES = ("always", "mention")
@@ -104,11 +107,28 @@ class MessageWriter:
 
 
 @dataclass(frozen=True, slots=True)
+class SendResult:
+    committed: Committed
+    queued_position: int | None = None  # an assistant answer was queued
+    assistant_error: errors.ChatdError | None = None  # busy / quota_exceeded / unavailable
+
+    @property
+    def row(self) -> dict[str, Any]:
+        assert self.committed.row is not None
+        return self.committed.row
+
+    @property
+    def duplicate(self) -> bool:
+        return self.committed.duplicate
+
+
+@dataclass(frozen=True, slots=True)
 class JoinResult:
     joined: dict[str, Any]  # the `joined` frame, written first
     resync: dict[str, Any] | None  # `resync_required` when the replay would be too long
     history: list[tuple[int, Event]]  # replayed messages, merged with held live frames by hub.finish_join
     baseline_seq: int  # the socket is considered to have every seq up to this one
+    catch_up: list[tuple[int, int, list[bytes]]]  # running answers: (message id, chunk index, frames)
 
 
 class Rooms:
@@ -118,6 +138,7 @@ class Rooms:
         self.state = state
         self.hub = hub
         self.writer = writer
+        self.assistant: Assistant | None = None  # set by the app when the assistant runs
         ws = state.settings.ws
         self.send_limiter = RedisLimiter(
             state.redis, lambda s: state.keys.rate("send", s), ws.send_rate_count, ws.send_rate_window_s
@@ -131,7 +152,7 @@ class Rooms:
 
     # -- send -------------------------------------------------------------------
 
-    async def send(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> Committed:
+    async def send(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> SendResult:
         ws = self.state.settings.ws
         if len(content) > ws.max_message_chars:
             raise errors.TooLarge(f"content over {ws.max_message_chars} characters")
@@ -144,7 +165,18 @@ class Rooms:
         result = await self.writer.submit(PendingMessage(room_id, user_id, "user", "text", content, client_msg_id))
         if result.error is not None:
             raise result.error
-        return result
+        queued: int | None = None
+        refused: errors.ChatdError | None = None
+        if self.assistant is not None and result.room is not None and not result.duplicate:
+            from chatd.assistant import wants_answer
+
+            if wants_answer(result.room, content):
+                assert result.row is not None
+                try:
+                    queued = await self.assistant.enqueue(room_id, result.row["id"], user_id)
+                except errors.ChatdError as err:
+                    refused = err  # the message is stored and acked; only the answer is refused
+        return SendResult(result, queued, refused)
 
     # -- join / leave -------------------------------------------------------------
 
@@ -179,8 +211,13 @@ class Rooms:
             await self.hub.leave_room(conn, room_id)
             raise
         online = await self._presence_join(room_id, conn.user_id, count=not rejoin)
+        catch_up: list[tuple[int, int, list[bytes]]] = []
+        if self.assistant is not None:
+            for message_id, index, frames in await self.assistant.live_streams(room_id):
+                encoded = [protocol.ws_text_frame(protocol.encode_bytes(f)) for f in frames]
+                catch_up.append((message_id, index, encoded))
         joined = protocol.joined(room_id=room_id, last_seq=last_seq, online=online, reply_to=request_id)
-        return JoinResult(joined, resync, history, baseline_seq)
+        return JoinResult(joined, resync, history, baseline_seq, catch_up)
 
     async def leave(self, conn: Conn, room_id: int) -> None:
         if room_id in conn.room_seq or room_id in self.hub.rooms:

@@ -27,7 +27,8 @@ Row = dict[str, Any]
 
 USER_COLUMNS = "id, email, name, role, status, created_at"
 MESSAGE_COLUMNS = (
-    "id, room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id, created_at, edited_at, deleted_at"
+    "id, room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id, created_at, edited_at, deleted_at,"
+    " status, superseded_at"
 )
 
 
@@ -353,6 +354,7 @@ class Committed:
     row: Row | None  # the stored message (the original one for a duplicate)
     duplicate: bool = False
     error: errors.ChatdError | None = None
+    room: Row | None = None  # {kind, assistant, owner_id} of the room, for the assistant trigger
 
 
 async def commit_batch(pool: AsyncConnectionPool, batch: Sequence[PendingMessage]) -> list[Committed]:
@@ -366,7 +368,9 @@ async def commit_batch(pool: AsyncConnectionPool, batch: Sequence[PendingMessage
     async with transaction(pool) as conn:
         room_ids = sorted({m.room_id for m in batch})
         cur = await conn.execute(
-            "SELECT id, last_seq, status FROM rooms WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (room_ids,)
+            "SELECT id, last_seq, status, kind, assistant, owner_id FROM rooms WHERE id = ANY(%s)"
+            " ORDER BY id FOR UPDATE",
+            (room_ids,),
         )
         rooms = {r["id"]: r for r in await cur.fetchall()}
         senders = sorted({(m.room_id, m.sender_id) for m in batch if m.sender_id is not None})
@@ -430,7 +434,7 @@ async def commit_batch(pool: AsyncConnectionPool, batch: Sequence[PendingMessage
             )
             inserted = {(r["room_id"], r["seq"]): r for r in await cur.fetchall()}
             for i, m, seq in to_insert:
-                results[i] = Committed(inserted[(m.room_id, seq)])
+                results[i] = Committed(inserted[(m.room_id, seq)], room=rooms[m.room_id])
             changed = {rid: seq for rid, seq in next_seq.items() if seq != rooms[rid]["last_seq"]}
             await conn.execute(
                 "UPDATE rooms SET last_seq = v.seq FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, seq)"
@@ -443,6 +447,126 @@ async def commit_batch(pool: AsyncConnectionPool, batch: Sequence[PendingMessage
             assert first is not None
             results[i] = Committed(first.row, duplicate=True, error=first.error)
     return [r if r is not None else Committed(None, error=errors.Internal()) for r in results]
+
+
+# -- assistant ------------------------------------------------------------------
+
+
+async def reserve_message_id(pool: AsyncConnectionPool) -> int:
+    """An id for an answer that is still streaming; the row is written when it ends."""
+    row = await fetch_one(pool, "SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id")
+    assert row is not None
+    return int(row["id"])
+
+
+async def answer_for(pool: AsyncConnectionPool, prompt_id: int) -> Row | None:
+    return await fetch_one(
+        pool,
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE reply_to_id = %s AND role = 'assistant'"
+        " AND superseded_at IS NULL",
+        (prompt_id,),
+    )
+
+
+async def recent_messages(pool: AsyncConnectionPool, room_id: int, up_to_seq: int, limit: int) -> list[Row]:
+    """The newest messages up to a seq (ascending), without deleted or superseded ones."""
+    rows = await fetch_all(
+        pool,
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s AND seq <= %s AND deleted_at IS NULL"
+        " AND superseded_at IS NULL AND kind = 'text' ORDER BY seq DESC LIMIT %s",
+        (room_id, up_to_seq, limit),
+    )
+    return list(reversed(rows))
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    provider: str
+    model: str
+    stop_reason: str
+    input_tokens: int
+    output_tokens: int
+    first_token_ms: int | None
+    latency_ms: int
+    retrieved_ids: tuple[int, ...]
+
+
+async def persist_answer(
+    pool: AsyncConnectionPool,
+    *,
+    message_id: int,
+    room_id: int,
+    prompt_id: int,
+    requester_id: int | None,
+    content: str,
+    status: str,
+    supersede_id: int | None,
+    usage: Usage,
+) -> Row | None:
+    """Write the answer with the room's next seq, its generation and usage, in one transaction.
+
+    None when an answer to this prompt already exists (a job taken over after a
+    crash finished twice): the unique index keeps the first one.
+    """
+    async with transaction(pool) as conn:
+        cur = await conn.execute("SELECT last_seq FROM rooms WHERE id = %s FOR UPDATE", (room_id,))
+        room = await cur.fetchone()
+        if room is None:
+            return None
+        if supersede_id is not None:
+            await conn.execute(
+                "UPDATE messages SET superseded_at = now() WHERE id = %s AND superseded_at IS NULL", (supersede_id,)
+            )
+        cur = await conn.execute(
+            "INSERT INTO messages (id, room_id, seq, sender_id, role, kind, content, reply_to_id, status)"
+            " OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s, NULL, 'assistant', 'text', %s, %s, %s)"
+            " ON CONFLICT (reply_to_id) WHERE role = 'assistant' AND superseded_at IS NULL DO NOTHING"
+            f" RETURNING {MESSAGE_COLUMNS}",
+            (message_id, room_id, room["last_seq"] + 1, content, prompt_id, status),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        await conn.execute("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = %s", (room_id,))
+        await conn.execute(
+            "INSERT INTO generations (room_id, prompt_message_id, answer_message_id, requester_id, provider, model,"
+            " stop_reason, input_tokens, output_tokens, first_token_ms, latency_ms, retrieved_ids)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                room_id,
+                prompt_id,
+                message_id,
+                requester_id,
+                usage.provider,
+                usage.model,
+                usage.stop_reason,
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.first_token_ms,
+                usage.latency_ms,
+                list(usage.retrieved_ids),
+            ),
+        )
+        if requester_id is not None:
+            await conn.execute(
+                "INSERT INTO usage_daily AS u (day, user_id, room_id, answers, input_tokens, output_tokens)"
+                " VALUES ((now() AT TIME ZONE 'UTC')::date, %s, %s, 1, %s, %s)"
+                " ON CONFLICT (day, user_id, room_id) DO UPDATE SET answers = u.answers + 1,"
+                " input_tokens = u.input_tokens + EXCLUDED.input_tokens,"
+                " output_tokens = u.output_tokens + EXCLUDED.output_tokens",
+                (requester_id, room_id, usage.input_tokens, usage.output_tokens),
+            )
+    return row
+
+
+async def tokens_used_today(pool: AsyncConnectionPool, user_id: int) -> int:
+    row = await fetch_one(
+        pool,
+        "SELECT COALESCE(sum(input_tokens + output_tokens), 0) AS n FROM usage_daily"
+        " WHERE user_id = %s AND day = (now() AT TIME ZONE 'UTC')::date",
+        (user_id,),
+    )
+    return int(row["n"]) if row else 0
 
 
 def iso(value: dt.datetime | None) -> str | None:

@@ -71,6 +71,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.user_id = 0
         self.family: str | None = None
         self.room_seq: dict[int, int] = {}
+        self.stream_marks: dict[int, int] = {}
         self.joined_rooms: set[int] = set()
         self._timers: list[asyncio.TimerHandle] = []
         self._typing_timers: dict[int, asyncio.TimerHandle] = {}
@@ -275,7 +276,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             case protocol.Send():
                 result = await self.rooms.send(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
                 row = result.row
-                assert row is not None
                 self.send_frame(
                     protocol.ack(
                         room_id=row["room_id"],
@@ -287,6 +287,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                         duplicate=result.duplicate,
                     )
                 )
+                if result.assistant_error is not None:  # stored and acked; no answer will come
+                    self.send_frame(protocol.error(result.assistant_error, reply_to=rid))
             case protocol.Join():
                 rejoin = frame.room_id in self.joined_rooms
                 joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid, rejoin=rejoin)
@@ -294,7 +296,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 self.send_frame(joined.joined)
                 if joined.resync is not None:
                     self.send_frame(joined.resync)
-                self.hub.finish_join(self, frame.room_id, joined.history, joined.baseline_seq)
+                self.hub.finish_join(self, frame.room_id, joined.history, joined.baseline_seq, joined.catch_up)
             case protocol.Leave():
                 if frame.room_id not in self.joined_rooms:
                     raise errors.NotFound("not joined to this room")
@@ -322,10 +324,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 self._schedule_expiry(principal.claims.exp)
                 self.send_frame(protocol.authenticated(expires_at_ms=principal.claims.exp * 1000, reply_to=rid))
             case protocol.Cancel() | protocol.Regenerate():
-                assistant = getattr(self.state, "assistant", None)
-                if assistant is None:
+                if self.rooms.assistant is None:
                     raise errors.NotFound("no such generation")
-                await assistant.control(self, frame)
+                assert self.principal is not None
+                await self.rooms.assistant.control(self.user_id, self.principal.is_admin, frame)
 
     def _typing_expiry(self, room_id: int, is_typing: bool) -> None:
         timer = self._typing_timers.pop(room_id, None)

@@ -238,11 +238,16 @@ class WS:
         frame: dict[str, Any] = json.loads(msg)
         return frame
 
-    async def expect(self, type_: str, timeout_s: float = 10, **match: Any) -> dict[str, Any]:
-        """Read until a frame of ``type_`` (matching ``match``) arrives; others are kept for later."""
-        return await self.expect_any((type_,), timeout_s, **match)
+    async def expect(self, type_: str, timeout_s: float = 10, keep: bool = False, **match: Any) -> dict[str, Any]:
+        """Read until a frame of ``type_`` (matching ``match``) arrives; others are kept for later.
 
-    async def expect_any(self, types: tuple[str, ...], timeout_s: float = 10, **match: Any) -> dict[str, Any]:
+        ``keep``: leave the matched frame in the backlog too (wait for a point in a stream without consuming it).
+        """
+        return await self.expect_any((type_,), timeout_s, keep, **match)
+
+    async def expect_any(
+        self, types: tuple[str, ...], timeout_s: float = 10, keep: bool = False, **match: Any
+    ) -> dict[str, Any]:
         """Read until a frame of one of ``types`` (matching ``match``) arrives; others are kept for later."""
         type_ = "|".join(types)
         deadline = time.monotonic() + timeout_s
@@ -262,6 +267,8 @@ class WS:
                         f"closed ({self.conn.close_code} {self.conn.close_reason}) waiting for {type_}; got {skipped}"
                     )
                 if frame.get("type") in types and all(frame.get(k) == v for k, v in match.items()):
+                    if keep:
+                        skipped.append(frame)
                     return frame
                 skipped.append(frame)
         finally:

@@ -1,0 +1,200 @@
+"""A fair, bounded, at-least-once job queue on Redis, shared by every worker and instance.
+
+Why not one Redis stream: a stream is FIFO, so one user's burst of twenty
+prompts would make everybody else wait behind it.  Here each user has a list
+of job ids, and users take turns (a rotation list): a claim takes the next
+job of the next user whose running count is under the per-user cap.
+
+At-least-once: a claimed job gets a lease (a deadline in a sorted set) that
+its worker renews while it runs.  If the worker dies, any worker's reaper
+puts the job back at the head of its user's list once the lease expired.
+Every transition is one Lua script, so concurrent workers never see a job in
+two places.  ``positions`` estimates where a waiting job stands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from chatd.keys import Keys
+
+# KEYS: depth, users, active, user_list, job   ARGV: uid, jid, payload, max_depth
+_ENQUEUE = """
+local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
+if depth >= tonumber(ARGV[4]) then return -1 end
+redis.call('SET', KEYS[5], ARGV[3])
+redis.call('RPUSH', KEYS[4], ARGV[2])
+if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end
+return redis.call('INCR', KEYS[1])
+"""
+
+# KEYS: depth, users, active, leases   ARGV: now_ms, lease_ms, per_user_cap, prefix
+_CLAIM = """
+local n = redis.call('LLEN', KEYS[2])
+for i = 1, n do
+  local uid = redis.call('LPOP', KEYS[2])
+  if not uid then return nil end
+  local ulist = ARGV[4] .. 'q:user:' .. uid
+  if redis.call('LLEN', ulist) == 0 then
+    redis.call('SREM', KEYS[3], uid)
+  else
+    local running = tonumber(redis.call('GET', ARGV[4] .. 'q:running:' .. uid) or '0')
+    if running >= tonumber(ARGV[3]) then
+      redis.call('RPUSH', KEYS[2], uid)
+    else
+      local jid = redis.call('LPOP', ulist)
+      redis.call('INCR', ARGV[4] .. 'q:running:' .. uid)
+      redis.call('ZADD', KEYS[4], tonumber(ARGV[1]) + tonumber(ARGV[2]), jid)
+      redis.call('DECR', KEYS[1])
+      if redis.call('LLEN', ulist) > 0 then redis.call('RPUSH', KEYS[2], uid) else redis.call('SREM', KEYS[3], uid) end
+      return {jid, redis.call('GET', ARGV[4] .. 'q:job:' .. jid) or ''}
+    end
+  end
+end
+return nil
+"""
+
+# KEYS: leases, running, job   ARGV: jid
+_ACK = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then redis.call('DECR', KEYS[2]) end
+end
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# KEYS: leases, depth, users, active   ARGV: now_ms, prefix, limit
+_REAP = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, jid in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], jid)
+  local payload = redis.call('GET', ARGV[2] .. 'q:job:' .. jid)
+  if payload then
+    local uid = cjson.decode(payload)['user_id']
+    local running = ARGV[2] .. 'q:running:' .. uid
+    if tonumber(redis.call('GET', running) or '0') > 0 then redis.call('DECR', running) end
+    redis.call('LPUSH', ARGV[2] .. 'q:user:' .. uid, jid)
+    redis.call('INCR', KEYS[2])
+    if redis.call('SADD', KEYS[4], tostring(uid)) == 1 then redis.call('LPUSH', KEYS[3], tostring(uid)) end
+  end
+end
+return expired
+"""
+
+# KEYS: user_list, job, depth   ARGV: jid
+_REMOVE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('DECR', KEYS[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: users, user_list   ARGV: uid, jid
+_POSITION = """
+local idx = redis.call('LPOS', KEYS[2], ARGV[2])
+if not idx then return -1 end
+local turn = redis.call('LPOS', KEYS[1], ARGV[1]) or 0
+return idx * redis.call('LLEN', KEYS[1]) + turn + 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    user_id: int
+    data: dict[str, Any]
+
+
+class JobQueue:
+    def __init__(self, client: aioredis.Redis, keys: Keys, clock: Callable[[], float] = time.time) -> None:
+        self.redis = client
+        self.keys = keys
+        self.clock = clock
+        p = keys.prefix
+        self._depth, self._users, self._active, self._leases = (
+            f"{p}q:depth",
+            f"{p}q:users",
+            f"{p}q:active",
+            f"{p}q:leases",
+        )
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._claim = client.register_script(_CLAIM)
+        self._ack = client.register_script(_ACK)
+        self._reap = client.register_script(_REAP)
+        self._remove = client.register_script(_REMOVE)
+        self._position = client.register_script(_POSITION)
+
+    def _user_list(self, user_id: int) -> str:
+        return f"{self.keys.prefix}q:user:{user_id}"
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.keys.prefix}q:job:{job_id}"
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def enqueue(self, job: Job, max_depth: int) -> int | None:
+        """Queue ``job``; the new depth, or None when the queue is full."""
+        payload = json.dumps({"user_id": job.user_id, "data": job.data})
+        keys = [self._depth, self._users, self._active, self._user_list(job.user_id), self._job(job.id)]
+        depth = int(await self._enqueue(keys=keys, args=[job.user_id, job.id, payload, max_depth]))
+        return None if depth < 0 else depth
+
+    async def claim(self, lease_s: float, per_user_cap: int) -> Job | None:
+        """The next job in fair order, leased to the caller; None when nothing may run now."""
+        found = await self._claim(
+            keys=[self._depth, self._users, self._active, self._leases],
+            args=[self._now_ms(), int(lease_s * 1000), per_user_cap, self.keys.prefix],
+        )
+        if not found:
+            return None
+        raw_id, payload = found
+        job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        if not payload:
+            return None  # removed meanwhile
+        body = json.loads(payload)
+        return Job(job_id, int(body["user_id"]), body["data"])
+
+    async def renew(self, job_ids: list[str], lease_s: float) -> None:
+        if not job_ids:
+            return
+        deadline = self._now_ms() + int(lease_s * 1000)
+        await self.redis.zadd(self._leases, dict.fromkeys(job_ids, deadline), xx=True)
+
+    async def ack(self, job: Job) -> None:
+        """Done (answered, cancelled or failed for good): the job leaves the queue for ever."""
+        running = f"{self.keys.prefix}q:running:{job.user_id}"
+        await self._ack(keys=[self._leases, running, self._job(job.id)], args=[job.id])
+
+    async def reap(self, limit: int = 50) -> list[str]:
+        """Put jobs whose lease expired (their worker died) back at the head of their user's list."""
+        expired = await self._reap(
+            keys=[self._leases, self._depth, self._users, self._active], args=[self._now_ms(), self.keys.prefix, limit]
+        )
+        return [j.decode() if isinstance(j, bytes) else str(j) for j in expired]
+
+    async def remove(self, job_id: str, user_id: int) -> bool:
+        """Take a job that has not started out of the queue (cancel while queued)."""
+        keys = [self._user_list(user_id), self._job(job_id), self._depth]
+        return bool(await self._remove(keys=keys, args=[job_id]))
+
+    async def position(self, job_id: str, user_id: int) -> int | None:
+        """1 = next to run (an estimate under round-robin); None once it left the queue."""
+        pos = int(await self._position(keys=[self._users, self._user_list(user_id)], args=[user_id, job_id]))
+        return None if pos < 0 else pos
+
+    async def update(self, job: Job, **data: Any) -> None:
+        """Record progress in the job (e.g. the answer id of the current attempt) for a takeover."""
+        payload = json.dumps({"user_id": job.user_id, "data": job.data | data})
+        await self.redis.set(self._job(job.id), payload, xx=True)
+
+    async def depth(self) -> int:
+        return int(await self.redis.get(self._depth) or 0)
