@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import tornado.web
@@ -12,6 +13,7 @@ from chatd.assistant import Assistant
 from chatd.fanout import Hub
 from chatd.logs import assistant_log, fields
 from chatd.providers import make_provider
+from chatd.retrieval import Retriever, load_embedder
 from chatd.rooms import MessageWriter, Rooms
 from chatd.state import ServerState
 from chatd.web import LiveHandler, NotFoundHandler, ReadyHandler, log_request
@@ -19,15 +21,13 @@ from chatd.ws import ChatSocket, refresh_registrations
 
 
 def _assistant(state: ServerState, hub: Hub) -> Assistant:
+    """Provider, retriever and assistant of this worker (after the fork: the embedder's OpenMP must not be forked)."""
     provider = make_provider(state.settings.assistant)
-    retriever = None
-    try:
-        from chatd.retrieval import Retriever, load_embedder
-    except ImportError:  # pragma: no cover - retrieval is part of chatd; kept optional for partial installs
-        Retriever = None  # type: ignore[assignment,misc]
-    if Retriever is not None:
-        retriever = Retriever(state, load_embedder(state.settings.assistant.embedder))
-        state.tasks.spawn(retriever.start(), "retrieval-start")
+    # One embedding thread per worker: workers embed side by side instead of fighting for both cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    retriever = Retriever(state, load_embedder(state.settings.assistant.embedder))
+    state.tasks.spawn(retriever.start(), "retrieval-start")
+    state.drainers.append(retriever.close)
     assistant = Assistant(state, hub, provider, retriever)
     assistant.start()
     assistant_log.info("assistant_ready", extra=fields(provider=provider.name, model=state.settings.assistant.model))

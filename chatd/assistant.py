@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from chatd import errors, protocol, store
 from chatd.config import AssistantSettings
-from chatd.context import Coalescer, build_context
+from chatd.context import Coalescer, build_context, recent_window
 from chatd.fanout import Hub, message_frame
 from chatd.jobqueue import Job, JobQueue
 from chatd.logs import assistant_log, fields
@@ -262,10 +262,11 @@ class Assistant:
         history = await store.recent_messages(pg, room_id, prompt["seq"], 200)
         history = [h for h in history if h["id"] != supersede_id]
         retrieved: list[dict[str, Any]] = []
-        if self.retriever is not None and self.settings.retrieval_top_k and history:
-            try:
+        window = recent_window(history, self.settings.context_budget_tokens)
+        if self.retriever is not None and self.settings.retrieval_top_k:
+            try:  # relevant messages older than what the recent window already carries
                 retrieved = await self.retriever.relevant(
-                    room_id, prompt["content"], history[0]["seq"], self.settings.retrieval_top_k
+                    room_id, prompt["content"], window[0]["seq"], self.settings.retrieval_top_k
                 )
             except Exception as exc:  # retrieval is an improvement, never a reason to fail
                 assistant_log.warning("retrieval_failed", extra=fields(error=str(exc)[:200]))

@@ -32,17 +32,8 @@ class Context:
     estimated_tokens: int
 
 
-def build_context(
-    system_prompt: str,
-    history: Sequence[dict[str, Any]],
-    retrieved: Sequence[dict[str, Any]],
-    budget_tokens: int,
-) -> Context:
-    """System prompt + newest ``history`` within budget + ``retrieved`` (older) excerpts.
-
-    ``history`` is ascending by seq and ends with the prompt message, which is
-    always included.  Retrieved rows already in the recent window are skipped.
-    """
+def recent_window(history: Sequence[dict[str, Any]], budget_tokens: int) -> list[dict[str, Any]]:
+    """The newest messages of ``history`` (ascending) that fit the budget; the last one always."""
     if not history:
         raise ValueError("history must contain the prompt message")
     chosen: list[dict[str, Any]] = []
@@ -54,6 +45,22 @@ def build_context(
         chosen.append(row)
         used += cost
     chosen.reverse()
+    return chosen
+
+
+def build_context(
+    system_prompt: str,
+    history: Sequence[dict[str, Any]],
+    retrieved: Sequence[dict[str, Any]],
+    budget_tokens: int,
+) -> Context:
+    """System prompt + newest ``history`` within budget + ``retrieved`` (older) excerpts.
+
+    ``history`` is ascending by seq and ends with the prompt message, which is
+    always included.  Retrieved rows already in the recent window are skipped.
+    """
+    chosen = recent_window(history, budget_tokens)
+    used = sum(estimate_tokens(row["content"]) + 4 for row in chosen)
     recent = {row["id"] for row in chosen}
     extra = [r for r in retrieved if r["id"] not in recent]
     system = system_prompt

@@ -132,7 +132,16 @@ class EmbeddedPostgres:
         if not (self.pgdata / "PG_VERSION").exists():
             server_log.info("embedded_postgres_initdb", extra=fields(pgdata=str(self.pgdata)))
             self._run(
-                "initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8", "--locale=C", "-U", "postgres"
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "--auth=trust",
+                "--encoding=UTF8",
+                # builtin C.UTF-8: byte-order sorting like C, but pg_trgm and full-text see Hangul as letters
+                "--locale-provider=builtin",
+                "--builtin-locale=C.UTF-8",
+                "-U",
+                "postgres",
             )
         pid = self.running_pid()
         self.started_here = pid is None

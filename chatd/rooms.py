@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from chatd.assistant import Assistant
 
 ROOM_KINDS = ("group", "assistant")
+
+# KEYS: presence hash, leaving marker   ARGV: user id, marker ttl ms
+_PRESENCE_LEAVE = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if n <= 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
+return n
+"""
 ASSISTANT_MODES = ("always", "mention")
 
 
@@ -245,14 +252,19 @@ class Rooms:
     async def _presence_leave(self, room_id: int, user_id: int) -> None:
         grace_s = self.state.settings.ws.presence_grace_s
         try:
-            pipe = self.state.redis.pipeline(transaction=True)
-            pipe.hincrby(self.state.keys.presence(room_id), str(user_id), -1)
-            pipe.set(self.state.keys.presence_leaving(room_id, user_id), b"1", px=int(grace_s * 1000) + 5000)
-            remaining, _ = await pipe.execute()
+            # One script: the count reaching 0 and the "leaving" marker are set together, so two
+            # sockets of the same user leaving at once cannot erase each other's marker.
+            remaining = await self.state.redis.eval(
+                _PRESENCE_LEAVE,
+                2,
+                self.state.keys.presence(room_id),
+                self.state.keys.presence_leaving(room_id, user_id),
+                str(user_id),
+                int(grace_s * 1000) + 5000,
+            )
         except RedisError:
             return
         if int(remaining) > 0:
-            await self.state.redis.delete(self.state.keys.presence_leaving(room_id, user_id))
             return
         loop = asyncio.get_running_loop()
         loop.call_later(

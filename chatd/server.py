@@ -161,8 +161,8 @@ class Master:
     stopping: bool = False
     reload_requested: bool = False
 
-    def _fork(self, slot: _Slot) -> bool:
-        """Start a worker for ``slot``; True once it serves (False: it died or hung during start)."""
+    def _spawn(self, slot: _Slot) -> int:
+        """Fork a worker for ``slot``; returns the read end of its readiness pipe."""
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
@@ -177,13 +177,20 @@ class Master:
             finally:
                 os._exit(code)
         os.close(write_fd)
-        ready = self._await_ready(read_fd, pid, timeout_s=30)
         slot.pid, slot.started_at, slot.restart_at = pid, time.monotonic(), None
+        return read_fd
+
+    def _ready(self, slot: _Slot, read_fd: int) -> bool:
+        ready = self._await_ready(read_fd, slot.pid or 0, timeout_s=30)
         if ready:
-            server_log.info("worker_started", extra=fields(worker_id=slot.worker_id, worker_pid=pid))
+            server_log.info("worker_started", extra=fields(worker_id=slot.worker_id, worker_pid=slot.pid))
         else:
-            server_log.error("worker_not_ready", extra=fields(worker_id=slot.worker_id, worker_pid=pid))
+            server_log.error("worker_not_ready", extra=fields(worker_id=slot.worker_id, worker_pid=slot.pid))
         return ready
+
+    def _fork(self, slot: _Slot) -> bool:
+        """Start a worker for ``slot``; True once it serves (False: it died or hung during start)."""
+        return self._ready(slot, self._spawn(slot))
 
     @staticmethod
     def _await_ready(read_fd: int, pid: int, timeout_s: float) -> bool:
@@ -292,9 +299,13 @@ class Master:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        # Start every worker at once, then wait for each: start-up costs one worker's time, not N.
+        pipes = []
         for worker_id in range(self.n_workers):
             self.slots[worker_id] = slot = _Slot(worker_id)
-            self._fork(slot)
+            pipes.append((slot, self._spawn(slot)))
+        for slot, read_fd in pipes:
+            self._ready(slot, read_fd)
         while not self.stopping:
             self._handle_deaths()
             if self.reload_requested:

@@ -105,8 +105,8 @@ class Chatd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"chatd exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             status, _ = http_get(self.http + "/health/ready")
-            if status == 200:
-                return
+            if status == 200 and (self.workers == 1 or len(self.events("worker_started")) >= self.workers):
+                return  # every worker serves, not just the first to answer
             time.sleep(0.1)
         raise TimeoutError(f"chatd not ready within {timeout_s}s:\n{self.log()[-4000:]}")
 

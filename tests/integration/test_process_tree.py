@@ -23,7 +23,9 @@ def wait_for(predicate: Any, timeout_s: float = 30, interval_s: float = 0.1) -> 
 
 
 def test_two_workers_answer_ready(chatd_factory: Any) -> None:
-    server: Chatd = chatd_factory(workers=2)
+    # SO_REUSEPORT lets the kernel spread connections by address; with one shared socket, a busy
+    # machine may hand every connection to the same worker, which says nothing about the other.
+    server: Chatd = chatd_factory(workers=2, CHATD_SERVER_REUSE_PORT="true")
     assert len(server.worker_pids()) == 2
     seen: set[int] = set()
     for _ in range(300):
