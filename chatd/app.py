@@ -16,7 +16,7 @@ from chatd.providers import make_provider
 from chatd.retrieval import Retriever, load_embedder
 from chatd.rooms import MessageWriter, Rooms
 from chatd.state import ServerState
-from chatd.web import LiveHandler, NotFoundHandler, ReadyHandler, log_request
+from chatd.web import LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.ws import ChatSocket, refresh_registrations
 
 
@@ -49,6 +49,7 @@ def make_app(state: ServerState) -> tornado.web.Application:
     routes: list[Any] = [
         (r"/health/live", LiveHandler, base),
         (r"/health/ready", ReadyHandler, base),
+        (r"/metrics", MetricsHandler, base),
         (r"/ws", ChatSocket, {"state": state, "accounts": accounts, "rooms": rooms, "hub": hub}),
         *api.routes(state, accounts, rooms),
     ]

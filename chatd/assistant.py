@@ -32,7 +32,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from chatd import errors, protocol, store
+from chatd import errors, metrics, protocol, store
 from chatd.config import AssistantSettings
 from chatd.context import Coalescer, build_context, recent_window
 from chatd.fanout import Hub, message_frame
@@ -215,6 +215,7 @@ class Assistant:
                     last_renew = now
                 if await self.queue.reap():
                     self._wake.set()
+                metrics.queue_depth.set(await self.queue.depth())
                 await self._publish_positions()
             except RedisError as exc:
                 assistant_log.warning("assistant_maintenance_failed", extra=fields(error=str(exc)[:200]))
@@ -463,6 +464,9 @@ class Assistant:
         await self.hub.publish_room(run.room_id, end)
         await self._clear_stream(run.room_id, run.message_id)
         await self.queue.ack(run.job)
+        metrics.generations.labels(stop_reason).inc()
+        if run.first_token_ms is not None:
+            metrics.first_token.observe(run.first_token_ms / 1000)
         assistant_log.info(
             "generation_done",
             extra=fields(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,27 @@ def _load(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _prepare_metrics_dir(data_dir: str) -> None:
+    """An empty directory for this run's Prometheus samples, shared by the workers.
+
+    Set before chatd.server (and so prometheus-client) is imported: the client
+    chooses between in-process and multiprocess storage at import time.
+    """
+    import shutil
+    from pathlib import Path
+
+    base = Path(data_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.glob("prometheus-*"):  # left by masters that are gone
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    path = base / f"prometheus-{os.getpid()}"  # per master: instances may share a data_dir
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config-doc":
@@ -61,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(config_mod.as_dict(settings), indent=2))
         return 0
     if args.command == "serve":
+        _prepare_metrics_dir(settings.storage.data_dir)
         from chatd.embedded import DataDirInUse
         from chatd.server import serve
 
@@ -69,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DataDirInUse as exc:
             print(f"chatd: {exc}", file=sys.stderr)
             return 2
+        finally:
+            import shutil
+
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
     from chatd.embedded import DataDirInUse
     from chatd.server import prepare

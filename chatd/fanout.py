@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from chatd import protocol, store
+from chatd import metrics, protocol, store
 from chatd.keys import Keys
 from chatd.logs import app_log, fields
 from chatd.sequencing import JoinMerge, RoomSequencer
@@ -95,7 +95,6 @@ class Hub:
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
         self._gap_timeout_s = 0.25
-        self.delivered_frames = 0
         # Marks this worker's own publishes: it delivered them locally already.
         self.origin = secrets.token_hex(6)
 
@@ -394,27 +393,30 @@ class Hub:
             self._release(room_id, room, room.sequencer.offer(seq, event, self.clock()))
 
     def _release(self, room_id: int, room: RoomState, events: list[Event]) -> None:
+        written = 0
         for event in events:
             for conn in list(room.sockets):
                 merge = room.joining.get(conn)
                 if merge is not None:
                     merge.hold(event.seq, event)
-                else:
-                    self._write(conn, room_id, event)
+                elif self._write(conn, room_id, event):
+                    written += 1
+        if written:
+            metrics.frames_delivered.inc(written)
 
-    def _write(self, conn: Any, room_id: int, event: Event) -> None:
+    def _write(self, conn: Any, room_id: int, event: Event) -> bool:
         if event.exclude is not None and event.exclude == conn.connection_id:
-            return
+            return False
         if event.seq is not None:
             if event.seq <= conn.room_seq.get(room_id, 0):
-                return  # this socket already has it (history, or an earlier copy)
+                return False  # this socket already has it (history, or an earlier copy)
             conn.room_seq[room_id] = event.seq
         elif event.stream is not None and conn.stream_marks:
             mark = conn.stream_marks.get(event.stream[0])
             if mark is not None and event.stream[1] <= mark:
-                return  # part of the text this socket got when it joined mid-stream
+                return False  # part of the text this socket got when it joined mid-stream
         conn.write_frame(event.frame)
-        self.delivered_frames += 1
+        return True
 
     def deliver_user(self, user_id: int, payload: bytes, exclude: str | None) -> None:
         conns = self.users.get(user_id)

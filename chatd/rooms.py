@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from chatd import errors, protocol, store
+from chatd import errors, metrics, protocol, store
 from chatd.fanout import Conn, Event, Hub, message_frame
 from chatd.logs import app_log, fields
 from chatd.ratelimit import RedisLimiter
@@ -88,6 +88,7 @@ class MessageWriter:
                 self._flushing = False
 
     async def _flush(self, batch: list[tuple[PendingMessage, asyncio.Future[Committed]]]) -> None:
+        started = time.monotonic()
         try:
             results = await store.commit_batch(self.state.pg, [m for m, _ in batch])
         except errors.ChatdError as exc:
@@ -102,6 +103,8 @@ class MessageWriter:
                     fut.set_exception(errors.Internal())
             return
         self.batches += 1
+        metrics.commit_batch.observe(len(batch))
+        metrics.commit_duration.observe(time.monotonic() - started)
         fresh: list[tuple[int, int, dict[str, Any]]] = []
         for (_, fut), result in zip(batch, results, strict=True):
             if not fut.done():
@@ -109,6 +112,7 @@ class MessageWriter:
             if result.row is not None and not result.duplicate and result.error is None:
                 fresh.append((result.row["room_id"], result.row["seq"], message_frame(result.row)))
         self.committed += len(fresh)
+        metrics.messages_committed.inc(len(fresh))
         if fresh:
             await self.hub.publish_messages(fresh)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatd import config as config_mod
-from chatd import logs, migrations
+from chatd import logs, metrics, migrations
 from chatd.config import Settings
 from chatd.embedded import EmbeddedServices
 from chatd.errors import CloseCode
@@ -218,6 +218,7 @@ class Master:
             if pid == 0:
                 break
             slot = next((s for s in self.slots.values() if s.pid == pid), None)
+            metrics.worker_died(pid)
             dead.append((slot, pid, status))
         return dead
 

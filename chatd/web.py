@@ -13,7 +13,7 @@ from typing import Any
 
 import tornado.web
 
-from chatd import errors
+from chatd import errors, metrics
 from chatd.logs import access_log, app_log, fields
 from chatd.state import ServerState
 
@@ -103,6 +103,15 @@ class NotFoundHandler(BaseHandler):
         raise errors.NotFound("no such route")
 
 
+class MetricsHandler(BaseHandler):
+    """Prometheus exposition of every worker's metrics (restrict it at the proxy)."""
+
+    def get(self) -> None:
+        body, content_type = metrics.render()
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
+
+
 class LiveHandler(BaseHandler):
     """The process is up and its loop answers."""
 
@@ -130,13 +139,16 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     """The access log: method, route, status, duration; the URI is redacted by the formatter."""
     request = handler.request
     status = handler.get_status()
+    route = type(handler).__name__
+    metrics.http_requests.labels(route, str(status)).inc()
+    metrics.http_duration.labels(route).observe(request.request_time())
     level = access_log.warning if status >= 500 else access_log.info
     level(
         "http_request",
         extra=fields(
             method=request.method,
             path=request.uri,
-            route=type(handler).__name__,
+            route=route,
             status=status,
             duration_ms=round(request.request_time() * 1000, 2),
             remote_ip=request.remote_ip,

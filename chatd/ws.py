@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
-from chatd import errors, protocol, store
+from chatd import errors, metrics, protocol, store
 from chatd.accounts import Accounts, Principal
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
@@ -81,6 +81,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         )
         self._registered = False
         self._closing = False
+        self._counted = False
 
     # -- handshake ----------------------------------------------------------------
 
@@ -138,6 +139,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if stream is not None:
             stream.max_write_buffer_size = self.state.settings.ws.max_buffer_bytes
         self.state.connections.add(self)
+        metrics.ws_connections.inc()
+        self._counted = True
         if not await self._register():
             self.close(int(CloseCode.TOO_MANY_CONNECTIONS), "too many connections")
             return
@@ -248,6 +251,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def force_close(self, code: int, reason: str) -> None:
         if not self._closing:
             self._closing = True
+            metrics.ws_closed.labels(str(code)).inc()
             self.close(code, reason)
 
     # -- reading --------------------------------------------------------------------
@@ -256,12 +260,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         try:
             frame = self._decoder.decode(message)
         except errors.ProtocolViolation as exc:
+            metrics.ws_frames.labels("invalid").inc()
             self.send_frame(protocol.error(exc, reply_to=None))
             self.force_close(int(exc.close_code), exc.message[:100])
             return
         except protocol.FrameError as exc:
+            metrics.ws_frames.labels("invalid").inc()
             self.send_frame(protocol.error(exc.error, reply_to=exc.request_id))
             return
+        metrics.ws_frames.labels(frame.TYPE).inc()
         try:
             await self._dispatch(frame)
         except errors.ChatdError as err:
@@ -352,6 +359,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         for timer in [*self._timers, *self._typing_timers.values()]:
             timer.cancel()
         self.state.connections.discard(self)
+        if self._counted:
+            metrics.ws_connections.dec()
+            self._counted = False
         if self.principal is not None:
             self.state.tasks.spawn(self._cleanup(), "ws-cleanup")
 

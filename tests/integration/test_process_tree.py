@@ -123,3 +123,53 @@ def test_migrate_command_and_unknown_route(services: Services, tmp_path: Any) ->
 
     with psycopg.connect(with_database(url, url.rsplit("dbname=", 1)[-1].split()[0])) as conn:
         assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 1
+
+
+async def test_sigterm_closes_websockets_with_1001_within_grace(chatd_factory: Any, services: Services) -> None:
+    import asyncio
+
+    from tests.support import WS
+    from tests.users import make_users
+
+    server: Chatd = chatd_factory(workers=2, CHATD_SERVER_SHUTDOWN_GRACE_S="10", CHATD_SERVER_REUSE_PORT="true")
+    users = make_users(services.database_url, 4)
+    sockets = [await WS.connect(server.ws, u.token) for u in users]
+    for ws in sockets:
+        await ws.expect("hello")
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    codes = await asyncio.gather(*(ws.closed(timeout_s=15) for ws in sockets))
+    assert [c for c, _ in codes] == [1001] * len(sockets)
+    assert all(reason == "server shutting down" for _, reason in codes)
+    assert server.proc is not None
+    await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 15)
+    assert server.proc.returncode == 0
+    assert time.monotonic() - started < 10  # within the grace period, not killed at its end
+    assert not server.events("worker_killed_after_grace")
+
+
+async def test_metrics_aggregate_every_worker(chatd_factory: Any, services: Services) -> None:
+    from tests.integration.test_messaging import connect, join, make_room, send
+    from tests.users import make_users
+
+    server: Chatd = chatd_factory(workers=2, CHATD_SERVER_REUSE_PORT="true")
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(server, alice, [bob])
+    a, b = await connect(server, alice), await connect(server, bob)
+    await join(a, room)
+    await join(b, room)
+    for i in range(3):
+        await send(a, room, f"m{i}")
+    await b.expect("message", room_id=room, seq=3)
+    text = ""
+    for _ in range(20):  # whichever worker answers reads every worker's samples
+        from tests.support import request
+
+        text = (await request("GET", server.http + "/metrics")).body.decode()
+        if "chatd_messages_committed_total 3.0" in text:
+            break
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert samples["chatd_messages_committed_total"] == 3.0
+    assert samples["chatd_ws_connections"] == 2.0
+    assert samples["chatd_fanout_frames_delivered_total"] >= 6.0
+    assert samples['chatd_ws_frames_received_total{type="send"}'] == 3.0

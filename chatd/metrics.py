@@ -1,0 +1,60 @@
+"""Prometheus metrics, aggregated over every worker by prometheus-client's multiprocess mode.
+
+``chatd serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory
+before anything imports prometheus-client (it picks its storage at import);
+each worker writes its samples to memory-mapped files there, and
+``GET /metrics`` on any worker reads them all.  A dead worker's files are
+marked so its live gauges stop counting.  Hot paths count per event, not per
+socket: one ``inc(n)`` for a fan-out to n sockets.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def worker_died(pid: int) -> None:
+    if os.environ.get(ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def render() -> tuple[bytes, str]:
+    if os.environ.get(ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+http_requests = Counter("chatd_http_requests_total", "HTTP requests answered", ["route", "status"])
+http_duration = Histogram(
+    "chatd_http_request_duration_seconds", "HTTP request duration", ["route"], buckets=_LATENCY_BUCKETS_S
+)
+ws_connections = Gauge("chatd_ws_connections", "Open WebSockets", multiprocess_mode="livesum")
+ws_frames = Counter("chatd_ws_frames_received_total", "Client frames received", ["type"])
+ws_closed = Counter("chatd_ws_closed_by_server_total", "Sockets the server closed", ["code"])
+messages_committed = Counter("chatd_messages_committed_total", "Messages durable in Postgres")
+commit_batch = Histogram(
+    "chatd_commit_batch_messages", "Messages per group commit", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
+)
+commit_duration = Histogram("chatd_commit_seconds", "Group commit transaction time", buckets=_LATENCY_BUCKETS_S)
+frames_delivered = Counter("chatd_fanout_frames_delivered_total", "Frames written to local sockets")
+generations = Counter("chatd_assistant_generations_total", "Assistant answers", ["stop_reason"])
+first_token = Histogram(
+    "chatd_assistant_first_token_seconds", "Time to the first token of an answer", buckets=_LATENCY_BUCKETS_S
+)
+queue_depth = Gauge("chatd_assistant_queue_depth", "Queued generations (as last seen)", multiprocess_mode="max")
