@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import secrets
 from typing import Any
 
-from chatd import errors, store
-from chatd.accounts import Accounts, Principal
+from chatd import errors, protocol, store
+from chatd.accounts import Accounts, Principal, user_json
 from chatd.fanout import message_frame
 from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
 from chatd.state import ServerState
@@ -82,8 +85,6 @@ class MeHandler(ApiHandler):
         user = await store.user_by_id(self.state.pg, principal.user_id)
         if user is None:
             raise errors.Unauthorized("unknown user")
-        from chatd.accounts import user_json
-
         self.send_json(user_json(user))
 
 
@@ -260,8 +261,6 @@ class MessagesHandler(RoomAccess):
         principal = await self.auth()
         body = self.json_body()
         content, client_msg_id = body.get("content"), body.get("client_msg_id")
-        from chatd import protocol
-
         try:
             frame = protocol.parse_client_frame(
                 {
@@ -294,10 +293,6 @@ class StreamingSendHandler(RoomAccess):
     """
 
     async def post(self, room_id: str) -> None:
-        import asyncio
-
-        from chatd import protocol
-
         principal = await self.auth()
         room = await self.rooms.member_room(self.path_id(room_id, "room"), principal.user_id)
         body = self.json_body()
@@ -314,7 +309,7 @@ class StreamingSendHandler(RoomAccess):
         except protocol.FrameError as exc:
             raise exc.error from None
         assert isinstance(frame, protocol.Send)
-        listener = SseListener(self, principal.user_id)
+        listener = self._listener = SseListener(self, principal.user_id)
         hub = self.rooms.hub
         await hub.join_room(listener, room["id"])  # listening before the message exists: nothing missed
         try:
@@ -322,8 +317,8 @@ class StreamingSendHandler(RoomAccess):
             result = await self.rooms.send(principal.user_id, room["id"], frame.content, frame.client_msg_id)
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
             self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
-            listener.prompt_id = result.row["id"]
             self.sse("message", _message_json(result.row))
+            listener.set_prompt(result.row["id"])  # replays what arrived before the id was known
             if result.assistant_error is not None:
                 self.sse("error", result.assistant_error.to_dict())
             elif result.queued_position is None:
@@ -338,9 +333,13 @@ class StreamingSendHandler(RoomAccess):
             await hub.leave_room(listener, room["id"])
         self.finish()
 
-    def sse(self, event: str, data: dict[str, Any]) -> None:
-        import json
+    def on_connection_close(self) -> None:
+        listener = getattr(self, "_listener", None)
+        if listener is not None:
+            listener.force_close(0, "client went away")
+        super().on_connection_close()
 
+    def sse(self, event: str, data: dict[str, Any]) -> None:
         self.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n")
 
 
@@ -348,9 +347,6 @@ class SseListener:
     """A fan-out subscriber that forwards one prompt's answer to an SSE response."""
 
     def __init__(self, handler: StreamingSendHandler, user_id: int) -> None:
-        import asyncio
-        import secrets
-
         self.handler = handler
         self.connection_id = "sse-" + secrets.token_hex(6)
         self.user_id = user_id
@@ -360,12 +356,23 @@ class SseListener:
         self.prompt_id: int | None = None
         self.message_id: int | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._early: list[dict[str, Any]] = []  # frames before the prompt's id is known
+
+    def set_prompt(self, prompt_id: int) -> None:
+        self.prompt_id = prompt_id
+        early, self._early = self._early, []
+        for frame_json in early:
+            self._forward(frame_json)
 
     def write_frame(self, frame: bytes) -> None:
-        import json
-
         length = frame[1] & 0x7F
         frame_json = json.loads(frame[2 if length < 126 else (4 if length == 126 else 10) :])
+        if self.prompt_id is None:
+            self._early.append(frame_json)  # a fast answer can start before send() returns
+            return
+        self._forward(frame_json)
+
+    def _forward(self, frame_json: dict[str, Any]) -> None:
         kind = frame_json.get("type")
         if kind in ("queued", "stream_start") and frame_json.get("reply_to_message_id") == self.prompt_id:
             if kind == "stream_start":

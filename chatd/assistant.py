@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,8 @@ from chatd.logs import assistant_log, fields
 from chatd.providers import Finished, GenerationRequest, Provider, ProviderError, TextDelta
 from chatd.state import ServerState
 
-MENTION = "@assistant"
+# "@assistant" as a word: not inside an address like x@assistant.io
+_MENTION = re.compile(r"(?<![\w.@])@assistant\b(?![.@]\w)", re.IGNORECASE)
 _RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
@@ -52,7 +54,7 @@ def wants_answer(room: dict[str, Any], content: str) -> bool:
     if mode == "always":
         return room.get("kind") == "assistant"
     if mode == "mention":
-        return MENTION in content.lower()
+        return _MENTION.search(content) is not None
     return False
 
 
@@ -89,6 +91,7 @@ class Assistant:
         self.waiting: dict[str, tuple[int, int, int, int]] = {}  # job id -> (room, prompt, user, last position)
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
+        self.stopping = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -100,10 +103,15 @@ class Assistant:
         self.state.drainers.append(self.drain)
 
     async def drain(self) -> None:
-        """Shutdown: stop the local streams (partial text kept); the jobs were acked with them."""
+        """Shutdown: claim nothing more, let running answers finish, cancel what outlives the drain time."""
+        self.stopping = True
+        self._wake.set()
+        deadline = time.monotonic() + self.state.settings.server.drain_timeout_s * 0.8
+        while self.active and time.monotonic() < deadline:  # noqa: ASYNC110  # shutdown only
+            await asyncio.sleep(0.05)
         for run in list(self.running.values()):
-            run.cancelled.set()
-        while self.active:  # noqa: ASYNC110  # shutdown only
+            run.cancelled.set()  # partial text kept, marked cancelled
+        while self.active:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         await self.provider.aclose()
 
@@ -182,7 +190,7 @@ class Assistant:
     # -- the worker side -------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        while True:
+        while not self.stopping:
             if self.active >= self.settings.concurrency:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -193,7 +201,10 @@ class Assistant:
                 assistant_log.warning("claim_failed", extra=fields(error=str(exc)[:200]))
                 job = None
                 await asyncio.sleep(1)
-            if job is None:
+            if job is None or self.stopping:
+                if job is not None:
+                    with contextlib.suppress(RedisError):
+                        await self.queue.renew([job.id], 0)  # give it straight back: the reaper requeues it
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.25)  # other workers' jobs: poll
@@ -235,7 +246,10 @@ class Assistant:
             await self._run(job)
         except Exception as exc:
             assistant_log.error("generation_crashed", exc_info=exc, extra=fields(job=job.id))
-            with contextlib.suppress(RedisError):
+            run = next((r for r in self.running.values() if r.job.id == job.id), None)
+            with contextlib.suppress(Exception):
+                if run is not None:  # clients must not wait for an end that never comes
+                    await self._end_orphan(run.room_id, run.message_id)
                 await self.queue.ack(job)  # a poisoned job must not loop for ever
         finally:
             self.active -= 1

@@ -305,6 +305,11 @@ def validate(settings: Settings) -> None:
         )
     if auth.jwt_public_key_file and not Path(auth.jwt_public_key_file).is_file():
         raise ConfigError("auth.jwt_public_key_file", f"file not found: {auth.jwt_public_key_file}")
+    assistant = settings.assistant
+    if assistant.provider == "anthropic" and not assistant.anthropic_api_key:
+        raise ConfigError("assistant.provider", "anthropic needs ANTHROPIC_API_KEY (or assistant.anthropic_api_key)")
+    if assistant.provider == "openai" and not assistant.openai_base_url:
+        raise ConfigError("assistant.provider", "openai needs assistant.openai_base_url")
     if settings.storage.pg_pool_min > settings.storage.pg_pool_max:
         raise ConfigError("storage.pg_pool_min", "must be <= storage.pg_pool_max")
     if settings.ws.typing_ttl_s <= settings.ws.typing_interval_s:

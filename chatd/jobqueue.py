@@ -26,6 +26,7 @@ from chatd.keys import Keys
 
 # KEYS: depth, users, active, user_list, job   ARGV: uid, jid, payload, max_depth
 _ENQUEUE = """
+if redis.call('EXISTS', KEYS[5]) == 1 then return tonumber(redis.call('GET', KEYS[1]) or '1') end
 local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
 if depth >= tonumber(ARGV[4]) then return -1 end
 redis.call('SET', KEYS[5], ARGV[3])
@@ -142,7 +143,8 @@ class JobQueue:
         return int(self.clock() * 1000)
 
     async def enqueue(self, job: Job, max_depth: int) -> int | None:
-        """Queue ``job``; the new depth, or None when the queue is full."""
+        """Queue ``job``; the new depth, or None when the queue is full.  A job id already queued
+        or running is not queued twice (two regenerates of one answer make one job)."""
         payload = json.dumps({"user_id": job.user_id, "data": job.data})
         keys = [self._depth, self._users, self._active, self._user_list(job.user_id), self._job(job.id)]
         depth = int(await self._enqueue(keys=keys, args=[job.user_id, job.id, payload, max_depth]))

@@ -288,6 +288,7 @@ WITH hits AS MATERIALIZED (
       FROM message_embeddings e
       JOIN messages m ON m.id = e.message_id
      WHERE e.room_id = %s AND m.room_id = %s AND m.seq < %s AND m.deleted_at IS NULL
+       AND m.superseded_at IS NULL AND m.status = 'final'
      ORDER BY e.embedding OPERATOR({schema}.<=>) %s::{vector}
      LIMIT %s
 )
@@ -303,6 +304,7 @@ SELECT m.id, m.seq, m.role, m.content, m.created_at,
        + {trgm_weight} * {trgm} AS score
   FROM messages m
  WHERE m.room_id = %(room_id)s AND m.seq < %(before_seq)s AND m.deleted_at IS NULL
+  AND m.superseded_at IS NULL AND m.status = 'final'
    AND m.role IN ('user', 'assistant')
    AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
  ORDER BY score DESC, m.seq DESC

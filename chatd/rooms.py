@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from chatd import errors, metrics, protocol, store
+from chatd.assistant import wants_answer
 from chatd.fanout import Conn, Event, Hub, message_frame
 from chatd.logs import app_log, fields
 from chatd.ratelimit import RedisLimiter
@@ -179,8 +180,6 @@ class Rooms:
         queued: int | None = None
         refused: errors.ChatdError | None = None
         if self.assistant is not None and result.room is not None and not result.duplicate:
-            from chatd.assistant import wants_answer
-
             if wants_answer(result.room, content):
                 assert result.row is not None
                 try:

@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatd import config as config_mod
 from chatd import logs, metrics, migrations
@@ -34,6 +35,11 @@ from chatd.config import Settings
 from chatd.embedded import EmbeddedServices
 from chatd.errors import CloseCode
 from chatd.logs import fields, server_log
+
+if TYPE_CHECKING:  # imported by workers only: the master must not load them before the fork
+    from tornado.httpserver import HTTPServer
+
+    from chatd.state import ServerState
 
 _HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets its crash backoff
 
@@ -98,12 +104,7 @@ async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: in
     await shutdown(server, state)
 
 
-async def shutdown(server: object, state: object) -> None:
-    from tornado.httpserver import HTTPServer
-
-    from chatd.state import ServerState
-
-    assert isinstance(server, HTTPServer) and isinstance(state, ServerState)
+async def shutdown(server: HTTPServer, state: ServerState) -> None:
     settings = state.settings
     started = time.monotonic()
     state.draining = True

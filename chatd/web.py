@@ -14,6 +14,7 @@ from typing import Any
 import tornado.web
 
 from chatd import errors, metrics
+from chatd.health import check_dependencies
 from chatd.logs import access_log, app_log, fields
 from chatd.state import ServerState
 
@@ -123,8 +124,6 @@ class ReadyHandler(BaseHandler):
     """Postgres and Redis answer within ``health_timeout_s``; 503 naming the failing one otherwise."""
 
     async def get(self) -> None:
-        from chatd.health import check_dependencies
-
         checks = await check_dependencies(self.state)
         ready = all(c["ok"] for c in checks.values()) and not self.state.draining
         body = {

@@ -112,3 +112,16 @@ def test_every_setting_is_documented() -> None:
     for section_cls in config.SECTIONS.values():
         for f in dataclasses.fields(section_cls):
             assert f.metadata.get("doc"), f"{section_cls.__name__}.{f.name} has no doc"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"CHATD_ASSISTANT_PROVIDER": "anthropic"}, "assistant.provider"),
+        ({"CHATD_ASSISTANT_PROVIDER": "openai"}, "assistant.provider"),
+    ],
+)
+def test_provider_without_its_endpoint_fails_at_start(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    assert exc.value.key == key

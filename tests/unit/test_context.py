@@ -64,3 +64,22 @@ def test_interval_doubles_when_behind() -> None:
     c.add("a", now=0.0)
     c.add("b", now=0.2)  # due at 0.04, served 0.16 late
     assert c.interval_s == pytest.approx(0.08)
+
+
+@pytest.mark.parametrize(
+    ("content", "room", "answer"),
+    [
+        ("hello", {"kind": "assistant", "assistant": {"mode": "always"}}, True),
+        ("hello", {"kind": "assistant", "assistant": None}, True),
+        ("hello", {"kind": "group", "assistant": {"mode": "mention"}}, False),
+        ("@assistant hello", {"kind": "group", "assistant": {"mode": "mention"}}, True),
+        ("hey @Assistant, help", {"kind": "group", "assistant": {"mode": "mention"}}, True),
+        ("mail me at bob@assistant.io", {"kind": "group", "assistant": {"mode": "mention"}}, False),
+        ("see x.@assistant.dev", {"kind": "group", "assistant": {"mode": "mention"}}, False),
+        ("@assistant", {"kind": "group", "assistant": None}, False),
+    ],
+)
+def test_wants_answer(content: str, room: dict[str, object], answer: bool) -> None:
+    from chatd.assistant import wants_answer
+
+    assert wants_answer(room, content) is answer
