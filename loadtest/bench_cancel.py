@@ -60,7 +60,11 @@ def main() -> None:
         url = create_database(db, "bench")
         migrations.apply(url)
         server = Chatd(url, redis_url, tmp / "chatd.log", workers=2)
-        server.env = {"CHATD_SERVER_REUSE_PORT": "true", "CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S": "20"}
+        server.env = {
+            "CHATD_SERVER_REUSE_PORT": "true",
+            "CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S": "20",
+            "CHATD_WS_SEND_RATE_COUNT": "100000",
+        }
         server.data_dir = tmp / "data"
         server.start()
         try:
