@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -25,7 +26,18 @@ from typing import Any
 
 from chatd.errors import ConfigError
 
-DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "config" / "chatd.toml"
+# The source tree's config/chatd.toml, or the copy a wheel install puts under <prefix>/share/chatd.
+DEFAULTS_FILE = next(
+    (
+        f
+        for f in (
+            Path(__file__).resolve().parent.parent / "config" / "chatd.toml",
+            Path(sys.prefix) / "share" / "chatd" / "config" / "chatd.toml",
+        )
+        if f.is_file()
+    ),
+    Path(__file__).resolve().parent.parent / "config" / "chatd.toml",
+)
 
 MIN_SECRET_BYTES = 32
 

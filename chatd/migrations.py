@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,15 @@ import psycopg
 
 from chatd.logs import fields, server_log
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# The source tree's sql/, or the copy a wheel install puts under <prefix>/share/chatd/sql.
+SQL_DIR = next(
+    (
+        d
+        for d in (Path(__file__).resolve().parent.parent / "sql", Path(sys.prefix) / "share" / "chatd" / "sql")
+        if d.is_dir()
+    ),
+    Path(__file__).resolve().parent.parent / "sql",
+)
 # Any constant works; it only has to be the same for every chatd.
 _LOCK_KEY = 0x63686174_64  # "chatd"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -41,6 +50,8 @@ def discover(sql_dir: Path = SQL_DIR) -> list[Migration]:
         if not match:
             raise ValueError(f"migration file name must look like 0001_name.sql: {path.name}")
         found.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    if not found:
+        raise FileNotFoundError(f"no migrations in {sql_dir}: install chatd with its sql/ directory")
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise ValueError(f"duplicate migration numbers in {sql_dir}")
