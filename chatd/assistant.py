@@ -278,7 +278,7 @@ class Assistant:
         history = [h for h in history if h["id"] != supersede_id]
         retrieved: list[dict[str, Any]] = []
         window = recent_window(history, self.settings.context_budget_tokens)
-        if self.retriever is not None and self.settings.retrieval_top_k:
+        if self.retriever is not None and self.settings.retrieval_top_k and window[0]["seq"] > 1:
             try:  # relevant messages older than what the recent window already carries
                 retrieved = await self.retriever.relevant(
                     room_id, prompt["content"], window[0]["seq"], self.settings.retrieval_top_k

@@ -77,9 +77,10 @@ class StorageSettings:
     redis_url: str = _f("", "Redis/Valkey URL; empty starts the embedded server. Env: REDIS_URL.", secret=True)
     redis_key_prefix: str = _f("chatd:", "Prefix of every Redis key and channel (share one Redis between deployments).")
     pg_pool_min: int = _f(1, "Postgres connections each worker keeps open.", min=0)
-    pg_pool_max: int = _f(10, "Postgres connections each worker may open.", min=1)
+    pg_pool_max: int = _f(20, "Postgres connections each worker may open.", min=1)
     pg_timeout_s: float = _f(5.0, "Wait for a pooled Postgres connection before answering 'unavailable'.", min=0.1)
-    redis_timeout_s: float = _f(2.0, "Redis socket timeout.", min=0.1)
+    redis_timeout_s: float = _f(2.0, "Redis socket timeout, and the longest wait for a pooled connection.", min=0.1)
+    redis_pool_max: int = _f(64, "Redis connections each worker may open (beyond it, commands wait).", min=4)
     health_timeout_s: float = _f(1.0, "Timeout of each dependency check of /health/ready.", min=0.05)
 
 
@@ -117,7 +118,12 @@ class WebSocketSettings:
     typing_ttl_s: float = _f(6.0, "Typing state expires without a refresh.", min=0.5)
     presence_grace_s: float = _f(5.0, "A reconnect within this time does not flap presence.", min=0)
     batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
-    batch_max_delay_ms: float = _f(2.0, "Group commit: longest wait to fill a batch.", min=0)
+    batch_max_delay_ms: float = _f(
+        0.0,
+        "Group commit: extra wait to fill a batch. 0: commit at once; sends arriving during a commit"
+        " form the next batch.",
+        min=0,
+    )
 
 
 @dataclass(frozen=True, slots=True)

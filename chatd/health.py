@@ -25,8 +25,12 @@ async def check_dependencies(state: ServerState) -> dict[str, dict[str, Any]]:
     timeout_s = state.settings.storage.health_timeout_s
 
     async def postgres() -> None:
-        async with state.pg.connection(timeout=timeout_s) as conn:
-            await conn.execute("SELECT 1")
+        try:
+            async with state.pg.connection(timeout=timeout_s) as conn:
+                await conn.execute("SELECT 1")
+        except Exception:
+            await state.pg.check()  # drop connections a Postgres restart broke, so the next probe is honest
+            raise
 
     async def redis() -> None:
         await state.redis.ping()

@@ -1,8 +1,10 @@
 """Rooms and messages: the one path every send takes (socket or REST).
 
-``MessageWriter`` group-commits: concurrent sends of a worker are written in
-one transaction per batch (flushed after ``batch_max_delay_ms`` or
-``batch_max_messages``), then acked, then published.  A send is acked only
+``MessageWriter`` group-commits: a send commits at once when the writer is
+idle; sends arriving while a transaction runs wait and form the next batch
+(up to ``batch_max_messages``, plus an optional ``batch_max_delay_ms``), so a
+loaded database sees few large transactions and an idle one adds no delay.
+Each batch is acked, then published.  A send is acked only
 after its transaction committed; if Postgres is down the caller gets
 ``unavailable`` and nothing is published.
 """

@@ -75,19 +75,23 @@ class ServerState:
             max_size=storage.pg_pool_max,
             timeout=storage.pg_timeout_s,
             kwargs={"autocommit": True, "row_factory": dict_row},
-            check=AsyncConnectionPool.check_connection,  # drop connections broken by a Postgres restart
+            # No per-checkout check (a round trip on every query): store.connection() sweeps the pool
+            # with pool.check() when a connection turns out broken, e.g. after a Postgres restart.
             open=False,
             name=f"chatd-w{worker_id}",
         )
         # wait=False: a worker starts and serves (readiness 503) while Postgres is down.
         await pg.open(wait=False)
-        client = aioredis.Redis.from_url(
+        # Blocking pool: a burst waits for a free connection instead of failing with "Too many connections".
+        redis_pool = aioredis.BlockingConnectionPool.from_url(
             storage.redis_url,
+            max_connections=storage.redis_pool_max,
+            timeout=storage.redis_timeout_s,
             socket_timeout=storage.redis_timeout_s,
             socket_connect_timeout=storage.redis_timeout_s,
             health_check_interval=30,
-            decode_responses=False,
         )
+        client = aioredis.Redis(connection_pool=redis_pool, decode_responses=False)
         return cls(settings=settings, worker_id=worker_id, pg=pg, redis=client, keys=Keys(storage.redis_key_prefix))
 
     async def close(self) -> None:

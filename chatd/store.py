@@ -40,7 +40,17 @@ async def connection(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection
             yield cast(AsyncConnection[DictRow], conn)  # the pool is built with row_factory=dict_row
     except (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError) as exc:
         app_log.warning("postgres_unavailable", extra=fields(error=str(exc)[:300]))
+        if not isinstance(exc, PoolTimeout):
+            await _sweep(pool)
         raise errors.Unavailable("database unavailable, try again") from None
+
+
+async def _sweep(pool: AsyncConnectionPool) -> None:
+    """One connection broke (Postgres restarted?): drop every broken idle one, not one per request."""
+    try:
+        await pool.check()
+    except Exception as exc:  # the sweep is best effort; the pool reconnects on its own
+        app_log.debug("pool_check_failed", extra=fields(error=str(exc)[:200]))
 
 
 @contextlib.asynccontextmanager
@@ -51,6 +61,7 @@ async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnectio
                 yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             app_log.warning("postgres_unavailable", extra=fields(error=str(exc)[:300]))
+            await _sweep(pool)
             raise errors.Unavailable("database unavailable, try again") from None
 
 

@@ -75,7 +75,8 @@ def main() -> None:
         services.stop()
     ms.sort()
     p95 = ms[max(0, int(len(ms) * 0.95) - 1)]
-    print(f"cancel -> stream_end over {len(ms)} runs: p50 {statistics.median(ms):.1f} ms, p95 {p95:.1f} ms, max {ms[-1]:.1f} ms")
+    summary = f"p50 {statistics.median(ms):.1f} ms, p95 {p95:.1f} ms, max {ms[-1]:.1f} ms"
+    print(f"cancel -> stream_end over {len(ms)} runs: {summary}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,963 @@
+"""chatd benchmark harness: one command, servers started here, results in loadtest/results/.
+
+    python loadtest/bench.py --quick        # < 3 minutes: the whole pipeline at small scale
+    python loadtest/bench.py                # full run (< 25 minutes), on a quiet machine
+
+What it does, in order:
+
+1. Pins itself to the generator CPU (default: core 1).  Everything it starts
+   inherits that: the embedded Postgres + Valkey (chatd's own, in a temporary
+   directory) and the load generator processes (``loadgen.py``).  Each server
+   under test is started with ``taskset -c 0`` (``--server-cpus``), so its CPU
+   figures are per core.
+2. For each target, side by side: BASELINE (``baseline_server.py``: Tornado +
+   uvloop broadcast, no auth/persistence/Redis: the ceiling), PEER
+   (``peer_socketio.py``: python-socketio + AsyncRedisManager on aiohttp),
+   chatd with 1 worker and chatd with 2 workers (both on the same core by
+   default: the 2-worker figures show what cross-worker fan-out costs; 20k
+   sockets need 2 worker processes anyway, RLIMIT_NOFILE being 20000 per
+   process).
+3. Workloads: connection scale (idle authenticated sockets: connect rate, RSS
+   per socket, idle CPU), chat fan-out (rooms of R, everyone sending every
+   I s: delivered/s, send->echo percentiles, CPU per 10k frames, loss check),
+   hot room (1 sender, 1 room of M members, rate stepped up until p99 > 100 ms),
+   assistant streaming (offline provider, S concurrent streams), durability
+   (group commit: committed messages/s and batch sizes, read from Postgres).
+4. Writes ``loadtest/results/bench-<timestamp>.json`` and a markdown report to
+   stdout and ``loadtest/results/latest.md``.
+
+All traffic goes to 127.0.0.0/8 and unix sockets.  Every loop is bounded in
+count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import fixtures
+from fixtures import ServerProcess, Services
+from loadgen import GenPool
+
+RESULTS = fixtures.LOADTEST / "results"
+P99_LIMIT_MS = 100.0
+
+
+# -- small helpers -----------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "p50": round(pct(values, 0.50) or 0, 2),
+        "p95": round(pct(values, 0.95) or 0, 2),
+        "p99": round(pct(values, 0.99) or 0, 2),
+        "max": round(max(values), 2),
+        "mean": round(sum(values) / len(values), 2),
+    }
+
+
+def merge_lists(results: list[dict[str, Any]], key: str) -> list[float]:
+    return list(itertools.chain.from_iterable(r.get(key, []) for r in results))
+
+
+def merge_counts(results: list[dict[str, Any]], key: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in results:
+        for k, v in r.get(key, {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class IPs:
+    """Loopback source addresses 127.0.0.2 ..., handed out fresh per connect (sidesteps TIME_WAIT too)."""
+
+    def __init__(self) -> None:
+        self._it = (f"127.0.{b}.{c}" for b in range(0, 256) for c in range(2, 255))
+
+    def take(self, n: int) -> list[str]:
+        return [next(self._it) for _ in range(max(1, n))]
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+
+class Target:
+    """A server under test and what the generator needs to know about it."""
+
+    def __init__(self, name: str, kind: str, proto: str, server: ServerProcess, max_conns: int, note: str = ""):
+        self.name = name
+        self.kind = kind  # baseline | peer | chatd
+        self.proto = proto  # chatd | sio
+        self.server = server
+        self.max_conns = max_conns
+        self.note = note
+        self.database_url = ""
+        self.users: list[fixtures.User] = []
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.server.port, "proto": self.proto}
+
+    def token(self, key: int) -> str:
+        return self.users[key].token if self.users else ""
+
+    def rooms(self, groups: list[list[int]], kind: str = "group", first_id: int = 1) -> list[int]:
+        """Room ids for groups of user keys: real rooms in chatd's database, plain numbers elsewhere."""
+        if self.kind == "chatd":
+            return fixtures.make_rooms(
+                self.database_url, [[self.users[k].id for k in g] for g in groups], kind, f"bench-{kind}"
+            )
+        return list(range(first_id, first_id + len(groups)))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.ips = IPs()
+        self.pool: GenPool | None = None
+        self.services: Services | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="chatd-bench-"))
+        self.log_dir = self.tmp / "logs"
+        self.log_dir.mkdir()
+        self.notes: list[str] = []
+        self.results: dict[str, dict[str, Any]] = {}
+        self.unjoined = 0
+
+    # -- generator plumbing ----------------------------------------------------------
+
+    @property
+    def w(self) -> int:
+        assert self.pool is not None
+        return len(self.pool)
+
+    def split(self, keys: list[int]) -> list[list[int]]:
+        parts: list[list[int]] = [[] for _ in range(self.w)]
+        for k in keys:
+            parts[k % self.w].append(k)
+        return parts
+
+    def connect(self, t: Target, keys: list[int], light: set[int] | None = None) -> dict[str, Any]:
+        assert self.pool is not None
+        parts = self.split(keys)
+        cmds = []
+        for part in parts:
+            cmds.append(
+                {
+                    "op": "connect",
+                    "target": t.spec,
+                    "conns": [(k, t.token(k)) for k in part],
+                    "local_ips": self.ips.take(math.ceil(len(part) / 8000)),
+                    "concurrency": self.args.connect_concurrency,
+                    "timeout_s": 30.0,
+                    "light": sorted(k for k in part if light and k in light),
+                }
+            )
+        t0 = time.perf_counter()
+        res = self.pool.call(cmds, timeout_s=600)
+        elapsed = time.perf_counter() - t0
+        ok = sum(r["ok"] for r in res)
+        if keys and ok == 0:
+            raise RuntimeError(f"no socket connected to {t.name}: {merge_counts(res, 'errors')}")
+        return {
+            "requested": len(keys),
+            "ok": ok,
+            "failed": sum(r["failed"] for r in res),
+            "errors": merge_counts(res, "errors"),
+            "elapsed_s": round(elapsed, 2),
+            "rate_per_s": round(ok / elapsed, 1) if elapsed > 0 else None,
+            "connect_ms": summary(merge_lists(res, "lat_ms")),
+            "gen_cpu_s": round(sum(r["cpu_s"] for r in res), 2),
+        }
+
+    def join(self, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+        assert self.pool is not None
+        parts: list[list[tuple[int, int]]] = [[] for _ in range(self.w)]
+        for k, room in pairs:
+            parts[k % self.w].append((k, room))
+        timeout_s = 60 + len(pairs) / 100  # chatd joins cost Postgres + Redis round trips: allow ~100/s at worst
+        res = self.pool.call([{"op": "join", "joins": p, "timeout_s": timeout_s} for p in parts],
+                             timeout_s=timeout_s + 60)
+        elapsed = max(r["elapsed_s"] for r in res)
+        out = {
+            "sent": sum(r["sent"] for r in res),
+            "retried": sum(r["retried"] for r in res),
+            "first_errors": merge_counts(res, "first_errors"),
+            "failed": sum(r["failed"] for r in res),
+            "outstanding": sum(r["outstanding"] for r in res),
+            "elapsed_s": round(elapsed, 2),
+            "rate_per_s": round(len(pairs) / elapsed, 1) if elapsed > 0 else None,
+        }
+        if out["failed"] or out["outstanding"] or out["retried"]:
+            log(f"joins: {out}")
+        self.unjoined = out["failed"] + out["outstanding"]
+        return out
+
+    def close_all(self) -> None:
+        assert self.pool is not None
+        self.pool.all({"op": "close", "timeout_s": 5}, timeout_s=60)
+
+    def loss(self, res: list[dict[str, Any]], max_seq: dict[int, int] | None = None) -> dict[str, Any]:
+        """Compare every (socket, room) track with the highest seq acked/ended in the room."""
+        expected: dict[int, int] = dict(max_seq or {})
+        for r in res:
+            for room, seq in r.get("max_seq", {}).items():
+                expected[room] = max(expected.get(room, 0), seq)
+        members = missing = extra = dups = ooo = 0
+        for r in res:
+            for room, baseline, count, dup, o in r.get("tracks", []):
+                members += 1
+                want = max(0, expected.get(room, 0) - baseline)
+                if count < want:
+                    missing += want - count
+                elif count > want:
+                    extra += count - want
+                dups += dup
+                ooo += o
+        unjoined = getattr(self, "unjoined", 0)  # sockets whose join was refused: they received nothing
+        return {"members": members, "unjoined": unjoined, "missing": missing, "duplicates": dups,
+                "out_of_order": ooo, "extra": extra, "ok": missing == 0 and dups == 0 and unjoined == 0}
+
+    # -- targets -----------------------------------------------------------------------
+
+    def make_target(self, name: str) -> Target:
+        assert self.services is not None
+        cpus = self.args.server_cpus
+        nofile = fixtures.raise_nofile()
+        single = nofile - 200  # listening socket, pools, logs
+        if name == "baseline":
+            port = fixtures.free_port()
+            argv = [sys.executable, str(fixtures.LOADTEST / "baseline_server.py"), "--port", str(port)]
+            server = ServerProcess(name, argv, port, dict(os.environ), self.log_dir / f"{name}.log", cpus=cpus)
+            return Target(name, "baseline", "chatd", server, single, "Tornado+uvloop, no auth/persistence/Redis")
+        if name == "peer":
+            port = fixtures.free_port()
+            argv = [
+                sys.executable, str(fixtures.LOADTEST / "peer_socketio.py"), "--port", str(port),
+                "--redis-url", self.services.redis_url, "--prefix", f"peer{uuid.uuid4().hex[:6]}:",
+            ]
+            server = ServerProcess(name, argv, port, dict(os.environ), self.log_dir / f"{name}.log", cpus=cpus)
+            note = "python-socketio AsyncRedisManager on aiohttp, 1 process"
+            return Target(name, "peer", "sio", server, single, note)
+        workers = int(name.rsplit("-", 1)[1].rstrip("w"))
+        db = fixtures.create_database(self.services.database_url, "bench")
+        streams = self.args.asst_streams
+        env = {
+            "CHATD_ASSISTANT_PROVIDER": "offline",
+            "CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S": str(self.args.tokens_per_s),
+            "CHATD_ASSISTANT_CONCURRENCY": str(max(16, streams)),
+            "CHATD_ASSISTANT_QUEUE_MAX_DEPTH": str(max(1000, 2 * streams)),
+        }
+        if self.args.embedder:
+            env["CHATD_ASSISTANT_EMBEDDER"] = self.args.embedder
+        server = fixtures.chatd_server(name, workers, db, self.services.redis_url, self.log_dir, cpus, env)
+        t = Target(name, "chatd", "chatd", server, single * workers, f"chatd --workers {workers}")
+        t.database_url = db
+        n_users = max(*self.args.conn_levels, self.args.fanout_conns, self.args.hot_members, streams)
+        t0 = time.perf_counter()
+        t.users = fixtures.make_users(db, n_users)
+        log(f"{name}: {n_users} users by SQL + JWT in {time.perf_counter() - t0:.1f}s")
+        return t
+
+    # -- workloads ------------------------------------------------------------------------
+
+    def wl_connections(self, t: Target) -> dict[str, Any]:
+        a = self.args
+        srv = t.server
+        time.sleep(1.0)
+        rss0 = srv.rss_bytes()
+        out: dict[str, Any] = {"rss_before_mib": round(rss0 / 2**20, 1), "levels": []}
+        connected = 0
+        for level in a.conn_levels:
+            row: dict[str, Any] = {"conns": level}
+            if level > t.max_conns:
+                row["skipped"] = f"needs more than one process: RLIMIT_NOFILE {fixtures.raise_nofile()} per process"
+                out["levels"].append(row)
+                continue
+            c = self.connect(t, list(range(connected, level)))
+            connected += c["ok"]
+            row.update(connect=c, open=connected)
+            time.sleep(a.settle_s)
+            rss = srv.rss_bytes()
+            row["rss_mib"] = round(rss / 2**20, 1)
+            row["rss_per_conn_kib"] = round((rss - rss0) / max(1, connected) / 1024, 2)
+            row["server_fds"] = sum(fixtures.proc_fds(p) for p in srv.pids())
+            cpu_a, g_a, w_a = srv.cpu_seconds(), self.gen_cpu(), time.perf_counter()
+            time.sleep(a.idle_s)
+            cpu_b, g_b, w_b = srv.cpu_seconds(), self.gen_cpu(), time.perf_counter()
+            row["idle_window_s"] = round(w_b - w_a, 2)
+            row["idle_cpu_s"] = round(cpu_b - cpu_a, 3)
+            row["idle_cpu_pct_core"] = round(100 * (cpu_b - cpu_a) / (w_b - w_a), 2)
+            row["gen_cpu_pct"] = round(100 * (g_b - g_a) / (w_b - w_a), 1)
+            stats = self.pool.all({"op": "stats"}) if self.pool else []
+            row["still_open"] = sum(s["open"] for s in stats)
+            row["close_codes"] = merge_counts(stats, "close_codes")
+            out["levels"].append(row)
+            log(f"{t.name}: {connected} idle sockets, connect {c['rate_per_s']}/s, "
+                f"{row['rss_per_conn_kib']} KiB/socket, idle CPU {row['idle_cpu_pct_core']}% of a core")
+        self.close_all()
+        return out
+
+    def quiesce(self, t: Target, max_s: float | None = None, below: float = 0.15) -> float:
+        """Wait (bounded) until the server's CPU use drops below ``below`` of a core: join storms leave work behind
+        (chatd: presence frames to every member).  Returns the seconds waited."""
+        start = time.perf_counter()
+        max_s = max_s if max_s is not None else (5.0 if self.args.quick else 15.0)
+        time.sleep(self.args.settle_s)
+        while time.perf_counter() - start < max_s:
+            c0, w0 = t.server.cpu_seconds(), time.perf_counter()
+            time.sleep(0.5)
+            if (t.server.cpu_seconds() - c0) / (time.perf_counter() - w0) < below:
+                break
+        return round(time.perf_counter() - start, 2)
+
+    def gen_cpu(self) -> float:
+        return self.pool.cpu_seconds() if self.pool else 0.0
+
+    def _chat_round(
+        self, t: Target, senders: list[tuple[int, int]], interval_s: float, duration_s: float,
+        track_deliver: bool = True, drain_s: float = 10.0,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        assert self.pool is not None
+        parts: list[list[tuple[int, int]]] = [[] for _ in range(self.w)]
+        for k, room in senders:
+            parts[k % self.w].append((k, room))
+        start_at = time.time() + 0.5
+        cmds = [
+            {
+                "op": "chat", "senders": p, "interval_s": interval_s, "duration_s": duration_s, "start_at": start_at,
+                "pad": self.args.pad, "track_deliver": track_deliver, "drain_s": drain_s,
+            }
+            for p in parts
+        ]
+        srv = t.server
+        cpu0, g0 = srv.cpu_seconds(), self.gen_cpu()
+        svc0 = self.services_cpu()
+        res = self.pool.call(cmds, timeout_s=duration_s + drain_s + 120)
+        cpu1, g1 = srv.cpu_seconds(), self.gen_cpu()
+        svc1 = self.services_cpu()
+        wall = max(r["wall_s"] for r in res)
+        send_wall = max(r["send_wall_s"] for r in res)
+        sent = sum(r["sent"] for r in res)
+        delivered = sum(r["delivered"] for r in res)
+        server_cpu = cpu1 - cpu0
+        agg = {
+            "sent": sent,
+            "acked": sum(r["acked"] for r in res),
+            "send_rate_per_s": round(sent / send_wall, 1) if send_wall else None,
+            "delivered": delivered,
+            "delivered_per_s": round(delivered / send_wall, 1) if send_wall else None,
+            "errors": merge_counts(res, "errors"),
+            "ack_ms": summary(merge_lists(res, "lat_ack")),
+            "echo_ms": summary(merge_lists(res, "lat_echo")),
+            "deliver_ms": summary(merge_lists(res, "lat_deliver")),
+            "server_cpu_s": round(server_cpu, 2),
+            "server_cpu_pct_core": round(100 * server_cpu / wall, 1) if wall else None,
+            "server_cpu_s_per_10k_frames": round(server_cpu / delivered * 1e4, 4) if delivered else None,
+            "server_cpu_s_per_1m_msgs": round(server_cpu / delivered * 1e6, 1) if delivered else None,
+            "pg_valkey_cpu_s": round(svc1 - svc0, 2),
+            "gen_cpu_pct": round(100 * (g1 - g0) / wall, 1) if wall else None,
+            "wall_s": round(wall, 2),
+            "send_wall_s": round(send_wall, 2),
+            "still_open": sum(r["open"] for r in res),
+            "close_codes": merge_counts(res, "close_codes"),
+            "sched_late_p99_ms": max((r["sched_late_p99_ms"] or 0) for r in res),
+        }
+        agg["loss"] = self.loss(res)
+        if agg["gen_cpu_pct"] and agg["gen_cpu_pct"] > 90:
+            agg["warning"] = "generator CPU > 90%: figures may be generator-bound"
+        return res, agg
+
+    def services_cpu(self) -> float:
+        if self.services is None:
+            return 0.0
+        return sum(fixtures.proc_cpu_seconds(p) for p in self.services.pids())
+
+    def wl_fanout(self, t: Target) -> dict[str, Any]:
+        a = self.args
+        n = min(a.fanout_conns, t.max_conns)
+        r = a.fanout_room_size
+        keys = list(range(n))
+        groups = [keys[i : i + r] for i in range(0, n, r)]
+        rooms = t.rooms(groups, "group", first_id=1)
+        room_of = {k: rooms[i // r] for i, k in enumerate(keys)}
+        out: dict[str, Any] = {"conns": n, "room_size": r, "rooms": len(rooms), "interval_s": a.fanout_interval,
+                               "duration_s": a.fanout_duration}
+        out["connect"] = self.connect(t, keys)
+        out["join"] = self.join([(k, room_of[k]) for k in keys])
+        out["quiesce_s"] = self.quiesce(t)
+        xact0, m0 = self.pg_xacts(t), self.scrape(t)
+        _, agg = self._chat_round(t, [(k, room_of[k]) for k in keys], a.fanout_interval, a.fanout_duration)
+        out.update(agg)
+        if t.kind == "chatd":
+            out["durability"] = self.durability(t, rooms, agg["send_wall_s"], xact0)
+            out["durability"]["metrics"] = self.metric_deltas(m0, self.scrape(t))
+        log(f"{t.name}: fan-out {agg['delivered_per_s']} msg/s delivered, echo p99 {agg['echo_ms'].get('p99')} ms,"
+            f" loss {agg['loss']['missing']} dup {agg['loss']['duplicates']}, CPU {agg['server_cpu_pct_core']}%")
+        self.close_all()
+        return out
+
+    @staticmethod
+    def scrape(t: Target) -> dict[str, float]:
+        """chatd's GET /metrics (all workers), as {sample name with labels: value}; {} when unavailable."""
+        if t.kind != "chatd":
+            return {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{t.server.port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except (OSError, ValueError):
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+        return out
+
+    @staticmethod
+    def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+        def d(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+
+        batches = d("chatd_commit_batch_messages_count")
+        commits = d("chatd_commit_seconds_count")
+        buckets = {k: d(k) for k in after if k.startswith("chatd_commit_batch_messages_bucket")}
+        return {
+            "messages_committed": d("chatd_messages_committed_total"),
+            "commit_batches": batches,
+            "commit_batch_mean": round(d("chatd_commit_batch_messages_sum") / batches, 2) if batches else None,
+            "commit_batch_le_buckets": {k.split('le="')[1].rstrip('"}'): v for k, v in buckets.items()},
+            "commit_ms_mean": round(d("chatd_commit_seconds_sum") / commits * 1000, 2) if commits else None,
+            "frames_delivered_by_server": d("chatd_fanout_frames_delivered_total"),
+        }
+
+    def pg_xacts(self, t: Target) -> int:
+        if t.kind != "chatd":
+            return 0
+        import psycopg
+
+        with psycopg.connect(t.database_url, autocommit=True) as conn:
+            row = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()
+        return int(row[0]) if row else 0
+
+    def durability(self, t: Target, rooms: list[int], wall_s: float, xact0: int) -> dict[str, Any]:
+        """Group commit as Postgres saw it: rows, and batches (rows of one transaction share created_at = now())."""
+        import psycopg
+
+        with psycopg.connect(t.database_url, autocommit=True) as conn:
+            sizes = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT count(*) FROM messages WHERE room_id = ANY(%s) GROUP BY created_at", (rooms,)
+                ).fetchall()
+            ]
+        xacts = self.pg_xacts(t) - xact0
+        committed = sum(sizes)
+        return {
+            "committed": committed,
+            "committed_per_s": round(committed / wall_s, 1) if wall_s else None,
+            "batches": len(sizes),
+            "batch_size": summary([float(s) for s in sizes]),
+            "pg_xact_commits_per_s": round(xacts / wall_s, 1) if wall_s else None,
+        }
+
+    def wl_hot(self, t: Target) -> dict[str, Any]:
+        a = self.args
+        m = min(a.hot_members, t.max_conns)
+        keys = list(range(m))
+        [room] = t.rooms([keys], "group", first_id=1_000_000)
+        probes = set(keys[: a.hot_probes])
+        light = set(keys) - probes
+        out: dict[str, Any] = {"members": m, "probes": len(probes), "step_s": a.hot_step_s, "steps": []}
+        out["connect"] = self.connect(t, keys, light=light)
+        out["join"] = self.join([(k, room) for k in keys])
+        out["quiesce_s"] = self.quiesce(t)
+        # Warm-up (not measured): first frames pay for lazy set-up (Redis subscriptions, caches) on every server.
+        self._chat_round(t, [(0, room)], 1.0 / a.hot_rates[0], 1.0, drain_s=2.0)
+        best = None
+        for rate in a.hot_rates:
+            _, agg = self._chat_round(t, [(0, room)], 1.0 / rate, a.hot_step_s, drain_s=5.0)
+            p99 = agg["deliver_ms"].get("p99")
+            step = {"rate": rate, **{k: agg[k] for k in (
+                "sent", "send_rate_per_s", "delivered", "delivered_per_s", "echo_ms", "deliver_ms", "server_cpu_s",
+                "server_cpu_pct_core", "server_cpu_s_per_1m_msgs", "gen_cpu_pct", "loss", "still_open", "errors",
+            )}}
+            out["steps"].append(step)
+            ok = (p99 is not None and p99 <= P99_LIMIT_MS and agg["loss"]["ok"] and agg["still_open"] == m
+                  and agg["send_rate_per_s"] and agg["send_rate_per_s"] >= 0.9 * rate)
+            log(f"{t.name}: hot room {rate}/s -> sent {agg['send_rate_per_s']}/s, delivery p99 {p99} ms, "
+                f"CPU {agg['server_cpu_pct_core']}%, gen {agg['gen_cpu_pct']}%{'' if ok else '  (limit)'}")
+            if not ok:
+                break
+            best = rate
+        out["best_rate_p99_under_100ms"] = best
+        self.close_all()
+        return out
+
+    def wl_assistant(self, t: Target) -> dict[str, Any]:
+        a = self.args
+        s = a.asst_streams
+        keys = list(range(s))
+        rooms = t.rooms([[k] for k in keys], "assistant")
+        out: dict[str, Any] = {"streams": s, "tokens_per_s": a.tokens_per_s}
+        out["connect"] = self.connect(t, keys)
+        out["join"] = self.join([(k, rooms[k]) for k in keys])
+        out["quiesce_s"] = self.quiesce(t)
+        assert self.pool is not None
+        parts: list[list[tuple[int, int]]] = [[] for _ in range(self.w)]
+        for k in keys:
+            parts[k % self.w].append((k, rooms[k]))
+        start_at = time.time() + 0.5
+        cpu0, g0 = t.server.cpu_seconds(), self.gen_cpu()
+        res = self.pool.call(
+            [{"op": "assistant", "prompts": p, "start_at": start_at, "timeout_s": a.asst_timeout,
+              "tokens_per_s": a.tokens_per_s} for p in parts],
+            timeout_s=a.asst_timeout + 60,
+        )
+        cpu1, g1 = t.server.cpu_seconds(), self.gen_cpu()
+        wall = max(r["wall_s"] for r in res)
+        token_ms = 1000.0 / a.tokens_per_s
+        first = merge_lists(res, "first_chunk")
+        out.update(
+            {
+                "ended": sum(r["ended"] for r in res),
+                "stop_reasons": merge_counts(res, "stop_reasons"),
+                "refused": merge_counts(res, "refused"),
+                "errors": merge_counts(res, "errors"),
+                "send_to_ack_ms": summary(merge_lists(res, "to_ack")),
+                "send_to_stream_start_ms": summary(merge_lists(res, "to_start")),
+                "send_to_first_chunk_ms": summary(first),
+                "first_token_overhead_ms": summary([x - token_ms for x in first]),
+                "provider_first_token_ms": token_ms,
+                "chunk_gap_ms": summary(merge_lists(res, "gaps")),
+                "chunk_lag_ms": summary(merge_lists(res, "lag")),
+                "expected_chunk_gap_ms": max(40.0, token_ms),
+                "full_answer_ms": summary(merge_lists(res, "full")),
+                "server_first_token_ms": summary(merge_lists(res, "server_first_token")),
+                "chunks_per_answer": summary([float(x) for x in merge_lists(res, "chunks_per_answer")]),
+                "tokens_per_s_delivered": summary(merge_lists(res, "tokens_per_s_delivered")),
+                "tokens_per_s_delivered_p5": round(pct(merge_lists(res, "tokens_per_s_delivered"), 0.05) or 0, 1),
+                "server_cpu_s": round(cpu1 - cpu0, 2),
+                "server_cpu_pct_core": round(100 * (cpu1 - cpu0) / wall, 1) if wall else None,
+                "gen_cpu_pct": round(100 * (g1 - g0) / wall, 1) if wall else None,
+                "wall_s": round(wall, 2),
+                "loss": self.loss(res),
+                "close_codes": merge_counts(res, "close_codes"),
+            }
+        )
+        log(f"{t.name}: assistant {out['ended']}/{s} answers, first chunk p99 "
+            f"{out['send_to_first_chunk_ms'].get('p99')} ms, chunk lag p99 {out['chunk_lag_ms'].get('p99')} ms")
+        self.close_all()
+        return out
+
+    # -- run ---------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        started = datetime.now(UTC)
+        nofile = fixtures.raise_nofile()
+        if a.gen_cpus and hasattr(os, "sched_setaffinity"):
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setaffinity(0, {int(c) for c in a.gen_cpus.split(",")})
+        log(f"RLIMIT_NOFILE {nofile}; harness, Postgres, Valkey and generators on CPU {a.gen_cpus}, "
+            f"servers on CPU {a.server_cpus}; temp dir {self.tmp}")
+        self.services = Services(self.tmp / "svc", os.environ.get("DATABASE_URL", ""),
+                                 os.environ.get("REDIS_URL", "")).start()
+        self.pool = GenPool(a.gen_procs)
+        for name in a.targets:
+            t: Target | None = None
+            res: dict[str, Any] = {}
+            self.results[name] = res
+            try:
+                t = self.make_target(name)
+                res["note"] = t.note
+                t.server.start()
+                time.sleep(1.0)
+                log(f"{name}: serving on 127.0.0.1:{t.server.port} (pids {t.server.pids()})")
+                for wl in a.workloads:
+                    if wl == "assistant" and t.kind != "chatd":
+                        continue
+                    try:
+                        res[wl] = getattr(self, f"wl_{wl}")(t)
+                    except Exception as exc:
+                        log(f"{name}: workload {wl} failed: {exc!r}")
+                        res[wl] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+                        with contextlib.suppress(Exception):
+                            self.close_all()
+                    time.sleep(a.settle_s)
+            except Exception as exc:
+                log(f"{name}: failed: {exc!r}")
+                res["error"] = f"{type(exc).__name__}: {exc}"
+            finally:
+                if t is not None:
+                    t.server.stop()
+                    res["server_log"] = log_summary(t.server.log_path)
+        report = {
+            "started": started.isoformat(timespec="seconds"),
+            "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
+            "command": " ".join(shlex.quote(x) for x in [Path(sys.executable).name, *sys.argv]),
+            "quick": a.quick,
+            "machine": fixtures.machine_info(),
+            "versions": fixtures.versions(),
+            "git": fixtures.git_revision(),
+            "placement": {"server_cpus": a.server_cpus, "generator_cpus": a.gen_cpus, "generator_procs": a.gen_procs,
+                          "postgres_valkey_cpus": a.gen_cpus},
+            "settings": {k: v for k, v in vars(a).items() if k not in ("targets", "workloads")},
+            "targets": self.results,
+            "notes": self.notes,
+        }
+        report["ratios"] = ratios(self.results)
+        return report
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+        if self.services is not None:
+            self.services.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def log_summary(path: Path) -> dict[str, int]:
+    """Warnings and errors the server logged, counted by event (chatd's JSON lines) or first line (others)."""
+    counts: dict[str, int] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return counts
+    for line in text.splitlines():
+        key = None
+        if line.startswith("{"):
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("level") in ("warning", "error", "critical"):
+                key = f"{ev['level']} {ev.get('event')}" + (f": {str(ev['error'])[:60]}" if ev.get("error") else "")
+        elif line.startswith(("Traceback", "Task exception")) or "Error:" in line[:120]:
+            key = line[:100]
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:15])
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _get(d: Any, *path: Any) -> Any:
+    for p in path:
+        if isinstance(d, dict):
+            d = d.get(p)
+        elif isinstance(d, list) and isinstance(p, int) and -len(d) <= p < len(d):
+            d = d[p]
+        else:
+            return None
+    return d
+
+
+def _level(res: dict[str, Any], conns: int) -> dict[str, Any] | None:
+    for row in _get(res, "connections", "levels") or []:
+        if row.get("conns") == conns and "skipped" not in row:
+            return row
+    return None
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """chatd / baseline and chatd / peer for the headline metrics."""
+    metrics = {
+        "fanout_delivered_per_s": lambda r: _get(r, "fanout", "delivered_per_s"),
+        "fanout_echo_p99_ms": lambda r: _get(r, "fanout", "echo_ms", "p99"),
+        "fanout_cpu_s_per_1m_msgs": lambda r: _get(r, "fanout", "server_cpu_s_per_1m_msgs"),
+        "hot_best_rate": lambda r: _get(r, "hot", "best_rate_p99_under_100ms"),
+        "rss_per_conn_kib": lambda r: _get(r, "connections", "levels", -1, "rss_per_conn_kib")
+        if _get(r, "connections", "levels", -1, "skipped") is None else None,
+        "connect_rate_per_s": lambda r: max(
+            [lv["connect"]["rate_per_s"] or 0 for lv in _get(r, "connections", "levels") or [] if "connect" in lv],
+            default=None,
+        ),
+    }
+    out: dict[str, Any] = {}
+    for chatd in [n for n in results if n.startswith("chatd")]:
+        for ref in ("baseline", "peer"):
+            if ref not in results:
+                continue
+            row = {}
+            for name, fn in metrics.items():
+                try:
+                    x, y = fn(results[chatd]), fn(results[ref])
+                except (TypeError, KeyError, ValueError):
+                    x = y = None
+                numbers = isinstance(x, (int, float)) and isinstance(y, (int, float)) and y
+                row[name] = round(x / y, 3) if numbers else None
+            out[f"{chatd}/{ref}"] = row
+    return out
+
+
+def fmt(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    res = rep["targets"]
+    names = list(res)
+    m = rep["machine"]
+    v = rep["versions"]
+    lines = [
+        f"# chatd benchmark {rep['started']}{' (quick)' if rep['quick'] else ''}",
+        "",
+        f"- command: `{rep['command']}` ({rep['duration_s']} s), git {rep['git'] or '?'}",
+        f"- machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB, kernel {m['kernel']},"
+        f" nofile {m['nofile_soft']}/{m['nofile_hard']}, ports {m['ip_local_port_range']}, somaxconn {m['somaxconn']}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- placement: servers on CPU {rep['placement']['server_cpus']}; generator"
+        f" ({rep['placement']['generator_procs']} processes), Postgres and Valkey on CPU"
+        f" {rep['placement']['generator_cpus']}",
+        "- targets: " + "; ".join(f"**{n}** = {res[n].get('note', '')}" for n in names),
+        "",
+    ]
+
+    def table(title: str, rows: list[tuple[str, Any]]) -> None:
+        lines.extend([f"## {title}", "", "| metric | " + " | ".join(names) + " |",
+                      "|---|" + "---|" * len(names)])
+        for label, fn in rows:
+            cells = []
+            for n in names:
+                try:
+                    cells.append(fmt(fn(res[n])))
+                except (KeyError, TypeError, IndexError, ValueError):
+                    cells.append("–")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    levels = sorted({lv["conns"] for n in names for lv in _get(res[n], "connections", "levels") or []})
+    conn_rows: list[tuple[str, Any]] = []
+    for lv in levels:
+        def row(r: dict[str, Any], lv: int = lv, *path: str) -> Any:
+            x = _level(r, lv)
+            if x is None:
+                skipped = [y for y in _get(r, "connections", "levels") or [] if y.get("conns") == lv]
+                return "n/a (fd limit)" if skipped and "skipped" in skipped[0] else None
+            return _get(x, *path)
+
+        conn_rows += [
+            (f"{lv:,} open / connected", lambda r, lv=lv: (lambda x: f"{x['open']:,}" + (
+                f" ({x['connect']['failed']} failed)" if x["connect"]["failed"] else "") if isinstance(x, dict)
+                else x)(_level(r, lv) or row(r, lv))),
+            (f"{lv:,} connect rate /s", lambda r, lv=lv: row(r, lv, "connect", "rate_per_s")),
+            (f"{lv:,} connect p99 ms", lambda r, lv=lv: row(r, lv, "connect", "connect_ms", "p99")),
+            (f"{lv:,} RSS KiB / socket", lambda r, lv=lv: row(r, lv, "rss_per_conn_kib")),
+            (f"{lv:,} idle CPU % core", lambda r, lv=lv: row(r, lv, "idle_cpu_pct_core")),
+        ]
+    table("1. Connection scale (idle authenticated sockets)", conn_rows)
+
+    f = ("fanout",)
+    table("2. Chat fan-out", [
+        ("sockets / room size", lambda r: f"{_get(r, *f, 'conns'):,} / {_get(r, *f, 'room_size')}"),
+        ("sends /s", lambda r: _get(r, *f, "send_rate_per_s")),
+        ("delivered msg /s", lambda r: _get(r, *f, "delivered_per_s")),
+        ("send->echo p50 ms", lambda r: _get(r, *f, "echo_ms", "p50")),
+        ("send->echo p95 ms", lambda r: _get(r, *f, "echo_ms", "p95")),
+        ("send->echo p99 ms", lambda r: _get(r, *f, "echo_ms", "p99")),
+        ("send->ack p99 ms", lambda r: _get(r, *f, "ack_ms", "p99")),
+        ("delivery p99 ms (other members)", lambda r: _get(r, *f, "deliver_ms", "p99")),
+        ("server CPU % core", lambda r: _get(r, *f, "server_cpu_pct_core")),
+        ("server CPU s / 10k frames", lambda r: _get(r, *f, "server_cpu_s_per_10k_frames")),
+        ("server CPU s / 1M msgs", lambda r: _get(r, *f, "server_cpu_s_per_1m_msgs")),
+        ("Postgres+Valkey CPU s", lambda r: _get(r, *f, "pg_valkey_cpu_s")),
+        ("loss (missing / dup / out of order)", lambda r: "{missing} / {duplicates} / {out_of_order}".format(
+            **_get(r, *f, "loss")) + (f" + {_get(r, *f, 'loss', 'unjoined')} unjoined"
+                                      if _get(r, *f, "loss", "unjoined") else "")),
+        ("joins /s (retried, failed)", lambda r: f"{fmt(_get(r, *f, 'join', 'rate_per_s'))} "
+         f"({_get(r, *f, 'join', 'retried')}, {_get(r, *f, 'join', 'failed')})"),
+        ("errors", lambda r: ", ".join(f"{k} {n}" for k, n in (_get(r, *f, "errors") or {}).items()) or "0"),
+        ("generator CPU %", lambda r: _get(r, *f, "gen_cpu_pct")),
+    ])
+    h = ("hot",)
+    hot_rows: list[tuple[str, Any]] = [
+        ("members (latency probes)", lambda r: f"{_get(r, *h, 'members'):,} ({_get(r, *h, 'probes')})"),
+        ("best rate with p99 < 100 ms (msg/s)", lambda r: _get(r, *h, "best_rate_p99_under_100ms")),
+        ("joins /s (retried, failed)", lambda r: f"{fmt(_get(r, *h, 'join', 'rate_per_s'))} "
+         f"({_get(r, *h, 'join', 'retried')}, {_get(r, *h, 'join', 'failed')})"),
+    ]
+    rates = sorted({s["rate"] for n in names for s in _get(res[n], "hot", "steps") or []})
+    for rate in rates:
+        def step(r: dict[str, Any], rate: int = rate) -> dict[str, Any] | None:
+            return next((s for s in _get(r, "hot", "steps") or [] if s["rate"] == rate), None)
+
+        hot_rows.append((f"{rate}/s: sent/s, p99 ms, CPU %", lambda r, step=step: (lambda s: "–" if s is None else
+                         f"{fmt(s['send_rate_per_s'])}, {fmt(_get(s, 'deliver_ms', 'p99'))}, "
+                         f"{fmt(s['server_cpu_pct_core'])}")(step(r))))
+    table("3. Hot room (one sender, rate stepped up)", hot_rows)
+
+    asst = [n for n in names if "assistant" in res[n]]
+    if asst:
+        s = ("assistant",)
+        table("4. Assistant streaming (offline provider)", [
+            ("streams / answered", lambda r: f"{_get(r, *s, 'streams')} / {_get(r, *s, 'ended')}"
+             if _get(r, *s, "streams") else None),
+            ("refused (stored, acked, no answer)", lambda r: ", ".join(
+                f"{k} {n}" for k, n in (_get(r, *s, "refused") or {}).items()) or "0" if _get(r, *s, "streams")
+             else None),
+            ("tokens/s per stream", lambda r: _get(r, *s, "tokens_per_s")),
+            ("send->first chunk p50 ms", lambda r: _get(r, *s, "send_to_first_chunk_ms", "p50")),
+            ("send->first chunk p99 ms", lambda r: _get(r, *s, "send_to_first_chunk_ms", "p99")),
+            ("first-token overhead p99 ms", lambda r: _get(r, *s, "first_token_overhead_ms", "p99")),
+            ("send->ack p99 ms", lambda r: _get(r, *s, "send_to_ack_ms", "p99")),
+            ("send->stream_start p99 ms", lambda r: _get(r, *s, "send_to_stream_start_ms", "p99")),
+            ("chunk gap p50 / p99 ms (expected)", lambda r: f"{fmt(_get(r, *s, 'chunk_gap_ms', 'p50'))} / "
+             f"{fmt(_get(r, *s, 'chunk_gap_ms', 'p99'))} ({fmt(_get(r, *s, 'expected_chunk_gap_ms'))})"),
+            ("chunk lag vs provider schedule p99 ms", lambda r: _get(r, *s, "chunk_lag_ms", "p99")),
+            ("tokens/s delivered per stream p50 / p5", lambda r: f"{fmt(_get(r, *s, 'tokens_per_s_delivered', 'p50'))}"
+             f" / {fmt(_get(r, *s, 'tokens_per_s_delivered_p5'))}"),
+            ("full answer p50 / p99 ms", lambda r: f"{fmt(_get(r, *s, 'full_answer_ms', 'p50'))} / "
+             f"{fmt(_get(r, *s, 'full_answer_ms', 'p99'))}"),
+            ("server CPU % core", lambda r: _get(r, *s, "server_cpu_pct_core")),
+            ("loss (missing / dup)", lambda r: "{missing} / {duplicates}".format(**_get(r, *s, "loss"))),
+        ])
+        d = ("fanout", "durability")
+        table("5. Durability (group commit during the fan-out workload)", [
+            ("messages committed /s", lambda r: _get(r, *d, "committed_per_s")),
+            ("delivered msg/s in the same run", lambda r: _get(r, "fanout", "delivered_per_s")),
+            ("batches", lambda r: _get(r, *d, "batches")),
+            ("batch size mean / p95 / max", lambda r: f"{fmt(_get(r, *d, 'batch_size', 'mean'))} / "
+             f"{fmt(_get(r, *d, 'batch_size', 'p95'))} / {fmt(_get(r, *d, 'batch_size', 'max'))}"),
+            ("PG commits /s (all statements)", lambda r: _get(r, *d, "pg_xact_commits_per_s")),
+            ("/metrics: batch mean, commit ms mean", lambda r: f"{fmt(_get(r, *d, 'metrics', 'commit_batch_mean'))}, "
+             f"{fmt(_get(r, *d, 'metrics', 'commit_ms_mean'))}" if _get(r, *d, "metrics", "commit_batches") else None),
+        ])
+    if rep["ratios"]:
+        cols = list(next(iter(rep["ratios"].values())).keys())
+        lines += ["## Ratios (chatd / reference)", "", "| ratio | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for k, row in rep["ratios"].items():
+            lines.append(f"| {k} | " + " | ".join(fmt(row[c], 3) for c in cols) + " |")
+        lines.append("")
+    errors = [(n, wl, body["error"]) for n in names for wl, body in res[n].items()
+              if isinstance(body, dict) and "error" in body]
+    errors += [(n, "-", res[n]["error"]) for n in names if "error" in res[n]]
+    warn = [(n, wl, body["warning"]) for n in names for wl, body in res[n].items()
+            if isinstance(body, dict) and "warning" in body]
+    logged = [(n, res[n]["server_log"]) for n in names if res[n].get("server_log")]
+    if errors or warn or rep["notes"] or logged:
+        lines += ["## Notes", ""]
+        lines += [f"- {n} {wl}: ERROR {e}" for n, wl, e in errors]
+        lines += [f"- {n} {wl}: {w}" for n, wl, w in warn]
+        lines += [f"- {n} server log: " + "; ".join(f"{c} x {k}" for k, c in counts.items()) for n, counts in logged]
+        lines += [f"- {x}" for x in rep["notes"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="chatd benchmark harness (starts its own servers)")
+    p.add_argument("--quick", action="store_true", help="small scale, < 3 minutes")
+    p.add_argument("--targets", default="baseline,peer,chatd-1w,chatd-2w")
+    p.add_argument("--workloads", default="connections,fanout,hot,assistant")
+    p.add_argument("--server-cpus", default="0", help="taskset -c list for the servers under test ('' = no pinning)")
+    p.add_argument("--gen-cpus", default="1", help="CPUs of the harness, generators, Postgres and Valkey")
+    p.add_argument("--gen-procs", type=int, default=0, help="generator processes (default: 4, quick: 2)")
+    p.add_argument("--connect-concurrency", type=int, default=100, help="connects in flight per generator process")
+    p.add_argument("--conn-levels", default="", help="comma list (default 1000,5000,10000,20000; quick 500,2000)")
+    p.add_argument("--idle-s", type=float, default=0, help="idle CPU window (default 10; quick 2)")
+    p.add_argument("--settle-s", type=float, default=0, help="pause after connecting (default 2; quick 0.5)")
+    p.add_argument("--fanout-conns", type=int, default=0, help="default 10000; quick 1000")
+    p.add_argument("--fanout-room-size", type=int, default=10)
+    p.add_argument("--fanout-interval", type=float, default=5.0, help="each socket sends every N s")
+    p.add_argument("--fanout-duration", type=float, default=0, help="default 40; quick 6")
+    p.add_argument("--pad", type=int, default=40, help="characters of padding in each message")
+    p.add_argument("--hot-members", type=int, default=0, help="default 1000; quick 200")
+    p.add_argument("--hot-probes", type=int, default=100, help="members that parse every frame (latency, seqs)")
+    p.add_argument("--hot-rates", default="", help="comma list (default 10,20,50,100,200,400,800,1600)")
+    p.add_argument("--hot-step-s", type=float, default=0, help="default 8; quick 2")
+    p.add_argument("--asst-streams", type=int, default=0, help="default 500; quick 50")
+    p.add_argument("--asst-timeout", type=float, default=120)
+    p.add_argument("--tokens-per-s", type=float, default=50.0)
+    p.add_argument("--embedder", default="", help="CHATD_ASSISTANT_EMBEDDER for chatd (default: chatd's own)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    a = p.parse_args(argv)
+    q = a.quick
+
+    def dflt(value: Any, full: Any, quick: Any) -> Any:
+        return value if value else (quick if q else full)
+
+    a.targets = [x for x in a.targets.split(",") if x]
+    a.workloads = [x for x in a.workloads.split(",") if x]
+    a.gen_procs = dflt(a.gen_procs, 4, 2)
+    a.conn_levels = [int(x) for x in dflt(a.conn_levels, "1000,5000,10000,20000", "500,2000").split(",")]
+    a.idle_s = dflt(a.idle_s, 10.0, 2.0)
+    a.settle_s = dflt(a.settle_s, 2.0, 0.5)
+    a.fanout_conns = dflt(a.fanout_conns, 10000, 1000)
+    a.fanout_duration = dflt(a.fanout_duration, 40.0, 6.0)
+    a.hot_members = dflt(a.hot_members, 1000, 200)
+    a.hot_rates = [int(x) for x in dflt(a.hot_rates, "10,20,50,100,200,400,800,1600", "20,50,100,200,400").split(",")]
+    a.hot_step_s = dflt(a.hot_step_s, 8.0, 2.0)
+    a.asst_streams = dflt(a.asst_streams, 500, 50)
+    if (os.cpu_count() or 1) < 2:
+        a.server_cpus = a.gen_cpus = ""
+    a.server_cpus = a.server_cpus or None
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench = Bench(args)
+    try:
+        report = bench.run()
+    finally:
+        bench.close()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    json_path = out_dir / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    md = markdown(report)
+    (out_dir / "latest.md").write_text(md + f"\nRaw results: `{json_path.name}`\n")
+    print(md)
+    log(f"wrote {json_path} and {out_dir / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

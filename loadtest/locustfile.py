@@ -1,0 +1,487 @@
+"""Locust load test of chatd: WebSocket chat users (websocket-client under gevent) and REST users.
+
+    locust -f loadtest/locustfile.py --headless -u 1000 -r 200 -t 60s --host http://127.0.0.1:8080 \
+        --lt-prepare sql --lt-database-url "$DATABASE_URL" --lt-jwt-secret "$JWT_SECRET"
+
+or everything in one command (embedded chatd, 1,000 users, stops by itself):
+
+    python loadtest/run_locust.py --users 1000 --duration 60
+
+See loadtest/README.md for the metrics and distributed runs.
+
+How a ``ChatUser`` works:
+
+1. Takes the next user index of the plan (``plan.py``: consecutive indexes
+   share a room of ``--lt-room-size``; every 1/``--lt-assistant-share``-th user
+   also owns an assistant room).  In distributed mode worker ``w`` of ``W``
+   (``--expect-workers``) takes indexes w, w+W, w+2W, ...
+2. Authenticates: the plan's minted token, or ``POST /api/v1/auth/login``.
+3. Opens ``/ws`` ("ws connect" = until ``hello``), joins its rooms.
+4. One receive greenlet reads every frame and resolves the waiters; the
+   task greenlet sends a message every ``--lt-send-interval`` s (content =
+   ``t=<unix time> ...``) to its group room, and a prompt to its assistant
+   room every ``--lt-assistant-interval`` s.
+5. Every ``message`` frame goes through a per-room seq check: from the join
+   point on each seq must arrive exactly once, in order.  A duplicate, or a
+   gap not filled within ``--lt-loss-grace`` s, is a failure ("seq check"),
+   so a run with loss is red (exit code 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+import websocket
+from gevent.event import AsyncResult, Event
+from locust import FastHttpUser, events, task
+from locust.runners import MasterRunner, WorkerRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DEFAULT_PLAN = str(Path(__file__).resolve().parent / "results" / "plan.json")
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    g = parser  # locust's own parser: its extra keywords (is_secret) do not work on argument groups
+    g.add_argument("--lt-plan", default=DEFAULT_PLAN, help="plan JSON (users, tokens, rooms; see loadtest/plan.py)")
+    g.add_argument("--lt-prepare", choices=("none", "sql", "rest"), default="none",
+                   help="create the plan at test start: sql (needs --lt-database-url, --lt-jwt-secret) or rest")
+    g.add_argument("--lt-plan-users", type=int, default=0, help="users in a prepared plan (default: -u)")
+    g.add_argument("--lt-room-size", type=int, default=10, help="members per group room (prepared plans)")
+    g.add_argument("--lt-assistant-share", type=float, default=0.1, help="share of users with an assistant room")
+    g.add_argument("--lt-database-url", default="", help="for --lt-prepare sql", is_secret=True)
+    g.add_argument("--lt-jwt-secret", default="", help="for --lt-prepare sql (mints the tokens)", is_secret=True)
+    g.add_argument("--lt-send-interval", type=float, default=5.0, help="seconds between a user's messages")
+    g.add_argument("--lt-assistant-interval", type=float, default=30.0, help="seconds between assistant prompts")
+    g.add_argument("--lt-auth", choices=("auto", "token", "login"), default="auto",
+                   help="auto: the plan's token if any, else REST login")
+    g.add_argument("--lt-rest-users", type=int, default=0, help="number of RestUser (history paging, room list)")
+    g.add_argument("--lt-pad", type=int, default=40, help="padding characters in each message")
+    g.add_argument("--lt-loss-grace", type=float, default=2.0, help="a seq gap older than this is loss")
+    g.add_argument("--lt-track-delivery", action="store_true",
+                   help="also report 'message delivery' (sender time -> receipt) for every received message")
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+_plan = AsyncResult()
+
+
+def _set_plan(plan: dict[str, Any]) -> None:
+    plan["user_rooms"] = {}
+    for room in plan["rooms"]:
+        for i in room["members"]:
+            plan["user_rooms"].setdefault(i, []).append((room["id"], room["kind"]))
+    if not _plan.ready():
+        _plan.set(plan)
+
+
+def get_plan(opts: Any, timeout_s: float = 120) -> dict[str, Any]:
+    if not _plan.ready() and opts.lt_prepare == "none":
+        path = Path(opts.lt_plan)
+        if path.exists():
+            _set_plan(json.loads(path.read_text()))
+    plan = _plan.get(timeout=timeout_s)
+    assert isinstance(plan, dict)
+    return plan
+
+
+@events.init.add_listener
+def _on_init(environment: Any, **_: Any) -> None:
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        runner.register_message("lt_plan", lambda msg, **kw: _set_plan(msg.data))
+    if environment.parsed_options is not None:
+        for cls in environment.user_classes:
+            if cls.__name__ == "RestUser":
+                cls.fixed_count = environment.parsed_options.lt_rest_users
+                if not cls.fixed_count:
+                    cls.weight = 0
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Any, **_: Any) -> None:
+    runner = environment.runner
+    opts = environment.parsed_options
+    if isinstance(runner, WorkerRunner) or opts is None or opts.lt_prepare == "none":
+        return
+    import plan as plan_mod
+
+    n = opts.lt_plan_users or opts.num_users or 100
+    host = environment.host or ""
+    t0 = time.perf_counter()
+    if opts.lt_prepare == "sql":
+        plan = plan_mod.create_sql(n, opts.lt_room_size, opts.lt_assistant_share, opts.lt_database_url,
+                                   opts.lt_jwt_secret, host)
+    else:
+        plan = plan_mod.create_rest(n, opts.lt_room_size, opts.lt_assistant_share, host)
+    Path(opts.lt_plan).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.lt_plan).write_text(json.dumps(plan))
+    print(f"plan: {n} users, {len(plan['rooms'])} rooms via {opts.lt_prepare} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    if isinstance(runner, MasterRunner):
+        runner.send_message("lt_plan", plan)
+    _set_plan(plan)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+class SeqError(Exception):
+    pass
+
+
+def fire(environment: Any, name: str, ms: float, exc: BaseException | None = None, length: int = 0) -> None:
+    environment.events.request.fire(
+        request_type="WS", name=name, response_time=ms, response_length=length, exception=exc, context={}
+    )
+
+
+_counters: dict[str, itertools.count[int]] = {}
+
+
+def next_index(user: Any, kind: str) -> int:
+    """Plan index of a new user: unique across the workers of a distributed run."""
+    runner = user.environment.runner
+    k = next(_counters.setdefault(kind, itertools.count()))
+    if isinstance(runner, WorkerRunner):
+        stride = max(1, getattr(user.environment.parsed_options, "expect_workers", 1) or 1)
+        return max(0, runner.worker_index) + k * stride
+    return k
+
+
+class RoomTrack:
+    """Seq check of one room on one socket (see docs/PROTOCOL.md section 7)."""
+
+    __slots__ = ("gaps", "next")
+
+    def __init__(self, last_seq: int) -> None:
+        self.next = last_seq + 1
+        self.gaps: dict[int, float] = {}  # missing seq -> when noticed
+
+
+# -- the WebSocket user ------------------------------------------------------------------------------
+
+
+class ChatUser(FastHttpUser):
+    """Chat over /ws; REST only to log in."""
+
+    weight = 10
+
+    def wait_time(self) -> float:
+        return self.send_interval * random.uniform(0.8, 1.2)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.opts = opts
+        self.send_interval = opts.lt_send_interval
+        plan = get_plan(opts)
+        users = plan["users"]
+        self.index = next_index(self, "chat") % len(users)
+        self.plan_user = users[self.index]
+        rooms = plan["user_rooms"].get(self.index, [])
+        self.group_rooms = [rid for rid, kind in rooms if kind == "group"]
+        self.assistant_rooms = [rid for rid, kind in rooms if kind == "assistant"]
+        self.pad = "x" * opts.lt_pad
+        self.ws: websocket.WebSocket | None = None
+        self.reader: gevent.Greenlet | None = None
+        self.waiters: dict[int, AsyncResult] = {}
+        self.sent: dict[str, list[Any]] = {}  # client_msg_id -> [perf time, kind, acked, echoed]
+        self.req_ids = itertools.count(1)
+        self.send_ids: set[int] = set()
+        self.tracks: dict[int, RoomTrack] = {}
+        self.answers: dict[int, dict[str, Any]] = {}  # prompt message id -> timings
+        self.prompt_by_answer: dict[int, int] = {}
+        self.next_prompt = time.monotonic() + random.uniform(0, opts.lt_assistant_interval)
+        self.hello = Event()
+        token = self.authenticate()
+        if token:
+            self.connect(token)
+
+    # -- auth and connection ---------------------------------------------------------------
+
+    def authenticate(self) -> str | None:
+        mode = self.opts.lt_auth
+        if mode == "token" or (mode == "auto" and self.plan_user.get("token")):
+            return str(self.plan_user["token"])
+        with self.client.post("/api/v1/auth/login", json={"email": self.plan_user["email"],
+                                                          "password": self.plan_user["password"]},
+                              name="POST /api/v1/auth/login", catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return None
+            return str(resp.json()["access_token"])
+
+    def connect(self, token: str) -> None:
+        url = self.host.replace("http://", "ws://").replace("https://", "wss://").rstrip("/") + "/ws"
+        t0 = time.perf_counter()
+        try:
+            ws = websocket.create_connection(url, header=[f"Authorization: Bearer {token}"], timeout=30,
+                                             enable_multithread=True)
+        except Exception as exc:
+            fire(self.environment, "ws connect", (time.perf_counter() - t0) * 1000, exc)
+            return
+        ws.settimeout(None)  # the connect timeout must not end a quiet socket: the server pings it
+        self.ws = ws
+        self.reader = gevent.spawn(self.read_loop)
+        if not self.hello.wait(timeout=30):
+            fire(self.environment, "ws connect", (time.perf_counter() - t0) * 1000, TimeoutError("no hello"))
+            return
+        fire(self.environment, "ws connect", (time.perf_counter() - t0) * 1000)
+        for room in self.group_rooms + self.assistant_rooms:
+            reply = self.request({"type": "join", "room_id": room}, timeout_s=30)
+            if reply is None or reply.get("type") != "joined":
+                fire(self.environment, "ws join", 0, RuntimeError(f"join {room}: {reply}"))
+
+    def request(self, frame: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        rid = next(self.req_ids)
+        frame["id"] = rid
+        waiter = AsyncResult()
+        self.waiters[rid] = waiter
+        self.send_frame(frame)
+        try:
+            result = waiter.get(timeout=timeout_s)
+            return result if isinstance(result, dict) else None
+        except gevent.Timeout:
+            return None
+        finally:
+            self.waiters.pop(rid, None)
+
+    def send_frame(self, frame: dict[str, Any]) -> None:
+        if self.ws is not None:
+            self.ws.send(json.dumps(frame, separators=(",", ":")))
+
+    # -- receiving (the one greenlet that reads) -------------------------------------------------
+
+    def read_loop(self) -> None:
+        ws = self.ws
+        assert ws is not None
+        while True:
+            try:
+                raw = ws.recv()
+            except Exception as exc:
+                if self.ws is not None:  # not closed by on_stop
+                    fire(self.environment, "ws closed", 0, ConnectionError(f"{type(exc).__name__}: {exc}"))
+                return
+            if not raw:
+                if self.ws is not None:
+                    fire(self.environment, "ws closed", 0,
+                         ConnectionError(f"closed by server ({getattr(ws, 'status', '?')})"))
+                return
+            try:
+                self.on_frame(json.loads(raw))
+            except Exception as exc:  # a bug here must not kill the reader silently
+                fire(self.environment, "ws frame", 0, exc)
+
+    def on_frame(self, f: dict[str, Any]) -> None:
+        kind = f.get("type")
+        now = time.perf_counter()
+        if kind == "message":
+            self.on_message(f, now)
+        elif kind == "ack":
+            self.on_ack(f, now)
+        elif kind in ("queued", "stream_start", "stream_chunk", "stream_end"):
+            self.on_assistant(kind, f, now)
+        elif kind == "hello":
+            self.hello.set()
+        elif kind == "error":
+            rid = f.get("reply_to")
+            waiter = self.waiters.get(rid) if rid is not None else None
+            if waiter is not None:
+                waiter.set(f)
+            else:  # e.g. a refused send (rate_limited, unavailable): a failure of that request
+                name = "send->ack" if rid in self.send_ids else "ws error"
+                self.send_ids.discard(rid)
+                fire(self.environment, name, 0, RuntimeError(f"{f.get('code')}: {f.get('message')}"))
+        elif kind == "joined":
+            # The track starts here, in the reading greenlet: live frames right behind `joined` must find it.
+            self.tracks.setdefault(int(f["room_id"]), RoomTrack(int(f.get("last_seq", 0))))
+            waiter = self.waiters.get(f.get("reply_to"))
+            if waiter is not None:
+                waiter.set(f)
+
+    def on_message(self, f: dict[str, Any], now: float) -> None:
+        self.check_seq(int(f["room_id"]), int(f["seq"]))
+        cmid = f.get("client_msg_id")
+        mine = self.sent.get(cmid) if cmid else None
+        if mine is not None and not mine[3]:
+            mine[3] = True
+            if mine[2]:
+                self.sent.pop(cmid, None)
+            fire(self.environment, "send->echo", (now - mine[0]) * 1000, length=len(f.get("content", "")))
+        elif self.opts.lt_track_delivery:
+            content = f.get("content", "")
+            if content.startswith("t="):
+                try:
+                    sent_at = float(content[2:content.index(" ")])
+                    fire(self.environment, "message delivery", (time.time() - sent_at) * 1000)
+                except ValueError:
+                    pass
+
+    def check_seq(self, room: int, seq: int) -> None:
+        tr = self.tracks.get(room)
+        if tr is None:
+            return
+        now = time.monotonic()
+        if seq == tr.next:
+            tr.next += 1
+            while tr.next in tr.gaps:  # cannot happen with chatd (it never skips); kept for robustness
+                tr.gaps.pop(tr.next)
+                tr.next += 1
+        elif seq > tr.next:
+            for missing in range(tr.next, seq):
+                tr.gaps.setdefault(missing, now)
+            tr.next = seq + 1
+        elif seq in tr.gaps:
+            tr.gaps.pop(seq)  # late, out of order, but not lost
+            fire(self.environment, "seq check", 0, SeqError(f"room {room}: seq {seq} out of order"))
+        else:
+            fire(self.environment, "seq check", 0, SeqError(f"room {room}: duplicate seq {seq}"))
+        self.report_gaps(room, tr, now)
+
+    def report_gaps(self, room: int, tr: RoomTrack, now: float, final: bool = False) -> None:
+        grace = self.opts.lt_loss_grace
+        lost = sorted(s for s, since in tr.gaps.items() if final or now - since > grace)
+        if lost:
+            for s in lost:
+                tr.gaps.pop(s)
+            fire(self.environment, "seq check", 0,
+                 SeqError(f"room {room}: {len(lost)} seq(s) lost ({lost[0]}..{lost[-1]})"))
+
+    def on_ack(self, f: dict[str, Any], now: float) -> None:
+        waiter = self.waiters.get(f.get("reply_to"))
+        if waiter is not None:
+            waiter.set(f)
+        cmid = f.get("client_msg_id")
+        entry = self.sent.get(cmid) if cmid else None
+        if entry is None or entry[2]:
+            return
+        entry[2] = True
+        if entry[3]:
+            self.sent.pop(cmid, None)
+        fire(self.environment, "send->ack", (now - entry[0]) * 1000)
+        if entry[1] == "prompt" and f.get("message_id") is not None:
+            self.answers[int(f["message_id"])] = {"t0": entry[0]}
+
+    def on_assistant(self, kind: str, f: dict[str, Any], now: float) -> None:
+        if kind == "stream_start":
+            prompt = f.get("reply_to_message_id")
+            if prompt in self.answers:
+                self.prompt_by_answer[int(f["message_id"])] = int(prompt)
+            return
+        prompt = self.prompt_by_answer.get(f.get("message_id", -1))
+        if prompt is None:
+            return
+        timing = self.answers[prompt]
+        if kind == "stream_chunk" and "first" not in timing:
+            timing["first"] = now
+            fire(self.environment, "assistant first token", (now - timing["t0"]) * 1000)
+        elif kind == "stream_end":
+            self.answers.pop(prompt, None)
+            self.prompt_by_answer.pop(int(f["message_id"]), None)
+            stop = f.get("stop_reason")
+            exc = None if stop in ("end_turn", "max_tokens") else RuntimeError(f"stop_reason {stop}")
+            fire(self.environment, "assistant full answer", (now - timing["t0"]) * 1000, exc)
+
+    # -- sending (the task greenlet) ----------------------------------------------------------------
+
+    @task
+    def chat(self) -> None:
+        if self.ws is None:
+            return
+        if self.assistant_rooms and time.monotonic() >= self.next_prompt:
+            self.next_prompt = time.monotonic() + self.opts.lt_assistant_interval
+            self.send_message(random.choice(self.assistant_rooms), "prompt",
+                              "what did we decide about the load test")
+            return
+        if self.group_rooms:
+            self.send_message(random.choice(self.group_rooms), "send", self.pad)
+
+    def send_message(self, room: int, kind: str, text: str) -> None:
+        rid = next(self.req_ids)
+        self.send_ids.add(rid)
+        if len(self.send_ids) > 1000:
+            self.send_ids.clear()  # only recent ids matter: errors come back within a round trip
+        cmid = f"lt{self.index}-{rid}-{random.getrandbits(24):06x}"
+        self.sent[cmid] = [time.perf_counter(), kind, False, False]
+        try:
+            self.send_frame({"type": "send", "id": rid, "room_id": room, "client_msg_id": cmid,
+                             "content": f"t={time.time():.6f} u={self.index} {text}"})
+        except Exception as exc:
+            self.sent.pop(cmid, None)
+            fire(self.environment, "send->ack", 0, exc)
+
+    def on_stop(self) -> None:
+        now = time.monotonic()
+        for room, tr in self.tracks.items():
+            # gaps younger than the grace may still be in flight at the stop: only older ones are loss
+            self.report_gaps(room, tr, now)
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            try:
+                ws.close(timeout=1)
+            except Exception:
+                pass
+        if self.reader is not None:
+            self.reader.kill(block=False)
+
+
+# -- the REST user ---------------------------------------------------------------------------------------
+
+
+class RestUser(FastHttpUser):
+    """Room list and history paging (GET /rooms, GET /rooms/{id}/messages with before_seq)."""
+
+    weight = 1
+
+    def wait_time(self) -> float:
+        return random.uniform(1.0, 3.0)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        plan = get_plan(opts)
+        users = plan["users"]
+        self.index = (len(users) - 1 - next_index(self, "rest")) % len(users)
+        u = users[self.index]
+        self.rooms = [rid for rid, _ in plan["user_rooms"].get(self.index, [])]
+        self.token = u.get("token") if opts.lt_auth != "login" else None
+        if not self.token:
+            with self.client.post("/api/v1/auth/login", json={"email": u["email"], "password": u["password"]},
+                                  name="POST /api/v1/auth/login", catch_response=True) as resp:
+                if resp.status_code != 200:
+                    resp.failure(f"HTTP {resp.status_code}")
+                    return
+                self.token = resp.json()["access_token"]
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+
+    @task(1)
+    def room_list(self) -> None:
+        if self.token:
+            self.client.get("/api/v1/rooms?limit=50", headers=self.headers, name="GET /api/v1/rooms")
+
+    @task(3)
+    def history(self) -> None:
+        if not self.token or not self.rooms:
+            return
+        room = random.choice(self.rooms)
+        url = f"/api/v1/rooms/{room}/messages?limit=50"
+        for _ in range(3):  # newest page, then two older ones
+            with self.client.get(url, headers=self.headers, name="GET /api/v1/rooms/[id]/messages",
+                                 catch_response=True) as resp:
+                if resp.status_code != 200:
+                    resp.failure(f"HTTP {resp.status_code}")
+                    return
+                body = resp.json()
+                if not body.get("has_more") or not body.get("messages"):
+                    return
+                url = f"/api/v1/rooms/{room}/messages?limit=50&before_seq={body['messages'][0]['seq']}"
