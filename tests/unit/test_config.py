@@ -50,7 +50,7 @@ def test_conventional_env_names() -> None:
         ({"CHATD_WS_MAX_FRAME_BYTES": "10"}, "ws.max_frame_bytes"),
         ({"CHATD_LOG_LEVEL": "loud"}, "log.level"),
         ({"CHATD_SERVER_NOPE": "1"}, "CHATD_SERVER_NOPE"),
-        ({"CHATD_STORAGE_PG_POOL_MIN": "20"}, "storage.pg_pool_min"),
+        ({"CHATD_STORAGE_PG_POOL_MIN": "25"}, "storage.pg_pool_min"),  # above pg_pool_max (20)
         ({"CHATD_SERVER_ALLOWED_ORIGINS": "chat.example.com"}, "server.allowed_origins"),
         ({"JWT_SECRET": "short"}, "auth.jwt_secret"),
     ],
