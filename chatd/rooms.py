@@ -62,10 +62,15 @@ class MessageWriter:
         while not self._queue.empty() or self._flushing:  # noqa: ASYNC110  # shutdown only
             await asyncio.sleep(0.01)
 
-    async def submit(self, message: PendingMessage) -> Committed:
+    def submit(self, message: PendingMessage) -> asyncio.Future[Committed]:
+        """Queue a message for the next batch; the future resolves once it is durable.
+
+        Synchronous on purpose: callers enqueue in the order their frames arrived, so a
+        socket's pipelined sends get increasing seqs without waiting for each commit.
+        """
         fut: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((message, fut))
-        return await fut
+        return fut
 
     async def _run(self) -> None:
         while True:
@@ -166,7 +171,10 @@ class Rooms:
 
     # -- send -------------------------------------------------------------------
 
-    async def send(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> SendResult:
+    async def submit(
+        self, user_id: int, room_id: int, content: str, client_msg_id: str | None
+    ) -> asyncio.Future[Committed]:
+        """Check the limits and queue the message; the future resolves when it is durable."""
         ws = self.state.settings.ws
         if len(content) > ws.max_message_chars:
             raise errors.TooLarge(f"content over {ws.max_message_chars} characters")
@@ -176,7 +184,14 @@ class Rooms:
                 f"at most {ws.send_rate_count} messages per {ws.send_rate_window_s:g} s",
                 retry_after_ms=decision.retry_after_ms,
             )
-        result = await self.writer.submit(PendingMessage(room_id, user_id, "user", "text", content, client_msg_id))
+        return self.writer.submit(PendingMessage(room_id, user_id, "user", "text", content, client_msg_id))
+
+    async def send(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> SendResult:
+        """Submit, wait until durable, then queue the assistant's answer if the room wants one."""
+        result = await (await self.submit(user_id, room_id, content, client_msg_id))
+        return await self.after_commit(user_id, room_id, content, result)
+
+    async def after_commit(self, user_id: int, room_id: int, content: str, result: Committed) -> SendResult:
         if result.error is not None:
             raise result.error
         queued: int | None = None

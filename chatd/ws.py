@@ -25,11 +25,13 @@ from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
 from chatd import errors, metrics, protocol, store
 from chatd.accounts import Accounts, Principal
+from chatd.assistant import wants_answer
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
 from chatd.logs import app_log, fields
 from chatd.rooms import Rooms
 from chatd.state import ServerState
+from chatd.store import Committed
 
 # KEYS[1] = zset conn_id -> expiry ms; ARGV = now_ms, expiry_ms, cap, conn_id
 _CAP_SCRIPT = """
@@ -281,21 +283,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         rid = frame.request_id
         match frame:
             case protocol.Send():
-                result = await self.rooms.send(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
-                row = result.row
-                self.send_frame(
-                    protocol.ack(
-                        room_id=row["room_id"],
-                        client_msg_id=frame.client_msg_id,
-                        message_id=row["id"],
-                        seq=row["seq"],
-                        created_at=store.iso(row["created_at"]) or "",
-                        reply_to=rid,
-                        duplicate=result.duplicate,
-                    )
-                )
-                if result.assistant_error is not None:  # stored and acked; no answer will come
-                    self.send_frame(protocol.error(result.assistant_error, reply_to=rid))
+                # Pipelined: queued in frame order now, acked when its batch commits, while the
+                # next frames are read (one socket is not limited to one commit round trip per send).
+                durable = await self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
+                durable.add_done_callback(lambda fut: self._on_durable(frame, fut))
             case protocol.Join():
                 rejoin = frame.room_id in self.joined_rooms
                 joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid, rejoin=rejoin)
@@ -335,6 +326,40 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                     raise errors.NotFound("no such generation")
                 assert self.principal is not None
                 await self.rooms.assistant.control(self.user_id, self.principal.is_admin, frame)
+
+    def _on_durable(self, frame: protocol.Send, fut: asyncio.Future[Committed]) -> None:
+        rid = frame.request_id
+        exc = fut.exception()
+        if exc is not None:
+            err = exc if isinstance(exc, errors.ChatdError) else errors.Internal()
+            self.send_frame(protocol.error(err, reply_to=rid))
+            return
+        committed = fut.result()
+        if committed.error is not None:
+            self.send_frame(protocol.error(committed.error, reply_to=rid))
+            return
+        row = committed.row
+        assert row is not None
+        self.send_frame(
+            protocol.ack(
+                room_id=row["room_id"],
+                client_msg_id=frame.client_msg_id,
+                message_id=row["id"],
+                seq=row["seq"],
+                created_at=store.iso(row["created_at"]) or "",
+                reply_to=rid,
+                duplicate=committed.duplicate,
+            )
+        )
+        room = committed.room
+        if self.rooms.assistant is not None and room is not None and not committed.duplicate:
+            if wants_answer(room, frame.content):  # checked here: no task per send in plain rooms
+                self.state.tasks.spawn(self._queue_answer(frame, committed), "ws-assistant-enqueue")
+
+    async def _queue_answer(self, frame: protocol.Send, committed: Committed) -> None:
+        result = await self.rooms.after_commit(self.user_id, frame.room_id, frame.content, committed)
+        if result.assistant_error is not None:  # stored and acked; no answer will come
+            self.send_frame(protocol.error(result.assistant_error, reply_to=frame.request_id))
 
     def _typing_expiry(self, room_id: int, is_typing: bool) -> None:
         timer = self._typing_timers.pop(room_id, None)
