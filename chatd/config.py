@@ -80,7 +80,7 @@ class StorageSettings:
     pg_pool_max: int = _f(20, "Postgres connections each worker may open.", min=1)
     pg_timeout_s: float = _f(5.0, "Wait for a pooled Postgres connection before answering 'unavailable'.", min=0.1)
     redis_timeout_s: float = _f(2.0, "Redis socket timeout, and the longest wait for a pooled connection.", min=0.1)
-    redis_pool_max: int = _f(64, "Redis connections each worker may open (beyond it, commands wait).", min=4)
+    redis_pool_max: int = _f(256, "Redis connections each worker may open (beyond it, commands wait).", min=4)
     health_timeout_s: float = _f(1.0, "Timeout of each dependency check of /health/ready.", min=0.05)
 
 

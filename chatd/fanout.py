@@ -87,6 +87,14 @@ class Hub:
         self.state = state
         self.keys: Keys = state.keys
         self.redis: aioredis.Redis = state.redis
+        # The subscriber gets a connection of its own: a busy command pool must never keep the
+        # fan-out reader from (re)connecting.
+        self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
+            state.settings.storage.redis_url,
+            socket_connect_timeout=state.settings.storage.redis_timeout_s,
+            health_check_interval=30,
+            max_connections=2,
+        )
         self.clock = clock
         self.rooms: dict[int, RoomState] = {}
         self.users: dict[int, set[Any]] = {}
@@ -112,7 +120,7 @@ class Hub:
         backoff_s = 0.1
         first = True
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
+            pubsub = self._sub_client.pubsub(ignore_subscribe_messages=False)
             try:
                 channels = self._channels()
                 self._pubsub = pubsub
@@ -135,7 +143,8 @@ class Hub:
                         self._on_message(msg)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # whatever broke (redis-py can raise AttributeError on a torn
+                # connection), the reader must come back: without it this worker goes deaf
                 self._pubsub = None
                 for fut in self._confirm.values():
                     if not fut.done():
@@ -149,9 +158,6 @@ class Hub:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except Exception:  # the connection is already broken
                     pass
-
-    async def close(self) -> None:
-        self._pubsub = None
 
     # -- subscriptions --------------------------------------------------------
 
