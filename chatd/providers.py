@@ -217,7 +217,7 @@ def _anthropic_status_error(exc: anthropic.APIStatusError) -> ProviderError:
 # ---------------------------------------------------------------------------------------------- openai
 
 
-def estimate_tokens(text: str) -> int:
+def word_count(text: str) -> int:
     """Whitespace-separated words: the offline provider's token, and the fallback of servers without usage."""
     return len(text.split())
 
@@ -285,7 +285,7 @@ class OpenAIProvider:
             raise _log_failure(self.name, error)
         if usage is None:  # servers that ignore stream_options
             prompt = " ".join([request.system, *(t.content for t in turns)])
-            usage = {"prompt_tokens": estimate_tokens(prompt), "completion_tokens": estimate_tokens("".join(output))}
+            usage = {"prompt_tokens": word_count(prompt), "completion_tokens": word_count("".join(output))}
         yield Finished(
             stop_reason="max_tokens" if finish_reason == "length" else "end_turn",
             input_tokens=int(usage.get("prompt_tokens") or 0),
@@ -340,7 +340,7 @@ class OfflineProvider:
         prompt = " ".join([request.system, *(m.content for m in request.messages)])
         yield Finished(
             stop_reason="max_tokens" if len(sent) < len(tokens) else "end_turn",
-            input_tokens=estimate_tokens(prompt),
+            input_tokens=word_count(prompt),
             output_tokens=len(sent),
         )
 

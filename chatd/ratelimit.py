@@ -36,8 +36,12 @@ class SlidingWindow:
         self.window_s = window_s
         self._clock = clock
         self._events: dict[str, list[float]] = {}
+        self._hits = 0
 
     def hit(self, subject: str) -> Decision:
+        self._hits += 1
+        if self._hits % 1024 == 0:
+            self.forget_idle()  # memory bounded by the subjects active in one window
         now = self._clock()
         events = self._events.setdefault(subject, [])
         del events[: bisect.bisect_right(events, now - self.window_s)]

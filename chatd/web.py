@@ -8,14 +8,13 @@ logged with its traceback and the client sees only ``internal``.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import tornado.web
 
 from chatd import errors, metrics
 from chatd.health import check_dependencies
-from chatd.logs import access_log, app_log, fields
+from chatd.logs import access_log, fields
 from chatd.state import ServerState
 
 _HTTP_CODES = {
@@ -153,11 +152,3 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
             remote_ip=request.remote_ip,
         ),
     )
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def unexpected(exc: BaseException, where: str) -> None:
-    app_log.error("unexpected_error", exc_info=exc, extra=fields(where=where))
