@@ -3,8 +3,9 @@
 Before the upgrade: a cross-site ``Origin`` gets 403 and a missing, invalid,
 expired or revoked token gets 401, both with the JSON error body and no 101.
 After it: the ``hello`` frame, then frames as in docs/PROTOCOL.md.  Frames are
-handled one at a time per socket, so a client's sends are sequenced in the
-order it sent them.
+handled in order per socket; a ``send`` is queued for the group commit in that
+order and acked from the commit's callback, so pipelined sends keep their order
+without waiting for each other's commit.
 """
 
 from __future__ import annotations
