@@ -13,15 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from chatd import auth, errors, store
 from chatd.auth import Claims, TokenPair, TokenService
 from chatd.config import Settings
 from chatd.fanout import Hub
+from chatd.kv import KV
 from chatd.logs import app_log, fields
-from chatd.ratelimit import RedisLimiter
-from chatd.state import ServerState
+from chatd.ratelimit import AuthLimiter
+from chatd.store import Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +48,15 @@ def user_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class Accounts:
-    def __init__(self, state: ServerState, hub: Hub) -> None:
-        self.state = state
+    def __init__(self, db: Database, kv: KV, hub: Hub, settings: Settings) -> None:
+        self.db = db
+        self.kv = kv
         self.hub = hub
-        self.settings: Settings = state.settings
-        self.tokens = TokenService(state.settings.auth)
-        limit = state.settings.auth.auth_attempts_per_min
-        self._by_ip = RedisLimiter(state.redis, lambda s: state.keys.rate("auth-ip", s), limit, 60.0)
-        self._by_email = RedisLimiter(state.redis, lambda s: state.keys.rate("auth-email", s), limit, 60.0)
+        self.settings = settings
+        self.tokens = TokenService(settings.auth)
+        limit = settings.auth.auth_attempts_per_min
+        self._by_ip = AuthLimiter(kv, "auth-ip", limit, 60.0)
+        self._by_email = AuthLimiter(kv, "auth-email", limit, 60.0)
 
     # -- helpers ------------------------------------------------------------
 
@@ -68,7 +68,7 @@ class Accounts:
     async def _issue(self, user: dict[str, Any], family: str | None = None) -> dict[str, Any]:
         pair: TokenPair = self.tokens.mint_pair(user["id"], user["role"], family)
         assert pair.refresh.family is not None
-        await store.store_refresh(self.state.pg, pair.refresh.jti, pair.refresh.family, user["id"], pair.refresh.exp)
+        await store.store_refresh(self.db, pair.refresh.jti, pair.refresh.family, user["id"], pair.refresh.exp)
         return {
             "user": user_json(user),
             "access_token": pair.access_token,
@@ -90,7 +90,7 @@ class Accounts:
         password = auth.validate_password(body.get("password"))
         name = auth.validate_name(body.get("name"))
         password_hash = await self._cpu(auth.hash_password, password)
-        user = await store.create_user(self.state.pg, email, name, password_hash, "user")
+        user = await store.create_user(self.db, email, name, password_hash, "user")
         app_log.info("user_registered", extra=fields(user_id=user["id"]))
         return await self._issue(user)
 
@@ -99,7 +99,7 @@ class Accounts:
         if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
             raise errors.BadRequest("email and password are required")
         await self._limit(ip, email)
-        user = await store.user_by_email(self.state.pg, email.strip())
+        user = await store.user_by_email(self.db, email.strip())
         if user is None or not user.get("password_hash"):
             await self._cpu(auth.dummy_verify, password)  # same time as a wrong password
             raise errors.Unauthorized("invalid email or password")
@@ -108,7 +108,7 @@ class Accounts:
         if user["status"] != "active":
             raise errors.Unauthorized("invalid email or password")
         if auth.needs_rehash(user["password_hash"]):
-            await store.set_password_hash(self.state.pg, user["id"], await self._cpu(auth.hash_password, password))
+            await store.set_password_hash(self.db, user["id"], await self._cpu(auth.hash_password, password))
         return await self._issue(user)
 
     async def refresh(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -117,14 +117,14 @@ class Accounts:
             raise errors.BadRequest("refresh_token is required")
         claims = self.tokens.verify(token, "refresh")
         assert claims.family is not None  # verify() guarantees a family on refresh tokens
-        use = await store.use_refresh(self.state.pg, claims.jti, claims.family)
+        use = await store.use_refresh(self.db, claims.jti, claims.family)
         if not use.ok:
             if use.reused:
                 # A stolen token and its owner both hold it: kill the whole family.
                 app_log.warning("refresh_token_reuse", extra=fields(user_id=claims.sub, family=claims.family))
                 await self._revoke_family(claims.sub, claims.family)
             raise errors.Unauthorized("refresh token already used or revoked")
-        user = await store.user_by_id(self.state.pg, claims.sub)
+        user = await store.user_by_id(self.db, claims.sub)
         if user is None or user["status"] != "active":
             raise errors.Unauthorized("account disabled")
         return await self._issue(user, family=claims.family)
@@ -133,8 +133,8 @@ class Accounts:
         claims = principal.claims
         await self._deny(claims.jti, claims.exp)
         if everywhere:
-            for family in await store.user_families(self.state.pg, principal.user_id):
-                await store.revoke_family(self.state.pg, family)
+            for family in await store.user_families(self.db, principal.user_id):
+                await store.revoke_family(self.db, family)
             await self._close_sockets(principal.user_id, None, 4001, "logged out")
         elif claims.family:
             await self._revoke_family(principal.user_id, claims.family)
@@ -142,53 +142,52 @@ class Accounts:
             await self._close_sockets(principal.user_id, None, 4001, "logged out")
 
     async def ban(self, user_id: int) -> dict[str, Any]:
-        user = await store.set_user_status(self.state.pg, user_id, "banned")
+        user = await store.set_user_status(self.db, user_id, "banned")
         if user is None:
             raise errors.NotFound("user not found")
-        for family in await store.user_families(self.state.pg, user_id):
-            await store.revoke_family(self.state.pg, family)
+        for family in await store.user_families(self.db, user_id):
+            await store.revoke_family(self.db, family)
         await self._close_sockets(user_id, None, 1008, "account banned")
         return user_json(user)
 
     async def _revoke_family(self, user_id: int, family: str) -> None:
-        await store.revoke_family(self.state.pg, family)
+        await store.revoke_family(self.db, family)
         await self._close_sockets(user_id, family, 4001, "session revoked")
 
     async def _close_sockets(self, user_id: int, family: str | None, code: int, reason: str) -> None:
         try:
             await self.hub.close_user(user_id, code, reason, family)
-        except RedisError as exc:
-            app_log.warning("close_broadcast_failed", extra=fields(user_id=user_id, error=str(exc)[:200]))
+        except errors.Unavailable:
+            # This worker's sockets are closed; other instances' sockets of a revoked session fail their
+            # next authentication check (the family is revoked in Postgres).
+            app_log.warning("close_broadcast_failed", extra=fields(user_id=user_id))
 
     async def _deny(self, jti: str, exp: int) -> None:
         ttl_s = max(1, exp - int(time.time()) + self.settings.auth.leeway_s)
         try:
-            await self.state.redis.set(self.state.keys.denied_jti(jti), b"1", ex=ttl_s)
-        except RedisError as exc:
-            # The family revocation in Postgres still stops the token.
-            app_log.warning("denylist_unavailable", extra=fields(error=str(exc)[:200]))
+            await self.kv.deny(jti, ttl_s)
+        except errors.Unavailable:
+            pass  # the family revocation in Postgres still stops the token
 
     # -- authentication -------------------------------------------------------
 
-    async def authenticate(self, token: str | None) -> Principal:
-        """Who holds this access token, or Unauthorized: bad token, revoked, banned, deleted."""
+    async def authenticate(self, token: str | None, *, denylist: bool = True) -> Principal:
+        """Who holds this access token, or Unauthorized: bad token, revoked, banned, deleted.
+
+        ``denylist=False``: the caller checks the Redis denylist itself (the socket
+        handshake does, in the same round trip as its connection registration).
+        """
         if not token:
             raise errors.Unauthorized("missing access token")
         claims = self.tokens.verify(token, "access")
-        denied = False
-        try:
-            denied = bool(await self.state.redis.exists(self.state.keys.denied_jti(claims.jti)))
-        except RedisError as exc:
-            app_log.warning("denylist_unavailable", extra=fields(error=str(exc)[:200]))
-        if denied:
-            raise errors.Unauthorized("token revoked")
-        row = await store.fetch_one(
-            self.state.pg,
-            "SELECT u.status, u.role,"
-            " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = %s AND t.revoked_at IS NOT NULL) AS revoked"
-            " FROM users u WHERE u.id = %s",
-            (claims.family, claims.sub),
-        )
+        if denylist:
+            try:
+                denied = await self.kv.is_denied(claims.jti)
+            except errors.Unavailable:
+                denied = False  # the family check below still stops a logged-out session
+            if denied:
+                raise errors.Unauthorized("token revoked")
+        row = await store.auth_status(self.db, claims.sub, claims.family)
         if row is None:
             raise errors.Unauthorized("unknown user")
         if row["status"] != "active":
@@ -200,19 +199,8 @@ class Accounts:
 
 def create_user_sync(settings: Settings, email: str, password: str, name: str, admin: bool) -> dict[str, Any]:
     """``chatd create-user``: create, or reset the password and role of an existing email."""
-    import psycopg
-    from psycopg.rows import dict_row
-
     email = auth.validate_email(email)
     password_hash = auth.hash_password(auth.validate_password(password))
     role = "admin" if admin else "user"
-    with psycopg.connect(settings.storage.database_url, row_factory=dict_row) as conn:
-        row = conn.execute(
-            "INSERT INTO users (email, name, password_hash, role) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (lower(email)) DO UPDATE SET password_hash = EXCLUDED.password_hash, role = EXCLUDED.role,"
-            " status = 'active', updated_at = now()"
-            f" RETURNING {store.USER_COLUMNS}",
-            (email, name or email.split("@")[0], password_hash, role),
-        ).fetchone()
-    assert row is not None
+    row = store.upsert_user_sync(settings.storage.database_url, email, name or email.split("@")[0], password_hash, role)
     return user_json(row)

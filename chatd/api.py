@@ -9,9 +9,10 @@ from typing import Any
 
 from chatd import errors, protocol, store
 from chatd.accounts import Accounts, Principal, user_json
-from chatd.fanout import message_frame
+from chatd.config import Settings
 from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
 from chatd.state import ServerState
+from chatd.store import Database
 from chatd.web import BaseHandler
 
 MAX_PAGE = 200
@@ -22,8 +23,11 @@ class ApiHandler(BaseHandler):
     accounts: Accounts
     rooms: Rooms
 
-    def initialize(self, state: ServerState, accounts: Accounts, rooms: Rooms) -> None:  # type: ignore[override]
-        super().initialize(state)
+    def initialize(  # type: ignore[override]
+        self, state: ServerState, settings: Settings, db: Database, accounts: Accounts, rooms: Rooms
+    ) -> None:
+        super().initialize(state, settings)
+        self.db = db
         self.accounts = accounts
         self.rooms = rooms
         self.principal: Principal | None = None
@@ -82,7 +86,7 @@ class LogoutHandler(ApiHandler):
 class MeHandler(ApiHandler):
     async def get(self) -> None:
         principal = await self.auth()
-        user = await store.user_by_id(self.state.pg, principal.user_id)
+        user = await store.user_by_id(self.db, principal.user_id)
         if user is None:
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))
@@ -163,7 +167,7 @@ class RoomsHandler(ApiHandler):
         default_mode = "always" if kind == "assistant" else "mention"
         assistant = parse_assistant(body.get("assistant"), {"mode": default_mode} if kind == "assistant" else None)
         room = await store.create_room(
-            self.state.pg, parse_name(body.get("name")), kind, principal.user_id, members, assistant
+            self.db, parse_name(body.get("name")), kind, principal.user_id, members, assistant
         )
         self.send_json(room_json(room | {"read_seq": 0}), 201)
 
@@ -175,7 +179,7 @@ class RoomsHandler(ApiHandler):
         limit = self.int_arg("limit", 50, 1, MAX_PAGE)
         cursor = self.int_arg("cursor", None, 1)
         assert limit is not None
-        rows = await store.list_rooms(self.state.pg, principal.user_id, status, limit + 1, cursor)
+        rows = await store.list_rooms(self.db, principal.user_id, status, limit + 1, cursor)
         page = rows[:limit]
         next_cursor = page[-1]["id"] if len(rows) > limit else None
         self.send_json({"rooms": [room_json(r) for r in page], "next_cursor": next_cursor})
@@ -211,13 +215,13 @@ class RoomHandler(RoomAccess):
         unknown = set(body) - {"name", "assistant"}
         if unknown:
             raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
-        updated = await store.update_room(self.state.pg, room["id"], changes)
+        updated = await store.update_room(self.db, room["id"], changes)
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
     async def delete(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
-        updated = await store.update_room(self.state.pg, room["id"], {"status": "archived"})
+        updated = await store.update_room(self.db, room["id"], {"status": "archived"})
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
 
@@ -228,7 +232,7 @@ class MembersHandler(RoomAccess):
         user_id = self.json_body().get("user_id")
         if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id <= _MAX_INT:
             raise errors.BadRequest("user_id must be a positive integer")
-        added = await store.add_member(self.state.pg, room["id"], user_id)
+        added = await store.add_member(self.db, room["id"], user_id)
         self.send_json({"room_id": room["id"], "user_id": user_id, "added": added}, 201 if added else 200)
 
 
@@ -240,7 +244,7 @@ class MemberHandler(RoomAccess):
             self._manage(principal, room)
         if target == room["owner_id"]:
             raise errors.Conflict("the owner cannot leave; archive the room instead")
-        if not await store.remove_member(self.state.pg, room["id"], target):
+        if not await store.remove_member(self.db, room["id"], target):
             raise errors.NotFound("member not found")
         await self.rooms.kick(room["id"], target)
         self.set_status(204)
@@ -253,7 +257,7 @@ class MessagesHandler(RoomAccess):
         limit = self.int_arg("limit", 50, 1, MAX_PAGE)
         assert limit is not None
         rows, has_more = await store.messages_page(
-            self.state.pg, room["id"], self.int_arg("after_seq"), self.int_arg("before_seq"), limit
+            self.db, room["id"], self.int_arg("after_seq"), self.int_arg("before_seq"), limit
         )
         self.send_json({"messages": [_message_json(r) for r in rows], "has_more": has_more})
 
@@ -269,7 +273,7 @@ class MessagesHandler(RoomAccess):
                     "content": content,
                     "client_msg_id": client_msg_id,
                 },
-                max_message_chars=self.state.settings.ws.max_message_chars,
+                max_message_chars=self.config.ws.max_message_chars,
             )
         except protocol.FrameError as exc:
             raise exc.error from None
@@ -304,12 +308,12 @@ class StreamingSendHandler(RoomAccess):
                     "content": body.get("content"),
                     "client_msg_id": body.get("client_msg_id"),
                 },
-                max_message_chars=self.state.settings.ws.max_message_chars,
+                max_message_chars=self.config.ws.max_message_chars,
             )
         except protocol.FrameError as exc:
             raise exc.error from None
         assert isinstance(frame, protocol.Send)
-        listener = self._listener = SseListener(self, principal.user_id)
+        listener = self._listener = SseListener(self, principal.user_id, self.config.ws.max_held_frames)
         hub = self.rooms.hub
         await hub.join_room(listener, room["id"])  # listening before the message exists: nothing missed
         try:
@@ -326,7 +330,7 @@ class StreamingSendHandler(RoomAccess):
             else:
                 await self.flush()
                 try:
-                    await asyncio.wait_for(listener.done, self.state.settings.assistant.provider_timeout_s * 5)
+                    await asyncio.wait_for(listener.done, self.config.assistant.provider_timeout_s * 5)
                 except TimeoutError:
                     self.sse("error", {"code": "unavailable", "message": "no answer in time"})
         finally:
@@ -346,8 +350,9 @@ class StreamingSendHandler(RoomAccess):
 class SseListener:
     """A fan-out subscriber that forwards one prompt's answer to an SSE response."""
 
-    def __init__(self, handler: StreamingSendHandler, user_id: int) -> None:
+    def __init__(self, handler: StreamingSendHandler, user_id: int, max_early: int) -> None:
         self.handler = handler
+        self.max_early = max_early
         self.connection_id = "sse-" + secrets.token_hex(6)
         self.user_id = user_id
         self.family: str | None = None
@@ -365,12 +370,13 @@ class SseListener:
             self._forward(frame_json)
 
     def write_frame(self, frame: bytes) -> None:
-        length = frame[1] & 0x7F
-        frame_json = json.loads(frame[2 if length < 126 else (4 if length == 126 else 10) :])
-        if self.prompt_id is None:
-            self._early.append(frame_json)  # a fast answer can start before send() returns
-            return
-        self._forward(frame_json)
+        for payload in protocol.ws_frame_payloads(frame):
+            frame_json = json.loads(payload)
+            if self.prompt_id is None:
+                if len(self._early) < self.max_early:  # a fast answer can start before send() returns
+                    self._early.append(frame_json)
+                continue
+            self._forward(frame_json)
 
     def _forward(self, frame_json: dict[str, Any]) -> None:
         kind = frame_json.get("type")
@@ -396,13 +402,15 @@ class SseListener:
 
 
 def _message_json(row: dict[str, Any]) -> dict[str, Any]:
-    frame = message_frame(row)
+    frame = protocol.message_from_row(row)
     frame.pop("type", None)
     return frame
 
 
-def routes(state: ServerState, accounts: Accounts, rooms: Rooms) -> list[tuple[str, type[ApiHandler], dict[str, Any]]]:
-    deps = {"state": state, "accounts": accounts, "rooms": rooms}
+def routes(
+    state: ServerState, settings: Settings, db: Database, accounts: Accounts, rooms: Rooms
+) -> list[tuple[str, type[ApiHandler], dict[str, Any]]]:
+    deps = {"state": state, "settings": settings, "db": db, "accounts": accounts, "rooms": rooms}
     prefix = "/api/v1"
     return [
         (prefix + r"/auth/register", RegisterHandler, deps),

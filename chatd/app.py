@@ -1,68 +1,194 @@
-"""The Tornado application: the worker's services, built once, injected into every handler."""
+"""One worker: its services, built once after the fork, wired with only what each uses.
+
+``Worker.create`` opens the pools and builds the services; ``start`` runs
+their long-lived loops under supervision; ``application`` is the Tornado app
+with the services injected into the handlers (``initialize`` kwargs);
+``shutdown`` stops everything in order (docs/ARCHITECTURE.md, section 6).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from chatd import api
+from chatd import api, kv, store
 from chatd.accounts import Accounts
 from chatd.assistant import Assistant
+from chatd.config import Settings
+from chatd.errors import CloseCode
 from chatd.fanout import Hub
-from chatd.logs import assistant_log, fields
-from chatd.providers import make_provider
+from chatd.keys import Keys
+from chatd.logs import assistant_log, fields, server_log
+from chatd.presence import Presence
+from chatd.providers import Provider, make_provider
+from chatd.pubsub import Subscriber
+from chatd.ratelimit import SendLimiter
+from chatd.repair import Repair
 from chatd.retrieval import Retriever, load_embedder
-from chatd.rooms import MessageWriter, Rooms
+from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.web import LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
+from chatd.writer import MessageWriter
 from chatd.ws import ChatSocket, refresh_registrations
 
-
-def _assistant(state: ServerState, hub: Hub) -> Assistant:
-    """Provider, retriever and assistant of this worker (after the fork: the embedder's OpenMP must not be forked)."""
-    provider = make_provider(state.settings.assistant)
-    # One embedding thread per worker: workers embed side by side instead of fighting for both cores.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    retriever = Retriever(state, load_embedder(state.settings.assistant.embedder))
-    state.tasks.spawn(retriever.start(), "retrieval-start")
-    state.drainers.append(retriever.close)
-    assistant = Assistant(state, hub, provider, retriever)
-    assistant.start()
-    assistant_log.info("assistant_ready", extra=fields(provider=provider.name, model=state.settings.assistant.model))
-    return assistant
+if TYPE_CHECKING:
+    from tornado.httpserver import HTTPServer
 
 
-def make_app(state: ServerState) -> tornado.web.Application:
-    """Build the services of one worker and start their background tasks (inside the loop)."""
-    hub = Hub(state)
-    writer = MessageWriter(state, hub)
-    rooms = Rooms(state, hub, writer)
-    accounts = Accounts(state, hub)
-    hub.start()
-    writer.start()
-    rooms.assistant = _assistant(state, hub)
-    state.tasks.spawn(refresh_registrations(state), "connection-registry")
+@dataclass(eq=False)
+class Worker:
+    settings: Settings
+    state: ServerState
+    db: store.Database
+    kv: kv.KV
+    hub: Hub
+    writer: MessageWriter
+    repair: Repair
+    presence: Presence
+    limiter: SendLimiter
+    rooms: Rooms
+    accounts: Accounts
+    provider: Provider
+    retriever: Retriever
+    assistant: Assistant
 
-    base = {"state": state}
-    routes: list[Any] = [
-        (r"/health/live", LiveHandler, base),
-        (r"/health/ready", ReadyHandler, base),
-        (r"/metrics", MetricsHandler, base),
-        (r"/ws", ChatSocket, {"state": state, "accounts": accounts, "rooms": rooms, "hub": hub}),
-        *api.routes(state, accounts, rooms),
-    ]
-    ws = state.settings.ws
-    return tornado.web.Application(
-        routes,
-        default_handler_class=NotFoundHandler,
-        default_handler_args=base,
-        log_function=log_request,
-        compress_response=False,
-        websocket_ping_interval=ws.heartbeat_interval_s,
-        # Tornado caps the pong wait at the ping interval: a silent socket is
-        # closed within heartbeat_interval_s + min(idle_timeout_s, heartbeat_interval_s).
-        websocket_ping_timeout=min(ws.idle_timeout_s, ws.heartbeat_interval_s),
-        websocket_max_message_size=ws.max_frame_bytes,
-    )
+    @classmethod
+    async def create(cls, settings: Settings, worker_id: int) -> Worker:
+        state = ServerState(worker_id)
+        storage, ws = settings.storage, settings.ws
+        db = await store.open_database(storage, f"chatd-w{worker_id}")
+        keys = Keys(storage.redis_key_prefix)
+        redis = kv.KV(kv.connect(storage), keys)
+        hub = Hub(
+            redis, db, keys, ws, lambda on_message, on_resubscribed: Subscriber(storage, on_message, on_resubscribed)
+        )
+        writer = MessageWriter(db, hub, settings)
+        presence = Presence(redis, hub, ws)
+        limiter = SendLimiter(redis, ws.send_rate_count, ws.send_rate_window_s)
+        rooms = Rooms(db, redis, hub, writer, presence, limiter, ws)
+        accounts = Accounts(db, redis, hub, settings)
+        # After the fork: the embedder's OpenMP must not be forked.  One embedding thread per
+        # worker: workers embed side by side instead of fighting for both cores.
+        provider = make_provider(settings.assistant)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        retriever = Retriever(db, settings.assistant, state.tasks, load_embedder(settings.assistant.embedder))
+        assistant = Assistant(db, redis, hub, provider, retriever, settings, state.tasks)
+        rooms.assistant = assistant
+        return cls(
+            settings,
+            state,
+            db,
+            redis,
+            hub,
+            writer,
+            Repair(hub, db, ws),
+            presence,
+            limiter,
+            rooms,
+            accounts,
+            provider,
+            retriever,
+            assistant,
+        )
+
+    def start(self) -> None:
+        tasks = self.state.tasks
+        tasks.supervise("fanout-reader", self.hub.subscriber.run)
+        tasks.supervise("message-writer", self.writer.run)
+        tasks.supervise("fanout-repair", self.repair.run)
+        tasks.supervise("presence", self.presence.run)
+        tasks.supervise("send-quota", self.limiter.run)
+        tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv))
+        tasks.spawn(self.retriever.start(), "retrieval-start")
+        self.assistant.start()
+        assistant_log.info(
+            "assistant_ready", extra=fields(provider=self.provider.name, model=self.settings.assistant.model)
+        )
+        # Everything built so far lives as long as the worker: keep it out of the cyclic GC's scans,
+        # and collect the young generation less often (a chat server allocates many short-lived objects).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*_GC_THRESHOLDS)
+
+    def application(self) -> tornado.web.Application:
+        base: dict[str, Any] = {"state": self.state, "settings": self.settings}
+        socket_deps = {
+            **base,
+            "accounts": self.accounts,
+            "rooms": self.rooms,
+            "hub": self.hub,
+            "kv": self.kv,
+            "writer": self.writer,
+        }
+        routes: list[Any] = [
+            (r"/health/live", LiveHandler, base),
+            (r"/health/ready", ReadyHandler, {**base, "db": self.db, "kv": self.kv}),
+            (r"/metrics", MetricsHandler, base),
+            (r"/ws", ChatSocket, socket_deps),
+            *api.routes(self.state, self.settings, self.db, self.accounts, self.rooms),
+        ]
+        ws = self.settings.ws
+        return tornado.web.Application(
+            routes,
+            default_handler_class=NotFoundHandler,
+            default_handler_args=base,
+            log_function=log_request,
+            compress_response=False,
+            websocket_ping_interval=ws.heartbeat_interval_s,
+            # Tornado caps the pong wait at the ping interval: a silent socket is
+            # closed within heartbeat_interval_s + min(idle_timeout_s, heartbeat_interval_s).
+            websocket_ping_timeout=min(ws.idle_timeout_s, ws.heartbeat_interval_s),
+            websocket_max_message_size=ws.max_frame_bytes,
+        )
+
+    async def shutdown(self, server: HTTPServer) -> None:
+        """Finish in-flight work before closing connections, then cancel the rest and close the pools."""
+        started = time.monotonic()
+        drain_s = self.settings.server.drain_timeout_s
+        deadline = started + drain_s
+        state = self.state
+        state.draining = True  # 1. readiness 503; sockets stop reading frames; no new upgrades
+        server.stop()  # stop accepting (this process's copy of the listening socket)
+        # 2. every send already read is committed and answered (ack, or error) before its socket closes
+        await _within(self.writer.drain(), deadline, "writer")
+        sockets = [ws for ws in state.connections if isinstance(ws, ChatSocket)]
+        for ws in sockets:  # 3. tell every client to reconnect elsewhere
+            ws.force_close(int(CloseCode.GOING_AWAY), "server shutting down")
+        # A connection accepted just before stop() has not been counted yet: give its request time to arrive.
+        await asyncio.sleep(min(0.25, drain_s))
+        # 4. in-flight requests and close handshakes finish (polled: two counters, no event worth wiring)
+        while (state.in_flight_requests or state.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        await _within(server.close_all_connections(), max(deadline, time.monotonic() + 0.1), "connections")
+        await _within(self.writer.drain(), time.monotonic() + drain_s, "writer")  # sends of the last REST calls
+        # 5. the assistant finishes (or cancels and stores) its answers; presence entries are removed
+        await _within(self.assistant.drain(), time.monotonic() + drain_s, "assistant")
+        await self.retriever.close()
+        await _within(self.presence.close(), time.monotonic() + 2, "presence")
+        # 6. the rest of the background tasks, then the pools
+        await state.tasks.cancel_all(timeout_s=5)
+        await self.hub.subscriber.close()
+        await self.kv.close()
+        await self.db.close(timeout=5)
+        server_log.info(
+            "worker_stopped",
+            extra=fields(websockets_closed=len(sockets), duration_ms=round((time.monotonic() - started) * 1000)),
+        )
+
+
+_GC_THRESHOLDS = (50_000, 20, 100)
+
+
+async def _within(aw: Any, deadline: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(aw, max(0.01, deadline - time.monotonic()))
+    except TimeoutError:
+        server_log.warning("shutdown_step_timeout", extra=fields(step=what))
+    except Exception as exc:  # one step failing must not skip the others
+        server_log.warning("shutdown_step_failed", extra=fields(step=what, error=repr(exc)[:200]))

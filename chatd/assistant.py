@@ -31,16 +31,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from chatd import errors, metrics, protocol, store
-from chatd.config import AssistantSettings
+from chatd.config import Settings
 from chatd.context import Coalescer, build_context, recent_window
-from chatd.fanout import Hub, message_frame
+from chatd.fanout import Hub
 from chatd.jobqueue import Job, JobQueue
+from chatd.kv import KV
 from chatd.logs import assistant_log, fields
 from chatd.providers import Finished, GenerationRequest, Provider, ProviderError, TextDelta
-from chatd.state import ServerState
+from chatd.state import Tasks
+from chatd.store import Database
 
 # "@assistant" as a word: not inside an address like x@assistant.io
 _MENTION = re.compile(r"(?<![\w.@])@assistant\b(?![.@]\w)", re.IGNORECASE)
@@ -79,13 +79,25 @@ class Run:
 
 
 class Assistant:
-    def __init__(self, state: ServerState, hub: Hub, provider: Provider, retriever: Any | None) -> None:
-        self.state = state
-        self.settings: AssistantSettings = state.settings.assistant
+    def __init__(
+        self,
+        db: Database,
+        kv: KV,
+        hub: Hub,
+        provider: Provider,
+        retriever: Any | None,
+        settings: Settings,
+        tasks: Tasks,
+    ) -> None:
+        self.db = db
+        self.kv = kv
+        self.settings = settings.assistant
+        self.drain_timeout_s = settings.server.drain_timeout_s
         self.hub = hub
         self.provider = provider
         self.retriever = retriever
-        self.queue = JobQueue(state.redis, state.keys)
+        self.tasks = tasks
+        self.queue = JobQueue(kv.client, kv.keys)
         self.running: dict[int, Run] = {}  # by answer message id
         self.active = 0  # claimed jobs on this worker (a run registers under its message id a bit later)
         self.waiting: dict[str, tuple[int, int, int, int]] = {}  # job id -> (room, prompt, user, last position)
@@ -97,16 +109,18 @@ class Assistant:
 
     def start(self) -> None:
         self.hub.control_handlers["cancel"] = self._on_cancel
-        tasks = self.state.tasks
-        tasks.spawn(self._claim_loop(), "assistant-claim")
-        tasks.spawn(self._maintenance_loop(), "assistant-maintenance")
-        self.state.drainers.append(self.drain)
+        self.tasks.supervise("assistant-claim", self._claim_loop)
+        self.tasks.supervise("assistant-maintenance", self._maintenance_loop)
+
+    @staticmethod
+    def wants_answer(room: dict[str, Any], content: str) -> bool:
+        return wants_answer(room, content)
 
     async def drain(self) -> None:
         """Shutdown: claim nothing more, let running answers finish, cancel what outlives the drain time."""
         self.stopping = True
         self._wake.set()
-        deadline = time.monotonic() + self.state.settings.server.drain_timeout_s * 0.8
+        deadline = time.monotonic() + self.drain_timeout_s * 0.8
         while self.active and time.monotonic() < deadline:  # noqa: ASYNC110  # shutdown only
             await asyncio.sleep(0.05)
         for run in list(self.running.values()):
@@ -124,18 +138,15 @@ class Assistant:
     async def enqueue(self, room_id: int, prompt_id: int, requester_id: int, supersede_id: int | None = None) -> int:
         """Queue an answer to ``prompt_id``; the position, or ``busy`` / ``quota_exceeded``."""
         budget = self.settings.daily_token_budget
-        if budget and await store.tokens_used_today(self.state.pg, requester_id) >= budget:
+        if budget and await store.tokens_used_today(self.db, requester_id) >= budget:
             raise errors.QuotaExceeded(f"daily budget of {budget} tokens used up; it resets at 00:00 UTC")
         job = Job(
             self.job_id(prompt_id, supersede_id),
             requester_id,
             {"room_id": room_id, "prompt_id": prompt_id, "supersede_id": supersede_id},
         )
-        try:
-            depth = await self.queue.enqueue(job, self.settings.queue_max_depth)
-            position = await self.queue.position(job.id, requester_id) if depth is not None else None
-        except RedisError as exc:
-            raise errors.Unavailable("assistant queue unavailable, try again") from exc
+        depth = await self.queue.enqueue(job, self.settings.queue_max_depth)
+        position = await self.queue.position(job.id, requester_id) if depth is not None else None
         if depth is None:
             raise errors.Busy("the assistant is busy, try again later")
         pos = position or 1
@@ -156,16 +167,16 @@ class Assistant:
 
     async def cancel(self, user_id: int, is_admin: bool, message_id: int) -> None:
         """Stop a streaming answer (its message id) or a queued one (its prompt's id)."""
-        state = await self.state.redis.hgetall(self.state.keys.stream(message_id))
+        state = await self.kv.stream_state(message_id)
         if state:
             allowed = {int(state[b"requester"] or 0), int(state[b"owner"] or 0)}
             if user_id not in allowed and not is_admin:
                 raise errors.Forbidden("only the requester or the room owner may cancel")
             await self.hub.control("cancel", message_id=message_id)
             return
-        prompt = await store.message_by_id(self.state.pg, message_id)
+        prompt = await store.message_by_id(self.db, message_id)
         if prompt is not None and prompt["sender_id"] is not None:
-            room = await store.room_for_member(self.state.pg, prompt["room_id"], user_id)
+            room = await store.room_for_member(self.db, prompt["room_id"], user_id)
             if room is not None and (user_id in (prompt["sender_id"], room["owner_id"]) or is_admin):
                 if await self.queue.remove(self.job_id(message_id, None), prompt["sender_id"]):
                     self.waiting.pop(self.job_id(message_id, None), None)
@@ -178,8 +189,8 @@ class Assistant:
             run.cancelled.set()
 
     async def regenerate(self, user_id: int, message_id: int) -> int:
-        answer = await store.message_by_id(self.state.pg, message_id)
-        if answer is None or await store.room_for_member(self.state.pg, answer["room_id"], user_id) is None:
+        answer = await store.message_by_id(self.db, message_id)
+        if answer is None or await store.room_for_member(self.db, answer["room_id"], user_id) is None:
             raise errors.NotFound("message not found")
         if answer["role"] != "assistant" or answer["reply_to_id"] is None:
             raise errors.BadRequest("only an assistant answer can be regenerated")
@@ -190,20 +201,22 @@ class Assistant:
     # -- the worker side -------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        while not self.stopping:
+        while True:
+            if self.stopping:
+                await asyncio.sleep(3600)  # draining: a supervised loop must not return
+                continue
             if self.active >= self.settings.concurrency:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
             try:
                 job = await self.queue.claim(self.settings.job_lease_s, self.settings.per_user_concurrency)
-            except RedisError as exc:
-                assistant_log.warning("claim_failed", extra=fields(error=str(exc)[:200]))
+            except errors.Unavailable:
                 job = None
                 await asyncio.sleep(1)
             if job is None or self.stopping:
                 if job is not None:
-                    with contextlib.suppress(RedisError):
+                    with contextlib.suppress(errors.Unavailable):
                         await self.queue.renew([job.id], 0)  # give it straight back: the reaper requeues it
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -211,7 +224,7 @@ class Assistant:
                 continue
             self.waiting.pop(job.id, None)
             self.active += 1
-            self.state.tasks.spawn(self._run_job(job), f"assistant-job-{job.id}")
+            self.tasks.spawn(self._run_job(job), f"assistant-job-{job.id}")
 
     async def _maintenance_loop(self) -> None:
         """Renew our leases, take over dead workers' jobs, tell waiting rooms their position."""
@@ -228,8 +241,8 @@ class Assistant:
                     self._wake.set()
                 metrics.queue_depth.set(await self.queue.depth())
                 await self._publish_positions()
-            except RedisError as exc:
-                assistant_log.warning("assistant_maintenance_failed", extra=fields(error=str(exc)[:200]))
+            except errors.Unavailable:
+                pass  # logged by the Redis adapter; the next round tries again
 
     async def _publish_positions(self) -> None:
         for job_id, (room_id, prompt_id, user_id, last) in list(self.waiting.items()):
@@ -262,9 +275,9 @@ class Assistant:
         supersede_id = data.get("supersede_id")
         if data.get("answer_id"):
             await self._end_orphan(room_id, int(data["answer_id"]))  # taken over from a dead worker
-        pg = self.state.pg
+        pg = self.db
         prompt = await store.message_by_id(pg, prompt_id)
-        room = await store.fetch_one(pg, "SELECT id, kind, assistant, owner_id FROM rooms WHERE id = %s", (room_id,))
+        room = await store.room_by_id(pg, room_id)
         if prompt is None or room is None or prompt["deleted_at"] is not None:
             await self.queue.ack(job)
             return
@@ -316,7 +329,7 @@ class Assistant:
             message_id,
             prompt["sender_id"],
             model,
-            Coalescer(self.settings.chunk_interval_ms / 1000, len(local.sockets) if local else 1),
+            Coalescer(self.settings.chunk_interval_ms / 1000, local.sockets if local else 1),
         )
         self.running[message_id] = run
         assistant_log.info(
@@ -330,12 +343,10 @@ class Assistant:
     async def _stream(
         self, run: Run, request: GenerationRequest, owner_id: int, retrieved: tuple[int, ...], supersede_id: Any
     ) -> None:
-        keys, redis = self.state.keys, self.state.redis
-        stream_key = keys.stream(run.message_id)
-        pipe = redis.pipeline(transaction=False)
-        pipe.hset(
-            stream_key,
-            mapping={
+        await self.kv.stream_begin(
+            run.message_id,
+            run.room_id,
+            {
                 "room": run.room_id,
                 "reply_to": run.prompt_id,
                 "model": run.model,
@@ -343,11 +354,8 @@ class Assistant:
                 "owner": owner_id,
                 "index": -1,
             },
+            3600,
         )
-        pipe.set(keys.stream_text(run.message_id), "", ex=3600)
-        pipe.expire(stream_key, 3600)
-        pipe.sadd(keys.room_streams(run.room_id), run.message_id)
-        await pipe.execute()
         start = protocol.stream_start(
             room_id=run.room_id, message_id=run.message_id, reply_to_message_id=run.prompt_id, model=run.model
         )
@@ -420,13 +428,8 @@ class Assistant:
 
     async def _emit(self, run: Run, content: str, index: int) -> None:
         # The catch-up state holds exactly chunks 0..index (MULTI: text and index move together).
-        try:
-            pipe = self.state.redis.pipeline(transaction=True)
-            pipe.append(self.state.keys.stream_text(run.message_id), content)
-            pipe.hset(self.state.keys.stream(run.message_id), "index", index)
-            await pipe.execute()
-        except RedisError as exc:
-            assistant_log.warning("stream_state_failed", extra=fields(error=str(exc)[:200]))
+        with contextlib.suppress(errors.Unavailable):  # only the catch-up of late joiners misses this chunk
+            await self.kv.stream_append(run.message_id, content, index)
         frame = protocol.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
         await self.hub.publish_room(run.room_id, frame, stream=(run.message_id, index))
 
@@ -451,7 +454,7 @@ class Assistant:
         )
         status = {"cancelled": "cancelled", "error": "error"}.get(stop_reason, "final")
         row = await store.persist_answer(
-            self.state.pg,
+            self.db,
             message_id=run.message_id,
             room_id=run.room_id,
             prompt_id=run.prompt_id,
@@ -464,7 +467,7 @@ class Assistant:
         seq = 0
         if row is not None:
             seq = int(row["seq"])
-            await self.hub.publish_messages([(run.room_id, seq, message_frame(row))])
+            await self.hub.publish_messages([(run.room_id, seq, protocol.encode_bytes(protocol.message_from_row(row)))])
         end = protocol.stream_end(
             room_id=run.room_id,
             message_id=run.message_id,
@@ -494,11 +497,8 @@ class Assistant:
         )
 
     async def _clear_stream(self, room_id: int, message_id: int) -> None:
-        with contextlib.suppress(RedisError):
-            pipe = self.state.redis.pipeline(transaction=False)
-            pipe.delete(self.state.keys.stream(message_id), self.state.keys.stream_text(message_id))
-            pipe.srem(self.state.keys.room_streams(room_id), message_id)
-            await pipe.execute()
+        with contextlib.suppress(errors.Unavailable):
+            await self.kv.stream_clear(room_id, message_id)
 
     async def _end_orphan(self, room_id: int, message_id: int) -> None:
         """The worker we took this job from died mid-stream: end its stream for the clients."""
@@ -522,31 +522,22 @@ class Assistant:
         """``(message_id, index, frames)`` to bring a joining socket up to date with running streams."""
         out: list[tuple[int, int, list[dict[str, Any]]]] = []
         try:
-            ids = await self.state.redis.smembers(self.state.keys.room_streams(room_id))
-            for raw in ids:
-                mid = int(raw)
-                pipe = self.state.redis.pipeline(transaction=True)
-                pipe.hgetall(self.state.keys.stream(mid))
-                pipe.get(self.state.keys.stream_text(mid))
-                st, text = await pipe.execute()
-                if not st:
-                    continue
-                index = int(st[b"index"])
-                frames = [
-                    protocol.stream_start(
-                        room_id=room_id,
-                        message_id=mid,
-                        reply_to_message_id=int(st[b"reply_to"]),
-                        model=st[b"model"].decode(),
-                    )
-                ]
-                if index >= 0:
-                    frames.append(
-                        protocol.stream_chunk(
-                            room_id=room_id, message_id=mid, index=index, content=(text or b"").decode()
-                        )
-                    )
-                out.append((mid, index, frames))
-        except RedisError as exc:
-            assistant_log.warning("stream_catch_up_failed", extra=fields(error=str(exc)[:200]))
+            streams = await self.kv.room_streams(room_id)
+        except errors.Unavailable:
+            return out  # a late joiner misses the text so far; the final message comes anyway
+        for mid, st, text in streams:
+            index = int(st[b"index"])
+            frames = [
+                protocol.stream_start(
+                    room_id=room_id,
+                    message_id=mid,
+                    reply_to_message_id=int(st[b"reply_to"]),
+                    model=st[b"model"].decode(),
+                )
+            ]
+            if index >= 0:
+                frames.append(
+                    protocol.stream_chunk(room_id=room_id, message_id=mid, index=index, content=text.decode())
+                )
+            out.append((mid, index, frames))
         return out

@@ -82,6 +82,12 @@ class StorageSettings:
     redis_timeout_s: float = _f(2.0, "Redis socket timeout, and the longest wait for a pooled connection.", min=0.1)
     redis_pool_max: int = _f(256, "Redis connections each worker may open (beyond it, commands wait).", min=4)
     health_timeout_s: float = _f(1.0, "Timeout of each dependency check of /health/ready.", min=0.05)
+    pg_query_timeout_s: float = _f(
+        5.0,
+        "Deadline of every Postgres call (client side, and the server's statement_timeout); past it the"
+        " caller gets 'unavailable' (503) instead of waiting on a hung database.",
+        min=0.1,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +123,32 @@ class WebSocketSettings:
     typing_interval_s: float = _f(2.0, "At most one typing frame relayed per user per room per interval.", min=0)
     typing_ttl_s: float = _f(6.0, "Typing state expires without a refresh.", min=0.5)
     presence_grace_s: float = _f(5.0, "A reconnect within this time does not flap presence.", min=0)
+    presence_ttl_s: float = _f(
+        15.0,
+        "A worker's presence entries expire this long after its last heartbeat (sent every third of it):"
+        " the users of a crashed instance go offline within presence_ttl_s + presence_grace_s.",
+        min=1,
+    )
+    presence_tick_ms: float = _f(100.0, "Presence changes of a room are batched into one frame per tick.", min=1)
+    gap_timeout_ms: float = _f(250.0, "A missing seq is read from Postgres once it has been missing this long.", min=1)
+    probe_interval_s: float = _f(
+        1.0,
+        "Each worker reads the last seq and edit revision of its rooms this often (one query), so a message"
+        " or edit whose publish was lost reaches every socket anyway.",
+        min=0.05,
+    )
+    max_held_frames: int = _f(
+        10_000,
+        "Live frames a room may hold back while an earlier seq is missing, or a joining socket while"
+        " it reads its history; beyond it they are read back from Postgres (or the socket resyncs).",
+        min=10,
+    )
+    max_pending_sends: int = _f(
+        100, "Unacknowledged sends of one socket; at the bound the server stops reading that socket.", min=1
+    )
+    send_queue_max: int = _f(
+        2000, "Sends a worker may queue for the group commit; beyond it a send gets error busy.", min=1
+    )
     batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
     batch_max_delay_ms: float = _f(
         0.0,

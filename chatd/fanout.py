@@ -1,43 +1,41 @@
-"""Fan-out: Redis pub/sub between workers and instances, frame-once local delivery.
+"""The hub: which local socket gets which frame, in order, once.
 
-Each worker holds ONE subscriber connection.  It subscribes to a room's
-channel while it has at least one local socket in that room, and to a user's
-channel while that user has a local socket (read sync, forced close).
+One ``Hub`` per worker.  It keeps the local registries (sockets per room,
+sockets per user) and delivers:
 
-On the wire between workers an event is ``header JSON + b"\\n" + frame JSON``;
-the header carries what routing needs (room, seq, excluded connection) so the
-frame itself is never re-parsed or re-encoded.  Each worker builds the
-WebSocket frame bytes once and writes the same bytes to every local socket.
+* frames built once: each event is serialized and framed (RFC 6455) by its
+  publisher, and the same bytes are written to every local socket;
+* room messages in seq order, each once per socket: a ``RoomSequencer`` per
+  room is fed by this worker's own commits (delivered locally at once, so
+  Redis is not between two sockets of one worker) and by the other workers'
+  publishes; ``chatd.repair`` reads what is missing from Postgres;
+* edits and deletes once each (``Revisions``), presence as a per-room view.
 
-Ordering: room messages go through a ``RoomSequencer`` per room, fed by Redis
-and by this worker's own commits (delivered locally at once, so Redis is not
-on the path between two sockets of one worker); gaps older than the timeout
-are read back from Postgres.  After a Redis reconnect every room is resynced
-from Postgres, so a blink loses nothing that was committed.
+Transport is ``chatd.pubsub`` (one subscriber connection) and
+``chatd.kv.publish_many`` (one PUBLISH per room per batch, see
+``chatd.envelope``); a worker skips its own publishes by their origin before
+parsing them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from chatd import metrics, protocol, store
+from chatd import envelope, errors, metrics, protocol, store
+from chatd.config import WebSocketSettings
 from chatd.keys import Keys
+from chatd.kv import KV
 from chatd.logs import app_log, fields
-from chatd.sequencing import JoinMerge, RoomSequencer
-from chatd.state import ServerState
+from chatd.pubsub import Subscriber
+from chatd.sequencing import JoinMerge, Revisions, RoomSequencer
 
 
 class Conn(Protocol):
-    """What the hub needs of a socket (implemented by the WebSocket handler)."""
+    """What the hub needs of a socket (implemented by the WebSocket handler and the SSE listener)."""
 
     connection_id: str
     user_id: int
@@ -54,153 +52,66 @@ class Conn(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    frame: bytes  # complete WebSocket frame, built once
-    seq: int | None
-    exclude: str | None  # connection id that must not receive it (its own echo)
+    frame: bytes  # one or more complete WebSocket frames, built once
+    seq: int | None = None
+    exclude: str | None = None  # connection id that must not receive it (its own echo)
     stream: tuple[int, int] | None = None  # (answer message id, chunk index; -1 = stream_start)
 
 
-@dataclass
+@dataclass(eq=False)
 class RoomState:
-    sockets: set[Any] = field(default_factory=set)
-    joining: dict[Any, JoinMerge[Event]] = field(default_factory=dict)
+    live: set[Conn] = field(default_factory=set)
+    joining: dict[Conn, JoinMerge[Event]] = field(default_factory=dict)
     sequencer: RoomSequencer[Event] | None = None
-    early: list[Event] = field(default_factory=list)  # arrived before last_seq was read
+    revisions: Revisions | None = None
+    online: set[int] = field(default_factory=set)  # members with a socket anywhere, as this worker knows
+    early: list[Event] = field(default_factory=list)  # arrived before the sequencer was set up (bounded)
     ready: asyncio.Future[None] | None = None
 
-
-def envelope(
-    payload: bytes, *, origin: str, seq: int | None = None, exclude: str | None = None, op: str = "frame", **extra: Any
-) -> bytes:
-    """``header JSON \n frame JSON``: routing data without re-parsing the frame."""
-    header: dict[str, Any] = {"op": op, "o": origin}
-    if seq is not None:
-        header["s"] = seq
-    if exclude is not None:
-        header["x"] = exclude
-    header.update(extra)
-    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + payload
+    @property
+    def sockets(self) -> int:
+        return len(self.live) + len(self.joining)
 
 
 class Hub:
-    def __init__(self, state: ServerState, clock: Callable[[], float] = time.monotonic) -> None:
-        self.state = state
-        self.keys: Keys = state.keys
-        self.redis: aioredis.Redis = state.redis
-        # The subscriber gets a connection of its own: a busy command pool must never keep the
-        # fan-out reader from (re)connecting.
-        self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
-            state.settings.storage.redis_url,
-            socket_connect_timeout=state.settings.storage.redis_timeout_s,
-            health_check_interval=30,
-            max_connections=2,
-        )
+    def __init__(
+        self,
+        kv: KV,
+        db: store.Database,
+        keys: Keys,
+        settings: WebSocketSettings,
+        subscriber_factory: Callable[[Callable[[bytes, bytes], None], Callable[[], None]], Subscriber],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kv = kv
+        self.db = db
+        self.keys = keys
+        self.settings = settings
         self.clock = clock
+        self.origin = envelope.new_origin()
         self.rooms: dict[int, RoomState] = {}
-        self.users: dict[int, set[Any]] = {}
+        self.users: dict[int, set[Conn]] = {}
         self.control_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
-        self._pubsub: Any = None
-        self._confirm: dict[bytes, asyncio.Future[None]] = {}
-        self._wake = asyncio.Event()
-        self._gap_timeout_s = 0.25
-        # Marks this worker's own publishes: it delivered them locally already.
-        self.origin = secrets.token_hex(6)
+        self.on_resubscribed: Callable[[], None] = lambda: None  # set by the repair loop
+        self.subscriber = subscriber_factory(self._on_message, lambda: self.on_resubscribed())
+        self._gap_timeout_s = settings.gap_timeout_ms / 1000
+        self._room_prefix = keys.room_channel(0)[:-1].encode()
+        self._user_prefix = keys.user_channel(0)[:-1].encode()
+        self._control = keys.control().encode()
 
-    # -- lifecycle ------------------------------------------------------------
-
-    def start(self) -> None:
-        self.state.tasks.spawn(self._reader(), "fanout-reader")
-        self.state.tasks.spawn(self._gap_filler(), "fanout-gaps")
-
-    def _channels(self) -> list[str]:
-        rooms = [self.keys.room_channel(r) for r in self.rooms]
-        return [self.keys.control(), *rooms, *(self.keys.user_channel(u) for u in self.users)]
-
-    async def _reader(self) -> None:
-        backoff_s = 0.1
-        first = True
-        while True:
-            pubsub = self._sub_client.pubsub(ignore_subscribe_messages=False)
-            try:
-                channels = self._channels()
-                self._pubsub = pubsub
-                if channels:
-                    await pubsub.subscribe(*channels)
-                elif not first:
-                    await pubsub.ping()
-                if not first:
-                    app_log.info("fanout_reconnected", extra=fields(channels=len(channels)))
-                    self.state.tasks.spawn(self._resync_all(), "fanout-resync")
-                first = False
-                backoff_s = 0.1
-                while True:
-                    if not pubsub.subscribed:
-                        self._wake.clear()
-                        await self._wake.wait()  # nothing to listen to until a first subscribe
-                        continue
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None:
-                        self._on_message(msg)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # whatever broke (redis-py can raise AttributeError on a torn
-                # connection), the reader must come back: without it this worker goes deaf
-                self._pubsub = None
-                for fut in self._confirm.values():
-                    if not fut.done():
-                        fut.set_exception(exc)
-                self._confirm.clear()
-                app_log.warning("fanout_redis_lost", extra=fields(error=str(exc)[:200], retry_in_s=backoff_s))
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
-            finally:
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except Exception:  # the connection is already broken
-                    pass
-
-    # -- subscriptions --------------------------------------------------------
-
-    async def _subscribe(self, channel: str) -> None:
-        """Returns once Redis confirmed: later PUBLISHes will reach us."""
-        pubsub = self._pubsub
-        if pubsub is None:
-            raise RedisError("fan-out not connected")
-        key = channel.encode()
-        fut = self._confirm.get(key)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._confirm[key] = fut
-            await pubsub.subscribe(channel)
-            self._wake.set()
-        await asyncio.wait_for(asyncio.shield(fut), self.state.settings.storage.redis_timeout_s)
-
-    async def _unsubscribe(self, channel: str) -> None:
-        pubsub = self._pubsub
-        if pubsub is not None:
-            try:
-                await pubsub.unsubscribe(channel)
-            except RedisError:
-                pass
+    # -- rooms --------------------------------------------------------------------
 
     async def join_room(self, conn: Conn, room_id: int) -> RoomState:
-        """Subscribe (if first local socket) and mark ``conn`` as joining: live frames are held."""
+        """Subscribe (first local socket of the room) and mark ``conn`` as joining: its live frames are held."""
         room = self.rooms.get(room_id)
         if room is None:
             room = self.rooms[room_id] = RoomState()
-        room.joining[conn] = JoinMerge()
-        room.sockets.add(conn)
+        room.joining[conn] = JoinMerge(self.settings.max_held_frames)
         try:
             if room.ready is None:
                 room.ready = asyncio.get_running_loop().create_future()
                 try:
-                    await self._subscribe(self.keys.room_channel(room_id))
-                    row = await store.fetch_one(self.state.pg, "SELECT last_seq FROM rooms WHERE id = %s", (room_id,))
-                    last_seq = int(row["last_seq"]) if row else 0
-                    room.sequencer = RoomSequencer(last_seq + 1, self._gap_timeout_s)
-                    early, room.early = room.early, []
-                    for event in early:
-                        self._release(room_id, room, room.sequencer.offer(event.seq or 0, event, self.clock()))
+                    await self._open_room(room_id, room)
                     room.ready.set_result(None)
                 except BaseException as exc:
                     room.ready.set_exception(exc)
@@ -214,15 +125,30 @@ class Hub:
             raise
         return room
 
+    async def _open_room(self, room_id: int, room: RoomState) -> None:
+        await self.subscriber.subscribe(self.keys.room_channel(room_id))
+        # Subscribed (confirmed) before these reads: nothing falls between them and the live frames.
+        last_seq, edit_rev = await store.room_last_seq(self.db, room_id)
+        try:
+            room.online = set(await self.kv.presence_online(room_id))
+        except errors.Unavailable:
+            room.online = set()  # presence frames fill it in
+        now = self.clock()
+        room.sequencer = RoomSequencer(last_seq + 1, self._gap_timeout_s, self.settings.max_held_frames)
+        room.revisions = Revisions(edit_rev, self._gap_timeout_s)
+        early, room.early = room.early, []
+        for event in early:
+            self.release(room_id, room, room.sequencer.offer(event.seq or 0, event, now))
+
     def finish_join(
         self,
         conn: Conn,
         room_id: int,
         history: list[tuple[int, Event]],
         baseline_seq: int,
-        catch_up: list[tuple[int, int, list[bytes]]] = (),  # type: ignore[assignment]
+        catch_up: Sequence[tuple[int, int, list[bytes]]] = (),
     ) -> None:
-        """Deliver history, running streams' text so far, then held live frames; the socket is live.
+        """Deliver history, running streams' text so far, then the held live frames; the socket is live.
 
         ``baseline_seq``: the socket has everything up to it (since_seq when
         replaying, else the room's last_seq at join), so older copies are dropped.
@@ -230,6 +156,7 @@ class Hub:
         """
         room = self.rooms[room_id]
         merge = room.joining.pop(conn, None)
+        room.live.add(conn)
         conn.room_seq[room_id] = baseline_seq
         for message_id, index, frames in catch_up:
             for frame in frames:
@@ -239,27 +166,33 @@ class Hub:
         items = merge.merge(history, last_history_seq) if merge else [e for _, e in history]
         for event in items:
             self._write(conn, room_id, event)
+        if merge is not None and merge.overflowed:
+            last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
+            conn.write_frame(_framed(protocol.resync_required(room_id=room_id, last_seq=last, reply_to=None)))
 
     async def leave_room(self, conn: Conn, room_id: int) -> None:
-        room = self.rooms.get(room_id)
         conn.room_seq.pop(room_id, None)
+        room = self.rooms.get(room_id)
         if room is None:
             return
-        room.sockets.discard(conn)
+        room.live.discard(conn)
         room.joining.pop(conn, None)
         if not room.sockets:
             del self.rooms[room_id]
-            await self._unsubscribe(self.keys.room_channel(room_id))
+            await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
+
+    def online(self, room_id: int) -> set[int]:
+        room = self.rooms.get(room_id)
+        return set(room.online) if room is not None else set()
+
+    # -- users ----------------------------------------------------------------------
 
     async def add_user(self, conn: Conn) -> None:
         conns = self.users.setdefault(conn.user_id, set())
         conns.add(conn)
         if len(conns) == 1:
-            try:
-                await self._subscribe(self.keys.user_channel(conn.user_id))
-            except (TimeoutError, RedisError) as exc:
-                # Serving goes on; cross-instance read sync and forced close wait for Redis.
-                app_log.warning("user_channel_unavailable", extra=fields(error=str(exc)[:200]))
+            # Not waiting for Redis' confirmation: read sync and forced closes may take a moment longer.
+            await self.subscriber.want(self.keys.user_channel(conn.user_id))
 
     async def remove_user(self, conn: Conn) -> None:
         conns = self.users.get(conn.user_id)
@@ -268,155 +201,187 @@ class Hub:
         conns.discard(conn)
         if not conns:
             del self.users[conn.user_id]
-            await self._unsubscribe(self.keys.user_channel(conn.user_id))
+            await self.subscriber.unsubscribe(self.keys.user_channel(conn.user_id))
 
-    # -- publishing -----------------------------------------------------------
+    # -- publishing -------------------------------------------------------------------
+
+    async def publish_messages(self, items: Sequence[tuple[int, int, bytes]]) -> None:
+        """Committed messages ``(room_id, seq, frame JSON)`` in commit order: local sockets, then one
+        PUBLISH per room.  A lost publish is repaired by the other workers' probes (``chatd.repair``)."""
+        by_room: dict[int, tuple[list[int], list[bytes]]] = {}
+        for room_id, seq, payload in items:
+            self.deliver_message(room_id, seq, payload)
+            seqs, payloads = by_room.setdefault(room_id, ([], []))
+            seqs.append(seq)
+            payloads.append(payload)
+        await self._publish(
+            [
+                (self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "m", "s": seqs}, payloads))
+                for room_id, (seqs, payloads) in by_room.items()
+            ]
+        )
 
     async def publish_room(
         self,
         room_id: int,
         frame: dict[str, Any],
-        seq: int | None = None,
         exclude: str | None = None,
         stream: tuple[int, int] | None = None,
     ) -> None:
+        """A frame without a seq (typing, stream chunks, queued...): best effort, not repaired."""
         payload = protocol.encode_bytes(frame)
-        self.deliver_room(room_id, payload, seq, exclude, stream)  # local sockets first, without Redis
-        extra: dict[str, Any] = {} if stream is None else {"m": stream[0], "i": stream[1]}
-        try:
-            await self.redis.publish(
-                self.keys.room_channel(room_id),
-                envelope(payload, origin=self.origin, seq=seq, exclude=exclude, **extra),
-            )
-        except RedisError as exc:
-            # Committed messages are still in Postgres: other instances catch up by gap fill / resume.
-            app_log.warning("publish_failed", extra=fields(room_id=room_id, error=str(exc)[:200]))
+        self.deliver_frame(room_id, payload, exclude, stream)
+        header: dict[str, Any] = {"o": "f"}
+        if exclude is not None:
+            header["x"] = exclude
+        if stream is not None:
+            header["m"], header["i"] = stream
+        await self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
 
-    async def publish_messages(self, items: list[tuple[int, int, dict[str, Any]]]) -> None:
-        """Committed messages ``(room_id, seq, frame)`` in commit order, one Redis round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for room_id, seq, frame in items:
-            payload = protocol.encode_bytes(frame)
-            self.deliver_room(room_id, payload, seq, None)
-            pipe.publish(self.keys.room_channel(room_id), envelope(payload, origin=self.origin, seq=seq))
-        try:
-            await pipe.execute()
-        except RedisError as exc:
-            app_log.warning("publish_failed", extra=fields(count=len(items), error=str(exc)[:200]))
+    async def publish_change(self, room_id: int, rev: int, frame: dict[str, Any]) -> None:
+        """An edit or delete (revision ``rev`` of the room): repaired like messages when its publish is lost."""
+        payload = protocol.encode_bytes(frame)
+        self.deliver_change(room_id, rev, payload)
+        await self._publish(
+            [(self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "u", "r": rev}, [payload]))]
+        )
+
+    async def publish_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int]) -> None:
+        payload = protocol.encode_bytes(protocol.presence(room_id=room_id, online=online, offline=offline))
+        self.deliver_presence(room_id, online, offline, payload)
+        header = {"o": "p", "on": list(online), "off": list(offline)}
+        await self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
 
     async def publish_user(self, user_id: int, frame: dict[str, Any], exclude: str | None = None) -> None:
         payload = protocol.encode_bytes(frame)
         self.deliver_user(user_id, payload, exclude)
-        try:
-            await self.redis.publish(
-                self.keys.user_channel(user_id), envelope(payload, origin=self.origin, exclude=exclude)
-            )
-        except RedisError as exc:
-            app_log.warning("publish_failed", extra=fields(user_id=user_id, error=str(exc)[:200]))
+        header: dict[str, Any] = {"o": "f"} if exclude is None else {"o": "f", "x": exclude}
+        await self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, header, [payload]))])
 
     async def close_user(self, user_id: int, code: int, reason: str, family: str | None = None) -> None:
-        """Close a user's sockets (one session's when ``family`` is given) on every worker and instance."""
-        self._close_local(user_id, code, reason, family)
-        await self.redis.publish(
-            self.keys.user_channel(user_id),
-            envelope(b"", origin=self.origin, op="close", code=code, reason=reason, fam=family),
-        )
+        """Close a user's sockets (one session's when ``family`` is given) on every worker and instance.
 
-    async def control(self, op: str, **data: Any) -> None:
-        """An instruction for every worker (e.g. cancel a generation wherever it runs)."""
-        head = {"op": op, **data}
-        handler = self.control_handlers.get(op)
-        if handler is not None:
-            handler(head)
-        await self.redis.publish(self.keys.control(), envelope(b"", origin=self.origin, op=op, **data))
+        Raises ``Unavailable`` when the other instances cannot be told.
+        """
+        self._close_local(user_id, code, reason, family)
+        head = {"o": "close", "code": code, "reason": reason, "fam": family}
+        await self.kv.publish(self.keys.user_channel(user_id), envelope.encode(self.origin, head))
 
     async def kick(self, user_id: int, room_id: int) -> None:
         """Make a user's sockets leave a room (removed from it) on every worker and instance."""
         self._kick_local(user_id, room_id)
+        await self._publish(
+            [(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))]
+        )
+
+    async def control(self, op: str, **data: Any) -> None:
+        """An instruction for every worker (e.g. cancel a generation wherever it runs); may raise ``Unavailable``."""
+        head = {"o": op, **data}
+        handler = self.control_handlers.get(op)
+        if handler is not None:
+            handler(head)
+        await self.kv.publish(self.keys.control(), envelope.encode(self.origin, head))
+
+    async def _publish(self, items: list[tuple[str, bytes]]) -> None:
         try:
-            await self.redis.publish(
-                self.keys.user_channel(user_id), envelope(b"", origin=self.origin, op="kick", room=room_id)
-            )
-        except RedisError as exc:
-            app_log.warning("publish_failed", extra=fields(user_id=user_id, error=str(exc)[:200]))
+            await self.kv.publish_many(items)
+        except errors.Unavailable:
+            pass  # logged by kv; messages and edits are repaired from Postgres, the rest is best effort
 
-    def _kick_local(self, user_id: int, room_id: int) -> None:
-        for conn in list(self.users.get(user_id, ())):
-            conn.kicked(room_id)
+    # -- receiving ----------------------------------------------------------------------
 
-    # -- receiving ------------------------------------------------------------
-
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        channel: bytes = msg["channel"]
-        if kind == b"subscribe" or kind == "subscribe":
-            fut = self._confirm.pop(channel, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if data.startswith(self.origin):
+            return  # our own publish: local sockets have it already
+        try:
+            env = envelope.decode(data)
+        except ValueError:
+            app_log.warning("fanout_bad_envelope", extra=fields(channel=channel[:100].decode(errors="replace")))
             return
-        if kind not in ("message", b"message"):
-            return
-        data: bytes = msg["data"]
-        head_raw, _, payload = data.partition(b"\n")
-        head = json.loads(head_raw)
-        if head.get("o") == self.origin:
-            return  # our own publish: local sockets already have it
-        name = channel.decode()
-        prefix = self.keys.prefix
-        if name.startswith(prefix + "room:"):
-            stream = (int(head["m"]), int(head["i"])) if "m" in head else None
-            self.deliver_room(int(name[len(prefix) + 5 :]), payload, head.get("s"), head.get("x"), stream)
-        elif name == self.keys.control():
-            handler = self.control_handlers.get(str(head.get("op")))
+        head = env.header
+        op = head["o"]
+        if channel.startswith(self._room_prefix):
+            room_id = int(channel[len(self._room_prefix) :])
+            if op == "m":
+                for seq, payload in zip(head["s"], env.payloads, strict=True):
+                    self.deliver_message(room_id, seq, payload)
+            elif op == "f":
+                stream = (int(head["m"]), int(head["i"])) if "m" in head else None
+                self.deliver_frame(room_id, env.payloads[0], head.get("x"), stream)
+            elif op == "u":
+                self.deliver_change(room_id, int(head["r"]), env.payloads[0])
+            elif op == "p":
+                self.deliver_presence(room_id, head["on"], head["off"], env.payloads[0])
+        elif channel.startswith(self._user_prefix):
+            user_id = int(channel[len(self._user_prefix) :])
+            if op == "f":
+                self.deliver_user(user_id, env.payloads[0], head.get("x"))
+            elif op == "close":
+                self._close_local(user_id, int(head["code"]), str(head.get("reason", "")), head.get("fam"))
+            elif op == "kick":
+                self._kick_local(user_id, int(head["room"]))
+        elif channel == self._control:
+            handler = self.control_handlers.get(op)
             if handler is not None:
                 handler(head)
-        elif name.startswith(prefix + "user:"):
-            user_id = int(name[len(prefix) + 5 :])
-            if head.get("op") == "close":
-                self._close_local(user_id, int(head["code"]), str(head.get("reason", "")), head.get("fam"))
-            elif head.get("op") == "kick":
-                self._kick_local(user_id, int(head["room"]))
-            else:
-                self.deliver_user(user_id, payload, head.get("x"))
 
-    def deliver_room(
-        self,
-        room_id: int,
-        payload: bytes,
-        seq: int | None,
-        exclude: str | None,
-        stream: tuple[int, int] | None = None,
-    ) -> None:
+    def deliver_message(self, room_id: int, seq: int, payload: bytes) -> None:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        event = Event(protocol.ws_text_frame(payload), seq, exclude, stream)
-        if seq is None:
-            self._release(room_id, room, [event])
-        elif room.sequencer is None:
-            room.early.append(event)
-        else:
-            self._release(room_id, room, room.sequencer.offer(seq, event, self.clock()))
+        event = Event(protocol.ws_text_frame(payload), seq)
+        if room.sequencer is None:
+            if len(room.early) < self.settings.max_held_frames:  # beyond: read back once the room is set up
+                room.early.append(event)
+            return
+        self.release(room_id, room, room.sequencer.offer(seq, event, self.clock()))
 
-    def _release(self, room_id: int, room: RoomState, events: list[Event]) -> None:
+    def deliver_frame(self, room_id: int, payload: bytes, exclude: str | None, stream: tuple[int, int] | None) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            self.release(room_id, room, [Event(protocol.ws_text_frame(payload), None, exclude, stream)])
+
+    def deliver_change(self, room_id: int, rev: int, payload: bytes) -> None:
+        room = self.rooms.get(room_id)
+        if room is None or room.revisions is None or not room.revisions.offer(rev, self.clock()):
+            return
+        self.release(room_id, room, [Event(protocol.ws_text_frame(payload))])
+
+    def deliver_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int], payload: bytes) -> None:
+        room = self.rooms.get(room_id)
+        if room is None or room.ready is None or not room.ready.done():
+            return  # the view is read once the room is set up
+        room.online.update(online)
+        room.online.difference_update(offline)
+        # Not held for joining sockets: their `joined` frame carries the view as it is then.
+        frame = protocol.ws_text_frame(payload)
+        for conn in list(room.live):
+            conn.write_frame(frame)
+        metrics.frames_delivered.inc(len(room.live))
+
+    def release(self, room_id: int, room: RoomState, events: list[Event]) -> None:
+        if not events:
+            return
         written = 0
         for event in events:
-            for conn in list(room.sockets):
-                merge = room.joining.get(conn)
-                if merge is not None:
+            if room.joining:
+                for merge in room.joining.values():
                     merge.hold(event.seq, event)
-                elif self._write(conn, room_id, event):
+            for conn in list(room.live):
+                if self._write(conn, room_id, event):
                     written += 1
         if written:
             metrics.frames_delivered.inc(written)
 
-    def _write(self, conn: Any, room_id: int, event: Event) -> bool:
+    @staticmethod
+    def _write(conn: Conn, room_id: int, event: Event) -> bool:
         if event.exclude is not None and event.exclude == conn.connection_id:
             return False
-        if event.seq is not None:
-            if event.seq <= conn.room_seq.get(room_id, 0):
+        seq = event.seq
+        if seq is not None:
+            if seq <= conn.room_seq.get(room_id, 0):
                 return False  # this socket already has it (history, or an earlier copy)
-            conn.room_seq[room_id] = event.seq
+            conn.room_seq[room_id] = seq
         elif event.stream is not None and conn.stream_marks:
             mark = conn.stream_marks.get(event.stream[0])
             if mark is not None and event.stream[1] <= mark:
@@ -433,76 +398,25 @@ class Hub:
             if conn.connection_id != exclude:
                 conn.write_frame(frame)
 
+    def resync(self, room_id: int, last_seq: int) -> None:
+        """Tell the room's sockets they missed messages that cannot be delivered: refetch and rejoin."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        frame = _framed(protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=None))
+        for conn in list(room.live):
+            conn.write_frame(frame)
+            conn.room_seq[room_id] = max(conn.room_seq.get(room_id, 0), last_seq)
+
     def _close_local(self, user_id: int, code: int, reason: str, family: str | None) -> None:
         for conn in list(self.users.get(user_id, ())):
             if family is None or conn.family == family:
                 conn.force_close(code, reason)
 
-    # -- gaps and resync --------------------------------------------------------
-
-    async def _gap_filler(self) -> None:
-        while True:
-            await asyncio.sleep(self._gap_timeout_s / 2)
-            now = self.clock()
-            for room_id, room in list(self.rooms.items()):
-                if room.sequencer is None:
-                    continue
-                gap = room.sequencer.missing(now)
-                if gap is not None:
-                    await self._fill(room_id, room, gap[0] - 1, gap[1] - gap[0] + 1)
-
-    async def _fill(self, room_id: int, room: RoomState, after_seq: int, limit: int) -> None:
-        try:
-            rows = await store.messages_after(self.state.pg, room_id, after_seq, limit)
-        except Exception as exc:  # Postgres down: try again on the next tick
-            app_log.warning("gap_fill_failed", extra=fields(room_id=room_id, error=str(exc)[:200]))
-            return
-        if room.sequencer is None or self.rooms.get(room_id) is not room:
-            return
-        items = [
-            (int(r["seq"]), Event(protocol.ws_text_frame(protocol.encode_bytes(message_frame(r))), int(r["seq"]), None))
-            for r in rows
-        ]
-        if items:
-            app_log.info("gap_filled", extra=fields(room_id=room_id, count=len(items)))
-        self._release(room_id, room, room.sequencer.fill(items, self.clock()))
-
-    async def _resync_all(self) -> None:
-        """After a Redis reconnect: read what was committed meanwhile."""
-        for room_id, room in list(self.rooms.items()):
-            if room.sequencer is None:
-                continue
-            while True:
-                before = room.sequencer.next_seq
-                await self._fill(room_id, room, before - 1, 500)
-                if (
-                    room.sequencer is None
-                    or room.sequencer.next_seq == before
-                    or room.sequencer.next_seq - before < 500
-                ):
-                    break
+    def _kick_local(self, user_id: int, room_id: int) -> None:
+        for conn in list(self.users.get(user_id, ())):
+            conn.kicked(room_id)
 
 
-def message_frame(row: dict[str, Any]) -> dict[str, Any]:
-    """A stored message as the ``message`` frame (live, replay and REST share it)."""
-    frame = protocol.message(
-        room_id=row["room_id"],
-        message_id=row["id"],
-        seq=row["seq"],
-        sender_id=row["sender_id"],
-        role=row["role"],
-        kind=row["kind"],
-        content=row["content"],
-        client_msg_id=row["client_msg_id"],
-        created_at=store.iso(row["created_at"]) or "",
-        edited_at=store.iso(row["edited_at"]),
-        deleted=row["deleted_at"] is not None,
-    )
-    # Assistant answers: which prompt they answer, and whether the text is partial or replaced.
-    if row.get("reply_to_id") is not None:
-        frame["reply_to_message_id"] = row["reply_to_id"]
-    if row.get("status", "final") != "final":
-        frame["status"] = row["status"]  # "cancelled" or "error": a partial answer, kept
-    if row.get("superseded_at") is not None:
-        frame["superseded"] = True
-    return frame
+def _framed(frame: dict[str, Any]) -> bytes:
+    return protocol.ws_text_frame(protocol.encode_bytes(frame))

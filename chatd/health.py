@@ -7,7 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatd.state import ServerState
+from chatd.kv import KV
+from chatd.store import Database
 
 
 async def _timed(check: Callable[[], Awaitable[Any]], timeout_s: float) -> dict[str, Any]:
@@ -21,19 +22,14 @@ async def _timed(check: Callable[[], Awaitable[Any]], timeout_s: float) -> dict[
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 
-async def check_dependencies(state: ServerState) -> dict[str, dict[str, Any]]:
-    timeout_s = state.settings.storage.health_timeout_s
-
+async def check_dependencies(db: Database, kv: KV, timeout_s: float) -> dict[str, dict[str, Any]]:
     async def postgres() -> None:
         try:
-            async with state.pg.connection(timeout=timeout_s) as conn:
+            async with db.connection(timeout=timeout_s) as conn:
                 await conn.execute("SELECT 1")
         except Exception:
-            await state.pg.check()  # drop connections a Postgres restart broke, so the next probe is honest
+            await db.check()  # drop connections a Postgres restart broke, so the next probe is honest
             raise
 
-    async def redis() -> None:
-        await state.redis.ping()
-
-    pg_result, redis_result = await asyncio.gather(_timed(postgres, timeout_s), _timed(redis, timeout_s))
+    pg_result, redis_result = await asyncio.gather(_timed(postgres, timeout_s), _timed(kv.ping, timeout_s))
     return {"postgres": pg_result, "redis": redis_result}

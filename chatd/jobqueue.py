@@ -9,7 +9,8 @@ At-least-once: a claimed job gets a lease (a deadline in a sorted set) that
 its worker renews while it runs.  If the worker dies, any worker's reaper
 puts the job back at the head of its user's list once the lease expired.
 Every transition is one Lua script, so concurrent workers never see a job in
-two places.  ``positions`` estimates where a waiting job stands.
+two places.  ``positions`` estimates where a waiting job stands.  Redis
+failures leave as ``errors.Unavailable`` (``chatd.kv``'s policy).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from chatd.keys import Keys
+from chatd.kv import guarded
 
 # KEYS: depth, users, active, user_list, job   ARGV: uid, jid, payload, max_depth
 _ENQUEUE = """
@@ -142,6 +144,7 @@ class JobQueue:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    @guarded("jobqueue")
     async def enqueue(self, job: Job, max_depth: int) -> int | None:
         """Queue ``job``; the new depth, or None when the queue is full.  A job id already queued
         or running is not queued twice (two regenerates of one answer make one job)."""
@@ -150,6 +153,7 @@ class JobQueue:
         depth = int(await self._enqueue(keys=keys, args=[job.user_id, job.id, payload, max_depth]))
         return None if depth < 0 else depth
 
+    @guarded("jobqueue")
     async def claim(self, lease_s: float, per_user_cap: int) -> Job | None:
         """The next job in fair order, leased to the caller; None when nothing may run now."""
         found = await self._claim(
@@ -165,17 +169,20 @@ class JobQueue:
         body = json.loads(payload)
         return Job(job_id, int(body["user_id"]), body["data"])
 
+    @guarded("jobqueue")
     async def renew(self, job_ids: list[str], lease_s: float) -> None:
         if not job_ids:
             return
         deadline = self._now_ms() + int(lease_s * 1000)
         await self.redis.zadd(self._leases, dict.fromkeys(job_ids, deadline), xx=True)
 
+    @guarded("jobqueue")
     async def ack(self, job: Job) -> None:
         """Done (answered, cancelled or failed for good): the job leaves the queue for ever."""
         running = f"{self.keys.prefix}q:running:{job.user_id}"
         await self._ack(keys=[self._leases, running, self._job(job.id)], args=[job.id])
 
+    @guarded("jobqueue")
     async def reap(self, limit: int = 50) -> list[str]:
         """Put jobs whose lease expired (their worker died) back at the head of their user's list."""
         expired = await self._reap(
@@ -183,20 +190,24 @@ class JobQueue:
         )
         return [j.decode() if isinstance(j, bytes) else str(j) for j in expired]
 
+    @guarded("jobqueue")
     async def remove(self, job_id: str, user_id: int) -> bool:
         """Take a job that has not started out of the queue (cancel while queued)."""
         keys = [self._user_list(user_id), self._job(job_id), self._depth]
         return bool(await self._remove(keys=keys, args=[job_id]))
 
+    @guarded("jobqueue")
     async def position(self, job_id: str, user_id: int) -> int | None:
         """1 = next to run (an estimate under round-robin); None once it left the queue."""
         pos = int(await self._position(keys=[self._users, self._user_list(user_id)], args=[user_id, job_id]))
         return None if pos < 0 else pos
 
+    @guarded("jobqueue")
     async def update(self, job: Job, **data: Any) -> None:
         """Record progress in the job (e.g. the answer id of the current attempt) for a takeover."""
         payload = json.dumps({"user_id": job.user_id, "data": job.data | data})
         await self.redis.set(self._job(job.id), payload, xx=True)
 
+    @guarded("jobqueue")
     async def depth(self) -> int:
         return int(await self.redis.get(self._depth) or 0)

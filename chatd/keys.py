@@ -22,6 +22,10 @@ class Keys:
         """A sliding-window rate limit counter (sorted set)."""
         return f"{self.prefix}rate:{scope}:{subject}"
 
+    def quota(self, scope: str) -> str:
+        """Prefix of the per-subject, per-slice counters of a shared quota (``<prefix><subject>:<slice>``)."""
+        return f"{self.prefix}quota:{scope}:"
+
     def user_connections(self, user_id: int) -> str:
         """Sorted set of a user's live socket ids, scored by expiry (cross-instance cap)."""
         return f"{self.prefix}conns:{user_id}"
@@ -37,12 +41,25 @@ class Keys:
 
     # -- presence ---------------------------------------------------------
     def presence(self, room_id: int) -> str:
-        """Hash user_id -> count of joined sockets across instances."""
+        """Hash ``<user_id>:<worker origin>`` -> 1: which workers have a socket of the user in the room."""
         return f"{self.prefix}presence:{room_id}"
 
-    def presence_leaving(self, room_id: int, user_id: int) -> str:
-        """Set while a user's offline is held back for the grace period (any worker may cancel it)."""
-        return f"{self.prefix}presence-leaving:{room_id}:{user_id}"
+    def presence_users(self, room_id: int) -> str:
+        """Hash user_id -> number of workers with a socket of the user in the room (> 0: online)."""
+        return f"{self.prefix}presence-n:{room_id}"
+
+    def worker_rooms(self, origin: str) -> str:
+        """Set of the rooms where a worker has presence entries (what to clean when it dies)."""
+        return f"{self.prefix}worker-rooms:{origin}"
+
+    def workers(self) -> str:
+        """Sorted set worker origin -> heartbeat expiry (ms): a worker missing its heartbeats is dead."""
+        return f"{self.prefix}workers"
+
+    def presence_pending(self) -> str:
+        """Sorted set ``<room_id>:<user_id>`` -> due ms: users gone everywhere, offline once the grace ends
+        unless they come back (any worker announces it; the worker that saw them leave may be gone)."""
+        return f"{self.prefix}presence-pending"
 
     # -- assistant -----------------------------------------------------------
     def stream(self, message_id: int) -> str:

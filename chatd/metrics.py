@@ -58,3 +58,14 @@ first_token = Histogram(
     "chatd_assistant_first_token_seconds", "Time to the first token of an answer", buckets=_LATENCY_BUCKETS_S
 )
 queue_depth = Gauge("chatd_assistant_queue_depth", "Queued generations (as last seen)", multiprocess_mode="max")
+
+# The message core (counted per batch or per event, never per socket).
+task_restarts = Counter("chatd_task_restarts_total", "Supervised background tasks restarted after a failure", ["task"])
+redis_errors = Counter("chatd_redis_errors_total", "Redis operations that failed (answered 'unavailable')", ["op"])
+pubsub_reconnects = Counter("chatd_pubsub_reconnects_total", "Fan-out pub/sub connection re-established")
+gaps_filled = Counter("chatd_fanout_gap_messages_filled_total", "Messages read back from Postgres (lost publishes)")
+seqs_lost = Counter(
+    "chatd_fanout_seqs_lost_total", "Committed seqs Postgres could not return (invariant breach: resync sent)"
+)
+sends_busy = Counter("chatd_sends_busy_total", "Sends refused with 'busy' (group-commit queue full)")
+send_queue = Gauge("chatd_send_queue_messages", "Sends waiting for the group commit", multiprocess_mode="livesum")

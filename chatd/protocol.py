@@ -39,11 +39,12 @@ error because it is visible to mypy and cannot be forgotten by a raiser.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias
 
@@ -66,7 +67,6 @@ __all__ = [
     "Kind",
     "Leave",
     "Ping",
-    "PresenceStatus",
     "Read",
     "Regenerate",
     "RequestId",
@@ -76,14 +76,17 @@ __all__ = [
     "Typing",
     "ack",
     "authenticated",
+    "change_from_row",
     "encode",
     "encode_bytes",
     "error",
     "hello",
+    "iso",
     "joined",
     "left",
     "message",
     "message_deleted",
+    "message_from_row",
     "message_updated",
     "parse_client_frame",
     "pong",
@@ -93,9 +96,11 @@ __all__ = [
     "resync_required",
     "stream_chunk",
     "stream_end",
+    "stream_end_from_row",
     "stream_start",
     "token_expiring",
     "typing",
+    "ws_frame_payloads",
     "ws_text_frame",
 ]
 
@@ -114,7 +119,6 @@ MAX_TOKEN_CHARS: Final = 8192
 RequestId: TypeAlias = str | int | None
 Role: TypeAlias = Literal["user", "assistant", "system"]
 Kind: TypeAlias = Literal["text", "file", "system"]
-PresenceStatus: TypeAlias = Literal["online", "offline"]
 StopReason: TypeAlias = Literal["end_turn", "max_tokens", "cancelled", "error"]
 
 
@@ -584,7 +588,11 @@ def left(*, room_id: int, reply_to: RequestId) -> dict[str, Any]:
 
 
 def resync_required(*, room_id: int, last_seq: int, reply_to: RequestId) -> dict[str, Any]:
-    """The client's ``since_seq`` gap is too large to backfill: refetch via REST."""
+    """The socket cannot be brought up to date frame by frame: refetch via REST, then rejoin.
+
+    In reply to a ``join`` whose ``since_seq`` gap is over ``ws.replay_limit``, or at
+    any time when the server could not deliver a room's messages in order.
+    """
     return {
         "type": "resync_required",
         "room_id": room_id,
@@ -678,12 +686,13 @@ def read(*, room_id: int, user_id: int, seq: int) -> dict[str, Any]:
     return {"type": "read", "room_id": room_id, "user_id": user_id, "seq": seq}
 
 
-def presence(*, room_id: int, user_id: int, status: PresenceStatus) -> dict[str, Any]:
+def presence(*, room_id: int, online: Sequence[int], offline: Sequence[int]) -> dict[str, Any]:
+    """Members who came online / went offline in a room since the last one (batched per tick)."""
     return {
         "type": "presence",
         "room_id": room_id,
-        "user_id": user_id,
-        "status": status,
+        "online": list(online),
+        "offline": list(offline),
     }
 
 
@@ -756,6 +765,71 @@ def stream_end(
     }
 
 
+# Stored rows as frames (live, replay, repair and REST share them).
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """Timestamps on the wire: RFC 3339 UTC with milliseconds."""
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def message_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored message (``store.MESSAGE_COLUMNS``) as the ``message`` frame."""
+    frame = message(
+        room_id=row["room_id"],
+        message_id=row["id"],
+        seq=row["seq"],
+        sender_id=row["sender_id"],
+        role=row["role"],
+        kind=row["kind"],
+        content=row["content"],
+        client_msg_id=row["client_msg_id"],
+        created_at=iso(row["created_at"]) or "",
+        edited_at=iso(row["edited_at"]),
+        deleted=row["deleted_at"] is not None,
+    )
+    # Assistant answers: which prompt they answer, and whether the text is partial or replaced.
+    if row.get("reply_to_id") is not None:
+        frame["reply_to_message_id"] = row["reply_to_id"]
+    if row.get("status", "final") != "final":
+        frame["status"] = row["status"]  # "cancelled" or "error": a partial answer, kept
+    if row.get("superseded_at") is not None:
+        frame["superseded"] = True
+    return frame
+
+
+def change_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The last change of a stored message: ``message_deleted`` or ``message_updated``."""
+    if row["deleted_at"] is not None:
+        return message_deleted(room_id=row["room_id"], message_id=row["id"], seq=row["seq"])
+    return message_updated(
+        room_id=row["room_id"],
+        message_id=row["id"],
+        seq=row["seq"],
+        content=row["content"],
+        edited_at=iso(row["edited_at"]) or "",
+    )
+
+
+_STOP_BY_STATUS: Final[dict[str, StopReason]] = {"cancelled": "cancelled", "error": "error"}
+
+
+def stream_end_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``stream_end`` of a stored answer, rebuilt from its generation (columns ``g_*``)."""
+    return stream_end(
+        room_id=row["room_id"],
+        message_id=row["id"],
+        seq=row["seq"],
+        stop_reason=row.get("g_stop_reason") or _STOP_BY_STATUS.get(row["status"], "end_turn"),
+        input_tokens=row.get("g_input_tokens") or 0,
+        output_tokens=row.get("g_output_tokens") or 0,
+        first_token_ms=row.get("g_first_token_ms"),
+        latency_ms=row.get("g_latency_ms") or 0,
+    )
+
+
 # --------------------------------------------------------------------------
 # 5. Pre-framed WebSocket text frames for fan-out
 # --------------------------------------------------------------------------
@@ -782,3 +856,18 @@ def ws_text_frame(payload: bytes) -> bytes:
     else:  # pragma: no cover - not representable in memory
         raise ValueError("payload too large for a WebSocket frame")
     return header + payload
+
+
+def ws_frame_payloads(data: bytes) -> list[bytes]:
+    """The payloads of ``ws_text_frame`` output (one or several frames back to back)."""
+    out = []
+    while data:
+        length = data[1] & 0x7F
+        offset = 2
+        if length == 126:
+            length, offset = struct.unpack("!H", data[2:4])[0], 4
+        elif length == 127:
+            length, offset = struct.unpack("!Q", data[2:10])[0], 10
+        out.append(data[offset : offset + length])
+        data = data[offset + length :]
+    return out

@@ -26,17 +26,16 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import psycopg
-from psycopg import sql
 
 from chatd import store
+from chatd.config import AssistantSettings
 from chatd.errors import ChatdError, ConfigError
 from chatd.logs import assistant_log, fields
-
-if TYPE_CHECKING:
-    from chatd.state import ServerState
+from chatd.state import Tasks
+from chatd.store import Database
 
 Kind = Literal["query", "passage"]
 Mode = Literal["vector", "text"]
@@ -247,79 +246,16 @@ def version_tuple(version: str | None) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
 
 
-# -- SQL ----------------------------------------------------------------------------
-
-_CAPABILITIES_SQL = """
-SELECT
-    (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-      WHERE e.extname = 'vector') AS vector_schema,
-    (SELECT e.extversion FROM pg_extension e WHERE e.extname = 'vector') AS vector_version,
-    (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-      WHERE e.extname = 'pg_trgm') AS trgm_schema,
-    to_regclass('message_embeddings') IS NOT NULL AS embeddings_table,
-    (SELECT a.atttypmod FROM pg_attribute a
-      WHERE a.attrelid = to_regclass('message_embeddings') AND a.attname = 'embedding') AS embeddings_dim
-"""
-
-# Messages waiting for an embedding (new, or edited since embedded), oldest first.
-_PENDING_SQL = """
-SELECT m.id, m.room_id, m.content
-  FROM messages m
-  JOIN rooms r ON r.id = m.room_id AND r.kind = 'assistant'
-  LEFT JOIN message_embeddings e ON e.message_id = m.id
- WHERE m.id > %s AND m.deleted_at IS NULL AND m.role IN ('user', 'assistant') AND btrim(m.content) <> ''
-   AND (e.message_id IS NULL OR m.edited_at > e.embedded_at)
- ORDER BY m.id
- LIMIT %s
-"""
-
-_INSERT_SQL = """
-INSERT INTO message_embeddings (message_id, room_id, embedding)
-SELECT u.id, u.room_id, u.embedding::{vector}
-  FROM unnest(%s::bigint[], %s::bigint[], %s::text[]) AS u (id, room_id, embedding)
-ON CONFLICT (message_id) DO UPDATE SET embedding = EXCLUDED.embedding, embedded_at = now()
-"""
-
-# The CTE is materialized so that an HNSW iterative scan (which may return
-# rows slightly out of order) is re-sorted exactly.
-_VECTOR_SQL = """
-WITH hits AS MATERIALIZED (
-    SELECT m.id, m.seq, m.role, m.content, m.created_at, e.embedding OPERATOR({schema}.<=>) %s::{vector} AS distance
-      FROM message_embeddings e
-      JOIN messages m ON m.id = e.message_id
-     WHERE e.room_id = %s AND m.room_id = %s AND m.seq < %s AND m.deleted_at IS NULL
-       AND m.superseded_at IS NULL AND m.status = 'final'
-     ORDER BY e.embedding OPERATOR({schema}.<=>) %s::{vector}
-     LIMIT %s
-)
-SELECT id, seq, role, content, created_at, 1 - distance AS score FROM hits ORDER BY distance, seq DESC
-"""
-
-# {hits}: the number of query words found in the content, {any_hit}: at least one found (one ILIKE
-# per word, so that a trigram index can serve each); {trgm}: pg_trgm's word_similarity, or 0.
-_TEXT_SQL = """
-SELECT m.id, m.seq, m.role, m.content, m.created_at,
-       ({hits})::float8 / %(n_terms)s
-       + ts_rank(to_tsvector('simple'::regconfig, m.content), to_tsquery('simple', %(tsq)s))
-       + {trgm_weight} * {trgm} AS score
-  FROM messages m
- WHERE m.room_id = %(room_id)s AND m.seq < %(before_seq)s AND m.deleted_at IS NULL
-  AND m.superseded_at IS NULL AND m.status = 'final'
-   AND m.role IN ('user', 'assistant')
-   AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
- ORDER BY score DESC, m.seq DESC
- LIMIT %(k)s
-"""
-
-
 # -- the retriever ----------------------------------------------------------------------
 
 
 class Retriever:
     """Per-worker: picks the mode at start, runs the background indexer, answers ``relevant()``."""
 
-    def __init__(self, state: ServerState, embedder: Embedder | None) -> None:
-        self.state = state
+    def __init__(self, db: Database, settings: AssistantSettings, tasks: Tasks, embedder: Embedder | None) -> None:
+        self.db = db
+        self.settings = settings
+        self.tasks = tasks
         self.embedder = embedder
         self.mode: Mode = "text"
         self.reason = "not started"
@@ -348,7 +284,7 @@ class Retriever:
             self.reason = f"database not reachable at start: {exc}"
             assistant_log.warning("retrieval_detect_failed", extra=fields(error=str(exc)[:300]))
         if background and self.embedder is not None and (self.caps is None or self.mode == "vector"):
-            self.state.tasks.spawn(self._run(), name="retrieval-indexer")
+            self.tasks.spawn(self._run(), name="retrieval-indexer")
 
     async def close(self) -> None:
         if self._executor is not None:
@@ -356,9 +292,7 @@ class Retriever:
             self._executor = None
 
     async def _detect(self) -> None:
-        row = await store.fetch_one(self.state.pg, _CAPABILITIES_SQL)
-        assert row is not None
-        self.caps = Capabilities(**row)
+        self.caps = Capabilities(**await store.retrieval_capabilities(self.db))
         self.mode, self.reason = choose_mode(self.caps, self.embedder)
         if self.mode == "text" and not self._warned:
             self._warned = True
@@ -376,11 +310,6 @@ class Retriever:
             self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatd-embed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.embedder.embed, texts, kind)
-
-    def _vector_sql(self, template: str) -> sql.Composed:
-        assert self.caps is not None and self.caps.vector_schema is not None
-        schema = sql.Identifier(self.caps.vector_schema)
-        return sql.SQL(template).format(schema=schema, vector=sql.SQL("{}.vector").format(schema))
 
     # indexer
 
@@ -424,33 +353,25 @@ class Retriever:
         """
         if self.embedder is None or self.mode != "vector":
             return 0
-        batch_size = self.state.settings.assistant.embed_batch_size
-        async with store.transaction(self.state.pg) as conn:
-            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s) AS ok", _LOCK_KEY)
-            locked = await cur.fetchone()
-            if not locked or not locked["ok"]:
-                return 0
-            if self._pass_start is None:  # a new pass
-                now = time.monotonic()
-                if now >= self._next_sweep:
-                    self._cursor, self._next_sweep = 0, now + FULL_SWEEP_S
-                else:
-                    self._cursor = self._floor
-                self._pass_start = now
-            pass_start = self._pass_start
-            cur = await conn.execute(_PENDING_SQL, (self._cursor, batch_size))
-            rows = await cur.fetchall()
-            max_id: int | None = None
-            if len(rows) < batch_size:  # the pass reached the end
-                cur = await conn.execute("SELECT coalesce(max(id), 0) AS max_id FROM messages")
-                top = await cur.fetchone()
-                max_id = int(top["max_id"]) if top else 0
-            if rows:
-                vectors = await self._embed([r["content"] for r in rows], "passage")
-                await conn.execute(
-                    self._vector_sql(_INSERT_SQL),
-                    ([r["id"] for r in rows], [r["room_id"] for r in rows], [vector_literal(v) for v in vectors]),
-                )
+        assert self.caps is not None and self.caps.vector_schema is not None
+        if self._pass_start is None:  # a new pass
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._cursor, self._next_sweep = 0, now + FULL_SWEEP_S
+            else:
+                self._cursor = self._floor
+            self._pass_start = now
+        pass_start = self._pass_start
+
+        async def embed(texts: list[str]) -> list[str]:
+            return [vector_literal(v) for v in await self._embed(texts, "passage")]
+
+        batch = await store.index_embeddings(
+            self.db, self.caps.vector_schema, _LOCK_KEY, self._cursor, self.settings.embed_batch_size, embed
+        )
+        if batch is None:
+            return 0  # another worker or instance holds the indexing lock
+        rows, max_id = batch
         if max_id is None:
             self._cursor = rows[-1]["id"]
         else:
@@ -483,39 +404,25 @@ class Retriever:
 
     async def _relevant_vector(self, room_id: int, query: str, before_seq: int, k: int) -> list[Row]:
         [vector] = await self._embed([query], "query")
-        assert self.caps is not None
-        async with store.transaction(self.state.pg) as conn:
-            if version_tuple(self.caps.vector_version) >= (0, 8):
-                # Keep scanning the graph until k rows pass the room filter (pgvector >= 0.8).
-                await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            else:
-                await conn.execute("SET LOCAL hnsw.ef_search = 400")
-            literal = vector_literal(vector)
-            cur = await conn.execute(self._vector_sql(_VECTOR_SQL), (literal, room_id, room_id, before_seq, literal, k))
-            return await cur.fetchall()
+        assert self.caps is not None and self.caps.vector_schema is not None
+        iterative = version_tuple(self.caps.vector_version) >= (0, 8)
+        return await store.vector_search(
+            self.db, self.caps.vector_schema, iterative, vector_literal(vector), room_id, before_seq, k
+        )
 
     async def _relevant_text(self, room_id: int, query: str, before_seq: int, k: int) -> list[Row]:
         terms = query_terms(query)
         if not terms:
             return []
         trgm_schema = self.caps.trgm_schema if self.caps is not None else None
-        if trgm_schema is not None:
-            trgm: sql.Composable = sql.SQL("{}.word_similarity(%(query)s, m.content)").format(
-                sql.Identifier(trgm_schema)
-            )
-        else:
-            trgm = sql.SQL("0")
-        likes = [sql.SQL("m.content ILIKE {}").format(sql.Placeholder(f"p{i}")) for i in range(len(terms))]
-        statement = sql.SQL(_TEXT_SQL).format(
-            hits=sql.SQL(" + ").join(sql.SQL("({})::int").format(like) for like in likes),
-            any_hit=sql.SQL(" OR ").join(likes),
-            trgm=trgm,
-            trgm_weight=sql.Literal(TRGM_WEIGHT),
+        return await store.text_search(
+            self.db,
+            trgm_schema,
+            TRGM_WEIGHT,
+            [like_pattern(t) for t in terms],
+            tsquery_text(terms),
+            query,
+            room_id,
+            before_seq,
+            k,
         )
-        params: dict[str, Any] = {f"p{i}": like_pattern(t) for i, t in enumerate(terms)}
-        params.update(
-            tsq=tsquery_text(terms), n_terms=len(terms), query=query, room_id=room_id, before_seq=before_seq, k=k
-        )
-        async with store.connection(self.state.pg) as conn:
-            cur = await conn.execute(statement, params)
-            return await cur.fetchall()

@@ -1,107 +1,230 @@
-"""Pure ordering logic: every socket sees a room's messages in seq order, once.
+"""Pure ordering logic: every socket sees a room's messages in seq order, each once.
 
-Two places need it:
+Seqs are gap-free by construction: ``store.commit_batch`` and
+``store.persist_answer`` take ``rooms.last_seq + 1`` under the room's row
+lock, so a room's commits happen in seq order and every seq up to
+``rooms.last_seq`` is in Postgres.  Two places use that:
 
 * ``RoomSequencer``, one per room per worker.  Messages reach a worker from
-  Redis (several publishers: commits of other workers and instances) and from
-  its own group commit.  Postgres assigns seqs in commit order, but publishes
-  can overtake each other, and a publish can be lost (publisher crashed after
-  commit, Redis blinked).  The sequencer releases messages strictly in seq
-  order, drops duplicates, holds later ones while a gap is open, and reports
-  the gap so the worker can read the missing seqs from Postgres after
-  ``gap_timeout_s``.
+  Redis (commits of other workers and instances) and from its own group commit.
+  Publishes can overtake each other and can be lost (a publisher crashed after
+  its commit, Redis blinked).  The sequencer releases messages strictly in seq
+  order, drops duplicates, holds later ones while an earlier one is missing,
+  and asks for exactly the missing range (``missing``) once it has been
+  missing for ``gap_timeout_s``.  It learns that seqs exist from held messages
+  and from probes of ``rooms.last_seq`` (``note_committed``), so the last
+  message of a quiet room is found even when its publish was lost.  It never
+  releases past a seq it has not released: a seq that Postgres cannot return
+  although it must exist is an invariant breach, reported by ``fill``.
 
 * ``JoinMerge``, one per socket joining with ``since_seq``.  The socket is
   subscribed first, then history is read; live frames that arrive meanwhile
-  are held, then history and held frames are merged by seq: no gap (the
-  subscription predates the read) and no duplicate (dedupe by seq).
+  are held (up to a bound), then history and held frames are merged by seq: no
+  gap (the subscription predates the read) and no duplicate.
 
-Frames without a seq (typing, presence, edits, stream chunks) are not ordered
-against messages and pass straight through.  Time is injected.
+Frames without a seq (typing, edits, stream chunks) are not ordered against
+messages and pass straight through.  Time is an argument: nothing here reads
+a clock or does I/O.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs ``first..last`` (inclusive) to read from Postgres."""
+
+    first: int
+    last: int
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Filled(Generic[T]):
+    released: list[T]
+    lost: list[Gap] = field(default_factory=list)  # committed seqs Postgres did not return: an invariant breach
+
+
 class RoomSequencer(Generic[T]):
     """Releases ``(seq, item)`` pairs in order starting at ``next_seq``."""
 
-    next_seq: int
-    gap_timeout_s: float = 0.25
-    _held: list[tuple[int, int, T]] = field(default_factory=list)  # heap of (seq, tiebreak, item)
-    _held_seqs: set[int] = field(default_factory=set)
-    _gap_since: float | None = None
-    _counter: int = 0
-
-    def offer(self, seq: int, item: T, now: float) -> list[T]:
-        """Accept one message; return what is now deliverable, in order."""
-        if seq < self.next_seq or seq in self._held_seqs:
-            return []  # duplicate: already delivered or already waiting
-        self._counter += 1
-        heapq.heappush(self._held, (seq, self._counter, item))
-        self._held_seqs.add(seq)
-        return self._release(now)
-
-    def _release(self, now: float) -> list[T]:
-        out: list[T] = []
-        while self._held and self._held[0][0] == self.next_seq:
-            seq, _, item = heapq.heappop(self._held)
-            self._held_seqs.discard(seq)
-            out.append(item)
-            self.next_seq += 1
-        if self._held:
-            if self._gap_since is None:
-                self._gap_since = now
-        else:
-            self._gap_since = None
-        return out
-
-    def missing(self, now: float) -> tuple[int, int] | None:
-        """``(first, last)`` seqs to fetch from Postgres when a gap outlived the timeout."""
-        if self._gap_since is None or now - self._gap_since < self.gap_timeout_s:
-            return None
-        return self.next_seq, self._held[0][0] - 1
-
-    def fill(self, rows: list[tuple[int, T]], now: float) -> list[T]:
-        """Offer what Postgres returned for a gap; skip seqs Postgres does not have."""
-        out: list[T] = []
-        for seq, item in sorted(rows, key=lambda r: r[0]):
-            out += self.offer(seq, item, now)
-        gap = self.missing(now)
-        if gap is not None and not any(gap[0] <= seq <= gap[1] for seq, _ in rows):
-            # Postgres does not have these seqs: they were never committed. Move on.
-            self.next_seq = gap[1] + 1
-            out += self._release(now)
-        return out
-
-    def reset(self, next_seq: int, now: float) -> list[T]:
-        """Jump forward (e.g. after reading last_seq on resubscribe); release what became contiguous."""
-        if next_seq > self.next_seq:
-            self.next_seq = next_seq
-            while self._held and self._held[0][0] < self.next_seq:
-                seq, _, _ = heapq.heappop(self._held)
-                self._held_seqs.discard(seq)
-        return self._release(now)
+    def __init__(self, next_seq: int, gap_timeout_s: float = 0.25, max_held: int = 10_000, max_fill: int = 500) -> None:
+        if next_seq < 1 or max_held < 1 or max_fill < 1:
+            raise ValueError("next_seq, max_held and max_fill must be positive")
+        self.next_seq = next_seq
+        self.committed = next_seq - 1  # highest seq known to be in Postgres
+        self.gap_timeout_s = gap_timeout_s
+        self.max_held = max_held
+        self.max_fill = max_fill
+        self._held: dict[int, T] = {}
+        self._stalled_since: float | None = None  # next_seq has been behind `committed` since then
 
     @property
     def held(self) -> int:
         return len(self._held)
 
+    def offer(self, seq: int, item: T, now: float) -> list[T]:
+        """Accept one message; return what is now deliverable, in order."""
+        if seq < self.next_seq or seq in self._held:
+            return []  # a duplicate: already released or already waiting
+        if seq > self.committed:
+            self.committed = seq
+        if seq != self.next_seq:
+            self._held[seq] = item
+            if len(self._held) > self.max_held:
+                # Memory stays bounded; the dropped message is committed, so a fill reads it back.
+                del self._held[max(self._held)]
+            self._track(now, advanced=False)
+            return []
+        out = [item]
+        self.next_seq += 1
+        self._release_contiguous(out)
+        self._track(now, advanced=True)
+        return out
+
+    def note_committed(self, last_seq: int, now: float) -> None:
+        """A probe read ``rooms.last_seq``: every seq up to it is in Postgres."""
+        if last_seq > self.committed:
+            self.committed = last_seq
+            self._track(now, advanced=False)
+
+    def missing(self, now: float, *, urgent: bool = False) -> Gap | None:
+        """The range to read from Postgres, once it has been missing for ``gap_timeout_s``.
+
+        ``urgent``: read now (e.g. after a Redis reconnect, when publishes were surely lost).
+        """
+        if self._stalled_since is None:
+            return None
+        if not urgent and now - self._stalled_since < self.gap_timeout_s:
+            return None
+        first = self.next_seq
+        upper = min(self._held) - 1 if self._held else self.committed
+        return Gap(first, min(upper, first + self.max_fill - 1))
+
+    def fill(self, gap: Gap, rows: list[tuple[int, T]], now: float) -> Filled[T]:
+        """Offer what Postgres returned for ``gap``.
+
+        Every seq of the gap is committed (``missing`` only asks for such seqs),
+        so the rows cover it unless Postgres lost a message.  Then, and only
+        then, the sequencer moves past it and reports it as ``lost``.
+        """
+        out: list[T] = []
+        for seq, item in sorted(rows, key=lambda r: r[0]):
+            out += self.offer(seq, item, now)
+        lost: list[Gap] = []
+        while self.next_seq <= gap.last:  # a hole: skip exactly the seqs Postgres did not return
+            after = min((s for s in self._held if s <= gap.last), default=gap.last + 1)
+            lost.append(Gap(self.next_seq, after - 1))
+            self.next_seq = after
+            self._release_contiguous(out)
+        # The read counts as an attempt: what is still missing waits a full timeout again.
+        self._track(now, advanced=True)
+        return Filled(out, lost)
+
+    def _release_contiguous(self, out: list[T]) -> None:
+        held = self._held
+        while held:
+            item = held.pop(self.next_seq, None)
+            if item is None:
+                break
+            out.append(item)
+            self.next_seq += 1
+
+    def _track(self, now: float, advanced: bool) -> None:
+        if self.committed < self.next_seq:
+            self._stalled_since = None
+        elif advanced or self._stalled_since is None:
+            self._stalled_since = now
+
+
+class Revisions:
+    """Edits and deletes of a room by revision (``rooms.edit_rev``): each delivered once, none missed.
+
+    Unlike messages they need no order (each carries the message's whole new
+    state), only completeness: revisions up to ``delivered`` are done; later
+    ones seen live are remembered until the floor reaches them.  A message
+    keeps only the revision of its last change, so a read of "changed after
+    the floor" returns every message whose latest change was missed, and the
+    revisions it does not return were superseded by ones it does.
+    """
+
+    def __init__(self, delivered: int, gap_timeout_s: float = 0.25) -> None:
+        self.delivered = delivered
+        self.committed = delivered
+        self.gap_timeout_s = gap_timeout_s
+        self._seen: set[int] = set()
+        self._stalled_since: float | None = None
+
+    def offer(self, rev: int, now: float) -> bool:
+        """True: deliver this change (first copy, not older than what was delivered)."""
+        if rev <= self.delivered or rev in self._seen:
+            return False
+        self._seen.add(rev)
+        while self.delivered + 1 in self._seen:
+            self.delivered += 1
+            self._seen.discard(self.delivered)
+        self.committed = max(self.committed, rev)
+        self._track(now, advanced=True)
+        return True
+
+    def note_committed(self, rev: int, now: float) -> None:
+        if rev > self.committed:
+            self.committed = rev
+            self._track(now, advanced=False)
+
+    def missing(self, now: float, *, urgent: bool = False) -> int | None:
+        """Read the messages changed after this revision, once it has been missing for the timeout."""
+        if self._stalled_since is None or (not urgent and now - self._stalled_since < self.gap_timeout_s):
+            return None
+        return self.delivered
+
+    def fill(self, after: int, upto: int, rows: list[tuple[int, T]], complete: bool, now: float) -> list[T]:
+        """Changes read for revisions after ``after`` (``upto``: ``committed`` when the read was asked).
+
+        ``complete``: the read was not cut by its limit, so every revision up to
+        ``upto`` is now delivered or superseded.
+        """
+        out = [item for rev, item in sorted(rows, key=lambda r: r[0]) if rev > self.delivered and rev not in self._seen]
+        floor = max([r for r, _ in rows], default=after)
+        if complete:
+            floor = max(floor, upto)
+        if floor > self.delivered:
+            self.delivered = floor
+            self._seen = {r for r in self._seen if r > floor}
+            while self.delivered + 1 in self._seen:
+                self.delivered += 1
+                self._seen.discard(self.delivered)
+        self.committed = max(self.committed, self.delivered)
+        self._track(now, advanced=True)
+        return out
+
+    def _track(self, now: float, advanced: bool) -> None:
+        if self.committed <= self.delivered:
+            self._stalled_since = None
+        elif advanced or self._stalled_since is None:
+            self._stalled_since = now
+
 
 @dataclass
 class JoinMerge(Generic[T]):
-    """Live frames held while a joining socket reads its history."""
+    """Live frames held while a joining socket reads its history (at most ``max_held``)."""
 
+    max_held: int = 10_000
+    overflowed: bool = False  # frames were dropped: the socket must resync instead
     _held: list[tuple[int | None, T]] = field(default_factory=list)
 
     def hold(self, seq: int | None, item: T) -> None:
+        if len(self._held) >= self.max_held:
+            self.overflowed = True
+            return
         self._held.append((seq, item))
 
     def merge(self, history: list[tuple[int, T]], last_history_seq: int) -> list[T]:

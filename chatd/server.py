@@ -10,9 +10,10 @@ stops the tree within ``shutdown_grace_s``; SIGHUP replaces the workers one
 by one (new one serving before the old one drains) without closing the
 listening socket.  ``--workers 1`` runs the worker in the master's process.
 
-Worker shutdown, in order (as uvicorn): stop accepting, close WebSockets with
-1001, wait for in-flight requests up to ``drain_timeout_s``, cancel the rest
-of the background tasks, close the pools.
+Worker shutdown, in order (as uvicorn; ``app.Worker.shutdown``): stop
+accepting and reading, commit and answer every send already read, close
+WebSockets with 1001, wait for in-flight requests up to ``drain_timeout_s``,
+cancel the rest of the background tasks, close the pools.
 """
 
 from __future__ import annotations
@@ -27,19 +28,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from chatd import config as config_mod
 from chatd import logs, metrics, migrations
 from chatd.config import Settings
 from chatd.embedded import EmbeddedServices
-from chatd.errors import CloseCode
 from chatd.logs import fields, server_log
-
-if TYPE_CHECKING:  # imported by workers only: the master must not load them before the fork
-    from tornado.httpserver import HTTPServer
-
-    from chatd.state import ServerState
 
 _HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets its crash backoff
 
@@ -71,13 +65,12 @@ def bind(settings: Settings, reuse_port: bool = False) -> list[socket.socket]:
 async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: int, ready_fd: int | None) -> None:
     from tornado.httpserver import HTTPServer
 
-    from chatd.app import make_app
-    from chatd.state import ServerState
+    from chatd.app import Worker
 
-    state = await ServerState.create(settings, worker_id)
-    app = make_app(state)
+    worker = await Worker.create(settings, worker_id)
+    worker.start()
     server = HTTPServer(
-        app,
+        worker.application(),
         xheaders=settings.server.trust_proxy_headers,
         # Tornado drops larger bodies outright; up to 4x we read them and answer 413 in JSON.
         max_body_size=settings.server.max_body_bytes * 4,
@@ -101,32 +94,7 @@ async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: in
         os.close(ready_fd)
 
     await stop.wait()
-    await shutdown(server, state)
-
-
-async def shutdown(server: HTTPServer, state: ServerState) -> None:
-    settings = state.settings
-    started = time.monotonic()
-    state.draining = True
-    server.stop()  # 1. stop accepting (this process's copy of the socket)
-    closing = list(state.connections)
-    for ws in closing:  # 2. tell every client to reconnect elsewhere
-        ws.close(int(CloseCode.GOING_AWAY), "server shutting down")
-    deadline = started + settings.server.drain_timeout_s
-    # A connection accepted just before stop() has not been counted yet: give its request time to arrive.
-    await asyncio.sleep(min(0.25, settings.server.drain_timeout_s))
-    # 3. in-flight requests and close handshakes finish (polled: two counters, no event worth wiring)
-    while (state.in_flight_requests or state.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
-    try:
-        await asyncio.wait_for(server.close_all_connections(), timeout=max(0.1, deadline - time.monotonic()))
-    except TimeoutError:
-        server_log.warning("shutdown_connections_timeout")
-    await state.close()  # 4. flush writers, cancel the rest, close pools
-    server_log.info(
-        "worker_stopped",
-        extra=fields(websockets_closed=len(closing), duration_ms=round((time.monotonic() - started) * 1000)),
-    )
+    await worker.shutdown(server)
 
 
 def run_worker(settings: Settings, sockets: list[socket.socket], worker_id: int, ready_fd: int | None = None) -> int:

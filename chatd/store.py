@@ -1,43 +1,117 @@
-"""PostgreSQL access: every SQL statement of the request paths lives here.
+"""PostgreSQL access: every SQL statement of chatd lives here.
 
-Functions take the worker's pool and return plain dicts (rows) or raise
-``ChatdError``s.  A Postgres that does not answer (down, restarting, pool
-exhausted) becomes ``Unavailable``, so a handler answers ``unavailable``
-instead of hanging or leaking a driver error.
+Functions take the worker's ``Database`` (a psycopg pool with a deadline) and
+return plain dicts (rows) or raise ``ChatdError``s.  One error policy: a
+Postgres that does not answer (down, restarting, paused, pool exhausted)
+becomes ``Unavailable``, so a handler answers ``unavailable`` instead of
+hanging or leaking a driver error.
+
+Every call has a deadline (``storage.pg_query_timeout_s``), enforced on both
+sides: the server's ``statement_timeout``, and the client, which stops waiting
+when a paused or unreachable server does not answer at all.  The client-side
+deadline runs the call in a task of its own and abandons it on expiry:
+psycopg's own clean-up of a cancelled query can wait up to 10 s on a server
+that does not answer, and the caller must not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import psycopg
-from psycopg import AsyncConnection
-from psycopg.rows import DictRow
+from psycopg import AsyncConnection, sql
+from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from chatd import errors
+from chatd import errors, protocol
+from chatd.config import StorageSettings
 from chatd.logs import app_log, fields
 
 Row = dict[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 USER_COLUMNS = "id, email, name, role, status, created_at"
 MESSAGE_COLUMNS = (
     "id, room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id, created_at, edited_at, deleted_at,"
-    " status, superseded_at"
+    " status, superseded_at, edit_rev"
 )
 
 
+class Database(AsyncConnectionPool):
+    """The worker's connection pool, and the deadline of every call made through it."""
+
+    query_timeout_s: float = 5.0
+
+
+async def open_database(storage: StorageSettings, name: str) -> Database:
+    """Opened without waiting: a worker starts and serves (readiness 503) while Postgres is down."""
+    timeout_ms = int(storage.pg_query_timeout_s * 1000)
+    db = Database(
+        storage.database_url,
+        min_size=storage.pg_pool_min,
+        max_size=storage.pg_pool_max,
+        timeout=min(storage.pg_timeout_s, storage.pg_query_timeout_s),
+        kwargs={"autocommit": True, "row_factory": dict_row, "options": f"-c statement_timeout={timeout_ms}"},
+        # No per-checkout check (a round trip on every query): connection() sweeps the pool with
+        # pool.check() when a connection turns out broken, e.g. after a Postgres restart.
+        open=False,
+        name=name,
+    )
+    db.query_timeout_s = storage.pg_query_timeout_s
+    await db.open(wait=False)
+    return db
+
+
+_abandoned: set[asyncio.Task[Any]] = set()  # calls past their deadline, left to clean up
+
+
+def bounded(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Give a store call its deadline: ``Unavailable`` when Postgres does not answer in time."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        db = args[0]
+        timeout_s = db.query_timeout_s if isinstance(db, Database) else None
+        task = asyncio.ensure_future(fn(*args, **kwargs))
+        try:
+            done, _ = await asyncio.wait((task,), timeout=timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            _abandoned.add(task)
+            task.add_done_callback(_forget)
+            app_log.warning("postgres_timeout", extra=fields(call=fn.__name__, timeout_s=timeout_s))
+            raise errors.Unavailable("database did not answer in time, try again")
+        return task.result()
+
+    return call
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller got 'unavailable' already
+
+
 @contextlib.asynccontextmanager
-async def connection(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection[DictRow]]:
+async def connection(pool: Database) -> AsyncIterator[AsyncConnection[DictRow]]:
     """A pooled connection; driver failures become ``Unavailable``."""
     try:
         async with pool.connection() as conn:
             yield cast(AsyncConnection[DictRow], conn)  # the pool is built with row_factory=dict_row
+    except psycopg.errors.QueryCanceled:
+        app_log.warning("postgres_statement_timeout")
+        raise errors.Unavailable("database did not answer in time, try again") from None
     except (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError) as exc:
         app_log.warning("postgres_unavailable", extra=fields(error=str(exc)[:300]))
         if not isinstance(exc, PoolTimeout):
@@ -45,7 +119,7 @@ async def connection(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection
         raise errors.Unavailable("database unavailable, try again") from None
 
 
-async def _sweep(pool: AsyncConnectionPool) -> None:
+async def _sweep(pool: Database) -> None:
     """One connection broke (Postgres restarted?): drop every broken idle one, not one per request."""
     try:
         await pool.check()
@@ -54,35 +128,43 @@ async def _sweep(pool: AsyncConnectionPool) -> None:
 
 
 @contextlib.asynccontextmanager
-async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection[DictRow]]:
+async def transaction(pool: Database) -> AsyncIterator[AsyncConnection[DictRow]]:
     async with connection(pool) as conn:
         try:
             async with conn.transaction():
                 yield conn
+        except psycopg.errors.QueryCanceled:
+            raise
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             app_log.warning("postgres_unavailable", extra=fields(error=str(exc)[:300]))
             await _sweep(pool)
             raise errors.Unavailable("database unavailable, try again") from None
 
 
-async def fetch_one(pool: AsyncConnectionPool, sql: str, params: Sequence[Any] = ()) -> Row | None:
+async def _fetch_one(pool: Database, query: str, params: Sequence[Any] = ()) -> Row | None:
     async with connection(pool) as conn:
-        cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+        cur = await conn.execute(query, params)  # type: ignore[arg-type]
         return await cur.fetchone()
 
 
-async def fetch_all(pool: AsyncConnectionPool, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+async def _fetch_all(pool: Database, query: str, params: Sequence[Any] = ()) -> list[Row]:
     async with connection(pool) as conn:
-        cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+        cur = await conn.execute(query, params)  # type: ignore[arg-type]
         return await cur.fetchall()
+
+
+@bounded
+async def ping(pool: Database) -> None:
+    await _fetch_one(pool, "SELECT 1")
 
 
 # -- users ----------------------------------------------------------------------
 
 
-async def create_user(pool: AsyncConnectionPool, email: str, name: str, password_hash: str | None, role: str) -> Row:
+@bounded
+async def create_user(pool: Database, email: str, name: str, password_hash: str | None, role: str) -> Row:
     try:
-        row = await fetch_one(
+        row = await _fetch_one(
             pool,
             f"INSERT INTO users (email, name, password_hash, role) VALUES (%s, %s, %s, %s) RETURNING {USER_COLUMNS}",
             (email, name, password_hash, role),
@@ -93,33 +175,64 @@ async def create_user(pool: AsyncConnectionPool, email: str, name: str, password
     return row
 
 
-async def user_by_email(pool: AsyncConnectionPool, email: str) -> Row | None:
-    return await fetch_one(
+@bounded
+async def auth_status(pool: Database, user_id: int, family: str | None) -> Row | None:
+    """A token holder's ``status``, ``role`` and whether the token's session (family) was revoked."""
+    return await _fetch_one(
+        pool,
+        "SELECT u.status, u.role,"
+        " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = %s AND t.revoked_at IS NOT NULL) AS revoked"
+        " FROM users u WHERE u.id = %s",
+        (family, user_id),
+    )
+
+
+def upsert_user_sync(database_url: str, email: str, name: str, password_hash: str, role: str) -> Row:
+    """Create a user, or reset the password and role of an existing email (the CLI, without a loop)."""
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        row = conn.execute(
+            "INSERT INTO users (email, name, password_hash, role) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (lower(email)) DO UPDATE SET password_hash = EXCLUDED.password_hash, role = EXCLUDED.role,"
+            " status = 'active', updated_at = now()"
+            f" RETURNING {USER_COLUMNS}",
+            (email, name, password_hash, role),
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+@bounded
+async def user_by_email(pool: Database, email: str) -> Row | None:
+    return await _fetch_one(
         pool, f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(email) = lower(%s)", (email,)
     )
 
 
-async def user_by_id(pool: AsyncConnectionPool, user_id: int) -> Row | None:
-    return await fetch_one(pool, f"SELECT {USER_COLUMNS} FROM users WHERE id = %s", (user_id,))
+@bounded
+async def user_by_id(pool: Database, user_id: int) -> Row | None:
+    return await _fetch_one(pool, f"SELECT {USER_COLUMNS} FROM users WHERE id = %s", (user_id,))
 
 
-async def set_user_status(pool: AsyncConnectionPool, user_id: int, status: str) -> Row | None:
-    return await fetch_one(
+@bounded
+async def set_user_status(pool: Database, user_id: int, status: str) -> Row | None:
+    return await _fetch_one(
         pool,
         f"UPDATE users SET status = %s, updated_at = now() WHERE id = %s RETURNING {USER_COLUMNS}",
         (status, user_id),
     )
 
 
-async def set_password_hash(pool: AsyncConnectionPool, user_id: int, password_hash: str) -> None:
-    await fetch_one(pool, "UPDATE users SET password_hash = %s WHERE id = %s RETURNING id", (password_hash, user_id))
+@bounded
+async def set_password_hash(pool: Database, user_id: int, password_hash: str) -> None:
+    await _fetch_one(pool, "UPDATE users SET password_hash = %s WHERE id = %s RETURNING id", (password_hash, user_id))
 
 
 # -- refresh tokens -------------------------------------------------------------
 
 
-async def store_refresh(pool: AsyncConnectionPool, jti: str, family: str, user_id: int, expires_at: int) -> None:
-    await fetch_one(
+@bounded
+async def store_refresh(pool: Database, jti: str, family: str, user_id: int, expires_at: int) -> None:
+    await _fetch_one(
         pool,
         "INSERT INTO refresh_tokens (jti, family, user_id, expires_at) VALUES (%s, %s, %s, to_timestamp(%s))"
         " RETURNING jti",
@@ -133,7 +246,8 @@ class RefreshUse:
     reused: bool  # already used or revoked: the family must die
 
 
-async def use_refresh(pool: AsyncConnectionPool, jti: str, family: str) -> RefreshUse:
+@bounded
+async def use_refresh(pool: Database, jti: str, family: str) -> RefreshUse:
     """Mark a refresh token used, exactly once (one statement: no race between two uses)."""
     async with transaction(pool) as conn:
         cur = await conn.execute(
@@ -148,8 +262,9 @@ async def use_refresh(pool: AsyncConnectionPool, jti: str, family: str) -> Refre
     return RefreshUse(ok=False, reused=known)
 
 
-async def revoke_family(pool: AsyncConnectionPool, family: str) -> None:
-    await fetch_one(
+@bounded
+async def revoke_family(pool: Database, family: str) -> None:
+    await _fetch_one(
         pool,
         "WITH r AS (UPDATE refresh_tokens SET revoked_at = now() WHERE family = %s AND revoked_at IS NULL RETURNING 1)"
         " SELECT count(*) AS n FROM r",
@@ -157,8 +272,9 @@ async def revoke_family(pool: AsyncConnectionPool, family: str) -> None:
     )
 
 
-async def user_families(pool: AsyncConnectionPool, user_id: int) -> list[str]:
-    rows = await fetch_all(
+@bounded
+async def user_families(pool: Database, user_id: int) -> list[str]:
+    rows = await _fetch_all(
         pool,
         "SELECT DISTINCT family FROM refresh_tokens WHERE user_id = %s AND revoked_at IS NULL AND expires_at > now()",
         (user_id,),
@@ -171,8 +287,9 @@ async def user_families(pool: AsyncConnectionPool, user_id: int) -> list[str]:
 ROOM_COLUMNS = "r.id, r.name, r.kind, r.owner_id, r.status, r.assistant, r.last_seq, r.created_at, r.updated_at"
 
 
+@bounded
 async def create_room(
-    pool: AsyncConnectionPool,
+    pool: Database,
     name: str,
     kind: str,
     owner_id: int,
@@ -202,9 +319,15 @@ async def create_room(
     return room
 
 
-async def room_for_member(pool: AsyncConnectionPool, room_id: int, user_id: int) -> Row | None:
+@bounded
+async def room_by_id(pool: Database, room_id: int) -> Row | None:
+    return await _fetch_one(pool, f"SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = %s", (room_id,))
+
+
+@bounded
+async def room_for_member(pool: Database, room_id: int, user_id: int) -> Row | None:
     """The room with the caller's membership, or None: non-members cannot tell it exists."""
-    return await fetch_one(
+    return await _fetch_one(
         pool,
         f"SELECT {ROOM_COLUMNS}, m.role AS member_role, m.read_seq FROM rooms r"
         " JOIN room_members m ON m.room_id = r.id AND m.user_id = %s WHERE r.id = %s",
@@ -212,10 +335,9 @@ async def room_for_member(pool: AsyncConnectionPool, room_id: int, user_id: int)
     )
 
 
-async def list_rooms(
-    pool: AsyncConnectionPool, user_id: int, status: str, limit: int, before_id: int | None
-) -> list[Row]:
-    return await fetch_all(
+@bounded
+async def list_rooms(pool: Database, user_id: int, status: str, limit: int, before_id: int | None) -> list[Row]:
+    return await _fetch_all(
         pool,
         f"SELECT {ROOM_COLUMNS}, m.role AS member_role, m.read_seq,"
         " GREATEST(r.last_seq - m.read_seq, 0) AS unread_count,"
@@ -230,7 +352,8 @@ async def list_rooms(
     )
 
 
-async def update_room(pool: AsyncConnectionPool, room_id: int, changes: dict[str, Any]) -> Row:
+@bounded
+async def update_room(pool: Database, room_id: int, changes: dict[str, Any]) -> Row:
     sets, params = [], []
     for column in ("name", "status"):
         if column in changes:
@@ -240,7 +363,7 @@ async def update_room(pool: AsyncConnectionPool, room_id: int, changes: dict[str
         sets.append("assistant = %s")
         params.append(Jsonb(changes["assistant"]))
     sets.append("updated_at = now()")
-    row = await fetch_one(
+    row = await _fetch_one(
         pool, f"UPDATE rooms AS r SET {', '.join(sets)} WHERE id = %s RETURNING {ROOM_COLUMNS}", (*params, room_id)
     )
     if row is None:
@@ -248,14 +371,16 @@ async def update_room(pool: AsyncConnectionPool, room_id: int, changes: dict[str
     return row
 
 
-async def room_member_ids(pool: AsyncConnectionPool, room_id: int) -> list[int]:
-    rows = await fetch_all(pool, "SELECT user_id FROM room_members WHERE room_id = %s ORDER BY user_id", (room_id,))
+@bounded
+async def room_member_ids(pool: Database, room_id: int) -> list[int]:
+    rows = await _fetch_all(pool, "SELECT user_id FROM room_members WHERE room_id = %s ORDER BY user_id", (room_id,))
     return [r["user_id"] for r in rows]
 
 
-async def add_member(pool: AsyncConnectionPool, room_id: int, user_id: int) -> bool:
+@bounded
+async def add_member(pool: Database, room_id: int, user_id: int) -> bool:
     try:
-        row = await fetch_one(
+        row = await _fetch_one(
             pool,
             "INSERT INTO room_members (room_id, user_id) SELECT %s, id FROM users WHERE id = %s AND status = 'active'"
             " ON CONFLICT DO NOTHING RETURNING user_id",
@@ -264,15 +389,16 @@ async def add_member(pool: AsyncConnectionPool, room_id: int, user_id: int) -> b
     except psycopg.errors.ForeignKeyViolation:
         raise errors.NotFound("room not found") from None
     if row is None:
-        exists = await fetch_one(pool, "SELECT 1 FROM users WHERE id = %s AND status = 'active'", (user_id,))
+        exists = await _fetch_one(pool, "SELECT 1 FROM users WHERE id = %s AND status = 'active'", (user_id,))
         if exists is None:
             raise errors.NotFound("user not found")
         return False  # already a member
     return True
 
 
-async def remove_member(pool: AsyncConnectionPool, room_id: int, user_id: int) -> bool:
-    row = await fetch_one(
+@bounded
+async def remove_member(pool: Database, room_id: int, user_id: int) -> bool:
+    row = await _fetch_one(
         pool,
         "DELETE FROM room_members WHERE room_id = %s AND user_id = %s AND role <> 'owner' RETURNING user_id",
         (room_id, user_id),
@@ -280,9 +406,10 @@ async def remove_member(pool: AsyncConnectionPool, room_id: int, user_id: int) -
     return row is not None
 
 
-async def set_read(pool: AsyncConnectionPool, room_id: int, user_id: int, seq: int) -> int | None:
+@bounded
+async def set_read(pool: Database, room_id: int, user_id: int, seq: int) -> int | None:
     """Advance the read position (never backwards, never past the last message)."""
-    row = await fetch_one(
+    row = await _fetch_one(
         pool,
         "UPDATE room_members m SET read_seq = GREATEST(m.read_seq, LEAST(%s, r.last_seq)) FROM rooms r"
         " WHERE m.room_id = %s AND m.user_id = %s AND r.id = m.room_id RETURNING m.read_seq",
@@ -294,19 +421,20 @@ async def set_read(pool: AsyncConnectionPool, room_id: int, user_id: int, seq: i
 # -- messages -------------------------------------------------------------------
 
 
+@bounded
 async def messages_page(
-    pool: AsyncConnectionPool, room_id: int, after_seq: int | None, before_seq: int | None, limit: int
+    pool: Database, room_id: int, after_seq: int | None, before_seq: int | None, limit: int
 ) -> tuple[list[Row], bool]:
     """Ascending by seq.  Without after_seq: the newest ``limit`` (before before_seq)."""
     if after_seq is not None:
-        rows = await fetch_all(
+        rows = await _fetch_all(
             pool,
             f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s AND seq > %s"
             " AND (%s::bigint IS NULL OR seq < %s) ORDER BY seq LIMIT %s",
             (room_id, after_seq, before_seq, before_seq, limit + 1),
         )
         return rows[:limit], len(rows) > limit
-    rows = await fetch_all(
+    rows = await _fetch_all(
         pool,
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s"
         " AND (%s::bigint IS NULL OR seq < %s) ORDER BY seq DESC LIMIT %s",
@@ -316,35 +444,98 @@ async def messages_page(
     return list(reversed(rows[:limit])), has_more
 
 
-async def messages_after(pool: AsyncConnectionPool, room_id: int, after_seq: int, limit: int) -> list[Row]:
-    return await fetch_all(
+@bounded
+async def messages_after(pool: Database, room_id: int, after_seq: int, limit: int) -> list[Row]:
+    return await _fetch_all(
         pool,
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s AND seq > %s ORDER BY seq LIMIT %s",
         (room_id, after_seq, limit),
     )
 
 
-async def message_by_id(pool: AsyncConnectionPool, message_id: int) -> Row | None:
-    return await fetch_one(pool, f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,))
+@bounded
+async def messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, int]]) -> list[Row]:
+    """Messages of several rooms, seqs ``first..last`` of each ``(room, first, last)``: the fan-out's gap fill.
 
-
-async def edit_message(pool: AsyncConnectionPool, message_id: int, content: str) -> Row | None:
-    return await fetch_one(
+    Answers come with their generation (``g_*`` columns) so their ``stream_end`` can be rebuilt.
+    """
+    if not ranges:
+        return []
+    return await _fetch_all(
         pool,
-        f"UPDATE messages SET content = %s, edited_at = now() WHERE id = %s AND deleted_at IS NULL"
-        f" RETURNING {MESSAGE_COLUMNS}",
-        (content, message_id),
+        f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},"
+        " g.stop_reason AS g_stop_reason, g.input_tokens AS g_input_tokens, g.output_tokens AS g_output_tokens,"
+        " g.first_token_ms AS g_first_token_ms, g.latency_ms AS g_latency_ms"
+        " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS r(room_id, first_seq, last_seq)"
+        " JOIN messages m ON m.room_id = r.room_id AND m.seq BETWEEN r.first_seq AND r.last_seq"
+        " LEFT JOIN generations g ON g.answer_message_id = m.id AND m.role = 'assistant'"
+        " ORDER BY m.room_id, m.seq",
+        ([r[0] for r in ranges], [r[1] for r in ranges], [r[2] for r in ranges]),
     )
 
 
-async def delete_message(pool: AsyncConnectionPool, message_id: int) -> Row | None:
+@bounded
+async def changes_after(pool: Database, revs: Sequence[tuple[int, int]], limit: int) -> list[Row]:
+    """Per ``(room, revision)``: the messages changed after it, oldest change first, at most ``limit`` each."""
+    if not revs:
+        return []
+    return await _fetch_all(
+        pool,
+        f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))}"
+        " FROM unnest(%s::bigint[], %s::bigint[]) AS r(room_id, after_rev)"
+        " CROSS JOIN LATERAL (SELECT * FROM messages WHERE room_id = r.room_id AND edit_rev > r.after_rev"
+        "   ORDER BY edit_rev LIMIT %s) m"
+        " ORDER BY m.room_id, m.edit_rev",
+        ([r[0] for r in revs], [r[1] for r in revs], limit),
+    )
+
+
+@bounded
+async def message_by_id(pool: Database, message_id: int) -> Row | None:
+    return await _fetch_one(pool, f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,))
+
+
+async def _change_message(pool: Database, message_id: int, assignments: str, params: Sequence[Any]) -> Row | None:
+    """Edit or tombstone a message and give the change the room's next edit revision (one transaction)."""
+    async with transaction(pool) as conn:
+        cur = await conn.execute(
+            "UPDATE rooms SET edit_rev = rooms.edit_rev + 1 FROM messages m"
+            " WHERE m.id = %s AND m.deleted_at IS NULL AND rooms.id = m.room_id RETURNING rooms.edit_rev",
+            (message_id,),
+        )
+        rev = await cur.fetchone()
+        if rev is None:
+            return None  # unknown or already deleted
+        cur = await conn.execute(
+            f"UPDATE messages SET {assignments}, edit_rev = %s WHERE id = %s RETURNING {MESSAGE_COLUMNS}",
+            (*params, rev["edit_rev"], message_id),
+        )
+        return await cur.fetchone()
+
+
+@bounded
+async def edit_message(pool: Database, message_id: int, content: str) -> Row | None:
+    return await _change_message(pool, message_id, "content = %s, edited_at = now()", (content,))
+
+
+@bounded
+async def delete_message(pool: Database, message_id: int) -> Row | None:
     """Tombstone: the row and its seq stay, the content goes."""
-    return await fetch_one(
-        pool,
-        f"UPDATE messages SET content = '', deleted_at = now() WHERE id = %s AND deleted_at IS NULL"
-        f" RETURNING {MESSAGE_COLUMNS}",
-        (message_id,),
-    )
+    return await _change_message(pool, message_id, "content = '', deleted_at = now()", ())
+
+
+@bounded
+async def room_last_seq(pool: Database, room_id: int) -> tuple[int, int]:
+    """``(last_seq, edit_rev)`` of a room; (0, 0) for an unknown one."""
+    row = await _fetch_one(pool, "SELECT last_seq, edit_rev FROM rooms WHERE id = %s", (room_id,))
+    return (int(row["last_seq"]), int(row["edit_rev"])) if row else (0, 0)
+
+
+@bounded
+async def probe_rooms(pool: Database, room_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(room id, last_seq, edit_rev)`` of many rooms in one query (the fan-out's repair probe)."""
+    rows = await _fetch_all(pool, "SELECT id, last_seq, edit_rev FROM rooms WHERE id = ANY(%s)", (list(room_ids),))
+    return [(int(r["id"]), int(r["last_seq"]), int(r["edit_rev"])) for r in rows]
 
 
 @dataclass(slots=True)
@@ -368,7 +559,8 @@ class Committed:
     room: Row | None = None  # {kind, assistant, owner_id} of the room, for the assistant trigger
 
 
-async def commit_batch(pool: AsyncConnectionPool, batch: Sequence[PendingMessage]) -> list[Committed]:
+@bounded
+async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[Committed]:
     """Store a batch in ONE transaction; per-room seqs stay gap-free.
 
     Rooms are locked in id order (no deadlock between concurrent batches); with
@@ -463,15 +655,17 @@ async def commit_batch(pool: AsyncConnectionPool, batch: Sequence[PendingMessage
 # -- assistant ------------------------------------------------------------------
 
 
-async def reserve_message_id(pool: AsyncConnectionPool) -> int:
+@bounded
+async def reserve_message_id(pool: Database) -> int:
     """An id for an answer that is still streaming; the row is written when it ends."""
-    row = await fetch_one(pool, "SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id")
+    row = await _fetch_one(pool, "SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id")
     assert row is not None
     return int(row["id"])
 
 
-async def answer_for(pool: AsyncConnectionPool, prompt_id: int) -> Row | None:
-    return await fetch_one(
+@bounded
+async def answer_for(pool: Database, prompt_id: int) -> Row | None:
+    return await _fetch_one(
         pool,
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE reply_to_id = %s AND role = 'assistant'"
         " AND superseded_at IS NULL",
@@ -479,9 +673,10 @@ async def answer_for(pool: AsyncConnectionPool, prompt_id: int) -> Row | None:
     )
 
 
-async def recent_messages(pool: AsyncConnectionPool, room_id: int, up_to_seq: int, limit: int) -> list[Row]:
+@bounded
+async def recent_messages(pool: Database, room_id: int, up_to_seq: int, limit: int) -> list[Row]:
     """The newest messages up to a seq (ascending), without deleted or superseded ones."""
-    rows = await fetch_all(
+    rows = await _fetch_all(
         pool,
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s AND seq <= %s AND deleted_at IS NULL"
         " AND superseded_at IS NULL AND kind = 'text' ORDER BY seq DESC LIMIT %s",
@@ -502,8 +697,9 @@ class Usage:
     retrieved_ids: tuple[int, ...]
 
 
+@bounded
 async def persist_answer(
-    pool: AsyncConnectionPool,
+    pool: Database,
     *,
     message_id: int,
     room_id: int,
@@ -570,8 +766,9 @@ async def persist_answer(
     return row
 
 
-async def tokens_used_today(pool: AsyncConnectionPool, user_id: int) -> int:
-    row = await fetch_one(
+@bounded
+async def tokens_used_today(pool: Database, user_id: int) -> int:
+    row = await _fetch_one(
         pool,
         "SELECT COALESCE(sum(input_tokens + output_tokens), 0) AS n FROM usage_daily"
         " WHERE user_id = %s AND day = (now() AT TIME ZONE 'UTC')::date",
@@ -580,8 +777,166 @@ async def tokens_used_today(pool: AsyncConnectionPool, user_id: int) -> int:
     return int(row["n"]) if row else 0
 
 
+# -- retrieval (chatd.retrieval) -----------------------------------------------------
+
+_CAPABILITIES_SQL = """
+SELECT
+    (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+      WHERE e.extname = 'vector') AS vector_schema,
+    (SELECT e.extversion FROM pg_extension e WHERE e.extname = 'vector') AS vector_version,
+    (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+      WHERE e.extname = 'pg_trgm') AS trgm_schema,
+    to_regclass('message_embeddings') IS NOT NULL AS embeddings_table,
+    (SELECT a.atttypmod FROM pg_attribute a
+      WHERE a.attrelid = to_regclass('message_embeddings') AND a.attname = 'embedding') AS embeddings_dim
+"""
+
+# Messages waiting for an embedding (new, or edited since embedded), oldest first.
+_PENDING_SQL = """
+SELECT m.id, m.room_id, m.content
+  FROM messages m
+  JOIN rooms r ON r.id = m.room_id AND r.kind = 'assistant'
+  LEFT JOIN message_embeddings e ON e.message_id = m.id
+ WHERE m.id > %s AND m.deleted_at IS NULL AND m.role IN ('user', 'assistant') AND btrim(m.content) <> ''
+   AND (e.message_id IS NULL OR m.edited_at > e.embedded_at)
+ ORDER BY m.id
+ LIMIT %s
+"""
+
+_INSERT_SQL = """
+INSERT INTO message_embeddings (message_id, room_id, embedding)
+SELECT u.id, u.room_id, u.embedding::{vector}
+  FROM unnest(%s::bigint[], %s::bigint[], %s::text[]) AS u (id, room_id, embedding)
+ON CONFLICT (message_id) DO UPDATE SET embedding = EXCLUDED.embedding, embedded_at = now()
+"""
+
+# The CTE is materialized so that an HNSW iterative scan (which may return
+# rows slightly out of order) is re-sorted exactly.
+_VECTOR_SQL = """
+WITH hits AS MATERIALIZED (
+    SELECT m.id, m.seq, m.role, m.content, m.created_at, e.embedding OPERATOR({schema}.<=>) %s::{vector} AS distance
+      FROM message_embeddings e
+      JOIN messages m ON m.id = e.message_id
+     WHERE e.room_id = %s AND m.room_id = %s AND m.seq < %s AND m.deleted_at IS NULL
+       AND m.superseded_at IS NULL AND m.status = 'final'
+     ORDER BY e.embedding OPERATOR({schema}.<=>) %s::{vector}
+     LIMIT %s
+)
+SELECT id, seq, role, content, created_at, 1 - distance AS score FROM hits ORDER BY distance, seq DESC
+"""
+
+# {hits}: the number of query words found in the content, {any_hit}: at least one found (one ILIKE
+# per word, so that a trigram index can serve each); {trgm}: pg_trgm's word_similarity, or 0.
+_TEXT_SQL = """
+SELECT m.id, m.seq, m.role, m.content, m.created_at,
+       ({hits})::float8 / %(n_terms)s
+       + ts_rank(to_tsvector('simple'::regconfig, m.content), to_tsquery('simple', %(tsq)s))
+       + {trgm_weight} * {trgm} AS score
+  FROM messages m
+ WHERE m.room_id = %(room_id)s AND m.seq < %(before_seq)s AND m.deleted_at IS NULL
+  AND m.superseded_at IS NULL AND m.status = 'final'
+   AND m.role IN ('user', 'assistant')
+   AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
+ ORDER BY score DESC, m.seq DESC
+ LIMIT %(k)s
+"""
+
+
+def _vector_sql(template: str, schema_name: str) -> sql.Composed:
+    schema = sql.Identifier(schema_name)
+    return sql.SQL(template).format(schema=schema, vector=sql.SQL("{}.vector").format(schema))
+
+
+@bounded
+async def retrieval_capabilities(pool: Database) -> Row:
+    """Which extensions and embedding table the database offers."""
+    row = await _fetch_one(pool, _CAPABILITIES_SQL)
+    assert row is not None
+    return row
+
+
+@bounded
+async def index_embeddings(
+    pool: Database,
+    vector_schema: str,
+    lock_key: tuple[int, int],
+    after_id: int,
+    batch_size: int,
+    embed: Callable[[list[str]], Awaitable[list[str]]],
+) -> tuple[list[Row], int | None] | None:
+    """Embed and store one batch of messages waiting for an embedding, ids after ``after_id``.
+
+    One batch at a time across all instances (an advisory transaction lock): None
+    when another holds it.  Returns the rows embedded, and the largest message id
+    when the scan reached the end (None otherwise).
+    """
+    async with transaction(pool) as conn:
+        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s) AS ok", lock_key)
+        locked = await cur.fetchone()
+        if not locked or not locked["ok"]:
+            return None
+        cur = await conn.execute(_PENDING_SQL, (after_id, batch_size))
+        rows = await cur.fetchall()
+        max_id: int | None = None
+        if len(rows) < batch_size:  # the pass reached the end
+            cur = await conn.execute("SELECT coalesce(max(id), 0) AS max_id FROM messages")
+            top = await cur.fetchone()
+            max_id = int(top["max_id"]) if top else 0
+        if rows:
+            vectors = await embed([r["content"] for r in rows])
+            await conn.execute(
+                _vector_sql(_INSERT_SQL, vector_schema),
+                ([r["id"] for r in rows], [r["room_id"] for r in rows], vectors),
+            )
+    return rows, max_id
+
+
+@bounded
+async def vector_search(
+    pool: Database, vector_schema: str, iterative: bool, literal: str, room_id: int, before_seq: int, k: int
+) -> list[Row]:
+    async with transaction(pool) as conn:
+        if iterative:
+            # Keep scanning the graph until k rows pass the room filter (pgvector >= 0.8).
+            await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        else:
+            await conn.execute("SET LOCAL hnsw.ef_search = 400")
+        cur = await conn.execute(
+            _vector_sql(_VECTOR_SQL, vector_schema), (literal, room_id, room_id, before_seq, literal, k)
+        )
+        return await cur.fetchall()
+
+
+@bounded
+async def text_search(
+    pool: Database,
+    trgm_schema: str | None,
+    trgm_weight: float,
+    patterns: Sequence[str],
+    tsquery: str,
+    query: str,
+    room_id: int,
+    before_seq: int,
+    k: int,
+) -> list[Row]:
+    """Full-text + substring (+ trigram) ranking; ``patterns`` are ILIKE patterns, one per query word."""
+    if trgm_schema is not None:
+        trgm: sql.Composable = sql.SQL("{}.word_similarity(%(query)s, m.content)").format(sql.Identifier(trgm_schema))
+    else:
+        trgm = sql.SQL("0")
+    likes = [sql.SQL("m.content ILIKE {}").format(sql.Placeholder(f"p{i}")) for i in range(len(patterns))]
+    statement = sql.SQL(_TEXT_SQL).format(
+        hits=sql.SQL(" + ").join(sql.SQL("({})::int").format(like) for like in likes),
+        any_hit=sql.SQL(" OR ").join(likes),
+        trgm=trgm,
+        trgm_weight=sql.Literal(trgm_weight),
+    )
+    params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(patterns)}
+    params.update(tsq=tsquery, n_terms=len(patterns), query=query, room_id=room_id, before_seq=before_seq, k=k)
+    async with connection(pool) as conn:
+        cur = await conn.execute(statement, params)
+        return await cur.fetchall()
+
+
 def iso(value: dt.datetime | None) -> str | None:
-    """Timestamps on the wire: RFC 3339 UTC with milliseconds."""
-    if value is None:
-        return None
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return protocol.iso(value)

@@ -13,9 +13,12 @@ from typing import Any
 import tornado.web
 
 from chatd import errors, metrics
+from chatd.config import Settings
 from chatd.health import check_dependencies
+from chatd.kv import KV
 from chatd.logs import access_log, fields
 from chatd.state import ServerState
+from chatd.store import Database
 
 _HTTP_CODES = {
     400: errors.BadRequest,
@@ -32,15 +35,17 @@ _HTTP_CODES = {
 
 class BaseHandler(tornado.web.RequestHandler):
     state: ServerState
+    config: Settings
 
-    def initialize(self, state: ServerState) -> None:
+    def initialize(self, state: ServerState, settings: Settings) -> None:
         self.state = state
+        self.config = settings  # (`settings` is Tornado's application settings)
 
     def prepare(self) -> None:
         self.state.in_flight_requests += 1
         self._counted = True
         # The body is read by now; chunked requests have no Content-Length, so measure it.
-        limit = self.state.settings.server.max_body_bytes
+        limit = self.config.server.max_body_bytes
         if len(self.request.body or b"") > limit:
             raise errors.TooLarge(f"request body over {limit} bytes")
 
@@ -120,10 +125,17 @@ class LiveHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """Postgres and Redis answer within ``health_timeout_s``; 503 naming the failing one otherwise."""
+    """Postgres and Redis answer within ``health_timeout_s`` and every background task runs; 503 otherwise."""
+
+    def initialize(self, state: ServerState, settings: Settings, db: Database, kv: KV) -> None:  # type: ignore[override]
+        super().initialize(state, settings)
+        self.db = db
+        self.kv = kv
 
     async def get(self) -> None:
-        checks = await check_dependencies(self.state)
+        checks = await check_dependencies(self.db, self.kv, self.config.storage.health_timeout_s)
+        down = sorted(self.state.tasks.down)
+        checks["tasks"] = {"ok": not down, **({"error": f"restarting: {', '.join(down)}"} if down else {})}
         ready = all(c["ok"] for c in checks.values()) and not self.state.draining
         body = {
             "status": "ready" if ready else ("draining" if self.state.draining else "not_ready"),

@@ -2,10 +2,16 @@
 
 Before the upgrade: a cross-site ``Origin`` gets 403 and a missing, invalid,
 expired or revoked token gets 401, both with the JSON error body and no 101.
-After it: the ``hello`` frame, then frames as in docs/PROTOCOL.md.  Frames are
-handled in order per socket; a ``send`` is queued for the group commit in that
-order and acked from the commit's callback, so pipelined sends keep their order
-without waiting for each other's commit.
+After it: the ``hello`` frame, then frames as in docs/PROTOCOL.md.
+
+Frames are handled in order per socket: Tornado reads the next frame only once
+``on_message`` returned, which is how backpressure works here.  A ``send`` is
+queued for the group commit in frame order and acked from the commit's
+callback, so pipelined sends keep their order without waiting for each
+other's commit; at ``ws.max_pending_sends`` unacknowledged sends, or after a
+``busy`` (the commit queue is full), the socket is not read until there is
+room again.  At shutdown the socket stops being read, its queued sends are
+committed and acked (or answered ``unavailable``), and only then is it closed.
 """
 
 from __future__ import annotations
@@ -20,29 +26,22 @@ from urllib.parse import urlparse
 
 import tornado.web
 import tornado.websocket
-from redis.exceptions import RedisError
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
-from chatd import errors, metrics, protocol, store
+from chatd import errors, metrics, protocol
 from chatd.accounts import Accounts, Principal
-from chatd.assistant import wants_answer
+from chatd.config import Settings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
+from chatd.kv import KV
 from chatd.logs import app_log, fields
 from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.store import Committed
+from chatd.writer import MessageWriter
 
-# KEYS[1] = zset conn_id -> expiry ms; ARGV = now_ms, expiry_ms, cap, conn_id
-_CAP_SCRIPT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-return 1
-"""
-_CONN_TTL_S = 90  # refreshed every 30 s while the socket lives; a crashed worker's entries expire
+CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
 
 
 class _StrictUtf8Protocol(WebSocketProtocol13):
@@ -59,16 +58,23 @@ class _StrictUtf8Protocol(WebSocketProtocol13):
 
 
 class ChatSocket(tornado.websocket.WebSocketHandler):
-    state: ServerState
-    accounts: Accounts
-    rooms: Rooms
-    hub: Hub
-
-    def initialize(self, state: ServerState, accounts: Accounts, rooms: Rooms, hub: Hub) -> None:
+    def initialize(
+        self,
+        state: ServerState,
+        settings: Settings,
+        accounts: Accounts,
+        rooms: Rooms,
+        hub: Hub,
+        kv: KV,
+        writer: MessageWriter,
+    ) -> None:
         self.state = state
+        self.config = settings
         self.accounts = accounts
         self.rooms = rooms
         self.hub = hub
+        self.kv = kv
+        self.writer = writer
         self.connection_id = secrets.token_hex(8)
         self.principal: Principal | None = None
         self.user_id = 0
@@ -79,12 +85,18 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._timers: list[asyncio.TimerHandle] = []
         self._typing_timers: dict[int, asyncio.TimerHandle] = {}
         self._decoder = protocol.FrameDecoder(
-            max_frame_bytes=state.settings.ws.max_frame_bytes,
-            max_message_chars=state.settings.ws.max_message_chars,
+            max_frame_bytes=settings.ws.max_frame_bytes,
+            max_message_chars=settings.ws.max_message_chars,
         )
         self._registered = False
+        self._over_cap = False
         self._closing = False
         self._counted = False
+        self._stream_obj: IOStream | None = None
+        self._pending = 0  # sends read but not yet answered
+        self._room_for_sends = asyncio.Event()
+        self._room_for_sends.set()
+        self._stopped = asyncio.Event()  # set when the socket closes: releases a parked reader
 
     # -- handshake ----------------------------------------------------------------
 
@@ -96,7 +108,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def _origin_allowed(self, origin: str | None) -> bool:
         if not origin:
             return True  # non-browser clients send no Origin
-        allowed = self.state.settings.server.allowed_origins
+        allowed = self.config.server.allowed_origins
         if "*" in allowed or origin.rstrip("/") in (o.rstrip("/") for o in allowed):
             return True
         if allowed:
@@ -113,15 +125,37 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         return self.get_query_argument("access_token", None)
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.state.draining:
+            return self._reject(errors.Unavailable("server shutting down, connect again"))
         if not self._origin_allowed(self.request.headers.get("Origin")):
             return self._reject(errors.Forbidden("origin not allowed"))
         try:
-            self.principal = await self.accounts.authenticate(self._token())
+            principal = await self.accounts.authenticate(self._token(), denylist=False)
+            registered = await self._register(principal)
         except errors.ChatdError as err:
             return self._reject(err)
-        self.user_id = self.principal.user_id
-        self.family = self.principal.claims.family
+        if registered == -1:
+            return self._reject(errors.Unauthorized("token revoked"))
+        self.principal = principal
+        self.user_id = principal.user_id
+        self.family = principal.claims.family
+        self._over_cap = registered == 0
         await super().get(*args, **kwargs)
+
+    async def _register(self, principal: Principal) -> int:
+        """Denylist and per-user cap, across all instances, in one round trip; fails open without Redis."""
+        try:
+            result = await self.kv.register_connection(
+                principal.claims.jti,
+                principal.user_id,
+                self.connection_id,
+                self.config.auth.max_connections_per_user,
+                CONNECTION_TTL_S,
+            )
+        except errors.Unavailable:
+            return 1  # the token's session is still checked in Postgres; the cap waits for Redis
+        self._registered = result == 1
+        return result
 
     def get_websocket_protocol(self) -> WebSocketProtocol | None:
         proto = super().get_websocket_protocol()
@@ -130,7 +164,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         return proto
 
     def get_compression_options(self) -> dict[str, Any] | None:
-        ws = self.state.settings.ws
+        ws = self.config.ws
         if not ws.compression:
             return None
         return {"compression_level": ws.compression_level, "mem_level": ws.compression_mem_level}
@@ -138,53 +172,34 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     async def open(self, *args: Any, **kwargs: Any) -> None:
         self.set_nodelay(True)  # Tornado leaves Nagle on for WebSockets
         assert self.ws_connection is not None and self.principal is not None
-        stream = self._stream()
-        if stream is not None:
-            stream.max_write_buffer_size = self.state.settings.ws.max_buffer_bytes
+        stream = getattr(self.ws_connection, "stream", None)
+        if isinstance(stream, IOStream):
+            stream.max_write_buffer_size = self.config.ws.max_buffer_bytes
+            # Frames go straight to the socket (see write_frame) unless permessage-deflate needs Tornado's framing.
+            self._stream_obj = stream if self.get_compression_options() is None and type(stream) is IOStream else None
         self.state.connections.add(self)
         metrics.ws_connections.inc()
         self._counted = True
-        if not await self._register():
-            self.close(int(CloseCode.TOO_MANY_CONNECTIONS), "too many connections")
+        if self._over_cap:
+            self.force_close(int(CloseCode.TOO_MANY_CONNECTIONS), "too many connections")
             return
         await self.hub.add_user(self)
-        settings = self.state.settings
         self.send_frame(
             protocol.hello(
                 user_id=self.user_id,
                 connection_id=self.connection_id,
                 server_time_ms=int(time.time() * 1000),
-                heartbeat_ms=int(settings.ws.heartbeat_interval_s * 1000),
+                heartbeat_ms=int(self.config.ws.heartbeat_interval_s * 1000),
             )
         )
         self._schedule_expiry(self.principal.claims.exp)
-
-    async def _register(self) -> bool:
-        """Per-user cap across all workers and instances; fails open when Redis is down."""
-        cap = self.state.settings.auth.max_connections_per_user
-        now_ms = int(time.time() * 1000)
-        try:
-            ok = await self.state.redis.eval(
-                _CAP_SCRIPT,
-                1,
-                self.state.keys.user_connections(self.user_id),
-                now_ms,
-                now_ms + _CONN_TTL_S * 1000,
-                cap,
-                self.connection_id,
-            )
-        except RedisError as exc:
-            app_log.warning("connection_cap_unavailable", extra=fields(error=str(exc)[:200]))
-            return True
-        self._registered = bool(ok)
-        return self._registered
 
     def _schedule_expiry(self, exp: int) -> None:
         for timer in self._timers:
             timer.cancel()
         loop = asyncio.get_running_loop()
         remaining_s = exp - time.time()
-        warn_in_s = remaining_s - self.state.settings.auth.token_expiring_warning_s
+        warn_in_s = remaining_s - self.config.auth.token_expiring_warning_s
         if warn_in_s > 0:
             self._timers.append(
                 loop.call_later(
@@ -202,46 +217,51 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     # -- writing --------------------------------------------------------------------
 
-    def _stream(self) -> IOStream | None:
-        conn = self.ws_connection
-        return getattr(conn, "stream", None) if conn is not None else None
-
     def send_frame(self, frame: dict[str, Any]) -> None:
         self.write_frame(protocol.ws_text_frame(protocol.encode_bytes(frame)))
 
     def write_frame(self, frame: bytes) -> None:
-        """Write prebuilt frame bytes (fan-out builds them once for every socket)."""
+        """Write prebuilt frame bytes (fan-out builds them once for every socket).
+
+        A failure closes this socket only: fan-out goes on to the next one.
+        """
         conn = self.ws_connection
         if conn is None or self._closing or conn.is_closing():
             return
-        if self.get_compression_options() is not None:
-            # permessage-deflate needs per-socket framing: take Tornado's path.
-            self._write_compressed(frame)
-            return
-        stream = self._stream()
-        if stream is None:
-            return
         try:
+            stream = self._stream_obj
+            if stream is None:
+                self._write_framed(frame)
+                return
+            if not stream.writing():
+                # Nothing queued: one send(), without Tornado's per-write future and bookkeeping.
+                try:
+                    sent = stream.socket.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
             stream.write(frame)
         except StreamBufferFullError:
             self._overflow()
-        except StreamClosedError:
-            pass
+        except (StreamClosedError, tornado.websocket.WebSocketClosedError, ConnectionError):
+            self._stream_obj = None  # closing: Tornado calls on_close
+        except Exception as exc:
+            app_log.error("socket_write_failed", exc_info=exc, extra=fields(connection_id=self.connection_id))
+            self.force_close(int(CloseCode.INTERNAL_ERROR), "write failed")
 
-    def _write_compressed(self, frame: bytes) -> None:
-        # Recover the payload from our own unmasked frame header.
-        length = frame[1] & 0x7F
-        offset = 2 if length < 126 else (4 if length == 126 else 10)
-        try:
-            self.write_message(frame[offset:].decode())
-        except tornado.websocket.WebSocketClosedError:
-            pass
+    def _write_framed(self, frame: bytes) -> None:
+        # permessage-deflate frames per socket: take the payloads back out of our own frames.
+        for payload in protocol.ws_frame_payloads(frame):
+            self.write_message(payload.decode())
 
     def _overflow(self) -> None:
         app_log.warning("slow_consumer_closed", extra=fields(user_id=self.user_id, connection_id=self.connection_id))
-        stream = self._stream()
-        if stream is not None:
+        stream = getattr(self.ws_connection, "stream", None)
+        if isinstance(stream, IOStream):
             stream.max_write_buffer_size = None  # room for the close frame
+        self._stream_obj = None
         self.force_close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
 
     def kicked(self, room_id: int) -> None:
@@ -260,6 +280,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # -- reading --------------------------------------------------------------------
 
     async def on_message(self, message: str | bytes) -> None:
+        if self.state.draining:
+            await self._stopped.wait()  # shutting down: read nothing more (unread sends are resent by the client)
+            return
         try:
             frame = self._decoder.decode(message)
         except errors.ProtocolViolation as exc:
@@ -273,21 +296,34 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return
         metrics.ws_frames.labels(frame.TYPE).inc()
         try:
-            await self._dispatch(frame)
+            if isinstance(frame, protocol.Send):
+                await self._send(frame)
+            else:
+                await self._dispatch(frame)
         except errors.ChatdError as err:
             self.send_frame(protocol.error(err, reply_to=frame.request_id))
         except Exception as exc:
             app_log.error("frame_failed", exc_info=exc, extra=fields(type=type(frame).__name__))
             self.send_frame(protocol.error(errors.Internal(), reply_to=frame.request_id))
 
+    async def _send(self, frame: protocol.Send) -> None:
+        # Pipelined: queued in frame order now, acked when its batch commits, while the next frames
+        # are read (one socket is not limited to one commit round trip per send).
+        try:
+            durable = self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
+        except errors.Busy as err:
+            self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            await self.writer.wait_capacity()  # backpressure: not read again until the queue has room
+            return
+        self._pending += 1
+        durable.add_done_callback(lambda fut: self._on_durable(frame, fut))
+        if self._pending >= self.config.ws.max_pending_sends:
+            self._room_for_sends.clear()
+            await self._room_for_sends.wait()  # set again by an answer, or when the socket closes
+
     async def _dispatch(self, frame: protocol.ClientFrame) -> None:
         rid = frame.request_id
         match frame:
-            case protocol.Send():
-                # Pipelined: queued in frame order now, acked when its batch commits, while the
-                # next frames are read (one socket is not limited to one commit round trip per send).
-                durable = await self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
-                durable.add_done_callback(lambda fut: self._on_durable(frame, fut))
             case protocol.Join():
                 rejoin = frame.room_id in self.joined_rooms
                 joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid, rejoin=rejoin)
@@ -323,12 +359,16 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 self._schedule_expiry(principal.claims.exp)
                 self.send_frame(protocol.authenticated(expires_at_ms=principal.claims.exp * 1000, reply_to=rid))
             case protocol.Cancel() | protocol.Regenerate():
-                if self.rooms.assistant is None:
+                assistant = self.rooms.assistant
+                if assistant is None:
                     raise errors.NotFound("no such generation")
                 assert self.principal is not None
-                await self.rooms.assistant.control(self.user_id, self.principal.is_admin, frame)
+                await assistant.control(self.user_id, self.principal.is_admin, frame)
 
     def _on_durable(self, frame: protocol.Send, fut: asyncio.Future[Committed]) -> None:
+        self._pending -= 1
+        if self._pending < self.config.ws.max_pending_sends:
+            self._room_for_sends.set()
         rid = frame.request_id
         exc = fut.exception()
         if exc is not None:
@@ -347,15 +387,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 client_msg_id=frame.client_msg_id,
                 message_id=row["id"],
                 seq=row["seq"],
-                created_at=store.iso(row["created_at"]) or "",
+                created_at=protocol.iso(row["created_at"]) or "",
                 reply_to=rid,
                 duplicate=committed.duplicate,
             )
         )
-        room = committed.room
-        if self.rooms.assistant is not None and room is not None and not committed.duplicate:
-            if wants_answer(room, frame.content):  # checked here: no task per send in plain rooms
-                self.state.tasks.spawn(self._queue_answer(frame, committed), "ws-assistant-enqueue")
+        if self.rooms.wants_answer(committed, frame.content):  # checked here: no task per send in plain rooms
+            self.state.tasks.spawn(self._queue_answer(frame, committed), "ws-assistant-enqueue")
 
     async def _queue_answer(self, frame: protocol.Send, committed: Committed) -> None:
         result = await self.rooms.after_commit(self.user_id, frame.room_id, frame.content, committed)
@@ -367,7 +405,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if timer is not None:
             timer.cancel()
         if is_typing:
-            ttl_s = self.state.settings.ws.typing_ttl_s
+            ttl_s = self.config.ws.typing_ttl_s
 
             def expire() -> None:
                 self._typing_timers.pop(room_id, None)
@@ -380,8 +418,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     # -- closing --------------------------------------------------------------------
 
+    @property
+    def pending_sends(self) -> int:
+        return self._pending
+
     def on_close(self) -> None:
         self._closing = True
+        self._stream_obj = None
+        self._stopped.set()
+        self._room_for_sends.set()
         for timer in [*self._timers, *self._typing_timers.values()]:
             timer.cancel()
         self.state.connections.discard(self)
@@ -400,24 +445,25 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         await self.hub.remove_user(self)
         if self._registered:
             try:
-                await self.state.redis.zrem(self.state.keys.user_connections(self.user_id), self.connection_id)
-            except RedisError:
-                pass
+                await self.kv.unregister_connection(self.user_id, self.connection_id)
+            except errors.Unavailable:
+                pass  # the entry expires after CONNECTION_TTL_S
 
 
-async def refresh_registrations(state: ServerState) -> None:
-    """Keep live sockets counted for the per-user cap; entries of a dead worker expire."""
+async def refresh_registrations(state: ServerState, kv: KV) -> None:
+    """Keep live sockets counted for the per-user cap; entries of a dead worker expire (a supervised task)."""
     while True:
-        await asyncio.sleep(_CONN_TTL_S / 3)
-        expiry_ms = int(time.time() * 1000) + _CONN_TTL_S * 1000
-        pipe = state.redis.pipeline(transaction=False)
-        for conn in list(state.connections):
-            if isinstance(conn, ChatSocket) and conn._registered:
-                pipe.zadd(state.keys.user_connections(conn.user_id), {conn.connection_id: expiry_ms}, xx=True)
-        try:
-            await pipe.execute()
-        except RedisError as exc:
-            app_log.warning("connection_refresh_failed", extra=fields(error=str(exc)[:200]))
+        await asyncio.sleep(CONNECTION_TTL_S / 3)
+        entries = [
+            (conn.user_id, conn.connection_id)
+            for conn in list(state.connections)
+            if isinstance(conn, ChatSocket) and conn._registered
+        ]
+        if entries:
+            try:
+                await kv.refresh_connections(entries, CONNECTION_TTL_S)
+            except errors.Unavailable:
+                pass
 
 
 __all__ = ["ChatSocket", "refresh_registrations", "tornado"]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -238,15 +238,31 @@ class WS:
         frame: dict[str, Any] = json.loads(msg)
         return frame
 
-    async def expect(self, type_: str, timeout_s: float = 10, keep: bool = False, **match: Any) -> dict[str, Any]:
-        """Read until a frame of ``type_`` (matching ``match``) arrives; others are kept for later.
+    async def expect(
+        self,
+        type_: str,
+        timeout_s: float = 10,
+        keep: bool = False,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+        **match: Any,
+    ) -> dict[str, Any]:
+        """Read until a frame of ``type_`` (matching ``match`` and ``where``) arrives; others are kept for later.
 
         ``keep``: leave the matched frame in the backlog too (wait for a point in a stream without consuming it).
         """
-        return await self.expect_any((type_,), timeout_s, keep, **match)
+        return await self.expect_any((type_,), timeout_s, keep, where, **match)
+
+    async def expect_presence(self, user_id: int, status: str, timeout_s: float = 10, **match: Any) -> dict[str, Any]:
+        """The next ``presence`` frame that lists ``user_id`` as ``status`` ("online" / "offline")."""
+        return await self.expect("presence", timeout_s, where=lambda f: user_id in f[status], **match)
 
     async def expect_any(
-        self, types: tuple[str, ...], timeout_s: float = 10, keep: bool = False, **match: Any
+        self,
+        types: tuple[str, ...],
+        timeout_s: float = 10,
+        keep: bool = False,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+        **match: Any,
     ) -> dict[str, Any]:
         """Read until a frame of one of ``types`` (matching ``match``) arrives; others are kept for later."""
         type_ = "|".join(types)
@@ -266,7 +282,11 @@ class WS:
                     raise ConnectionError(
                         f"closed ({self.conn.close_code} {self.conn.close_reason}) waiting for {type_}; got {skipped}"
                     )
-                if frame.get("type") in types and all(frame.get(k) == v for k, v in match.items()):
+                if (
+                    frame.get("type") in types
+                    and all(frame.get(k) == v for k, v in match.items())
+                    and (where is None or where(frame))
+                ):
                     if keep:
                         skipped.append(frame)
                     return frame

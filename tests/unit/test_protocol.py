@@ -529,8 +529,8 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "presence",
-        p.presence(room_id=5, user_id=2, status="offline"),
-        {"type": "presence", "room_id": 5, "user_id": 2, "status": "offline"},
+        p.presence(room_id=5, online=[3], offline=[2]),
+        {"type": "presence", "room_id": 5, "online": [3], "offline": [2]},
     ),
     (
         "pong",

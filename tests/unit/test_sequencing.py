@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import heapq
 import random
+from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from chatd.sequencing import JoinMerge, RoomSequencer
+from chatd.sequencing import Gap, JoinMerge, RoomSequencer
 
 
 @pytest.mark.parametrize(
@@ -30,25 +34,188 @@ def test_gap_reported_only_after_timeout_then_filled() -> None:
     seq = RoomSequencer[str](next_seq=5, gap_timeout_s=0.25)
     assert seq.offer(7, "m7", now=10.0) == []
     assert seq.missing(now=10.1) is None
-    assert seq.missing(now=10.3) == (5, 6)
-    assert seq.fill([(5, "m5"), (6, "m6")], now=10.3) == ["m5", "m6", "m7"]
+    gap = seq.missing(now=10.3)
+    assert gap == Gap(5, 6)
+    filled = seq.fill(gap, [(5, "m5"), (6, "m6")], now=10.3)
+    assert filled.released == ["m5", "m6", "m7"] and not filled.lost
     assert seq.missing(now=99.0) is None and seq.next_seq == 8
 
 
-def test_fill_skips_seqs_postgres_does_not_have() -> None:
-    seq = RoomSequencer[str](next_seq=1, gap_timeout_s=0.0)
-    seq.offer(3, "m3", now=0.0)
-    assert seq.fill([], now=1.0) == ["m3"]
-    assert seq.next_seq == 4
+def test_partial_fill_never_skips_a_seq_still_in_flight() -> None:
+    # The defect of the first version: 10 and 12 in flight, 11 and 13 held; the filler reads 10 only.
+    seq = RoomSequencer[int](next_seq=10, gap_timeout_s=0.25)
+    out = seq.offer(11, 11, now=0.0) + seq.offer(13, 13, now=0.0)
+    gap = seq.missing(now=0.3)
+    assert gap == Gap(10, 10)
+    filled = seq.fill(gap, [(10, 10)], now=0.3)
+    assert not filled.lost
+    out += filled.released
+    assert out == [10, 11]
+    assert seq.missing(now=0.31) is None  # 12 gets a full timeout of its own
+    out += seq.offer(12, 12, now=0.31)
+    assert out == [10, 11, 12, 13]
 
 
-def test_reset_jumps_forward_and_drops_older_held() -> None:
-    seq = RoomSequencer[int](next_seq=1)
+def test_probe_finds_the_last_message_of_a_quiet_room() -> None:
+    seq = RoomSequencer[str](next_seq=4, gap_timeout_s=0.25)
+    seq.note_committed(3, now=0.0)  # nothing new
+    assert seq.missing(now=5.0) is None
+    seq.note_committed(5, now=1.0)  # 4 and 5 committed, their publishes lost
+    assert seq.missing(now=1.1) is None
+    gap = seq.missing(now=1.3)
+    assert gap == Gap(4, 5)
+    assert seq.fill(gap, [(4, "m4"), (5, "m5")], now=1.3).released == ["m4", "m5"]
+
+
+def test_urgent_fill_does_not_wait_for_the_timeout() -> None:
+    seq = RoomSequencer[str](next_seq=1)
+    seq.note_committed(2, now=0.0)
+    assert seq.missing(now=0.0) is None
+    assert seq.missing(now=0.0, urgent=True) == Gap(1, 2)
+
+
+def test_fill_is_bounded_to_max_fill() -> None:
+    seq = RoomSequencer[int](next_seq=1, gap_timeout_s=0.0, max_fill=10)
+    seq.note_committed(100, now=0.0)
+    gap = seq.missing(now=0.0)
+    assert gap == Gap(1, 10)
+    assert seq.fill(gap, [(s, s) for s in range(1, 11)], now=0.0).released == list(range(1, 11))
+    assert seq.missing(now=0.0) == Gap(11, 20)
+
+
+def test_a_seq_postgres_does_not_have_is_reported_lost_and_skipped() -> None:
+    seq = RoomSequencer[int](next_seq=1, gap_timeout_s=0.0)
+    seq.offer(4, 4, now=0.0)
+    gap = seq.missing(now=0.0)
+    assert gap == Gap(1, 3)
+    filled = seq.fill(gap, [(1, 1), (3, 3)], now=0.0)  # 2 is gone: an invariant breach
+    assert filled.released == [1, 3, 4]
+    assert filled.lost == [Gap(2, 2)]
+    assert seq.next_seq == 5
+
+
+def test_live_arrivals_during_a_fill_are_not_lost_or_doubled() -> None:
+    seq = RoomSequencer[int](next_seq=1, gap_timeout_s=0.0)
     seq.offer(3, 3, now=0.0)
-    seq.offer(6, 6, now=0.0)
-    assert seq.reset(5, now=0.0) == []  # 3 is older than 5: dropped
-    assert seq.offer(5, 5, now=0.0) == [5, 6]
-    assert seq.held == 0
+    gap = seq.missing(now=0.0)
+    assert gap == Gap(1, 2)
+    out = seq.offer(1, 1, now=0.01)  # arrived while the read ran
+    filled = seq.fill(gap, [(1, 1), (2, 2)], now=0.02)
+    assert out + filled.released == [1, 2, 3] and not filled.lost
+
+
+def test_held_messages_are_bounded() -> None:
+    seq = RoomSequencer[int](next_seq=1, gap_timeout_s=0.0, max_held=5)
+    for s in range(2, 12):
+        seq.offer(s, s, now=0.0)
+    assert seq.held == 5
+    assert seq.committed == 11  # the dropped ones are still known to exist
+    gap = seq.missing(now=0.0)
+    assert gap == Gap(1, 1)
+    out = seq.fill(gap, [(1, 1)], now=0.0).released
+    assert out == [1, 2, 3, 4, 5, 6]
+    gap = seq.missing(now=0.0)
+    assert gap == Gap(7, 11)
+    assert seq.fill(gap, [(s, s) for s in range(7, 12)], now=0.0).released == list(range(7, 12))
+
+
+# -- property: any arrival order, loss, duplication, delay, probe and fill timing ---------------
+
+
+@dataclass(frozen=True)
+class _Msg:
+    commit_at: float
+    copies: tuple[float, ...]  # delays of its publishes' arrivals; () = every publish lost
+
+
+_msgs = st.lists(
+    st.builds(
+        _Msg,
+        commit_at=st.floats(0, 5, allow_nan=False),
+        copies=st.lists(st.floats(0, 3, allow_nan=False), max_size=3).map(tuple),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    msgs=_msgs,
+    start=st.integers(1, 5),
+    probes=st.lists(st.floats(0, 10, allow_nan=False), max_size=8),
+    ticks=st.lists(st.tuples(st.floats(0, 10, allow_nan=False), st.floats(0, 2, allow_nan=False)), max_size=20),
+    gap_timeout_s=st.sampled_from([0.0, 0.05, 0.25, 1.0]),
+    max_held=st.integers(1, 50),
+    max_fill=st.integers(1, 50),
+)
+def test_every_seq_released_exactly_once_and_in_order(
+    msgs: list[_Msg],
+    start: int,
+    probes: list[float],
+    ticks: list[tuple[float, float]],
+    gap_timeout_s: float,
+    max_held: int,
+    max_fill: int,
+) -> None:
+    # Postgres commits a room's seqs in seq order: seq start+i commits at the i-th commit time.
+    commit_times = sorted(m.commit_at for m in msgs)
+    seqs = list(range(start, start + len(msgs)))
+    committed_at = dict(zip(seqs, commit_times, strict=True))
+
+    def committed_by(t: float) -> int:
+        return max((s for s in seqs if committed_at[s] <= t), default=start - 1)
+
+    # Events in time order: publishes (after their commit), probes, filler ticks and their
+    # reads completing later (the read's snapshot is taken when it starts).
+    events: list[tuple[float, int, str, tuple[object, ...]]] = []
+    n = 0
+    for s, m in zip(seqs, msgs, strict=True):
+        for d in m.copies:
+            events.append((committed_at[s] + d, (n := n + 1), "pub", (s,)))
+    for t in probes:
+        events.append((t, (n := n + 1), "probe", ()))
+    for t, latency in ticks:
+        events.append((t, (n := n + 1), "tick", (latency,)))
+    heapq.heapify(events)
+
+    seq = RoomSequencer[int](start, gap_timeout_s, max_held=max_held, max_fill=max_fill)
+    out: list[int] = []
+    reading = False
+
+    def read(gap: Gap, at: float) -> list[tuple[int, int]]:
+        upto = committed_by(at)
+        return [(s, s) for s in range(gap.first, min(gap.last, upto) + 1)]
+
+    while events:
+        t, _, kind, args = heapq.heappop(events)
+        if kind == "pub":
+            out += seq.offer(int(args[0]), int(args[0]), t)  # type: ignore[call-overload]
+        elif kind == "probe":
+            seq.note_committed(committed_by(t), t)
+        elif kind == "tick" and not reading:
+            gap = seq.missing(t)
+            if gap is not None:
+                reading = True
+                heapq.heappush(events, (t + float(args[0]), (n := n + 1), "done", (gap, read(gap, t))))  # type: ignore[arg-type]
+        elif kind == "done":
+            reading = False
+            filled = seq.fill(args[0], args[1], t)  # type: ignore[arg-type]
+            assert not filled.lost
+            out += filled.released
+        assert out == list(range(start, start + len(out)))  # in order, no duplicate, no skip
+
+    # Quiet afterwards: one probe, then the filler runs until nothing is missing.
+    end = 100.0
+    seq.note_committed(committed_by(end), end)
+    for i in range(len(msgs) + 2):
+        gap = seq.missing(end + (i + 1) * (gap_timeout_s + 0.01))
+        if gap is None:
+            break
+        filled = seq.fill(gap, read(gap, end), end)
+        assert not filled.lost
+        out += filled.released
+    assert out == seqs
 
 
 def test_random_permutations_with_duplicates_deliver_each_once_in_order() -> None:
@@ -77,3 +244,11 @@ def test_join_merge_empty_history() -> None:
     merge = JoinMerge[str]()
     merge.hold(4, "live4")
     assert merge.merge([], last_history_seq=3) == ["live4"]
+
+
+def test_join_merge_is_bounded_and_says_so() -> None:
+    merge = JoinMerge[int](max_held=2)
+    for s in (5, 6, 7):
+        merge.hold(s, s)
+    assert merge.overflowed
+    assert merge.merge([], last_history_seq=4) == [5, 6]

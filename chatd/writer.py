@@ -1,0 +1,170 @@
+"""Group commit: every new message of a worker goes through one ``MessageWriter``.
+
+A send commits at once when the writer is idle; sends arriving while a
+transaction runs wait and form the next batch (up to ``batch_max_messages``,
+plus an optional ``batch_max_delay_ms``), so a loaded database sees few large
+transactions and an idle one adds no delay.  A send is acked only after its
+transaction committed; then the batch is published (one PUBLISH per room).
+
+Bounds, so overload degrades instead of collapsing:
+
+* the queue holds at most ``send_queue_max`` sends; beyond it ``submit``
+  raises ``Busy`` with a ``retry_after_ms`` estimated from the commit rate;
+* a send waits at most ``pg_query_timeout_s`` for its commit: past it (a
+  paused or unreachable Postgres) it fails with ``Unavailable``, and its
+  ``client_msg_id`` makes the client's retry safe even if the commit landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from chatd import errors, metrics, protocol, store
+from chatd.config import Settings
+from chatd.logs import app_log, fields
+from chatd.store import Committed, Database, PendingMessage
+
+
+class Publisher(Protocol):
+    async def publish_messages(self, items: Sequence[tuple[int, int, bytes]]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Queued:
+    message: PendingMessage
+    future: asyncio.Future[Committed]
+    deadline: float
+
+
+class MessageWriter:
+    def __init__(
+        self, db: Database, hub: Publisher, settings: Settings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.db = db
+        self.hub = hub
+        self.clock = clock
+        ws = settings.ws
+        self.max_batch = ws.batch_max_messages
+        self.max_delay_s = ws.batch_max_delay_ms / 1000
+        self.max_queue = ws.send_queue_max
+        self.timeout_s = settings.storage.pg_query_timeout_s
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._has_room = asyncio.Event()  # the queue is below half its bound
+        self._has_room.set()
+        self._rate_per_s = 1000.0  # committed messages per second, smoothed: for retry_after_ms
+        self._in_flight: list[_Queued] = []
+        self.batches = 0
+        self.committed = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    def submit(self, message: PendingMessage) -> asyncio.Future[Committed]:
+        """Queue a message for the next batch; the future resolves once it is durable.
+
+        Synchronous on purpose: callers enqueue in the order their frames arrived, so
+        a socket's pipelined sends get increasing seqs without waiting for each commit.
+        """
+        if len(self._queue) >= self.max_queue:
+            metrics.sends_busy.inc()
+            wait_ms = int(len(self._queue) / max(self._rate_per_s, 1.0) * 1000)
+            raise errors.Busy("server busy, retry later", retry_after_ms=min(5000, max(100, wait_ms)))
+        fut: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(message, fut, self.clock() + self.timeout_s))
+        if len(self._queue) >= self.max_queue // 2:
+            self._has_room.clear()
+        self._idle.clear()
+        self._wake.set()
+        return fut
+
+    async def wait_capacity(self) -> None:
+        """Returns once the queue is below half its bound (a socket told ``busy`` waits for this)."""
+        await self._has_room.wait()
+
+    async def drain(self) -> None:
+        """Shutdown: let every queued send commit (or fail) and be answered."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """The commit loop (a supervised task)."""
+        try:
+            while True:
+                if not self._queue:
+                    self._idle.set()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if self.max_delay_s and len(self._queue) < self.max_batch:
+                    await asyncio.sleep(self.max_delay_s)
+                batch = self._take()
+                if batch:
+                    await self._flush(batch)
+        finally:  # cancelled or crashed: nobody may wait for an answer that never comes
+            for item in (*self._queue, *self._in_flight):
+                if not item.future.done():
+                    item.future.set_exception(errors.Unavailable("server restarting its writer, try again"))
+            self._queue.clear()
+            self._in_flight = []
+            self._has_room.set()
+            self._idle.set()
+
+    def _take(self) -> list[_Queued]:
+        now = self.clock()
+        batch: list[_Queued] = []
+        queue = self._queue
+        while queue and len(batch) < self.max_batch:
+            item = queue.popleft()
+            if item.future.done():
+                continue
+            if item.deadline <= now:  # waited its whole deadline behind a stuck commit
+                item.future.set_exception(errors.Unavailable("database did not answer in time, try again"))
+                continue
+            batch.append(item)
+        if len(queue) < self.max_queue // 2:
+            self._has_room.set()
+        metrics.send_queue.set(len(queue))
+        return batch
+
+    async def _flush(self, batch: list[_Queued]) -> None:
+        self._in_flight = batch
+        started = self.clock()
+        try:
+            results = await store.commit_batch(self.db, [q.message for q in batch])
+        except errors.ChatdError as exc:
+            for q in batch:
+                if not q.future.done():
+                    q.future.set_exception(type(exc)(exc.message))
+            return
+        except Exception as exc:
+            app_log.error("commit_failed", exc_info=exc, extra=fields(batch=len(batch)))
+            for q in batch:
+                if not q.future.done():
+                    q.future.set_exception(errors.Internal())
+            return
+        finally:
+            self._in_flight = []
+        elapsed_s = self.clock() - started
+        self.batches += 1
+        metrics.commit_batch.observe(len(batch))
+        metrics.commit_duration.observe(elapsed_s)
+        fresh: list[tuple[int, int, bytes]] = []
+        for q, result in zip(batch, results, strict=True):
+            if not q.future.done():
+                q.future.set_result(result)
+            row = result.row
+            if row is not None and not result.duplicate and result.error is None:
+                fresh.append((row["room_id"], row["seq"], protocol.encode_bytes(protocol.message_from_row(row))))
+        self.committed += len(fresh)
+        self._rate_per_s = 0.8 * self._rate_per_s + 0.2 * (len(batch) / max(elapsed_s, 1e-3))
+        metrics.messages_committed.inc(len(fresh))
+        if fresh:
+            await self.hub.publish_messages(fresh)
