@@ -58,5 +58,3 @@ async def collect_messages(ws: WS, room_id: int, count: int, timeout_s: float = 
     for _ in range(count):
         out.append(await ws.expect("message", timeout_s=timeout_s, room_id=room_id))
     return out
-
-

