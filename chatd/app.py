@@ -7,7 +7,7 @@ from typing import Any
 
 import tornado.web
 
-from chatd import api
+from chatd import api, webapp
 from chatd.accounts import Accounts
 from chatd.assistant import Assistant
 from chatd.fanout import Hub
@@ -52,6 +52,7 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/metrics", MetricsHandler, base),
         (r"/ws", ChatSocket, {"state": state, "accounts": accounts, "rooms": rooms, "hub": hub}),
         *api.routes(state, accounts, rooms),
+        *webapp.routes(),  # the web app at /
     ]
     ws = state.settings.ws
     return tornado.web.Application(
