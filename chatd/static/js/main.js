@@ -239,7 +239,10 @@ async function onCreateRoom(ev) {
   const name = $("create-name").value.trim();
   if (!name) return;
   try {
-    const room = await api.call("POST", "/rooms", { name, kind: $("create-kind").value });
+    const kind = $("create-kind").value;
+    // Group rooms answer messages that mention @assistant; assistant rooms answer every message.
+    const body = kind === "group" ? { name, kind, assistant: { mode: "mention" } } : { name, kind };
+    const room = await api.call("POST", "/rooms", body);
     $("create-name").value = "";
     await loadRooms();
     openRoom(room.id);
