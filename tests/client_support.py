@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import pexpect
+import psycopg
 import pyte
 
 from tests.support import ROOT
@@ -158,3 +159,18 @@ _MESSAGE = re.compile(r"^\d\d:\d\d (you|user \d+|assistant): (.*)$")
 def chat_lines(screen_text: str) -> list[tuple[str, str]]:
     """(author, text) of every message line the terminal printed, in screen order."""
     return [(m[1], m[2]) for line in screen_text.splitlines() if (m := _MESSAGE.match(line))]
+
+
+# Access tokens of 30 s (the minimum) with the warning 27 s before expiry: `token_expiring`
+# arrives ~3 s after each connect, so every client test also runs the refresh + `auth` path.
+SHORT_TOKENS = {"CHATD_AUTH_ACCESS_TTL_S": "30", "CHATD_AUTH_TOKEN_EXPIRING_WARNING_S": "27"}
+
+
+def refresh_counts(database_url: str, user_id: int) -> tuple[int, int]:
+    """(refresh tokens used, refresh tokens revoked) of a user: a reuse would revoke a family."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(used_at), count(revoked_at) FROM refresh_tokens WHERE user_id = %s", (user_id,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx2
 
-REFRESH_AHEAD_S = 60  # refresh when the access token has less left (PROTOCOL.md §10 step 1)
+REFRESH_AHEAD_S = 60  # refresh when the access token has less left (PROTOCOL.md §10 step 1) ...
 
 
 class ApiError(Exception):
@@ -28,6 +28,7 @@ class Api:
         self.access_token = ""
         self.refresh_token = ""
         self.expires_at = 0.0  # time.monotonic() of the access token's expiry
+        self.ahead_s = float(REFRESH_AHEAD_S)
         self.user: dict[str, Any] = {}
 
     async def aclose(self) -> None:
@@ -36,7 +37,9 @@ class Api:
     def _take(self, body: dict[str, Any]) -> None:
         self.access_token = body["access_token"]
         self.refresh_token = body["refresh_token"]
-        self.expires_at = time.monotonic() + float(body.get("expires_in", 900))
+        lifetime = float(body.get("expires_in", 900))
+        self.expires_at = time.monotonic() + lifetime
+        self.ahead_s = min(REFRESH_AHEAD_S, lifetime / 3)  # ... or a third of a short lifetime
         self.user = body.get("user", self.user)
 
     async def sign_in(self, email: str, password: str, register_name: str | None = None) -> dict[str, Any]:
@@ -57,7 +60,7 @@ class Api:
             return self.access_token
 
     async def token(self) -> str:
-        if self.expires_at - time.monotonic() < REFRESH_AHEAD_S:
+        if self.expires_at - time.monotonic() < self.ahead_s:
             return await self.refresh()
         return self.access_token
 

@@ -430,6 +430,12 @@ class ClientSession:
         changed = False
         if self._typing is not None and now - self._typing[2] >= TYPING_IDLE_S:
             out += self._stop_typing()
+        elif self._typing is not None and self.live:
+            room_id, sent, last_input = self._typing
+            if last_input > sent and now - sent >= TYPING_RESEND_S:
+                # Still typing since the last `true` (which the server may have throttled away): say it again.
+                self._typing = (room_id, now, last_input)
+                out.append(SendFrame({"type": "typing", "room_id": room_id, "is_typing": True}))
         for room in self.rooms.values():
             for uid in [u for u, exp in room.typing.items() if exp <= now]:
                 del room.typing[uid]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections import Counter
 from typing import Any
 
 import pexpect
 
-from tests.client_support import CuttingProxy, Terminal, chat_lines
+from tests.client_support import SHORT_TOKENS, CuttingProxy, Terminal, chat_lines, refresh_counts
 from tests.conftest import Services
 from tests.support import WS, Chatd, request
 from tests.users import PASSWORD, make_users
@@ -17,7 +19,7 @@ from tests.users import PASSWORD, make_users
 async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_line(
     chatd_factory: Any, services: Services
 ) -> None:
-    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="20")
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="20", **SHORT_TOKENS)
     alice, bob = make_users(services.database_url, 2)
     name = f"ops-{uuid.uuid4().hex[:6]}"
     created = await request(
@@ -96,6 +98,14 @@ async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_
         assert [a for a, _ in shown] == [a for a, _ in expected], term.text()
         for (_, got), (_, want) in zip(shown, expected, strict=True):
             assert want.startswith(got), (got, want)  # long answers wrap onto following lines
+
+        # Tokens were refreshed on `token_expiring` (and sent with `auth`), never reused.
+        deadline = time.monotonic() + 15
+        while refresh_counts(services.database_url, alice.id)[0] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        used, revoked = refresh_counts(services.database_url, alice.id)
+        assert used >= 1 and revoked == 0, (used, revoked)
+        await term.wait_for("connected")
 
         term.child.sendcontrol("d")
         term.child.expect(pexpect.EOF, timeout=10)

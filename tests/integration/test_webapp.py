@@ -19,7 +19,10 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from tests.client_support import SHORT_TOKENS, refresh_counts
+from tests.conftest import Services
 from tests.support import ROOT, Chatd
+from tests.users import PASSWORD, make_users
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root on a machine without a network, Chromium needs these or it hangs on first start.
@@ -98,8 +101,10 @@ class Person:
         return str(json.loads(state)["access"])
 
 
-def rest(base: str, path: str, token: str) -> Any:
-    req = urllib.request.Request(base + "/api/v1" + path, headers={"Authorization": f"Bearer {token}"})
+def rest(base: str, path: str, token: str, body: Any = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + "/api/v1" + path, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -121,9 +126,9 @@ def test_static_files_have_a_strict_csp_and_javascript_types(chatd: Chatd) -> No
 
 
 def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
-    chatd_factory: Any, browser: Browser
+    chatd_factory: Any, browser: Browser, services: Services
 ) -> None:
-    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="15")
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="15", **SHORT_TOKENS)
     alice = Person(browser, server.http, "Alice")
     bob = Person(browser, server.http, "Bob")
     try:
@@ -139,9 +144,14 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
         a.get_by_label("Add member (user id)").fill(str(bob.id))
         a.get_by_role("button", name="Add", exact=True).click()
         expect(a.locator("#notice")).to_have_text(f"User {bob.id} added.")
+        alice.say("first!")
         b.get_by_role("button", name="Refresh the room list").click()
-        b.get_by_role("button", name=room_name).click()
+        room_link = b.get_by_role("button", name=re.compile(f"^{room_name}"))
+        expect(room_link.locator(".badge")).to_have_text("1")  # unread
+        room_link.click()
         expect(b.locator("#room-title")).to_have_text(room_name)
+        expect(room_link.locator(".badge")).to_have_count(0)
+        expect(bob.bodies("first!")).to_have_count(1)
 
         # Presence both ways, typing, messages both ways with their delivery state.
         expect(a.locator("#room-online")).to_have_text(f"Online: You, User {bob.id}")
@@ -158,13 +168,18 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
         expect(b.locator("#typing")).to_have_text("")
 
         # The assistant streams an answer (sanitized Markdown) to both; one answer is stopped.
-        alice.say("@assistant what is chatd?")
+        # The offline assistant echoes the prompt: its HTML shows as text, its javascript: link goes.
+        hostile = "<img src=x onerror=\"document.title='pwned'\"> [docs](javascript:document.title='pwned')"
+        alice.say(f"@assistant {hostile} what is chatd?")
         streaming = a.locator("#messages > li.streaming .body")
         expect(streaming).to_contain_text("[offline assistant]")
         expect(b.locator("#messages > li.streaming .body")).to_contain_text("[offline assistant]")
         answer = a.locator("#messages > li.assistant:not(.streaming)", has_text="what is chatd?")
         expect(answer).to_have_count(1, timeout=30_000)
-        expect(answer.locator(".body strong")).to_have_count(0)  # the echo has no Markdown
+        expect(answer.locator(".body img, .body [onerror], .body [href^='javascript']")).to_have_count(0)
+        expect(answer.locator(".body")).to_contain_text("<img src=x")
+        expect(answer.locator(".body a")).to_have_text("docs")
+        assert a.title() == "chatd" and b.title() == "chatd"
         alice.say("@assistant please **stop** me")
         expect(streaming).to_contain_text("please stop me")  # rendered: ** became <strong>
         expect(a.locator("#messages > li.streaming .body strong")).to_have_text("stop")
@@ -212,6 +227,11 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
         assert len(a.locator("#messages > li.msg:not(.pending)").all()) == len(stored)
         assert len(b.locator("#messages > li.msg:not(.pending)").all()) == len(stored)
 
+        # Tokens were refreshed on `token_expiring` (30 s tokens), across the reload too, never reused.
+        for person in (alice, bob):
+            used, revoked = refresh_counts(services.database_url, person.id)
+            assert used >= 1 and revoked == 0, (person.name, used, revoked)
+
         ARTIFACTS.mkdir(exist_ok=True)
         a.screenshot(path=str(ARTIFACTS / "webapp-alice.png"))
         b.screenshot(path=str(ARTIFACTS / "webapp-bob.png"))
@@ -254,3 +274,33 @@ def test_phone_sized_dark_screen(chatd: Chatd, browser: Browser) -> None:
         assert phone.errors == []
     finally:
         phone.context.close()
+
+
+def test_history_pages_back_through_rest(chatd_factory: Any, browser: Browser, services: Services) -> None:
+    server: Chatd = chatd_factory(CHATD_WS_SEND_RATE_COUNT="1000")
+    [user] = make_users(services.database_url, 1)
+    room = rest(server.http, "/rooms", user.token, {"name": f"long-{uuid.uuid4().hex[:6]}"})
+    for i in range(1, 61):
+        rest(
+            server.http, f"/rooms/{room['id']}/messages", user.token, {"content": f"old {i}", "client_msg_id": f"o{i}"}
+        )
+    person = Person(browser, server.http, "Lee")
+    try:
+        page = person.page
+        page.goto(server.http + "/")
+        page.get_by_label("Email").fill(user.email)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("button", name=re.compile(f"^{room['name']}")).click()
+        bodies = page.locator("#messages > li.msg .body")
+        expect(bodies).to_have_count(50)  # the newest page
+        expect(bodies.first).to_have_text("old 11")
+        older = page.get_by_role("button", name="Load older messages")
+        older.focus()
+        page.keyboard.press("Enter")
+        expect(bodies).to_have_count(60)
+        expect(older).to_be_hidden()  # nothing older
+        assert bodies.all_inner_texts() == [f"old {i}" for i in range(1, 61)]
+        assert person.errors == []
+    finally:
+        person.context.close()

@@ -264,9 +264,17 @@ def test_local_typing_is_throttled_and_stopped_by_send_and_idleness() -> None:
     assert frames(s.input_changed(7, False, 1.0)) == []
     assert frames(s.input_changed(7, False, 2.0)) == [on]
     assert frames(s.send_text(7, "x"))[0] == off
-    s.input_changed(7, False, 3.0)
-    assert frames(s.tick(3.0 + 3.9)) == []
+    assert frames(s.input_changed(7, False, 3.0)) == [on]
+    assert frames(s.tick(3.0 + 3.9)) == []  # no input since that `true`
     assert frames(s.tick(7.0)) == [off]
+    # A burst: the first key sends `true`; the tick repeats it once 2 s later (the server may have
+    # dropped the first as too soon after an earlier one), then nothing while the input is idle.
+    assert frames(s.input_changed(7, False, 10.0)) == [on]
+    assert frames(s.input_changed(7, False, 10.3)) == []
+    assert frames(s.tick(11.9)) == []
+    assert frames(s.tick(12.0)) == [on]
+    assert frames(s.tick(14.1)) == []
+    assert frames(s.tick(14.3)) == [off]
 
 
 def test_resync_required_reloads_the_newest_page_and_rejoins_from_it() -> None:

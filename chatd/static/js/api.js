@@ -4,7 +4,7 @@
 // first re-reads what another tab may have stored meanwhile.
 
 const KEY = "chatd.session";
-const REFRESH_AHEAD_MS = 60000;
+const REFRESH_AHEAD_MS = 60000; // refresh when the access token has less left, or a third of a short lifetime
 
 export class ApiError extends Error {
   constructor(status, code, message, retryAfterMs) {
@@ -43,6 +43,7 @@ export class Api {
       access: body.access_token,
       refresh: body.refresh_token,
       exp: Date.now() + body.expires_in * 1000,
+      ahead: Math.min(REFRESH_AHEAD_MS, (body.expires_in * 1000) / 3),
       user: body.user ?? this.state?.user,
     };
     localStorage.setItem(KEY, JSON.stringify(this.state));
@@ -75,7 +76,7 @@ export class Api {
     const seen = this.state?.refresh;
     return withLock(async () => {
       const stored = load();
-      if (stored && stored.refresh !== seen && stored.exp - Date.now() > REFRESH_AHEAD_MS) {
+      if (stored && stored.refresh !== seen && stored.exp - Date.now() > (stored.ahead ?? REFRESH_AHEAD_MS)) {
         this.state = stored; // another tab refreshed while we waited
         return stored.access;
       }
@@ -95,7 +96,7 @@ export class Api {
 
   async token() {
     if (!this.state) throw new ApiError(401, "unauthorized", "signed out");
-    if (this.state.exp - Date.now() < REFRESH_AHEAD_MS) return this.refresh();
+    if (this.state.exp - Date.now() < (this.state.ahead ?? REFRESH_AHEAD_MS)) return this.refresh();
     return this.state.access;
   }
 

@@ -254,7 +254,13 @@ export class Session {
   tick(now) {
     const out = [];
     let changed = false;
-    if (this.typingState && now - this.typingState.inputAt >= TYPING_IDLE_MS) out.push(...this.stopTyping());
+    const t = this.typingState;
+    if (t && now - t.inputAt >= TYPING_IDLE_MS) out.push(...this.stopTyping());
+    else if (t && this.live && t.inputAt > t.sentAt && now - t.sentAt >= TYPING_RESEND_MS) {
+      // Still typing since the last `true` (which the server may have throttled away): say it again.
+      t.sentAt = now;
+      out.push(send({ type: "typing", room_id: t.roomId, is_typing: true }));
+    }
     for (const room of this.rooms.values()) {
       for (const [uid, exp] of [...room.typing]) {
         if (exp <= now) {
