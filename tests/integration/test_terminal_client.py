@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections import Counter
@@ -45,6 +46,8 @@ async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_
     bob_label = f"user {bob.id}"
     try:
         await term.wait_for(lambda t: "history 3" in t and "connected" in t)
+        term.line("/rooms")
+        await term.wait_for(lambda t: re.search(rf"^ +{room}  {name}$", t, re.M) is not None)
 
         # Presence and typing of the other member.
         bob_ws = await WS.connect(server.ws, bob.token)

@@ -304,3 +304,91 @@ def test_history_pages_back_through_rest(chatd_factory: Any, browser: Browser, s
         assert person.errors == []
     finally:
         person.context.close()
+
+
+# The web app's session.js is the twin of chatd/client/session.py: the same scenarios as
+# tests/unit/test_client_session.py, run in the browser on the module the page loads.
+JS_SCENARIOS = """
+async () => {
+  const { Session, RESUME_ID } = await import("/static/js/session.js");
+  const ME = 42, BOB = 57;
+  const msg = (seq, content, sender = BOB, extra = {}) => ({type: "message", room_id: 7, message_id: 9000 + seq, seq,
+    sender_id: sender, role: sender === null ? "assistant" : "user", content: content ?? `m${seq}`,
+    created_at: "2025-06-01T12:00:00.000Z", deleted: false, ...extra});
+  const frames = (actions) => actions.filter((a) => a.kind === "send").map((a) => a.frame);
+  const live = (history) => {
+    const s = new Session("c");
+    s.setRooms([{id: 7, name: "ops", last_seq: history, read_seq: 0}]);
+    s.openRoom(7);
+    s.page(7, "latest", Array.from({length: history}, (_, i) => msg(i + 1)), false);
+    s.connectionOpened();
+    s.receive({type: "hello", user_id: ME}, 0);
+    s.receive({type: "joined", room_id: 7, last_seq: history, online: [ME]}, 0);
+    s.receive({type: "pong", reply_to: RESUME_ID}, 0);
+    return s;
+  };
+  const seqs = (s) => [...s.rooms.get(7).messages.keys()].sort((a, b) => a - b);
+  const out = {};
+
+  // Resume: join with since_seq, replay and live deduped by seq, gaps buffered.
+  let s = live(3);
+  s.connectionLost();
+  s.connectionOpened();
+  out.rejoin = frames(s.receive({type: "hello", user_id: ME}, 0));
+  for (const seq of [6, 3, 4, 5, 5]) s.receive(msg(seq), 0);
+  out.resumed = seqs(s);
+
+  // A send cut before its ack: not resent when the replay shows it, resent with the same id otherwise.
+  s = live(3);
+  const one = frames(s.sendText(7, "one"))[0], two = frames(s.sendText(7, "two"))[0];
+  s.connectionLost();
+  s.connectionOpened();
+  s.receive({type: "hello", user_id: ME}, 0);
+  s.receive(msg(4, "one", ME, {client_msg_id: one.client_msg_id}), 0);
+  out.resent = frames(s.receive({type: "pong", reply_to: RESUME_ID}, 0));
+  out.two = two;
+
+  // busy with retry_after_ms: kept pending, resent after the delay.
+  s = live(0);
+  const busy = frames(s.sendText(7, "a"))[0];
+  s.receive({type: "error", code: "busy", message: "overloaded", reply_to: busy.id, retry_after_ms: 1500}, 10000);
+  out.early = frames(s.tick(11000));
+  out.retry = frames(s.tick(11500));
+  out.busy = busy;
+
+  // A stream re-announced on rejoin: the catch-up chunk rebuilds the text.
+  s = live(1);
+  s.receive({type: "stream_start", room_id: 7, message_id: 9100, reply_to_message_id: 9001}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 0, content: "Hel"}, 0);
+  s.receive({type: "stream_start", room_id: 7, message_id: 9100, reply_to_message_id: 9001}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 2, content: "Hello, wor"}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 2, content: "Hello, wor"}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 3, content: "ld"}, 0);
+  out.stream = s.rooms.get(7).streams.get(9100).text;
+
+  // Batched presence.
+  s.receive({type: "presence", room_id: 7, online: [BOB, 61], offline: []}, 0);
+  s.receive({type: "presence", room_id: 7, online: [], offline: [61]}, 0);
+  out.online = [...s.rooms.get(7).online].sort();
+  return out;
+}
+"""
+
+
+def test_the_web_apps_session_module_follows_the_resume_rules(chatd: Chatd, browser: Browser) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(chatd.http + "/")
+        out = page.evaluate(JS_SCENARIOS)
+    finally:
+        context.close()
+    assert out["rejoin"] == [
+        {"type": "join", "id": "j:7", "room_id": 7, "since_seq": 3},
+        {"type": "ping", "id": "resume"},
+    ]
+    assert out["resumed"] == [1, 2, 3, 4, 5, 6]
+    assert out["resent"] == [out["two"]]
+    assert out["early"] == [] and out["retry"] == [out["busy"]]
+    assert out["stream"] == "Hello, world"
+    assert out["online"] == [42, 57]
