@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
