@@ -6,6 +6,9 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: run test install lint typecheck docs clean
 
+# The browser tests drive Debian's Chromium (Playwright never downloads one); CI runs as root.
+CHROMIUM ?= /usr/bin/chromium
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -17,7 +20,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/chatd serve --config config/dev.toml
 
-test: $(STAMP)
+$(CHROMIUM):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check chatd tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from chatd import api, kv, store
+from chatd import api, kv, store, webapp
 from chatd.accounts import Accounts
 from chatd.assistant import Assistant
 from chatd.config import Settings
@@ -132,6 +132,7 @@ class Worker:
             (r"/metrics", MetricsHandler, base),
             (r"/ws", ChatSocket, socket_deps),
             *api.routes(self.state, self.settings, self.db, self.accounts, self.rooms),
+            *webapp.routes(),  # the web app at /
         ]
         ws = self.settings.ws
         return tornado.web.Application(

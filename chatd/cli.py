@@ -1,4 +1,4 @@
-"""``chatd`` command line: serve, migrate, check-config, create-user, config-doc."""
+"""``chatd`` command line: serve, migrate, check-config, create-user, config-doc, chat."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     user.add_argument("--name", default="")
     user.add_argument("--admin", action="store_true")
     sub.add_parser("config-doc", help="print docs/CONFIG.md generated from the settings")
+    chat = sub.add_parser("chat", help="terminal client (CHATD_EMAIL / CHATD_PASSWORD, else prompts)")
+    chat.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
+    chat.add_argument("--room", help="room to open (name or id)")
+    chat.add_argument("--register", action="store_true", help="create the account first (name: CHATD_NAME)")
     return parser
 
 
@@ -72,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config-doc":
         sys.stdout.write(config_mod.reference_markdown())
         return 0
+    if args.command == "chat":  # a client: no server settings
+        from chatd.client.terminal import main as chat
+
+        return chat(args.url, args.room, args.register)
     try:
         settings = _load(args)
     except ConfigError as exc:

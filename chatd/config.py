@@ -221,7 +221,7 @@ _ALIASES: dict[str, tuple[str, str]] = {
     "JWT_SECRET": ("auth", "jwt_secret"),
 }
 # CHATD_* variables that are not settings.
-_NOT_SETTINGS = {"CHATD_CONFIG"}
+_NOT_SETTINGS = {"CHATD_CONFIG", "CHATD_EMAIL", "CHATD_PASSWORD", "CHATD_NAME"}  # the last three: `chatd chat`
 
 
 def env_name(section: str, key: str) -> str:

@@ -1,0 +1,771 @@
+"""Sans-I/O client state of docs/PROTOCOL.md: frames, REST pages and user intents in, actions out.
+
+Nothing here reads a socket, a clock or a random source: the caller passes ``now`` and
+performs the returned actions (send a frame, fetch a page of history, refresh the token),
+feeding their results back in.  That keeps the resume rules (§10) testable without I/O,
+in the style of python-websockets' sans-I/O core.  ``chatd/client/terminal.py`` drives it
+with asyncio; the web app's ``chatd/static/js/session.js`` is the same machine in JavaScript.
+
+Invariants:
+
+- ``Room.last_seq`` is the highest seq such that every message up to it was applied (from
+  ``message`` frames and REST pages, never from ``ack``).  Messages are applied in seq order,
+  each once: lower seqs are duplicates, higher ones wait in ``Room.buffer`` until the gap is
+  filled by the replay, live frames or a REST page.
+- A send stays in ``pending`` (and is resent with the same ``client_msg_id`` after every
+  reconnect, or after ``retry_after_ms`` on ``busy`` / ``rate_limited``) until its ``ack``
+  arrives or its message is applied, whichever comes first: the server dedupes by
+  ``client_msg_id``, so a resend never doubles a line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+RESUME_ID = "resume"
+TYPING_TTL_S = 6.0  # ws.typing_ttl_s: a remote indicator expires without news
+TYPING_RESEND_S = 2.0  # ws.typing_interval_s: the server relays one `true` per interval
+TYPING_IDLE_S = 4.0  # after this long without input, say we stopped
+GAP_GRACE_S = 1.5  # the server fills its own gaps within ~0.25 s; after this, fill over REST
+JOIN_RETRY_S = 2.0
+UNAVAILABLE_RETRY_S = 2.0
+PAGE = 50  # newest messages loaded when a room is opened
+FILL_PAGE = 200  # REST maximum, for catch-up
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class Message:
+    room_id: int
+    message_id: int
+    seq: int
+    role: str
+    content: str
+    sender_id: int | None = None
+    kind: str = "text"
+    client_msg_id: str | None = None
+    created_at: str = ""
+    edited_at: str | None = None
+    deleted: bool = False
+    reply_to_message_id: int | None = None
+    status: str | None = None  # "cancelled" / "error": a partial answer
+    superseded: bool = False
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Message:
+        return cls(
+            room_id=int(d["room_id"]),
+            message_id=int(d["message_id"]),
+            seq=int(d["seq"]),
+            role=str(d.get("role", "user")),
+            content=str(d.get("content", "")),
+            sender_id=d.get("sender_id"),
+            kind=str(d.get("kind", "text")),
+            client_msg_id=d.get("client_msg_id"),
+            created_at=str(d.get("created_at", "")),
+            edited_at=d.get("edited_at"),
+            deleted=bool(d.get("deleted", False)),
+            reply_to_message_id=d.get("reply_to_message_id"),
+            status=d.get("status"),
+            superseded=bool(d.get("superseded", False)),
+        )
+
+
+@dataclass
+class Pending:
+    """A send the server has not acknowledged yet (or acked, until its message is applied)."""
+
+    room_id: int
+    client_msg_id: str
+    content: str
+    state: str = "queued"  # queued (not on the wire) | sent | waiting (retry_at) | acked | failed
+    retry_at: float | None = None
+    seq: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Stream:
+    """An assistant answer while it streams (PROTOCOL.md §11)."""
+
+    room_id: int
+    message_id: int
+    reply_to_message_id: int
+    model: str = ""
+    text: str = ""
+    last_index: int = -1
+    ended: bool = False
+    stop_reason: str | None = None
+    interrupted: bool = False  # the socket dropped; dropped unless re-announced on resume
+
+
+@dataclass
+class Room:
+    id: int
+    name: str = ""
+    kind: str = "group"
+    owner_id: int | None = None
+    read_seq: int = 0
+    latest_seq: int = 0  # highest seq known to exist (joined, message, ack, stream_end)
+    loaded: bool = False  # history is kept: last_seq is contiguous and messages are stored
+    last_seq: int = 0
+    first_seq: int = 0  # oldest loaded seq, for scrolling back
+    has_older: bool = False
+    messages: dict[int, Message] = field(default_factory=dict)  # by seq
+    buffer: dict[int, Message] = field(default_factory=dict)  # seq > last_seq + 1, waiting for the gap
+    joined: bool = False  # `joined` received on the current socket
+    join_retry_at: float | None = None
+    fetching: str | None = None  # purpose of the REST page in flight
+    gap_since: float | None = None
+    online: set[int] = field(default_factory=set)
+    typing: dict[int, float] = field(default_factory=dict)  # user id -> expiry
+    streams: dict[int, Stream] = field(default_factory=dict)  # by answer message_id
+    queued: dict[int, int] = field(default_factory=dict)  # prompt id -> position
+    notes: dict[int, str] = field(default_factory=dict)  # message id -> "the assistant did not answer: ..."
+
+    @property
+    def unread(self) -> int:
+        return max(0, self.latest_seq - self.read_seq)
+
+    def ordered(self) -> list[Message]:
+        return [self.messages[s] for s in sorted(self.messages)]
+
+
+# ---------------------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class SendFrame:
+    frame: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FetchPage:
+    """GET /api/v1/rooms/{room_id}/messages; feed the answer to ``ClientSession.page``."""
+
+    room_id: int
+    purpose: str  # latest | fill | older
+    after_seq: int | None = None
+    before_seq: int | None = None
+    limit: int = PAGE
+
+    def query(self) -> dict[str, int]:
+        q = {"limit": self.limit}
+        if self.after_seq is not None:
+            q["after_seq"] = self.after_seq
+        if self.before_seq is not None:
+            q["before_seq"] = self.before_seq
+        return q
+
+
+@dataclass(frozen=True)
+class RefreshToken:
+    """Refresh the access token over REST, then call ``ClientSession.token_refreshed``."""
+
+
+@dataclass(frozen=True)
+class Show:
+    """A message joined the room's contiguous history: render it (once per seq)."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
+class ShowOlder:
+    """Older messages loaded by scrolling back, oldest first."""
+
+    room_id: int
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class Reset:
+    """The room's history was replaced by its newest page (a gap too large to replay)."""
+
+    room_id: int
+
+
+@dataclass(frozen=True)
+class Notice:
+    text: str
+    room_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RoomRemoved:
+    room_id: int
+
+
+@dataclass(frozen=True)
+class Redraw:
+    """Live state changed (streams, typing, presence, pending, unread counts)."""
+
+
+Action = SendFrame | FetchPage | RefreshToken | Show | ShowOlder | Reset | Notice | RoomRemoved | Redraw
+
+
+def reconnect_delay(attempt: int, close_code: int | None, rand: float) -> float | None:
+    """Seconds before the next connection attempt (PROTOCOL.md §6); None: do not reconnect.
+
+    ``attempt`` counts failures since the last successful ``hello``; ``rand`` is uniform in [0, 1).
+    """
+    if close_code == 1008:  # banned
+        return None
+    if close_code == 1001:  # a worker stops: another one serves at once
+        return 0.05 + 0.5 * rand
+    if close_code == 4029:  # too many connections: a slot frees up slowly
+        return 10.0 + 20.0 * rand
+    return max(0.1, rand * min(30.0, 0.5 * 2.0 ** min(attempt, 10)))  # full jitter
+
+
+# ---------------------------------------------------------------------------------------------- session
+
+
+class ClientSession:
+    """The state of one signed-in client across reconnects."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id  # prefix of client_msg_ids: unique per client instance
+        self.user_id: int | None = None
+        self.connected = False  # socket open
+        self.live = False  # resume barrier passed: sends go out directly
+        self.rooms: dict[int, Room] = {}
+        self.pending: dict[str, Pending] = {}  # insertion order = send order
+        self._counter = 0
+        self._acked: dict[str, tuple[int, int]] = {}  # client_msg_id -> (room, seq): recent acks
+        self._typing: tuple[int, float, float] | None = None  # (room, last `true` sent, last input)
+
+    # -- rooms ----------------------------------------------------------------------------
+
+    def set_rooms(self, rooms: Iterable[Mapping[str, Any]]) -> list[Action]:
+        """The room list from ``GET /api/v1/rooms``: new rooms are joined, vanished ones dropped."""
+        out: list[Action] = []
+        seen = set()
+        for r in rooms:
+            rid = int(r["id"])
+            seen.add(rid)
+            room = self.rooms.get(rid)
+            if room is None:
+                room = self.rooms[rid] = Room(rid)
+                if self.connected:
+                    out.append(self._join(room))
+            room.name = str(r.get("name", ""))
+            room.kind = str(r.get("kind", "group"))
+            room.owner_id = r.get("owner_id")
+            room.read_seq = max(room.read_seq, int(r.get("read_seq", 0)))
+            room.latest_seq = max(room.latest_seq, int(r.get("last_seq", 0)))
+        for rid in [rid for rid in self.rooms if rid not in seen]:
+            del self.rooms[rid]
+            out.append(RoomRemoved(rid))
+        out.append(Redraw())
+        return out
+
+    def open_room(self, room_id: int) -> list[Action]:
+        """Load a room's newest history (once); it is then rejoined with ``since_seq``."""
+        room = self.rooms.get(room_id)
+        if room is None or room.loaded or room.fetching:
+            return []
+        room.fetching = "latest"
+        return [FetchPage(room_id, "latest", limit=PAGE)]
+
+    def load_older(self, room_id: int) -> list[Action]:
+        room = self.rooms.get(room_id)
+        if room is None or not room.loaded or not room.has_older or room.fetching:
+            return []
+        room.fetching = "older"
+        return [FetchPage(room_id, "older", before_seq=room.first_seq, limit=PAGE)]
+
+    def page(self, room_id: int, purpose: str, messages: Iterable[Mapping[str, Any]], has_more: bool) -> list[Action]:
+        """A REST page asked for by a ``FetchPage`` arrived (messages in ascending seq)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return []
+        room.fetching = None
+        msgs = [Message.from_json(m) for m in messages]
+        out: list[Action] = []
+        if purpose == "older":
+            older = tuple(m for m in msgs if m.seq < room.first_seq)
+            for m in older:
+                room.messages[m.seq] = m
+            if older:
+                room.first_seq = older[0].seq
+            room.has_older = has_more and bool(older)
+            return [ShowOlder(room_id, older), Redraw()]
+        if purpose == "latest":
+            newest = msgs[-1].seq if msgs else 0
+            if not room.loaded or (msgs and msgs[0].seq > room.last_seq + 1):
+                # First load, or a gap too large to replay: start over from the newest page.
+                was_loaded = room.loaded
+                room.messages.clear()
+                room.buffer = {s: m for s, m in room.buffer.items() if s > newest}
+                room.loaded = True
+                room.last_seq = msgs[0].seq - 1 if msgs else 0
+                room.first_seq = msgs[0].seq if msgs else 1
+                room.has_older = has_more
+                if was_loaded:
+                    out.append(Reset(room_id))
+            for m in msgs:
+                out += self._apply(room, m)
+            if self.connected:
+                out.append(self._join(room))  # replays whatever came after the page
+            out.append(Redraw())
+            return out
+        # fill: catch-up after a gap or resync, forward from last_seq.
+        for m in msgs:
+            out += self._apply(room, m)
+        if has_more and room.last_seq < room.latest_seq and msgs:
+            room.fetching = "fill"
+            out.append(FetchPage(room_id, "fill", after_seq=room.last_seq, limit=FILL_PAGE))
+        out.append(Redraw())
+        return out
+
+    def page_failed(self, room_id: int) -> list[Action]:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            room.fetching = None
+            room.gap_since = None  # the gap timer asks again
+        return [Redraw()]
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connection_opened(self) -> list[Action]:
+        self.connected = True
+        self.live = False
+        return [Redraw()]
+
+    def connection_lost(self) -> list[Action]:
+        self.connected = False
+        self.live = False
+        for p in self.pending.values():
+            if p.state == "sent":
+                p.state = "queued"  # resent after the next resume barrier
+        for room in self.rooms.values():
+            room.joined = False
+            room.typing.clear()
+            room.queued.clear()  # join does not resend `queued`
+            for s in room.streams.values():
+                s.interrupted = True
+        self._typing = None
+        return [Redraw()]
+
+    def token_refreshed(self, access_token: str) -> list[Action]:
+        if not self.connected:
+            return []
+        return [SendFrame({"type": "auth", "id": "auth", "token": access_token})]
+
+    # -- user intents ----------------------------------------------------------------------
+
+    def send_text(self, room_id: int, content: str) -> list[Action]:
+        self._counter += 1
+        cmid = f"{self.client_id}-{self._counter}"
+        p = self.pending[cmid] = Pending(room_id, cmid, content)
+        out: list[Action] = self._stop_typing()
+        if self.live:
+            out.append(self._send(p))
+        out.append(Redraw())
+        return out
+
+    def input_changed(self, room_id: int, empty: bool, now: float) -> list[Action]:
+        """The composer changed: `typing` true at most every TYPING_RESEND_S, false when cleared."""
+        if empty:
+            return self._stop_typing()
+        if self._typing is not None and self._typing[0] != room_id:
+            out = self._stop_typing()
+        else:
+            out = []
+        if not self.live:
+            return out
+        if self._typing is None or now - self._typing[1] >= TYPING_RESEND_S:
+            self._typing = (room_id, now, now)
+            out.append(SendFrame({"type": "typing", "room_id": room_id, "is_typing": True}))
+        else:
+            self._typing = (room_id, self._typing[1], now)
+        return out
+
+    def mark_read(self, room_id: int) -> list[Action]:
+        room = self.rooms.get(room_id)
+        if room is None or not room.loaded or room.last_seq <= room.read_seq:
+            return []
+        room.read_seq = room.last_seq
+        out: list[Action] = [Redraw()]
+        if self.connected:
+            out.append(SendFrame({"type": "read", "room_id": room_id, "seq": room.last_seq}))
+        return out
+
+    def cancel(self, room_id: int) -> list[Action]:
+        """Stop the room's newest answer: the streaming one, else the queued prompt."""
+        room = self.rooms.get(room_id)
+        if room is None or not self.connected:
+            return []
+        live = [s for s in room.streams.values() if not s.ended and not s.interrupted]
+        if live:
+            target = max(live, key=lambda s: s.message_id).message_id
+        elif room.queued:
+            target = max(room.queued)
+        else:
+            return [Notice("nothing to stop", room_id)]
+        return [SendFrame({"type": "cancel", "id": f"x:{target}", "message_id": target})]
+
+    def regenerate(self, room_id: int, message_id: int | None = None) -> list[Action]:
+        """Answer again: the given assistant message, or the room's newest live answer."""
+        room = self.rooms.get(room_id)
+        if room is None or not self.connected:
+            return []
+        if message_id is None:
+            answers = [m for m in room.ordered() if m.role == "assistant" and not m.superseded]
+            if not answers:
+                return [Notice("no answer to regenerate", room_id)]
+            message_id = answers[-1].message_id
+        return [SendFrame({"type": "regenerate", "id": f"r:{message_id}", "message_id": message_id})]
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action]:
+        """Call about every 0.25 s: expiries, send retries, join retries, gap fills."""
+        out: list[Action] = []
+        changed = False
+        if self._typing is not None and now - self._typing[2] >= TYPING_IDLE_S:
+            out += self._stop_typing()
+        elif self._typing is not None and self.live:
+            room_id, sent, last_input = self._typing
+            if last_input > sent and now - sent >= TYPING_RESEND_S:
+                # Still typing since the last `true` (which the server may have throttled away): say it again.
+                self._typing = (room_id, now, last_input)
+                out.append(SendFrame({"type": "typing", "room_id": room_id, "is_typing": True}))
+        for room in self.rooms.values():
+            for uid in [u for u, exp in room.typing.items() if exp <= now]:
+                del room.typing[uid]
+                changed = True
+            if not self.live:
+                continue
+            if room.join_retry_at is not None and room.join_retry_at <= now:
+                out.append(self._join(room))
+            if room.loaded and room.joined and not room.fetching and room.latest_seq > room.last_seq:
+                if room.gap_since is None:
+                    room.gap_since = now
+                elif now - room.gap_since >= GAP_GRACE_S:
+                    room.gap_since = None
+                    room.fetching = "fill"
+                    out.append(FetchPage(room.id, "fill", after_seq=room.last_seq, limit=FILL_PAGE))
+            else:
+                room.gap_since = None
+        if self.live:
+            for p in self.pending.values():
+                if p.state == "waiting" and p.retry_at is not None and p.retry_at <= now:
+                    out.append(self._send(p))
+                    changed = True
+        if changed:
+            out.append(Redraw())
+        return out
+
+    # -- frames ---------------------------------------------------------------------------------
+
+    def receive(self, frame: Mapping[str, Any], now: float) -> list[Action]:
+        handler = _HANDLERS.get(str(frame.get("type")))
+        if handler is None:
+            return []  # unknown frame types are ignored (forward compatibility)
+        return handler(self, frame, now)
+
+    def _on_hello(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        self.user_id = int(f["user_id"])
+        out: list[Action] = [self._join(room) for room in self.rooms.values()]
+        out.append(SendFrame({"type": "ping", "id": RESUME_ID}))  # barrier (§10 step 4)
+        return out
+
+    def _on_joined(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None:
+            return []
+        room.joined = True
+        room.join_retry_at = None
+        room.online = {int(u) for u in f.get("online", [])}
+        room.latest_seq = max(room.latest_seq, int(f.get("last_seq", 0)))
+        return [Redraw()]
+
+    def _on_left(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        rid = int(f["room_id"])
+        if f.get("reply_to") is not None:
+            room = self.rooms.get(rid)
+            if room is not None:
+                room.joined = False
+            return [Redraw()]
+        if self.rooms.pop(rid, None) is None:  # removed from the room by its owner
+            return []
+        return [RoomRemoved(rid), Notice("you were removed from this room", rid), Redraw()]
+
+    def _on_resync(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None:
+            return []
+        room.latest_seq = max(room.latest_seq, int(f.get("last_seq", 0)))
+        if not room.loaded:
+            return [Redraw()]
+        # Too far behind to replay: reload the newest page, then rejoin from there.
+        room.fetching = "latest"
+        return [FetchPage(room.id, "latest", limit=PAGE)]
+
+    def _on_ack(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        p = self.pending.get(str(f.get("client_msg_id")))
+        room = self.rooms.get(int(f["room_id"]))
+        seq = int(f["seq"])
+        if room is not None:
+            room.latest_seq = max(room.latest_seq, seq)
+        self._acked[str(f.get("client_msg_id"))] = (int(f["room_id"]), seq)  # an assistant refusal may follow
+        if len(self._acked) > 256:
+            del self._acked[next(iter(self._acked))]
+        if p is None:
+            return []
+        if room is None or not room.loaded or room.last_seq >= seq:
+            del self.pending[p.client_msg_id]  # its message is already shown (or never will be here)
+        else:
+            p.state, p.seq = "acked", seq
+        return [Redraw()]
+
+    def _on_message(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None:
+            return []
+        msg = Message.from_json(f)
+        room.latest_seq = max(room.latest_seq, msg.seq)
+        if not room.loaded:
+            self._settle_pending(msg)
+            if msg.role == "assistant":
+                room.streams.pop(msg.message_id, None)
+            return [Redraw()]
+        return [*self._apply(room, msg), Redraw()]
+
+    def _on_updated(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        msg = room.messages.get(int(f.get("seq", 0))) if room else None
+        if msg is None or msg.message_id != f.get("message_id"):
+            return []
+        if f["type"] == "message_deleted":
+            msg.deleted, msg.content = True, ""
+        else:
+            msg.content, msg.edited_at = str(f.get("content", "")), f.get("edited_at")
+        return [Redraw()]
+
+    def _on_typing(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        uid = int(f["user_id"])
+        if room is None or uid == self.user_id:
+            return []
+        if f.get("is_typing"):
+            room.typing[uid] = now + TYPING_TTL_S
+        else:
+            room.typing.pop(uid, None)
+        return [Redraw()]
+
+    def _on_presence(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None:
+            return []
+        room.online |= {int(u) for u in f["online"]}
+        room.online -= {int(u) for u in f["offline"]}
+        return [Redraw()]
+
+    def _on_read(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None:
+            return []
+        room.read_seq = max(room.read_seq, int(f["seq"]))
+        return [Redraw()]
+
+    def _on_pong(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        if f.get("reply_to") != RESUME_ID or not self.connected:
+            return []
+        self.live = True
+        out: list[Action] = []
+        for room in self.rooms.values():
+            # Streams not re-announced during the resume ended while we were away (§10).
+            for mid in [mid for mid, s in room.streams.items() if s.interrupted]:
+                del room.streams[mid]
+            if room.loaded and room.joined and not room.fetching and room.last_seq < room.latest_seq:
+                room.fetching = "fill"  # defensive (§10 step 6); the replay normally covered it
+                out.append(FetchPage(room.id, "fill", after_seq=room.last_seq, limit=FILL_PAGE))
+        for p in self.pending.values():
+            if p.state == "queued" or (p.state == "waiting" and p.retry_at is not None and p.retry_at <= now):
+                out.append(self._send(p))
+        out.append(Redraw())
+        return out
+
+    def _on_token_expiring(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        return [RefreshToken()]
+
+    def _on_error(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        reply_to = f.get("reply_to")
+        code, text = str(f.get("code", "")), str(f.get("message", ""))
+        if isinstance(reply_to, str) and reply_to.startswith("s:"):
+            return self._send_error(reply_to[2:], code, text, f.get("retry_after_ms"), now)
+        if isinstance(reply_to, str) and reply_to.startswith("j:"):
+            rid = int(reply_to[2:])
+            if code == "not_found":
+                if self.rooms.pop(rid, None) is not None:
+                    return [RoomRemoved(rid), Redraw()]
+                return []
+            room = self.rooms.get(rid)
+            if room is not None:
+                room.join_retry_at = now + JOIN_RETRY_S
+            return []
+        if code == "llm_unavailable":
+            return [Notice(f"the assistant could not answer: {text}")]
+        return [Notice(f"{code}: {text}")]
+
+    def _send_error(self, cmid: str, code: str, text: str, retry_after_ms: Any, now: float) -> list[Action]:
+        p = self.pending.get(cmid)
+        if p is None or p.state == "acked":
+            # After the ack: the message is stored, but the assistant refused to answer it (§5).
+            room_id, seq = self._acked.get(cmid, (None, None))
+            room = self.rooms.get(room_id) if room_id is not None else None
+            msg = room.messages.get(seq) if room is not None and seq is not None else None
+            if room is not None and msg is not None:
+                room.notes[msg.message_id] = f"the assistant did not answer: {text}"
+            return [Notice(f"the assistant did not answer: {text}", room_id), Redraw()]
+        if code in ("rate_limited", "busy", "unavailable"):
+            # Overloaded or Postgres down: nothing stored; resend the same client_msg_id later.
+            delay = int(retry_after_ms) / 1000 if isinstance(retry_after_ms, int) else UNAVAILABLE_RETRY_S
+            p.state, p.retry_at = "waiting", now + delay
+            return [Redraw()]
+        p.state, p.error = "failed", text
+        return [Notice(f"not sent: {text}", p.room_id), Redraw()]
+
+    def _on_queued(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None:
+            return []
+        room.queued[int(f["reply_to_message_id"])] = int(f.get("position", 1))
+        return [Redraw()]
+
+    def _on_stream_start(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None:
+            return []
+        prompt = int(f["reply_to_message_id"])
+        room.queued.pop(prompt, None)
+        mid = int(f["message_id"])
+        # A fresh bubble, also when re-announced on join: the catch-up chunk then holds the whole
+        # text so far with an index > -1, so "append when the index is new" rebuilds it exactly.
+        room.streams[mid] = Stream(room.id, mid, prompt, str(f.get("model", "")))
+        return [Redraw()]
+
+    def _on_stream_chunk(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        stream = room.streams.get(int(f["message_id"])) if room else None
+        index = int(f.get("index", 0))
+        if stream is None or index <= stream.last_index:
+            return []
+        stream.text += str(f.get("content", ""))
+        stream.last_index = index
+        return [Redraw()]
+
+    def _on_stream_end(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        room = self.rooms.get(int(f["room_id"]))
+        stream = room.streams.get(int(f["message_id"])) if room else None
+        if room is None or stream is None:
+            return []  # not open: e.g. an orphan's end after a takeover
+        seq = int(f.get("seq", 0))
+        room.latest_seq = max(room.latest_seq, seq)
+        stored = seq > 0 and room.messages.get(seq) is not None
+        if seq == 0 or stored or not room.loaded:
+            del room.streams[stream.message_id]  # nothing stored, or the stored answer is shown already
+        else:
+            stream.ended, stream.stop_reason = True, str(f.get("stop_reason", ""))
+        return [Redraw()]
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _join(self, room: Room) -> SendFrame:
+        room.join_retry_at = None
+        frame: dict[str, Any] = {"type": "join", "id": f"j:{room.id}", "room_id": room.id}
+        if room.loaded:
+            frame["since_seq"] = room.last_seq
+        return SendFrame(frame)
+
+    def _send(self, p: Pending) -> SendFrame:
+        p.state, p.retry_at = "sent", None
+        return SendFrame(
+            {
+                "type": "send",
+                "id": f"s:{p.client_msg_id}",
+                "room_id": p.room_id,
+                "content": p.content,
+                "client_msg_id": p.client_msg_id,
+            }
+        )
+
+    def _stop_typing(self) -> list[Action]:
+        if self._typing is None:
+            return []
+        room_id = self._typing[0]
+        self._typing = None
+        if not self.connected:
+            return []
+        return [SendFrame({"type": "typing", "room_id": room_id, "is_typing": False})]
+
+    def _settle_pending(self, msg: Message) -> None:
+        if msg.client_msg_id is not None and msg.sender_id is not None and msg.sender_id == self.user_id:
+            p = self.pending.get(msg.client_msg_id)
+            if p is not None and p.room_id == msg.room_id and p.state != "failed":
+                del self.pending[msg.client_msg_id]  # stored: never resend it
+
+    def _apply(self, room: Room, msg: Message) -> list[Action]:
+        """Apply in seq order: duplicates refresh the stored copy, later seqs wait for the gap."""
+        if msg.seq <= room.last_seq:
+            known = room.messages.get(msg.seq)
+            if known is not None and known.message_id == msg.message_id:
+                known.content, known.status, known.deleted = msg.content, msg.status, msg.deleted
+                known.superseded = known.superseded or msg.superseded
+            self._settle_pending(msg)
+            return []
+        if msg.seq > room.last_seq + 1:
+            room.buffer[msg.seq] = msg
+            return []
+        out: list[Action] = []
+        nxt: Message | None = msg
+        while nxt is not None:
+            room.messages[nxt.seq] = nxt
+            room.last_seq = nxt.seq
+            room.gap_since = None
+            self._settle_pending(nxt)
+            if nxt.role == "assistant":
+                room.streams.pop(nxt.message_id, None)
+                if nxt.reply_to_message_id is not None:
+                    # A new answer to the same prompt replaces the older ones (no live frame says so).
+                    for old in room.messages.values():
+                        if (
+                            old is not nxt
+                            and old.role == "assistant"
+                            and old.reply_to_message_id == nxt.reply_to_message_id
+                        ):
+                            old.superseded = True
+            out.append(Show(nxt))
+            nxt = room.buffer.pop(room.last_seq + 1, None)
+        for s in [s for s in room.buffer if s <= room.last_seq]:
+            del room.buffer[s]
+        return out
+
+
+_HANDLERS = {
+    "hello": ClientSession._on_hello,
+    "joined": ClientSession._on_joined,
+    "left": ClientSession._on_left,
+    "resync_required": ClientSession._on_resync,
+    "ack": ClientSession._on_ack,
+    "message": ClientSession._on_message,
+    "message_updated": ClientSession._on_updated,
+    "message_deleted": ClientSession._on_updated,
+    "typing": ClientSession._on_typing,
+    "presence": ClientSession._on_presence,
+    "read": ClientSession._on_read,
+    "pong": ClientSession._on_pong,
+    "token_expiring": ClientSession._on_token_expiring,
+    "error": ClientSession._on_error,
+    "queued": ClientSession._on_queued,
+    "stream_start": ClientSession._on_stream_start,
+    "stream_chunk": ClientSession._on_stream_chunk,
+    "stream_end": ClientSession._on_stream_end,
+}

@@ -1,0 +1,395 @@
+"""The web app end to end: Debian's Chromium driven by Playwright against a live chatd.
+
+Chromium comes from Debian (``make test`` installs it with apt-get when it is missing);
+Playwright only drives it (``executable_path``), it never downloads a browser.  A missing
+browser fails these tests: it is not a reason to skip them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from tests.client_support import SHORT_TOKENS, refresh_counts
+from tests.conftest import Services
+from tests.support import ROOT, Chatd
+from tests.users import PASSWORD, make_users
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As root on a machine without a network, Chromium needs these or it hangs on first start.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+TIMEOUT_MS = 20_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: `make test` installs Debian's (apt-get install chromium)")
+    with sync_playwright() as pw:
+        # Playwright gives every launch a fresh temporary profile (user-data-dir).
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class Person:
+    """One user in one browser context."""
+
+    def __init__(self, browser: Browser, base: str, name: str, **context: Any) -> None:
+        context.setdefault("viewport", {"width": 1100, "height": 720})
+        self.context: BrowserContext = browser.new_context(**context)
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+        self.page.on(
+            "console",
+            lambda msg: (
+                self.errors.append(msg.text)
+                if re.search(r"Content Security Policy|Trusted Type|Uncaught", msg.text)
+                else None
+            ),
+        )
+        self.base = base
+        self.name = name
+        self.email = f"{name.lower()}-{uuid.uuid4().hex[:8]}@example.com"
+        self.id = 0
+
+    def register(self) -> None:
+        page = self.page
+        page.goto(self.base + "/")
+        page.get_by_role("button", name="Create an account instead").click()
+        page.get_by_label("Email").fill(self.email)
+        page.get_by_label("Password").fill("password-123")
+        page.get_by_label("Display name").fill(self.name)
+        page.get_by_role("button", name="Create account").click()
+        expect(page.locator("#conn")).to_have_text("connected")
+        self.id = int(re.findall(r"\d+", page.locator("#me-id").inner_text())[0])
+
+    def composer(self) -> Any:
+        return self.page.get_by_role("textbox", name="Message")
+
+    def say(self, text: str) -> None:
+        self.composer().fill(text)
+        self.composer().press("Enter")
+
+    def bodies(self, text: str) -> Any:
+        return self.page.locator("#messages > li.msg:not(.pending) .body", has_text=re.compile(f"^{re.escape(text)}$"))
+
+    def token(self) -> str:
+        state = self.page.evaluate("localStorage.getItem('chatd.session')")
+        return str(json.loads(state)["access"])
+
+
+def rest(base: str, path: str, token: str, body: Any = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + "/api/v1" + path, data=data, headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_static_files_have_a_strict_csp_and_javascript_types(chatd: Chatd) -> None:
+    with urllib.request.urlopen(chatd.http + "/", timeout=10) as resp:
+        csp = resp.headers["Content-Security-Policy"]
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert b'<script type="module" src="/static/js/main.js">' in resp.read()
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+    assert "require-trusted-types-for 'script'" in csp
+    for path in ("/static/js/main.js", "/static/vendor/purify.es.mjs"):
+        with urllib.request.urlopen(chatd.http + path, timeout=10) as resp:
+            assert resp.headers["Content-Type"] == "text/javascript; charset=utf-8"
+            assert resp.headers["Cache-Control"] == "no-cache"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(chatd.http + "/static/../app.py", timeout=10)
+    assert err.value.code in (403, 404)
+
+
+def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
+    chatd_factory: Any, browser: Browser, services: Services
+) -> None:
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="15", **SHORT_TOKENS)
+    alice = Person(browser, server.http, "Alice")
+    bob = Person(browser, server.http, "Bob")
+    try:
+        alice.register()
+        bob.register()
+        a, b = alice.page, bob.page
+
+        # Alice creates a room and adds Bob by his user id; Bob's list picks it up.
+        room_name = f"team-{uuid.uuid4().hex[:6]}"
+        a.get_by_label("Name", exact=True).fill(room_name)
+        a.get_by_role("button", name="Create room").click()
+        expect(a.locator("#room-title")).to_have_text(room_name)
+        a.get_by_label("Add member (user id)").fill(str(bob.id))
+        a.get_by_role("button", name="Add", exact=True).click()
+        expect(a.locator("#notice")).to_have_text(f"User {bob.id} added.")
+        alice.say("first!")
+        b.get_by_role("button", name="Refresh the room list").click()
+        room_link = b.get_by_role("button", name=re.compile(f"^{room_name}"))
+        expect(room_link.locator(".badge")).to_have_text("1")  # unread
+        room_link.click()
+        expect(b.locator("#room-title")).to_have_text(room_name)
+        expect(room_link.locator(".badge")).to_have_count(0)
+        expect(bob.bodies("first!")).to_have_count(1)
+
+        # Presence both ways, typing, messages both ways with their delivery state.
+        expect(a.locator("#room-online")).to_have_text(f"Online: You, User {bob.id}")
+        expect(b.locator("#room-online")).to_have_text(f"Online: You, User {alice.id}")
+        alice.composer().press_sequentially("Hi B")
+        expect(b.locator("#typing")).to_have_text(f"User {alice.id} is typing…")
+        alice.composer().fill("")
+        alice.say("Hi Bob, **welcome**")
+        expect(bob.bodies("Hi Bob, **welcome**")).to_have_count(1)
+        mine = a.locator("#messages > li.msg.mine", has_text="Hi Bob")
+        expect(mine).to_have_attribute("data-state", "delivered")
+        bob.say("Hi Alice")
+        expect(alice.bodies("Hi Alice")).to_have_count(1)
+        expect(b.locator("#typing")).to_have_text("")
+
+        # The assistant streams an answer (sanitized Markdown) to both; one answer is stopped.
+        # The offline assistant echoes the prompt: its HTML shows as text, its javascript: link goes.
+        hostile = "<img src=x onerror=\"document.title='pwned'\"> [docs](javascript:document.title='pwned')"
+        alice.say(f"@assistant {hostile} what is chatd?")
+        streaming = a.locator("#messages > li.streaming .body")
+        expect(streaming).to_contain_text("[offline assistant]")
+        expect(b.locator("#messages > li.streaming .body")).to_contain_text("[offline assistant]")
+        answer = a.locator("#messages > li.assistant:not(.streaming)", has_text="what is chatd?")
+        expect(answer).to_have_count(1, timeout=30_000)
+        expect(answer.locator(".body img, .body [onerror], .body [href^='javascript']")).to_have_count(0)
+        expect(answer.locator(".body")).to_contain_text("<img src=x")
+        expect(answer.locator(".body a")).to_have_text("docs")
+        assert a.title() == "chatd" and b.title() == "chatd"
+        alice.say("@assistant please **stop** me")
+        expect(streaming).to_contain_text("please stop me")  # rendered: ** became <strong>
+        expect(a.locator("#messages > li.streaming .body strong")).to_have_text("stop")
+        a.locator("#messages > li.streaming").get_by_role("button", name="Stop").click()
+        stopped = a.locator("#messages > li.assistant.partial")
+        expect(stopped).to_have_count(1)
+        expect(stopped.locator(".flag")).to_have_text("Stopped before the end.")
+        stopped.get_by_role("button", name="Regenerate").click()
+        expect(a.locator("#messages > li.assistant.superseded")).to_contain_text("Replaced by a newer answer.")
+        regenerated = a.locator("#messages > li.assistant:not(.streaming):not(.superseded)", has_text="stop me")
+        expect(regenerated).to_have_count(1, timeout=30_000)
+
+        # A reload keeps the session and finds the history.
+        a.reload()
+        expect(a.locator("#conn")).to_have_text("connected")
+        expect(a.locator("#room-title")).to_have_text(room_name)
+        for text in ("Hi Bob, **welcome**", "Hi Alice"):
+            expect(alice.bodies(text)).to_have_count(1)
+        expect(a.locator("#messages > li.assistant")).to_have_count(3)
+
+        # Bob drops off the network: Alice's messages and his own pending one get through once.
+        bob.context.set_offline(True)
+        expect(b.locator("#conn")).to_have_text(re.compile("offline|reconnecting"))
+        alice.say("while you were away 1")
+        alice.say("while you were away 2")
+        bob.say("sent while offline")
+        expect(b.locator("#messages > li.pending", has_text="sent while offline")).to_have_attribute(
+            "data-state", "pending"
+        )
+        expect(a.locator("#room-online")).to_have_text("Online: You", timeout=30_000)  # after the grace period
+        bob.context.set_offline(False)
+        expect(b.locator("#conn")).to_have_text("connected")
+        for person in (alice, bob):
+            for text in ("while you were away 1", "while you were away 2", "sent while offline"):
+                expect(person.bodies(text)).to_have_count(1)
+        expect(b.locator("#messages > li.pending")).to_have_count(0)
+        expect(a.locator("#room-online")).to_have_text(f"Online: You, User {bob.id}")
+
+        # What the server stored: every line once, gap-free.
+        room_id = int(a.evaluate("new URLSearchParams(location.hash.slice(1)).get('room')"))
+        stored = rest(server.http, f"/rooms/{room_id}/messages?limit=200", alice.token())["messages"]
+        assert [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
+        users = [m["content"] for m in stored if m["role"] == "user"]
+        assert sorted(users) == sorted(set(users)), users
+        assert len(a.locator("#messages > li.msg:not(.pending)").all()) == len(stored)
+        assert len(b.locator("#messages > li.msg:not(.pending)").all()) == len(stored)
+
+        # Tokens were refreshed on `token_expiring` (30 s tokens), across the reload too, never reused.
+        for person in (alice, bob):
+            used, revoked = refresh_counts(services.database_url, person.id)
+            assert used >= 1 and revoked == 0, (person.name, used, revoked)
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        a.screenshot(path=str(ARTIFACTS / "webapp-alice.png"))
+        b.screenshot(path=str(ARTIFACTS / "webapp-bob.png"))
+        assert alice.errors == [] and bob.errors == []
+    finally:
+        alice.context.close()
+        bob.context.close()
+
+
+def test_phone_sized_dark_screen(chatd: Chatd, browser: Browser) -> None:
+    phone = Person(
+        browser,
+        chatd.http,
+        "Pat",
+        viewport={"width": 390, "height": 844},
+        color_scheme="dark",
+        is_mobile=True,
+        has_touch=True,
+    )
+    try:
+        phone.register()
+        page = phone.page
+        sidebar = page.locator("#sidebar")
+        expect(sidebar).to_be_hidden()  # the room list is a panel on phones
+        toggle = page.get_by_role("button", name="Rooms")
+        toggle.click()
+        expect(toggle).to_have_attribute("aria-expanded", "true")
+        page.get_by_label("Name", exact=True).fill("pocket")
+        page.get_by_role("button", name="Create room").click()
+        expect(sidebar).to_be_hidden()
+        expect(page.locator("#room-title")).to_have_text("pocket")
+        phone.say("from my phone")
+        expect(phone.bodies("from my phone")).to_have_count(1)
+        box = page.get_by_role("button", name="Send").bounding_box()
+        assert box is not None and box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 844
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(21, 23, 27)"  # the dark palette
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "webapp-phone-dark.png"))
+        assert phone.errors == []
+    finally:
+        phone.context.close()
+
+
+def test_history_pages_back_through_rest(chatd_factory: Any, browser: Browser, services: Services) -> None:
+    server: Chatd = chatd_factory(CHATD_WS_SEND_RATE_COUNT="1000")
+    [user] = make_users(services.database_url, 1)
+    room = rest(server.http, "/rooms", user.token, {"name": f"long-{uuid.uuid4().hex[:6]}"})
+    for i in range(1, 61):
+        rest(
+            server.http, f"/rooms/{room['id']}/messages", user.token, {"content": f"old {i}", "client_msg_id": f"o{i}"}
+        )
+    person = Person(browser, server.http, "Lee")
+    try:
+        page = person.page
+        page.goto(server.http + "/")
+        page.get_by_label("Email").fill(user.email)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("button", name=re.compile(f"^{room['name']}")).click()
+        bodies = page.locator("#messages > li.msg .body")
+        expect(bodies).to_have_count(50)  # the newest page
+        expect(bodies.first).to_have_text("old 11")
+        older = page.get_by_role("button", name="Load older messages")
+        older.focus()
+        page.keyboard.press("Enter")
+        expect(bodies).to_have_count(60)
+        expect(older).to_be_hidden()  # nothing older
+        assert bodies.all_inner_texts() == [f"old {i}" for i in range(1, 61)]
+        assert person.errors == []
+    finally:
+        person.context.close()
+
+
+# The web app's session.js is the twin of chatd/client/session.py: the same scenarios as
+# tests/unit/test_client_session.py, run in the browser on the module the page loads.
+JS_SCENARIOS = """
+async () => {
+  const { Session, RESUME_ID } = await import("/static/js/session.js");
+  const ME = 42, BOB = 57;
+  const msg = (seq, content, sender = BOB, extra = {}) => ({type: "message", room_id: 7, message_id: 9000 + seq, seq,
+    sender_id: sender, role: sender === null ? "assistant" : "user", content: content ?? `m${seq}`,
+    created_at: "2025-06-01T12:00:00.000Z", deleted: false, ...extra});
+  const frames = (actions) => actions.filter((a) => a.kind === "send").map((a) => a.frame);
+  const live = (history) => {
+    const s = new Session("c");
+    s.setRooms([{id: 7, name: "ops", last_seq: history, read_seq: 0}]);
+    s.openRoom(7);
+    s.page(7, "latest", Array.from({length: history}, (_, i) => msg(i + 1)), false);
+    s.connectionOpened();
+    s.receive({type: "hello", user_id: ME}, 0);
+    s.receive({type: "joined", room_id: 7, last_seq: history, online: [ME]}, 0);
+    s.receive({type: "pong", reply_to: RESUME_ID}, 0);
+    return s;
+  };
+  const seqs = (s) => [...s.rooms.get(7).messages.keys()].sort((a, b) => a - b);
+  const out = {};
+
+  // Resume: join with since_seq, replay and live deduped by seq, gaps buffered.
+  let s = live(3);
+  s.connectionLost();
+  s.connectionOpened();
+  out.rejoin = frames(s.receive({type: "hello", user_id: ME}, 0));
+  for (const seq of [6, 3, 4, 5, 5]) s.receive(msg(seq), 0);
+  out.resumed = seqs(s);
+
+  // A send cut before its ack: not resent when the replay shows it, resent with the same id otherwise.
+  s = live(3);
+  const one = frames(s.sendText(7, "one"))[0], two = frames(s.sendText(7, "two"))[0];
+  s.connectionLost();
+  s.connectionOpened();
+  s.receive({type: "hello", user_id: ME}, 0);
+  s.receive(msg(4, "one", ME, {client_msg_id: one.client_msg_id}), 0);
+  out.resent = frames(s.receive({type: "pong", reply_to: RESUME_ID}, 0));
+  out.two = two;
+
+  // busy with retry_after_ms: kept pending, resent after the delay.
+  s = live(0);
+  const busy = frames(s.sendText(7, "a"))[0];
+  s.receive({type: "error", code: "busy", message: "overloaded", reply_to: busy.id, retry_after_ms: 1500}, 10000);
+  out.early = frames(s.tick(11000));
+  out.retry = frames(s.tick(11500));
+  out.busy = busy;
+
+  // A stream re-announced on rejoin: the catch-up chunk rebuilds the text.
+  s = live(1);
+  s.receive({type: "stream_start", room_id: 7, message_id: 9100, reply_to_message_id: 9001}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 0, content: "Hel"}, 0);
+  s.receive({type: "stream_start", room_id: 7, message_id: 9100, reply_to_message_id: 9001}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 2, content: "Hello, wor"}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 2, content: "Hello, wor"}, 0);
+  s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 3, content: "ld"}, 0);
+  out.stream = s.rooms.get(7).streams.get(9100).text;
+
+  // Batched presence.
+  s.receive({type: "presence", room_id: 7, online: [BOB, 61], offline: []}, 0);
+  s.receive({type: "presence", room_id: 7, online: [], offline: [61]}, 0);
+  out.online = [...s.rooms.get(7).online].sort();
+  return out;
+}
+"""
+
+
+def test_the_web_apps_session_module_follows_the_resume_rules(chatd: Chatd, browser: Browser) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(chatd.http + "/")
+        out = page.evaluate(JS_SCENARIOS)
+    finally:
+        context.close()
+    assert out["rejoin"] == [
+        {"type": "join", "id": "j:7", "room_id": 7, "since_seq": 3},
+        {"type": "ping", "id": "resume"},
+    ]
+    assert out["resumed"] == [1, 2, 3, 4, 5, 6]
+    assert out["resent"] == [out["two"]]
+    assert out["early"] == [] and out["retry"] == [out["busy"]]
+    assert out["stream"] == "Hello, world"
+    assert out["online"] == [42, 57]
