@@ -286,15 +286,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         try:
             frame = self._decoder.decode(message)
         except errors.ProtocolViolation as exc:
-            metrics.ws_frames.labels("invalid").inc()
+            metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc, reply_to=None))
             self.force_close(int(exc.close_code), exc.message[:100])
             return
         except protocol.FrameError as exc:
-            metrics.ws_frames.labels("invalid").inc()
+            metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc.error, reply_to=exc.request_id))
             return
-        metrics.ws_frames.labels(frame.TYPE).inc()
+        metrics.hot.frames_received[frame.TYPE] += 1
         try:
             if isinstance(frame, protocol.Send):
                 await self._send(frame)
