@@ -16,7 +16,7 @@ from chatd.providers import make_provider
 from chatd.retrieval import Retriever, load_embedder
 from chatd.rooms import MessageWriter, Rooms
 from chatd.state import ServerState
-from chatd.web import LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
+from chatd.web import Application, LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.ws import ChatSocket, refresh_registrations
 
 
@@ -54,8 +54,9 @@ def make_app(state: ServerState) -> tornado.web.Application:
         *api.routes(state, accounts, rooms),
     ]
     ws = state.settings.ws
-    return tornado.web.Application(
+    return Application(
         routes,
+        trusted_proxies=state.settings.server.trusted_proxies,
         default_handler_class=NotFoundHandler,
         default_handler_args=base,
         log_function=log_request,
