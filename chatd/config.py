@@ -99,6 +99,11 @@ class StorageSettings:
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
     jwt_secret: str = _f("", "HS256 signing secret (>= 32 bytes outside dev_mode). Env: JWT_SECRET.", secret=True)
+    jwt_secret_file: str = _f(
+        "",
+        "File holding the JWT secret, read at start when JWT_SECRET is empty (Docker/systemd secrets); created with a"
+        " random secret if it does not exist, which suits one instance (several must share one secret).",
+    )
     jwt_algorithm: str = _f("HS256", "Algorithm chatd signs with.", choices=("HS256", "HS384", "HS512"))
     jwt_public_key_file: str = _f(
         "", "PEM public key or JWKS file: also accept RS256/ES256/EdDSA tokens of an external identity provider."
@@ -355,10 +360,17 @@ def validate(settings: Settings, *, need_jwt_secret: bool = True) -> None:
             raise ConfigError(
                 "server.trusted_proxies", f"{proxy!r} is not an IP address or CIDR (e.g. 127.0.0.1, 10.0.0.0/8)"
             ) from None
-    if need_jwt_secret and not settings.server.dev_mode and len(auth.jwt_secret.encode()) < MIN_SECRET_BYTES:
+    secret_from_file = auth.jwt_secret_file and not auth.jwt_secret  # read (and checked) at start
+    if (
+        need_jwt_secret
+        and not settings.server.dev_mode
+        and not secret_from_file
+        and len(auth.jwt_secret.encode()) < MIN_SECRET_BYTES
+    ):
         raise ConfigError(
             "auth.jwt_secret",
-            f"must be at least {MIN_SECRET_BYTES} bytes outside dev_mode (set JWT_SECRET, or server.dev_mode = true)",
+            f"must be at least {MIN_SECRET_BYTES} bytes outside dev_mode (set JWT_SECRET, or auth.jwt_secret_file,"
+            " or server.dev_mode = true)",
         )
     if auth.jwt_public_key_file and not Path(auth.jwt_public_key_file).is_file():
         raise ConfigError("auth.jwt_public_key_file", f"file not found: {auth.jwt_public_key_file}")

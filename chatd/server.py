@@ -51,11 +51,17 @@ def effective_workers(settings: Settings) -> int:
 
 def dev_secret(data_dir: str) -> str:
     """dev_mode without JWT_SECRET: one random secret kept in data_dir, shared by all workers."""
-    path = Path(data_dir) / "jwt_secret"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return secret_file(Path(data_dir) / "jwt_secret")
+
+
+def secret_file(path: Path) -> str:
+    """The secret in ``path``; a new random one (mode 600) if the file does not exist."""
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+        server_log.warning("jwt_secret_generated", extra=fields(path=str(path)))
     return path.read_text().strip()
 
 
@@ -556,7 +562,21 @@ def prepare(
         ) from None
     try:
         settings = config_mod.replace(settings, "storage", database_url=database_url, redis_url=redis_url)
-        if settings.server.dev_mode and not settings.auth.jwt_secret:
+        auth = settings.auth
+        if not auth.jwt_secret and auth.jwt_secret_file:
+            try:
+                secret = secret_file(Path(auth.jwt_secret_file))
+            except OSError as exc:
+                raise StartupError(
+                    f"auth.jwt_secret_file {auth.jwt_secret_file}: {exc.strerror}; fix the path or its permissions"
+                ) from None
+            if len(secret.encode()) < config_mod.MIN_SECRET_BYTES and not settings.server.dev_mode:
+                raise StartupError(
+                    f"auth.jwt_secret_file {auth.jwt_secret_file} holds fewer than {config_mod.MIN_SECRET_BYTES}"
+                    " bytes; put a longer secret in it (or delete it to have one generated)"
+                )
+            settings = config_mod.replace(settings, "auth", jwt_secret=secret)
+        elif settings.server.dev_mode and not auth.jwt_secret:
             settings = config_mod.replace(settings, "auth", jwt_secret=dev_secret(storage.data_dir))
         applied: list[str] = []
         if migrate:
