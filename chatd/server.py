@@ -541,14 +541,39 @@ def check_postgres(url: str, timeout_s: float = 5) -> str:
         ) from None
 
 
+def _with_secret(settings: Settings) -> Settings:
+    """The JWT secret from auth.jwt_secret_file, or dev_mode's generated one, when JWT_SECRET is empty."""
+    auth = settings.auth
+    if auth.jwt_secret:
+        return settings
+    if auth.jwt_secret_file:
+        try:
+            secret = secret_file(Path(auth.jwt_secret_file))
+        except OSError as exc:
+            raise StartupError(
+                f"auth.jwt_secret_file {auth.jwt_secret_file}: {exc.strerror}; fix the path or its permissions"
+            ) from None
+        if len(secret.encode()) < config_mod.MIN_SECRET_BYTES and not settings.server.dev_mode:
+            raise StartupError(
+                f"auth.jwt_secret_file {auth.jwt_secret_file} holds fewer than {config_mod.MIN_SECRET_BYTES}"
+                " bytes; put a longer secret in it (or delete it to have one generated)"
+            )
+        return config_mod.replace(settings, "auth", jwt_secret=secret)
+    if settings.server.dev_mode:
+        return config_mod.replace(settings, "auth", jwt_secret=dev_secret(settings.storage.data_dir))
+    return settings
+
+
 def prepare(
     settings: Settings, owner: bool = True, migrate: bool = True
 ) -> tuple[Settings, EmbeddedServices, list[str]]:
-    """Master-side start: embedded services, dev secret, migrations. No loop, no pool.
+    """Master-side start: dev/file secret, embedded services, migrations. No loop, no pool.
 
-    ``owner``: ``serve`` owns the embedded services; one-shot commands only borrow Postgres.
+    ``owner``: ``serve`` owns the embedded services; one-shot commands only borrow Postgres (and need no secret).
     Returns the settings with the effective URLs, the services to stop, and the migrations applied.
     """
+    if owner:
+        settings = _with_secret(settings)  # before any database starts: a bad secret file costs nothing
     storage = settings.storage
     services = EmbeddedServices(storage.data_dir, storage.database_url, storage.redis_url, owner=owner)
     try:
@@ -562,22 +587,6 @@ def prepare(
         ) from None
     try:
         settings = config_mod.replace(settings, "storage", database_url=database_url, redis_url=redis_url)
-        auth = settings.auth
-        if not auth.jwt_secret and auth.jwt_secret_file:
-            try:
-                secret = secret_file(Path(auth.jwt_secret_file))
-            except OSError as exc:
-                raise StartupError(
-                    f"auth.jwt_secret_file {auth.jwt_secret_file}: {exc.strerror}; fix the path or its permissions"
-                ) from None
-            if len(secret.encode()) < config_mod.MIN_SECRET_BYTES and not settings.server.dev_mode:
-                raise StartupError(
-                    f"auth.jwt_secret_file {auth.jwt_secret_file} holds fewer than {config_mod.MIN_SECRET_BYTES}"
-                    " bytes; put a longer secret in it (or delete it to have one generated)"
-                )
-            settings = config_mod.replace(settings, "auth", jwt_secret=secret)
-        elif settings.server.dev_mode and not auth.jwt_secret:
-            settings = config_mod.replace(settings, "auth", jwt_secret=dev_secret(storage.data_dir))
         applied: list[str] = []
         if migrate:
             check_postgres(database_url)

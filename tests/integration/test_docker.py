@@ -162,3 +162,46 @@ def test_compose_nginx_has_the_tested_locations(tmp_path: Path) -> None:
     )
     result = run(nginx, "-e", "stderr", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"))
     assert result.returncode == 0, result.stderr
+
+
+def test_image_environment_starts_with_nothing_set(tmp_path: Path) -> None:
+    """What `docker run -p 8080:8080 chatd` runs, minus Docker: the image's ENV, no JWT_SECRET, embedded databases.
+
+    Only the paths move into tmp_path, and the host stays on loopback.
+    """
+    from tests.support import Chatd, http_get
+
+    env_line = " ".join(rest for word, rest in instructions() if word == "ENV")
+    env = dict(re.findall(r"(\w+)=(\S+)", env_line))
+    image_dir = env["CHATD_STORAGE_DATA_DIR"]
+    env = {k: v.replace(image_dir, str(tmp_path / "volume")) for k, v in env.items()}
+    env.update({"CHATD_SERVER_HOST": "127.0.0.1", "DATABASE_URL": "", "REDIS_URL": "", "JWT_SECRET": ""})
+    server = Chatd("", "", tmp_path / "serve.log", workers=2, data_dir=tmp_path / "volume", env=env)
+    server.start()
+    try:
+        assert http_get(server.http + "/health/live")[0] == 200
+        secret = tmp_path / "volume" / "jwt_secret"
+        assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text()) >= 32
+        assert server.events("jwt_secret_generated")
+    finally:
+        assert server.stop() == 0
+    # A second start reads the same secret (tokens survive a container restart).
+    again = Chatd("", "", tmp_path / "again.log", workers=1, data_dir=tmp_path / "volume", env=env)
+    again.start()
+    try:
+        assert not again.events("jwt_secret_generated")
+    finally:
+        assert again.stop() == 0
+
+
+def test_short_secret_file_is_refused(tmp_path: Path) -> None:
+    short = tmp_path / "secret"
+    short.write_text("too-short")
+    result = subprocess.run(
+        [sys.executable, "-m", "chatd", "serve", "--port", "0"],
+        env={"PATH": "/usr/bin:/bin", "CHATD_AUTH_JWT_SECRET_FILE": str(short),
+             "CHATD_STORAGE_DATA_DIR": str(tmp_path / "var")},
+        capture_output=True, text=True, timeout=90, check=False, cwd=ROOT,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"auth.jwt_secret_file {short} holds fewer than 32 bytes" in result.stderr.splitlines()[-1]
