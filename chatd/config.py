@@ -55,7 +55,12 @@ def _f(default: Any, doc: str, **meta: Any) -> Any:
 class ServerSettings:
     host: str = _f("127.0.0.1", "Address to listen on.")
     port: int = _f(8080, "TCP port to listen on.", min=0, max=65535)
-    workers: int = _f(0, "Worker processes; 0 = one per CPU. 1 runs in-process (development).", min=0, max=256)
+    workers: int = _f(
+        0,
+        "Worker processes; 0 = one per CPU. 1 runs in-process (development: no supervision, no rolling restart).",
+        min=0,
+        max=256,
+    )
     backlog: int = _f(4096, "listen() backlog; Tornado's default of 128 drops connect storms.", min=1)
     reuse_port: bool = _f(False, "Each worker binds its own SO_REUSEPORT socket instead of sharing the master's.")
     shutdown_grace_s: float = _f(30.0, "SIGTERM: time for workers to close sockets and drain before SIGKILL.", min=1)
