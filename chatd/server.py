@@ -610,7 +610,8 @@ def _bind(settings: Settings) -> list[socket.socket]:
     srv = settings.server
     try:
         if srv.reuse_port:
-            bind(settings, reuse_port=True)[0].close()  # each worker binds its own: fail here, not in N workers
+            for probe in bind(settings, reuse_port=True):  # each worker binds its own: fail here, not in N workers
+                probe.close()
             return []
         return bind(settings)
     except OSError as exc:

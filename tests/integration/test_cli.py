@@ -228,3 +228,49 @@ def test_install_has_no_setuptools_deprecation(tmp_path: Path) -> None:
     assert "License-Expression: MIT" in metadata
     assert any(n.endswith("share/chatd/sql/0001_init.sql") for n in names)
     assert any(n.endswith("share/chatd/config/chatd.toml") for n in names)
+
+
+def test_signals_are_handled_while_workers_start(services: Services, tmp_path: Path) -> None:
+    """A worker stuck in its start must not make the master deaf: SIGINT stops the tree in seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    env.update({"DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url, "JWT_SECRET": JWT_SECRET,
+                "CHATD_SERVER_SHUTDOWN_GRACE_S": "2", "CHATD_STORAGE_REDIS_KEY_PREFIX": "sig:"})
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatd", "serve", "--port", str(free_port()), "--workers", "2"],
+        cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
+    )
+    stopped: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while len(stopped) < 2 and time.monotonic() < deadline:  # freeze each worker as soon as it exists
+            try:
+                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            except OSError:
+                children = []
+            for pid in map(int, children):
+                if pid not in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.add(pid)
+            time.sleep(0.005)
+        assert len(stopped) == 2
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert time.monotonic() - started < 10  # the grace (2 s) and a SIGKILL, not 30 s per worker start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in stopped:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+    assert not [pid for pid in stopped if alive(pid)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
