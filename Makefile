@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: run test install lint typecheck docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,loadtest]'  # loadtest: the Locust run is tested too

@@ -629,8 +629,15 @@ def _bind(settings: Settings) -> list[socket.socket]:
         raise StartupError(f"cannot listen on {srv.host}: {exc}; check --host or server.host") from None
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through prepare(): what it started is stopped on the way out
+
+
 def serve(settings: Settings) -> int:
     global _notifier
+    # Until the master (or the in-process worker) takes over the signals: SIGTERM during the start
+    # (initdb, migrations) stops what was started instead of leaving it to the parent-death signal.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _notifier = notifier = Notifier()
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(name, None)  # the main process speaks for the tree

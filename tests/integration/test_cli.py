@@ -274,3 +274,28 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_sigterm_during_the_start_leaves_nothing(tmp_path: Path) -> None:
+    """SIGTERM while the embedded Postgres is being created (initdb, start, migrations): a prompt exit, no leftovers."""
+    data_dir = tmp_path / "var"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        env.pop(name, None)
+    env.update({"JWT_SECRET": JWT_SECRET, "CHATD_STORAGE_DATA_DIR": str(data_dir)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatd", "serve", "--port", str(free_port()), "--workers", "2"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (data_dir / "postgres").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert not wait_gone(data_dir)
