@@ -124,15 +124,32 @@ def get_plan(user: Any, timeout_s: float = 120) -> dict[str, Any] | None:
     return plan
 
 
-def _reusable_plan(path: Path, host: str, n: int) -> dict[str, Any] | None:
-    """A plan file made earlier for this host, with at least ``n`` users (auto mode)."""
+def _token_expiry(token: str) -> float:
+    """The ``exp`` claim of a JWT (not verified: only to know whether a stored token is still worth using)."""
+    import base64
+
+    try:
+        payload = token.split(".")[1]
+        return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _reusable_plan(path: Path, host: str, n: int, run_time_s: float) -> dict[str, Any] | None:
+    """A plan file made earlier for this host, with at least ``n`` users whose tokens outlast the run (auto mode)."""
     try:
         plan = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(plan, dict) or plan.get("host", "").rstrip("/") != host.rstrip("/"):
         return None
-    return plan if len(plan.get("users", [])) >= n else None
+    users = plan.get("users", [])
+    if len(users) < n:
+        return None
+    token = users[0].get("token") if users else None
+    if token and _token_expiry(token) < time.time() + run_time_s + 60:
+        return None  # REST plans hold access tokens of minutes: register anew
+    return plan
 
 
 @events.init.add_listener
@@ -160,7 +177,12 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     host = environment.host or ""
     via = opts.lt_prepare
     if via == "auto":
-        reused = _reusable_plan(Path(opts.lt_plan), host, n)
+        run_time = opts.run_time
+        if isinstance(run_time, str):
+            from locust.util.timespan import parse_timespan
+
+            run_time = parse_timespan(run_time)
+        reused = _reusable_plan(Path(opts.lt_plan), host, n, float(run_time or 600))
         if reused is not None:
             print(f"plan: reusing {opts.lt_plan} ({len(reused['users'])} users made for {host})", file=sys.stderr)
             if isinstance(runner, MasterRunner):

@@ -42,6 +42,21 @@ def test_plain_run_creates_its_users_through_the_api(chatd_factory: Any, tmp_pat
     aggregated = next(line for line in stats if ",Aggregated," in line).split(",")
     assert int(aggregated[2]) > 5 and aggregated[3] == "0"
 
+    # The same command again: the plan it wrote is for this host and its tokens outlast the run.
+    again = locust("-u", "5", "-r", "5", "-t", "3s", "--host", server.http, "--only-summary",
+                   "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path)
+    assert again.returncode == 0 and "plan: reusing" in again.stderr, again.stderr[-3000:]
+    assert len([e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]) == 5
+
+
+def test_plan_with_tokens_expiring_during_the_run_is_not_reused(chatd_factory: Any, tmp_path: Path) -> None:
+    server: Chatd = chatd_factory(CHATD_AUTH_ACCESS_TTL_S="30")  # tokens end before run + margin
+    for _ in range(2):
+        result = locust("-u", "2", "-r", "2", "-t", "2s", "--host", server.http, "--only-summary",
+                        "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path)
+        assert result.returncode == 0 and "plan: reusing" not in result.stderr, result.stderr[-3000:]
+    assert len([e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]) == 4
+
 
 def test_run_that_cannot_make_users_fails_in_one_line(tmp_path: Path) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
