@@ -33,7 +33,7 @@ from chatd.repair import Repair
 from chatd.retrieval import Retriever, load_embedder
 from chatd.rooms import Rooms
 from chatd.state import ServerState
-from chatd.web import LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
+from chatd.web import Application, LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.writer import MessageWriter
 from chatd.ws import ChatSocket, refresh_registrations
 
@@ -137,8 +137,9 @@ class Worker:
             *webapp.routes(),  # the web app at /
         ]
         ws = self.settings.ws
-        return tornado.web.Application(
+        return Application(
             routes,
+            trusted_proxies=self.settings.server.trusted_proxies,
             default_handler_class=NotFoundHandler,
             default_handler_args=base,
             log_function=log_request,
