@@ -246,7 +246,7 @@ _ALIASES: dict[str, tuple[str, str]] = {
 _NOT_SETTINGS = {"CHATD_CONFIG", "CHATD_EMAIL", "CHATD_PASSWORD", "CHATD_NAME"}  # the last three: `chatd chat`
 # Settings that were removed: what replaces them.
 _REMOVED = {
-    "server.trust_proxy_headers": 'replaced by server.trusted_proxies, a list of the proxies\' addresses or CIDRs'
+    "server.trust_proxy_headers": "replaced by server.trusted_proxies, a list of the proxies' addresses or CIDRs"
     ' (e.g. CHATD_SERVER_TRUSTED_PROXIES=127.0.0.1, or trusted_proxies = ["10.0.0.0/8"] under [server])',
 }
 

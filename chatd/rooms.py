@@ -28,6 +28,8 @@ class AssistantPort(Protocol):
 
     def wants_answer(self, room: dict[str, Any], content: str) -> bool: ...
 
+    def answers_in(self, room: dict[str, Any]) -> bool: ...
+
     async def enqueue(self, room_id: int, prompt_id: int, requester_id: int) -> int: ...
 
     async def live_streams(self, room_id: int) -> list[tuple[int, int, list[dict[str, Any]]]]: ...
@@ -159,7 +161,7 @@ class Rooms:
                         last_seq = max(last_seq, int(rows[-1]["seq"]))
                     baseline_seq = since_seq
             catch_up: list[tuple[int, int, list[bytes]]] = []
-            if self.assistant is not None:
+            if self.assistant is not None and self.assistant.answers_in(room):
                 for message_id, index, frames in await self.assistant.live_streams(room_id):
                     encoded = [protocol.ws_text_frame(protocol.encode_bytes(f)) for f in frames]
                     catch_up.append((message_id, index, encoded))

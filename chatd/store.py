@@ -176,15 +176,18 @@ async def create_user(pool: Database, email: str, name: str, password_hash: str 
 
 
 @bounded
-async def auth_status(pool: Database, user_id: int, family: str | None) -> Row | None:
-    """A token holder's ``status``, ``role`` and whether the token's session (family) was revoked."""
-    return await _fetch_one(
+async def auth_statuses(pool: Database, holders: Sequence[tuple[int, str | None]]) -> list[Row | None]:
+    """For each token holder ``(user id, session family)``: ``status``, ``role`` and whether the session
+    was revoked; None for an unknown user.  One query for many (connect storms go through ``Batched``)."""
+    rows = await _fetch_all(
         pool,
-        "SELECT u.status, u.role,"
-        " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = %s AND t.revoked_at IS NOT NULL) AS revoked"
-        " FROM users u WHERE u.id = %s",
-        (family, user_id),
+        "SELECT h.ord, u.status, u.role,"
+        " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = h.family AND t.revoked_at IS NOT NULL) AS revoked"
+        " FROM unnest(%s::bigint[], %s::text[]) WITH ORDINALITY AS h (user_id, family, ord)"
+        " LEFT JOIN users u ON u.id = h.user_id ORDER BY h.ord",
+        ([h[0] for h in holders], [h[1] for h in holders]),
     )
+    return [None if r["status"] is None else r for r in rows]
 
 
 def upsert_user_sync(database_url: str, email: str, name: str, password_hash: str, role: str) -> Row:

@@ -135,23 +135,24 @@ class MessageWriter:
         return batch
 
     async def _flush(self, batch: list[_Queued]) -> None:
-        self._in_flight = batch
+        self._in_flight = batch  # answered by run()'s `finally` if the loop is cancelled meanwhile
         started = self.clock()
         try:
             results = await store.commit_batch(self.db, [q.message for q in batch])
         except errors.ChatdError as exc:
+            self._in_flight = []
             for q in batch:
                 if not q.future.done():
                     q.future.set_exception(type(exc)(exc.message))
             return
         except Exception as exc:
+            self._in_flight = []
             app_log.error("commit_failed", exc_info=exc, extra=fields(batch=len(batch)))
             for q in batch:
                 if not q.future.done():
                     q.future.set_exception(errors.Internal())
             return
-        finally:
-            self._in_flight = []
+        self._in_flight = []
         elapsed_s = self.clock() - started
         self.batches += 1
         metrics.commit_batch.observe(len(batch))
