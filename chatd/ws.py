@@ -310,7 +310,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             durable = self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
         except errors.Busy as err:
             self.send_frame(protocol.error(err, reply_to=frame.request_id))
-            await self.writer.wait_capacity()  # backpressure: not read again until the queue has room
+            # Backpressure: this socket is not read until the queue has room (or the retry time passed).
+            await self.writer.wait_capacity((err.retry_after_ms or 1000) / 1000)
             return
         self._pending += 1
         durable.add_done_callback(lambda fut: self._on_durable(frame, fut))
