@@ -116,6 +116,7 @@ class Worker:
         tasks.supervise("metrics-flush", metrics.flush_loop)
         tasks.supervise("auth-reads", self.accounts.status_reads.run)
         tasks.supervise("connection-registrations", self.registrations.run)
+        tasks.supervise("join-reads", self.rooms.join_reads.run)
         tasks.spawn(self.retriever.start(), "retrieval-start")
         self.assistant.start()
         assistant_log.info(
