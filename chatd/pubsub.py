@@ -17,11 +17,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from chatd import errors, metrics
 from chatd.config import StorageSettings
-from chatd.kv import redis_errors
+from chatd.kv import close_client, pubsub_client, redis_errors
 from chatd.logs import app_log, fields
 
 
@@ -33,12 +31,8 @@ class Subscriber:
         on_resubscribed: Callable[[], None],
     ) -> None:
         # A connection of its own: a busy command pool must never keep the reader from reconnecting.
-        self._client = aioredis.Redis.from_url(
-            storage.redis_url,
-            socket_connect_timeout=storage.redis_timeout_s,
-            health_check_interval=30,
-            max_connections=2,
-        )
+        # With Sentinel each reconnect asks where the primary is now (kv.pubsub_client).
+        self._client = pubsub_client(storage)
         self._timeout_s = storage.redis_timeout_s
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
@@ -50,7 +44,7 @@ class Subscriber:
         self.connected = False
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await close_client(self._client)
 
     async def run(self) -> None:
         """Read forever; reconnect on any failure (a supervised task)."""
