@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
@@ -40,18 +41,27 @@ _LOG_EVERY_S = 10.0
 _last_logged: dict[str, float] = {}
 
 
+_op_metrics: dict[str, tuple[Histogram, Counter]] = {}  # op -> (latency histogram, error counter): labels() once per op
+
+
 @contextlib.asynccontextmanager
 async def redis_errors(op: str) -> AsyncIterator[None]:
-    """The error policy: any Redis failure leaves as ``Unavailable``."""
+    """The error policy: any Redis failure leaves as ``Unavailable``.  Every round trip is timed."""
+    children = _op_metrics.get(op)
+    if children is None:
+        children = _op_metrics[op] = (metrics.redis_latency.labels(op), metrics.redis_errors.labels(op))
+    started = time.perf_counter()
     try:
         yield
     except (RedisError, OSError, AttributeError) as exc:  # redis-py can raise AttributeError on a torn connection
-        metrics.redis_errors.labels(op).inc()
+        children[0].observe(time.perf_counter() - started)
+        children[1].inc()
         now = time.monotonic()
         if now - _last_logged.get(op, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             _last_logged[op] = now
             app_log.warning("redis_unavailable", extra=fields(op=op, error=f"{type(exc).__name__}: {exc}"[:200]))
         raise errors.Unavailable("redis unavailable, try again") from None
+    children[0].observe(time.perf_counter() - started)
 
 
 def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:

@@ -64,6 +64,7 @@ class Subscriber:
                     if not first:
                         self._resubscribed()
                 self.connected = True
+                metrics.pubsub_connected.set(1)
                 if not first:
                     app_log.info("fanout_reconnected", extra=fields(channels=len(channels)))
                 first = False
@@ -80,6 +81,7 @@ class Subscriber:
                 raise
             except Exception as exc:  # whatever broke, the reader must come back: without it the worker is deaf
                 self.connected = False
+                metrics.pubsub_connected.set(0)
                 self._pubsub = None
                 self._resubscribing = None
                 for fut in self._confirm.values():
@@ -99,6 +101,7 @@ class Subscriber:
         kind = msg.get("type")
         channel: bytes = msg["channel"]
         if kind == b"message" or kind == "message":
+            metrics.hot.pubsub_received += 1
             self._on_message(channel, msg["data"])
         elif kind == b"subscribe" or kind == "subscribe":
             fut = self._confirm.pop(channel, None)

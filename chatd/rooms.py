@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chatd import errors, protocol, store
+from chatd import errors, metrics, protocol, store
 from chatd.config import WebSocketSettings
 from chatd.fanout import Conn, Event, Hub
 from chatd.kv import KV
@@ -149,6 +149,7 @@ class Rooms:
             limit = self.settings.replay_limit
             if since_seq is not None and since_seq < last_seq:
                 if last_seq - since_seq > limit:
+                    metrics.resyncs.labels("replay_limit").inc()
                     resync = protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=request_id)
                 else:
                     rows = await store.messages_after(self.db, room_id, since_seq, limit)

@@ -338,6 +338,7 @@ class Master:
             slot.failures = 1 if lived_s > _HEALTHY_AFTER_S else slot.failures + 1
             backoff_s = min(self.settings.server.worker_restart_max_backoff_s, 0.1 * 2 ** (slot.failures - 1))
             slot.restart_at = time.monotonic() + backoff_s
+            metrics.worker_restarts.inc()
             how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
             server_log.error(
                 "worker_died",
