@@ -92,7 +92,7 @@ class Subscriber:
                 metrics.pubsub_reconnects.inc()
                 app_log.warning("fanout_redis_lost", extra=fields(error=str(exc)[:200], retry_in_s=backoff_s))
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                backoff_s = min(backoff_s * 2, 1.0)  # at most a second after Redis (or a promoted replica) is back
             finally:
                 with contextlib.suppress(Exception):  # the connection may be broken already
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import time
 import uuid
@@ -188,6 +189,12 @@ async def test_failover_under_chat_load_loses_nothing(
         "recovered_after_s": round(ready_at - killed_at, 2),
         "worst_delivery_delay_s": round(worst_delay_s, 2),
         "pubsub_reconnects": sum(len(s.events("fanout_reconnected")) for s in servers),
+        # the last pub/sub reader back (resubscribed, confirmed): log time of fanout_reconnected
+        "pubsub_back_after_s": round(
+            max(_epoch_ms(e["time"]) for s in servers for e in s.events("fanout_reconnected")) / 1000
+            - killed_wall_ms / 1000,
+            2,
+        ),
     }
     print("\nsentinel failover:", json.dumps(report))
 
@@ -203,3 +210,7 @@ async def test_failover_under_chat_load_loses_nothing(
     heartbeats = new_primary.client().zrange(f"{prefix}workers", 0, -1, withscores=True)
     assert len(heartbeats) == 2 and all(expiry > killed_wall_ms + 6000 for _, expiry in heartbeats), heartbeats
     assert all(s.events("fanout_reconnected") for s in servers), "an instance's pub/sub never came back"
+
+
+def _epoch_ms(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000
