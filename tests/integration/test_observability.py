@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,12 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(chatd_factory: Any
     server: Chatd = chatd_factory(
         workers=2,
         CHATD_SERVER_REUSE_PORT="true",
+        CHATD_WS_HEARTBEAT_INTERVAL_S="1",  # pings every second, 1 s to answer (Tornado's client does)
+        CHATD_WS_IDLE_TIMEOUT_S="2",
         CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="500",
         CHATD_ASSISTANT_EMBEDDER="none",  # no model to load: the answer comes at once
     )
-    alice, bob = make_users(services.database_url, 2)
+    alice, bob, carol, dave = make_users(services.database_url, 4)
     room = await make_room(server, alice, [bob], kind="assistant")
     a, b = await connect(server, alice), await connect(server, bob)
     await join(a, room)
@@ -126,6 +129,18 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(chatd_factory: Any
     await b.send(b"\x00binary")  # chatd closes with 1003
     assert (await b.closed())[0] == 1003
     a.conn.close(1000, "bye")  # the client closes
+    # Closes Tornado starts itself are counted too: a frame over ws.max_frame_bytes (1009), a missed pong.
+    c = await connect(server, carol)
+    await c.send("x" * 70_000)
+    assert (await c.closed())[0] == 1009
+    mute = socket.create_connection(("127.0.0.1", server.port))  # upgrades, then never answers a ping
+    mute.sendall(
+        (
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {dave.token}\r\n\r\n"
+        ).encode()
+    )
 
     def scrape_ok(s: dict[str, list[tuple[dict[str, str], float]]]) -> bool:
         return (
@@ -134,6 +149,7 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(chatd_factory: Any
             and {lab.get("worker") for lab, _ in s.get("chatd_event_loop_lag_seconds_count", [])} == {"w0", "w1"}
             and _total(s, "chatd_pubsub_messages_received_total") > 0
             and _total(s, "chatd_pg_pool_requests_total") > 0  # sampled every 5 s
+            and _total(s, "chatd_ws_ping_timeouts_total") == 1
         )
 
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
@@ -164,6 +180,10 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(chatd_factory: Any
     assert _total(samples, "chatd_pubsub_connected") == 2
     assert _total(samples, "chatd_ws_closed_by_server_total", code="1003") == 1
     assert _total(samples, "chatd_ws_closed_by_client_total", code="1000") == 1
+    assert _total(samples, "chatd_ws_closed_by_server_total", code="1009") == 1
+    assert _total(samples, "chatd_ws_ping_timeouts_total") == 1
+    assert _total(samples, "chatd_ws_closed_by_server_total", code="1000") == 1  # the ping timeout's close
+    mute.close()
     assert _total(samples, "chatd_ws_closed_by_server_total", code="1013") == 0  # exported at 0 for the alert
     assert _total(samples, "chatd_assistant_tokens_total", model="offline", kind="input") > 0
     assert _total(samples, "chatd_http_requests_total", status="404") >= 1
