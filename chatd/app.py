@@ -20,6 +20,7 @@ import tornado.web
 from chatd import api, kv, metrics, store, webapp
 from chatd.accounts import Accounts
 from chatd.assistant import Assistant
+from chatd.batching import Batched
 from chatd.config import Settings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
@@ -36,7 +37,7 @@ from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.web import Application, LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.writer import MessageWriter
-from chatd.ws import ChatSocket, refresh_registrations
+from chatd.ws import CONNECTION_TTL_S, ChatSocket, refresh_registrations
 
 if TYPE_CHECKING:
     from tornado.httpserver import HTTPServer
@@ -58,6 +59,7 @@ class Worker:
     provider: Provider
     retriever: Retriever
     assistant: Assistant
+    registrations: Batched[tuple[str, int, str], int]
 
     @classmethod
     async def create(cls, settings: Settings, worker_id: int) -> Worker:
@@ -81,6 +83,10 @@ class Worker:
         retriever = Retriever(db, settings.assistant, state.tasks, load_embedder(settings.assistant.embedder))
         assistant = Assistant(db, redis, hub, provider, retriever, settings, state.tasks)
         rooms.assistant = assistant
+        cap = settings.auth.max_connections_per_user
+        registrations: Batched[tuple[str, int, str], int] = Batched(
+            lambda conns: redis.register_connections(conns, cap, CONNECTION_TTL_S)
+        )
         return cls(
             settings,
             state,
@@ -96,6 +102,7 @@ class Worker:
             provider,
             retriever,
             assistant,
+            registrations,
         )
 
     def start(self) -> None:
@@ -104,12 +111,16 @@ class Worker:
         for code in CloseCode:  # every code chatd sends, exported at 0
             metrics.ws_closed.labels(str(int(code)))
         tasks.supervise("fanout-reader", self.hub.subscriber.run)
+        tasks.supervise("fanout-subscribe", self.hub.subscriber.flush_wanted)
         tasks.supervise("message-writer", self.writer.run)
         tasks.supervise("fanout-repair", self.repair.run)
         tasks.supervise("presence", self.presence.run)
         tasks.supervise("send-quota", self.limiter.run)
         tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv))
         tasks.supervise("metrics-flush", metrics.flush_loop)
+        tasks.supervise("auth-reads", self.accounts.status_reads.run)
+        tasks.supervise("connection-registrations", self.registrations.run)
+        tasks.supervise("join-reads", self.rooms.join_reads.run)
         tasks.supervise("metrics-loop-lag", metrics.loop_lag_loop)
         tasks.supervise("metrics-sample", lambda: metrics.sample_loop(self.db.pop_stats, self._ready))
         tasks.spawn(self.retriever.start(), "retrieval-start")
@@ -138,6 +149,7 @@ class Worker:
             "hub": self.hub,
             "kv": self.kv,
             "writer": self.writer,
+            "register": self.registrations,
         }
         routes: list[Any] = [
             (r"/health/live", LiveHandler, base),

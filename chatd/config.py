@@ -175,7 +175,10 @@ class WebSocketSettings:
         100, "Unacknowledged sends of one socket; at the bound the server stops reading that socket.", min=1
     )
     send_queue_max: int = _f(
-        2000, "Sends a worker may queue for the group commit; beyond it a send gets error busy.", min=1
+        1000,
+        "Sends a worker may queue for the group commit; beyond it a send gets error busy (and its socket is"
+        " not read until the queue is half empty or retry_after_ms passed).",
+        min=1,
     )
     batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
     batch_max_delay_ms: float = _f(

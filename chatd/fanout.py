@@ -193,7 +193,7 @@ class Hub:
         conns.add(conn)
         if len(conns) == 1:
             # Not waiting for Redis' confirmation: read sync and forced closes may take a moment longer.
-            await self.subscriber.want(self.keys.user_channel(conn.user_id))
+            self.subscriber.want(self.keys.user_channel(conn.user_id))
 
     async def remove_user(self, conn: Conn) -> None:
         conns = self.users.get(conn.user_id)

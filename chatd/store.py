@@ -180,15 +180,18 @@ async def create_user(pool: Database, email: str, name: str, password_hash: str 
 
 
 @bounded
-async def auth_status(pool: Database, user_id: int, family: str | None) -> Row | None:
-    """A token holder's ``status``, ``role`` and whether the token's session (family) was revoked."""
-    return await _fetch_one(
+async def auth_statuses(pool: Database, holders: Sequence[tuple[int, str | None]]) -> list[Row | None]:
+    """For each token holder ``(user id, session family)``: ``status``, ``role`` and whether the session
+    was revoked; None for an unknown user.  One query for many (connect storms go through ``Batched``)."""
+    rows = await _fetch_all(
         pool,
-        "SELECT u.status, u.role,"
-        " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = %s AND t.revoked_at IS NOT NULL) AS revoked"
-        " FROM users u WHERE u.id = %s",
-        (family, user_id),
+        "SELECT h.ord, u.status, u.role,"
+        " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = h.family AND t.revoked_at IS NOT NULL) AS revoked"
+        " FROM unnest(%s::bigint[], %s::text[]) WITH ORDINALITY AS h (user_id, family, ord)"
+        " LEFT JOIN users u ON u.id = h.user_id ORDER BY h.ord",
+        ([h[0] for h in holders], [h[1] for h in holders]),
     )
+    return [None if r["status"] is None else r for r in rows]
 
 
 def upsert_user_sync(database_url: str, email: str, name: str, password_hash: str, role: str) -> Row:
@@ -339,6 +342,52 @@ async def room_for_member(pool: Database, room_id: int, user_id: int) -> Row | N
     )
 
 
+@dataclass(frozen=True, slots=True)
+class JoinRead:
+    room: Row | None  # the room with the caller's membership; None: not a member (or no such room)
+    history: list[Row]  # messages after since_seq, when a replay was asked and fits the limit
+    resync: bool = False  # the gap since since_seq is over the replay limit: nothing read
+
+
+@bounded
+async def join_reads(pool: Database, joins: Sequence[tuple[int, int, int | None]], replay_limit: int) -> list[JoinRead]:
+    """For each join ``(room, user, since_seq)``: membership, last_seq and the replay, for many joins at
+    once (a reconnect storm re-joins thousands of rooms; ``Batched`` groups them): two queries in all."""
+    rows = await _fetch_all(
+        pool,
+        f"SELECT j.ord, {ROOM_COLUMNS}, m.role AS member_role, m.read_seq"
+        " FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS j (room_id, user_id, ord)"
+        " JOIN rooms r ON r.id = j.room_id JOIN room_members m ON m.room_id = r.id AND m.user_id = j.user_id",
+        ([j[0] for j in joins], [j[1] for j in joins]),
+    )
+    rooms: dict[int, Row] = {int(r.pop("ord")) - 1: r for r in rows}
+    replays: dict[int, tuple[int, int]] = {}  # join index -> (first, last) seqs to replay
+    resync: set[int] = set()
+    for i, (_, _, since) in enumerate(joins):
+        room = rooms.get(i)
+        if room is None or since is None or since >= room["last_seq"]:
+            continue
+        if room["last_seq"] - since > replay_limit:
+            resync.add(i)
+        else:
+            replays[i] = (since + 1, room["last_seq"])
+    history: dict[tuple[int, int], Row] = {}
+    if replays:
+        ranges = sorted({(joins[i][0], first, last) for i, (first, last) in replays.items()})
+        for row in await _messages_in_ranges(pool, ranges):
+            history[(row["room_id"], row["seq"])] = row
+    out = []
+    for i, (room_id, _, _) in enumerate(joins):
+        first_last = replays.get(i)
+        rows_i = (
+            [history[(room_id, s)] for s in range(first_last[0], first_last[1] + 1) if (room_id, s) in history]
+            if first_last
+            else []
+        )
+        out.append(JoinRead(rooms.get(i), rows_i, i in resync))
+    return out
+
+
 @bounded
 async def list_rooms(pool: Database, user_id: int, status: str, limit: int, before_id: int | None) -> list[Row]:
     return await _fetch_all(
@@ -457,8 +506,7 @@ async def messages_after(pool: Database, room_id: int, after_seq: int, limit: in
     )
 
 
-@bounded
-async def messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, int]]) -> list[Row]:
+async def _messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, int]]) -> list[Row]:
     """Messages of several rooms, seqs ``first..last`` of each ``(room, first, last)``: the fan-out's gap fill.
 
     Answers come with their generation (``g_*`` columns) so their ``stream_end`` can be rebuilt.
@@ -476,6 +524,15 @@ async def messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, in
         " ORDER BY m.room_id, m.seq",
         ([r[0] for r in ranges], [r[1] for r in ranges], [r[2] for r in ranges]),
     )
+
+
+@bounded
+async def messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, int]]) -> list[Row]:
+    """Messages of several rooms, seqs ``first..last`` of each ``(room, first, last)``: the fan-out's gap fill.
+
+    Answers come with their generation (``g_*`` columns) so their ``stream_end`` can be rebuilt.
+    """
+    return await _messages_in_ranges(pool, ranges)
 
 
 @bounded

@@ -86,9 +86,7 @@ class Application(tornado.web.Application):
         super().__init__(*args, **kwargs)
         self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
 
-    def find_handler(
-        self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any
-    ) -> tornado.web._HandlerDelegate:
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any) -> tornado.web._HandlerDelegate:
         if self.trusted_proxies and request.remote_ip:
             request.remote_ip, scheme = forwarded_client(request.remote_ip, request.headers, self.trusted_proxies)
             if scheme:
