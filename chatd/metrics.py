@@ -267,18 +267,26 @@ _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def sample_process(cpu_before_s: float) -> float:
-    """RSS, open fds and CPU of this process (prometheus-client's process collector does not work in
-    multiprocess mode); returns the CPU time now, for the next call's delta."""
+    """RSS, descriptor limit and CPU of this process (prometheus-client's process collector does not
+    work in multiprocess mode); returns the CPU time now, for the next call's delta."""
     try:
         with open("/proc/self/statm", "rb") as f:
             process_rss.labels(worker).set(int(f.read().split()[1]) * _PAGE_BYTES)
-        process_fds.labels(worker).set(len(os.listdir("/proc/self/fd")))
     except OSError:
         pass  # not Linux: no /proc
     process_max_fds.labels(worker).set(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     cpu_s = time.process_time()
     process_cpu.labels(worker).inc(max(0.0, cpu_s - cpu_before_s))
     return cpu_s
+
+
+def count_fds() -> None:
+    """Open descriptors: listing /proc/self/fd costs ~2 us per descriptor (45 ms at 20,000 sockets), so it
+    runs in a thread (the loop keeps going) and less often than the rest."""
+    try:
+        process_fds.labels(worker).set(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        pass
 
 
 def record_pool(stats: Mapping[str, int]) -> None:
@@ -297,12 +305,20 @@ def record_pool(stats: Mapping[str, int]) -> None:
 
 
 async def sample_loop(
-    pool_stats: Callable[[], Mapping[str, int]], is_ready: Callable[[], Awaitable[bool]], interval_s: float = 5.0
+    pool_stats: Callable[[], Mapping[str, int]],
+    is_ready: Callable[[], Awaitable[bool]],
+    interval_s: float = 5.0,
+    fds_every: int = 6,
 ) -> None:
-    """A supervised task: the worker's process, pool and readiness, every ``interval_s``."""
+    """A supervised task: the worker's process, pool and readiness every ``interval_s``; its open
+    descriptors every ``fds_every`` rounds."""
     cpu_s = time.process_time()
+    rounds = 0
     while True:
         cpu_s = sample_process(cpu_s)
+        if rounds % fds_every == 0:
+            await asyncio.to_thread(count_fds)
+        rounds += 1
         record_pool(pool_stats())
         ready.labels(worker).set(1 if await is_ready() else 0)
         await asyncio.sleep(interval_s)
