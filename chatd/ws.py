@@ -46,7 +46,16 @@ CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed ev
 
 
 class _StrictUtf8Protocol(WebSocketProtocol13):
-    """Invalid UTF-8 in a text frame closes with 1007 (RFC 6455 8.1) instead of Tornado's silent abort."""
+    """Invalid UTF-8 in a text frame closes with 1007 (RFC 6455 8.1) instead of Tornado's silent abort.
+
+    Every close the server starts passes through ``close``: chatd's own (``force_close``) and
+    Tornado's (ping timeout, frame too big), so each is counted once, with the code sent.
+    """
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if not self.server_terminated and not self.client_terminated and isinstance(self.handler, ChatSocket):
+            self.handler.count_close_sent(code, reason)
+        super().close(code, reason)
 
     def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
         if opcode == 0x1:
@@ -94,6 +103,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._registered = False
         self._over_cap = False
         self._closing = False
+        self._close_sent = False  # counted in chatd_ws_closed_by_server_total
         self._counted = False
         self._stream_obj: IOStream | None = None
         self._pending = 0  # sends read but not yet answered
@@ -271,8 +281,16 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def force_close(self, code: int, reason: str) -> None:
         if not self._closing:
             self._closing = True
-            metrics.ws_closed.labels(str(code)).inc()
+            self.count_close_sent(code, reason)
             self.close(code, reason)
+
+    def count_close_sent(self, code: int | None, reason: str | None) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        if code is None and reason == "ping timed out":  # Tornado's words: no pong within the timeout
+            metrics.ws_ping_timeouts.inc()
+        metrics.ws_closed.labels(str(code or (1000 if reason else 1005))).inc()
 
     # -- reading --------------------------------------------------------------------
 
@@ -431,6 +449,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self._counted:
             metrics.ws_connections.dec()
             self._counted = False
+            if not self._close_sent:  # the client closed first, or the connection dropped (no close code: 1006)
+                metrics.ws_closed_by_client.labels(str(self.close_code or 1006)).inc()
         if self.principal is not None:
             self.state.tasks.spawn(self._cleanup(), "ws-cleanup")
 
