@@ -435,8 +435,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     # -- closing --------------------------------------------------------------------
 
     @property
-    def pending_sends(self) -> int:
-        return self._pending
+    def registered(self) -> bool:
+        """Counted in the per-user connection registry (refreshed while it lives)."""
+        return self._registered
 
     def on_close(self) -> None:
         self._closing = True
@@ -475,7 +476,7 @@ async def refresh_registrations(state: ServerState, kv: KV) -> None:
         entries = [
             (conn.user_id, conn.connection_id)
             for conn in list(state.connections)
-            if isinstance(conn, ChatSocket) and conn._registered
+            if isinstance(conn, ChatSocket) and conn.registered
         ]
         if entries:
             try:
