@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from chatd import api, kv, store, webapp
+from chatd import __version__, api, kv, openapi, store, webapp
 from chatd.accounts import Accounts
+from chatd.admin import Admin
 from chatd.assistant import Assistant
 from chatd.config import Settings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
+from chatd.files import Files, make_storage
 from chatd.keys import Keys
 from chatd.logs import assistant_log, fields, server_log
 from chatd.presence import Presence
@@ -32,6 +34,7 @@ from chatd.ratelimit import SendLimiter
 from chatd.repair import Repair
 from chatd.retrieval import Retriever, load_embedder
 from chatd.rooms import Rooms
+from chatd.search import Search
 from chatd.state import ServerState
 from chatd.web import LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.writer import MessageWriter
@@ -57,6 +60,9 @@ class Worker:
     provider: Provider
     retriever: Retriever
     assistant: Assistant
+    files: Files
+    search: Search
+    admin: Admin
 
     @classmethod
     async def create(cls, settings: Settings, worker_id: int) -> Worker:
@@ -80,6 +86,7 @@ class Worker:
         retriever = Retriever(db, settings.assistant, state.tasks, load_embedder(settings.assistant.embedder))
         assistant = Assistant(db, redis, hub, provider, retriever, settings, state.tasks)
         rooms.assistant = assistant
+        files = Files(db, writer, make_storage(settings), settings)
         return cls(
             settings,
             state,
@@ -95,6 +102,9 @@ class Worker:
             provider,
             retriever,
             assistant,
+            files,
+            Search(db, retriever),
+            Admin(db, redis, hub, rooms, accounts, settings),
         )
 
     def start(self) -> None:
@@ -104,7 +114,8 @@ class Worker:
         tasks.supervise("fanout-repair", self.repair.run)
         tasks.supervise("presence", self.presence.run)
         tasks.supervise("send-quota", self.limiter.run)
-        tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv))
+        tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv, self.hub.origin))
+        tasks.supervise("file-sweeper", self.files.run_sweeper)
         tasks.spawn(self.retriever.start(), "retrieval-start")
         self.assistant.start()
         assistant_log.info(
@@ -126,12 +137,27 @@ class Worker:
             "kv": self.kv,
             "writer": self.writer,
         }
-        routes: list[Any] = [
+        spec: dict[str, Any] = {}
+        rest: list[Any] = [
             (r"/health/live", LiveHandler, base),
             (r"/health/ready", ReadyHandler, {**base, "db": self.db, "kv": self.kv}),
             (r"/metrics", MetricsHandler, base),
-            (r"/ws", ChatSocket, socket_deps),
-            *api.routes(self.state, self.settings, self.db, self.accounts, self.rooms),
+            *api.routes(
+                self.state,
+                self.settings,
+                self.db,
+                self.accounts,
+                self.rooms,
+                self.files,
+                self.search,
+                self.admin,
+                spec,
+            ),
+        ]
+        spec.update(openapi.document(rest, __version__))  # the same list the application registers
+        routes: list[Any] = [
+            *rest,
+            (r"/ws", ChatSocket, socket_deps),  # the socket protocol: docs/PROTOCOL.md
             *webapp.routes(),  # the web app at /
         ]
         ws = self.settings.ws
