@@ -214,7 +214,7 @@ class Upload:
         self._part: str | None = None
         self._header_field = bytearray()
         self._header_value = bytearray()
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, bytes] = {}
         self._error: errors.ChatdError | None = None
         self.files = 0
         self.parser = MultipartParser(
@@ -237,14 +237,13 @@ class Upload:
         self._part = None
 
     def _header_end(self) -> None:
-        self._headers[bytes(self._header_field).decode("latin-1").lower()] = bytes(self._header_value).decode(
-            "utf-8", "replace"
-        )
+        # Raw bytes: browsers send UTF-8 file names in the header
+        self._headers[bytes(self._header_field).decode("latin-1").lower()] = bytes(self._header_value)
         self._header_field.clear()
         self._header_value.clear()
 
     def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get("content-disposition", ""))
+        _, options = parse_options_header(self._headers.get("content-disposition", b""))
         field_name = options.get(b"name", b"").decode("utf-8", "replace")
         if field_name == "file":
             self.files += 1
