@@ -1245,25 +1245,29 @@ _SEARCH_ROOMS = (
     " OR room_id = %(room_id)s)"
 )
 
-# Full text ('simple' config, prefix terms: Korean particles stay attached to the word) OR substring
-# (ILIKE, served by the trigram index where the term has a trigram), ranked by terms found + ts_rank
-# (+ word_similarity with pg_trgm).  Newest first among equals.
-_SEARCH_TEXT_SQL = (
-    """
+# Candidates: full text ('simple' config, prefix terms, so Korean particles stay attached: '서울:*' finds
+# '서울에서') OR substring for terms of 3+ characters (ILIKE, served by the pg_trgm index; a 2-character
+# pattern has no trigram, and one unindexable branch would turn the whole OR into a scan of every row).
+# The newest CANDIDATES of them are ranked by share of terms found (any length) + ts_rank (+ trigram
+# word similarity), newest first among equals.
+SEARCH_CANDIDATES = 5000
+_SEARCH_TEXT_SQL = """
+WITH candidates AS MATERIALIZED (
+    SELECT m.id FROM messages m
+     WHERE m.room_id IN (""" + _SEARCH_ROOMS + """)
+       AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {indexed_hit})
+     ORDER BY m.id DESC
+     LIMIT %(candidates)s
+)
 SELECT m.id, m.room_id, m.seq, m.sender_id, m.role, m.kind, m.content, m.created_at,
        ({hits})::float8 / %(n_terms)s
        + ts_rank(to_tsvector('simple'::regconfig, m.content), to_tsquery('simple', %(tsq)s))
        + 0.3 * {trgm} AS score
-  FROM messages m
- WHERE m.room_id IN ("""
-    + _SEARCH_ROOMS
-    + """)
-   AND m.deleted_at IS NULL AND m.superseded_at IS NULL AND m.kind IN ('text', 'file')
-   AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
+  FROM candidates c JOIN messages m ON m.id = c.id
+ WHERE m.deleted_at IS NULL AND m.superseded_at IS NULL AND m.kind IN ('text', 'file')
  ORDER BY score DESC, m.id DESC
  LIMIT %(limit)s OFFSET %(offset)s
 """
-)
 
 _SEARCH_VECTOR_SQL = (
     """
@@ -1303,17 +1307,28 @@ async def search_text(
     else:
         trgm = sql.SQL("0")
     likes = [sql.SQL("m.content ILIKE {}").format(sql.Placeholder(f"p{i}")) for i in range(len(patterns))]
+    # '%abc%' has a trigram (the pattern is %term% with LIKE's wildcards escaped)
+    indexed = [like for like, p in zip(likes, patterns, strict=True) if trgm_schema and len(p) >= 5]
     statement = sql.SQL(_SEARCH_TEXT_SQL).format(
         hits=sql.SQL(" + ").join(sql.SQL("({})::int").format(like) for like in likes),
-        any_hit=sql.SQL(" OR ").join(likes),
+        indexed_hit=sql.SQL(" OR ").join(indexed) if indexed else sql.SQL("false"),
         trgm=trgm,
     )
     params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(patterns)}
     params.update(
-        tsq=tsquery, n_terms=len(patterns), query=query, user_id=user_id, room_id=room_id, limit=limit, offset=offset
+        tsq=tsquery,
+        n_terms=len(patterns),
+        query=query,
+        user_id=user_id,
+        room_id=room_id,
+        limit=limit,
+        offset=offset,
+        candidates=SEARCH_CANDIDATES,
     )
     async with connection(pool) as conn:
-        cur = await conn.execute(statement, params)
+        # Never prepared: a generic plan cannot see the patterns, so it cannot pick the trigram index
+        # (seconds instead of milliseconds over 1M rows).
+        cur = await conn.execute(statement, params, prepare=False)
         return await cur.fetchall()
 
 
@@ -1344,6 +1359,7 @@ async def search_vector(
                 "limit": limit,
                 "offset": offset,
             },
+            prepare=False,  # see search_text
         )
         return await cur.fetchall()
 

@@ -13,7 +13,7 @@ from tests.users import make_users
 
 ALICE_LINES = [
     "The quarterly invoice for the Berlin office is overdue",
-    "서울에서 다음 주 화요일에 회의가 있어요",
+    "서울에서 다음 주 화요일에 분기실적회의가 있어요",
     "Remember to water the tomato plants on the balcony",
 ]
 BOB_LINES = [
@@ -61,7 +61,7 @@ async def test_search_modes_languages_and_isolation(chatd_factory: Any, services
         assert "quarterly invoice" in user_hits(body)[0]["snippet"], (mode, body)
         assert {h["room_id"] for h in body["hits"]} == {room_a}, (mode, body)  # never Bob's invoice
         # Korean (a particle attached: 서울에서)
-        body = await search(alice, "서울 회의", mode)
+        body = await search(alice, "서울 화요일 회의", mode)
         assert "서울에서" in user_hits(body)[0]["snippet"], (mode, body)
         assert {h["room_id"] for h in body["hits"]} == {room_a}, (mode, body)
         # Bob sees only his own room, whatever he asks
@@ -71,10 +71,12 @@ async def test_search_modes_languages_and_isolation(chatd_factory: Any, services
     # highlights point at the query's words inside the snippet
     hit = user_hits(await search(alice, "invoice", "text"))[0]
     assert hit["highlights"] and all(hit["snippet"][a:b].lower() == "invoice" for a, b in hit["highlights"])
-    hit = user_hits(await search(alice, "회의", "text"))[0]
-    assert [hit["snippet"][a:b] for a, b in hit["highlights"]] == ["회의"]
-    # text mode finds substrings inside Korean words too (trigram / ILIKE): 화요일에 <- 요일
-    assert any("화요일" in h["snippet"] for h in (await search(alice, "요일", "text"))["hits"])
+    hit = user_hits(await search(alice, "서울", "text"))[0]
+    assert [hit["snippet"][a:b] for a, b in hit["highlights"]] == ["서울"]
+    # text mode finds substrings of 3+ characters inside words too (trigram index): 분기실적회의가 <- 실적회
+    assert any("분기실적회의가" in h["snippet"] for h in (await search(alice, "실적회", "text"))["hits"])
+    # ... and word prefixes of any length through full text: 화요일에 <- 화요일
+    assert any("화요일에" in h["snippet"] for h in (await search(alice, "화요일", "text"))["hits"])
     # a room filter: one's own room works, someone else's is 404
     assert (await search(alice, "invoice", "text", room_id=room_a))["hits"]
     r = await call("GET", f"{API}/search?q=invoice&room_id={room_b}", token=alice.token)
