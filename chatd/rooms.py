@@ -207,9 +207,10 @@ class Rooms:
         if not await store.add_member(self.db, room["id"], user_id):
             return False
         name = (await store.user_names(self.db, [user_id])).get(user_id, "")
-        await self.system_message(
+        row = await self.system_message(
             room["id"], f"{name} joined", {"event": "member_joined", "user_id": user_id, "name": name, "by": by}
         )
+        await store.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
         fresh = await store.room_for_member(self.db, room["id"], user_id)
         if fresh is not None:
             await self.hub.publish_users([user_id], protocol.room_added(room=protocol.room_object(fresh)))

@@ -31,7 +31,7 @@ async def test_room_events_reach_every_device_on_two_instances(chatd_factory: An
     assert r.status == 201 and r.body["added"] is True
     for ws in (bob_a, bob_b):
         added = await ws.expect("room_added")
-        assert added["room"]["id"] == room and added["room"]["read_seq"] == 0
+        assert added["room"]["id"] == room and added["room"]["read_seq"] == added["room"]["last_seq"] == 1
     joined_msg = await ws_owner.expect("message", room_id=room, kind="system")
     assert joined_msg["role"] == "system" and joined_msg.get("sender_id") is None and joined_msg["seq"] >= 1
     assert joined_msg["data"] == {
