@@ -851,13 +851,13 @@ SELECT id, seq, role, content, created_at, 1 - distance AS score FROM hits ORDER
 _TEXT_SQL = """
 SELECT m.id, m.seq, m.role, m.content, m.created_at,
        ({hits})::float8 / %(n_terms)s
-       + ts_rank(to_tsvector('simple'::regconfig, m.content), to_tsquery('simple', %(tsq)s))
+       + ts_rank(m.content_tsv, to_tsquery('simple', %(tsq)s))
        + {trgm_weight} * {trgm} AS score
   FROM messages m
  WHERE m.room_id = %(room_id)s AND m.seq < %(before_seq)s AND m.deleted_at IS NULL
   AND m.superseded_at IS NULL AND m.status = 'final'
    AND m.role IN ('user', 'assistant')
-   AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
+   AND (m.content_tsv @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
  ORDER BY score DESC, m.seq DESC
  LIMIT %(k)s
 """
@@ -1250,18 +1250,18 @@ _SEARCH_ROOMS = (
 # pattern has no trigram, and one unindexable branch would turn the whole OR into a scan of every row).
 # The newest CANDIDATES of them are ranked by share of terms found (any length) + ts_rank (+ trigram
 # word similarity), newest first among equals.
-SEARCH_CANDIDATES = 5000
+SEARCH_CANDIDATES = 1000
 _SEARCH_TEXT_SQL = """
 WITH candidates AS MATERIALIZED (
     SELECT m.id FROM messages m
      WHERE m.room_id IN (""" + _SEARCH_ROOMS + """)
-       AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {indexed_hit})
+       AND (m.content_tsv @@ to_tsquery('simple', %(tsq)s) OR {indexed_hit})
      ORDER BY m.id DESC
      LIMIT %(candidates)s
 )
 SELECT m.id, m.room_id, m.seq, m.sender_id, m.role, m.kind, m.content, m.created_at,
        ({hits})::float8 / %(n_terms)s
-       + ts_rank(to_tsvector('simple'::regconfig, m.content), to_tsquery('simple', %(tsq)s))
+       + ts_rank(m.content_tsv, to_tsquery('simple', %(tsq)s))
        + 0.3 * {trgm} AS score
   FROM candidates c JOIN messages m ON m.id = c.id
  WHERE m.deleted_at IS NULL AND m.superseded_at IS NULL AND m.kind IN ('text', 'file')
