@@ -15,6 +15,7 @@ from typing import Any
 
 from chatd import auth, errors, store
 from chatd.auth import Claims, TokenPair, TokenService
+from chatd.batching import Batched
 from chatd.config import Settings
 from chatd.fanout import Hub
 from chatd.kv import KV
@@ -58,6 +59,10 @@ class Accounts:
         self._by_ip = AuthLimiter(kv, "auth-ip", limit, 60.0)
         self._by_email = AuthLimiter(kv, "auth-email", limit, 60.0)
         self._lookups = AuthLimiter(kv, "user-lookup", settings.auth.user_lookups_per_min, 60.0)
+        # Every authentication reads the holder's status; concurrent ones share one query.
+        self.status_reads: Batched[tuple[int, str | None], dict[str, Any] | None] = Batched(
+            lambda holders: store.auth_statuses(db, holders)
+        )
 
     # -- helpers ------------------------------------------------------------
 
@@ -234,7 +239,7 @@ class Accounts:
                 denied = False  # the family check below still stops a logged-out session
             if denied:
                 raise errors.Unauthorized("token revoked")
-        row = await store.auth_status(self.db, claims.sub, claims.family)
+        row = await self.status_reads((claims.sub, claims.family))
         if row is None:
             raise errors.Unauthorized("unknown user")
         if row["status"] != "active":

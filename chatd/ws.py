@@ -30,6 +30,7 @@ from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
 from chatd import errors, metrics, protocol
 from chatd.accounts import Accounts, Principal
+from chatd.batching import Batched
 from chatd.config import Settings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
@@ -67,6 +68,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         hub: Hub,
         kv: KV,
         writer: MessageWriter,
+        register: Batched[tuple[str, int, str], int],
     ) -> None:
         self.state = state
         self.config = settings
@@ -75,6 +77,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.hub = hub
         self.kv = kv
         self.writer = writer
+        self.register = register
         self.connection_id = secrets.token_hex(8)
         self.principal: Principal | None = None
         self.user_id = 0
@@ -140,13 +143,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     async def _register(self, principal: Principal) -> int:
         """Denylist and per-user cap, across all instances, in one round trip; fails open without Redis."""
         try:
-            result = await self.kv.register_connection(
-                principal.claims.jti,
-                principal.user_id,
-                self.connection_id,
-                self.config.auth.max_connections_per_user,
-                CONNECTION_TTL_S,
-            )
+            result = await self.register((principal.claims.jti, principal.user_id, self.connection_id))
         except errors.Unavailable:
             return 1  # the token's session is still checked in Postgres; the cap waits for Redis
         self._registered = result == 1
@@ -281,15 +278,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         try:
             frame = self._decoder.decode(message)
         except errors.ProtocolViolation as exc:
-            metrics.ws_frames.labels("invalid").inc()
+            metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc, reply_to=None))
             self.force_close(int(exc.close_code), exc.message[:100])
             return
         except protocol.FrameError as exc:
-            metrics.ws_frames.labels("invalid").inc()
+            metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc.error, reply_to=exc.request_id))
             return
-        metrics.ws_frames.labels(frame.TYPE).inc()
+        metrics.hot.frames_received[frame.TYPE] += 1
         try:
             if isinstance(frame, protocol.Send):
                 await self._send(frame)
@@ -308,7 +305,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             durable = self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
         except errors.Busy as err:
             self.send_frame(protocol.error(err, reply_to=frame.request_id))
-            await self.writer.wait_capacity()  # backpressure: not read again until the queue has room
+            # Backpressure: this socket is not read until the queue has room (or the retry time passed).
+            await self.writer.wait_capacity((err.retry_after_ms or 1000) / 1000)
             return
         self._pending += 1
         durable.add_done_callback(lambda fut: self._on_durable(frame, fut))

@@ -209,7 +209,7 @@ async def test_cors_and_security_headers(chatd_factory: Any, services: Any) -> N
         assert resp.headers["Referrer-Policy"] == "no-referrer"
         assert "Strict-Transport-Security" not in resp.headers  # plain HTTP
     # HSTS when the request came over TLS (behind a proxy that says so)
-    tls = chatd_factory(CHATD_SERVER_HSTS_MAX_AGE_S="31536000", CHATD_SERVER_TRUST_PROXY_HEADERS="true")
+    tls = chatd_factory(CHATD_SERVER_HSTS_MAX_AGE_S="31536000", CHATD_SERVER_TRUSTED_PROXIES="127.0.0.1")
     r = await request("GET", tls.http + "/health/live", headers={"X-Forwarded-Proto": "https"})
     assert r.headers["Strict-Transport-Security"] == "max-age=31536000"
     r = await request("GET", tls.http + "/health/live")
