@@ -58,6 +58,7 @@ class Accounts:
         limit = settings.auth.auth_attempts_per_min
         self._by_ip = AuthLimiter(kv, "auth-ip", limit, 60.0)
         self._by_email = AuthLimiter(kv, "auth-email", limit, 60.0)
+        self._lookups = AuthLimiter(kv, "user-lookup", settings.auth.user_lookups_per_min, 60.0)
         # Every authentication reads the holder's status; concurrent ones share one query.
         self.status_reads: Batched[tuple[int, str | None], dict[str, Any] | None] = Batched(
             lambda holders: store.auth_statuses(db, holders)
@@ -154,6 +155,52 @@ class Accounts:
             await store.revoke_family(self.db, family)
         await self._close_sockets(user_id, None, 1008, "account banned")
         return user_json(user)
+
+    # -- account basics and the directory (issue 11) ---------------------------------
+
+    async def rename(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(body) - {"name"}
+        if unknown:
+            raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
+        user = await store.update_user_name(self.db, principal.user_id, auth.validate_name(body.get("name")))
+        if user is None:
+            raise errors.Unauthorized("account disabled")
+        return user_json(user)
+
+    async def change_password(self, principal: Principal, body: dict[str, Any]) -> None:
+        """Old + new password; every other session of the user is revoked (and its sockets closed)."""
+        old, new = body.get("old_password"), auth.validate_password(body.get("new_password"))
+        if not isinstance(old, str) or not old:
+            raise errors.BadRequest("old_password is required")
+        current = await store.password_hash_of(self.db, principal.user_id)
+        if not current or not await self._cpu(auth.verify_password, current, old):
+            raise errors.Forbidden("old_password is wrong")
+        await store.set_password_hash(self.db, principal.user_id, await self._cpu(auth.hash_password, new))
+        keep = principal.claims.family
+        for family in await store.revoke_families_except(self.db, principal.user_id, keep):
+            await self._close_sockets(principal.user_id, family, 4001, "password changed")
+        if keep is None:  # a token without a session (external IdP): nothing to keep
+            await self._close_sockets(principal.user_id, None, 4001, "password changed")
+        app_log.info("password_changed", extra=fields(user_id=principal.user_id))
+
+    async def deactivate(self, principal: Principal) -> None:
+        """The user deletes their account: no more sign-in, sockets closed; their messages stay."""
+        await store.set_user_status(self.db, principal.user_id, "deleted")
+        await store.revoke_families_except(self.db, principal.user_id, None)
+        await self._deny(principal.claims.jti, principal.claims.exp)
+        await self._close_sockets(principal.user_id, None, 4001, "account deleted")
+        app_log.info("account_deleted", extra=fields(user_id=principal.user_id))
+
+    async def lookup(self, principal: Principal, query: str | None) -> list[dict[str, Any]]:
+        """Find a user to invite: exact email, or a name prefix (>= 2 characters); id and name only."""
+        q = (query or "").strip()
+        if len(q) < 2 or len(q) > 320:
+            raise errors.BadRequest("q must be an email or a name prefix of 2 to 320 characters")
+        decision = await self._lookups.hit(str(principal.user_id))
+        if not decision.allowed:
+            raise errors.RateLimited("too many look-ups, try again later", retry_after_ms=decision.retry_after_ms)
+        rows = await store.lookup_users(self.db, q, 10)
+        return [{"id": r["id"], "name": r["name"]} for r in rows]
 
     async def _revoke_family(self, user_id: int, family: str) -> None:
         await store.revoke_family(self.db, family)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 from typing import Any
+from urllib.parse import quote
+
+import tornado.web
 
 from chatd import errors, protocol, store
 from chatd.accounts import Accounts, Principal, user_json
+from chatd.admin import Admin
 from chatd.config import Settings
+from chatd.files import Files, Upload
+from chatd.openapi import BOOL, ID, INT, STR, Param, obj, op, page, ref
 from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
+from chatd.search import MODES, Search
 from chatd.state import ServerState
 from chatd.store import Database
 from chatd.web import BaseHandler
@@ -38,13 +46,30 @@ class ApiHandler(BaseHandler):
         self.principal = await self.accounts.authenticate(token)
         return self.principal
 
-    def int_arg(self, name: str, default: int | None = None, minimum: int = 0, maximum: int = _MAX_INT) -> int | None:
+    def arg(self, name: str) -> Any:
+        """A query parameter, parsed and checked by its declaration (``@op(query=...)``): the handler and
+        the OpenAPI document read the same ``Param``."""
+        method = getattr(type(self), (self.request.method or "get").lower())
+        decl = getattr(method, "__openapi__", None)
+        if decl is None:
+            raise errors.Internal(f"{type(self).__name__} has no declaration")
+        param = decl.param(name)
+        schema = param.schema
         raw = self.get_query_argument(name, None)
         if raw is None or raw == "":
-            return default
-        if not (raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= maximum:
-            raise errors.BadRequest(f"{name} must be an integer between {minimum} and {maximum}")
-        return int(raw)
+            if param.required:
+                raise errors.BadRequest(f"{name} is required")
+            return schema.get("default")
+        if schema.get("type") == "integer":
+            low, high = schema.get("minimum", 0), schema.get("maximum", _MAX_INT)
+            if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+                raise errors.BadRequest(f"{name} must be an integer between {low} and {high}")
+            return int(raw)
+        if "enum" in schema and raw not in schema["enum"]:
+            raise errors.BadRequest(f"{name} must be one of {', '.join(schema['enum'])}")
+        if len(raw) > schema.get("maxLength", 1000):
+            raise errors.BadRequest(f"{name} is too long")
+        return raw
 
     @staticmethod
     def path_id(raw: str, what: str) -> int:
@@ -56,22 +81,44 @@ class ApiHandler(BaseHandler):
 # -- auth ----------------------------------------------------------------------------
 
 
+_REGISTER = obj({"email": STR, "password": STR, "name": STR}, required=["email", "password"], extra=True)
+_LOGIN = obj({"email": STR, "password": STR}, extra=True)
+_REFRESH = obj({"refresh_token": STR}, extra=True)
+_OK = {"type": "object"}
+
+
 class RegisterHandler(ApiHandler):
+    @op(summary="Create an account", tag="auth", auth=False, body=_REGISTER, responses={201: ("Tokens", ref("Tokens"))})
     async def post(self) -> None:
         self.send_json(await self.accounts.register(self.json_body(), self.request.remote_ip or ""), 201)
 
 
 class LoginHandler(ApiHandler):
+    @op(summary="Sign in", tag="auth", auth=False, body=_LOGIN, responses={200: ("Tokens", ref("Tokens"))})
     async def post(self) -> None:
         self.send_json(await self.accounts.login(self.json_body(), self.request.remote_ip or ""))
 
 
 class RefreshHandler(ApiHandler):
+    @op(
+        summary="Rotate the refresh token",
+        tag="auth",
+        auth=False,
+        body=_REFRESH,
+        responses={200: ("Tokens", ref("Tokens"))},
+    )
     async def post(self) -> None:
         self.send_json(await self.accounts.refresh(self.json_body()))
 
 
 class LogoutHandler(ApiHandler):
+    @op(
+        summary="Sign out (this session, or all with all=true)",
+        tag="auth",
+        body=obj({"all": BOOL}, required=[], extra=True),
+        body_required=False,
+        responses={204: ("Signed out", None)},
+    )
     async def post(self) -> None:
         principal = await self.auth()
         body = self.json_body() if self.request.body else {}
@@ -84,6 +131,7 @@ class LogoutHandler(ApiHandler):
 
 
 class MeHandler(ApiHandler):
+    @op(summary="The caller", tag="account", responses={200: ("User", ref("User"))})
     async def get(self) -> None:
         principal = await self.auth()
         user = await store.user_by_id(self.db, principal.user_id)
@@ -91,8 +139,51 @@ class MeHandler(ApiHandler):
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))
 
+    @op(summary="Change your name", tag="account", body=obj({"name": STR}), responses={200: ("User", ref("User"))})
+    async def patch(self) -> None:
+        principal = await self.auth()
+        self.send_json(await self.accounts.rename(principal, self.json_body()))
+
+    @op(
+        summary="Delete your account (deactivate: sign-in refused, sockets closed, messages stay)",
+        tag="account",
+        responses={204: ("Deleted", None)},
+    )
+    async def delete(self) -> None:
+        principal = await self.auth()
+        await self.accounts.deactivate(principal)
+        self.set_status(204)
+        self.finish()
+
+
+class PasswordHandler(ApiHandler):
+    @op(
+        summary="Change your password; every other session is revoked",
+        tag="account",
+        body=obj({"old_password": STR, "new_password": STR}, extra=True),
+        responses={204: ("Changed", None)},
+    )
+    async def post(self) -> None:
+        principal = await self.auth()
+        await self.accounts.change_password(principal, self.json_body())
+        self.set_status(204)
+        self.finish()
+
+
+class UsersHandler(ApiHandler):
+    @op(
+        summary="Find a user to invite: exact email or name prefix (id and name only; rate limited)",
+        tag="account",
+        query=(Param("q", {"type": "string", "minLength": 2, "maxLength": 320}, "email or name prefix", True),),
+        responses={200: ("Matches (at most 10)", obj({"users": {"type": "array", "items": ref("UserRef")}}))},
+    )
+    async def get(self) -> None:
+        principal = await self.auth()
+        self.send_json({"users": await self.accounts.lookup(principal, self.arg("q"))})
+
 
 class BanHandler(ApiHandler):
+    @op(summary="Ban a user (sessions revoked, sockets closed)", tag="admin", responses={200: ("User", ref("User"))})
     async def post(self, user_id: str) -> None:
         principal = await self.auth()
         if not principal.is_admin:
@@ -103,24 +194,7 @@ class BanHandler(ApiHandler):
 # -- rooms ---------------------------------------------------------------------------
 
 
-def room_json(row: dict[str, Any]) -> dict[str, Any]:
-    out = {
-        "id": row["id"],
-        "name": row["name"],
-        "kind": row["kind"],
-        "owner_id": row["owner_id"],
-        "status": row["status"],
-        "assistant": row["assistant"],
-        "last_seq": row["last_seq"],
-        "created_at": store.iso(row["created_at"]),
-        "updated_at": store.iso(row["updated_at"]),
-    }
-    if "read_seq" in row:
-        out["read_seq"] = row["read_seq"]
-        out["unread_count"] = max(0, row["last_seq"] - row["read_seq"])
-    if "last_message" in row:
-        out["last_message"] = row["last_message"]
-    return out
+room_json = protocol.room_object
 
 
 def parse_assistant(value: Any, defaults: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -150,7 +224,26 @@ def parse_name(value: Any) -> str:
     return value.strip()
 
 
+_ROOM_CREATE = obj(
+    {
+        "name": STR,
+        "kind": {"enum": list(ROOM_KINDS)},
+        "members": {"type": "array", "items": ID},
+        "assistant": {"type": "object"},
+    },
+    required=["name"],
+    extra=True,
+)
+_LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 50})
+
+
 class RoomsHandler(ApiHandler):
+    @op(
+        summary="Create a room (room_added to every member)",
+        tag="rooms",
+        body=_ROOM_CREATE,
+        responses={201: ("Room", ref("Room"))},
+    )
     async def post(self) -> None:
         principal = await self.auth()
         body = self.json_body()
@@ -169,16 +262,24 @@ class RoomsHandler(ApiHandler):
         room = await store.create_room(
             self.db, parse_name(body.get("name")), kind, principal.user_id, members, assistant
         )
+        await self.rooms.created(room, sorted({principal.user_id, *members}))
         self.send_json(room_json(room | {"read_seq": 0}), 201)
 
+    @op(
+        summary="Your rooms, newest first",
+        tag="rooms",
+        query=(
+            Param("status", {"type": "string", "enum": ["active", "archived"], "default": "active"}),
+            _LIMIT,
+            Param("cursor", {"type": "integer", "minimum": 1}, "next_cursor of the previous page"),
+        ),
+        responses={200: ("Page of rooms", page("Room", "rooms"))},
+    )
     async def get(self) -> None:
         principal = await self.auth()
-        status = self.get_query_argument("status", "active")
-        if status not in ("active", "archived"):
-            raise errors.BadRequest("status must be active or archived")
-        limit = self.int_arg("limit", 50, 1, MAX_PAGE)
-        cursor = self.int_arg("cursor", None, 1)
-        assert limit is not None
+        status = self.arg("status")
+        limit = self.arg("limit")
+        cursor = self.arg("cursor")
         rows = await store.list_rooms(self.db, principal.user_id, status, limit + 1, cursor)
         page = rows[:limit]
         next_cursor = page[-1]["id"] if len(rows) > limit else None
@@ -199,10 +300,17 @@ class RoomAccess(ApiHandler):
 
 
 class RoomHandler(RoomAccess):
+    @op(summary="A room of yours", tag="rooms", responses={200: ("Room", ref("Room"))})
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
         self.send_json(room_json(room))
 
+    @op(
+        summary="Rename or reconfigure (owner/admin; room_updated to every member)",
+        tag="rooms",
+        body=obj({"name": STR, "assistant": {"type": "object"}}, required=[]),
+        responses={200: ("Room", ref("Room"))},
+    )
     async def patch(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
@@ -216,27 +324,77 @@ class RoomHandler(RoomAccess):
         if unknown:
             raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
         updated = await store.update_room(self.db, room["id"], changes)
+        await self.rooms.updated(updated)
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
+    @op(
+        summary="Archive (owner/admin; room_updated to every member)",
+        tag="rooms",
+        responses={200: ("Room", ref("Room"))},
+    )
     async def delete(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
         updated = await store.update_room(self.db, room["id"], {"status": "archived"})
+        await self.rooms.updated(updated)
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
 
+_ADDED = obj({"room_id": ID, "user_id": ID, "added": BOOL})
+
+
 class MembersHandler(RoomAccess):
+    @op(
+        summary="Add a member (owner/admin): member_joined in the room, room_added to the new member",
+        tag="rooms",
+        body=obj({"user_id": ID}, extra=True),
+        responses={201: ("Added", _ADDED), 200: ("Already a member", _ADDED)},
+    )
     async def post(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
         user_id = self.json_body().get("user_id")
         if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id <= _MAX_INT:
             raise errors.BadRequest("user_id must be a positive integer")
-        added = await store.add_member(self.db, room["id"], user_id)
+        added = await self.rooms.add_member(room, user_id, principal.user_id)
         self.send_json({"room_id": room["id"], "user_id": user_id, "added": added}, 201 if added else 200)
+
+    @op(
+        summary="The room's members with presence and read position (members only), by user id",
+        tag="rooms",
+        query=(
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}),
+            Param("cursor", {"type": "integer", "minimum": 1}, "next_cursor of the previous page"),
+        ),
+        responses={200: ("Page of members", page("Member", "members"))},
+    )
+    async def get(self, room_id: str) -> None:
+        _, room = await self._room(room_id)
+        limit = self.arg("limit")
+        rows = await store.room_roster(self.db, room["id"], self.arg("cursor") or 0, limit + 1)
+        items = rows[:limit]
+        online = await self.rooms.online_now(room["id"])
+        members = [
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "status": r["status"],
+                "role": r["role"],
+                "online": r["id"] in online,
+                "read_seq": r["read_seq"],
+                "joined_at": store.iso(r["joined_at"]),
+            }
+            for r in items
+        ]
+        self.send_json({"members": members, "next_cursor": items[-1]["id"] if len(rows) > limit else None})
 
 
 class MemberHandler(RoomAccess):
+    @op(
+        summary="Leave, or remove a member (owner/admin): room_removed to them, member_left in the room",
+        tag="rooms",
+        responses={204: ("Removed", None)},
+    )
     async def delete(self, room_id: str, user_id: str) -> None:
         principal, room = await self._room(room_id)
         target = self.path_id(user_id, "member")
@@ -244,23 +402,39 @@ class MemberHandler(RoomAccess):
             self._manage(principal, room)
         if target == room["owner_id"]:
             raise errors.Conflict("the owner cannot leave; archive the room instead")
-        if not await store.remove_member(self.db, room["id"], target):
-            raise errors.NotFound("member not found")
-        await self.rooms.kick(room["id"], target)
+        await self.rooms.remove_member(room, target, principal.user_id)
         self.set_status(204)
         self.finish()
 
 
+_SEND = obj({"content": STR, "client_msg_id": STR}, extra=True)
+
+
 class MessagesHandler(RoomAccess):
+    @op(
+        summary="A page of the room's messages, ascending by seq",
+        tag="messages",
+        query=(
+            _LIMIT,
+            Param("after_seq", {"type": "integer", "minimum": 0}),
+            Param("before_seq", {"type": "integer", "minimum": 0}),
+        ),
+        responses={200: ("Page", obj({"messages": {"type": "array", "items": ref("Message")}, "has_more": BOOL}))},
+    )
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
-        limit = self.int_arg("limit", 50, 1, MAX_PAGE)
-        assert limit is not None
+        limit = self.arg("limit")
         rows, has_more = await store.messages_page(
-            self.db, room["id"], self.int_arg("after_seq"), self.int_arg("before_seq"), limit
+            self.db, room["id"], self.arg("after_seq"), self.arg("before_seq"), limit
         )
         self.send_json({"messages": [_message_json(r) for r in rows], "has_more": has_more})
 
+    @op(
+        summary="Send a message (idempotent by client_msg_id)",
+        tag="messages",
+        body=_SEND,
+        responses={201: ("Stored", ref("Message")), 200: ("Duplicate of a stored message", ref("Message"))},
+    )
     async def post(self, room_id: str) -> None:
         principal = await self.auth()
         body = self.json_body()
@@ -296,6 +470,13 @@ class StreamingSendHandler(RoomAccess):
     is coming: ``error`` event).
     """
 
+    @op(
+        summary="Send, then the assistant's answer as Server-Sent Events",
+        tag="messages",
+        body=_SEND,
+        content_type="text/event-stream",
+        responses={200: ("message, queued, stream_start, stream_chunk, stream_end or error events", STR)},
+    )
     async def post(self, room_id: str) -> None:
         principal = await self.auth()
         room = await self.rooms.member_room(self.path_id(room_id, "room"), principal.user_id)
@@ -424,9 +605,374 @@ def _message_json(row: dict[str, Any]) -> dict[str, Any]:
     return frame
 
 
+# -- files --------------------------------------------------------------------------
+
+
+@tornado.web.stream_request_body
+class FileUploadHandler(RoomAccess):
+    """``POST /rooms/{id}/files``: the body is parsed as it arrives, into a temporary file on disk."""
+
+    files: Files
+
+    def initialize(self, files: Files, **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.files = files
+        self.upload: Upload | None = None
+        self.refused: errors.ChatdError | None = None
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        super().prepare()
+        if self.request.method != "POST":
+            return
+        self.upload_room = (await self._room(self.path_args[0]))[1]
+        cap = self.config.files.max_bytes + 65536
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise errors.TooLarge(f"file over {self.config.files.max_bytes} bytes")  # refused before any byte
+        # Tornado's own bound is looser (it refuses a chunk before reading it, with a bare 400): the exact
+        # cap is Upload's, checked on every chunk as it arrives.
+        self.request.connection.set_max_body_size(2 * cap)  # type: ignore[union-attr]
+        self.upload = self.files.begin(self.request.headers.get("Content-Type", ""))
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.refused is not None or self.upload is None:
+            return
+        try:
+            self.upload.feed(chunk)
+        except errors.ChatdError as err:
+            # Answer now, mid-body: Tornado reads no more of it and closes the connection once the
+            # response is written (the only way not to read the rest of a body).
+            self.refused = err
+            self.upload.discard()
+            self._render_error(err)
+
+    def on_connection_close(self) -> None:
+        if self.upload is not None:
+            self.upload.discard()
+        super().on_connection_close()
+
+    @op(
+        summary="Attach a file: multipart (file + optional caption), streamed, sniffed; a message of kind file",
+        tag="files",
+        multipart=obj(
+            {"file": {"type": "string", "contentMediaType": "application/octet-stream"}, "caption": STR},
+            required=["file"],
+        ),
+        responses={201: ("The file message", ref("Message"))},
+    )
+    async def post(self, room_id: str) -> None:
+        principal = self.principal
+        assert principal is not None and self.upload is not None
+        if self.refused is not None:
+            raise self.refused
+        try:
+            row = await self.files.complete(self.upload, self.upload_room["id"], principal.user_id)
+        finally:
+            self.upload.discard()
+        self.send_json(_message_json(row), 201)
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One byte range of ``Range`` as (start, end) inclusive; None for the whole file."""
+    if not header:
+        return None
+    m = _RANGE.match(header.strip())
+    if m is None or (not m.group(1) and not m.group(2)):
+        return None  # multiple or malformed ranges: the whole file (RFC 9110 allows ignoring Range)
+    if not m.group(1):
+        n = int(m.group(2))
+        if n == 0:
+            raise errors.RangeNotSatisfiable(f"size {size}")
+        return max(0, size - n), size - 1
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else size - 1
+    if start >= size or end < start:
+        raise errors.RangeNotSatisfiable(f"size {size}")
+    return start, min(end, size - 1)
+
+
+class FileHandler(ApiHandler):
+    files: Files
+
+    def initialize(self, files: Files, **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.files = files
+
+    @op(
+        summary="Download an attachment (members of its room only; Range supported)",
+        tag="files",
+        content_type="application/octet-stream",
+        responses={200: ("The file", STR), 206: ("Part of the file", STR)},
+    )
+    async def get(self, file_id: str) -> None:
+        principal = await self.auth()
+        row = await self.files.for_member(self.path_id(file_id, "file"), principal.user_id)
+        size = int(row["size"])
+        try:
+            wanted = parse_range(self.request.headers.get("Range"), size)
+        except errors.RangeNotSatisfiable as err:
+            self.set_status(416)
+            self.set_header("Content-Range", f"bytes */{size}")
+            self.finish(json.dumps({"error": err.to_dict()}))
+            return
+        start, end = wanted if wanted is not None else (0, size - 1)
+        inline = self.files.inline(row["content_type"])
+        name = row["name"]
+        fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+        self.set_header("Content-Type", row["content_type"])
+        self.set_header(
+            "Content-Disposition",
+            f"{'inline' if inline else 'attachment'}; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}",
+        )
+        self.set_header("Content-Security-Policy", "sandbox; default-src 'none'; frame-ancestors 'none'")
+        self.set_header("Cache-Control", "private, max-age=3600")
+        self.set_header("Accept-Ranges", "bytes")
+        self.set_header("ETag", f'"{row["sha256"]}"')
+        self.set_header("Content-Length", str(end - start + 1))
+        if wanted is not None:
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{end}/{size}")
+        async for chunk in self.files.storage.read(row["storage_key"], start, end):
+            self.write(chunk)
+            await self.flush()
+        self.finish()
+
+
+# -- search ---------------------------------------------------------------------------
+
+
+class SearchHandler(ApiHandler):
+    search: Search
+
+    def initialize(self, search: Search, **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.search = search
+
+    @op(
+        summary="Search the messages of your rooms (text, semantic or hybrid)",
+        tag="search",
+        query=(
+            Param("q", {"type": "string", "minLength": 1, "maxLength": 500}, "the query", True),
+            Param("room_id", {"type": "integer", "minimum": 1}, "only this room (yours)"),
+            Param("mode", {"type": "string", "enum": list(MODES), "default": "text"}),
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": 50, "default": 20}),
+            Param("cursor", {"type": "integer", "minimum": 0, "maximum": 1000}, "next_cursor of the previous page"),
+        ),
+        responses={
+            200: (
+                "Ranked hits",
+                obj(
+                    {
+                        "hits": {"type": "array", "items": ref("SearchHit")},
+                        "mode": {"enum": list(MODES)},
+                        "next_cursor": {"anyOf": [INT, {"type": "null"}]},
+                    }
+                ),
+            )
+        },
+    )
+    async def get(self) -> None:
+        principal = await self.auth()
+        room_id = self.arg("room_id")
+        if room_id is not None:
+            await self.rooms.member_room(room_id, principal.user_id)  # 404 for other rooms
+        self.send_json(
+            await self.search.search(
+                principal.user_id, self.arg("q"), room_id, self.arg("mode"), self.arg("limit"), self.arg("cursor") or 0
+            )
+        )
+
+
+# -- admin ------------------------------------------------------------------------------
+
+
+class AdminHandler(ApiHandler):
+    """Role admin only; every call by a signed-in user (refused ones too) goes to ``audit_log``."""
+
+    admin: Admin
+
+    def initialize(self, admin: Admin, **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.admin = admin
+        self.audit_target: str | None = None
+        self.audit_details: dict[str, Any] | None = None
+
+    async def admin_auth(self) -> Principal:
+        principal = await self.auth()
+        if not principal.is_admin:
+            raise errors.Forbidden("admin only")
+        return principal
+
+    def on_finish(self) -> None:
+        super().on_finish()
+        if self.principal is not None:
+            action = f"{self.request.method} {self.request.path}"
+            self.state.tasks.spawn(
+                self.admin.audit(
+                    self.principal.user_id,
+                    action,
+                    self.audit_target,
+                    self.audit_details,
+                    self.request.remote_ip or "",
+                    self.get_status(),
+                ),
+                "audit",
+            )
+
+
+class AdminStatsHandler(AdminHandler):
+    @op(
+        summary="Usage statistics over [from, to) (default: the last 7 days)",
+        tag="admin",
+        query=(
+            Param("from", {"type": "string", "maxLength": 40}, "YYYY-MM-DD or RFC 3339"),
+            Param("to", {"type": "string", "maxLength": 40}, "YYYY-MM-DD or RFC 3339"),
+        ),
+        responses={
+            200: ("Statistics", {"type": "object", "required": ["users", "rooms", "messages_per_day", "assistant"]})
+        },
+    )
+    async def get(self) -> None:
+        await self.admin_auth()
+        self.audit_details = {"from": self.arg("from"), "to": self.arg("to")}
+        self.send_json(await self.admin.stats(self.arg("from"), self.arg("to")))
+
+
+class AdminUsersHandler(AdminHandler):
+    @op(
+        summary="Users by email or name substring and status, newest first",
+        tag="admin",
+        query=(
+            Param("q", {"type": "string", "maxLength": 320}),
+            Param("status", {"type": "string", "enum": ["active", "banned", "deleted"]}),
+            _LIMIT,
+            Param("cursor", {"type": "integer", "minimum": 1}),
+        ),
+        responses={200: ("Page of users", page("User", "users"))},
+    )
+    async def get(self) -> None:
+        await self.admin_auth()
+        self.send_json(await self.admin.users(self.arg("q"), self.arg("status"), self.arg("cursor"), self.arg("limit")))
+
+
+class AdminUnbanHandler(AdminHandler):
+    @op(summary="Unban a user", tag="admin", responses={200: ("User", ref("User"))})
+    async def post(self, user_id: str) -> None:
+        await self.admin_auth()
+        target = self.path_id(user_id, "user")
+        self.audit_target = f"user:{target}"
+        self.send_json(await self.admin.unban(target))
+
+
+class AdminRoleHandler(AdminHandler):
+    @op(
+        summary="Set a user's role",
+        tag="admin",
+        body=obj({"role": {"enum": ["user", "admin"]}}),
+        responses={200: ("User", ref("User"))},
+    )
+    async def post(self, user_id: str) -> None:
+        await self.admin_auth()
+        target = self.path_id(user_id, "user")
+        role = self.json_body().get("role")
+        self.audit_target, self.audit_details = f"user:{target}", {"role": role}
+        self.send_json(await self.admin.set_role(target, role))
+
+
+class AdminRoomMessagesHandler(AdminHandler):
+    @op(
+        summary="Browse any room's log, deleted messages included (newest first)",
+        tag="admin",
+        query=(_LIMIT, Param("cursor", {"type": "integer", "minimum": 1}, "before this seq")),
+        responses={200: ("Page", page("AdminMessage", "messages"))},
+    )
+    async def get(self, room_id: str) -> None:
+        await self.admin_auth()
+        target = self.path_id(room_id, "room")
+        self.audit_target = f"room:{target}"
+        self.send_json(await self.admin.room_messages(target, self.arg("cursor"), self.arg("limit")))
+
+    @op(
+        summary="Announce in a room: a system message (kind system) with a seq",
+        tag="admin",
+        body=obj({"content": STR}),
+        responses={201: ("The message", ref("Message"))},
+    )
+    async def post(self, room_id: str) -> None:
+        principal = await self.admin_auth()
+        target = self.path_id(room_id, "room")
+        self.audit_target = f"room:{target}"
+        self.send_json(await self.admin.announce(principal.user_id, target, self.json_body().get("content")), 201)
+
+
+class AdminBroadcastHandler(AdminHandler):
+    @op(
+        summary="Broadcast: a system message in every active room, or an announcement frame to every user",
+        tag="admin",
+        body=obj({"target": {"enum": ["rooms", "users"]}, "content": STR}),
+        responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
+    )
+    async def post(self) -> None:
+        principal = await self.admin_auth()
+        body = self.json_body()
+        self.audit_target = f"broadcast:{body.get('target')}"
+        self.send_json(await self.admin.broadcast(principal.user_id, body.get("target"), body.get("content")))
+
+
+class AdminAuditHandler(AdminHandler):
+    @op(
+        summary="The audit log, newest first",
+        tag="admin",
+        query=(_LIMIT, Param("cursor", {"type": "integer", "minimum": 1})),
+        responses={200: ("Page", page("AuditEntry", "entries"))},
+    )
+    async def get(self) -> None:
+        await self.admin_auth()
+        self.send_json(await self.admin.audit_page(self.arg("cursor"), self.arg("limit")))
+
+
+class UsageHandler(ApiHandler):
+    admin: Admin
+
+    def initialize(self, admin: Admin, **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.admin = admin
+
+    @op(
+        summary="Your token usage (30 days) and what is left of today's budget",
+        tag="account",
+        responses={200: ("Usage", ref("Usage"))},
+    )
+    async def get(self) -> None:
+        principal = await self.auth()
+        self.send_json(await self.admin.usage(principal.user_id))
+
+
+class OpenApiHandler(ApiHandler):
+    def initialize(self, spec: dict[str, Any], **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.spec = spec
+
+    @op(summary="This document (OpenAPI 3.1)", tag="meta", auth=False, responses={200: ("OpenAPI", {"type": "object"})})
+    async def get(self) -> None:
+        self.send_json(self.spec)
+
+
 def routes(
-    state: ServerState, settings: Settings, db: Database, accounts: Accounts, rooms: Rooms
+    state: ServerState,
+    settings: Settings,
+    db: Database,
+    accounts: Accounts,
+    rooms: Rooms,
+    files: Files,
+    search: Search,
+    admin: Admin,
+    spec: dict[str, Any],
 ) -> list[tuple[str, type[ApiHandler], dict[str, Any]]]:
+    """Every REST route; ``spec`` is filled with the OpenAPI document of the application's routes."""
     deps = {"state": state, "settings": settings, "db": db, "accounts": accounts, "rooms": rooms}
     prefix = "/api/v1"
     return [
@@ -435,11 +981,25 @@ def routes(
         (prefix + r"/auth/refresh", RefreshHandler, deps),
         (prefix + r"/auth/logout", LogoutHandler, deps),
         (prefix + r"/me", MeHandler, deps),
+        (prefix + r"/me/password", PasswordHandler, deps),
+        (prefix + r"/me/usage", UsageHandler, {**deps, "admin": admin}),
+        (prefix + r"/users", UsersHandler, deps),
         (prefix + r"/admin/users/([^/]+)/ban", BanHandler, deps),
+        (prefix + r"/admin/stats", AdminStatsHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/users", AdminUsersHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/users/([^/]+)/unban", AdminUnbanHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/users/([^/]+)/role", AdminRoleHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/rooms/([^/]+)/messages", AdminRoomMessagesHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/broadcast", AdminBroadcastHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/audit", AdminAuditHandler, {**deps, "admin": admin}),
         (prefix + r"/rooms", RoomsHandler, deps),
         (prefix + r"/rooms/([^/]+)", RoomHandler, deps),
         (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),
         (prefix + r"/rooms/([^/]+)/members/([^/]+)", MemberHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/stream", StreamingSendHandler, deps),
+        (prefix + r"/rooms/([^/]+)/files", FileUploadHandler, {**deps, "files": files}),
+        (prefix + r"/files/([^/]+)", FileHandler, {**deps, "files": files}),
+        (prefix + r"/search", SearchHandler, {**deps, "search": search}),
+        (prefix + r"/openapi.json", OpenApiHandler, {**deps, "spec": spec}),
     ]

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from chatd import api, kv, metrics, store, webapp
+from chatd import __version__, api, kv, metrics, openapi, store, webapp
 from chatd.accounts import Accounts
+from chatd.admin import Admin
 from chatd.assistant import Assistant
 from chatd.batching import Batched
 from chatd.config import Settings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
+from chatd.files import Files, make_storage
 from chatd.health import check_dependencies
 from chatd.keys import Keys
 from chatd.logs import assistant_log, fields, server_log
@@ -34,6 +36,7 @@ from chatd.ratelimit import SendLimiter
 from chatd.repair import Repair
 from chatd.retrieval import Retriever, load_embedder
 from chatd.rooms import Rooms
+from chatd.search import Search
 from chatd.state import ServerState
 from chatd.web import Application, LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.writer import MessageWriter
@@ -60,6 +63,9 @@ class Worker:
     retriever: Retriever
     assistant: Assistant
     registrations: Batched[tuple[str, int, str], int]
+    files: Files
+    search: Search
+    admin: Admin
 
     @classmethod
     async def create(cls, settings: Settings, worker_id: int) -> Worker:
@@ -83,6 +89,7 @@ class Worker:
         retriever = Retriever(db, settings.assistant, state.tasks, load_embedder(settings.assistant.embedder))
         assistant = Assistant(db, redis, hub, provider, retriever, settings, state.tasks)
         rooms.assistant = assistant
+        files = Files(db, writer, make_storage(settings), settings)
         cap = settings.auth.max_connections_per_user
         registrations: Batched[tuple[str, int, str], int] = Batched(
             lambda conns: redis.register_connections(conns, cap, CONNECTION_TTL_S)
@@ -103,6 +110,9 @@ class Worker:
             retriever,
             assistant,
             registrations,
+            files,
+            Search(db, retriever),
+            Admin(db, redis, hub, rooms, accounts, settings),
         )
 
     def start(self) -> None:
@@ -116,13 +126,14 @@ class Worker:
         tasks.supervise("fanout-repair", self.repair.run)
         tasks.supervise("presence", self.presence.run)
         tasks.supervise("send-quota", self.limiter.run)
-        tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv))
+        tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv, self.hub.origin))
         tasks.supervise("metrics-flush", metrics.flush_loop)
         tasks.supervise("auth-reads", self.accounts.status_reads.run)
         tasks.supervise("connection-registrations", self.registrations.run)
         tasks.supervise("join-reads", self.rooms.join_reads.run)
         tasks.supervise("metrics-loop-lag", metrics.loop_lag_loop)
         tasks.supervise("metrics-sample", lambda: metrics.sample_loop(self.db.pop_stats, self._ready))
+        tasks.supervise("file-sweeper", self.files.run_sweeper)
         tasks.spawn(self.retriever.start(), "retrieval-start")
         self.assistant.start()
         assistant_log.info(
@@ -151,12 +162,27 @@ class Worker:
             "writer": self.writer,
             "register": self.registrations,
         }
-        routes: list[Any] = [
+        spec: dict[str, Any] = {}
+        rest: list[Any] = [
             (r"/health/live", LiveHandler, base),
             (r"/health/ready", ReadyHandler, {**base, "db": self.db, "kv": self.kv}),
             (r"/metrics", MetricsHandler, base),
-            (r"/ws", ChatSocket, socket_deps),
-            *api.routes(self.state, self.settings, self.db, self.accounts, self.rooms),
+            *api.routes(
+                self.state,
+                self.settings,
+                self.db,
+                self.accounts,
+                self.rooms,
+                self.files,
+                self.search,
+                self.admin,
+                spec,
+            ),
+        ]
+        spec.update(openapi.document(rest, __version__))  # the same list the application registers
+        routes: list[Any] = [
+            *rest,
+            (r"/ws", ChatSocket, socket_deps),  # the socket protocol: docs/PROTOCOL.md
             *webapp.routes(),  # the web app at /
         ]
         ws = self.settings.ws

@@ -86,6 +86,12 @@ class ServerSettings:
         [], "Origins allowed to open /ws from a browser. Empty: same host only. Clients without Origin are allowed."
     )
     dev_mode: bool = _f(False, "Development mode: allows a short or generated JWT secret.")
+    hsts_max_age_s: int = _f(
+        0,
+        "Strict-Transport-Security max-age sent on responses to HTTPS requests (behind a TLS proxy: with"
+        " trust_proxy_headers, X-Forwarded-Proto decides); 0 = never sent.",
+        min=0,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +138,7 @@ class AuthSettings:
     leeway_s: int = _f(10, "Clock skew tolerated when checking exp/iat.", min=0, max=300)
     token_expiring_warning_s: int = _f(60, "Warn a socket this long before its token expires.", min=1)
     auth_attempts_per_min: int = _f(10, "Login/register attempts per IP and per email per minute.", min=1)
+    user_lookups_per_min: int = _f(30, "User directory look-ups (GET /api/v1/users) per user per minute.", min=1)
     max_connections_per_user: int = _f(10, "Simultaneous sockets per user; the extra one is closed with 4029.", min=1)
 
 
@@ -225,6 +232,41 @@ class AssistantSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FileSettings:
+    max_bytes: int = _f(10_485_760, "Largest attachment; the upload is refused (413) as soon as it is exceeded.", min=1)
+    allowed_types: list[str] = _f(
+        [
+            "image/png",
+            "image/jpeg",
+            "image/gif",
+            "image/webp",
+            "application/pdf",
+            "text/plain",
+            "application/zip",
+            "audio/mpeg",
+            "video/mp4",
+        ],
+        "Content types accepted, as detected from the bytes (never the client's header); others get 415.",
+    )
+    inline_types: list[str] = _f(
+        ["image/png", "image/jpeg", "image/gif", "image/webp"],
+        "Types served inline (shown by browsers); everything else is served as an attachment.",
+    )
+    backend: str = _f("local", "Where blobs live: local (a directory) or s3 (S3-compatible).", choices=("local", "s3"))
+    local_dir: str = _f("", "Directory of the local backend; empty = <storage.data_dir>/files.")
+    s3_endpoint_url: str = _f("", "S3 endpoint (empty: AWS); e.g. a MinIO or other S3-compatible server.")
+    s3_bucket: str = _f("chatd-files", "S3 bucket (must exist).")
+    s3_region: str = _f("us-east-1", "S3 region.")
+    s3_access_key_id: str = _f("", "S3 access key (empty: the SDK's usual sources).", secret=True)
+    s3_secret_access_key: str = _f("", "S3 secret key.", secret=True)
+    s3_prefix: str = _f("chatd/", "Prefix of every object key.")
+    sweep_interval_s: float = _f(
+        60.0, "How often each worker removes blobs of deleted messages and failed uploads.", min=1
+    )
+    orphan_after_s: float = _f(3600.0, "An upload never attached to a message is removed after this long.", min=60)
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = _f("info", "Log level.", choices=("debug", "info", "warning", "error"))
     format: str = _f("json", "json (one event per line) or text.", choices=("json", "text"))
@@ -238,6 +280,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     ws: WebSocketSettings = field(default_factory=WebSocketSettings)
     assistant: AssistantSettings = field(default_factory=AssistantSettings)
+    files: FileSettings = field(default_factory=FileSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

@@ -99,6 +99,18 @@ class TooLarge(ChatdError):
     default_message = "too large"
 
 
+class UnsupportedType(ChatdError):
+    code = "unsupported_type"
+    http_status = 415
+    default_message = "unsupported content type"
+
+
+class RangeNotSatisfiable(ChatdError):
+    code = "range_not_satisfiable"
+    http_status = 416
+    default_message = "range not satisfiable"
+
+
 class RateLimited(ChatdError):
     code = "rate_limited"
     http_status = 429
@@ -168,6 +180,8 @@ ERROR_CODES: tuple[str, ...] = tuple(
                 MethodNotAllowed,
                 Conflict,
                 TooLarge,
+                UnsupportedType,
+                RangeNotSatisfiable,
                 RateLimited,
                 QuotaExceeded,
                 Busy,

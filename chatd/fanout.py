@@ -259,6 +259,16 @@ class Hub:
         header: dict[str, Any] = {"o": "f"} if exclude is None else {"o": "f", "x": exclude}
         await self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, header, [payload]))])
 
+    async def publish_users(self, user_ids: Sequence[int], frame: dict[str, Any]) -> None:
+        """One frame to every device of each user (room events): local sockets, then one pipelined publish."""
+        if not user_ids:
+            return
+        payload = protocol.encode_bytes(frame)
+        for user_id in user_ids:
+            self.deliver_user(user_id, payload, None)
+        env = envelope.encode(self.origin, {"o": "f"}, [payload])
+        await self._publish([(self.keys.user_channel(user_id), env) for user_id in user_ids])
+
     async def close_user(self, user_id: int, code: int, reason: str, family: str | None = None) -> None:
         """Close a user's sockets (one session's when ``family`` is given) on every worker and instance.
 

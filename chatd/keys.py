@@ -30,6 +30,10 @@ class Keys:
         """Sorted set of a user's live socket ids, scored by expiry (cross-instance cap)."""
         return f"{self.prefix}conns:{user_id}"
 
+    def live_connections(self) -> str:
+        """Hash worker origin -> ``<sockets>:<expiry ms>``: live sockets per worker, for the admin stats."""
+        return f"{self.prefix}live-conns"
+
     # -- channels ---------------------------------------------------------
     def room_channel(self, room_id: int) -> str:
         """Room events: messages, typing, presence, assistant streams."""

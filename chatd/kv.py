@@ -276,6 +276,10 @@ return 0
 """
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class KV:
     """The worker's Redis operations (one client, one error policy)."""
 
@@ -320,6 +324,27 @@ class KV:
             pipe.zadd(self.keys.user_connections(user_id), {connection_id: expiry_ms}, xx=True)
         async with redis_errors("connections_refresh"):
             await pipe.execute()
+
+    async def report_connections(self, origin: str, count: int, ttl_s: float) -> None:
+        expiry_ms = int(time.time() * 1000) + int(ttl_s * 1000)
+        async with redis_errors("live_connections"):
+            await self.client.hset(self.keys.live_connections(), origin, f"{count}:{expiry_ms}")
+
+    async def live_connections(self) -> dict[str, int]:
+        """Sockets per live worker; entries of workers that stopped reporting are dropped."""
+        now_ms = int(time.time() * 1000)
+        async with redis_errors("live_connections"):
+            raw = await self.client.hgetall(self.keys.live_connections())
+            out, stale = {}, []
+            for origin, value in raw.items():
+                count, expiry = _text(value).split(":")
+                if int(expiry) < now_ms:
+                    stale.append(origin)
+                else:
+                    out[_text(origin)] = int(count)
+            if stale:
+                await self.client.hdel(self.keys.live_connections(), *stale)
+        return out
 
     async def unregister_connection(self, user_id: int, connection_id: str) -> None:
         async with redis_errors("disconnect"):

@@ -75,6 +75,7 @@ __all__ = [
     "StopReason",
     "Typing",
     "ack",
+    "announcement",
     "authenticated",
     "change_from_row",
     "encode",
@@ -94,6 +95,10 @@ __all__ = [
     "queued",
     "read",
     "resync_required",
+    "room_added",
+    "room_object",
+    "room_removed",
+    "room_updated",
     "stream_chunk",
     "stream_end",
     "stream_end_from_row",
@@ -703,6 +708,47 @@ def presence(*, room_id: int, online: Sequence[int], offline: Sequence[int]) -> 
     }
 
 
+def room_object(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored room (``store.ROOM_COLUMNS``, + the caller's ``read_seq``) as the REST room object."""
+    out = {
+        "id": row["id"],
+        "name": row["name"],
+        "kind": row["kind"],
+        "owner_id": row["owner_id"],
+        "status": row["status"],
+        "assistant": row["assistant"],
+        "last_seq": row["last_seq"],
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+    }
+    if "read_seq" in row:
+        out["read_seq"] = row["read_seq"]
+        out["unread_count"] = max(0, row["last_seq"] - row["read_seq"])
+    if "last_message" in row:
+        out["last_message"] = row["last_message"]
+    return out
+
+
+def room_added(*, room: Mapping[str, Any]) -> dict[str, Any]:
+    """You were added to a room (or created it): ``room`` is the REST room object, so the client can join it."""
+    return {"type": "room_added", "room": dict(room)}
+
+
+def room_removed(*, room_id: int, reason: str) -> dict[str, Any]:
+    """You are no longer a member (``removed``, ``left``): drop the room."""
+    return {"type": "room_removed", "room_id": room_id, "reason": reason}
+
+
+def room_updated(*, room: Mapping[str, Any]) -> dict[str, Any]:
+    """A room of yours was renamed, reconfigured or archived: ``room`` is the REST room object."""
+    return {"type": "room_updated", "room": dict(room)}
+
+
+def announcement(*, content: str, created_at: str, by: int) -> dict[str, Any]:
+    """A server broadcast to every connected user (admin API); not stored, not in any room."""
+    return {"type": "announcement", "content": content, "created_at": created_at, "by": by}
+
+
 def pong(*, server_time_ms: int, reply_to: RequestId) -> dict[str, Any]:
     return {"type": "pong", "server_time": server_time_ms, "reply_to": reply_to}
 
@@ -804,6 +850,8 @@ def message_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
         frame["status"] = row["status"]  # "cancelled" or "error": a partial answer, kept
     if row.get("superseded_at") is not None:
         frame["superseded"] = True
+    if row.get("data") is not None:
+        frame["data"] = row["data"]  # kind file: the attachment; kind system: the event
     return frame
 
 

@@ -402,6 +402,18 @@ class Retriever:
             return merge_ranked(rows, await self._relevant_text(room_id, query, before_seq, k), k)
         return await self._relevant_text(room_id, query, before_seq, k)
 
+    async def query_vector(self, text: str) -> tuple[str, bool, str] | None:
+        """``(vector literal, iterative scan, vector schema)`` of a search query; None unless in vector mode."""
+        if self.mode != "vector" or self.caps is None or self.caps.vector_schema is None:
+            return None
+        [vector] = await self._embed([text], "query")
+        iterative = version_tuple(self.caps.vector_version) >= (0, 8)
+        return vector_literal(vector), iterative, self.caps.vector_schema
+
+    @property
+    def trgm_schema(self) -> str | None:
+        return self.caps.trgm_schema if self.caps is not None else None
+
     async def _relevant_vector(self, room_id: int, query: str, before_seq: int, k: int) -> list[Row]:
         [vector] = await self._embed([query], "query")
         assert self.caps is not None and self.caps.vector_schema is not None

@@ -185,6 +185,58 @@ class Rooms:
         """A removed member's sockets leave the room on every worker and instance."""
         await self.hub.kick(user_id, room_id)
 
+    # -- membership and room events (to every device of the users concerned) ---------------
+
+    async def system_message(self, room_id: int, content: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A durable ``kind: system`` message: through the group commit like any other (seq, repair, resume)."""
+        result = await self.writer.submit(PendingMessage(room_id, None, "system", "system", content, None, data=data))
+        if result.error is not None:
+            raise result.error
+        assert result.row is not None
+        return result.row
+
+    async def online_now(self, room_id: int) -> set[int]:
+        """Who has a socket in the room anywhere (Redis presence; this worker's view while Redis is down)."""
+        try:
+            return set(await self.kv.presence_online(room_id))
+        except errors.Unavailable:
+            return self.hub.online(room_id)
+
+    async def created(self, room: dict[str, Any], member_ids: list[int]) -> None:
+        frame = protocol.room_added(room=protocol.room_object(room | {"read_seq": 0}))
+        await self.hub.publish_users(member_ids, frame)
+
+    async def add_member(self, room: dict[str, Any], user_id: int, by: int) -> bool:
+        """Add, say so in the room (``member_joined``), then tell the new member's devices (``room_added``)."""
+        if not await store.add_member(self.db, room["id"], user_id):
+            return False
+        name = (await store.user_names(self.db, [user_id])).get(user_id, "")
+        row = await self.system_message(
+            room["id"], f"{name} joined", {"event": "member_joined", "user_id": user_id, "name": name, "by": by}
+        )
+        await store.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
+        fresh = await store.room_for_member(self.db, room["id"], user_id)
+        if fresh is not None:
+            await self.hub.publish_users([user_id], protocol.room_added(room=protocol.room_object(fresh)))
+        return True
+
+    async def remove_member(self, room: dict[str, Any], user_id: int, by: int) -> None:
+        """Remove (its sockets leave the room, ``room_removed`` to its devices), then ``member_left`` in the room."""
+        if not await store.remove_member(self.db, room["id"], user_id):
+            raise errors.NotFound("member not found")
+        await self.kick(room["id"], user_id)
+        reason = "left" if by == user_id else "removed"
+        await self.hub.publish_users([user_id], protocol.room_removed(room_id=room["id"], reason=reason))
+        name = (await store.user_names(self.db, [user_id])).get(user_id, "")
+        await self.system_message(
+            room["id"], f"{name} left", {"event": "member_left", "user_id": user_id, "name": name, "by": by}
+        )
+
+    async def updated(self, room: dict[str, Any]) -> None:
+        """Renamed, reconfigured or archived: ``room_updated`` to every member's devices."""
+        members = await store.room_member_ids(self.db, room["id"])
+        await self.hub.publish_users(members, protocol.room_updated(room=protocol.room_object(room)))
+
     # -- typing, read, edit, delete -------------------------------------------------
 
     async def typing(self, conn: Conn, room_id: int, is_typing: bool) -> None:
@@ -230,7 +282,7 @@ class Rooms:
 
     async def delete(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:
         await self._own_message(user_id, is_admin, message_id)
-        row = await store.delete_message(self.db, message_id)
+        row = await store.delete_message(self.db, message_id, user_id)
         if row is None:
             raise errors.Conflict("message was deleted")
         await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), protocol.change_from_row(row))

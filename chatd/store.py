@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -41,7 +42,7 @@ R = TypeVar("R")
 USER_COLUMNS = "id, email, name, role, status, created_at"
 MESSAGE_COLUMNS = (
     "id, room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id, created_at, edited_at, deleted_at,"
-    " status, superseded_at, edit_rev"
+    " status, superseded_at, edit_rev, data"
 )
 
 
@@ -145,7 +146,7 @@ async def transaction(pool: Database) -> AsyncIterator[AsyncConnection[DictRow]]
             raise errors.Unavailable("database unavailable, try again") from None
 
 
-async def _fetch_one(pool: Database, query: str, params: Sequence[Any] = ()) -> Row | None:
+async def _fetch_one(pool: Database, query: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Row | None:
     async with connection(pool) as conn:
         cur = await conn.execute(query, params)  # type: ignore[arg-type]
         return await cur.fetchone()
@@ -556,7 +557,9 @@ async def message_by_id(pool: Database, message_id: int) -> Row | None:
     return await _fetch_one(pool, f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s", (message_id,))
 
 
-async def _change_message(pool: Database, message_id: int, assignments: str, params: Sequence[Any]) -> Row | None:
+async def _change_message(
+    pool: Database, message_id: int, assignments: str, params: Sequence[Any], delete_files: bool = False
+) -> Row | None:
     """Edit or tombstone a message and give the change the room's next edit revision (one transaction)."""
     async with transaction(pool) as conn:
         cur = await conn.execute(
@@ -571,7 +574,12 @@ async def _change_message(pool: Database, message_id: int, assignments: str, par
             f"UPDATE messages SET {assignments}, edit_rev = %s WHERE id = %s RETURNING {MESSAGE_COLUMNS}",
             (*params, rev["edit_rev"], message_id),
         )
-        return await cur.fetchone()
+        row = await cur.fetchone()
+        if delete_files:  # the blob goes with its message: marked here, removed by the sweeper
+            await conn.execute(
+                "UPDATE files SET deleted_at = now() WHERE message_id = %s AND deleted_at IS NULL", (message_id,)
+            )
+        return row
 
 
 @bounded
@@ -580,9 +588,11 @@ async def edit_message(pool: Database, message_id: int, content: str) -> Row | N
 
 
 @bounded
-async def delete_message(pool: Database, message_id: int) -> Row | None:
-    """Tombstone: the row and its seq stay, the content goes."""
-    return await _change_message(pool, message_id, "content = '', deleted_at = now()", ())
+async def delete_message(pool: Database, message_id: int, deleted_by: int | None = None) -> Row | None:
+    """Tombstone: the row and its seq stay, the content (and an attachment's blob) goes."""
+    return await _change_message(
+        pool, message_id, "content = '', data = NULL, deleted_at = now(), deleted_by = %s", (deleted_by,), True
+    )
 
 
 @bounded
@@ -610,6 +620,8 @@ class PendingMessage:
     content: str
     client_msg_id: str | None
     reply_to_id: int | None = None
+    data: dict[str, Any] | None = None  # kind file / system: the structured payload (messages.data)
+    file_id: int | None = None  # kind file: the uploaded file this message attaches (files.message_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,7 +647,7 @@ async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[
     rows = await _fetch_all(
         pool,
         "SELECT * FROM chatd_commit_messages(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
-        " %s::text[], %s::bigint[])",
+        " %s::text[], %s::bigint[], %s::text[]::jsonb[], %s::bigint[])",
         (
             [m.room_id for m in batch],
             [m.sender_id for m in batch],
@@ -644,6 +656,8 @@ async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[
             [m.content for m in batch],
             [m.client_msg_id for m in batch],
             [m.reply_to_id for m in batch],
+            [json.dumps(m.data) if m.data is not None else None for m in batch],
+            [m.file_id for m in batch],
         ),
     )
     results = []
@@ -840,13 +854,13 @@ SELECT id, seq, role, content, created_at, 1 - distance AS score FROM hits ORDER
 _TEXT_SQL = """
 SELECT m.id, m.seq, m.role, m.content, m.created_at,
        ({hits})::float8 / %(n_terms)s
-       + ts_rank(to_tsvector('simple'::regconfig, m.content), to_tsquery('simple', %(tsq)s))
+       + ts_rank(m.content_tsv, to_tsquery('simple', %(tsq)s))
        + {trgm_weight} * {trgm} AS score
   FROM messages m
  WHERE m.room_id = %(room_id)s AND m.seq < %(before_seq)s AND m.deleted_at IS NULL
   AND m.superseded_at IS NULL AND m.status = 'final'
    AND m.role IN ('user', 'assistant')
-   AND (to_tsvector('simple'::regconfig, m.content) @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
+   AND (m.content_tsv @@ to_tsquery('simple', %(tsq)s) OR {any_hit})
  ORDER BY score DESC, m.seq DESC
  LIMIT %(k)s
 """
@@ -945,6 +959,443 @@ async def text_search(
     params.update(tsq=tsquery, n_terms=len(patterns), query=query, room_id=room_id, before_seq=before_seq, k=k)
     async with connection(pool) as conn:
         cur = await conn.execute(statement, params)
+        return await cur.fetchall()
+
+
+# -- accounts and the user directory (issue 11) ----------------------------------------
+
+
+@bounded
+async def update_user_name(pool: Database, user_id: int, name: str) -> Row | None:
+    return await _fetch_one(
+        pool,
+        f"UPDATE users SET name = %s, updated_at = now() WHERE id = %s AND status = 'active' RETURNING {USER_COLUMNS}",
+        (name, user_id),
+    )
+
+
+@bounded
+async def password_hash_of(pool: Database, user_id: int) -> str | None:
+    row = await _fetch_one(pool, "SELECT password_hash FROM users WHERE id = %s AND status = 'active'", (user_id,))
+    return None if row is None else row["password_hash"]
+
+
+@bounded
+async def revoke_families_except(pool: Database, user_id: int, keep: str | None) -> list[str]:
+    """Revoke every live session of a user but ``keep``; the revoked families."""
+    rows = await _fetch_all(
+        pool,
+        "WITH r AS (UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL"
+        " AND (%s::text IS NULL OR family <> %s) RETURNING family) SELECT DISTINCT family FROM r",
+        (user_id, keep, keep),
+    )
+    return sorted({r["family"] for r in rows})
+
+
+@bounded
+async def lookup_users(pool: Database, query: str, limit: int) -> list[Row]:
+    """Active users by exact email (case-insensitive), else by name prefix: id and name only."""
+    rows = await _fetch_all(
+        pool, "SELECT id, name FROM users WHERE lower(email) = lower(%s) AND status = 'active'", (query,)
+    )
+    if rows or "@" in query:
+        return rows
+    pattern = query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return await _fetch_all(
+        pool,
+        "SELECT id, name FROM users WHERE lower(name) LIKE %s AND status = 'active' ORDER BY lower(name), id LIMIT %s",
+        (pattern, limit),
+    )
+
+
+@bounded
+async def room_roster(pool: Database, room_id: int, after_user_id: int, limit: int) -> list[Row]:
+    """Members of a room by user id, with names (deleted accounts keep their row, status 'deleted')."""
+    return await _fetch_all(
+        pool,
+        "SELECT u.id, u.name, u.status, m.role, m.read_seq, m.joined_at FROM room_members m"
+        " JOIN users u ON u.id = m.user_id WHERE m.room_id = %s AND m.user_id > %s ORDER BY m.user_id LIMIT %s",
+        (room_id, after_user_id, limit),
+    )
+
+
+@bounded
+async def user_names(pool: Database, user_ids: Sequence[int]) -> dict[int, str]:
+    rows = await _fetch_all(pool, "SELECT id, name FROM users WHERE id = ANY(%s)", (list(user_ids),))
+    return {int(r["id"]): r["name"] for r in rows}
+
+
+# -- files ------------------------------------------------------------------------------
+
+FILE_COLUMNS = (
+    "id, room_id, uploader_id, message_id, storage_key, name, content_type, size, sha256, width, height,"
+    " created_at, deleted_at, purged_at"
+)
+
+
+@bounded
+async def create_file(
+    pool: Database,
+    *,
+    room_id: int,
+    uploader_id: int,
+    storage_key: str,
+    name: str,
+    content_type: str,
+    size: int,
+    sha256: str,
+    width: int | None,
+    height: int | None,
+) -> Row:
+    row = await _fetch_one(
+        pool,
+        "INSERT INTO files (room_id, uploader_id, storage_key, name, content_type, size, sha256, width, height)"
+        f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {FILE_COLUMNS}",
+        (room_id, uploader_id, storage_key, name, content_type, size, sha256, width, height),
+    )
+    assert row is not None
+    return row
+
+
+@bounded
+async def file_for_member(pool: Database, file_id: int, user_id: int) -> Row | None:
+    """A live attachment (its message committed and not deleted) of a room the caller belongs to."""
+    return await _fetch_one(
+        pool,
+        f"SELECT {', '.join('f.' + c.strip() for c in FILE_COLUMNS.split(','))} FROM files f"
+        " JOIN room_members m ON m.room_id = f.room_id AND m.user_id = %s"
+        " WHERE f.id = %s AND f.message_id IS NOT NULL AND f.deleted_at IS NULL AND f.purged_at IS NULL",
+        (user_id, file_id),
+    )
+
+
+@bounded
+async def files_to_sweep(pool: Database, orphan_after_s: float, limit: int) -> list[Row]:
+    """Blobs to remove: of deleted messages, or uploads never attached to a message within ``orphan_after_s``."""
+    return await _fetch_all(
+        pool,
+        f"SELECT {FILE_COLUMNS} FROM files WHERE purged_at IS NULL"
+        " AND (deleted_at IS NOT NULL OR (message_id IS NULL AND created_at < now() - make_interval(secs => %s)))"
+        " ORDER BY id LIMIT %s",
+        (orphan_after_s, limit),
+    )
+
+
+@bounded
+async def mark_files_purged(pool: Database, file_ids: Sequence[int]) -> None:
+    await _fetch_one(
+        pool,
+        "WITH p AS (UPDATE files SET purged_at = now(), deleted_at = coalesce(deleted_at, now())"
+        " WHERE id = ANY(%s) RETURNING 1) SELECT count(*) AS n FROM p",
+        (list(file_ids),),
+    )
+
+
+@bounded
+async def forget_file(pool: Database, file_id: int) -> None:
+    """An upload whose message was refused: its row goes (the caller removes the blob)."""
+    await _fetch_one(pool, "DELETE FROM files WHERE id = %s AND message_id IS NULL RETURNING id", (file_id,))
+
+
+# -- admin -------------------------------------------------------------------------------
+
+
+@bounded
+async def write_audit(
+    pool: Database,
+    actor_id: int,
+    action: str,
+    target: str | None,
+    details: dict[str, Any] | None,
+    ip: str | None,
+    status: int,
+) -> None:
+    await _fetch_one(
+        pool,
+        "INSERT INTO audit_log (actor_id, action, target, details, ip, status) VALUES (%s, %s, %s, %s, %s, %s)"
+        " RETURNING id",
+        (actor_id, action, target, Jsonb(details) if details is not None else None, ip, status),
+    )
+
+
+@bounded
+async def audit_page(pool: Database, before_id: int | None, limit: int) -> list[Row]:
+    return await _fetch_all(
+        pool,
+        "SELECT id, actor_id, action, target, details, ip, status, created_at FROM audit_log"
+        " WHERE (%s::bigint IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+        (before_id, before_id, limit),
+    )
+
+
+@bounded
+async def admin_stats(pool: Database, start: dt.datetime, end: dt.datetime) -> Row:
+    """Totals and per-day figures over ``[start, end)`` in one round trip."""
+    row = await _fetch_one(
+        pool,
+        """
+SELECT
+  (SELECT count(*) FROM users) AS users,
+  (SELECT count(*) FROM users WHERE status = 'active') AS users_active_accounts,
+  (SELECT count(DISTINCT sender_id) FROM messages WHERE created_at >= %(s)s AND created_at < %(e)s
+     AND sender_id IS NOT NULL) AS active_users,
+  (SELECT count(*) FROM rooms) AS rooms,
+  (SELECT count(*) FROM rooms WHERE status = 'active') AS rooms_active,
+  (SELECT coalesce(json_agg(x ORDER BY x.day), '[]') FROM (
+     SELECT to_char((created_at AT TIME ZONE 'UTC')::date, 'YYYY-MM-DD') AS day, count(*) AS messages
+       FROM messages WHERE created_at >= %(s)s AND created_at < %(e)s GROUP BY 1) x) AS messages_per_day,
+  (SELECT count(*) FROM generations WHERE created_at >= %(s)s AND created_at < %(e)s) AS assistant_answers,
+  (SELECT coalesce(json_agg(x ORDER BY x.tokens DESC), '[]') FROM (
+     SELECT model, sum(input_tokens + output_tokens) AS tokens, count(*) AS answers FROM generations
+      WHERE created_at >= %(s)s AND created_at < %(e)s GROUP BY model) x) AS tokens_by_model,
+  (SELECT coalesce(json_agg(x ORDER BY x.tokens DESC), '[]') FROM (
+     SELECT user_id, sum(input_tokens + output_tokens) AS tokens FROM usage_daily
+      WHERE day >= (%(s)s AT TIME ZONE 'UTC')::date AND day <= (%(e)s AT TIME ZONE 'UTC')::date
+      GROUP BY user_id ORDER BY 2 DESC LIMIT 50) x) AS tokens_by_user,
+  (SELECT coalesce(json_agg(x ORDER BY x.tokens DESC), '[]') FROM (
+     SELECT room_id, sum(input_tokens + output_tokens) AS tokens FROM usage_daily
+      WHERE day >= (%(s)s AT TIME ZONE 'UTC')::date AND day <= (%(e)s AT TIME ZONE 'UTC')::date
+      GROUP BY room_id ORDER BY 2 DESC LIMIT 50) x) AS tokens_by_room,
+  (SELECT coalesce(json_agg(x ORDER BY x.day), '[]') FROM (
+     SELECT to_char(day, 'YYYY-MM-DD') AS day, sum(input_tokens + output_tokens) AS tokens, sum(answers) AS answers
+       FROM usage_daily WHERE day >= (%(s)s AT TIME ZONE 'UTC')::date AND day <= (%(e)s AT TIME ZONE 'UTC')::date
+      GROUP BY day) x) AS tokens_per_day,
+  (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY first_token_ms) FROM generations
+    WHERE created_at >= %(s)s AND created_at < %(e)s AND first_token_ms IS NOT NULL) AS first_token_p50_ms,
+  (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY first_token_ms) FROM generations
+    WHERE created_at >= %(s)s AND created_at < %(e)s AND first_token_ms IS NOT NULL) AS first_token_p95_ms
+""",
+        {"s": start, "e": end},
+    )
+    assert row is not None
+    return row
+
+
+@bounded
+async def admin_users(
+    pool: Database, query: str | None, status: str | None, before_id: int | None, limit: int
+) -> list[Row]:
+    pattern = None
+    if query:
+        pattern = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return await _fetch_all(
+        pool,
+        f"SELECT {USER_COLUMNS} FROM users WHERE (%s::text IS NULL OR lower(email) LIKE %s OR lower(name) LIKE %s)"
+        " AND (%s::text IS NULL OR status = %s) AND (%s::bigint IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+        (pattern, pattern, pattern, status, status, before_id, before_id, limit),
+    )
+
+
+@bounded
+async def set_user_role(pool: Database, user_id: int, role: str) -> Row | None:
+    return await _fetch_one(
+        pool,
+        f"UPDATE users SET role = %s, updated_at = now() WHERE id = %s RETURNING {USER_COLUMNS}",
+        (role, user_id),
+    )
+
+
+@bounded
+async def unban_user(pool: Database, user_id: int) -> Row | None:
+    """banned -> active; None for an unknown user (a deleted account stays deleted: Conflict)."""
+    row = await _fetch_one(pool, f"SELECT {USER_COLUMNS} FROM users WHERE id = %s", (user_id,))
+    if row is None:
+        return None
+    if row["status"] == "deleted":
+        raise errors.Conflict("the account was deleted by its owner")
+    return await set_user_status(pool, user_id, "active")
+
+
+@bounded
+async def admin_room_messages(pool: Database, room_id: int, before_seq: int | None, limit: int) -> list[Row]:
+    """A room's log for admins: deleted messages too, with who deleted them (newest first)."""
+    return await _fetch_all(
+        pool,
+        f"SELECT {MESSAGE_COLUMNS}, deleted_by FROM messages WHERE room_id = %s"
+        " AND (%s::bigint IS NULL OR seq < %s) ORDER BY seq DESC LIMIT %s",
+        (room_id, before_seq, before_seq, limit),
+    )
+
+
+@bounded
+async def active_room_ids(pool: Database) -> list[int]:
+    rows = await _fetch_all(pool, "SELECT id FROM rooms WHERE status = 'active' ORDER BY id")
+    return [int(r["id"]) for r in rows]
+
+
+@bounded
+async def active_user_ids(pool: Database) -> list[int]:
+    rows = await _fetch_all(pool, "SELECT id FROM users WHERE status = 'active' ORDER BY id")
+    return [int(r["id"]) for r in rows]
+
+
+@bounded
+async def usage_of(pool: Database, user_id: int, days: int) -> list[Row]:
+    return await _fetch_all(
+        pool,
+        "SELECT to_char(day, 'YYYY-MM-DD') AS day, sum(answers)::int AS answers,"
+        " sum(input_tokens)::bigint AS input_tokens, sum(output_tokens)::bigint AS output_tokens FROM usage_daily"
+        " WHERE user_id = %s AND day > (now() AT TIME ZONE 'UTC')::date - %s GROUP BY day ORDER BY day DESC",
+        (user_id, days),
+    )
+
+
+# -- search (chatd.search) --------------------------------------------------------------
+
+# The caller's rooms (or one of them), resolved once; messages of those rooms only.
+_SEARCH_ROOMS = (
+    "SELECT room_id FROM room_members WHERE user_id = %(user_id)s AND (%(room_id)s::bigint IS NULL"
+    " OR room_id = %(room_id)s)"
+)
+
+# Candidates: full text ('simple' config, prefix terms, so Korean particles stay attached: '서울:*' finds
+# '서울에서') OR substring for terms of 3+ characters (ILIKE, served by the pg_trgm index; a 2-character
+# pattern has no trigram, and one unindexable branch would turn the whole OR into a scan of every row).
+# The newest CANDIDATES of them are ranked by share of terms found (any length) + ts_rank (+ trigram
+# word similarity), newest first among equals.
+SEARCH_CANDIDATES = 1000
+# Up to this many rooms in scope, candidates are read room by room (newest first, through the room's seq
+# index); beyond it, newest first over the whole table (the indexes).  Postgres cannot tell which is cheaper:
+# it assumes the caller's rooms are spread evenly over the table, so for a member of 20 rooms out of 1000
+# it walks the whole table backwards (300 ms over 1M messages instead of 20).
+SEARCH_PER_ROOM_MAX = 100
+_SEARCH_MATCH = "(m.content_tsv @@ to_tsquery('simple', %(tsq)s) OR {indexed_hit})"
+_CANDIDATES_GLOBAL = (
+    """
+    SELECT m.id FROM messages m
+     WHERE m.room_id IN ("""
+    + _SEARCH_ROOMS
+    + """) AND """
+    + _SEARCH_MATCH
+    + """
+     ORDER BY m.id DESC
+     LIMIT %(candidates)s"""
+)
+_CANDIDATES_PER_ROOM = (
+    """
+    SELECT x.id FROM ("""
+    + _SEARCH_ROOMS
+    + """) r
+     CROSS JOIN LATERAL (SELECT m.id FROM messages m WHERE m.room_id = r.room_id AND """
+    + _SEARCH_MATCH
+    + """
+                          ORDER BY m.seq DESC LIMIT %(candidates)s) x
+     ORDER BY x.id DESC
+     LIMIT %(candidates)s"""
+)
+_SEARCH_TEXT_SQL = """
+WITH candidates AS MATERIALIZED ({candidates}
+)
+SELECT m.id, m.room_id, m.seq, m.sender_id, m.role, m.kind, m.content, m.created_at,
+       ({hits})::float8 / %(n_terms)s
+       + ts_rank(m.content_tsv, to_tsquery('simple', %(tsq)s))
+       + 0.3 * {trgm} AS score
+  FROM candidates c JOIN messages m ON m.id = c.id
+ WHERE m.deleted_at IS NULL AND m.superseded_at IS NULL AND m.kind IN ('text', 'file')
+ ORDER BY score DESC, m.id DESC
+ LIMIT %(limit)s OFFSET %(offset)s
+"""
+
+_SEARCH_VECTOR_SQL = (
+    """
+WITH hits AS MATERIALIZED (
+    SELECT m.id, m.room_id, m.seq, m.sender_id, m.role, m.kind, m.content, m.created_at,
+           e.embedding OPERATOR({schema}.<=>) %(vec)s::{vector} AS distance
+      FROM message_embeddings e
+      JOIN messages m ON m.id = e.message_id
+     WHERE e.room_id IN ("""
+    + _SEARCH_ROOMS
+    + """)
+       AND m.deleted_at IS NULL AND m.superseded_at IS NULL
+     ORDER BY e.embedding OPERATOR({schema}.<=>) %(vec)s::{vector}
+     LIMIT %(k)s
+)
+SELECT id, room_id, seq, sender_id, role, kind, content, created_at, 1 - distance AS score
+  FROM hits ORDER BY distance, id DESC LIMIT %(limit)s OFFSET %(offset)s
+"""
+)
+
+
+@bounded
+async def search_text(
+    pool: Database,
+    *,
+    trgm_schema: str | None,
+    patterns: Sequence[str],
+    tsquery: str,
+    query: str,
+    user_id: int,
+    room_id: int | None,
+    limit: int,
+    offset: int,
+) -> list[Row]:
+    if trgm_schema is not None:
+        trgm: sql.Composable = sql.SQL("{}.word_similarity(%(query)s, m.content)").format(sql.Identifier(trgm_schema))
+    else:
+        trgm = sql.SQL("0")
+    likes = [sql.SQL("m.content ILIKE {}").format(sql.Placeholder(f"p{i}")) for i in range(len(patterns))]
+    # '%abc%' has a trigram (the pattern is %term% with LIKE's wildcards escaped)
+    indexed = [like for like, p in zip(likes, patterns, strict=True) if trgm_schema and len(p) >= 5]
+    async with connection(pool) as conn:
+        if room_id is not None:
+            per_room = True
+        else:
+            cur = await conn.execute("SELECT count(*) AS n FROM room_members WHERE user_id = %s", (user_id,))
+            counted = await cur.fetchone()
+            per_room = counted is not None and counted["n"] <= SEARCH_PER_ROOM_MAX
+    indexed_hit = sql.SQL(" OR ").join(indexed) if indexed else sql.SQL("false")
+    statement = sql.SQL(_SEARCH_TEXT_SQL).format(
+        candidates=sql.SQL(_CANDIDATES_PER_ROOM if per_room else _CANDIDATES_GLOBAL).format(indexed_hit=indexed_hit),
+        hits=sql.SQL(" + ").join(sql.SQL("({})::int").format(like) for like in likes),
+        trgm=trgm,
+    )
+    params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(patterns)}
+    params.update(
+        tsq=tsquery,
+        n_terms=len(patterns),
+        query=query,
+        user_id=user_id,
+        room_id=room_id,
+        limit=limit,
+        offset=offset,
+        candidates=SEARCH_CANDIDATES,
+    )
+    async with connection(pool) as conn:
+        # Never prepared: a generic plan cannot see the patterns, so it cannot pick the trigram index
+        # (seconds instead of milliseconds over 1M rows).
+        cur = await conn.execute(statement, params, prepare=False)
+        return await cur.fetchall()
+
+
+@bounded
+async def search_vector(
+    pool: Database,
+    *,
+    vector_schema: str,
+    iterative: bool,
+    literal: str,
+    user_id: int,
+    room_id: int | None,
+    limit: int,
+    offset: int,
+) -> list[Row]:
+    async with transaction(pool) as conn:
+        if iterative:  # keep scanning the graph until enough rows pass the rooms filter (pgvector >= 0.8)
+            await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        else:
+            await conn.execute("SET LOCAL hnsw.ef_search = 400")
+        cur = await conn.execute(
+            _vector_sql(_SEARCH_VECTOR_SQL, vector_schema),
+            {
+                "vec": literal,
+                "user_id": user_id,
+                "room_id": room_id,
+                "k": limit + offset,
+                "limit": limit,
+                "offset": offset,
+            },
+            prepare=False,  # see search_text
+        )
         return await cur.fetchall()
 
 

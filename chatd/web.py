@@ -11,6 +11,7 @@ import ipaddress
 import json
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import tornado.httputil
 import tornado.routing
@@ -21,8 +22,31 @@ from chatd.config import Settings
 from chatd.health import check_dependencies
 from chatd.kv import KV
 from chatd.logs import access_log, fields
+from chatd.openapi import obj, op
 from chatd.state import ServerState
 from chatd.store import Database
+
+CORS_EXPOSE = "Retry-After, Content-Disposition, Content-Range, Content-Length, Accept-Ranges, ETag"
+
+
+def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
+    """``server.allowed_origins`` (``*`` = any), or the same host when the list is empty (socket and REST alike)."""
+    if "*" in allowed or origin.rstrip("/") in (o.rstrip("/") for o in allowed):
+        return True
+    if allowed:
+        return False
+    return urlparse(origin).netloc.lower() == host.lower()
+
+
+def allowed_methods(handler: type) -> list[str]:
+    """The HTTP methods a chatd handler implements (Tornado's defaults answer 405)."""
+    out = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        owner = next((c for c in handler.__mro__ if method.lower() in c.__dict__), None)
+        if owner is not None and owner.__module__.startswith("chatd"):
+            out.append(method)
+    return out
+
 
 _HTTP_CODES = {
     400: errors.BadRequest,
@@ -101,6 +125,42 @@ class BaseHandler(tornado.web.RequestHandler):
     def initialize(self, state: ServerState, settings: Settings) -> None:
         self.state = state
         self.config = settings  # (`settings` is Tornado's application settings)
+        self._edge_headers()  # set_default_headers ran before initialize: now with the settings
+
+    def _edge_headers(self) -> None:
+        """Security headers on every response, and CORS for an allowed Origin (never credentials)."""
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        self.set_header("Referrer-Policy", "no-referrer")
+        config = getattr(self, "config", None)
+        if config is None:
+            return
+        if config.server.hsts_max_age_s and self.request.protocol == "https":
+            self.set_header("Strict-Transport-Security", f"max-age={config.server.hsts_max_age_s}")
+        origin = self.request.headers.get("Origin")
+        if origin and origin_allowed(origin, self.request.host, config.server.allowed_origins):
+            # Bearer tokens, no cookies: Access-Control-Allow-Credentials is never sent.
+            wildcard = "*" in config.server.allowed_origins
+            self.set_header("Access-Control-Allow-Origin", "*" if wildcard else origin)
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE)
+            if not wildcard:
+                self.add_header("Vary", "Origin")
+
+    def options(self, *args: Any) -> None:
+        """CORS preflight: 204 with the allowed methods and headers, or 403 for a foreign origin."""
+        origin = self.request.headers.get("Origin")
+        if not origin or not origin_allowed(origin, self.request.host, self.config.server.allowed_origins):
+            raise errors.Forbidden("origin not allowed")
+        wanted = self.request.headers.get("Access-Control-Request-Method", "").upper()
+        methods = allowed_methods(type(self))
+        if wanted and wanted not in methods:
+            raise errors.MethodNotAllowed(f"{wanted} not allowed here")
+        self.set_header("Access-Control-Allow-Methods", ", ".join(methods))
+        self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Range")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
 
     def prepare(self) -> None:
         self.state.in_flight_requests += 1
@@ -118,6 +178,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
+        self._edge_headers()
 
     def json_body(self) -> dict[str, Any]:
         try:
@@ -172,6 +233,13 @@ class NotFoundHandler(BaseHandler):
 class MetricsHandler(BaseHandler):
     """Prometheus exposition of every worker's metrics (restrict it at the proxy)."""
 
+    @op(
+        summary="Prometheus metrics of every worker",
+        tag="health",
+        auth=False,
+        content_type="text/plain",
+        responses={200: ("Prometheus text format", {"type": "string"})},
+    )
     def get(self) -> None:
         body, content_type = metrics.render()
         self.set_header("Content-Type", content_type)
@@ -181,6 +249,12 @@ class MetricsHandler(BaseHandler):
 class LiveHandler(BaseHandler):
     """The process is up and its loop answers."""
 
+    @op(
+        summary="Liveness",
+        tag="health",
+        auth=False,
+        responses={200: ("Alive", obj({"status": {"const": "ok"}, "worker": {"type": "integer"}}))},
+    )
     def get(self) -> None:
         self.send_json({"status": "ok", "worker": self.state.worker_id})
 
@@ -193,6 +267,15 @@ class ReadyHandler(BaseHandler):
         self.db = db
         self.kv = kv
 
+    @op(
+        summary="Readiness: Postgres, Redis and every background task",
+        tag="health",
+        auth=False,
+        responses={
+            200: ("Ready", {"type": "object", "required": ["status", "worker", "checks"]}),
+            503: ("Not ready", {"type": "object", "required": ["status", "worker", "checks"]}),
+        },
+    )
     async def get(self) -> None:
         checks = await check_dependencies(self.db, self.kv, self.config.storage.health_timeout_s)
         down = sorted(self.state.tasks.down)

@@ -19,7 +19,7 @@ CSP = "; ".join(
         "default-src 'none'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self' data:",
+        "img-src 'self' data: blob:",  # blob: attachments fetched with the bearer token
         "connect-src 'self'",  # CSP 3: 'self' covers ws:// and wss:// to this host
         "base-uri 'none'",
         "form-action 'self'",
@@ -35,6 +35,7 @@ class WebAppHandler(tornado.web.StaticFileHandler):
         self.set_header("Content-Security-Policy", CSP)
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("X-Frame-Options", "DENY")
         self.set_header("Cross-Origin-Opener-Policy", "same-origin")
 
     def set_extra_headers(self, path: str) -> None:

@@ -22,7 +22,6 @@ import secrets
 import time
 from asyncio import Future
 from typing import Any
-from urllib.parse import urlparse
 
 import tornado.web
 import tornado.websocket
@@ -40,6 +39,7 @@ from chatd.logs import app_log, fields
 from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.store import Committed
+from chatd.web import origin_allowed
 from chatd.writer import MessageWriter
 
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
@@ -121,12 +121,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def _origin_allowed(self, origin: str | None) -> bool:
         if not origin:
             return True  # non-browser clients send no Origin
-        allowed = self.config.server.allowed_origins
-        if "*" in allowed or origin.rstrip("/") in (o.rstrip("/") for o in allowed):
-            return True
-        if allowed:
-            return False
-        return urlparse(origin).netloc.lower() == self.request.host.lower()  # same host only
+        return origin_allowed(origin, self.request.host, self.config.server.allowed_origins)
 
     def check_origin(self, origin: str) -> bool:
         return True  # checked in get(), with a JSON 403
@@ -469,9 +464,18 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 pass  # the entry expires after CONNECTION_TTL_S
 
 
-async def refresh_registrations(state: ServerState, kv: KV) -> None:
-    """Keep live sockets counted for the per-user cap; entries of a dead worker expire (a supervised task)."""
+async def refresh_registrations(state: ServerState, kv: KV, origin: bytes = b"") -> None:
+    """Keep live sockets counted for the per-user cap; entries of a dead worker expire (a supervised task).
+
+    Also reports this worker's socket count (admin stats), at once and then every round.
+    """
     while True:
+        if origin:
+            count = sum(1 for conn in list(state.connections) if isinstance(conn, ChatSocket))
+            try:
+                await kv.report_connections(origin.decode(), count, CONNECTION_TTL_S)
+            except errors.Unavailable:
+                pass
         await asyncio.sleep(CONNECTION_TTL_S / 3)
         entries = [
             (conn.user_id, conn.connection_id)

@@ -54,6 +54,7 @@ class Message:
     reply_to_message_id: int | None = None
     status: str | None = None  # "cancelled" / "error": a partial answer
     superseded: bool = False
+    data: dict[str, Any] | None = None  # kind file: the attachment; kind system: the event
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Message:
@@ -72,6 +73,7 @@ class Message:
             reply_to_message_id=d.get("reply_to_message_id"),
             status=d.get("status"),
             superseded=bool(d.get("superseded", False)),
+            data=d.get("data"),
         )
 
 
@@ -109,6 +111,7 @@ class Room:
     name: str = ""
     kind: str = "group"
     owner_id: int | None = None
+    status: str = "active"  # or "archived"
     read_seq: int = 0
     latest_seq: int = 0  # highest seq known to exist (joined, message, ack, stream_end)
     loaded: bool = False  # history is kept: last_seq is contiguous and messages are stored
@@ -238,6 +241,7 @@ class ClientSession:
         self._counter = 0
         self._acked: dict[str, tuple[int, int]] = {}  # client_msg_id -> (room, seq): recent acks
         self._typing: tuple[int, float, float] | None = None  # (room, last `true` sent, last input)
+        self.names: dict[int, str] = {}  # user id -> display name (roster pages, member events)
 
     # -- rooms ----------------------------------------------------------------------------
 
@@ -246,23 +250,41 @@ class ClientSession:
         out: list[Action] = []
         seen = set()
         for r in rooms:
-            rid = int(r["id"])
-            seen.add(rid)
-            room = self.rooms.get(rid)
-            if room is None:
-                room = self.rooms[rid] = Room(rid)
-                if self.connected:
-                    out.append(self._join(room))
-            room.name = str(r.get("name", ""))
-            room.kind = str(r.get("kind", "group"))
-            room.owner_id = r.get("owner_id")
-            room.read_seq = max(room.read_seq, int(r.get("read_seq", 0)))
-            room.latest_seq = max(room.latest_seq, int(r.get("last_seq", 0)))
+            seen.add(int(r["id"]))
+            out.extend(self._upsert_room(r))
         for rid in [rid for rid in self.rooms if rid not in seen]:
             del self.rooms[rid]
             out.append(RoomRemoved(rid))
         out.append(Redraw())
         return out
+
+    def _upsert_room(self, r: Mapping[str, Any]) -> list[Action]:
+        """A REST room object in: a new room is joined when connected."""
+        rid = int(r["id"])
+        out: list[Action] = []
+        room = self.rooms.get(rid)
+        if room is None:
+            room = self.rooms[rid] = Room(rid)
+            if self.connected:
+                out.append(self._join(room))
+        room.name = str(r.get("name", ""))
+        room.kind = str(r.get("kind", "group"))
+        room.owner_id = r.get("owner_id")
+        room.status = str(r.get("status", "active"))
+        room.read_seq = max(room.read_seq, int(r.get("read_seq", 0)))
+        room.latest_seq = max(room.latest_seq, int(r.get("last_seq", 0)))
+        return out
+
+    def set_members(self, members: Iterable[Mapping[str, Any]]) -> list[Action]:
+        """A page of ``GET /rooms/{id}/members``: the names senders are shown with."""
+        for m in members:
+            self.names[int(m["id"])] = str(m.get("name", ""))
+        return [Redraw()]
+
+    def name_of(self, user_id: int | None) -> str:
+        if user_id is None:
+            return ""
+        return self.names.get(user_id) or f"user {user_id}"
 
     def open_room(self, room_id: int) -> list[Action]:
         """Load a room's newest history (once); it is then rejoined with ``since_seq``."""
@@ -497,6 +519,33 @@ class ClientSession:
             return []
         return [RoomRemoved(rid), Notice("you were removed from this room", rid), Redraw()]
 
+    def _on_room_added(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        r = f.get("room") or {}
+        if "id" not in r:
+            return []
+        known = int(r["id"]) in self.rooms
+        out = self._upsert_room(r)
+        if not known:
+            out.append(Notice(f"you were added to {r.get('name', 'a room')}", int(r["id"])))
+        out.append(Redraw())
+        return out
+
+    def _on_room_removed(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        rid = int(f["room_id"])
+        if self.rooms.pop(rid, None) is None:  # already gone (its `left` came first)
+            return []
+        text = "you left this room" if f.get("reason") == "left" else "you were removed from this room"
+        return [RoomRemoved(rid), Notice(text, rid), Redraw()]
+
+    def _on_room_updated(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        r = f.get("room") or {}
+        if "id" not in r or int(r["id"]) not in self.rooms:
+            return []
+        return [*self._upsert_room(r), Redraw()]
+
+    def _on_announcement(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        return [Notice(f"announcement: {f.get('content', '')}")]
+
     def _on_resync(self, f: Mapping[str, Any], now: float) -> list[Action]:
         room = self.rooms.get(int(f["room_id"]))
         if room is None:
@@ -531,6 +580,8 @@ class ClientSession:
             return []
         msg = Message.from_json(f)
         room.latest_seq = max(room.latest_seq, msg.seq)
+        if msg.kind == "system" and msg.data and msg.data.get("user_id") and msg.data.get("name"):
+            self.names[int(msg.data["user_id"])] = str(msg.data["name"])  # member_joined / member_left
         if not room.loaded:
             self._settle_pending(msg)
             if msg.role == "assistant":
@@ -768,4 +819,8 @@ _HANDLERS = {
     "stream_start": ClientSession._on_stream_start,
     "stream_chunk": ClientSession._on_stream_chunk,
     "stream_end": ClientSession._on_stream_end,
+    "room_added": ClientSession._on_room_added,
+    "room_removed": ClientSession._on_room_removed,
+    "room_updated": ClientSession._on_room_updated,
+    "announcement": ClientSession._on_announcement,
 }

@@ -414,7 +414,7 @@ async def test_invalid_utf8_closes_1007(chatd: Chatd, services: Services) -> Non
 async def test_room_subroutes_do_not_fall_through(chatd: Chatd, services: Services) -> None:
     alice, bob = make_users(services.database_url, 2)
     room = await make_room(chatd, alice, [bob])
-    for method, path in [("DELETE", "/members"), ("PATCH", "/messages"), ("DELETE", "/messages"), ("GET", "/members")]:
+    for method, path in [("DELETE", "/members"), ("PATCH", "/messages"), ("DELETE", "/messages"), ("PUT", "/members")]:
         r = await request(
             method, f"{chatd.http}{API}/rooms/{room}{path}", {} if method == "PATCH" else None, alice.token
         )

@@ -321,7 +321,7 @@ async def test_migration_applies_without_extensions_and_text_mode_uses_ilike(
         assert conn.execute("SELECT extname FROM pg_extension WHERE extname IN ('vector', 'pg_trgm')").fetchall() == []
         assert conn.execute("SELECT to_regclass('message_embeddings')").fetchone() == (None,)
         indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")}
-    assert "messages_content_fts_idx" in indexes and "messages_content_trgm_idx" not in indexes
+    assert "messages_content_tsv_idx" in indexes and "messages_content_trgm_idx" not in indexes
 
     seed = _seed(restricted_url)
     state = await Env.open(_settings(restricted_url, services.redis_url))

@@ -142,7 +142,7 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
         a.get_by_label("Name", exact=True).fill(room_name)
         a.get_by_role("button", name="Create room").click()
         expect(a.locator("#room-title")).to_have_text(room_name)
-        a.get_by_label("Add member (user id)").fill(str(bob.id))
+        a.get_by_label("Add member").fill(str(bob.id))
         a.get_by_role("button", name="Add", exact=True).click()
         expect(a.locator("#notice")).to_have_text(f"User {bob.id} added.")
         alice.say("first!")
@@ -155,10 +155,10 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
         expect(bob.bodies("first!")).to_have_count(1)
 
         # Presence both ways, typing, messages both ways with their delivery state.
-        expect(a.locator("#room-online")).to_have_text(f"Online: You, User {bob.id}")
-        expect(b.locator("#room-online")).to_have_text(f"Online: You, User {alice.id}")
+        expect(a.locator("#room-online")).to_have_text("Online: You, Bob")  # names: roster and member events
+        expect(b.locator("#room-online")).to_have_text("Online: You, Alice")
         alice.composer().press_sequentially("Hi B")
-        expect(b.locator("#typing")).to_have_text(f"User {alice.id} is typing…")
+        expect(b.locator("#typing")).to_have_text("Alice is typing…")
         alice.composer().fill("")
         alice.say("Hi Bob, **welcome**")
         expect(bob.bodies("Hi Bob, **welcome**")).to_have_count(1)
@@ -217,7 +217,7 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
             for text in ("while you were away 1", "while you were away 2", "sent while offline"):
                 expect(person.bodies(text)).to_have_count(1)
         expect(b.locator("#messages > li.pending")).to_have_count(0)
-        expect(a.locator("#room-online")).to_have_text(f"Online: You, User {bob.id}")
+        expect(a.locator("#room-online")).to_have_text("Online: You, Bob")
 
         # What the server stored: every line once, gap-free.
         room_id = int(a.evaluate("new URLSearchParams(location.hash.slice(1)).get('room')"))
@@ -240,6 +240,76 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
     finally:
         alice.context.close()
         bob.context.close()
+
+
+def test_room_added_member_by_email_and_an_attachment_round_trip(
+    chatd_factory: Any, browser: Browser, tmp_path: Path
+) -> None:
+    server: Chatd = chatd_factory(CHATD_FILES_LOCAL_DIR=str(tmp_path / "files"))
+    alice = Person(browser, server.http, "Alice")
+    bob = Person(browser, server.http, "Bob")
+    try:
+        alice.register()
+        bob.register()
+        a, b = alice.page, bob.page
+        room_name = f"files-{uuid.uuid4().hex[:6]}"
+        a.get_by_label("Name", exact=True).fill(room_name)
+        a.get_by_role("button", name="Create room").click()
+        expect(a.locator("#room-title")).to_have_text(room_name)
+        room_id = int(a.evaluate("new URLSearchParams(location.hash.slice(1)).get('room')"))
+        # Alice adds Bob by email (the user directory); Bob's list shows the room without any refresh
+        # (room_added: the room list is otherwise polled only every 2 minutes).
+        a.get_by_label("Add member").fill(bob.email)
+        a.get_by_role("button", name="Add", exact=True).click()
+        expect(a.locator("#notice")).to_have_text("Bob added.")
+        expect(a.locator("#messages > li.msg.system")).to_have_text(re.compile("Bob joined"))
+        room_link = b.get_by_role("button", name=re.compile(f"^{room_name}"))
+        expect(room_link).to_have_count(1, timeout=5000)
+        room_link.click()
+        expect(b.locator("#room-title")).to_have_text(room_name)
+
+        # Alice attaches an image with a caption; Bob sees her name, the caption, a preview, and downloads it.
+        image = _png(7, 5)
+        alice.composer().fill("the plan")
+        a.locator("#attach-input").set_input_files({"name": "plan.png", "mimeType": "image/png", "buffer": image})
+        expect(a.locator("#notice")).to_have_text("plan.png sent.")
+        file_msg = b.locator("#messages > li.file-msg")
+        expect(file_msg.locator(".file-name")).to_have_text("plan.png")
+        expect(file_msg.locator(".who")).to_have_text("Alice")
+        expect(file_msg.locator(".body")).to_have_text("the plan")
+        expect(file_msg.locator("img.preview")).to_have_attribute("src", re.compile("^blob:"))
+        b.wait_for_function("document.querySelector('#messages img.preview')?.naturalWidth === 7")
+        with b.expect_download() as download:
+            file_msg.get_by_role("button", name="Download").click()
+        assert download.value.suggested_filename == "plan.png"
+        assert Path(download.value.path()).read_bytes() == image
+
+        # A file whose bytes are not what its name says is refused, and Alice is told why.
+        spoof = {"name": "evil.png", "mimeType": "image/png", "buffer": b"<html><script>alert(1)</script></html>"}
+        a.locator("#attach-input").set_input_files(spoof)
+        expect(a.locator("#notice")).to_contain_text("Could not send evil.png: content type text/html is not allowed")
+
+        # Removed from the room: it leaves Bob's list at once (room_removed / left).
+        req = urllib.request.Request(
+            f"{server.http}/api/v1/rooms/{room_id}/members/{bob.id}",
+            headers={"Authorization": f"Bearer {alice.token()}"},
+            method="DELETE",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 204
+        expect(room_link).to_have_count(0, timeout=5000)
+        expect(b.locator("#notice")).to_have_text("You were removed from this room.")
+        expect(a.locator("#messages > li.msg.system", has_text="Bob left")).to_have_count(1)
+        assert alice.errors == [] and bob.errors == []
+    finally:
+        alice.context.close()
+        bob.context.close()
+
+
+def _png(width: int, height: int) -> bytes:
+    from tests.integration.test_files import png
+
+    return png(width, height)
 
 
 def test_phone_sized_dark_screen(chatd: Chatd, browser: Browser) -> None:
@@ -371,6 +441,22 @@ async () => {
   s.receive({type: "presence", room_id: 7, online: [BOB, 61], offline: []}, 0);
   s.receive({type: "presence", room_id: 7, online: [], offline: [61]}, 0);
   out.online = [...s.rooms.get(7).online].sort();
+
+  // Room events: added (joined at once while connected), renamed, removed; names from member events.
+  s = live(0);
+  const room8 = {id: 8, name: "new", kind: "group", owner_id: BOB, status: "active", last_seq: 1, read_seq: 1};
+  const added = s.receive({type: "room_added", room: room8}, 0);
+  out.addedJoin = frames(added);
+  out.addedNotice = added.filter((a) => a.kind === "notice").map((a) => a.text);
+  out.addedAgain = frames(s.receive({type: "room_added", room: room8}, 0));
+  s.receive({type: "room_updated", room: {...room8, name: "renamed", status: "archived"}}, 0);
+  out.updated = [s.rooms.get(8).name, s.rooms.get(8).status];
+  s.receive(msg(1, "Bob joined", null, {role: "system", kind: "system",
+    data: {event: "member_joined", user_id: BOB, name: "Bob", by: ME}}), 0);
+  out.name = s.nameOf(BOB);
+  const removed = s.receive({type: "room_removed", room_id: 8, reason: "removed"}, 0);
+  out.removed = [removed.map((a) => a.kind), s.rooms.has(8)];
+  out.removedTwice = s.receive({type: "room_removed", room_id: 8, reason: "removed"}, 0);
   return out;
 }
 """
@@ -393,3 +479,10 @@ def test_the_web_apps_session_module_follows_the_resume_rules(chatd: Chatd, brow
     assert out["early"] == [] and out["retry"] == [out["busy"]]
     assert out["stream"] == "Hello, world"
     assert out["online"] == [42, 57]
+    assert out["addedJoin"] == [{"type": "join", "id": "j:8", "room_id": 8}]
+    assert out["addedNotice"] == ["You were added to new."]
+    assert out["addedAgain"] == []
+    assert out["updated"] == ["renamed", "archived"]
+    assert out["name"] == "Bob"
+    assert out["removed"] == [["removed", "notice", "redraw"], False]
+    assert out["removedTwice"] == []

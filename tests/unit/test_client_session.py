@@ -10,6 +10,7 @@ from chatd.client.session import (
     Action,
     ClientSession,
     FetchPage,
+    Notice,
     Reset,
     SendFrame,
     Show,
@@ -308,3 +309,42 @@ def test_reconnect_delay_policy() -> None:
     assert reconnect_delay(0, 1006, 0.99) == 0.495
     assert reconnect_delay(20, 1006, 0.999) == 29.97
     assert reconnect_delay(1, 1006, 0.0) == 0.1
+
+
+# -- room events (issue 11): the same scenarios run on session.js in tests/integration/test_webapp.py
+
+
+def test_room_events_add_rename_and_remove_rooms() -> None:
+    s = live_session(0)
+    room8 = {"id": 8, "name": "new", "kind": "group", "owner_id": BOB, "status": "active", "last_seq": 1, "read_seq": 1}
+    added = s.receive({"type": "room_added", "room": room8}, 0)
+    assert frames(added) == [{"type": "join", "id": "j:8", "room_id": 8}]  # connected: joined at once
+    assert [a.text for a in added if isinstance(a, Notice)] == ["you were added to new"]
+    assert frames(s.receive({"type": "room_added", "room": room8}, 0)) == []  # already known: no second join
+    s.receive({"type": "room_updated", "room": {**room8, "name": "renamed", "status": "archived"}}, 0)
+    assert (s.rooms[8].name, s.rooms[8].status) == ("renamed", "archived")
+    assert s.receive({"type": "room_updated", "room": {**room8, "id": 99}}, 0) == []  # not ours: ignored
+    removed = s.receive({"type": "room_removed", "room_id": 8, "reason": "removed"}, 0)
+    assert [type(a).__name__ for a in removed] == ["RoomRemoved", "Notice", "Redraw"] and 8 not in s.rooms
+    assert s.receive({"type": "room_removed", "room_id": 8, "reason": "removed"}, 0) == []
+
+
+def test_sender_names_from_the_roster_and_member_events() -> None:
+    s = live_session(0)
+    assert s.name_of(BOB) == f"user {BOB}"
+    s.set_members([{"id": BOB, "name": "Bob"}])
+    assert s.name_of(BOB) == "Bob"
+    joined = msg(
+        1,
+        "Carol joined",
+        None,
+        role="system",
+        kind="system",
+        data={"event": "member_joined", "user_id": 61, "name": "Carol", "by": ME},
+    )
+    s.receive(joined, 0)
+    assert s.name_of(61) == "Carol"
+    stored = s.rooms[7].messages[1]
+    assert stored.kind == "system" and stored.data == joined["data"]
+    notices = s.receive({"type": "announcement", "content": "maintenance", "created_at": "x", "by": 1}, 0)
+    assert [a.text for a in notices if isinstance(a, Notice)] == ["announcement: maintenance"]

@@ -109,6 +109,33 @@ export class Api {
     return this.raw(method, path, body, query, await this.refresh()); // it may have just expired
   }
 
+  // Multipart upload or binary download with the same token handling as call(): returns JSON or a Blob.
+  async transfer(method, path, { form = null, as = "json" } = {}) {
+    const go = async (token) => {
+      const resp = await fetch(new URL(`/api/v1${path}`, location.origin), {
+        method,
+        headers: { Authorization: `Bearer ${token}` },
+        body: form ?? undefined,
+      });
+      if (!resp.ok) {
+        let err = {};
+        try {
+          err = (await resp.json()).error ?? {};
+        } catch {
+          // not JSON
+        }
+        throw new ApiError(resp.status, err.code ?? "http", err.message ?? resp.statusText, err.retry_after_ms);
+      }
+      return as === "blob" ? resp.blob() : resp.json();
+    };
+    try {
+      return await go(await this.token());
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 401 || form) throw err; // an upload body is not resent
+    }
+    return go(await this.refresh());
+  }
+
   async raw(method, path, body = null, query = null, token = null) {
     const url = new URL(`/api/v1${path}`, location.origin);
     for (const [k, v] of Object.entries(query ?? {})) url.searchParams.set(k, String(v));

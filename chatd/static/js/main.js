@@ -7,7 +7,7 @@ import { renderMarkdown } from "./markdown.js";
 import { Session, ordered, unread } from "./session.js";
 
 const $ = (id) => document.getElementById(id);
-const ROOMS_POLL_MS = 15000; // until the server announces new rooms itself (room_added, issue 11)
+const ROOMS_POLL_MS = 120000; // a safety net: the server announces rooms itself (room_added / room_removed)
 
 const api = new Api(() => showSignIn());
 let session = null;
@@ -53,7 +53,13 @@ function reconcile(parent, keys, create, update) {
 
 function nameOf(userId) {
   if (userId === session?.userId) return "You";
-  return `User ${userId}`;
+  return session ? session.nameOf(userId) : `User ${userId}`;
+}
+
+function size(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1048576) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1048576).toFixed(1)} MiB`;
 }
 
 function clock(iso) {
@@ -146,6 +152,8 @@ async function start() {
 }
 
 function stop() {
+  for (const url of blobUrls.values()) URL.revokeObjectURL(url);
+  blobUrls.clear();
   for (const t of timers) clearInterval(t);
   timers = [];
   conn?.stop();
@@ -161,6 +169,7 @@ async function loadRooms() {
 
 function run(actions) {
   let redraw = false;
+  let closed = null;
   for (const a of actions) {
     switch (a.kind) {
       case "send":
@@ -173,10 +182,13 @@ function run(actions) {
         api.refresh().then((token) => session && run(session.tokenRefreshed(token)), () => {});
         break;
       case "notice":
-        if (a.roomId === null || a.roomId === current) showNotice(a.text);
+        if (a.roomId === null || a.roomId === current || a.roomId === closed) showNotice(a.text);
         break;
       case "removed":
-        if (a.roomId === current) closeRoom();
+        if (a.roomId === current) {
+          closeRoom();
+          closed = a.roomId; // its notice (removed, left) still shows
+        }
         break;
       case "older":
         if (a.roomId === current) keepScroll = { height: $("log").scrollHeight, top: $("log").scrollTop };
@@ -210,13 +222,34 @@ function setStatus(text) {
 
 // -- rooms -----------------------------------------------------------------------------------
 
+async function loadMembers(roomId) {
+  // The roster gives the names messages are shown with (and who the member events talk about).
+  const s = session;
+  let cursor = null;
+  try {
+    do {
+      const query = cursor ? { limit: 200, cursor } : { limit: 200 };
+      const body = await api.call("GET", `/rooms/${roomId}/members`, null, query);
+      if (s !== session) return;
+      run(s.setMembers(body.members));
+      cursor = body.next_cursor;
+    } while (cursor);
+  } catch {
+    // names fall back to "User <id>"
+  }
+}
+
 function openRoom(roomId) {
   if (!session?.rooms.has(roomId)) return;
-  if (current !== roomId) $("messages").replaceChildren();
+  if (current !== roomId) {
+    $("messages").replaceChildren();
+    loadMembers(roomId);
+  }
   current = roomId;
   history.replaceState(null, "", `#room=${roomId}`);
   $("composer-input").disabled = false;
   $("send").disabled = false;
+  $("attach").disabled = false;
   $("sidebar").classList.remove("open");
   $("rooms-toggle").setAttribute("aria-expanded", "false");
   run(session.openRoom(roomId));
@@ -230,6 +263,7 @@ function closeRoom() {
   $("messages").replaceChildren();
   $("composer-input").disabled = true;
   $("send").disabled = true;
+  $("attach").disabled = true;
   history.replaceState(null, "", location.pathname);
   render();
 }
@@ -251,20 +285,102 @@ async function onCreateRoom(ev) {
   }
 }
 
+async function findUser(who) {
+  // An id as is; an email or a name prefix through the directory (GET /users?q=).
+  if (/^[0-9]+$/.test(who)) return { id: Number(who), name: `User ${who}` };
+  const { users } = await api.call("GET", "/users", null, { q: who });
+  const exact = users.filter((u) => u.name.toLowerCase() === who.toLowerCase());
+  if (users.length === 1) return users[0];
+  if (exact.length === 1) return exact[0];
+  if (!users.length) throw new Error(`No one found for "${who}".`);
+  throw new Error(`Several people match: ${users.map((u) => `${u.name} (#${u.id})`).join(", ")}. Use the email or id.`);
+}
+
 async function onAddMember(ev) {
   ev.preventDefault();
-  const userId = Number($("add-member-id").value.trim());
-  if (!Number.isInteger(userId) || userId < 1 || current === null) {
-    showNotice("Enter the user id of the person to add (they see it next to their name).");
+  const who = $("add-member-id").value.trim();
+  if (who.length < 2 && !/^[0-9]+$/.test(who)) {
+    showNotice("Enter the email, name or user id of the person to add.");
     return;
   }
+  if (current === null) return;
   try {
-    const res = await api.call("POST", `/rooms/${current}/members`, { user_id: userId });
-    showNotice(res.added ? `User ${userId} added.` : `User ${userId} is already a member.`);
+    const user = await findUser(who);
+    const res = await api.call("POST", `/rooms/${current}/members`, { user_id: user.id });
+    if (!/^[0-9]+$/.test(who)) session?.names.set(user.id, user.name);
+    showNotice(res.added ? `${user.name} added.` : `${user.name} is already a member.`);
     $("add-member-id").value = "";
   } catch (err) {
-    showNotice(`Could not add the member: ${errorText(err)}`);
+    showNotice(`Could not add the member: ${err instanceof ApiError || !(err instanceof Error) ? errorText(err) : err.message}`);
   }
+}
+
+// -- attachments -----------------------------------------------------------------------------
+
+const blobUrls = new Map(); // file id -> object URL (fetched with the bearer token; cleared on sign-out)
+
+async function fileUrl(fileId) {
+  if (!blobUrls.has(fileId)) {
+    const blob = await api.transfer("GET", `/files/${fileId}`, { as: "blob" });
+    blobUrls.set(fileId, URL.createObjectURL(blob));
+  }
+  return blobUrls.get(fileId);
+}
+
+async function onAttach() {
+  const input = $("attach-input");
+  const file = input.files?.[0];
+  input.value = "";
+  if (!file || current === null) return;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const caption = $("composer-input").value.trim();
+  if (caption) form.append("caption", caption);
+  $("attach").disabled = true;
+  showNotice(`Uploading ${file.name}…`);
+  try {
+    await api.transfer("POST", `/rooms/${current}/files`, { form });
+    if (caption) {
+      $("composer-input").value = "";
+      autosize();
+    }
+    showNotice(`${file.name} sent.`);
+    scrollToBottom();
+  } catch (err) {
+    showNotice(`Could not send ${file.name}: ${errorText(err)}`);
+  } finally {
+    $("attach").disabled = current === null;
+  }
+}
+
+async function onDownload(data) {
+  try {
+    const link = el("a", { href: await fileUrl(data.file_id), download: data.name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  } catch (err) {
+    showNotice(`Could not download ${data.name}: ${errorText(err)}`);
+  }
+}
+
+function fileCard(data) {
+  const card = el(
+    "div",
+    { class: "file" },
+    el("span", { class: "file-name", text: data.name }),
+    el("span", { class: "muted", text: ` ${size(data.size)} ` }),
+    el("button", { type: "button", class: "download", onclick: () => onDownload(data), text: "Download" }),
+  );
+  if (data.content_type.startsWith("image/") && data.width && data.height) {
+    const img = el("img", { alt: data.name, width: Math.min(data.width, 320), class: "preview" });
+    fileUrl(data.file_id).then(
+      (url) => (img.src = url),
+      () => img.remove(),
+    );
+    card.prepend(img);
+  }
+  return card;
 }
 
 // -- composer --------------------------------------------------------------------------------
@@ -398,12 +514,15 @@ function meta(who, when, state, stateLabel) {
 
 function updateMessage(li, m, room, streaming) {
   const note = room.notes.get(m.messageId) ?? "";
-  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming].join("|");
+  const who = m.role === "assistant" ? "Assistant" : m.role === "system" ? "" : nameOf(m.senderId);
+  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who].join("|");
   if (li.dataset.sig === sig) return;
   li.dataset.sig = sig;
   const mine = m.senderId !== null && m.senderId === session.userId;
   const assistant = m.role === "assistant";
-  li.className = ["msg", mine && "mine", assistant && "assistant", m.superseded && "superseded", m.status && "partial"]
+  const system = m.role === "system";
+  li.className = ["msg", mine && "mine", assistant && "assistant", system && "system", m.kind === "file" && "file-msg",
+    m.superseded && "superseded", m.status && "partial"]
     .filter(Boolean)
     .join(" ");
   li.dataset.seq = String(m.seq);
@@ -412,8 +531,8 @@ function updateMessage(li, m, room, streaming) {
   if (m.deleted) body.append(el("em", { text: "message deleted" }));
   else if (assistant) renderMarkdown(body, m.content);
   else body.textContent = m.content;
-  const who = assistant ? "Assistant" : nameOf(m.senderId);
   const children = [meta(who, m.createdAt, mine, "✓ delivered"), body];
+  if (m.kind === "file" && m.data && !m.deleted) children.push(fileCard(m.data));
   if (m.status === "cancelled") children.push(el("p", { class: "flag", text: "Stopped before the end." }));
   if (m.status === "error") children.push(el("p", { class: "flag", text: "The answer failed part way." }));
   if (m.superseded) children.push(el("p", { class: "flag", text: "Replaced by a newer answer." }));
@@ -478,6 +597,8 @@ function init() {
   });
   $("create-room").addEventListener("submit", onCreateRoom);
   $("add-member").addEventListener("submit", onAddMember);
+  $("attach").addEventListener("click", () => $("attach-input").click());
+  $("attach-input").addEventListener("change", onAttach);
   $("rooms-refresh").addEventListener("click", () => loadRooms().catch((err) => showNotice(errorText(err))));
   $("composer").addEventListener("submit", onSend);
   $("composer-input").addEventListener("keydown", onKey);

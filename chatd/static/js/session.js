@@ -41,6 +41,7 @@ function toMessage(d) {
     replyTo: d.reply_to_message_id ?? null,
     status: d.status ?? null, // "cancelled" | "error": a partial answer
     superseded: Boolean(d.superseded),
+    data: d.data ?? null, // kind file: the attachment; kind system: the event
   };
 }
 
@@ -50,6 +51,7 @@ function newRoom(id) {
     name: "",
     kind: "group",
     ownerId: null,
+    status: "active",
     readSeq: 0,
     latestSeq: 0, // highest seq known to exist
     loaded: false, // history kept: lastSeq is contiguous
@@ -89,6 +91,7 @@ export class Session {
     this.counter = 0;
     this.acked = new Map(); // client_msg_id -> [roomId, seq]
     this.typingState = null; // {roomId, sentAt, inputAt}
+    this.names = new Map(); // user id -> display name (roster pages, member events)
   }
 
   // -- rooms ------------------------------------------------------------------------------
@@ -97,17 +100,7 @@ export class Session {
     const seen = new Set();
     for (const r of list) {
       seen.add(r.id);
-      let room = this.rooms.get(r.id);
-      if (!room) {
-        room = newRoom(r.id);
-        this.rooms.set(r.id, room);
-        if (this.connected) out.push(this.join(room));
-      }
-      room.name = r.name;
-      room.kind = r.kind;
-      room.ownerId = r.owner_id;
-      room.readSeq = Math.max(room.readSeq, r.read_seq ?? 0);
-      room.latestSeq = Math.max(room.latestSeq, r.last_seq ?? 0);
+      out.push(...this.upsertRoom(r));
     }
     for (const id of [...this.rooms.keys()]) {
       if (!seen.has(id)) {
@@ -117,6 +110,35 @@ export class Session {
     }
     out.push(REDRAW);
     return out;
+  }
+
+  upsertRoom(r) {
+    // A REST room object in: a new room is joined when connected.
+    const out = [];
+    let room = this.rooms.get(r.id);
+    if (!room) {
+      room = newRoom(r.id);
+      this.rooms.set(r.id, room);
+      if (this.connected) out.push(this.join(room));
+    }
+    room.name = r.name;
+    room.kind = r.kind;
+    room.ownerId = r.owner_id;
+    room.status = r.status ?? "active";
+    room.readSeq = Math.max(room.readSeq, r.read_seq ?? 0);
+    room.latestSeq = Math.max(room.latestSeq, r.last_seq ?? 0);
+    return out;
+  }
+
+  setMembers(members) {
+    // A page of GET /rooms/{id}/members: the names senders are shown with.
+    for (const m of members) this.names.set(m.id, m.name);
+    return [REDRAW];
+  }
+
+  nameOf(userId) {
+    if (userId === null || userId === undefined) return "";
+    return this.names.get(userId) || `User ${userId}`;
   }
 
   openRoom(roomId) {
@@ -326,6 +348,32 @@ export class Session {
     return [{ kind: "removed", roomId: f.room_id }, notice("You were removed from this room.", f.room_id), REDRAW];
   }
 
+  onRoomAdded(f) {
+    const r = f.room;
+    if (!r || r.id === undefined) return [];
+    const known = this.rooms.has(r.id);
+    const out = this.upsertRoom(r);
+    if (!known) out.push(notice(`You were added to ${r.name}.`, r.id));
+    out.push(REDRAW);
+    return out;
+  }
+
+  onRoomRemoved(f) {
+    if (!this.rooms.delete(f.room_id)) return []; // already gone (its `left` came first)
+    const text = f.reason === "left" ? "You left this room." : "You were removed from this room.";
+    return [{ kind: "removed", roomId: f.room_id }, notice(text, f.room_id), REDRAW];
+  }
+
+  onRoomUpdated(f) {
+    const r = f.room;
+    if (!r || !this.rooms.has(r.id)) return [];
+    return [...this.upsertRoom(r), REDRAW];
+  }
+
+  onAnnouncement(f) {
+    return [notice(`Announcement: ${f.content ?? ""}`)];
+  }
+
   onResync(f) {
     const room = this.rooms.get(f.room_id);
     if (!room) return [];
@@ -355,6 +403,7 @@ export class Session {
     if (!room) return [];
     const msg = toMessage(f);
     room.latestSeq = Math.max(room.latestSeq, msg.seq);
+    if (msg.kind === "system" && msg.data?.user_id && msg.data?.name) this.names.set(msg.data.user_id, msg.data.name);
     if (!room.loaded) {
       this.settlePending(msg);
       if (msg.role === "assistant") room.streams.delete(msg.messageId);
@@ -576,7 +625,7 @@ export class Session {
   }
 }
 
-// Frame type -> handler. Issue 11 adds room_added / room_removed / room_updated here.
+// Frame type -> handler.
 const HANDLERS = {
   hello: Session.prototype.onHello,
   joined: Session.prototype.onJoined,
@@ -596,4 +645,8 @@ const HANDLERS = {
   stream_start: Session.prototype.onStreamStart,
   stream_chunk: Session.prototype.onStreamChunk,
   stream_end: Session.prototype.onStreamEnd,
+  room_added: Session.prototype.onRoomAdded,
+  room_removed: Session.prototype.onRoomRemoved,
+  room_updated: Session.prototype.onRoomUpdated,
+  announcement: Session.prototype.onAnnouncement,
 };
