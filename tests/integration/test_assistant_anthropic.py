@@ -104,7 +104,11 @@ async def test_error_event_mid_stream_and_exhausted_retries(
     _, chunks, end = await stream_of(a, room)
     assert end["stop_reason"] == "error" and chunks == []
     assert len(fake_llm.requests()) == 3  # 1 + provider_retries
-    assert (await a.expect("error"))["code"] == "llm_unavailable"
+    for _ in range(2):  # one per failed answer: a clean message; the provider's own words only in the log
+        err = await a.expect("error")
+        assert err["code"] == "llm_unavailable"
+        assert "scripted" not in err["message"] and "overloaded" not in err["message"], err
+    assert any("scripted overloaded_error" in e["error"] for e in chatd_claude.events("provider_failed"))
 
 
 def seed_history(database_url: str, room: int, texts: list[str]) -> None:

@@ -80,6 +80,6 @@ def test_interval_doubles_when_behind() -> None:
     ],
 )
 def test_wants_answer(content: str, room: dict[str, object], answer: bool) -> None:
-    from chatd.assistant import wants_answer
+    from chatd.context import wants_answer
 
     assert wants_answer(room, content) is answer
