@@ -21,6 +21,7 @@ from chatd import api, kv, store, webapp
 from chatd.accounts import Accounts
 from chatd.assistant import Assistant
 from chatd.config import Settings
+from chatd.context import wants_answer
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
 from chatd.keys import Keys
@@ -68,7 +69,7 @@ class Worker:
         hub = Hub(
             redis, db, keys, ws, lambda on_message, on_resubscribed: Subscriber(storage, on_message, on_resubscribed)
         )
-        writer = MessageWriter(db, hub, settings)
+        writer = MessageWriter(db, hub, settings, owes_answer=wants_answer)
         presence = Presence(redis, hub, ws)
         limiter = SendLimiter(redis, ws.send_rate_count, ws.send_rate_window_s)
         rooms = Rooms(db, redis, hub, writer, presence, limiter, ws)

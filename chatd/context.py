@@ -10,11 +10,29 @@ when the worker falls behind, so fan-out cost stays bounded.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from chatd.providers import ChatMessage
+
+# "@assistant" as a word: not inside an address like x@assistant.io
+_MENTION = re.compile(r"(?<![\w.@])@assistant\b(?![.@]\w)", re.IGNORECASE)
+
+
+def wants_answer(room: dict[str, Any], content: str) -> bool:
+    """Assistant rooms answer every user message (mode "always"); mention mode needs @assistant.
+
+    Decided inside the commit's transaction (``store.commit_batch``), on the locked room row.
+    """
+    settings = room.get("assistant") or {}
+    mode = settings.get("mode", "always" if room.get("kind") == "assistant" else None)
+    if mode == "always":
+        return room.get("kind") == "assistant"
+    if mode == "mention":
+        return _MENTION.search(content) is not None
+    return False
 
 
 def estimate_tokens(text: str) -> int:

@@ -209,5 +209,26 @@ class JobQueue:
         await self.redis.set(self._job(job.id), payload, xx=True)
 
     @guarded("jobqueue")
+    async def retry_later(self, job: Job, delay_s: float, **data: Any) -> None:
+        """Hand a claimed job back after a transient failure: its data updated, its lease set to expire
+        in ``delay_s``; the reaper then puts it back at the head of its user's list (never acked)."""
+        payload = json.dumps({"user_id": job.user_id, "data": job.data | data})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._job(job.id), payload, xx=True)
+        pipe.zadd(self._leases, {job.id: self._now_ms() + int(delay_s * 1000)}, xx=True)
+        await pipe.execute()
+
+    @guarded("jobqueue")
+    async def missing(self, job_ids: list[str]) -> list[str]:
+        """The ids of ``job_ids`` that are neither waiting nor running (the outbox sweeper's question)."""
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self._job(job_id))
+        found = await pipe.execute()
+        return [job_id for job_id, n in zip(job_ids, found, strict=True) if not n]
+
+    @guarded("jobqueue")
     async def depth(self) -> int:
         return int(await self.redis.get(self._depth) or 0)

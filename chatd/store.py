@@ -557,15 +557,24 @@ class Committed:
     duplicate: bool = False
     error: errors.ChatdError | None = None
     room: Row | None = None  # {kind, assistant, owner_id} of the room, for the assistant trigger
+    answer_owed: bool = False  # an `answers_owed` row exists for it (written now, or still owed for a duplicate)
+
+
+OwesAnswer = Callable[[Row, str], bool]  # (room row, content) -> does the assistant answer it?
 
 
 @bounded
-async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[Committed]:
+async def commit_batch(
+    pool: Database, batch: Sequence[PendingMessage], owes_answer: OwesAnswer | None = None
+) -> list[Committed]:
     """Store a batch in ONE transaction; per-room seqs stay gap-free.
 
     Rooms are locked in id order (no deadlock between concurrent batches); with
     the room rows locked, duplicates of a client_msg_id are found before seqs
-    are assigned, so a retry never burns a seq.
+    are assigned, so a retry never burns a seq.  User messages that ``owes_answer``
+    picks get an ``answers_owed`` row in the same transaction: an acked prompt is
+    never forgotten, whatever happens between the commit and the enqueue.  A
+    duplicate whose answer is still owed says so (its retry re-enqueues).
     """
     results: list[Committed | None] = [None] * len(batch)
     async with transaction(pool) as conn:
@@ -636,14 +645,33 @@ async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[
                 ),
             )
             inserted = {(r["room_id"], r["seq"]): r for r in await cur.fetchall()}
+            owed: list[Row] = []
             for i, m, seq in to_insert:
-                results[i] = Committed(inserted[(m.room_id, seq)], room=rooms[m.room_id])
+                row = inserted[(m.room_id, seq)]
+                room = rooms[m.room_id]
+                wants = owes_answer is not None and m.role == "user" and owes_answer(room, m.content)
+                if wants:
+                    owed.append(row)
+                results[i] = Committed(row, room=room, answer_owed=wants)
+            if owed:
+                await conn.execute(
+                    "INSERT INTO answers_owed (prompt_id, room_id, requester_id)"
+                    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])",
+                    ([r["id"] for r in owed], [r["room_id"] for r in owed], [r["sender_id"] for r in owed]),
+                )
             changed = {rid: seq for rid, seq in next_seq.items() if seq != rooms[rid]["last_seq"]}
             await conn.execute(
                 "UPDATE rooms SET last_seq = v.seq FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, seq)"
                 " WHERE rooms.id = v.id",
                 (list(changed), list(changed.values())),
             )
+        dup_ids = [r.row["id"] for r in results if r is not None and r.duplicate and r.row is not None]
+        if dup_ids and owes_answer is not None:  # rare: a client's retry; is its answer still owed?
+            cur = await conn.execute("SELECT prompt_id FROM answers_owed WHERE prompt_id = ANY(%s)", (dup_ids,))
+            still_owed = {r["prompt_id"] for r in await cur.fetchall()}
+            for i, r in enumerate(results):
+                if r is not None and r.duplicate and r.row is not None and r.row["id"] in still_owed:
+                    results[i] = Committed(r.row, duplicate=True, room=rooms.get(r.row["room_id"]), answer_owed=True)
     for i, m in enumerate(batch):
         if results[i] is None and m.client_msg_id:  # a duplicate inside the batch
             first = results[first_in_batch[(m.room_id, m.sender_id, m.client_msg_id)]]
@@ -665,11 +693,35 @@ async def reserve_message_id(pool: Database) -> int:
 
 @bounded
 async def answer_for(pool: Database, prompt_id: int) -> Row | None:
+    """The live answer to a prompt, with its generation (``g_*`` columns, for ``stream_end_from_row``)."""
     return await _fetch_one(
         pool,
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE reply_to_id = %s AND role = 'assistant'"
-        " AND superseded_at IS NULL",
+        f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},"
+        " g.stop_reason AS g_stop_reason, g.input_tokens AS g_input_tokens, g.output_tokens AS g_output_tokens,"
+        " g.first_token_ms AS g_first_token_ms, g.latency_ms AS g_latency_ms, g.model AS g_model"
+        " FROM messages m LEFT JOIN generations g ON g.answer_message_id = m.id"
+        " WHERE m.reply_to_id = %s AND m.role = 'assistant' AND m.superseded_at IS NULL",
         (prompt_id,),
+    )
+
+
+@bounded
+async def settle_answer(pool: Database, prompt_id: int) -> bool:
+    """No answer is owed any more: refused (busy, quota), cancelled while queued, or dropped.
+
+    True when one was owed."""
+    row = await _fetch_one(pool, "DELETE FROM answers_owed WHERE prompt_id = %s RETURNING prompt_id", (prompt_id,))
+    return row is not None
+
+
+@bounded
+async def answers_owed(pool: Database, older_than_s: float, limit: int) -> list[Row]:
+    """Prompts still owed an answer for longer than ``older_than_s`` (oldest first): the sweeper's input."""
+    return await _fetch_all(
+        pool,
+        "SELECT prompt_id, room_id, requester_id FROM answers_owed"
+        " WHERE created_at < now() - make_interval(secs => %s) ORDER BY created_at LIMIT %s",
+        (older_than_s, limit),
     )
 
 
@@ -720,6 +772,7 @@ async def persist_answer(
         room = await cur.fetchone()
         if room is None:
             return None
+        await conn.execute("DELETE FROM answers_owed WHERE prompt_id = %s", (prompt_id,))  # answered
         if supersede_id is not None:
             await conn.execute(
                 "UPDATE messages SET superseded_at = now() WHERE id = %s AND superseded_at IS NULL", (supersede_id,)

@@ -27,7 +27,7 @@ from typing import Protocol
 from chatd import errors, metrics, protocol, store
 from chatd.config import Settings
 from chatd.logs import app_log, fields
-from chatd.store import Committed, Database, PendingMessage
+from chatd.store import Committed, Database, OwesAnswer, PendingMessage
 
 
 class Publisher(Protocol):
@@ -43,9 +43,15 @@ class _Queued:
 
 class MessageWriter:
     def __init__(
-        self, db: Database, hub: Publisher, settings: Settings, clock: Callable[[], float] = time.monotonic
+        self,
+        db: Database,
+        hub: Publisher,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+        owes_answer: OwesAnswer | None = None,
     ) -> None:
         self.db = db
+        self.owes_answer = owes_answer  # which user messages are owed an assistant answer (same transaction)
         self.hub = hub
         self.clock = clock
         ws = settings.ws
@@ -138,7 +144,7 @@ class MessageWriter:
         self._in_flight = batch
         started = self.clock()
         try:
-            results = await store.commit_batch(self.db, [q.message for q in batch])
+            results = await store.commit_batch(self.db, [q.message for q in batch], self.owes_answer)
         except errors.ChatdError as exc:
             for q in batch:
                 if not q.future.done():
