@@ -50,6 +50,7 @@ from chatd.state import Tasks
 from chatd.store import Database
 
 _RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+_CLAIM_BATCH = 64  # jobs claimed per queue round trip at most
 
 
 @dataclass(eq=False)
@@ -132,6 +133,11 @@ class Assistant:
         self.waiting: dict[str, tuple[int, int, int, int]] = {}  # job id -> (room, prompt, user, last position)
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
+        # Chunks delivered locally, waiting for their one Redis round trip (catch-up state + publish).
+        self._chunks: list[tuple[int, str, int, tuple[str, bytes]]] = []
+        self._chunks_task: asyncio.Task[None] | None = None
+        self._chunks_idle = asyncio.Event()
+        self._chunks_idle.set()
         self.stopping = False
 
     # -- lifecycle -----------------------------------------------------------------
@@ -277,22 +283,24 @@ class Assistant:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            try:
-                job = await self.queue.claim(self.settings.job_lease_s, self.settings.per_user_concurrency)
+            free = min(self.settings.concurrency - self.active, _CLAIM_BATCH)
+            try:  # a burst of prompts is claimed in a few round trips, not one per job
+                jobs = await self.queue.claim_many(self.settings.job_lease_s, self.settings.per_user_concurrency, free)
             except errors.Unavailable:
-                job = None
+                jobs = []
                 await asyncio.sleep(1)
-            if job is None or self.stopping:
-                if job is not None:
-                    with contextlib.suppress(errors.Unavailable):
-                        await self.queue.renew([job.id], 0)  # give it straight back: the reaper requeues it
+            if not jobs or self.stopping:
+                if jobs:
+                    with contextlib.suppress(errors.Unavailable):  # give them straight back: the reaper requeues
+                        await self.queue.renew([job.id for job in jobs], 0)
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.25)  # other workers' jobs: poll
                 continue
-            self.waiting.pop(job.id, None)
-            self.active += 1
-            self.tasks.spawn(self._run_job(job), f"assistant-job-{job.id}")
+            for job in jobs:
+                self.waiting.pop(job.id, None)
+                self.active += 1
+                self.tasks.spawn(self._run_job(job), f"assistant-job-{job.id}")
 
     async def _maintenance_loop(self) -> None:
         """Renew our leases, take over dead workers' jobs, tell waiting rooms their position."""
@@ -362,6 +370,7 @@ class Assistant:
             latency_ms=int((time.monotonic() - run.started) * 1000),
         )
         with contextlib.suppress(Exception):  # local sockets get it even without Redis
+            await self._chunks_idle.wait()
             await self.hub.publish_room(run.room_id, end)
         await self._clear_stream(run.room_id, run.message_id)
         metrics.generations.labels("error").inc()
@@ -389,8 +398,8 @@ class Assistant:
         supersede_id = data.get("supersede_id")
         orphan = int(data["answer_id"]) if data.get("answer_id") else None  # a dead worker's stream
         pg = self.db
-        prompt = await store.message_by_id(pg, prompt_id)
-        room = await store.room_by_id(pg, room_id)
+        inputs = await store.answer_inputs(pg, prompt_id, room_id, 200)
+        prompt, room = inputs.prompt, inputs.room
         if prompt is None or room is None or prompt["deleted_at"] is not None:
             if orphan is not None:
                 await self._end_orphan(room_id, orphan)
@@ -398,7 +407,7 @@ class Assistant:
             await self.queue.ack(job)
             return
         if supersede_id is None:
-            stored = await store.answer_for(pg, prompt_id)
+            stored = inputs.answer
             if stored is not None:  # answered already: a worker died after storing it, or a duplicate job
                 if orphan is not None and orphan != stored["id"]:
                     await self._end_orphan(room_id, orphan)
@@ -412,8 +421,7 @@ class Assistant:
         cfg = room["assistant"] or {}
         # The offline provider says so wherever a model name shows.
         model = "offline" if self.provider.name == "offline" else (cfg.get("model") or self.settings.model)
-        history = await store.recent_messages(pg, room_id, prompt["seq"], 200)
-        history = [h for h in history if h["id"] != supersede_id]
+        history = [h for h in inputs.history if h["id"] != supersede_id]
         retrieved: list[dict[str, Any]] = []
         window = recent_window(history, self.settings.context_budget_tokens)
         if self.retriever is not None and self.settings.retrieval_top_k and window[0]["seq"] > 1:
@@ -444,7 +452,7 @@ class Assistant:
                 estimated_tokens=ctx.estimated_tokens,
             ),
         )
-        message_id = await store.reserve_message_id(pg)
+        message_id = inputs.reserved_id
         await self.queue.update(job, answer_id=message_id)
         local = self.hub.rooms.get(room_id)
         run = Run(
@@ -550,7 +558,7 @@ class Assistant:
         async with run.lock:
             chunk = run.coalescer.add(text, time.monotonic())
             if chunk is not None:
-                await self._emit(run, chunk, run.coalescer.index - 1)
+                self._emit(run, chunk, run.coalescer.index - 1)
                 return
         if run.flush_task is None or run.flush_task.done():
             run.flush_task = asyncio.ensure_future(self._flush_later(run))
@@ -563,14 +571,33 @@ class Assistant:
         async with run.lock:
             chunk = run.coalescer.flush(time.monotonic())
             if chunk is not None:
-                await self._emit(run, chunk, run.coalescer.index - 1)
+                self._emit(run, chunk, run.coalescer.index - 1)
 
-    async def _emit(self, run: Run, content: str, index: int) -> None:
-        # The catch-up state holds exactly chunks 0..index (MULTI: text and index move together).
-        with contextlib.suppress(errors.Unavailable):  # only the catch-up of late joiners misses this chunk
-            await self.kv.stream_append(run.message_id, content, index)
+    def _emit(self, run: Run, content: str, index: int) -> None:
+        """Local sockets get the chunk now; Redis (catch-up state, other workers) with the next batch."""
         frame = protocol.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
-        await self.hub.publish_room(run.room_id, frame, stream=(run.message_id, index))
+        payload = protocol.encode_bytes(frame)
+        stream = (run.message_id, index)
+        self.hub.deliver_frame(run.room_id, payload, None, stream)
+        self._chunks.append(
+            (run.message_id, content, index, self.hub.room_frame_envelope(run.room_id, payload, None, stream))
+        )
+        if self._chunks_task is None or self._chunks_task.done():
+            self._chunks_idle.clear()
+            self._chunks_task = asyncio.ensure_future(self._write_chunks())
+
+    async def _write_chunks(self) -> None:
+        """Every chunk emitted since the last round trip, of every stream, in ONE Redis round trip: with
+        hundreds of streams the per-chunk cost is a share of a pipeline, not two awaited commands."""
+        try:
+            while self._chunks:
+                batch, self._chunks = self._chunks, []
+                try:
+                    await self.kv.stream_chunks([(m, t, i) for m, t, i, _ in batch], [env for *_, env in batch])
+                except errors.Unavailable:
+                    pass  # logged by kv: other workers' members and late joiners miss them; the message follows
+        finally:
+            self._chunks_idle.set()
 
     async def _finish(self, attempt: Attempt, stop_reason: str, retrieved: tuple[int, ...], supersede_id: Any) -> None:
         run = attempt.run
@@ -580,7 +607,8 @@ class Assistant:
         async with run.lock:
             rest = run.coalescer.flush(time.monotonic())
             if rest is not None:
-                await self._emit(run, rest, run.coalescer.index - 1)
+                self._emit(run, rest, run.coalescer.index - 1)
+        await self._chunks_idle.wait()  # elsewhere too, the chunks come before the message and stream_end
         latency_ms = int((time.monotonic() - run.started) * 1000)
         usage: dict[str, Any] = {
             "provider": self.provider.name,

@@ -37,30 +37,44 @@ if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], A
 return redis.call('INCR', KEYS[1])
 """
 
-# KEYS: depth, users, active, leases   ARGV: now_ms, lease_ms, per_user_cap, prefix
+# KEYS: depth, users, active, leases   ARGV: now_ms, lease_ms, per_user_cap, prefix, max_jobs
+# Users take turns: one job per turn, at most max_jobs in one call; stops when every user in the
+# rotation is at its cap (``idle`` turns in a row without a claim) or the rotation is empty.
 _CLAIM = """
+local out = {}
+local max_jobs = tonumber(ARGV[5])
 local n = redis.call('LLEN', KEYS[2])
-for i = 1, n do
+local idle = 0
+while #out < 2 * max_jobs and idle < n do
   local uid = redis.call('LPOP', KEYS[2])
-  if not uid then return nil end
+  if not uid then break end
   local ulist = ARGV[4] .. 'q:user:' .. uid
   if redis.call('LLEN', ulist) == 0 then
     redis.call('SREM', KEYS[3], uid)
+    n = n - 1
   else
     local running = tonumber(redis.call('GET', ARGV[4] .. 'q:running:' .. uid) or '0')
     if running >= tonumber(ARGV[3]) then
       redis.call('RPUSH', KEYS[2], uid)
+      idle = idle + 1
     else
       local jid = redis.call('LPOP', ulist)
       redis.call('INCR', ARGV[4] .. 'q:running:' .. uid)
       redis.call('ZADD', KEYS[4], tonumber(ARGV[1]) + tonumber(ARGV[2]), jid)
       redis.call('DECR', KEYS[1])
-      if redis.call('LLEN', ulist) > 0 then redis.call('RPUSH', KEYS[2], uid) else redis.call('SREM', KEYS[3], uid) end
-      return {jid, redis.call('GET', ARGV[4] .. 'q:job:' .. jid) or ''}
+      if redis.call('LLEN', ulist) > 0 then
+        redis.call('RPUSH', KEYS[2], uid)
+      else
+        redis.call('SREM', KEYS[3], uid)
+        n = n - 1
+      end
+      table.insert(out, jid)
+      table.insert(out, redis.call('GET', ARGV[4] .. 'q:job:' .. jid) or '')
+      idle = 0
     end
   end
 end
-return nil
+return out
 """
 
 # KEYS: leases, running, job   ARGV: jid
@@ -153,21 +167,26 @@ class JobQueue:
         depth = int(await self._enqueue(keys=keys, args=[job.user_id, job.id, payload, max_depth]))
         return None if depth < 0 else depth
 
-    @guarded("jobqueue")
     async def claim(self, lease_s: float, per_user_cap: int) -> Job | None:
         """The next job in fair order, leased to the caller; None when nothing may run now."""
+        jobs = await self.claim_many(lease_s, per_user_cap, 1)
+        return jobs[0] if jobs else None
+
+    @guarded("jobqueue")
+    async def claim_many(self, lease_s: float, per_user_cap: int, max_jobs: int) -> list[Job]:
+        """Up to ``max_jobs`` jobs in fair order (users take turns), leased to the caller, in one call."""
         found = await self._claim(
             keys=[self._depth, self._users, self._active, self._leases],
-            args=[self._now_ms(), int(lease_s * 1000), per_user_cap, self.keys.prefix],
+            args=[self._now_ms(), int(lease_s * 1000), per_user_cap, self.keys.prefix, max_jobs],
         )
-        if not found:
-            return None
-        raw_id, payload = found
-        job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        if not payload:
-            return None  # removed meanwhile
-        body = json.loads(payload)
-        return Job(job_id, int(body["user_id"]), body["data"])
+        jobs = []
+        for raw_id, payload in zip(found[::2], found[1::2], strict=True):
+            if not payload:
+                continue  # removed meanwhile
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            body = json.loads(payload)
+            jobs.append(Job(job_id, int(body["user_id"]), body["data"]))
+        return jobs
 
     @guarded("jobqueue")
     async def renew(self, job_ids: list[str], lease_s: float) -> None:

@@ -362,11 +362,17 @@ class KV:
         async with redis_errors("stream"):
             await pipe.execute()
 
-    async def stream_append(self, message_id: int, text: str, index: int) -> None:
-        """The catch-up state holds exactly chunks 0..index (MULTI: text and index move together)."""
+    async def stream_chunks(
+        self, appends: Sequence[tuple[int, str, int]], publishes: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """Many streams' chunks in ONE round trip (MULTI): each ``(answer id, text, index)`` appended to
+        its catch-up state (text and index move together), then the chunk frames published."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.append(self.keys.stream_text(message_id), text)
-        pipe.hset(self.keys.stream(message_id), "index", index)
+        for message_id, text, index in appends:
+            pipe.append(self.keys.stream_text(message_id), text)
+            pipe.hset(self.keys.stream(message_id), "index", index)
+        for channel, payload in publishes:
+            pipe.publish(channel, payload)
         async with redis_errors("stream"):
             await pipe.execute()
 

@@ -683,26 +683,57 @@ async def commit_batch(
 # -- assistant ------------------------------------------------------------------
 
 
-@bounded
-async def reserve_message_id(pool: Database) -> int:
-    """An id for an answer that is still streaming; the row is written when it ends."""
-    row = await _fetch_one(pool, "SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id")
-    assert row is not None
-    return int(row["id"])
+_ANSWER_SQL = (
+    f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},"
+    " g.stop_reason AS g_stop_reason, g.input_tokens AS g_input_tokens, g.output_tokens AS g_output_tokens,"
+    " g.first_token_ms AS g_first_token_ms, g.latency_ms AS g_latency_ms, g.model AS g_model"
+    " FROM messages m LEFT JOIN generations g ON g.answer_message_id = m.id"
+    " WHERE m.reply_to_id = %s AND m.role = 'assistant' AND m.superseded_at IS NULL"
+)
 
 
 @bounded
 async def answer_for(pool: Database, prompt_id: int) -> Row | None:
     """The live answer to a prompt, with its generation (``g_*`` columns, for ``stream_end_from_row``)."""
-    return await _fetch_one(
-        pool,
-        f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},"
-        " g.stop_reason AS g_stop_reason, g.input_tokens AS g_input_tokens, g.output_tokens AS g_output_tokens,"
-        " g.first_token_ms AS g_first_token_ms, g.latency_ms AS g_latency_ms, g.model AS g_model"
-        " FROM messages m LEFT JOIN generations g ON g.answer_message_id = m.id"
-        " WHERE m.reply_to_id = %s AND m.role = 'assistant' AND m.superseded_at IS NULL",
-        (prompt_id,),
-    )
+    return await _fetch_one(pool, _ANSWER_SQL, (prompt_id,))
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerInputs:
+    """What a claimed job needs from Postgres before it streams."""
+
+    prompt: Row | None
+    room: Row | None
+    answer: Row | None  # the live answer, if one is stored already
+    history: list[Row]  # text messages up to the prompt, ascending, without deleted or superseded ones
+    reserved_id: int  # an id for the answer (reserved whether it is used or not)
+
+
+@bounded
+async def answer_inputs(pool: Database, prompt_id: int, room_id: int, history_limit: int) -> AnswerInputs:
+    """Prompt, room, stored answer, recent history and a reserved answer id in ONE round trip
+    (pipeline mode): a burst of jobs does not queue five statements each on the pool."""
+    async with connection(pool) as conn:
+        async with conn.pipeline():
+            prompt = await conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s", (prompt_id,))
+            room = await conn.execute(f"SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = %s", (room_id,))
+            answer = await conn.execute(_ANSWER_SQL, (prompt_id,))
+            history = await conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s"
+                " AND seq <= (SELECT seq FROM messages WHERE id = %s) AND deleted_at IS NULL"
+                " AND superseded_at IS NULL AND kind = 'text' ORDER BY seq DESC LIMIT %s",
+                (room_id, prompt_id, history_limit),
+            )
+            reserved = await conn.execute("SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id")
+        reserved_row = await reserved.fetchone()
+        assert reserved_row is not None
+        return AnswerInputs(
+            await prompt.fetchone(),
+            await room.fetchone(),
+            await answer.fetchone(),
+            list(reversed(await history.fetchall())),
+            int(reserved_row["id"]),
+        )
 
 
 @bounded
@@ -723,18 +754,6 @@ async def answers_owed(pool: Database, older_than_s: float, limit: int) -> list[
         " WHERE created_at < now() - make_interval(secs => %s) ORDER BY created_at LIMIT %s",
         (older_than_s, limit),
     )
-
-
-@bounded
-async def recent_messages(pool: Database, room_id: int, up_to_seq: int, limit: int) -> list[Row]:
-    """The newest messages up to a seq (ascending), without deleted or superseded ones."""
-    rows = await _fetch_all(
-        pool,
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s AND seq <= %s AND deleted_at IS NULL"
-        " AND superseded_at IS NULL AND kind = 'text' ORDER BY seq DESC LIMIT %s",
-        (room_id, up_to_seq, limit),
-    )
-    return list(reversed(rows))
 
 
 @dataclass(frozen=True, slots=True)
@@ -909,25 +928,23 @@ async def retrieval_capabilities(pool: Database) -> Row:
 
 
 @bounded
-async def index_embeddings(
-    pool: Database,
-    vector_schema: str,
-    lock_key: tuple[int, int],
-    after_id: int,
-    batch_size: int,
-    embed: Callable[[list[str]], Awaitable[list[str]]],
-) -> tuple[list[Row], int | None] | None:
-    """Embed and store one batch of messages waiting for an embedding, ids after ``after_id``.
+async def take_indexer_lease(pool: Database, holder: str, ttl_s: float) -> bool:
+    """The indexing lease (one batch at a time across all instances): True when ``holder`` has it now."""
+    row = await _fetch_one(
+        pool,
+        "INSERT INTO indexer_lease AS l (id, holder, until) VALUES (1, %s, now() + make_interval(secs => %s))"
+        " ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until"
+        " WHERE l.until < now() OR l.holder = EXCLUDED.holder RETURNING holder",
+        (holder, ttl_s),
+    )
+    return row is not None
 
-    One batch at a time across all instances (an advisory transaction lock): None
-    when another holds it.  Returns the rows embedded, and the largest message id
-    when the scan reached the end (None otherwise).
-    """
-    async with transaction(pool) as conn:
-        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s) AS ok", lock_key)
-        locked = await cur.fetchone()
-        if not locked or not locked["ok"]:
-            return None
+
+@bounded
+async def pending_embeddings(pool: Database, after_id: int, batch_size: int) -> tuple[list[Row], int | None]:
+    """Messages waiting for an embedding, ids after ``after_id``; and the largest message id when the
+    scan reached the end (None otherwise)."""
+    async with connection(pool) as conn:
         cur = await conn.execute(_PENDING_SQL, (after_id, batch_size))
         rows = await cur.fetchall()
         max_id: int | None = None
@@ -935,13 +952,21 @@ async def index_embeddings(
             cur = await conn.execute("SELECT coalesce(max(id), 0) AS max_id FROM messages")
             top = await cur.fetchone()
             max_id = int(top["max_id"]) if top else 0
+    return rows, max_id
+
+
+@bounded
+async def store_embeddings(
+    pool: Database, vector_schema: str, holder: str, rows: Sequence[Row], vectors: Sequence[str]
+) -> None:
+    """Write a batch's embeddings and give the indexing lease back."""
+    async with transaction(pool) as conn:
         if rows:
-            vectors = await embed([r["content"] for r in rows])
             await conn.execute(
                 _vector_sql(_INSERT_SQL, vector_schema),
-                ([r["id"] for r in rows], [r["room_id"] for r in rows], vectors),
+                ([r["id"] for r in rows], [r["room_id"] for r in rows], list(vectors)),
             )
-    return rows, max_id
+        await conn.execute("UPDATE indexer_lease SET until = now() WHERE id = 1 AND holder = %s", (holder,))
 
 
 @bounded
