@@ -133,11 +133,17 @@ class Assistant:
         self.waiting: dict[str, tuple[int, int, int, int]] = {}  # job id -> (room, prompt, user, last position)
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
-        # Chunks delivered locally, waiting for their one Redis round trip (catch-up state + publish).
-        self._chunks: list[tuple[int, str, int, tuple[str, bytes]]] = []
+        # Stream frames delivered locally, their Redis side (stream state, catch-up text, publish) waiting
+        # for the next round trip, which carries those of every stream of this worker.
+        self._begins: list[tuple[int, int, dict[str, Any], int]] = []
+        self._appends: list[tuple[int, str, int]] = []
+        self._publishes: list[tuple[str, bytes]] = []
         self._chunks_task: asyncio.Task[None] | None = None
         self._chunks_idle = asyncio.Event()
         self._chunks_idle.set()
+        # Prompts to queue, sent to Redis together (one script call and one PUBLISH pipeline per turn).
+        self._to_enqueue: list[tuple[Job, int, asyncio.Future[tuple[int | None, int | None]]]] = []
+        self._enqueue_task: asyncio.Task[None] | None = None
         self.stopping = False
 
     # -- lifecycle -----------------------------------------------------------------
@@ -177,18 +183,40 @@ class Assistant:
             requester_id,
             {"room_id": room_id, "prompt_id": prompt_id, "supersede_id": supersede_id},
         )
-        depth = await self.queue.enqueue(job, self.settings.queue_max_depth)
+        done: asyncio.Future[tuple[int | None, int | None]] = asyncio.get_running_loop().create_future()
+        self._to_enqueue.append((job, room_id, done))
+        if self._enqueue_task is None or self._enqueue_task.done():
+            self._enqueue_task = asyncio.ensure_future(self._enqueue_batches())
+        depth, position = await done
         if depth is None:
             raise errors.Busy("the assistant is busy, try again later")
-        position = await self.queue.position(job.id, requester_id)
-        if position is None:
-            return 1  # already running (a retried send re-enqueues): nothing to announce
-        self.waiting[job.id] = (room_id, prompt_id, requester_id, position)
-        await self.hub.publish_room(
-            room_id, protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=position)
-        )
-        self._wake.set()
-        return position
+        return position or 1  # None: already running (a retried send re-enqueues)
+
+    async def _enqueue_batches(self) -> None:
+        """The prompts of a burst are queued together: one script call, one PUBLISH pipeline of
+        ``queued`` frames (a job already running is not announced)."""
+        while self._to_enqueue:
+            batch, self._to_enqueue = self._to_enqueue, []
+            try:
+                results = await self.queue.enqueue_many([job for job, _, _ in batch], self.settings.queue_max_depth)
+            except Exception as exc:  # Redis away (Unavailable), or a bug: nobody may wait for ever
+                err = exc if isinstance(exc, errors.ChatdError) else errors.Unavailable("queue failed, try again")
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(err)
+                continue
+            frames = []
+            for (job, room_id, done), (depth, position) in zip(batch, results, strict=True):
+                if depth is not None and position is not None:
+                    prompt_id = int(job.data["prompt_id"])
+                    self.waiting[job.id] = (room_id, prompt_id, job.user_id, position)
+                    frames.append(
+                        (room_id, protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=position))
+                    )
+                if not done.done():
+                    done.set_result((depth, position))
+            self._wake.set()
+            await self.hub.publish_room_frames(frames)
 
     async def settle(self, prompt_id: int) -> None:
         """The answer owed to ``prompt_id`` will not come (refused): the sweeper must not queue it."""
@@ -482,20 +510,14 @@ class Assistant:
     ) -> None:
         run = attempt.run
         assert run is not None
-        with contextlib.suppress(errors.Unavailable):  # without Redis: no catch-up for late joiners, no cancel
-            await self.kv.stream_begin(
-                run.message_id,
-                run.room_id,
-                {
-                    "room": run.room_id,
-                    "reply_to": run.prompt_id,
-                    "model": run.model,
-                    "requester": run.requester_id or 0,
-                    "owner": owner_id,
-                    "index": -1,
-                },
-                3600,
-            )
+        state = {
+            "room": run.room_id,
+            "reply_to": run.prompt_id,
+            "model": run.model,
+            "requester": run.requester_id or 0,
+            "owner": owner_id,
+            "index": -1,
+        }
         start = protocol.stream_start(
             room_id=run.room_id,
             message_id=run.message_id,
@@ -503,7 +525,8 @@ class Assistant:
             model=run.model,
             supersedes=run.supersedes,
         )
-        await self.hub.publish_room(run.room_id, start, stream=(run.message_id, -1))
+        # The stream's state (catch-up, cancel permission) is written with the stream_start's publish.
+        self._stream_frame(run, start, -1, begin=(run.message_id, run.room_id, state, 3600))
 
         stop_reason = "end_turn"
         generation = asyncio.ensure_future(self._generate(run, request))
@@ -574,28 +597,42 @@ class Assistant:
                 self._emit(run, chunk, run.coalescer.index - 1)
 
     def _emit(self, run: Run, content: str, index: int) -> None:
-        """Local sockets get the chunk now; Redis (catch-up state, other workers) with the next batch."""
         frame = protocol.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
+        self._stream_frame(run, frame, index, append=(run.message_id, content, index))
+
+    def _stream_frame(
+        self,
+        run: Run,
+        frame: dict[str, Any],
+        index: int,
+        begin: tuple[int, int, dict[str, Any], int] | None = None,
+        append: tuple[int, str, int] | None = None,
+    ) -> None:
+        """Local sockets get the frame now; its Redis side (other workers, catch-up state) goes with the
+        next batch, in order."""
         payload = protocol.encode_bytes(frame)
         stream = (run.message_id, index)
         self.hub.deliver_frame(run.room_id, payload, None, stream)
-        self._chunks.append(
-            (run.message_id, content, index, self.hub.room_frame_envelope(run.room_id, payload, None, stream))
-        )
+        if begin is not None:
+            self._begins.append(begin)
+        if append is not None:
+            self._appends.append(append)
+        self._publishes.append(self.hub.room_frame_envelope(run.room_id, payload, None, stream))
         if self._chunks_task is None or self._chunks_task.done():
             self._chunks_idle.clear()
-            self._chunks_task = asyncio.ensure_future(self._write_chunks())
+            self._chunks_task = asyncio.ensure_future(self._write_stream_batches())
 
-    async def _write_chunks(self) -> None:
-        """Every chunk emitted since the last round trip, of every stream, in ONE Redis round trip: with
+    async def _write_stream_batches(self) -> None:
+        """Everything streamed since the last round trip, of every stream, in ONE Redis round trip: with
         hundreds of streams the per-chunk cost is a share of a pipeline, not two awaited commands."""
         try:
-            while self._chunks:
-                batch, self._chunks = self._chunks, []
+            while self._publishes:
+                begins, appends, publishes = self._begins, self._appends, self._publishes
+                self._begins, self._appends, self._publishes = [], [], []
                 try:
-                    await self.kv.stream_chunks([(m, t, i) for m, t, i, _ in batch], [env for *_, env in batch])
+                    await self.kv.stream_batch(begins, appends, publishes)
                 except errors.Unavailable:
-                    pass  # logged by kv: other workers' members and late joiners miss them; the message follows
+                    pass  # logged by kv: other workers' members and late joiners miss these; the message follows
         finally:
             self._chunks_idle.set()
 

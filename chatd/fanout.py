@@ -233,6 +233,15 @@ class Hub:
         self.deliver_frame(room_id, payload, exclude, stream)
         await self._publish([self.room_frame_envelope(room_id, payload, exclude, stream)])
 
+    async def publish_room_frames(self, items: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """Many seq-less room frames ``(room_id, frame)``: local sockets, then one pipeline of PUBLISHes."""
+        envelopes = []
+        for room_id, frame in items:
+            payload = protocol.encode_bytes(frame)
+            self.deliver_frame(room_id, payload, None, None)
+            envelopes.append(self.room_frame_envelope(room_id, payload))
+        await self._publish(envelopes)
+
     def room_frame_envelope(
         self, room_id: int, payload: bytes, exclude: str | None = None, stream: tuple[int, int] | None = None
     ) -> tuple[str, bytes]:

@@ -26,15 +26,36 @@ import redis.asyncio as aioredis
 from chatd.keys import Keys
 from chatd.kv import guarded
 
-# KEYS: depth, users, active, user_list, job   ARGV: uid, jid, payload, max_depth
+# KEYS: depth, users, active   ARGV: max_depth, prefix, then (uid, jid, payload) per job
+# Per job: {depth after it (-1: refused, the queue is full), its position (-1: not waiting, e.g. running)}.
+# A job id already queued or running is not queued twice (two regenerates of one answer make one job).
 _ENQUEUE = """
-if redis.call('EXISTS', KEYS[5]) == 1 then return tonumber(redis.call('GET', KEYS[1]) or '1') end
-local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
-if depth >= tonumber(ARGV[4]) then return -1 end
-redis.call('SET', KEYS[5], ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[2])
-if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end
-return redis.call('INCR', KEYS[1])
+local out = {}
+local max_depth = tonumber(ARGV[1])
+for i = 3, #ARGV, 3 do
+  local uid, jid = ARGV[i], ARGV[i + 1]
+  local ulist = ARGV[2] .. 'q:user:' .. uid
+  local jkey = ARGV[2] .. 'q:job:' .. jid
+  local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if redis.call('EXISTS', jkey) == 0 then
+    if depth >= max_depth then
+      depth = -1
+    else
+      redis.call('SET', jkey, ARGV[i + 2])
+      redis.call('RPUSH', ulist, jid)
+      if redis.call('SADD', KEYS[3], uid) == 1 then redis.call('RPUSH', KEYS[2], uid) end
+      depth = redis.call('INCR', KEYS[1])
+    end
+  end
+  local pos = -1
+  if depth >= 0 then
+    local idx = redis.call('LPOS', ulist, jid)
+    if idx then pos = idx * redis.call('LLEN', KEYS[2]) + (redis.call('LPOS', KEYS[2], uid) or 0) + 1 end
+  end
+  table.insert(out, depth)
+  table.insert(out, pos)
+end
+return out
 """
 
 # KEYS: depth, users, active, leases   ARGV: now_ms, lease_ms, per_user_cap, prefix, max_jobs
@@ -158,14 +179,24 @@ class JobQueue:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    @guarded("jobqueue")
     async def enqueue(self, job: Job, max_depth: int) -> int | None:
         """Queue ``job``; the new depth, or None when the queue is full.  A job id already queued
         or running is not queued twice (two regenerates of one answer make one job)."""
-        payload = json.dumps({"user_id": job.user_id, "data": job.data})
-        keys = [self._depth, self._users, self._active, self._user_list(job.user_id), self._job(job.id)]
-        depth = int(await self._enqueue(keys=keys, args=[job.user_id, job.id, payload, max_depth]))
-        return None if depth < 0 else depth
+        [(depth, _)] = await self.enqueue_many([job], max_depth)
+        return depth
+
+    @guarded("jobqueue")
+    async def enqueue_many(self, jobs: list[Job], max_depth: int) -> list[tuple[int | None, int | None]]:
+        """Queue many jobs in one call: per job ``(depth, position)``; depth None when the queue was
+        full, position None when the job is not waiting (it was running already)."""
+        args: list[Any] = [max_depth, self.keys.prefix]
+        for job in jobs:
+            args += [job.user_id, job.id, json.dumps({"user_id": job.user_id, "data": job.data})]
+        out = await self._enqueue(keys=[self._depth, self._users, self._active], args=args)
+        return [
+            (None if depth < 0 else int(depth), None if pos < 0 else int(pos))
+            for depth, pos in zip(out[::2], out[1::2], strict=True)
+        ]
 
     async def claim(self, lease_s: float, per_user_cap: int) -> Job | None:
         """The next job in fair order, leased to the caller; None when nothing may run now."""
