@@ -69,8 +69,7 @@ class Run:
     first_token_ms: int | None = None
     finished: Finished | None = None
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    flush_task: asyncio.Task[None] | None = None
+    flush_timer: asyncio.TimerHandle | None = None  # buffered text goes out when due
     supersedes: int | None = None  # the orphaned stream of a takeover, which this attempt replaces
 
 
@@ -385,8 +384,9 @@ class Assistant:
         if run is None or attempt.ended:
             return
         attempt.ended = True
-        if run.flush_task is not None:
-            run.flush_task.cancel()
+        if run.flush_timer is not None:
+            run.flush_timer.cancel()
+            run.flush_timer = None
         end = protocol.stream_end(
             room_id=run.room_id,
             message_id=run.message_id,
@@ -564,7 +564,7 @@ class Assistant:
                         if run.first_token_ms is None:
                             run.first_token_ms = int((time.monotonic() - run.started) * 1000)
                         run.parts.append(event.text)
-                        await self._add(run, event.text)
+                        self._add(run, event.text)
                     else:
                         run.finished = event
                 return
@@ -577,24 +577,22 @@ class Assistant:
                 )
                 await asyncio.sleep(backoff_s)
 
-    async def _add(self, run: Run, text: str) -> None:
-        async with run.lock:
-            chunk = run.coalescer.add(text, time.monotonic())
-            if chunk is not None:
-                self._emit(run, chunk, run.coalescer.index - 1)
-                return
-        if run.flush_task is None or run.flush_task.done():
-            run.flush_task = asyncio.ensure_future(self._flush_later(run))
-
-    async def _flush_later(self, run: Run) -> None:
-        delay = run.coalescer.due_in(time.monotonic())
-        if delay is None:
+    def _add(self, run: Run, text: str) -> None:
+        """Synchronous, like everything from a token to its local delivery: no lock, no task per token."""
+        chunk = run.coalescer.add(text, time.monotonic())
+        if chunk is not None:
+            self._emit(run, chunk, run.coalescer.index - 1)
             return
-        await asyncio.sleep(delay)
-        async with run.lock:
-            chunk = run.coalescer.flush(time.monotonic())
-            if chunk is not None:
-                self._emit(run, chunk, run.coalescer.index - 1)
+        if run.flush_timer is None:
+            delay = run.coalescer.due_in(time.monotonic())
+            if delay is not None:
+                run.flush_timer = asyncio.get_running_loop().call_later(delay, self._flush_due, run)
+
+    def _flush_due(self, run: Run) -> None:
+        run.flush_timer = None
+        chunk = run.coalescer.flush(time.monotonic())
+        if chunk is not None:
+            self._emit(run, chunk, run.coalescer.index - 1)
 
     def _emit(self, run: Run, content: str, index: int) -> None:
         frame = protocol.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
@@ -639,12 +637,12 @@ class Assistant:
     async def _finish(self, attempt: Attempt, stop_reason: str, retrieved: tuple[int, ...], supersede_id: Any) -> None:
         run = attempt.run
         assert run is not None
-        if run.flush_task is not None:
-            run.flush_task.cancel()
-        async with run.lock:
-            rest = run.coalescer.flush(time.monotonic())
-            if rest is not None:
-                self._emit(run, rest, run.coalescer.index - 1)
+        if run.flush_timer is not None:
+            run.flush_timer.cancel()
+            run.flush_timer = None
+        rest = run.coalescer.flush(time.monotonic())
+        if rest is not None:
+            self._emit(run, rest, run.coalescer.index - 1)
         await self._chunks_idle.wait()  # elsewhere too, the chunks come before the message and stream_end
         latency_ms = int((time.monotonic() - run.started) * 1000)
         usage: dict[str, Any] = {
