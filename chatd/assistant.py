@@ -50,7 +50,8 @@ from chatd.state import Tasks
 from chatd.store import Database
 
 _RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
-_CLAIM_BATCH = 64  # jobs claimed per queue round trip at most
+_CLAIM_BATCH = 128  # jobs claimed per queue round trip at most
+_HISTORY = 200  # newest messages read for a prompt's context (the budget picks from them)
 
 
 @dataclass(eq=False)
@@ -81,6 +82,9 @@ class Attempt:
     run: Run | None = None
     ended: bool = False  # this attempt's stream_end went out
     pending: dict[str, Any] | None = None  # a finished answer whose write failed: kept for the retry
+    claimed: float = field(default_factory=time.monotonic)
+    inputs: store.AnswerInputs | None = None  # fetched with the other jobs of its claim
+    recorded: bool = False  # the job names inputs.reserved_id as its answer id already (for a takeover)
 
 
 async def _persist_answer(db: Database, answer: dict[str, Any]) -> dict[str, Any] | None:
@@ -327,7 +331,28 @@ class Assistant:
             for job in jobs:
                 self.waiting.pop(job.id, None)
                 self.active += 1
-                self.tasks.spawn(self._run_job(job), f"assistant-job-{job.id}")
+            self.tasks.spawn(self._start(jobs), "assistant-start")
+
+    async def _start(self, jobs: list[Job]) -> None:
+        """The inputs of a claim's jobs in one round trip, then one task per job."""
+        inputs: list[store.AnswerInputs | None] = [None] * len(jobs)
+        fresh: set[str] = set()
+        try:
+            keys = [(int(job.data["prompt_id"]), int(job.data["room_id"])) for job in jobs]
+            inputs = list(await store.answer_inputs(self.db, keys, _HISTORY))
+            # Fresh jobs name their answer id in one round trip (a taker ends that stream if we die).
+            # Not a taken-over or retried job: its orphan id must stay in it until that stream is ended.
+            updates = [
+                (job, {"answer_id": got.reserved_id})
+                for job, got in zip(jobs, inputs, strict=True)
+                if got is not None and not job.data.get("answer_id") and not job.data.get("pending")
+            ]
+            await self.queue.update_many(updates)
+            fresh = {job.id for job, _ in updates}
+        except Exception as exc:  # each job reads its own then, and handles the failure itself
+            assistant_log.warning("answer_inputs_failed", extra=fields(jobs=len(jobs), error=repr(exc)[:200]))
+        for job, got in zip(jobs, inputs, strict=True):
+            self.tasks.spawn(self._run_job(job, got, job.id in fresh), f"assistant-job-{job.id}")
 
     async def _maintenance_loop(self) -> None:
         """Renew our leases, take over dead workers' jobs, tell waiting rooms their position."""
@@ -357,8 +382,8 @@ class Assistant:
                 frame = protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=pos)
                 await self.hub.publish_room(room_id, frame)
 
-    async def _run_job(self, job: Job) -> None:
-        attempt = Attempt(job)
+    async def _run_job(self, job: Job, inputs: store.AnswerInputs | None = None, recorded: bool = False) -> None:
+        attempt = Attempt(job, inputs=inputs, recorded=recorded)
         try:
             await self._run(attempt)
         except errors.Unavailable as exc:  # Postgres or Redis away: end what members see, retry later
@@ -426,7 +451,7 @@ class Assistant:
         supersede_id = data.get("supersede_id")
         orphan = int(data["answer_id"]) if data.get("answer_id") else None  # a dead worker's stream
         pg = self.db
-        inputs = await store.answer_inputs(pg, prompt_id, room_id, 200)
+        inputs = attempt.inputs or (await store.answer_inputs(pg, [(prompt_id, room_id)], _HISTORY))[0]
         prompt, room = inputs.prompt, inputs.room
         if prompt is None or room is None or prompt["deleted_at"] is not None:
             if orphan is not None:
@@ -481,7 +506,8 @@ class Assistant:
             ),
         )
         message_id = inputs.reserved_id
-        await self.queue.update(job, answer_id=message_id)
+        if not attempt.recorded:
+            await self.queue.update(job, answer_id=message_id)
         local = self.hub.rooms.get(room_id)
         run = Run(
             job,
@@ -495,8 +521,18 @@ class Assistant:
         )
         attempt.run = run
         self.running[message_id] = run
+        setup_ms = (time.monotonic() - attempt.claimed) * 1000
         assistant_log.info(
-            "generation_started", extra=fields(message_id=message_id, room_id=room_id, prompt_id=prompt_id, job=job.id)
+            "generation_started",
+            extra=fields(
+                message_id=message_id,
+                room_id=room_id,
+                prompt_id=prompt_id,
+                job=job.id,
+                # where a slow first token comes from: waiting for a claim, or the setup after it
+                queued_ms=round((time.time() - prompt["created_at"].timestamp()) * 1000 - setup_ms),
+                setup_ms=round(setup_ms),
+            ),
         )
         await self._stream(attempt, request, room["owner_id"], ctx.retrieved_ids, supersede_id)
 

@@ -280,5 +280,13 @@ class JobQueue:
         return [job_id for job_id, n in zip(job_ids, found, strict=True) if not n]
 
     @guarded("jobqueue")
+    async def update_many(self, updates: list[tuple[Job, dict[str, Any]]]) -> None:
+        """``update`` for many jobs in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job, data in updates:
+            pipe.set(self._job(job.id), json.dumps({"user_id": job.user_id, "data": job.data | data}), xx=True)
+        await pipe.execute()
+
+    @guarded("jobqueue")
     async def depth(self) -> int:
         return int(await self.redis.get(self._depth) or 0)

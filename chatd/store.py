@@ -710,30 +710,42 @@ class AnswerInputs:
 
 
 @bounded
-async def answer_inputs(pool: Database, prompt_id: int, room_id: int, history_limit: int) -> AnswerInputs:
-    """Prompt, room, stored answer, recent history and a reserved answer id in ONE round trip
-    (pipeline mode): a burst of jobs does not queue five statements each on the pool."""
+async def answer_inputs(pool: Database, jobs: Sequence[tuple[int, int]], history_limit: int) -> list[AnswerInputs]:
+    """For each ``(prompt id, room id)``: prompt, room, stored answer, recent history and a reserved
+    answer id.  Five statements for the whole list, in ONE round trip (pipeline mode): a burst of
+    claimed jobs costs Postgres a few statements, not five per job."""
+    prompt_ids, room_ids = [p for p, _ in jobs], [r for _, r in jobs]
+    columns = ", ".join("h." + c.strip() for c in MESSAGE_COLUMNS.split(","))
     async with connection(pool) as conn:
         async with conn.pipeline():
-            prompt = await conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s", (prompt_id,))
-            room = await conn.execute(f"SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = %s", (room_id,))
-            answer = await conn.execute(_ANSWER_SQL, (prompt_id,))
-            history = await conn.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s"
-                " AND seq <= (SELECT seq FROM messages WHERE id = %s) AND deleted_at IS NULL"
-                " AND superseded_at IS NULL AND kind = 'text' ORDER BY seq DESC LIMIT %s",
-                (room_id, prompt_id, history_limit),
+            prompts = await conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ANY(%s)", (prompt_ids,))
+            rooms = await conn.execute(f"SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = ANY(%s)", (room_ids,))
+            answers = await conn.execute(
+                _ANSWER_SQL.replace("m.reply_to_id = %s", "m.reply_to_id = ANY(%s)"), (prompt_ids,)
             )
-            reserved = await conn.execute("SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id")
-        reserved_row = await reserved.fetchone()
-        assert reserved_row is not None
-        return AnswerInputs(
-            await prompt.fetchone(),
-            await room.fetchone(),
-            await answer.fetchone(),
-            list(reversed(await history.fetchall())),
-            int(reserved_row["id"]),
-        )
+            history = await conn.execute(
+                f"SELECT j.prompt_id AS for_prompt, {columns}"
+                " FROM unnest(%s::bigint[], %s::bigint[]) AS j(prompt_id, room_id)"
+                " CROSS JOIN LATERAL (SELECT * FROM messages m WHERE m.room_id = j.room_id"
+                "   AND m.seq <= (SELECT seq FROM messages WHERE id = j.prompt_id) AND m.deleted_at IS NULL"
+                "   AND m.superseded_at IS NULL AND m.kind = 'text' ORDER BY m.seq DESC LIMIT %s) h",
+                (prompt_ids, room_ids, history_limit),
+            )
+            reserved = await conn.execute(
+                "SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id FROM generate_series(1, %s)",
+                (len(jobs),),
+            )
+        by_prompt = {r["id"]: r for r in await prompts.fetchall()}
+        by_room = {r["id"]: r for r in await rooms.fetchall()}
+        answered = {r["reply_to_id"]: r for r in await answers.fetchall()}
+        histories: dict[int, list[Row]] = {}
+        for r in await history.fetchall():
+            histories.setdefault(r.pop("for_prompt"), []).append(r)
+        ids = [int(r["id"]) for r in await reserved.fetchall()]
+    return [
+        AnswerInputs(by_prompt.get(p), by_room.get(r), answered.get(p), list(reversed(histories.get(p, []))), i)
+        for (p, r), i in zip(jobs, ids, strict=True)
+    ]
 
 
 @bounded
