@@ -335,6 +335,7 @@ class Assistant:
 
     async def _start(self, jobs: list[Job]) -> None:
         """The inputs of a claim's jobs in one round trip, then one task per job."""
+        claimed = time.monotonic()
         inputs: list[store.AnswerInputs | None] = [None] * len(jobs)
         fresh: set[str] = set()
         try:
@@ -352,7 +353,7 @@ class Assistant:
         except Exception as exc:  # each job reads its own then, and handles the failure itself
             assistant_log.warning("answer_inputs_failed", extra=fields(jobs=len(jobs), error=repr(exc)[:200]))
         for job, got in zip(jobs, inputs, strict=True):
-            self.tasks.spawn(self._run_job(job, got, job.id in fresh), f"assistant-job-{job.id}")
+            self.tasks.spawn(self._run_job(job, got, job.id in fresh, claimed), f"assistant-job-{job.id}")
 
     async def _maintenance_loop(self) -> None:
         """Renew our leases, take over dead workers' jobs, tell waiting rooms their position."""
@@ -382,8 +383,10 @@ class Assistant:
                 frame = protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=pos)
                 await self.hub.publish_room(room_id, frame)
 
-    async def _run_job(self, job: Job, inputs: store.AnswerInputs | None = None, recorded: bool = False) -> None:
-        attempt = Attempt(job, inputs=inputs, recorded=recorded)
+    async def _run_job(
+        self, job: Job, inputs: store.AnswerInputs | None = None, recorded: bool = False, claimed: float = 0.0
+    ) -> None:
+        attempt = Attempt(job, inputs=inputs, recorded=recorded, claimed=claimed or time.monotonic())
         try:
             await self._run(attempt)
         except errors.Unavailable as exc:  # Postgres or Redis away: end what members see, retry later

@@ -628,43 +628,50 @@ async def commit_batch(
             to_insert.append((i, m, next_seq[m.room_id]))
 
         if to_insert:
-            cur = await conn.execute(
-                "INSERT INTO messages (room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id)"
-                " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
-                " %s::text[], %s::bigint[])"
-                f" RETURNING {MESSAGE_COLUMNS}",
-                (
-                    [m.room_id for _, m, _ in to_insert],
-                    [seq for _, _, seq in to_insert],
-                    [m.sender_id for _, m, _ in to_insert],
-                    [m.role for _, m, _ in to_insert],
-                    [m.kind for _, m, _ in to_insert],
-                    [m.content for _, m, _ in to_insert],
-                    [m.client_msg_id for _, m, _ in to_insert],
-                    [m.reply_to_id for _, m, _ in to_insert],
-                ),
-            )
-            inserted = {(r["room_id"], r["seq"]): r for r in await cur.fetchall()}
-            owed: list[Row] = []
-            for i, m, seq in to_insert:
-                row = inserted[(m.room_id, seq)]
-                room = rooms[m.room_id]
-                wants = owes_answer is not None and m.role == "user" and owes_answer(room, m.content)
-                if wants:
-                    owed.append(row)
-                results[i] = Committed(row, room=room, answer_owed=wants)
-            if owed:
-                await conn.execute(
-                    "INSERT INTO answers_owed (prompt_id, room_id, requester_id)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])",
-                    ([r["id"] for r in owed], [r["room_id"] for r in owed], [r["sender_id"] for r in owed]),
-                )
+            # Which prompts the assistant owes an answer, decided on the locked room rows: their
+            # answers_owed rows are inserted by the same statement as the messages (a CTE).
+            owed = [
+                (m.room_id, seq)
+                for _, m, seq in to_insert
+                if owes_answer is not None and m.role == "user" and owes_answer(rooms[m.room_id], m.content)
+            ]
             changed = {rid: seq for rid, seq in next_seq.items() if seq != rooms[rid]["last_seq"]}
-            await conn.execute(
-                "UPDATE rooms SET last_seq = v.seq FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, seq)"
-                " WHERE rooms.id = v.id",
-                (list(changed), list(changed.values())),
-            )
+            async with conn.pipeline():  # the insert and the rooms' last_seq in one round trip
+                cur = await conn.execute(
+                    "WITH ins AS (INSERT INTO messages"
+                    " (room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id)"
+                    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[],"
+                    " %s::text[], %s::text[], %s::bigint[])"
+                    f" RETURNING {MESSAGE_COLUMNS}),"
+                    " owed AS (INSERT INTO answers_owed (prompt_id, room_id, requester_id)"
+                    " SELECT ins.id, ins.room_id, ins.sender_id FROM ins"
+                    " JOIN unnest(%s::bigint[], %s::bigint[]) AS o(room_id, seq)"
+                    " ON o.room_id = ins.room_id AND o.seq = ins.seq)"
+                    " SELECT * FROM ins",
+                    (
+                        [m.room_id for _, m, _ in to_insert],
+                        [seq for _, _, seq in to_insert],
+                        [m.sender_id for _, m, _ in to_insert],
+                        [m.role for _, m, _ in to_insert],
+                        [m.kind for _, m, _ in to_insert],
+                        [m.content for _, m, _ in to_insert],
+                        [m.client_msg_id for _, m, _ in to_insert],
+                        [m.reply_to_id for _, m, _ in to_insert],
+                        [o[0] for o in owed],
+                        [o[1] for o in owed],
+                    ),
+                )
+                await conn.execute(
+                    "UPDATE rooms SET last_seq = v.seq FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, seq)"
+                    " WHERE rooms.id = v.id",
+                    (list(changed), list(changed.values())),
+                )
+            inserted = {(r["room_id"], r["seq"]): r for r in await cur.fetchall()}
+            owed_keys = set(owed)
+            for i, m, seq in to_insert:
+                results[i] = Committed(
+                    inserted[(m.room_id, seq)], room=rooms[m.room_id], answer_owed=(m.room_id, seq) in owed_keys
+                )
         dup_ids = [r.row["id"] for r in results if r is not None and r.duplicate and r.row is not None]
         if dup_ids and owes_answer is not None:  # rare: a client's retry; is its answer still owed?
             cur = await conn.execute("SELECT prompt_id FROM answers_owed WHERE prompt_id = ANY(%s)", (dup_ids,))
