@@ -284,6 +284,8 @@ class MessagesHandler(RoomAccess):
             body["assistant"] = {"status": "queued", "position": result.queued_position}
         elif result.assistant_error is not None:
             body["assistant"] = {"status": "refused", "error": result.assistant_error.to_dict()}
+        elif result.answer_pending:  # owed; the sweeper queues it once the queue answers
+            body["assistant"] = {"status": "pending"}
         self.send_json(body, 200 if result.duplicate else 201)
 
 
