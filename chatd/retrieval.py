@@ -50,7 +50,7 @@ IDLE_SLEEP_S = 0.5  # indexer: nothing pending
 MAX_BACKOFF_S = 30.0  # indexer: after repeated errors
 CATCH_UP_LAG_S = 15.0  # a message transaction commits within this (see Retriever.index_pending)
 FULL_SWEEP_S = 600.0  # rescan everything this often: edited messages, very late commits
-LEASE_S = 120.0  # the indexing lease outlives a batch embedded slowly (idle priority under load)
+LEASE_S = 30.0  # the indexing lease: a holder that died without giving it back blocks others this long
 
 # Text-mode score = fraction of query words found + ts_rank + TRGM_WEIGHT * word_similarity.
 TRGM_WEIGHT = 0.5
@@ -303,6 +303,9 @@ class Retriever:
             self.tasks.spawn(self._run(), name="retrieval-indexer")
 
     async def close(self) -> None:
+        if self._idle_executor is not None:  # it may be mid-batch: give the indexing lease back
+            with contextlib.suppress(Exception):
+                await store.release_indexer_lease(self.db, self._holder)
         for executor in (self._executor, self._idle_executor):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
@@ -330,8 +333,9 @@ class Retriever:
             executor = self._executor
         else:
             if self._idle_executor is None:
+                idle = self.settings.index_priority == "idle"
                 self._idle_executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="chatd-embed-index", initializer=_idle_priority
+                    max_workers=1, thread_name_prefix="chatd-embed-index", initializer=_idle_priority if idle else None
                 )
             executor = self._idle_executor
         loop = asyncio.get_running_loop()

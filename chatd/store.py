@@ -960,6 +960,13 @@ async def take_indexer_lease(pool: Database, holder: str, ttl_s: float) -> bool:
 
 
 @bounded
+async def release_indexer_lease(pool: Database, holder: str) -> None:
+    await _fetch_one(
+        pool, "UPDATE indexer_lease SET until = now() WHERE id = 1 AND holder = %s RETURNING id", (holder,)
+    )
+
+
+@bounded
 async def pending_embeddings(pool: Database, after_id: int, batch_size: int) -> tuple[list[Row], int | None]:
     """Messages waiting for an embedding, ids after ``after_id``; and the largest message id when the
     scan reached the end (None otherwise)."""

@@ -155,6 +155,7 @@ async def test_retrieval_brings_an_old_relevant_message_into_the_context(
         CHATD_ASSISTANT_MODEL="claude-test",
         CHATD_ASSISTANT_CONTEXT_BUDGET_TOKENS="100",  # only the newest few messages fit
         CHATD_ASSISTANT_RETRIEVAL_TOP_K="3",
+        CHATD_ASSISTANT_INDEX_PRIORITY="normal",  # the test waits for the indexer: a busy shared machine starves idle
     )
     fake_llm.script(reply="ok")
     (alice,) = make_users(services.database_url, 1)
