@@ -437,8 +437,8 @@ class Assistant:
         tries = int(job.data.get("tries") or 0) + 1
         delay_s = min(self.settings.retry_max_backoff_s, 2.0 ** (tries - 1))
         update: dict[str, Any] = {"tries": tries}
-        if attempt.ended:
-            update["answer_id"] = None  # its stream is ended: a retry has no orphan to end
+        if attempt.ended or (attempt.run is None and attempt.recorded):
+            update["answer_id"] = None  # its stream is ended, or never started: a retry has no orphan to end
         if attempt.pending is not None:
             update["pending"] = attempt.pending
         try:
