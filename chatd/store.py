@@ -579,30 +579,41 @@ async def commit_batch(
     results: list[Committed | None] = [None] * len(batch)
     async with transaction(pool) as conn:
         room_ids = sorted({m.room_id for m in batch})
-        cur = await conn.execute(
-            "SELECT id, last_seq, status, kind, assistant, owner_id FROM rooms WHERE id = ANY(%s)"
-            " ORDER BY id FOR UPDATE",
-            (room_ids,),
-        )
-        rooms = {r["id"]: r for r in await cur.fetchall()}
         senders = sorted({(m.room_id, m.sender_id) for m in batch if m.sender_id is not None})
-        members: set[tuple[int, int]] = set()
-        if senders:
-            cur = await conn.execute(
-                "SELECT room_id, user_id FROM room_members WHERE (room_id, user_id) IN"
-                " (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))",
-                ([s[0] for s in senders], [s[1] for s in senders]),
-            )
-            members = {(r["room_id"], r["user_id"]) for r in await cur.fetchall()}
         keyed = [(m.room_id, m.sender_id, m.client_msg_id) for m in batch if m.client_msg_id and m.sender_id]
-        existing: dict[tuple[int, int | None, str | None], Row] = {}
-        if keyed:
-            cur = await conn.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE (room_id, sender_id, client_msg_id) IN"
-                " (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[]))",
-                ([k[0] for k in keyed], [k[1] for k in keyed], [k[2] for k in keyed]),
+        # One round trip: the server runs them in order, so membership and duplicates are read with the
+        # room rows already locked.
+        async with conn.pipeline():
+            rooms_cur = await conn.execute(
+                "SELECT id, last_seq, status, kind, assistant, owner_id FROM rooms WHERE id = ANY(%s)"
+                " ORDER BY id FOR UPDATE",
+                (room_ids,),
             )
-            existing = {(r["room_id"], r["sender_id"], r["client_msg_id"]): r for r in await cur.fetchall()}
+            members_cur = (
+                await conn.execute(
+                    "SELECT room_id, user_id FROM room_members WHERE (room_id, user_id) IN"
+                    " (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))",
+                    ([s[0] for s in senders], [s[1] for s in senders]),
+                )
+                if senders
+                else None
+            )
+            existing_cur = (
+                await conn.execute(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE (room_id, sender_id, client_msg_id) IN"
+                    " (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[]))",
+                    ([k[0] for k in keyed], [k[1] for k in keyed], [k[2] for k in keyed]),
+                )
+                if keyed
+                else None
+            )
+        rooms = {r["id"]: r for r in await rooms_cur.fetchall()}
+        members: set[tuple[int, int]] = set()
+        if members_cur is not None:
+            members = {(r["room_id"], r["user_id"]) for r in await members_cur.fetchall()}
+        existing: dict[tuple[int, int | None, str | None], Row] = {}
+        if existing_cur is not None:
+            existing = {(r["room_id"], r["sender_id"], r["client_msg_id"]): r for r in await existing_cur.fetchall()}
 
         to_insert: list[tuple[int, PendingMessage, int]] = []
         next_seq = {rid: r["last_seq"] for rid, r in rooms.items()}
