@@ -458,6 +458,8 @@ class MessagesHandler(RoomAccess):
             body["assistant"] = {"status": "queued", "position": result.queued_position}
         elif result.assistant_error is not None:
             body["assistant"] = {"status": "refused", "error": result.assistant_error.to_dict()}
+        elif result.answer_pending:  # owed; the sweeper queues it once the queue answers
+            body["assistant"] = {"status": "pending"}
         self.send_json(body, 200 if result.duplicate else 201)
 
 
@@ -503,10 +505,15 @@ class StreamingSendHandler(RoomAccess):
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
             self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
             self.sse("message", _message_json(result.row))
-            listener.set_prompt(result.row["id"])  # replays what arrived before the id was known
+            prompt_id = int(result.row["id"])
+            assistant = self.rooms.assistant
+            # A retried request (same client_msg_id): re-attach to its answer, running or stored.
+            attach = await assistant.attach(room["id"], prompt_id) if result.duplicate and assistant else None
+            listener.set_prompt(prompt_id, attach)  # then replays what arrived before the id was known
+            coming = attach is not None or result.queued_position is not None or result.answer_pending
             if result.assistant_error is not None:
                 self.sse("error", result.assistant_error.to_dict())
-            elif result.queued_position is None:
+            elif not coming:
                 self.sse("error", {"code": "bad_request", "message": "no assistant answers in this room"})
             else:
                 await self.flush()
@@ -558,11 +565,17 @@ class SseListener:
         self.stream_marks: dict[int, int] = {}
         self.prompt_id: int | None = None
         self.message_id: int | None = None
+        self.mark = -1  # chunks up to this index were sent by a catch-up
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._early: list[dict[str, Any]] = []  # frames before the prompt's id is known
 
-    def set_prompt(self, prompt_id: int) -> None:
+    def set_prompt(self, prompt_id: int, catch_up: tuple[list[dict[str, Any]], int] | None = None) -> None:
         self.prompt_id = prompt_id
+        if catch_up is not None:
+            frames, index = catch_up
+            for frame_json in frames:
+                self._forward(dict(frame_json))
+            self.mark = index  # live chunks up to it are in the catch-up chunk
         early, self._early = self._early, []
         for frame_json in early:
             self._forward(frame_json)
@@ -580,8 +593,13 @@ class SseListener:
         kind = frame_json.get("type")
         if kind in ("queued", "stream_start") and frame_json.get("reply_to_message_id") == self.prompt_id:
             if kind == "stream_start":
+                if frame_json["message_id"] == self.message_id:
+                    return  # announced by the catch-up already
                 self.message_id = frame_json["message_id"]
-        elif not (kind in ("stream_chunk", "stream_end") and frame_json.get("message_id") == self.message_id):
+        elif kind in ("stream_chunk", "stream_end") and frame_json.get("message_id") == self.message_id:
+            if kind == "stream_chunk" and frame_json.get("index", 0) <= self.mark:
+                return  # covered by the catch-up chunk
+        else:
             return
         if self.handler.request.connection is None or self.done.done():
             return

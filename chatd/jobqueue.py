@@ -26,41 +26,76 @@ import redis.asyncio as aioredis
 from chatd.keys import Keys
 from chatd.kv import guarded
 
-# KEYS: depth, users, active, user_list, job   ARGV: uid, jid, payload, max_depth
+# KEYS: depth, users, active   ARGV: max_depth, prefix, then (uid, jid, payload) per job
+# Per job: {depth after it (-1: refused, the queue is full), its position (-1: not waiting, e.g. running)}.
+# A job id already queued or running is not queued twice (two regenerates of one answer make one job).
 _ENQUEUE = """
-if redis.call('EXISTS', KEYS[5]) == 1 then return tonumber(redis.call('GET', KEYS[1]) or '1') end
-local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
-if depth >= tonumber(ARGV[4]) then return -1 end
-redis.call('SET', KEYS[5], ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[2])
-if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end
-return redis.call('INCR', KEYS[1])
+local out = {}
+local max_depth = tonumber(ARGV[1])
+for i = 3, #ARGV, 3 do
+  local uid, jid = ARGV[i], ARGV[i + 1]
+  local ulist = ARGV[2] .. 'q:user:' .. uid
+  local jkey = ARGV[2] .. 'q:job:' .. jid
+  local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if redis.call('EXISTS', jkey) == 0 then
+    if depth >= max_depth then
+      depth = -1
+    else
+      redis.call('SET', jkey, ARGV[i + 2])
+      redis.call('RPUSH', ulist, jid)
+      if redis.call('SADD', KEYS[3], uid) == 1 then redis.call('RPUSH', KEYS[2], uid) end
+      depth = redis.call('INCR', KEYS[1])
+    end
+  end
+  local pos = -1
+  if depth >= 0 then
+    local idx = redis.call('LPOS', ulist, jid)
+    if idx then pos = idx * redis.call('LLEN', KEYS[2]) + (redis.call('LPOS', KEYS[2], uid) or 0) + 1 end
+  end
+  table.insert(out, depth)
+  table.insert(out, pos)
+end
+return out
 """
 
-# KEYS: depth, users, active, leases   ARGV: now_ms, lease_ms, per_user_cap, prefix
+# KEYS: depth, users, active, leases   ARGV: now_ms, lease_ms, per_user_cap, prefix, max_jobs
+# Users take turns: one job per turn, at most max_jobs in one call; stops when every user in the
+# rotation is at its cap (``idle`` turns in a row without a claim) or the rotation is empty.
 _CLAIM = """
+local out = {}
+local max_jobs = tonumber(ARGV[5])
 local n = redis.call('LLEN', KEYS[2])
-for i = 1, n do
+local idle = 0
+while #out < 2 * max_jobs and idle < n do
   local uid = redis.call('LPOP', KEYS[2])
-  if not uid then return nil end
+  if not uid then break end
   local ulist = ARGV[4] .. 'q:user:' .. uid
   if redis.call('LLEN', ulist) == 0 then
     redis.call('SREM', KEYS[3], uid)
+    n = n - 1
   else
     local running = tonumber(redis.call('GET', ARGV[4] .. 'q:running:' .. uid) or '0')
     if running >= tonumber(ARGV[3]) then
       redis.call('RPUSH', KEYS[2], uid)
+      idle = idle + 1
     else
       local jid = redis.call('LPOP', ulist)
       redis.call('INCR', ARGV[4] .. 'q:running:' .. uid)
       redis.call('ZADD', KEYS[4], tonumber(ARGV[1]) + tonumber(ARGV[2]), jid)
       redis.call('DECR', KEYS[1])
-      if redis.call('LLEN', ulist) > 0 then redis.call('RPUSH', KEYS[2], uid) else redis.call('SREM', KEYS[3], uid) end
-      return {jid, redis.call('GET', ARGV[4] .. 'q:job:' .. jid) or ''}
+      if redis.call('LLEN', ulist) > 0 then
+        redis.call('RPUSH', KEYS[2], uid)
+      else
+        redis.call('SREM', KEYS[3], uid)
+        n = n - 1
+      end
+      table.insert(out, jid)
+      table.insert(out, redis.call('GET', ARGV[4] .. 'q:job:' .. jid) or '')
+      idle = 0
     end
   end
 end
-return nil
+return out
 """
 
 # KEYS: leases, running, job   ARGV: jid
@@ -144,30 +179,45 @@ class JobQueue:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    @guarded("jobqueue")
     async def enqueue(self, job: Job, max_depth: int) -> int | None:
         """Queue ``job``; the new depth, or None when the queue is full.  A job id already queued
         or running is not queued twice (two regenerates of one answer make one job)."""
-        payload = json.dumps({"user_id": job.user_id, "data": job.data})
-        keys = [self._depth, self._users, self._active, self._user_list(job.user_id), self._job(job.id)]
-        depth = int(await self._enqueue(keys=keys, args=[job.user_id, job.id, payload, max_depth]))
-        return None if depth < 0 else depth
+        [(depth, _)] = await self.enqueue_many([job], max_depth)
+        return depth
 
     @guarded("jobqueue")
+    async def enqueue_many(self, jobs: list[Job], max_depth: int) -> list[tuple[int | None, int | None]]:
+        """Queue many jobs in one call: per job ``(depth, position)``; depth None when the queue was
+        full, position None when the job is not waiting (it was running already)."""
+        args: list[Any] = [max_depth, self.keys.prefix]
+        for job in jobs:
+            args += [job.user_id, job.id, json.dumps({"user_id": job.user_id, "data": job.data})]
+        out = await self._enqueue(keys=[self._depth, self._users, self._active], args=args)
+        return [
+            (None if depth < 0 else int(depth), None if pos < 0 else int(pos))
+            for depth, pos in zip(out[::2], out[1::2], strict=True)
+        ]
+
     async def claim(self, lease_s: float, per_user_cap: int) -> Job | None:
         """The next job in fair order, leased to the caller; None when nothing may run now."""
+        jobs = await self.claim_many(lease_s, per_user_cap, 1)
+        return jobs[0] if jobs else None
+
+    @guarded("jobqueue")
+    async def claim_many(self, lease_s: float, per_user_cap: int, max_jobs: int) -> list[Job]:
+        """Up to ``max_jobs`` jobs in fair order (users take turns), leased to the caller, in one call."""
         found = await self._claim(
             keys=[self._depth, self._users, self._active, self._leases],
-            args=[self._now_ms(), int(lease_s * 1000), per_user_cap, self.keys.prefix],
+            args=[self._now_ms(), int(lease_s * 1000), per_user_cap, self.keys.prefix, max_jobs],
         )
-        if not found:
-            return None
-        raw_id, payload = found
-        job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-        if not payload:
-            return None  # removed meanwhile
-        body = json.loads(payload)
-        return Job(job_id, int(body["user_id"]), body["data"])
+        jobs = []
+        for raw_id, payload in zip(found[::2], found[1::2], strict=True):
+            if not payload:
+                continue  # removed meanwhile
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            body = json.loads(payload)
+            jobs.append(Job(job_id, int(body["user_id"]), body["data"]))
+        return jobs
 
     @guarded("jobqueue")
     async def renew(self, job_ids: list[str], lease_s: float) -> None:
@@ -207,6 +257,35 @@ class JobQueue:
         """Record progress in the job (e.g. the answer id of the current attempt) for a takeover."""
         payload = json.dumps({"user_id": job.user_id, "data": job.data | data})
         await self.redis.set(self._job(job.id), payload, xx=True)
+
+    @guarded("jobqueue")
+    async def retry_later(self, job: Job, delay_s: float, **data: Any) -> None:
+        """Hand a claimed job back after a transient failure: its data updated, its lease set to expire
+        in ``delay_s``; the reaper then puts it back at the head of its user's list (never acked)."""
+        payload = json.dumps({"user_id": job.user_id, "data": job.data | data})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._job(job.id), payload, xx=True)
+        pipe.zadd(self._leases, {job.id: self._now_ms() + int(delay_s * 1000)}, xx=True)
+        await pipe.execute()
+
+    @guarded("jobqueue")
+    async def missing(self, job_ids: list[str]) -> list[str]:
+        """The ids of ``job_ids`` that are neither waiting nor running (the outbox sweeper's question)."""
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self._job(job_id))
+        found = await pipe.execute()
+        return [job_id for job_id, n in zip(job_ids, found, strict=True) if not n]
+
+    @guarded("jobqueue")
+    async def update_many(self, updates: list[tuple[Job, dict[str, Any]]]) -> None:
+        """``update`` for many jobs in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job, data in updates:
+            pipe.set(self._job(job.id), json.dumps({"user_id": job.user_id, "data": job.data | data}), xx=True)
+        await pipe.execute()
 
     @guarded("jobqueue")
     async def depth(self) -> int:

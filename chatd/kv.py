@@ -460,21 +460,27 @@ class KV:
 
     # -- assistant streams -----------------------------------------------------------------
 
-    async def stream_begin(self, message_id: int, room_id: int, state: Mapping[str, Any], ttl_s: int) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.keys.stream(message_id), mapping=dict(state))  # type: ignore[arg-type]
-        pipe.expire(self.keys.stream(message_id), ttl_s)
-        pipe.set(self.keys.stream_text(message_id), "", ex=ttl_s)
-        pipe.sadd(self.keys.room_streams(room_id), message_id)
-        pipe.expire(self.keys.room_streams(room_id), ttl_s)
-        async with redis_errors("stream"):
-            await pipe.execute()
-
-    async def stream_append(self, message_id: int, text: str, index: int) -> None:
-        """The catch-up state holds exactly chunks 0..index (MULTI: text and index move together)."""
+    async def stream_batch(
+        self,
+        begins: Sequence[tuple[int, int, Mapping[str, Any], int]],
+        appends: Sequence[tuple[int, str, int]],
+        publishes: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Many streams' Redis side in ONE round trip (MULTI, so a reader sees each step whole):
+        streams begun ``(answer id, room, state, ttl_s)``, chunks appended to the catch-up state
+        ``(answer id, text, index)`` (text and index move together), then the frames published."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.append(self.keys.stream_text(message_id), text)
-        pipe.hset(self.keys.stream(message_id), "index", index)
+        for message_id, room_id, state, ttl_s in begins:
+            pipe.hset(self.keys.stream(message_id), mapping=dict(state))  # type: ignore[arg-type]
+            pipe.expire(self.keys.stream(message_id), ttl_s)
+            pipe.set(self.keys.stream_text(message_id), "", ex=ttl_s)
+            pipe.sadd(self.keys.room_streams(room_id), message_id)
+            pipe.expire(self.keys.room_streams(room_id), ttl_s)
+        for message_id, text, index in appends:
+            pipe.append(self.keys.stream_text(message_id), text)
+            pipe.hset(self.keys.stream(message_id), "index", index)
+        for channel, payload in publishes:
+            pipe.publish(channel, payload)
         async with redis_errors("stream"):
             await pipe.execute()
 

@@ -77,6 +77,7 @@ __all__ = [
     "ack",
     "announcement",
     "authenticated",
+    "cancelled",
     "change_from_row",
     "encode",
     "encode_bytes",
@@ -774,14 +775,27 @@ def queued(*, room_id: int, reply_to_message_id: int, position: int) -> dict[str
     }
 
 
-def stream_start(*, room_id: int, message_id: int, reply_to_message_id: int, model: str) -> dict[str, Any]:
-    return {
+def cancelled(*, room_id: int, reply_to_message_id: int) -> dict[str, Any]:
+    """A queued answer to this prompt was cancelled before it started: no ``stream_start`` comes."""
+    return {"type": "cancelled", "room_id": room_id, "reply_to_message_id": reply_to_message_id}
+
+
+def stream_start(
+    *, room_id: int, message_id: int, reply_to_message_id: int, model: str, supersedes: int | None = None
+) -> dict[str, Any]:
+    """``supersedes``: a takeover's new attempt replaces that stream (ended with ``error``), which members
+    may have seen in part; ``resumed: true`` then says the answer starts over."""
+    frame: dict[str, Any] = {
         "type": "stream_start",
         "room_id": room_id,
         "message_id": message_id,
         "reply_to_message_id": reply_to_message_id,
         "model": model,
     }
+    if supersedes is not None:
+        frame["resumed"] = True
+        frame["supersedes"] = supersedes
+    return frame
 
 
 def stream_chunk(*, room_id: int, message_id: int, index: int, content: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -310,15 +311,24 @@ _TOKEN = re.compile(r"\S+\s*")  # a word and the whitespace after it: the tokens
 class OfflineProvider:
     """A stand-in for machines without a model: echoes the last user message, streamed at a steady rate.
 
-    Deterministic (the reply depends only on the request) and cheap (one sleep per token), so that tests
-    and load tests exercise the whole streaming path without a network.
+    Deterministic (the reply depends only on the request) and cheap (at most one sleep per token), so that
+    tests and load tests exercise the whole streaming path without a network.  Tokens come on a fixed
+    schedule, as from a remote model: a busy event loop that wakes late gets the tokens that are due at
+    once (as from a socket's buffer), not a provider that slows down with it.
     """
 
     name = "offline"
 
-    def __init__(self, tokens_per_s: float, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        tokens_per_s: float,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._token_interval_s = 1.0 / tokens_per_s
-        self._sleep = sleep  # injectable: tests count the pauses instead of timing them
+        self._sleep = sleep  # injectable with the clock: tests count the pauses instead of timing them
+        self._clock = clock
 
     @staticmethod
     def reply(request: GenerationRequest) -> str:
@@ -334,8 +344,12 @@ class OfflineProvider:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         tokens = _TOKEN.findall(self.reply(request))
         sent = tokens[: request.max_tokens]
+        due = self._clock()
         for token in sent:
-            await self._sleep(self._token_interval_s)
+            due += self._token_interval_s
+            delay_s = due - self._clock()
+            if delay_s > 0:
+                await self._sleep(delay_s)
             yield TextDelta(token)
         prompt = " ".join([request.system, *(m.content for m in request.messages)])
         yield Finished(

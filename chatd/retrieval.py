@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
 import platform
 import re
+import secrets
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +50,7 @@ IDLE_SLEEP_S = 0.5  # indexer: nothing pending
 MAX_BACKOFF_S = 30.0  # indexer: after repeated errors
 CATCH_UP_LAG_S = 15.0  # a message transaction commits within this (see Retriever.index_pending)
 FULL_SWEEP_S = 600.0  # rescan everything this often: edited messages, very late commits
-_LOCK_KEY = (0x63686174, 0x656D62)  # advisory xact lock: one indexing batch at a time across instances
+LEASE_S = 30.0  # the indexing lease: a holder that died without giving it back blocks others this long
 
 # Text-mode score = fraction of query words found + ts_rank + TRGM_WEIGHT * word_similarity.
 TRGM_WEIGHT = 0.5
@@ -249,6 +253,16 @@ def version_tuple(version: str | None) -> tuple[int, ...]:
 # -- the retriever ----------------------------------------------------------------------
 
 
+def _idle_priority() -> None:
+    """The indexer's thread (this one) gets the CPU only when nothing else wants it: a batch being
+    embedded never delays the event loop.  Linux: SCHED_IDLE, per thread; elsewhere nice 19."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class Retriever:
     """Per-worker: picks the mode at start, runs the background indexer, answers ``relevant()``."""
 
@@ -260,7 +274,9 @@ class Retriever:
         self.mode: Mode = "text"
         self.reason = "not started"
         self.caps: Capabilities | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = None  # queries: an answer waits for them
+        self._idle_executor: ThreadPoolExecutor | None = None  # the indexer, at idle priority
+        self._holder = secrets.token_hex(8)  # this retriever's name on the indexing lease
         self._warned = False
         # Indexer position (see index_pending): every eligible message with id <= _floor is embedded;
         # a pass scans from _floor (or from 0 for a full sweep) to the end, batch by batch.
@@ -287,9 +303,13 @@ class Retriever:
             self.tasks.spawn(self._run(), name="retrieval-indexer")
 
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if self._idle_executor is not None:  # it may be mid-batch: give the indexing lease back
+            with contextlib.suppress(Exception):
+                await store.release_indexer_lease(self.db, self._holder)
+        for executor in (self._executor, self._idle_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._idle_executor = None
 
     async def _detect(self) -> None:
         self.caps = Capabilities(**await store.retrieval_capabilities(self.db))
@@ -304,12 +324,22 @@ class Retriever:
             assistant_log.info("retrieval_vector_mode", extra=fields(embedder=self.embedder.name))
 
     async def _embed(self, texts: Sequence[str], kind: Kind) -> list[list[float]]:
+        """Queries on a normal thread, indexing batches on an idle-priority one: a query never waits
+        behind a batch, and a batch only uses CPU time nobody else wants."""
         assert self.embedder is not None
-        if self._executor is None:
-            # Two threads: a query never waits behind an indexing batch; the engine parallelizes inside.
-            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatd-embed")
+        if kind == "query":
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatd-embed-query")
+            executor = self._executor
+        else:
+            if self._idle_executor is None:
+                idle = self.settings.index_priority == "idle"
+                self._idle_executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="chatd-embed-index", initializer=_idle_priority if idle else None
+                )
+            executor = self._idle_executor
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.embedder.embed, texts, kind)
+        return await loop.run_in_executor(executor, self.embedder.embed, texts, kind)
 
     # indexer
 
@@ -341,8 +371,9 @@ class Retriever:
     async def index_pending(self) -> int:
         """Embed and store one batch of pending messages; the number stored.
 
-        One batch at a time across all instances (advisory transaction lock);
-        an instance that does not get the lock returns 0.
+        One batch at a time across all instances (``indexer_lease``); a worker
+        that does not get the lease returns 0.  The batch is embedded at idle CPU
+        priority, outside any transaction.
 
         Scans walk messages by id from a cursor, so an idle poll reads only the
         last few seconds of messages, not the whole table.  A message's id is
@@ -362,16 +393,13 @@ class Retriever:
                 self._cursor = self._floor
             self._pass_start = now
         pass_start = self._pass_start
-
-        async def embed(texts: list[str]) -> list[str]:
-            return [vector_literal(v) for v in await self._embed(texts, "passage")]
-
-        batch = await store.index_embeddings(
-            self.db, self.caps.vector_schema, _LOCK_KEY, self._cursor, self.settings.embed_batch_size, embed
-        )
-        if batch is None:
-            return 0  # another worker or instance holds the indexing lock
-        rows, max_id = batch
+        # The lease, not a transaction, keeps it one batch at a time across instances: no connection
+        # is held while the batch is embedded.
+        if not await store.take_indexer_lease(self.db, self._holder, LEASE_S):
+            return 0  # another worker or instance is indexing
+        rows, max_id = await store.pending_embeddings(self.db, self._cursor, self.settings.embed_batch_size)
+        vectors = [vector_literal(v) for v in await self._embed([r["content"] for r in rows], "passage")]
+        await store.store_embeddings(self.db, self.caps.vector_schema, self._holder, rows, vectors)
         if max_id is None:
             self._cursor = rows[-1]["id"]
         else:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from chatd import errors, metrics, protocol, store
 from chatd.batching import Batched
 from chatd.config import WebSocketSettings
+from chatd.context import mentions_assistant
 from chatd.fanout import Conn, Event, Hub
 from chatd.kv import KV
 from chatd.presence import Presence
@@ -27,13 +28,15 @@ ASSISTANT_MODES = ("always", "mention")
 class AssistantPort(Protocol):
     """What rooms need of the assistant (``chatd.assistant.Assistant``)."""
 
-    def wants_answer(self, room: dict[str, Any], content: str) -> bool: ...
-
     def answers_in(self, room: dict[str, Any]) -> bool: ...
 
     async def enqueue(self, room_id: int, prompt_id: int, requester_id: int) -> int: ...
 
+    async def settle(self, prompt_id: int) -> None: ...
+
     async def live_streams(self, room_id: int) -> list[tuple[int, int, list[dict[str, Any]]]]: ...
+
+    async def attach(self, room_id: int, prompt_id: int) -> tuple[list[dict[str, Any]], int] | None: ...
 
     async def control(self, user_id: int, is_admin: bool, frame: protocol.Cancel | protocol.Regenerate) -> None: ...
 
@@ -42,7 +45,8 @@ class AssistantPort(Protocol):
 class SendResult:
     committed: Committed
     queued_position: int | None = None  # an assistant answer was queued
-    assistant_error: errors.ChatdError | None = None  # busy / quota_exceeded / unavailable
+    assistant_error: errors.ChatdError | None = None  # busy / quota_exceeded: no answer comes
+    answer_pending: bool = False  # owed but not queued yet (queue unreachable): the sweeper queues it
 
     @property
     def row(self) -> dict[str, Any]:
@@ -109,34 +113,41 @@ class Rooms:
                 f"at most {self.settings.send_rate_count} messages per {self.settings.send_rate_window_s:g} s",
                 retry_after_ms=decision.retry_after_ms,
             )
-        return self.writer.submit(PendingMessage(room_id, user_id, "user", "text", content, client_msg_id))
+        message = PendingMessage(
+            room_id, user_id, "user", "text", content, client_msg_id, mentions_assistant=mentions_assistant(content)
+        )
+        return self.writer.submit(message)
 
     async def send(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> SendResult:
         """Submit, wait until durable, then queue the assistant's answer if the room wants one."""
         result = await self.submit(user_id, room_id, content, client_msg_id)
-        return await self.after_commit(user_id, room_id, content, result)
+        return await self.after_commit(user_id, room_id, result)
 
-    def wants_answer(self, committed: Committed, content: str) -> bool:
-        return (
-            self.assistant is not None
-            and committed.room is not None
-            and not committed.duplicate
-            and committed.error is None
-            and self.assistant.wants_answer(committed.room, content)
-        )
+    def wants_answer(self, committed: Committed) -> bool:
+        """The commit recorded an owed answer (decided in its transaction): enqueue it.
 
-    async def after_commit(self, user_id: int, room_id: int, content: str, result: Committed) -> SendResult:
+        Also true for a duplicate whose answer is still owed: a client's retry re-enqueues
+        (the queue refuses a second job for the same prompt).
+        """
+        return self.assistant is not None and committed.error is None and committed.answer_owed
+
+    async def after_commit(self, user_id: int, room_id: int, result: Committed) -> SendResult:
         if result.error is not None:
             raise result.error
         queued: int | None = None
         refused: errors.ChatdError | None = None
-        if self.assistant is not None and self.wants_answer(result, content):
+        pending = False
+        if self.assistant is not None and self.wants_answer(result):
             assert result.row is not None
+            prompt_id = int(result.row["id"])
             try:
-                queued = await self.assistant.enqueue(room_id, result.row["id"], user_id)
+                queued = await self.assistant.enqueue(room_id, prompt_id, user_id)
+            except errors.Unavailable:
+                pending = True  # still owed (answers_owed): the sweeper queues it once Redis/Postgres answer
             except errors.ChatdError as err:
                 refused = err  # the message is stored and acked; only the answer is refused
-        return SendResult(result, queued, refused)
+                await self.assistant.settle(prompt_id)
+        return SendResult(result, queued, refused, pending)
 
     # -- join / leave -------------------------------------------------------------
 

@@ -622,6 +622,7 @@ class PendingMessage:
     reply_to_id: int | None = None
     data: dict[str, Any] | None = None  # kind file / system: the structured payload (messages.data)
     file_id: int | None = None  # kind file: the uploaded file this message attaches (files.message_id)
+    mentions_assistant: bool = False  # "@assistant" in the text (rooms in mode "mention" answer it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,6 +631,7 @@ class Committed:
     duplicate: bool = False
     error: errors.ChatdError | None = None
     room: Row | None = None  # {kind, assistant, owner_id} of the room, for the assistant trigger
+    answer_owed: bool = False  # an `answers_owed` row exists for it (written now, or still owed for a duplicate)
 
 
 _COMMIT_ERRORS: dict[str, type[errors.ChatdError]] = {"not_found": errors.NotFound, "archived": errors.Conflict}
@@ -638,16 +640,19 @@ _COMMIT_MESSAGES = {"not_found": "room not found", "archived": "room is archived
 
 @bounded
 async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[Committed]:
-    """Store a batch in ONE round trip (``chatd_commit_messages``, sql/0006); per-room seqs stay gap-free.
+    """Store a batch in ONE round trip (``chatd_commit_messages``, sql/0012); per-room seqs stay gap-free.
 
     Rooms are locked in id order (no deadlock between concurrent batches); with
     the room rows locked, duplicates of a client_msg_id are found before seqs
-    are assigned, so a retry never burns a seq.
+    are assigned, so a retry never burns a seq.  A prompt the assistant must
+    answer gets an ``answers_owed`` row in the same transaction: an acked prompt
+    is never forgotten, whatever happens between the commit and the enqueue.  A
+    duplicate whose answer is still owed says so (its retry re-enqueues).
     """
     rows = await _fetch_all(
         pool,
         "SELECT * FROM chatd_commit_messages(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
-        " %s::text[], %s::bigint[], %s::text[]::jsonb[], %s::bigint[])",
+        " %s::text[], %s::bigint[], %s::text[]::jsonb[], %s::bigint[], %s::boolean[])",
         (
             [m.room_id for m in batch],
             [m.sender_id for m in batch],
@@ -658,11 +663,13 @@ async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[
             [m.reply_to_id for m in batch],
             [json.dumps(m.data) if m.data is not None else None for m in batch],
             [m.file_id for m in batch],
+            [m.mentions_assistant for m in batch],
         ),
     )
     results = []
     for row in rows:
         outcome = row.pop("outcome")
+        owed = bool(row.pop("answer_owed"))
         row.pop("ord")
         room = {
             "kind": row.pop("room_kind"),
@@ -672,41 +679,96 @@ async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[
         if outcome in _COMMIT_ERRORS:
             results.append(Committed(None, error=_COMMIT_ERRORS[outcome](_COMMIT_MESSAGES[outcome])))
         else:
-            results.append(Committed(row, duplicate=outcome != "stored", room=room))
+            results.append(Committed(row, duplicate=outcome != "stored", room=room, answer_owed=owed))
     return results
 
 
 # -- assistant ------------------------------------------------------------------
 
 
-@bounded
-async def reserve_message_id(pool: Database) -> int:
-    """An id for an answer that is still streaming; the row is written when it ends."""
-    row = await _fetch_one(pool, "SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id")
-    assert row is not None
-    return int(row["id"])
+_ANSWER_SQL = (
+    f"SELECT {', '.join('m.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},"
+    " g.stop_reason AS g_stop_reason, g.input_tokens AS g_input_tokens, g.output_tokens AS g_output_tokens,"
+    " g.first_token_ms AS g_first_token_ms, g.latency_ms AS g_latency_ms, g.model AS g_model"
+    " FROM messages m LEFT JOIN generations g ON g.answer_message_id = m.id"
+    " WHERE m.reply_to_id = %s AND m.role = 'assistant' AND m.superseded_at IS NULL"
+)
 
 
 @bounded
 async def answer_for(pool: Database, prompt_id: int) -> Row | None:
-    return await _fetch_one(
-        pool,
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE reply_to_id = %s AND role = 'assistant'"
-        " AND superseded_at IS NULL",
-        (prompt_id,),
-    )
+    """The live answer to a prompt, with its generation (``g_*`` columns, for ``stream_end_from_row``)."""
+    return await _fetch_one(pool, _ANSWER_SQL, (prompt_id,))
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerInputs:
+    """What a claimed job needs from Postgres before it streams."""
+
+    prompt: Row | None
+    room: Row | None
+    answer: Row | None  # the live answer, if one is stored already
+    history: list[Row]  # text messages up to the prompt, ascending, without deleted or superseded ones
+    reserved_id: int  # an id for the answer (reserved whether it is used or not)
 
 
 @bounded
-async def recent_messages(pool: Database, room_id: int, up_to_seq: int, limit: int) -> list[Row]:
-    """The newest messages up to a seq (ascending), without deleted or superseded ones."""
-    rows = await _fetch_all(
+async def answer_inputs(pool: Database, jobs: Sequence[tuple[int, int]], history_limit: int) -> list[AnswerInputs]:
+    """For each ``(prompt id, room id)``: prompt, room, stored answer, recent history and a reserved
+    answer id.  Five statements for the whole list, in ONE round trip (pipeline mode): a burst of
+    claimed jobs costs Postgres a few statements, not five per job."""
+    prompt_ids, room_ids = [p for p, _ in jobs], [r for _, r in jobs]
+    columns = ", ".join("h." + c.strip() for c in MESSAGE_COLUMNS.split(","))
+    async with connection(pool) as conn:
+        async with conn.pipeline():
+            prompts = await conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ANY(%s)", (prompt_ids,))
+            rooms = await conn.execute(f"SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = ANY(%s)", (room_ids,))
+            answers = await conn.execute(
+                _ANSWER_SQL.replace("m.reply_to_id = %s", "m.reply_to_id = ANY(%s)"), (prompt_ids,)
+            )
+            history = await conn.execute(
+                f"SELECT j.prompt_id AS for_prompt, {columns}"
+                " FROM unnest(%s::bigint[], %s::bigint[]) AS j(prompt_id, room_id)"
+                " CROSS JOIN LATERAL (SELECT * FROM messages m WHERE m.room_id = j.room_id"
+                "   AND m.seq <= (SELECT seq FROM messages WHERE id = j.prompt_id) AND m.deleted_at IS NULL"
+                "   AND m.superseded_at IS NULL AND m.kind = 'text' ORDER BY m.seq DESC LIMIT %s) h",
+                (prompt_ids, room_ids, history_limit),
+            )
+            reserved = await conn.execute(
+                "SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id FROM generate_series(1, %s)",
+                (len(jobs),),
+            )
+        by_prompt = {r["id"]: r for r in await prompts.fetchall()}
+        by_room = {r["id"]: r for r in await rooms.fetchall()}
+        answered = {r["reply_to_id"]: r for r in await answers.fetchall()}
+        histories: dict[int, list[Row]] = {}
+        for r in await history.fetchall():
+            histories.setdefault(r.pop("for_prompt"), []).append(r)
+        ids = [int(r["id"]) for r in await reserved.fetchall()]
+    return [
+        AnswerInputs(by_prompt.get(p), by_room.get(r), answered.get(p), list(reversed(histories.get(p, []))), i)
+        for (p, r), i in zip(jobs, ids, strict=True)
+    ]
+
+
+@bounded
+async def settle_answer(pool: Database, prompt_id: int) -> bool:
+    """No answer is owed any more: refused (busy, quota), cancelled while queued, or dropped.
+
+    True when one was owed."""
+    row = await _fetch_one(pool, "DELETE FROM answers_owed WHERE prompt_id = %s RETURNING prompt_id", (prompt_id,))
+    return row is not None
+
+
+@bounded
+async def answers_owed(pool: Database, older_than_s: float, limit: int) -> list[Row]:
+    """Prompts still owed an answer for longer than ``older_than_s`` (oldest first): the sweeper's input."""
+    return await _fetch_all(
         pool,
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = %s AND seq <= %s AND deleted_at IS NULL"
-        " AND superseded_at IS NULL AND kind = 'text' ORDER BY seq DESC LIMIT %s",
-        (room_id, up_to_seq, limit),
+        "SELECT prompt_id, room_id, requester_id FROM answers_owed"
+        " WHERE created_at < now() - make_interval(secs => %s) ORDER BY created_at LIMIT %s",
+        (older_than_s, limit),
     )
-    return list(reversed(rows))
 
 
 @dataclass(frozen=True, slots=True)
@@ -744,6 +806,7 @@ async def persist_answer(
         room = await cur.fetchone()
         if room is None:
             return None
+        await conn.execute("DELETE FROM answers_owed WHERE prompt_id = %s", (prompt_id,))  # answered
         if supersede_id is not None:
             await conn.execute(
                 "UPDATE messages SET superseded_at = now() WHERE id = %s AND superseded_at IS NULL", (supersede_id,)
@@ -880,25 +943,30 @@ async def retrieval_capabilities(pool: Database) -> Row:
 
 
 @bounded
-async def index_embeddings(
-    pool: Database,
-    vector_schema: str,
-    lock_key: tuple[int, int],
-    after_id: int,
-    batch_size: int,
-    embed: Callable[[list[str]], Awaitable[list[str]]],
-) -> tuple[list[Row], int | None] | None:
-    """Embed and store one batch of messages waiting for an embedding, ids after ``after_id``.
+async def take_indexer_lease(pool: Database, holder: str, ttl_s: float) -> bool:
+    """The indexing lease (one batch at a time across all instances): True when ``holder`` has it now."""
+    row = await _fetch_one(
+        pool,
+        "INSERT INTO indexer_lease AS l (id, holder, until) VALUES (1, %s, now() + make_interval(secs => %s))"
+        " ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until"
+        " WHERE l.until < now() OR l.holder = EXCLUDED.holder RETURNING holder",
+        (holder, ttl_s),
+    )
+    return row is not None
 
-    One batch at a time across all instances (an advisory transaction lock): None
-    when another holds it.  Returns the rows embedded, and the largest message id
-    when the scan reached the end (None otherwise).
-    """
-    async with transaction(pool) as conn:
-        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s) AS ok", lock_key)
-        locked = await cur.fetchone()
-        if not locked or not locked["ok"]:
-            return None
+
+@bounded
+async def release_indexer_lease(pool: Database, holder: str) -> None:
+    await _fetch_one(
+        pool, "UPDATE indexer_lease SET until = now() WHERE id = 1 AND holder = %s RETURNING id", (holder,)
+    )
+
+
+@bounded
+async def pending_embeddings(pool: Database, after_id: int, batch_size: int) -> tuple[list[Row], int | None]:
+    """Messages waiting for an embedding, ids after ``after_id``; and the largest message id when the
+    scan reached the end (None otherwise)."""
+    async with connection(pool) as conn:
         cur = await conn.execute(_PENDING_SQL, (after_id, batch_size))
         rows = await cur.fetchall()
         max_id: int | None = None
@@ -906,13 +974,21 @@ async def index_embeddings(
             cur = await conn.execute("SELECT coalesce(max(id), 0) AS max_id FROM messages")
             top = await cur.fetchone()
             max_id = int(top["max_id"]) if top else 0
+    return rows, max_id
+
+
+@bounded
+async def store_embeddings(
+    pool: Database, vector_schema: str, holder: str, rows: Sequence[Row], vectors: Sequence[str]
+) -> None:
+    """Write a batch's embeddings and give the indexing lease back."""
+    async with transaction(pool) as conn:
         if rows:
-            vectors = await embed([r["content"] for r in rows])
             await conn.execute(
                 _vector_sql(_INSERT_SQL, vector_schema),
-                ([r["id"] for r in rows], [r["room_id"] for r in rows], vectors),
+                ([r["id"] for r in rows], [r["room_id"] for r in rows], list(vectors)),
             )
-    return rows, max_id
+        await conn.execute("UPDATE indexer_lease SET until = now() WHERE id = 1 AND holder = %s", (holder,))
 
 
 @bounded

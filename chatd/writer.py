@@ -44,7 +44,11 @@ class _Queued:
 
 class MessageWriter:
     def __init__(
-        self, db: Database, hub: Publisher, settings: Settings, clock: Callable[[], float] = time.monotonic
+        self,
+        db: Database,
+        hub: Publisher,
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.hub = hub

@@ -403,11 +403,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 duplicate=committed.duplicate,
             )
         )
-        if self.rooms.wants_answer(committed, frame.content):  # checked here: no task per send in plain rooms
+        if self.rooms.wants_answer(committed):  # checked here: no task per send in plain rooms
             self.state.tasks.spawn(self._queue_answer(frame, committed), "ws-assistant-enqueue")
 
     async def _queue_answer(self, frame: protocol.Send, committed: Committed) -> None:
-        result = await self.rooms.after_commit(self.user_id, frame.room_id, frame.content, committed)
+        result = await self.rooms.after_commit(self.user_id, frame.room_id, committed)
         if result.assistant_error is not None:  # stored and acked; no answer will come
             self.send_frame(protocol.error(result.assistant_error, reply_to=frame.request_id))
 

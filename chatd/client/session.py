@@ -691,6 +691,13 @@ class ClientSession:
         room.queued[int(f["reply_to_message_id"])] = int(f.get("position", 1))
         return [Redraw()]
 
+    def _on_cancelled(self, f: Mapping[str, Any], now: float) -> list[Action]:
+        """A queued answer was cancelled before it started: its waiting indicator goes."""
+        room = self.rooms.get(int(f["room_id"]))
+        if room is None or room.queued.pop(int(f["reply_to_message_id"]), None) is None:
+            return []
+        return [Redraw()]
+
     def _on_stream_start(self, f: Mapping[str, Any], now: float) -> list[Action]:
         room = self.rooms.get(int(f["room_id"]))
         if room is None:
@@ -816,6 +823,7 @@ _HANDLERS = {
     "token_expiring": ClientSession._on_token_expiring,
     "error": ClientSession._on_error,
     "queued": ClientSession._on_queued,
+    "cancelled": ClientSession._on_cancelled,
     "stream_start": ClientSession._on_stream_start,
     "stream_chunk": ClientSession._on_stream_chunk,
     "stream_end": ClientSession._on_stream_end,

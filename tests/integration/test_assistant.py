@@ -113,14 +113,20 @@ async def test_cancel_keeps_partial_text(chatd_factory: Any, services: Services)
 
 async def test_cancel_while_queued(chatd_factory: Any, services: Services) -> None:
     server: Chatd = chatd_factory(CHATD_ASSISTANT_PER_USER_CONCURRENCY="1", **SLOW)
-    (alice,) = make_users(services.database_url, 1)
-    room = await make_room(server, alice, [], kind="assistant")
-    a = await connect(server, alice)
+    other: Chatd = chatd_factory()
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(server, alice, [bob], kind="assistant")
+    a, b = await connect(server, alice), await connect(other, bob)
     await join(a, room)
+    await join(b, room)
     await send(a, room, "first")
     second = await send(a, room, "second")
-    await a.expect("queued", room_id=room, reply_to_message_id=second["message_id"])
+    await b.expect("queued", room_id=room, reply_to_message_id=second["message_id"])
     await a.send({"type": "cancel", "message_id": second["message_id"], "id": "c"})
+    # Every member, on every instance, learns that the queued answer will not come.
+    for ws in (a, b):
+        gone = await ws.expect("cancelled", room_id=room)
+        assert gone["reply_to_message_id"] == second["message_id"]
     first_end = await stream_of(a, room)
     assert first_end[2]["stop_reason"] == "end_turn"
     with pytest.raises(asyncio.TimeoutError):

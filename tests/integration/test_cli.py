@@ -180,8 +180,11 @@ def test_unreachable_services_fail_fast_without_orphans(tmp_path: Path, services
     assert serve.returncode == 1 and "REDIS_URL" in one_line_error(serve)
     assert not wait_gone(data_dir)
 
-    ok = chatd_cli("check-config", "--connect", env={**base, "DATABASE_URL": services.database_url,
-                                                     "REDIS_URL": services.redis_url})
+    ok = chatd_cli(
+        "check-config",
+        "--connect",
+        env={**base, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url},
+    )
     assert ok.returncode == 0, ok.stderr
     assert "postgres: ok (PostgreSQL " in ok.stderr and "redis: ok" in ok.stderr
 
@@ -233,12 +236,23 @@ def test_install_has_no_setuptools_deprecation(tmp_path: Path) -> None:
 def test_signals_are_handled_while_workers_start(services: Services, tmp_path: Path) -> None:
     """A worker stuck in its start must not make the master deaf: SIGINT stops the tree in seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
-    env.update({"DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url, "JWT_SECRET": JWT_SECRET,
-                "CHATD_SERVER_SHUTDOWN_GRACE_S": "2", "CHATD_STORAGE_REDIS_KEY_PREFIX": "sig:"})
+    env.update(
+        {
+            "DATABASE_URL": services.database_url,
+            "REDIS_URL": services.redis_url,
+            "JWT_SECRET": JWT_SECRET,
+            "CHATD_SERVER_SHUTDOWN_GRACE_S": "2",
+            "CHATD_STORAGE_REDIS_KEY_PREFIX": "sig:",
+        }
+    )
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatd", "serve", "--port", str(free_port()), "--workers", "2"],
-        cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     stopped: set[int] = set()
     try:
@@ -285,7 +299,12 @@ def test_sigterm_during_the_start_leaves_nothing(tmp_path: Path) -> None:
     env.update({"JWT_SECRET": JWT_SECRET, "CHATD_STORAGE_DATA_DIR": str(data_dir)})
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatd", "serve", "--port", str(free_port()), "--workers", "2"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 30
     while not (data_dir / "postgres").exists() and time.monotonic() < deadline:

@@ -199,9 +199,16 @@ def test_short_secret_file_is_refused(tmp_path: Path) -> None:
     short.write_text("too-short")
     result = subprocess.run(
         [sys.executable, "-m", "chatd", "serve", "--port", "0"],
-        env={"PATH": "/usr/bin:/bin", "CHATD_AUTH_JWT_SECRET_FILE": str(short),
-             "CHATD_STORAGE_DATA_DIR": str(tmp_path / "var")},
-        capture_output=True, text=True, timeout=90, check=False, cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "CHATD_AUTH_JWT_SECRET_FILE": str(short),
+            "CHATD_STORAGE_DATA_DIR": str(tmp_path / "var"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        cwd=ROOT,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"auth.jwt_secret_file {short} holds fewer than 32 bytes" in result.stderr.splitlines()[-1]

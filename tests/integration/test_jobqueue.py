@@ -67,6 +67,18 @@ async def test_per_user_cap_skips_to_other_users(queue: tuple[JobQueue, Clock]) 
     assert c is not None and (c.user_id, c.data["n"]) == (1, 1)
 
 
+async def test_claim_many_takes_turns_and_respects_the_caps(queue: tuple[JobQueue, Clock]) -> None:
+    q, _ = queue
+    for user in (1, 2, 3):
+        for n in range(3):
+            await q.enqueue(job(user, n), max_depth=100)
+    first = await q.claim_many(30, per_user_cap=2, max_jobs=4)
+    assert [(j.user_id, j.data["n"]) for j in first] == [(1, 0), (2, 0), (3, 0), (1, 1)]
+    rest = await q.claim_many(30, per_user_cap=2, max_jobs=10)  # stops when every user is at the cap
+    assert [(j.user_id, j.data["n"]) for j in rest] == [(2, 1), (3, 1)]
+    assert await q.claim_many(30, per_user_cap=2, max_jobs=10) == [] and await q.depth() == 3
+
+
 async def test_depth_limit(queue: tuple[JobQueue, Clock]) -> None:
     q, _ = queue
     assert await q.enqueue(job(1, 0), max_depth=2) == 1

@@ -26,8 +26,20 @@ def locust(*args: str, cwd: Path, timeout_s: float = 120) -> subprocess.Complete
 def test_plain_run_creates_its_users_through_the_api(chatd_factory: Any, tmp_path: Path) -> None:
     server: Chatd = chatd_factory()
     result = locust(
-        "-u", "5", "-r", "5", "-t", "5s", "--host", server.http, "--only-summary",
-        "--csv", str(tmp_path / "stats"), "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path,
+        "-u",
+        "5",
+        "-r",
+        "5",
+        "-t",
+        "5s",
+        "--host",
+        server.http,
+        "--only-summary",
+        "--csv",
+        str(tmp_path / "stats"),
+        "--lt-plan",
+        str(tmp_path / "plan.json"),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -43,8 +55,20 @@ def test_plain_run_creates_its_users_through_the_api(chatd_factory: Any, tmp_pat
     assert int(aggregated[2]) > 5 and aggregated[3] == "0"
 
     # The same command again: the plan it wrote is for this host and its tokens outlast the run.
-    again = locust("-u", "5", "-r", "5", "-t", "3s", "--host", server.http, "--only-summary",
-                   "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path)
+    again = locust(
+        "-u",
+        "5",
+        "-r",
+        "5",
+        "-t",
+        "3s",
+        "--host",
+        server.http,
+        "--only-summary",
+        "--lt-plan",
+        str(tmp_path / "plan.json"),
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and "plan: reusing" in again.stderr, again.stderr[-3000:]
     assert len([e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]) == 5
 
@@ -52,16 +76,29 @@ def test_plain_run_creates_its_users_through_the_api(chatd_factory: Any, tmp_pat
 def test_plan_with_tokens_expiring_during_the_run_is_not_reused(chatd_factory: Any, tmp_path: Path) -> None:
     server: Chatd = chatd_factory(CHATD_AUTH_ACCESS_TTL_S="30")  # tokens end before run + margin
     for _ in range(2):
-        result = locust("-u", "2", "-r", "2", "-t", "2s", "--host", server.http, "--only-summary",
-                        "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path)
+        result = locust(
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "2s",
+            "--host",
+            server.http,
+            "--only-summary",
+            "--lt-plan",
+            str(tmp_path / "plan.json"),
+            cwd=tmp_path,
+        )
         assert result.returncode == 0 and "plan: reusing" not in result.stderr, result.stderr[-3000:]
     assert len([e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]) == 4
 
 
 def test_run_that_cannot_make_users_fails_in_one_line(tmp_path: Path) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
-    result = locust("-u", "3", "-t", "5s", "--host", nowhere, "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path,
-                    timeout_s=60)
+    result = locust(
+        "-u", "3", "-t", "5s", "--host", nowhere, "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path, timeout_s=60
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     reasons = [line for line in result.stderr.splitlines() if line.startswith("loadtest: ")]
@@ -81,6 +118,9 @@ def test_run_locust_users_means_users_in_total(tmp_path: Path) -> None:
     assert cmd[cmd.index("-u") + 1] == "300" and cmd[cmd.index("--lt-rest-users") + 1] == "10"
     too_many = subprocess.run(
         [sys.executable, str(ROOT / "loadtest" / "run_locust.py"), "--users", "5", "--rest-users", "5"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert too_many.returncode == 2 and "--users is the total" in too_many.stderr

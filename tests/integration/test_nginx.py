@@ -103,8 +103,9 @@ def start_nginx(tmp_path: Path, upstreams: list[int]) -> Nginx:
     conf = substitute(conf, r"ssl_certificate_key \S+;", f"ssl_certificate_key {key};", 1)
     conf = substitute(conf, r"access_log \S+ chatd;", f"access_log {prefix}/access.log chatd;", 1)
     (prefix / "chatd.conf").write_text(conf)
-    temp = "".join(f"    {kind}_temp_path {prefix}/{kind}_temp;\n" for kind in ("client_body", "proxy", "fastcgi",
-                                                                                  "uwsgi", "scgi"))
+    temp = "".join(
+        f"    {kind}_temp_path {prefix}/{kind}_temp;\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     (prefix / "nginx.conf").write_text(
         f"""daemon off;
 {"user root;" if os.geteuid() == 0 else ""}
@@ -175,8 +176,14 @@ async def fetch(
         headers["Authorization"] = f"Bearer {token}"
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
     req = HTTPRequest(
-        url, method=method, body=data, headers=headers, validate_cert=False, network_interface=source_ip,
-        request_timeout=30, **kw
+        url,
+        method=method,
+        body=data,
+        headers=headers,
+        validate_cert=False,
+        network_interface=source_ip,
+        request_timeout=30,
+        **kw,
     )
     return await AsyncHTTPClient().fetch(req, raise_error=False)
 
@@ -240,8 +247,9 @@ async def test_two_instances_behind_nginx(cluster: tuple[Nginx, Chatd, Chatd], s
     nginx, one, two = cluster
     servers = (one, two)
     alice, bob = make_users(services.database_url, 2)
-    r = await fetch(nginx.https + API + "/rooms", "POST", {"name": "r", "kind": "group", "members": [bob.id]},
-                    alice.token)
+    r = await fetch(
+        nginx.https + API + "/rooms", "POST", {"name": "r", "kind": "group", "members": [bob.id]}, alice.token
+    )
     assert r.code == 201, r.body
     room = json.loads(r.body)["id"]
 
@@ -297,8 +305,9 @@ async def test_two_instances_behind_nginx(cluster: tuple[Nginx, Chatd, Chatd], s
 async def test_sse_through_nginx_is_unbuffered(cluster: tuple[Nginx, Chatd, Chatd], services: Services) -> None:
     nginx, _, _ = cluster
     (alice,) = make_users(services.database_url, 1)
-    r = await fetch(nginx.https + API + "/rooms", "POST", {"name": "a", "kind": "assistant", "members": []},
-                    alice.token)
+    r = await fetch(
+        nginx.https + API + "/rooms", "POST", {"name": "a", "kind": "assistant", "members": []}, alice.token
+    )
     assert r.code == 201, r.body
     room = json.loads(r.body)["id"]
     arrivals: list[tuple[float, bytes]] = []
@@ -332,8 +341,12 @@ async def test_login_burst_is_limited_by_nginx(cluster: tuple[Nginx, Chatd, Chat
     nginx, one, two = cluster
     by_nginx = 0
     for i in range(20):
-        r = await fetch(nginx.https + API + "/auth/login", "POST", {"email": f"x{i}@example.com", "password": "p" * 10},
-                        source_ip="127.0.0.4")
+        r = await fetch(
+            nginx.https + API + "/auth/login",
+            "POST",
+            {"email": f"x{i}@example.com", "password": "p" * 10},
+            source_ip="127.0.0.4",
+        )
         if r.code == 429 and b"too many requests, retry later" in r.body:  # nginx's answer, in chatd's error shape
             assert json.loads(r.body)["error"]["code"] == "rate_limited" and r.headers["Retry-After"] == "10"
             by_nginx += 1

@@ -292,13 +292,18 @@ async def test_openai_error_and_cut_mid_stream(openai: Provider, fake: FakeLLM) 
 
 
 class Sleeps:
-    """An injected sleep: records each pause and returns at once."""
+    """An injected sleep and clock: records each pause, advances the clock by it and returns at once."""
 
     def __init__(self) -> None:
         self.delays_s: list[float] = []
+        self.now = 0.0
 
     async def __call__(self, delay_s: float) -> None:
         self.delays_s.append(delay_s)
+        self.now += delay_s
+
+    def clock(self) -> float:
+        return self.now
 
 
 CONTEXT = (
@@ -309,7 +314,7 @@ CONTEXT = (
 
 
 async def test_offline_is_named_and_deterministic() -> None:
-    provider = OfflineProvider(50, sleep=Sleeps())
+    provider = OfflineProvider(50, sleep=(sleeps := Sleeps()), clock=sleeps.clock)
     first = await collect(provider, request(*CONTEXT))
     second = await collect(provider, request(*CONTEXT))
     assert provider.name == "offline"
@@ -328,7 +333,7 @@ async def test_offline_streams_word_by_word_at_the_configured_rate() -> None:
     sleeps = Sleeps()
     provider = make_provider(settings(provider="offline", offline_tokens_per_s=20))
     assert isinstance(provider, OfflineProvider)
-    provider = OfflineProvider(20, sleep=sleeps)
+    provider = OfflineProvider(20, sleep=sleeps, clock=sleeps.clock)
     out = await collect(provider, request(*CONTEXT))
     assert out.finished is not None
     assert len(out.deltas) == out.finished.output_tokens == len(out.text.split())
@@ -338,10 +343,24 @@ async def test_offline_streams_word_by_word_at_the_configured_rate() -> None:
 
 async def test_offline_honours_max_tokens() -> None:
     sleeps = Sleeps()
-    out = await collect(OfflineProvider(50, sleep=sleeps), request(*CONTEXT, max_tokens=5))
+    out = await collect(OfflineProvider(50, sleep=sleeps, clock=sleeps.clock), request(*CONTEXT, max_tokens=5))
     assert len(out.deltas) == 5 and len(sleeps.delays_s) == 5
     assert out.text.startswith(OFFLINE_PREFIX)
     assert out.finished is not None and (out.finished.stop_reason, out.finished.output_tokens) == ("max_tokens", 5)
+
+
+async def test_offline_keeps_its_schedule_when_the_reader_is_late() -> None:
+    sleeps = Sleeps()
+    provider = OfflineProvider(10, sleep=sleeps, clock=sleeps.clock)
+    deltas = []
+    async for event in provider.stream(request(*CONTEXT, max_tokens=6)):
+        if isinstance(event, TextDelta):
+            deltas.append(event.text)
+            if len(deltas) == 2:
+                sleeps.now += 0.35  # the reader was busy for 3.5 token intervals
+    assert len(deltas) == 6
+    # Tokens 3-5 were due meanwhile: they come at once (no pause); the 6th on the original schedule.
+    assert sleeps.delays_s == [pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.05)]
 
 
 async def test_offline_500_concurrent_streams_stay_cheap() -> None:

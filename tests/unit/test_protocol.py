@@ -566,6 +566,24 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         },
     ),
     (
+        "stream_start",
+        p.stream_start(room_id=5, message_id=79, reply_to_message_id=77, model="m-1", supersedes=78),
+        {
+            "type": "stream_start",
+            "room_id": 5,
+            "message_id": 79,
+            "reply_to_message_id": 77,
+            "model": "m-1",
+            "resumed": True,
+            "supersedes": 78,
+        },
+    ),
+    (
+        "cancelled",
+        p.cancelled(room_id=5, reply_to_message_id=77),
+        {"type": "cancelled", "room_id": 5, "reply_to_message_id": 77},
+    ),
+    (
         "stream_chunk",
         p.stream_chunk(room_id=5, message_id=78, index=0, content="Hel"),
         {"type": "stream_chunk", "room_id": 5, "message_id": 78, "index": 0, "content": "Hel"},
@@ -608,7 +626,7 @@ def test_every_server_builder_is_tested() -> None:
     builders = {
         "hello", "token_expiring", "authenticated", "joined", "left", "resync_required",
         "ack", "message", "message_updated", "message_deleted", "typing", "read",
-        "presence", "pong", "error", "queued", "stream_start", "stream_chunk", "stream_end",
+        "presence", "pong", "error", "queued", "cancelled", "stream_start", "stream_chunk", "stream_end",
     }  # fmt: skip
     assert {case[0] for case in BUILDER_CASES} == builders
     assert builders <= set(p.__all__)

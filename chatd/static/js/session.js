@@ -519,6 +519,13 @@ export class Session {
     return [REDRAW];
   }
 
+  onCancelled(f) {
+    // A queued answer was cancelled before it started: its waiting indicator goes.
+    const room = this.rooms.get(f.room_id);
+    if (!room || !room.queued.delete(f.reply_to_message_id)) return [];
+    return [REDRAW];
+  }
+
   onStreamStart(f) {
     const room = this.rooms.get(f.room_id);
     if (!room) return [];
@@ -642,6 +649,7 @@ const HANDLERS = {
   token_expiring: Session.prototype.onTokenExpiring,
   error: Session.prototype.onError,
   queued: Session.prototype.onQueued,
+  cancelled: Session.prototype.onCancelled,
   stream_start: Session.prototype.onStreamStart,
   stream_chunk: Session.prototype.onStreamChunk,
   stream_end: Session.prototype.onStreamEnd,
