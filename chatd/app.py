@@ -31,6 +31,7 @@ from chatd.pubsub import Subscriber
 from chatd.ratelimit import SendLimiter
 from chatd.repair import Repair
 from chatd.retrieval import Retriever, load_embedder
+from chatd.rfc6455 import EchoSocket
 from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.web import LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
@@ -135,6 +136,8 @@ class Worker:
             *webapp.routes(),  # the web app at /
         ]
         ws = self.settings.ws
+        if ws.test_echo_route:  # test only: the conformance suite's echo socket (never on in production)
+            routes.insert(0, (r"/test/ws-echo", EchoSocket, {"close_timeout_s": ws.close_timeout_s}))
         return tornado.web.Application(
             routes,
             default_handler_class=NotFoundHandler,

@@ -114,6 +114,18 @@ class WebSocketSettings:
     heartbeat_interval_s: float = _f(25.0, "Server WebSocket ping interval.", min=1)
     idle_timeout_s: float = _f(60.0, "Close a socket silent this long.", min=2)
     max_buffer_bytes: int = _f(1_048_576, "Unsent bytes a socket may queue before it is closed with 1013.", min=4096)
+    close_timeout_s: float = _f(
+        10.0,
+        "After chatd sends a close frame (1009, 1013, a protocol error, shutdown...): how long it waits for the"
+        " client's close frame, reading and discarding what the client still sends, before it drops the"
+        " connection. A client that stops reading for less than this still sees the close code.",
+        min=0.1,
+    )
+    test_echo_route: bool = _f(
+        False,
+        "TEST ONLY, never in production: serve /test/ws-echo, an unauthenticated echo socket with /ws's"
+        " protocol class and limits, for the Autobahn conformance cases (tests/integration/test_ws_conformance.py).",
+    )
     compression: bool = _f(False, "permessage-deflate (costs ~300 KiB per socket without bounds).")
     compression_level: int = _f(6, "zlib level when compression is on.", min=0, max=9)
     compression_mem_level: int = _f(5, "zlib memLevel when compression is on (memory per socket).", min=1, max=9)

@@ -18,6 +18,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down
+    PROTOCOL_ERROR = 1002  # RFC 6455 violation: unmasked frame, invalid close code, reserved bits...
     UNSUPPORTED_DATA = 1003  # binary frame
     INVALID_PAYLOAD = 1007  # invalid JSON / UTF-8, after repeated strikes
     POLICY_VIOLATION = 1008  # banned user, policy

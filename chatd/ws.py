@@ -20,14 +20,12 @@ import asyncio
 import json
 import secrets
 import time
-from asyncio import Future
 from typing import Any
 from urllib.parse import urlparse
 
 import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
-from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
 from chatd import errors, metrics, protocol
 from chatd.accounts import Accounts, Principal
@@ -36,6 +34,7 @@ from chatd.errors import CloseCode
 from chatd.fanout import Hub
 from chatd.kv import KV
 from chatd.logs import app_log, fields
+from chatd.rfc6455 import StrictHandlerMixin, StrictProtocol
 from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.store import Committed
@@ -44,20 +43,7 @@ from chatd.writer import MessageWriter
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
 
 
-class _StrictUtf8Protocol(WebSocketProtocol13):
-    """Invalid UTF-8 in a text frame closes with 1007 (RFC 6455 8.1) instead of Tornado's silent abort."""
-
-    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
-        if opcode == 0x1:
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.close(int(CloseCode.INVALID_PAYLOAD), "invalid UTF-8")
-                return None
-        return super()._handle_message(opcode, data)
-
-
-class ChatSocket(tornado.websocket.WebSocketHandler):
+class ChatSocket(StrictHandlerMixin):
     def initialize(
         self,
         state: ServerState,
@@ -75,6 +61,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.hub = hub
         self.kv = kv
         self.writer = writer
+        self.close_timeout_s = settings.ws.close_timeout_s
         self.connection_id = secrets.token_hex(8)
         self.principal: Principal | None = None
         self.user_id = 0
@@ -157,12 +144,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._registered = result == 1
         return result
 
-    def get_websocket_protocol(self) -> WebSocketProtocol | None:
-        proto = super().get_websocket_protocol()
-        if isinstance(proto, WebSocketProtocol13):
-            proto.__class__ = _StrictUtf8Protocol
-        return proto
-
     def get_compression_options(self) -> dict[str, Any] | None:
         ws = self.config.ws
         if not ws.compression:
@@ -243,6 +224,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                     return
                 frame = frame[sent:]
             stream.write(frame)
+            if isinstance(conn, StrictProtocol):
+                conn.note_write()  # where this frame ends, should the rest have to be dropped
         except StreamBufferFullError:
             self._overflow()
         except (StreamClosedError, tornado.websocket.WebSocketClosedError, ConnectionError):
@@ -257,8 +240,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.write_message(payload.decode())
 
     def _overflow(self) -> None:
-        app_log.warning("slow_consumer_closed", extra=fields(user_id=self.user_id, connection_id=self.connection_id))
-        stream = getattr(self.ws_connection, "stream", None)
+        conn = self.ws_connection
+        # The queued frames are useless to a client that must resume anyway: dropped, so the close frame is
+        # next on the wire and a client that reads again within ws.close_timeout_s sees 1013.
+        dropped = conn.drop_unsent() if isinstance(conn, StrictProtocol) else 0
+        app_log.warning(
+            "slow_consumer_closed",
+            extra=fields(user_id=self.user_id, connection_id=self.connection_id, dropped_bytes=dropped),
+        )
+        stream = getattr(conn, "stream", None)
         if isinstance(stream, IOStream):
             stream.max_write_buffer_size = None  # room for the close frame
         self._stream_obj = None
