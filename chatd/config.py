@@ -62,7 +62,20 @@ class ServerSettings:
     worker_restart_max_backoff_s: float = _f(
         10.0, "Upper bound of the backoff before a crashed worker is replaced.", min=0.1
     )
-    max_body_bytes: int = _f(1_048_576, "Largest accepted HTTP request body; larger gets 413.", min=1024)
+    max_body_bytes: int = _f(
+        1_048_576,
+        "Largest accepted HTTP request body, Content-Length or chunked; larger gets 413 (the rest of the body is"
+        " read and discarded, never buffered).",
+        min=1024,
+    )
+    body_timeout_s: float = _f(
+        30.0, "Deadline for receiving a request body; a slower (or endless) body closes the connection.", min=0.1
+    )
+    max_header_bytes: int = _f(
+        65_536,
+        "Largest request line + headers; larger gets 431. Past 4 times this the connection is dropped unread.",
+        min=1024,
+    )
     trust_proxy_headers: bool = _f(False, "Take client IP and scheme from X-Forwarded-For / X-Real-IP (behind nginx).")
     allowed_origins: list[str] = _f(
         [], "Origins allowed to open /ws from a browser. Empty: same host only. Clients without Origin are allowed."

@@ -100,6 +100,12 @@ class TooLarge(ChatdError):
     default_message = "too large"
 
 
+class HeadersTooLarge(ChatdError):
+    code = "headers_too_large"
+    http_status = 431
+    default_message = "request headers too large"
+
+
 class RateLimited(ChatdError):
     code = "rate_limited"
     http_status = 429
@@ -169,6 +175,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
                 MethodNotAllowed,
                 Conflict,
                 TooLarge,
+                HeadersTooLarge,
                 RateLimited,
                 QuotaExceeded,
                 Busy,

@@ -66,15 +66,15 @@ async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: in
     from tornado.httpserver import HTTPServer
 
     from chatd.app import Worker
+    from chatd.web import RequestLimits
 
     worker = await Worker.create(settings, worker_id)
     worker.start()
     server = HTTPServer(
-        worker.application(),
+        RequestLimits(worker.application(), settings.server),  # 413 / 431 in JSON, before buffering
         xheaders=settings.server.trust_proxy_headers,
-        # Tornado drops larger bodies outright; up to 4x we read them and answer 413 in JSON.
-        max_body_size=settings.server.max_body_bytes * 4,
         idle_connection_timeout=settings.ws.idle_timeout_s,
+        **RequestLimits.server_options(settings.server),  # body deadline; the caps are RequestLimits' own
     )
     if not sockets:  # reuse_port mode: each worker binds its own SO_REUSEPORT socket
         sockets = bind(settings, reuse_port=True)
