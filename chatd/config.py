@@ -144,6 +144,30 @@ class WebSocketSettings:
     compression_mem_level: int = _f(5, "zlib memLevel when compression is on (memory per socket).", min=1, max=9)
     send_rate_count: int = _f(20, "Messages a user may send per window, across all instances.", min=1)
     send_rate_window_s: float = _f(10.0, "The send rate window.", min=0.1)
+    frame_rate_per_s: float = _f(
+        30.0,
+        "Frames of any type but send (which has its own per-user quota) one socket may send per second (a"
+        " token bucket, frame_burst at once).",
+        min=0.1,
+    )
+    frame_burst: int = _f(200, "Frames of any type but send one socket may send at once.", min=1)
+    join_rate_per_s: float = _f(10.0, "join and leave frames per socket per second.", min=0.1)
+    join_burst: int = _f(100, "join and leave frames one socket may send at once (a client joining its rooms).", min=1)
+    read_rate_per_s: float = _f(5.0, "read frames per socket per second (each one is a Postgres UPDATE).", min=0.1)
+    read_burst: int = _f(30, "read frames one socket may send at once.", min=1)
+    typing_rate_per_s: float = _f(3.0, "typing frames per socket per second.", min=0.1)
+    typing_burst: int = _f(10, "typing frames one socket may send at once.", min=1)
+    control_rate_per_s: float = _f(
+        2.0, "edit, delete, auth, cancel and regenerate frames per socket per second.", min=0.1
+    )
+    control_burst: int = _f(20, "edit, delete, auth, cancel and regenerate frames one socket may send at once.", min=1)
+    max_violations: int = _f(
+        50,
+        "Refused frames (rate_limited, invalid fields) a socket may send within violation_window_s; the next one"
+        " closes it with 1008.",
+        min=1,
+    )
+    violation_window_s: float = _f(10.0, "The window of max_violations.", min=0.1)
     replay_limit: int = _f(1000, "Longest replay on join; longer sends resync_required.", min=1)
     typing_interval_s: float = _f(2.0, "At most one typing frame relayed per user per room per interval.", min=0)
     typing_ttl_s: float = _f(6.0, "Typing state expires without a refresh.", min=0.5)

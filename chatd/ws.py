@@ -29,17 +29,19 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from chatd import errors, metrics, protocol
 from chatd.accounts import Accounts, Principal
-from chatd.config import Settings
+from chatd.config import Settings, WebSocketSettings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
 from chatd.kv import KV
 from chatd.logs import app_log, fields
+from chatd.ratelimit import Decision, FrameLimiter, TypingDedup
 from chatd.rfc6455 import StrictHandlerMixin, StrictProtocol
 from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.store import Committed
 from chatd.writer import MessageWriter
 
+_ALLOWED = Decision(True)
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
 
 
@@ -75,6 +77,8 @@ class ChatSocket(StrictHandlerMixin):
             max_frame_bytes=settings.ws.max_frame_bytes,
             max_message_chars=settings.ws.max_message_chars,
         )
+        self._limiter = frame_limiter(settings.ws)
+        self._typing = TypingDedup(settings.ws.typing_interval_s)
         self._registered = False
         self._over_cap = False
         self._closing = False
@@ -278,11 +282,29 @@ class ChatSocket(StrictHandlerMixin):
         except errors.ProtocolViolation as exc:
             metrics.ws_frames.labels("invalid").inc()
             self.send_frame(protocol.error(exc, reply_to=None))
+            app_log.warning(
+                "ws_protocol_error",
+                extra=fields(
+                    code=int(exc.close_code),
+                    reason=exc.message[:100],
+                    user_id=self.user_id,
+                    connection_id=self.connection_id,
+                ),
+            )
             self.force_close(int(exc.close_code), exc.message[:100])
             return
         except protocol.FrameError as exc:
             metrics.ws_frames.labels("invalid").inc()
             self.send_frame(protocol.error(exc.error, reply_to=exc.request_id))
+            self._violated("invalid frames")
+            return
+        # Sends have their own quota per user (Rooms.submit) and the commit queue's backpressure.
+        decision = _ALLOWED if isinstance(frame, protocol.Send) else self._limiter.hit(frame.TYPE)
+        if not decision.allowed:
+            metrics.ws_frames.labels("limited").inc()
+            err = errors.RateLimited(f"too many {frame.TYPE} frames", retry_after_ms=decision.retry_after_ms)
+            self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            self._violated(f"{frame.TYPE} flood")
             return
         metrics.ws_frames.labels(frame.TYPE).inc()
         try:
@@ -292,9 +314,20 @@ class ChatSocket(StrictHandlerMixin):
                 await self._dispatch(frame)
         except errors.ChatdError as err:
             self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            if isinstance(err, errors.RateLimited):
+                self._violated(f"{frame.TYPE} over its rate")
         except Exception as exc:
             app_log.error("frame_failed", exc_info=exc, extra=fields(type=type(frame).__name__))
             self.send_frame(protocol.error(errors.Internal(), reply_to=frame.request_id))
+
+    def _violated(self, reason: str) -> None:
+        """A refused frame; a socket that keeps sending them is closed with 1008."""
+        if self._limiter.violation() and not self._closing:
+            app_log.warning(
+                "ws_policy_close",
+                extra=fields(code=1008, reason=reason, user_id=self.user_id, connection_id=self.connection_id),
+            )
+            self.force_close(int(CloseCode.POLICY_VIOLATION), f"too many refused frames ({reason})")
 
     async def _send(self, frame: protocol.Send) -> None:
         # Pipelined: queued in frame order now, acked when its batch commits, while the next frames
@@ -329,8 +362,14 @@ class ChatSocket(StrictHandlerMixin):
                 await self.rooms.leave(self, frame.room_id)
                 self.send_frame(protocol.left(room_id=frame.room_id, reply_to=rid))
             case protocol.Typing():
-                await self.rooms.typing(self, frame.room_id, frame.is_typing)
-                self._typing_expiry(frame.room_id, frame.is_typing)
+                if self._typing.should_relay(frame.room_id, frame.is_typing):
+                    try:
+                        await self.rooms.typing(self, frame.room_id, frame.is_typing)
+                    except errors.ChatdError:
+                        self._typing.expired(frame.room_id)  # not relayed: the next one is tried again
+                        raise
+                if frame.is_typing or frame.room_id in self._typing_timers:
+                    self._typing_expiry(frame.room_id, frame.is_typing)
             case protocol.Read():
                 await self.rooms.read(self, frame.room_id, frame.seq)
             case protocol.Edit():
@@ -399,6 +438,7 @@ class ChatSocket(StrictHandlerMixin):
 
             def expire() -> None:
                 self._typing_timers.pop(room_id, None)
+                self._typing.expired(room_id)
                 frame = protocol.typing(room_id=room_id, user_id=self.user_id, is_typing=False)
                 self.state.tasks.spawn(
                     self.hub.publish_room(room_id, frame, exclude=self.connection_id), "typing-expiry"
@@ -438,6 +478,28 @@ class ChatSocket(StrictHandlerMixin):
                 await self.kv.unregister_connection(self.user_id, self.connection_id)
             except errors.Unavailable:
                 pass  # the entry expires after CONNECTION_TTL_S
+
+
+def frame_limiter(ws: WebSocketSettings) -> FrameLimiter:
+    """The per-socket frame limits of ``ws`` (sends also have their per-user quota, ``Rooms.submit``)."""
+    return FrameLimiter(
+        limits={
+            "all": (ws.frame_rate_per_s, ws.frame_burst),
+            "join": (ws.join_rate_per_s, ws.join_burst),
+            "read": (ws.read_rate_per_s, ws.read_burst),
+            "typing": (ws.typing_rate_per_s, ws.typing_burst),
+            "control": (ws.control_rate_per_s, ws.control_burst),
+        },
+        groups={
+            "join": "join",
+            "leave": "join",
+            "read": "read",
+            "typing": "typing",
+            **dict.fromkeys(("edit", "delete", "auth", "cancel", "regenerate"), "control"),
+        },
+        max_violations=ws.max_violations,
+        violation_window_s=ws.violation_window_s,
+    )
 
 
 async def refresh_registrations(state: ServerState, kv: KV) -> None:

@@ -1,0 +1,130 @@
+"""Abusive socket clients: floods of every frame type, and closes that leave a trace.
+
+A flood gets ``rate_limited`` errors (with ``retry_after_ms``) and, if it goes
+on, a 1008 close; typing is relayed only when it changes; every close for a
+protocol violation leaves a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.chat import connect, join, make_room
+from tests.conftest import Services
+from tests.rawws import OP_BINARY, OP_TEXT, RawWS, frame
+from tests.support import WS, Chatd
+from tests.users import make_users
+
+pytestmark = pytest.mark.reliability
+
+
+async def _flood(ws: WS, frames: list[dict[str, Any]]) -> None:
+    """Write every frame without waiting for anything (one burst on the wire)."""
+    assert ws.conn.stream is not None
+    data = b"".join(frame(OP_TEXT, json.dumps(f).encode()) for f in frames)
+    try:
+        await ws.conn.stream.write(data)
+    except Exception:  # closed by the server mid-burst
+        pass
+
+
+async def _drain(ws: WS, timeout_s: float = 15) -> tuple[list[dict[str, Any]], int | None]:
+    """Every frame until the socket closes (or ``timeout_s``): the frames and the close code."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            f = await ws.recv(timeout_s=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            return got, None
+        if f is None:
+            return got, ws.conn.close_code
+        got.append(f)
+    return got, None
+
+
+async def test_typing_is_relayed_only_when_it_changes(chatd_factory: Any, services: Services) -> None:
+    """Dedup alone (the rate limits raised out of the way): 300 false then 300 true relay one true."""
+    chatd: Chatd = chatd_factory(
+        CHATD_WS_TYPING_RATE_PER_S="100000",
+        CHATD_WS_TYPING_BURST="100000",
+        CHATD_WS_FRAME_RATE_PER_S="100000",
+        CHATD_WS_FRAME_BURST="100000",
+    )
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(chatd, alice, [bob])
+    a, b = await connect(chatd, alice), await connect(chatd, bob)
+    await join(a, room)
+    await join(b, room)
+    await _flood(a, [{"type": "typing", "room_id": room, "is_typing": False}] * 300)
+    await _flood(a, [{"type": "typing", "room_id": room, "is_typing": True}] * 300)
+    await a.send({"type": "ping", "id": "done"})
+    await a.expect("pong", reply_to="done", timeout_s=15)
+    relayed = []
+    while True:
+        try:
+            f = await b.expect("typing", timeout_s=1.5)
+        except TimeoutError:
+            break
+        relayed.append(f["is_typing"])
+    assert relayed == [True], relayed  # 300 false while not typing: none; 300 true: one
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        pytest.param(lambda room: {"type": "join", "room_id": room}, id="join"),
+        pytest.param(lambda room: {"type": "read", "room_id": room, "seq": 0}, id="read"),
+        pytest.param(lambda room: {"type": "typing", "room_id": room, "is_typing": True}, id="typing"),
+        pytest.param(lambda room: {"type": "ping"}, id="ping"),
+        pytest.param(lambda room: {"type": "join", "room_id": "not a number"}, id="invalid-fields"),
+        pytest.param(
+            lambda room: {"type": "send", "room_id": room, "content": "x", "client_msg_id": "same"}, id="send"
+        ),
+    ],
+)
+async def test_a_flood_is_limited_then_closed_1008(chatd: Chatd, services: Services, flood: Any) -> None:
+    (alice,) = make_users(services.database_url, 1)
+    room = await make_room(chatd, alice, [])
+    ws = await connect(chatd, alice)
+    await join(ws, room)
+    started = time.monotonic()
+    await _flood(ws, [flood(room) | {"id": f"f{i}"} for i in range(2000)])
+    got, code = await _drain(ws)
+    answered = [f for f in got if str(f.get("reply_to", "")).startswith("f")]
+    limited = [f for f in answered if f.get("code") == "rate_limited"]
+    assert code == 1008, f"not closed ({code}) after {len(answered)} answers, {len(limited)} rate_limited"
+    assert time.monotonic() - started < 15
+    assert len(answered) < 600, len(answered)  # the flood was not served
+    if flood(room)["type"] != "join" or flood(room)["room_id"] == room:
+        assert all(f["retry_after_ms"] > 0 for f in limited)
+    closes = [e for e in chatd.events("ws_policy_close") if e["user_id"] == alice.id]
+    assert closes and closes[0]["code"] == 1008, chatd.events("ws_policy_close")
+    # the worker is fine: a fresh socket works
+    again = await connect(chatd, alice)
+    await again.send({"type": "ping", "id": "p"})
+    await again.expect("pong", reply_to="p")
+
+
+async def test_every_protocol_violation_close_is_logged(chatd: Chatd, services: Services) -> None:
+    (alice,) = make_users(services.database_url, 1)
+    cases = {
+        1003: [frame(OP_BINARY, b"\x00\x01")],
+        1007: [frame(OP_TEXT, b"{nope")] * 3,
+        1009: [frame(OP_TEXT, b"x" * 70_000)],
+        1002: [frame(OP_TEXT, b'{"type":"ping"}', mask=False)],
+    }
+    for code, frames in cases.items():
+        raw = await RawWS.connect(chatd.port, token=alice.token)
+        for f in frames:
+            await raw.send(f)
+        assert await raw.close_code() == code
+        raw.close()
+    await asyncio.sleep(0.5)
+    logged = {e["code"] for e in chatd.events("ws_protocol_error") + chatd.events("ws_policy_close")}
+    assert set(cases) <= logged, logged
