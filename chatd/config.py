@@ -114,9 +114,21 @@ class AuthSettings:
     jwt_audience: str = _f("chatd", "aud claim set and required.")
     access_ttl_s: int = _f(900, "Access token lifetime.", min=30)
     refresh_ttl_s: int = _f(604_800, "Refresh token lifetime.", min=60)
-    leeway_s: int = _f(10, "Clock skew tolerated when checking exp/iat.", min=0, max=300)
+    leeway_s: int = _f(
+        10,
+        "Clock skew tolerated when checking iat/nbf, and exp on REST calls; a socket's handshake and in-band"
+        " auth accept no token past its exp (it was closed 4001 then).",
+        min=0,
+        max=300,
+    )
     token_expiring_warning_s: int = _f(60, "Warn a socket this long before its token expires.", min=1)
     auth_attempts_per_min: int = _f(10, "Login/register attempts per IP and per email per minute.", min=1)
+    hash_concurrency: int = _f(
+        1,
+        "Argon2 hashes (64 MiB and most of a core each) one worker runs at once; more logins wait in line, so"
+        " memory stays bounded and the event loop keeps its latency.",
+        min=1,
+    )
     max_connections_per_user: int = _f(10, "Simultaneous sockets per user; the extra one is closed with 4029.", min=1)
 
 

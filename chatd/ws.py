@@ -121,7 +121,8 @@ class ChatSocket(StrictHandlerMixin):
         if not self._origin_allowed(self.request.headers.get("Origin")):
             return self._reject(errors.Forbidden("origin not allowed"))
         try:
-            principal = await self.accounts.authenticate(self._token(), denylist=False)
+            # No exp leeway: a socket closed 4001 at exp must not reopen with the same token.
+            principal = await self.accounts.authenticate(self._token(), denylist=False, exp_leeway=False)
             registered = await self._register(principal)
         except errors.ChatdError as err:
             return self._reject(err)
@@ -381,7 +382,7 @@ class ChatSocket(StrictHandlerMixin):
             case protocol.Ping():
                 self.send_frame(protocol.pong(server_time_ms=int(time.time() * 1000), reply_to=rid))
             case protocol.Auth():
-                principal = await self.accounts.authenticate(frame.token)
+                principal = await self.accounts.authenticate(frame.token, exp_leeway=False)
                 if principal.user_id != self.user_id:
                     raise errors.Forbidden("token belongs to another user")
                 self.principal, self.family = principal, principal.claims.family
