@@ -166,9 +166,15 @@ class Worker:
             ws.force_close(int(CloseCode.GOING_AWAY), "server shutting down")
         # A connection accepted just before stop() has not been counted yet: give its request time to arrive.
         await asyncio.sleep(min(0.25, drain_s))
-        # 4. in-flight requests and close handshakes finish (polled: two counters, no event worth wiring)
-        while (state.in_flight_requests or state.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
+        # 4. in-flight requests finish, and close handshakes; a socket that has not answered its 1001 within
+        # _CLOSE_WAIT_S is not reading: waiting longer (ws.close_timeout_s) would only hold the whole worker.
+        close_by = min(deadline, time.monotonic() + _CLOSE_WAIT_S)
+        while time.monotonic() < deadline and (  # noqa: ASYNC110  (polled: two counters, no event worth wiring)
+            state.in_flight_requests or (state.connections and time.monotonic() < close_by)
+        ):
             await asyncio.sleep(0.02)
+        for ws in [ws for ws in state.connections if isinstance(ws, ChatSocket)]:
+            ws.abort()
         await _within(server.close_all_connections(), max(deadline, time.monotonic() + 0.1), "connections")
         await _within(self.writer.drain(), time.monotonic() + drain_s, "writer")  # sends of the last REST calls
         # 5. the assistant finishes (or cancels and stores) its answers; presence entries are removed
@@ -187,6 +193,7 @@ class Worker:
 
 
 _GC_THRESHOLDS = (50_000, 20, 100)
+_CLOSE_WAIT_S = 2.0  # shutdown: how long sockets get to answer their 1001
 
 
 async def _within(aw: Any, deadline: float, what: str) -> None:

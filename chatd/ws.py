@@ -84,6 +84,7 @@ class ChatSocket(StrictHandlerMixin):
         self._closing = False
         self._counted = False
         self._stream_obj: IOStream | None = None
+        self._protocol: tornado.websocket.WebSocketProtocol | None = None
         self._pending = 0  # sends read but not yet answered
         self._room_for_sends = asyncio.Event()
         self._room_for_sends.set()
@@ -163,6 +164,7 @@ class ChatSocket(StrictHandlerMixin):
             stream.max_write_buffer_size = self.config.ws.max_buffer_bytes
             # Frames go straight to the socket (see write_frame) unless permessage-deflate needs Tornado's framing.
             self._stream_obj = stream if self.get_compression_options() is None and type(stream) is IOStream else None
+        self._protocol = self.ws_connection  # kept: close() forgets ws_connection, shutdown may abort it
         self.state.connections.add(self)
         metrics.ws_connections.inc()
         self._counted = True
@@ -259,6 +261,11 @@ class ChatSocket(StrictHandlerMixin):
         self._stream_obj = None
         self.force_close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
 
+    def abort(self) -> None:
+        """Drop the TCP connection now (shutdown: the client did not answer the close frame in time)."""
+        if self._protocol is not None:
+            self._protocol._abort()
+
     def kicked(self, room_id: int) -> None:
         """Removed from the room by its owner: stop its frames and say so."""
         if room_id in self.joined_rooms:
@@ -271,6 +278,8 @@ class ChatSocket(StrictHandlerMixin):
             self._closing = True
             metrics.ws_closed.labels(str(code)).inc()
             self.close(code, reason)
+            # A frame parked in on_message (shutdown) must not keep the client's close frame unread.
+            self._stopped.set()
 
     # -- reading --------------------------------------------------------------------
 

@@ -128,3 +128,21 @@ async def test_every_protocol_violation_close_is_logged(chatd: Chatd, services: 
     await asyncio.sleep(0.5)
     logged = {e["code"] for e in chatd.events("ws_protocol_error") + chatd.events("ws_policy_close")}
     assert set(cases) <= logged, logged
+
+
+async def test_cancel_in_a_room_you_are_not_in_is_not_found(chatd_factory: Any, services: Services) -> None:
+    """An outsider cannot tell a running answer from a message that does not exist."""
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="20")
+    alice, mallory = make_users(services.database_url, 2)
+    room = await make_room(server, alice, [], kind="assistant")
+    a, m = await connect(server, alice), await connect(server, mallory)
+    await join(a, room)
+    await a.send({"type": "send", "room_id": room, "content": "ramble on", "client_msg_id": "q1"})
+    start = await a.expect("stream_start", room_id=room, timeout_s=30)
+    await m.send({"type": "cancel", "message_id": start["message_id"], "id": "c1"})
+    running = await m.expect("error", reply_to="c1")
+    await m.send({"type": "cancel", "message_id": start["message_id"] + 1000, "id": "c2"})
+    missing = await m.expect("error", reply_to="c2")
+    assert (running["code"], missing["code"]) == ("not_found", "not_found"), (running, missing)
+    end = await a.expect("stream_end", message_id=start["message_id"], timeout_s=60)
+    assert end["stop_reason"] == "end_turn"  # mallory's cancel did nothing
