@@ -108,11 +108,15 @@ async def run_scenario(cluster: Cluster, name: str, fault: Fault, bystanders: in
     await asyncio.sleep(5)
     await load.finish()
     report = await load.report(name, fault_end, fault_end - started)
+    _record(report)
+    return report, load
+
+
+def _record(report: Report) -> None:
     print(f"\nFAULT-REPORT {report.line()}")
     if os.environ.get("RELIABILITY_REPORT"):
         with Path(os.environ["RELIABILITY_REPORT"]).open("a") as out:
             out.write(report.json() + "\n")
-    return report, load
 
 
 def assert_clean(report: Report) -> None:
@@ -214,9 +218,8 @@ async def test_instance_sigkilled(cluster: Cluster) -> None:
     }
     ttl_s, grace_s = float(PRESENCE["CHATD_WS_PRESENCE_TTL_S"]), float(PRESENCE["CHATD_WS_PRESENCE_GRACE_S"])
     late = {u: at for u, at in offline_at.items() if at is None or at - killed_at[0] > ttl_s + grace_s + 3}
-    print(
-        f"offline after the kill: { {u: None if a is None else round(a - killed_at[0], 1) for u, a in offline_at.items()} }"
-    )
+    shown = {u: None if at is None else round(at - killed_at[0], 1) for u, at in offline_at.items()}
+    print(f"offline after the kill (s): {shown}")
     assert not late, f"users of the killed instance not offline within presence_ttl_s + grace: {offline_at}"
 
 
