@@ -76,6 +76,7 @@ class Member:
         self.sent = 0
         self.pending: dict[str, float] = {}  # cmid -> first sent
         self.inflight: set[str] = set()  # sent on the current connection, not answered yet
+        self.retry_at = 0.0  # no send before (retry_after_ms of the last refusal)
         self.acked: dict[str, int] = {}  # cmid -> seq
         self.got: dict[int, tuple[float, bool]] = {}  # seq -> (first received at, live)
         self.contiguous = 0
@@ -165,6 +166,8 @@ class Member:
             self.inflight.discard(f["reply_to"])
             code = f.get("code", "?")
             self.load.errors[code] += 1
+            # Retried after retry_after_ms (rate_limited, busy) or the next tick, as a client should.
+            self.retry_at = max(self.retry_at, now + f.get("retry_after_ms", 0) / 1000)
             if code != "rate_limited":  # the client's own burst of retries, not the server's state
                 self.bad_at.append(now)
         elif kind == "presence":
@@ -177,11 +180,11 @@ class Member:
     async def send_loop(self) -> None:
         await asyncio.sleep(random.uniform(0, self.load.interval_s))
         while not self.load.finished and (not self.load.stop_sending or self.pending):
-            if self.conn is not None and self.ready.is_set():
+            if self.conn is not None and self.ready.is_set() and time.monotonic() >= self.retry_at:
                 if not self.load.stop_sending:
                     self.sent += 1
                     self.pending[f"{self.load.tag}-{self.user.id}-{self.sent}"] = time.monotonic()
-                for cmid in [c for c in self.pending if c not in self.inflight]:
+                for cmid in [c for c in self.pending if c not in self.inflight][: self.load.sends_per_tick]:
                     self.inflight.add(cmid)
                     frame = {"type": "send", "room_id": self.room, "content": cmid, "client_msg_id": cmid, "id": cmid}
                     with contextlib.suppress(Exception):  # dropped: sent again after the resume
@@ -195,6 +198,7 @@ class ChatLoad:
         self.database_url = database_url
         self.tag = tag
         self.interval_s = interval_s
+        self.sends_per_tick = 5  # the new message and the oldest unanswered ones: a backlog drains in steps
         self.members: list[Member] = []
         self.stop_sending = False
         self.finished = False

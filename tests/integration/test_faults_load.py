@@ -70,6 +70,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "CHATD_STORAGE_PG_QUERY_TIMEOUT_S": "2",
         "CHATD_WS_PROBE_INTERVAL_S": "0.5",
         "CHATD_ASSISTANT_EMBEDDER": "none",
+        "CHATD_WS_SEND_RATE_COUNT": "100",  # 10/s: room for a client's backlog of retries after a fault
         **PRESENCE,
     }
     servers = [Chatd(database_url, redis_url, root / f"chatd-{i}.log", workers=2, env=env) for i in range(2)]
@@ -174,9 +175,25 @@ async def test_postgres_paused_10s(cluster: Cluster) -> None:
     assert report.errors.get("unavailable", 0) > 0, report.line()  # the sends during the pause were refused...
 
 
-@pytest.mark.long
 async def test_postgres_paused_30s(cluster: Cluster) -> None:
     report = await _pg_paused(cluster, 30)
+    assert_clean(report)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("seconds", [60, 120])
+async def test_postgres_paused_long(cluster: Cluster, seconds: float) -> None:
+    report = await _pg_paused(cluster, seconds)
+    assert_clean(report)
+
+
+@pytest.mark.long
+async def test_valkey_paused_60s(cluster: Cluster) -> None:
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        with stopped([valkey_pid(c.valkey)]):
+            await asyncio.sleep(60)
+
+    report, _ = await run_scenario(cluster, "Valkey paused 60 s", fault)
     assert_clean(report)
 
 
