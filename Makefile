@@ -9,10 +9,10 @@ STAMP   = $(VENV)/.installed
 # The browser tests drive Debian's Chromium (Playwright never downloads one); CI runs as root.
 CHROMIUM ?= /usr/bin/chromium
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,loadtest]'  # loadtest: the Locust run is tested too
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,7 @@ from typing import Any
 
 from chatd import auth, errors, store
 from chatd.auth import Claims, TokenPair, TokenService
+from chatd.batching import Batched
 from chatd.config import Settings
 from chatd.fanout import Hub
 from chatd.kv import KV
@@ -59,6 +60,10 @@ class Accounts:
         self._by_email = AuthLimiter(kv, "auth-email", limit, 60.0)
         # Each Argon2 run holds 64 MiB and most of a core: a bounded few at once, the rest wait in line (FIFO).
         self._hashing = asyncio.Semaphore(settings.auth.hash_concurrency)
+        # Every authentication reads the holder's status; concurrent ones share one query.
+        self.status_reads: Batched[tuple[int, str | None], dict[str, Any] | None] = Batched(
+            lambda holders: store.auth_statuses(db, holders)
+        )
 
     # -- helpers ------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Accounts:
                 denied = False  # the family check below still stops a logged-out session
             if denied:
                 raise errors.Unauthorized("token revoked")
-        row = await store.auth_status(self.db, claims.sub, claims.family)
+        row = await self.status_reads((claims.sub, claims.family))
         if row is None:
             raise errors.Unauthorized("unknown user")
         if row["status"] != "active":

@@ -329,9 +329,8 @@ class StreamingSendHandler(RoomAccess):
                 self.sse("error", {"code": "bad_request", "message": "no assistant answers in this room"})
             else:
                 await self.flush()
-                try:
-                    await asyncio.wait_for(listener.done, self.config.assistant.provider_timeout_s * 5)
-                except TimeoutError:
+                limit_s = self.config.assistant.provider_timeout_s * 5
+                if not await self._wait_with_keepalive(listener.done, limit_s):
                     self.sse("error", {"code": "unavailable", "message": "no answer in time"})
         finally:
             await hub.leave_room(listener, room["id"])
@@ -345,6 +344,24 @@ class StreamingSendHandler(RoomAccess):
 
     def sse(self, event: str, data: dict[str, Any]) -> None:
         self.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n")
+
+    async def _wait_with_keepalive(self, done: asyncio.Future[None], timeout_s: float) -> bool:
+        """Wait for ``done``; a comment line every ``sse_keepalive_s`` meanwhile, so a long wait for the
+        first token never trips a proxy's read timeout. False when ``timeout_s`` passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        every = self.config.server.sse_keepalive_s
+        while not done.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(asyncio.shield(done), min(every, remaining))
+            except TimeoutError:
+                if not done.done() and loop.time() < deadline and self.request.connection is not None:
+                    self.write(": keepalive\n\n")  # a comment: EventSource clients ignore it
+                    await self.flush()
+        return True
 
 
 class SseListener:

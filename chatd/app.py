@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from chatd import api, kv, store, webapp
+from chatd import api, kv, metrics, store, webapp
 from chatd.accounts import Accounts
 from chatd.assistant import Assistant
+from chatd.batching import Batched
 from chatd.config import Settings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
@@ -34,9 +35,9 @@ from chatd.retrieval import Retriever, load_embedder
 from chatd.rfc6455 import EchoSocket
 from chatd.rooms import Rooms
 from chatd.state import ServerState
-from chatd.web import LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
+from chatd.web import Application, LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.writer import MessageWriter
-from chatd.ws import ChatSocket, refresh_registrations
+from chatd.ws import CONNECTION_TTL_S, ChatSocket, refresh_registrations
 
 if TYPE_CHECKING:
     from tornado.httpserver import HTTPServer
@@ -58,6 +59,7 @@ class Worker:
     provider: Provider
     retriever: Retriever
     assistant: Assistant
+    registrations: Batched[tuple[str, int, str], int]
 
     @classmethod
     async def create(cls, settings: Settings, worker_id: int) -> Worker:
@@ -81,6 +83,10 @@ class Worker:
         retriever = Retriever(db, settings.assistant, state.tasks, load_embedder(settings.assistant.embedder))
         assistant = Assistant(db, redis, hub, provider, retriever, settings, state.tasks)
         rooms.assistant = assistant
+        cap = settings.auth.max_connections_per_user
+        registrations: Batched[tuple[str, int, str], int] = Batched(
+            lambda conns: redis.register_connections(conns, cap, CONNECTION_TTL_S)
+        )
         return cls(
             settings,
             state,
@@ -96,16 +102,22 @@ class Worker:
             provider,
             retriever,
             assistant,
+            registrations,
         )
 
     def start(self) -> None:
         tasks = self.state.tasks
         tasks.supervise("fanout-reader", self.hub.subscriber.run)
+        tasks.supervise("fanout-subscribe", self.hub.subscriber.flush_wanted)
         tasks.supervise("message-writer", self.writer.run)
         tasks.supervise("fanout-repair", self.repair.run)
         tasks.supervise("presence", self.presence.run)
         tasks.supervise("send-quota", self.limiter.run)
         tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv))
+        tasks.supervise("metrics-flush", metrics.flush_loop)
+        tasks.supervise("auth-reads", self.accounts.status_reads.run)
+        tasks.supervise("connection-registrations", self.registrations.run)
+        tasks.supervise("join-reads", self.rooms.join_reads.run)
         tasks.spawn(self.retriever.start(), "retrieval-start")
         self.assistant.start()
         assistant_log.info(
@@ -116,6 +128,7 @@ class Worker:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*_GC_THRESHOLDS)
+        metrics.watch_gc()
 
     def application(self) -> tornado.web.Application:
         base: dict[str, Any] = {"state": self.state, "settings": self.settings}
@@ -126,6 +139,7 @@ class Worker:
             "hub": self.hub,
             "kv": self.kv,
             "writer": self.writer,
+            "register": self.registrations,
         }
         routes: list[Any] = [
             (r"/health/live", LiveHandler, base),
@@ -138,8 +152,9 @@ class Worker:
         ws = self.settings.ws
         if ws.test_echo_route:  # test only: the conformance suite's echo socket (never on in production)
             routes.insert(0, (r"/test/ws-echo", EchoSocket, {"close_timeout_s": ws.close_timeout_s}))
-        return tornado.web.Application(
+        return Application(
             routes,
+            trusted_proxies=self.settings.server.trusted_proxies,
             default_handler_class=NotFoundHandler,
             default_handler_args=base,
             log_function=log_request,
@@ -183,16 +198,24 @@ class Worker:
         await _within(self.presence.close(), time.monotonic() + 2, "presence")
         # 6. the rest of the background tasks, then the pools
         await state.tasks.cancel_all(timeout_s=5)
+        metrics.hot.flush()
         await self.hub.subscriber.close()
         await self.kv.close()
         await self.db.close(timeout=5)
         server_log.info(
             "worker_stopped",
-            extra=fields(websockets_closed=len(sockets), duration_ms=round((time.monotonic() - started) * 1000)),
+            extra=fields(
+                websockets_closed=len(sockets),
+                duration_ms=round((time.monotonic() - started) * 1000),
+                gc={str(g): {"runs": int(n), "pause_s": round(t, 3)} for g, (n, t) in metrics.gc_totals.items()},
+            ),
         )
 
 
-_GC_THRESHOLDS = (50_000, 20, 100)
+# Measured (docs/BENCHMARKS.md, GC): Python's default (700, 10, 10) spent ~6% of the CPU in the collector at
+# 12,000 deliveries/s, with full collections of ~170 ms; with these, under 1.5%, no full collection in the run,
+# young-generation pauses of ~8 ms.
+_GC_THRESHOLDS = (10_000, 10, 100)
 _CLOSE_WAIT_S = 2.0  # shutdown: how long sockets get to answer their 1001
 
 

@@ -58,6 +58,12 @@ def wants_answer(room: dict[str, Any], content: str) -> bool:
     return False
 
 
+def answers_in(room: dict[str, Any]) -> bool:
+    """Whether answers can stream in this room at all (a join checks for running ones only then)."""
+    settings = room.get("assistant") or {}
+    return room.get("kind") == "assistant" or settings.get("mode") == "mention"
+
+
 @dataclass(eq=False)
 class Run:
     """One generation running on this worker."""
@@ -115,6 +121,10 @@ class Assistant:
     @staticmethod
     def wants_answer(room: dict[str, Any], content: str) -> bool:
         return wants_answer(room, content)
+
+    @staticmethod
+    def answers_in(room: dict[str, Any]) -> bool:
+        return answers_in(room)
 
     async def drain(self) -> None:
         """Shutdown: claim nothing more, let running answers finish, cancel what outlives the drain time."""

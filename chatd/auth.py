@@ -248,6 +248,41 @@ class _VerifyKey:
     key: _PublicKey
 
 
+class _FixedKeyHMAC(jwt.algorithms.HMACAlgorithm):
+    """PyJWT's HMAC, remembering prepared keys.
+
+    PyJWT re-checks an HMAC key on every verify (is it PEM, SSH, DER, a JWK?):
+    about a third of a token check, and chatd verifies with one fixed secret.
+    """
+
+    def __init__(self, hash_alg: Any) -> None:
+        super().__init__(hash_alg)
+        self._prepared: dict[bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        raw = key.encode() if isinstance(key, str) else key
+        prepared = self._prepared.get(raw)
+        if prepared is None:
+            prepared = super().prepare_key(raw)  # rejects asymmetric keys, as PyJWT does
+            if len(self._prepared) < 8:  # chatd's own secret(s): a handful at most
+                self._prepared[raw] = prepared
+        return prepared
+
+
+_HASHES: Final = {
+    "HS256": jwt.algorithms.HMACAlgorithm.SHA256,
+    "HS384": jwt.algorithms.HMACAlgorithm.SHA384,
+    "HS512": jwt.algorithms.HMACAlgorithm.SHA512,
+}
+
+
+def _use_fixed_key_hmac(alg: str) -> None:
+    """Register ``_FixedKeyHMAC`` for ``alg`` with PyJWT (documented API; once per process)."""
+    if not isinstance(jwt.api_jws.get_algorithm_by_name(alg), _FixedKeyHMAC):
+        jwt.unregister_algorithm(alg)
+        jwt.register_algorithm(alg, _FixedKeyHMAC(_HASHES[alg]))
+
+
 class TokenService:
     """Mints chatd's tokens and verifies chatd's and the identity provider's tokens."""
 
@@ -261,6 +296,7 @@ class TokenService:
         self._clock = clock
         self._secret = settings.jwt_secret.encode()
         self._alg = settings.jwt_algorithm
+        _use_fixed_key_hmac(self._alg)
         self._public_keys: tuple[_VerifyKey, ...] = (
             _load_public_keys(settings.jwt_public_key_file) if settings.jwt_public_key_file else ()
         )

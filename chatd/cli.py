@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--host")
     with_config(sub.add_parser("migrate", help="apply pending SQL migrations and exit"))
-    with_config(sub.add_parser("check-config", help="print the effective config (secrets masked)"))
+    check = with_config(sub.add_parser("check-config", help="print the effective config (secrets masked)"))
+    check.add_argument("--connect", action="store_true", help="also connect to PostgreSQL and Redis")
     user = with_config(sub.add_parser("create-user", help="create a user (or reset its password)"))
     user.add_argument("--email", required=True)
     user.add_argument("--password", required=True)
@@ -42,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    settings = config_mod.load(getattr(args, "config", None))
+    # migrate and create-user never sign a token: no JWT secret needed for them.
+    need_secret = args.command in ("serve", "check-config")
+    settings = config_mod.load(getattr(args, "config", None), need_jwt_secret=need_secret)
     overrides = {k: getattr(args, k) for k in ("workers", "port", "host") if getattr(args, k, None) is not None}
     if overrides:
         settings = config_mod.replace(settings, "server", **overrides)
-        config_mod.validate(settings)
+        config_mod.validate(settings, need_jwt_secret=need_secret)
     return settings
 
 
@@ -71,6 +74,36 @@ def _prepare_metrics_dir(data_dir: str) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
+def _fail(message: str, code: int) -> int:
+    """The one way a command fails: one line on stderr naming the problem and the fix, no traceback."""
+    print(f"chatd: {message}", file=sys.stderr)
+    return code
+
+
+def _check_connections(settings: Settings) -> int:
+    from chatd.server import StartupError, check_postgres, check_redis, redis_where
+
+    storage = settings.storage
+    failed = 0
+    if storage.database_url:
+        try:
+            version = check_postgres(storage.database_url, storage.pg_timeout_s)
+            print(f"postgres: ok (PostgreSQL {version})", file=sys.stderr)
+        except StartupError as exc:
+            failed = _fail(str(exc), 1)
+    else:
+        print(f"postgres: embedded (started by chatd serve in {storage.data_dir})", file=sys.stderr)
+    if storage.redis_url:
+        try:
+            check_redis(storage.redis_url, storage.redis_timeout_s)
+            print(f"redis: ok ({redis_where(storage.redis_url)})", file=sys.stderr)
+        except StartupError as exc:
+            failed = _fail(str(exc), 1)
+    else:
+        print(f"redis: embedded (started by chatd serve in {storage.data_dir})", file=sys.stderr)
+    return failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config-doc":
@@ -81,43 +114,75 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return chat(args.url, args.room, args.register)
     try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from chatd.errors import BadRequest
+
+    try:
         settings = _load(args)
     except ConfigError as exc:
-        print(f"chatd: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     logs.setup(settings.log.level, settings.log.format, settings.log.access_log)
 
     if args.command == "check-config":
         print(json.dumps(config_mod.as_dict(settings), indent=2))
-        return 0
+        return _check_connections(settings) if args.connect else 0
+    if args.command == "create-user":
+        from chatd import auth
+
+        try:  # before any database starts: a typo costs nothing
+            email, password = auth.validate_email(args.email), auth.validate_password(args.password)
+        except BadRequest as exc:
+            return _fail(f"create-user: {exc.message}; fix --email / --password", 2)
+
     if args.command == "serve":
-        _prepare_metrics_dir(settings.storage.data_dir)
-        from chatd.embedded import DataDirInUse
+        _prepare_metrics_dir(settings.storage.data_dir)  # before anything imports prometheus-client
+    from chatd.embedded import DataDirInUse
+    from chatd.server import StartupError
+
+    if args.command == "serve":
         from chatd.server import serve
 
         try:
             return serve(settings)
         except DataDirInUse as exc:
-            print(f"chatd: {exc}", file=sys.stderr)
-            return 2
+            return _fail(str(exc), 2)
+        except StartupError as exc:
+            return _fail(str(exc), 1)
         finally:
             import shutil
 
             shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
-    from chatd.embedded import DataDirInUse
+    import psycopg
+
     from chatd.server import prepare
 
     try:
-        settings, services = prepare(settings, owner=False)  # migrate is part of prepare
+        settings, services, applied = prepare(settings, owner=False)  # migrate is part of prepare
     except DataDirInUse as exc:
-        print(f"chatd: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    except StartupError as exc:
+        return _fail(str(exc), 1)
+    except psycopg.Error as exc:
+        return _fail(f"migration failed: {str(exc).strip().splitlines()[0]}", 1)
     try:
-        if args.command == "create-user":
+        if args.command == "migrate":
+            if applied:
+                print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+            else:
+                print("database schema is up to date (nothing to apply)")
+        elif args.command == "create-user":
             from chatd.accounts import create_user_sync
 
-            user = create_user_sync(settings, args.email, args.password, args.name, admin=args.admin)
+            try:
+                user = create_user_sync(settings, email, password, args.name, admin=args.admin)
+            except psycopg.Error as exc:
+                return _fail(f"create-user failed: {str(exc).strip().splitlines()[0]}", 1)
             print(json.dumps(user, default=str))
         return 0
     finally:

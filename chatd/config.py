@@ -15,6 +15,7 @@ start with a message naming the key, never deep inside a handler.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import sys
 import tomllib
@@ -54,7 +55,12 @@ def _f(default: Any, doc: str, **meta: Any) -> Any:
 class ServerSettings:
     host: str = _f("127.0.0.1", "Address to listen on.")
     port: int = _f(8080, "TCP port to listen on.", min=0, max=65535)
-    workers: int = _f(0, "Worker processes; 0 = one per CPU. 1 runs in-process (development).", min=0, max=256)
+    workers: int = _f(
+        0,
+        "Worker processes; 0 = one per CPU. 1 runs in-process (development: no supervision, no rolling restart).",
+        min=0,
+        max=256,
+    )
     backlog: int = _f(4096, "listen() backlog; Tornado's default of 128 drops connect storms.", min=1)
     reuse_port: bool = _f(False, "Each worker binds its own SO_REUSEPORT socket instead of sharing the master's.")
     shutdown_grace_s: float = _f(30.0, "SIGTERM: time for workers to close sockets and drain before SIGKILL.", min=1)
@@ -76,7 +82,18 @@ class ServerSettings:
         "Largest request line + headers; larger gets 431. Past 4 times this the connection is dropped unread.",
         min=1024,
     )
-    trust_proxy_headers: bool = _f(False, "Take client IP and scheme from X-Forwarded-For / X-Real-IP (behind nginx).")
+    trusted_proxies: list[str] = _f(
+        [],
+        "Addresses or CIDRs of the reverse proxies (nginx) in front of chatd. Only a request whose peer is one of"
+        " them has its client IP taken from X-Forwarded-For (the rightmost address that is not a trusted proxy)"
+        " and its scheme from X-Forwarded-Proto. Empty: the headers are ignored.",
+    )
+    sse_keepalive_s: float = _f(
+        15.0, "An SSE comment line this often while a stream waits, so no proxy read timeout fires.", min=0.1
+    )
+    worker_heartbeat_timeout_s: float = _f(
+        20.0, "A worker whose event loop has not answered the master this long is killed and replaced.", min=2
+    )
     allowed_origins: list[str] = _f(
         [], "Origins allowed to open /ws from a browser. Empty: same host only. Clients without Origin are allowed."
     )
@@ -106,6 +123,11 @@ class StorageSettings:
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
     jwt_secret: str = _f("", "HS256 signing secret (>= 32 bytes outside dev_mode). Env: JWT_SECRET.", secret=True)
+    jwt_secret_file: str = _f(
+        "",
+        "File holding the JWT secret, read at start when JWT_SECRET is empty (Docker/systemd secrets); created with a"
+        " random secret if it does not exist, which suits one instance (several must share one secret).",
+    )
     jwt_algorithm: str = _f("HS256", "Algorithm chatd signs with.", choices=("HS256", "HS384", "HS512"))
     jwt_public_key_file: str = _f(
         "", "PEM public key or JWKS file: also accept RS256/ES256/EdDSA tokens of an external identity provider."
@@ -208,7 +230,10 @@ class WebSocketSettings:
         100, "Unacknowledged sends of one socket; at the bound the server stops reading that socket.", min=1
     )
     send_queue_max: int = _f(
-        2000, "Sends a worker may queue for the group commit; beyond it a send gets error busy.", min=1
+        1000,
+        "Sends a worker may queue for the group commit; beyond it a send gets error busy (and its socket is"
+        " not read until the queue is half empty or retry_after_ms passed).",
+        min=1,
     )
     batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
     batch_max_delay_ms: float = _f(
@@ -283,6 +308,11 @@ _ALIASES: dict[str, tuple[str, str]] = {
 }
 # CHATD_* variables that are not settings.
 _NOT_SETTINGS = {"CHATD_CONFIG", "CHATD_EMAIL", "CHATD_PASSWORD", "CHATD_NAME"}  # the last three: `chatd chat`
+# Settings that were removed: what replaces them.
+_REMOVED = {
+    "server.trust_proxy_headers": "replaced by server.trusted_proxies, a list of the proxies' addresses or CIDRs"
+    ' (e.g. CHATD_SERVER_TRUSTED_PROXIES=127.0.0.1, or trusted_proxies = ["10.0.0.0/8"] under [server])',
+}
 
 
 def env_name(section: str, key: str) -> str:
@@ -360,13 +390,23 @@ def _merge_file(values: dict[str, dict[str, Any]], data: Mapping[str, Any], orig
             raise ConfigError(section, f"must be a table in {origin}")
         known = {f.name for f in dataclasses.fields(SECTIONS[section])}
         for key, raw in body.items():
+            if f"{section}.{key}" in _REMOVED:
+                raise ConfigError(f"{section}.{key}", f"{_REMOVED[f'{section}.{key}']} (in {origin})")
             if key not in known:
                 raise ConfigError(f"{section}.{key}", f"unknown setting in {origin}")
             values[section][key] = (raw, False)
 
 
-def load(config_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build the Settings from defaults, the optional file and the environment."""
+def load(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    need_jwt_secret: bool = True,
+) -> Settings:
+    """Build the Settings from defaults, the optional file and the environment.
+
+    ``need_jwt_secret``: False for commands that never sign or check a token (``migrate``, ``create-user``).
+    """
     env = os.environ if env is None else env
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if DEFAULTS_FILE.exists():  # absent only when installed without the source tree
@@ -383,6 +423,9 @@ def load(config_file: str | os.PathLike[str] | None = None, env: Mapping[str, st
     for name, value in env.items():
         if not name.startswith("CHATD_") or name in _NOT_SETTINGS:
             continue
+        removed = next((k for k in _REMOVED if env_name(*k.split(".")) == name), None)
+        if removed is not None:
+            raise ConfigError(name, _REMOVED[removed])
         if name not in by_env:
             raise ConfigError(name, "unknown environment setting (see docs/CONFIG.md)")
         section, key = by_env[name]
@@ -402,17 +445,33 @@ def load(config_file: str | os.PathLike[str] | None = None, env: Mapping[str, st
             kwargs[f.name] = value
         sections[section] = cls(**kwargs)
     settings = Settings(**sections)
-    validate(settings)
+    validate(settings, need_jwt_secret=need_jwt_secret)
     return settings
 
 
-def validate(settings: Settings) -> None:
-    """Checks that span several settings."""
+def validate(settings: Settings, *, need_jwt_secret: bool = True) -> None:
+    """Checks that span several settings, and the form of the URLs (reachability: ``check-config --connect``)."""
     auth = settings.auth
-    if not settings.server.dev_mode and len(auth.jwt_secret.encode()) < MIN_SECRET_BYTES:
+    _check_database_url(settings.storage.database_url)
+    _check_redis_url(settings.storage.redis_url)
+    for proxy in settings.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "server.trusted_proxies", f"{proxy!r} is not an IP address or CIDR (e.g. 127.0.0.1, 10.0.0.0/8)"
+            ) from None
+    secret_from_file = auth.jwt_secret_file and not auth.jwt_secret  # read (and checked) at start
+    if (
+        need_jwt_secret
+        and not settings.server.dev_mode
+        and not secret_from_file
+        and len(auth.jwt_secret.encode()) < MIN_SECRET_BYTES
+    ):
         raise ConfigError(
             "auth.jwt_secret",
-            f"must be at least {MIN_SECRET_BYTES} bytes outside dev_mode (set JWT_SECRET, or server.dev_mode = true)",
+            f"must be at least {MIN_SECRET_BYTES} bytes outside dev_mode (set JWT_SECRET, or auth.jwt_secret_file,"
+            " or server.dev_mode = true)",
         )
     if auth.jwt_public_key_file and not Path(auth.jwt_public_key_file).is_file():
         raise ConfigError("auth.jwt_public_key_file", f"file not found: {auth.jwt_public_key_file}")
@@ -428,6 +487,45 @@ def validate(settings: Settings) -> None:
     for origin in settings.server.allowed_origins:
         if "://" not in origin and origin != "*":
             raise ConfigError("server.allowed_origins", f"{origin!r} is not an origin like https://chat.example.com")
+
+
+_DATABASE_URL_HINT = (
+    "set DATABASE_URL to postgresql://user:password@host:5432/dbname (or a key=value conninfo),"
+    " or leave it empty for the embedded PostgreSQL"
+)
+
+
+def _check_database_url(url: str) -> None:
+    if not url:
+        return
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    if "://" in url and not url.startswith(("postgresql://", "postgres://")):
+        scheme = url.split("://")[0]
+        raise ConfigError("storage.database_url", f"scheme {scheme!r} is not postgresql://; {_DATABASE_URL_HINT}")
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        problem = str(exc).strip()
+        raise ConfigError("storage.database_url", f"cannot be parsed ({problem}); {_DATABASE_URL_HINT}") from None
+
+
+def _check_redis_url(url: str) -> None:
+    if not url:
+        return
+    from redis.connection import parse_url
+
+    hint = (
+        "set REDIS_URL to redis://[:password@]host:6379/0, rediss:// (TLS) or unix:///path/to.sock,"
+        " or leave it empty for the embedded Valkey"
+    )
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError("storage.redis_url", f"{exc}; {hint}") from None
+    if url.startswith(("redis://", "rediss://")) and not url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]:
+        raise ConfigError("storage.redis_url", f"has no host; {hint}")
 
 
 def replace(settings: Settings, section: str, **changes: Any) -> Settings:

@@ -192,7 +192,7 @@ class Hub:
         conns.add(conn)
         if len(conns) == 1:
             # Not waiting for Redis' confirmation: read sync and forced closes may take a moment longer.
-            await self.subscriber.want(self.keys.user_channel(conn.user_id))
+            self.subscriber.want(self.keys.user_channel(conn.user_id))
 
     async def remove_user(self, conn: Conn) -> None:
         conns = self.users.get(conn.user_id)
@@ -357,7 +357,7 @@ class Hub:
         frame = protocol.ws_text_frame(payload)
         for conn in list(room.live):
             conn.write_frame(frame)
-        metrics.frames_delivered.inc(len(room.live))
+        metrics.hot.frames_delivered += len(room.live)
 
     def release(self, room_id: int, room: RoomState, events: list[Event]) -> None:
         if not events:
@@ -370,8 +370,7 @@ class Hub:
             for conn in list(room.live):
                 if self._write(conn, room_id, event):
                     written += 1
-        if written:
-            metrics.frames_delivered.inc(written)
+        metrics.hot.frames_delivered += written
 
     @staticmethod
     def _write(conn: Conn, room_id: int, event: Event) -> bool:

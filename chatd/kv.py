@@ -75,16 +75,27 @@ def connect(storage: StorageSettings, max_connections: int | None = None) -> aio
     return aioredis.Redis(connection_pool=pool, decode_responses=False)
 
 
-# KEYS: denylist key of the token, the user's connection set
-# ARGV: now_ms, expiry_ms, cap, connection id
-# -1: token revoked; 0: over the per-user cap; 1: registered
+# KEYS: per connection, the denylist key of its token and its user's connection set
+# ARGV: now_ms, expiry_ms, cap, then the connection ids
+# Per connection: -1 token revoked; 0 over the per-user cap; 1 registered
 _CONNECT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
-redis.call('PEXPIREAT', KEYS[2], ARGV[2])
-return 1
+local out = {}
+for i = 1, #ARGV - 3 do
+  local deny, conns = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('EXISTS', deny) == 1 then
+    out[i] = -1
+  else
+    redis.call('ZREMRANGEBYSCORE', conns, '-inf', ARGV[1])
+    if redis.call('ZCARD', conns) >= tonumber(ARGV[3]) then
+      out[i] = 0
+    else
+      redis.call('ZADD', conns, ARGV[2], ARGV[3 + i])
+      redis.call('PEXPIREAT', conns, ARGV[2])
+      out[i] = 1
+    end
+  end
+end
+return out
 """
 
 # KEYS: zset of event times   ARGV: now_ms, window_ms, limit, unique member
@@ -220,15 +231,19 @@ class KV:
 
     # -- connections and tokens ---------------------------------------------------
 
-    async def register_connection(self, jti: str, user_id: int, connection_id: str, cap: int, ttl_s: float) -> int:
-        """One round trip at connect: -1 token revoked, 0 over the per-user cap, 1 registered."""
+    async def register_connections(
+        self, connections: Sequence[tuple[str, int, str]], cap: int, ttl_s: float
+    ) -> list[int]:
+        """``(token jti, user id, connection id)`` each: -1 token revoked, 0 over the per-user cap, 1 registered.
+
+        One round trip for many handshakes (through ``Batched``)."""
         now_ms = int(time.time() * 1000)
+        keys: list[str] = []
+        for jti, user_id, _ in connections:
+            keys += (self.keys.denied_jti(jti), self.keys.user_connections(user_id))
+        args: list[Any] = [now_ms, now_ms + int(ttl_s * 1000), cap, *(c for _, _, c in connections)]
         async with redis_errors("connect"):
-            result = await self._connect(
-                keys=[self.keys.denied_jti(jti), self.keys.user_connections(user_id)],
-                args=[now_ms, now_ms + int(ttl_s * 1000), cap, connection_id],
-            )
-        return int(result)
+            return [int(r) for r in await self._connect(keys=keys, args=args)]
 
     async def refresh_connections(self, entries: Iterable[tuple[int, str]], ttl_s: float) -> None:
         expiry_ms = int(time.time() * 1000) + int(ttl_s * 1000)

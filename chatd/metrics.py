@@ -10,7 +10,11 @@ socket: one ``inc(n)`` for a fan-out to n sockets.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import gc
 import os
+import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -69,3 +73,62 @@ seqs_lost = Counter(
 )
 sends_busy = Counter("chatd_sends_busy_total", "Sends refused with 'busy' (group-commit queue full)")
 send_queue = Gauge("chatd_send_queue_messages", "Sends waiting for the group commit", multiprocess_mode="livesum")
+
+
+class HotCounts:
+    """Counts of the hot path kept in plain ints, added to the Prometheus counters once a second.
+
+    A multiprocess-mode ``inc()`` writes a memory-mapped file; per frame that is measurable
+    (``flush_loop`` is a supervised task of every worker, and runs once more at shutdown).
+    """
+
+    def __init__(self) -> None:
+        self.frames_received: collections.Counter[str] = collections.Counter()
+        self.frames_delivered = 0
+
+    def flush(self) -> None:
+        if self.frames_delivered:
+            frames_delivered.inc(self.frames_delivered)
+            self.frames_delivered = 0
+        if self.frames_received:
+            for kind, n in self.frames_received.items():
+                ws_frames.labels(kind).inc(n)
+            self.frames_received.clear()
+
+
+hot = HotCounts()
+
+
+async def flush_loop(interval_s: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        hot.flush()
+
+
+gc_pause = Histogram(
+    "chatd_gc_pause_seconds",
+    "Cyclic garbage collector pauses (the event loop stands still meanwhile)",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+_gc_started = 0.0
+gc_totals: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}  # generation -> [runs, seconds]
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        pause_s = time.perf_counter() - _gc_started
+        gen = info["generation"]
+        gc_pause.labels(str(gen)).observe(pause_s)
+        totals = gc_totals[gen]
+        totals[0] += 1
+        totals[1] += pause_s
+
+
+def watch_gc() -> None:
+    """Time every collection of this process (a worker calls it once, after the fork)."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)

@@ -122,19 +122,22 @@ Kind: TypeAlias = Literal["text", "file", "system"]
 StopReason: TypeAlias = Literal["end_turn", "max_tokens", "cancelled", "error"]
 
 
+_ENCODER: Final = json.JSONEncoder(
+    separators=(",", ":"),
+    ensure_ascii=False,  # UTF-8 is ~3x smaller than \\uXXXX for CJK text
+    allow_nan=False,
+)
+
+
 def encode(frame: Mapping[str, Any]) -> str:
     """Serialize a server frame compactly.
 
     Top-level ``None`` values are dropped so optional members (``reply_to``,
     ``edited_at``, ...) vanish instead of appearing as ``null``; nested values
-    are left alone.  ``allow_nan=False`` because NaN is not JSON.
+    are left alone.  ``allow_nan=False`` because NaN is not JSON.  One shared
+    encoder: ``json.dumps`` with options builds a new one per call.
     """
-    return json.dumps(
-        {key: value for key, value in frame.items() if value is not None},
-        separators=(",", ":"),
-        ensure_ascii=False,  # UTF-8 is ~3x smaller than \\uXXXX for CJK text
-        allow_nan=False,
-    )
+    return _ENCODER.encode({key: value for key, value in frame.items() if value is not None})
 
 
 def encode_bytes(frame: Mapping[str, Any]) -> bytes:
@@ -463,6 +466,10 @@ def _contains_surrogate(value: object) -> bool:
     return False
 
 
+# Shared: json.loads with hooks builds a decoder per call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_finite_float)
+
+
 class FrameDecoder:
     """Per-connection decoder: text frame in, ``ClientFrame`` out.
 
@@ -521,7 +528,7 @@ class FrameDecoder:
         if _SURROGATE_RE.search(text):
             self._strike("invalid UTF-8 in frame")
         try:
-            obj = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_finite_float)
+            obj = _DECODER.decode(text)
         except RecursionError:
             self._strike("nesting too deep")
         except ValueError as exc:  # JSONDecodeError, NaN, huge ints

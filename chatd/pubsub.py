@@ -47,6 +47,8 @@ class Subscriber:
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._resubscribing: set[bytes] | None = None
         self._wake = asyncio.Event()
+        self._pending: set[str] = set()
+        self._pending_event = asyncio.Event()
         self.connected = False
 
     async def close(self) -> None:
@@ -141,18 +143,36 @@ class Subscriber:
         except TimeoutError:
             raise errors.Unavailable("fan-out subscription not confirmed, try again") from None
 
-    async def want(self, channel: str) -> None:
-        """Subscribe without waiting for the confirmation; kept through reconnects.  Never raises."""
+    def want(self, channel: str) -> None:
+        """Subscribe without waiting for the confirmation; kept through reconnects.
+
+        Channels wanted meanwhile go out together in one SUBSCRIBE (``flush_wanted``):
+        a connect storm subscribes a thousand user channels in a few commands.
+        """
         self._wanted.add(channel)
-        pubsub = self._pubsub
-        if pubsub is not None and self.connected:
-            with contextlib.suppress(errors.Unavailable):
+        self._pending.add(channel)
+        self._pending_event.set()
+
+    async def flush_wanted(self) -> None:
+        """Send the pending SUBSCRIBEs (a supervised loop)."""
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            channels = [c for c in self._pending if c in self._wanted]
+            self._pending.clear()
+            pubsub = self._pubsub
+            if not channels or pubsub is None or not self.connected:
+                continue  # a reconnect subscribes every wanted channel anyway
+            try:
                 async with redis_errors("subscribe"):
-                    await pubsub.subscribe(channel)
+                    await pubsub.subscribe(*channels)
                 self._wake.set()
+            except errors.Unavailable:
+                pass  # the reader reconnects and subscribes every wanted channel
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
+        self._pending.discard(channel)
         pubsub = self._pubsub
         if pubsub is not None:
             # A lost unsubscribe costs only unwanted messages until the next reconnect.

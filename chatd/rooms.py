@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chatd import errors, protocol, store
+from chatd.batching import Batched
 from chatd.config import WebSocketSettings
 from chatd.fanout import Conn, Event, Hub
 from chatd.kv import KV
@@ -27,6 +28,8 @@ class AssistantPort(Protocol):
     """What rooms need of the assistant (``chatd.assistant.Assistant``)."""
 
     def wants_answer(self, room: dict[str, Any], content: str) -> bool: ...
+
+    def answers_in(self, room: dict[str, Any]) -> bool: ...
 
     async def enqueue(self, room_id: int, prompt_id: int, requester_id: int) -> int: ...
 
@@ -79,6 +82,10 @@ class Rooms:
         self.limiter = limiter
         self.settings = settings
         self.assistant: AssistantPort | None = None  # set when the assistant runs
+        # Membership, last_seq and replay of concurrent joins (a reconnect storm) in one round of queries.
+        self.join_reads: Batched[tuple[int, int, int | None], store.JoinRead] = Batched(
+            lambda joins: store.join_reads(db, joins, settings.replay_limit)
+        )
 
     async def member_room(self, room_id: int, user_id: int) -> dict[str, Any]:
         room = await store.room_for_member(self.db, room_id, user_id)
@@ -139,27 +146,23 @@ class Rooms:
         await self.hub.join_room(conn, room_id)
         try:
             # Subscribed (confirmed) before this read: nothing falls between history and live.
-            room = await store.room_for_member(self.db, room_id, conn.user_id)
-            if room is None:
+            read = await self.join_reads((room_id, conn.user_id, since_seq))
+            if read.room is None:
                 raise errors.NotFound("room not found")
+            room = read.room
             last_seq = int(room["last_seq"])
-            history: list[tuple[int, Event]] = []
             resync = None
             baseline_seq = last_seq
-            limit = self.settings.replay_limit
-            if since_seq is not None and since_seq < last_seq:
-                if last_seq - since_seq > limit:
-                    resync = protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=request_id)
-                else:
-                    rows = await store.messages_after(self.db, room_id, since_seq, limit)
-                    for r in rows:
-                        frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(r)))
-                        history.append((int(r["seq"]), Event(frame, int(r["seq"]))))
-                    if rows:
-                        last_seq = max(last_seq, int(rows[-1]["seq"]))
-                    baseline_seq = since_seq
+            if read.resync:
+                resync = protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=request_id)
+            elif since_seq is not None and since_seq < last_seq:
+                baseline_seq = since_seq
+            history: list[tuple[int, Event]] = []
+            for r in read.history:
+                frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(r)))
+                history.append((int(r["seq"]), Event(frame, int(r["seq"]))))
             catch_up: list[tuple[int, int, list[bytes]]] = []
-            if self.assistant is not None:
+            if self.assistant is not None and self.assistant.answers_in(room):
                 for message_id, index, frames in await self.assistant.live_streams(room_id):
                     encoded = [protocol.ws_text_frame(protocol.encode_bytes(f)) for f in frames]
                     catch_up.append((message_id, index, encoded))

@@ -32,8 +32,9 @@ from pathlib import Path
 from chatd import config as config_mod
 from chatd import logs, metrics, migrations
 from chatd.config import Settings
-from chatd.embedded import EmbeddedServices
+from chatd.embedded import DataDirInUse, EmbeddedServices, die_with_parent
 from chatd.logs import fields, server_log
+from chatd.notify import Notifier, listen_fds
 
 _HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets its crash backoff
 
@@ -44,11 +45,17 @@ def effective_workers(settings: Settings) -> int:
 
 def dev_secret(data_dir: str) -> str:
     """dev_mode without JWT_SECRET: one random secret kept in data_dir, shared by all workers."""
-    path = Path(data_dir) / "jwt_secret"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return secret_file(Path(data_dir) / "jwt_secret")
+
+
+def secret_file(path: Path) -> str:
+    """The secret in ``path``; a new random one (mode 600) if the file does not exist."""
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+        server_log.warning("jwt_secret_generated", extra=fields(path=str(path)))
     return path.read_text().strip()
 
 
@@ -72,7 +79,7 @@ async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: in
     worker.start()
     server = HTTPServer(
         RequestLimits(worker.application(), settings.server),  # 413 / 431 in JSON, before buffering
-        xheaders=settings.server.trust_proxy_headers,
+        xheaders=False,  # X-Forwarded-For is honoured per peer, from server.trusted_proxies only (chatd.web)
         idle_connection_timeout=settings.ws.idle_timeout_s,
         **RequestLimits.server_options(settings.server),  # body deadline; the caps are RequestLimits' own
     )
@@ -90,10 +97,13 @@ async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: in
         )
     server_log.info("worker_serving", extra=fields(worker_id=worker_id))
     if ready_fd is not None:
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+        _heartbeat(loop, ready_fd)
+    else:
+        _in_process_notify(loop)
 
     await stop.wait()
+    if ready_fd is None:
+        _notifier.stopping("stopping")
     await worker.shutdown(server)
 
 
@@ -111,6 +121,56 @@ def run_worker(settings: Settings, sockets: list[socket.socket], worker_id: int,
 
 # -- master -------------------------------------------------------------------
 
+_HEARTBEAT_S = 1.0  # a worker writes one byte to its pipe this often
+_TICK_S = 0.05  # the master's loop period
+_STATUS_EVERY_S = 5.0
+_notifier = Notifier({})  # replaced by serve() with the real one (a no-op outside systemd)
+
+
+def _heartbeat(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Worker side: "1" when serving, then a byte a second while the event loop runs (the master's hang check)."""
+    os.set_blocking(fd, False)
+
+    def beat() -> None:
+        try:
+            os.write(fd, b"1")
+        except BlockingIOError:  # the master is busy: it knows we are alive from the earlier bytes
+            pass
+        except OSError:  # the master is gone
+            return
+        loop.call_later(_HEARTBEAT_S, beat)
+
+    beat()
+
+
+def _in_process_notify(loop: asyncio.AbstractEventLoop) -> None:
+    """``--workers 1``: the one process is the main process; it tells systemd itself."""
+    _notifier.ready("serving: 1 in-process worker")
+    interval = _notifier.watchdog_interval_s
+    if interval is None:
+        return
+
+    def ping() -> None:
+        _notifier.watchdog()  # the loop runs: that is all there is to check here
+        loop.call_later(interval, ping)
+
+    ping()
+
+
+def _open_connections() -> int | None:
+    """Open WebSockets over all workers, from the multiprocess metric files (None without them)."""
+    if not os.environ.get(metrics.ENV):
+        return None
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    total = 0.0
+    for family in registry.collect():
+        if family.name == "chatd_ws_connections":
+            total += sum(sample.value for sample in family.samples)
+    return int(total)
+
 
 @dataclass
 class _Slot:
@@ -119,6 +179,8 @@ class _Slot:
     started_at: float = 0.0
     failures: int = 0
     restart_at: float | None = None
+    beat_fd: int | None = None  # read end of the worker's heartbeat pipe
+    last_beat: float = 0.0
 
 
 @dataclass
@@ -126,16 +188,28 @@ class Master:
     settings: Settings
     sockets: list[socket.socket]
     n_workers: int
+    services: EmbeddedServices | None = None
+    notifier: Notifier = field(default_factory=lambda: Notifier({}))
     slots: dict[int, _Slot] = field(default_factory=dict)
     stopping: bool = False
     reload_requested: bool = False
+    announced_ready: bool = False
+    _next_status: float = 0.0
+    _pipes: set[int] = field(default_factory=set)  # the master's read ends: no worker inherits them
+
+    def _close_pipe(self, fd: int) -> None:
+        os.close(fd)
+        self._pipes.discard(fd)
 
     def _spawn(self, slot: _Slot) -> int:
-        """Fork a worker for ``slot``; returns the read end of its readiness pipe."""
+        """Fork a worker for ``slot``; returns the read end of its readiness/heartbeat pipe."""
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
-            os.close(read_fd)
+            for fd in (read_fd, *self._pipes):
+                os.close(fd)
+            # A worker never outlives the master (even a SIGKILLed one): SIGTERM is its graceful stop.
+            die_with_parent(signal.SIGTERM)()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             # Ctrl-C reaches the whole process group: the master orchestrates instead.
@@ -146,30 +220,87 @@ class Master:
             finally:
                 os._exit(code)
         os.close(write_fd)
+        self._pipes.add(read_fd)
         slot.pid, slot.started_at, slot.restart_at = pid, time.monotonic(), None
         return read_fd
 
     def _ready(self, slot: _Slot, read_fd: int) -> bool:
-        ready = self._await_ready(read_fd, slot.pid or 0, timeout_s=30)
+        ready = self._await_ready(read_fd, timeout_s=30)
         if ready:
+            slot.beat_fd, slot.last_beat = read_fd, time.monotonic()
             server_log.info("worker_started", extra=fields(worker_id=slot.worker_id, worker_pid=slot.pid))
-        else:
+            return True
+        self._close_pipe(read_fd)
+        if not self.stopping:
             server_log.error("worker_not_ready", extra=fields(worker_id=slot.worker_id, worker_pid=slot.pid))
-        return ready
+        if slot.pid is not None:  # hung in its start: replaced (with backoff) once reaped
+            _kill(slot.pid, signal.SIGKILL)
+        return False
 
     def _fork(self, slot: _Slot) -> bool:
         """Start a worker for ``slot``; True once it serves (False: it died or hung during start)."""
         return self._ready(slot, self._spawn(slot))
 
-    @staticmethod
-    def _await_ready(read_fd: int, pid: int, timeout_s: float) -> bool:
-        try:
-            ready, _, _ = select.select([read_fd], [], [], timeout_s)
-            return bool(ready) and os.read(read_fd, 1) == b"1"
-        except InterruptedError:  # pragma: no cover - PEP 475 retries select
-            return False
-        finally:
-            os.close(read_fd)
+    def _await_ready(self, read_fd: int, timeout_s: float) -> bool:
+        """Wait for the worker's first byte; EOF means it died. Keeps the loop's duties (and signals) going."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stopping and time.monotonic() < deadline:
+            ready, _, _ = select.select([read_fd], [], [], _TICK_S)
+            if ready:
+                return os.read(read_fd, 1) == b"1"
+            self._tick(0)
+        return False
+
+    def _tick(self, timeout_s: float) -> None:
+        """One pass of the master's duties: heartbeats (waiting up to ``timeout_s`` for them), watchdog, status."""
+        fds = {s.beat_fd: s for s in self.slots.values() if s.beat_fd is not None}
+        if fds:
+            readable, _, _ = select.select(list(fds), [], [], timeout_s)
+        else:
+            readable = []
+            time.sleep(timeout_s)
+        now = time.monotonic()
+        for fd in readable:
+            slot = fds[fd]
+            if os.read(fd, 4096):
+                slot.last_beat = now
+            else:  # EOF: the worker is gone; _reap handles it
+                self._close_pipe(fd)
+                slot.beat_fd = None
+        hung_after = self.settings.server.worker_heartbeat_timeout_s
+        healthy = True
+        for slot in self.slots.values():
+            if slot.beat_fd is None or now - slot.last_beat < hung_after:
+                continue
+            healthy = False
+            if slot.pid is not None and not self.stopping:
+                server_log.error(
+                    "worker_hung",
+                    extra=fields(worker_id=slot.worker_id, worker_pid=slot.pid, silent_s=round(now - slot.last_beat)),
+                )
+                _kill(slot.pid, signal.SIGKILL)
+                slot.last_beat = now  # one kill; the reaper replaces it
+        if healthy and self.notifier.watchdog_due():
+            self.notifier.watchdog()
+        if self.notifier.enabled and now >= self._next_status and not self.stopping:
+            self._next_status = now + _STATUS_EVERY_S
+            self._report_status()
+
+    def _serving(self) -> int:
+        return sum(1 for s in self.slots.values() if s.beat_fd is not None)
+
+    def _report_status(self) -> None:
+        connections = _open_connections()
+        text = f"serving: {self._serving()}/{self.n_workers} workers"
+        if connections is not None:
+            text += f", {connections} connections"
+        if self.announced_ready:
+            self.notifier.status(text)
+        elif self._serving() == self.n_workers:
+            self.announced_ready = True
+            self.notifier.ready(text)  # every worker accepts connections
+        else:
+            self.notifier.status(f"starting: {text}")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -186,6 +317,8 @@ class Master:
                 break
             if pid == 0:
                 break
+            if self.services is not None and self.services.exited(pid, status):
+                continue  # embedded Postgres/Valkey: restarted by services.supervise()
             slot = next((s for s in self.slots.values() if s.pid == pid), None)
             metrics.worker_died(pid)
             dead.append((slot, pid, status))
@@ -196,6 +329,9 @@ class Master:
             if slot is None:
                 continue  # an old worker of a rolling restart
             slot.pid = None
+            if slot.beat_fd is not None:
+                self._close_pipe(slot.beat_fd)
+                slot.beat_fd = None
             if self.stopping:
                 continue
             lived_s = time.monotonic() - slot.started_at
@@ -225,50 +361,61 @@ class Master:
                 return True
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.02)
+            self._tick(0.02)
 
     def _rolling_restart(self) -> None:
         server_log.info("rolling_restart_begin")
-        for slot in list(self.slots.values()):
-            if self.stopping:
-                return
-            old = slot.pid
-            if not self._fork(slot):  # the new worker serves before the old one stops
-                new = slot.pid
-                if new is not None:
-                    os.kill(new, signal.SIGKILL)
-                    self._wait_exit(new, 5)
-                slot.pid = old  # keep the old one serving
-                server_log.error("rolling_restart_aborted", extra=fields(worker_id=slot.worker_id))
-                return
-            if old is not None:
-                os.kill(old, signal.SIGTERM)
-                if not self._wait_exit(old, self.settings.server.shutdown_grace_s):
-                    os.kill(old, signal.SIGKILL)
-                    self._wait_exit(old, 5)
-        server_log.info("rolling_restart_done")
+        self.notifier.reloading()
+        try:
+            for slot in list(self.slots.values()):
+                if self.stopping:
+                    return
+                self.notifier.status(f"reloading: replacing worker {slot.worker_id + 1}/{self.n_workers}")
+                old, old_fd = slot.pid, slot.beat_fd
+                slot.beat_fd = None  # the old worker's heartbeats no longer matter
+                if not self._fork(slot):  # the new worker serves before the old one stops
+                    new = slot.pid
+                    if new is not None:
+                        _kill(new, signal.SIGKILL)
+                        self._wait_exit(new, 5)
+                    slot.pid, slot.beat_fd, slot.last_beat = old, old_fd, time.monotonic()  # keep the old one
+                    server_log.error("rolling_restart_aborted", extra=fields(worker_id=slot.worker_id))
+                    return
+                if old_fd is not None:
+                    self._close_pipe(old_fd)
+                if old is not None:
+                    _kill(old, signal.SIGTERM)
+                    if not self._wait_exit(old, self.settings.server.shutdown_grace_s):
+                        _kill(old, signal.SIGKILL)
+                        self._wait_exit(old, 5)
+                    metrics.worker_died(old)
+            server_log.info("rolling_restart_done")
+        finally:
+            if not self.stopping:
+                self._next_status = 0.0
+                self.announced_ready = False  # READY=1 again once every worker serves: the reload is over
+                self._report_status()
 
     def _terminate_all(self) -> None:
         pids = [s.pid for s in self.slots.values() if s.pid]
         server_log.info("shutdown_begin", extra=fields(workers=len(pids)))
+        self.notifier.stopping(f"stopping: draining {len(pids)} workers")
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.settings.server.shutdown_grace_s
         remaining = set(pids)
         while remaining and time.monotonic() < deadline:
             remaining = {pid for pid in remaining if not self._wait_exit(pid, 0)}
-            time.sleep(0.02)
+            self._tick(0.02)
         for pid in remaining:
             server_log.warning("worker_killed_after_grace", extra=fields(worker_pid=pid))
-            os.kill(pid, signal.SIGKILL)
+            _kill(pid, signal.SIGKILL)
             self._wait_exit(pid, 5)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self.notifier.status(f"starting {self.n_workers} workers")
         # Start every worker at once, then wait for each: start-up costs one worker's time, not N.
         pipes = []
         for worker_id in range(self.n_workers):
@@ -278,6 +425,8 @@ class Master:
             self._ready(slot, read_fd)
         while not self.stopping:
             self._handle_deaths()
+            if self.services is not None:
+                self.services.supervise()
             if self.reload_requested:
                 self.reload_requested = False
                 self._rolling_restart()
@@ -285,43 +434,199 @@ class Master:
             for slot in self.slots.values():
                 if slot.pid is None and slot.restart_at is not None and now >= slot.restart_at:
                     self._fork(slot)
-            time.sleep(0.05)
+            if not self.announced_ready and self._serving() == self.n_workers:
+                self._report_status()
+            self._tick(_TICK_S)
         self._terminate_all()
         return 0
 
 
-def prepare(settings: Settings, owner: bool = True) -> tuple[Settings, EmbeddedServices]:
-    """Master-side start: embedded services, dev secret, migrations. No loop, no pool.
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
-    ``owner``: ``serve`` owns the embedded services; one-shot commands only borrow Postgres.
+
+class StartupError(Exception):
+    """A start that cannot succeed as configured: one line naming the problem and the fix (no traceback)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def _where(url: str) -> str:
+    """Host and database of a Postgres URL, without credentials, for messages."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:
+        return "(unparsable URL)"
+    host, port, db = params.get("host") or "localhost", params.get("port") or "5432", params.get("dbname") or ""
+    return f"{host}:{port}/{db}" if not str(host).startswith("/") else f"{host}/{db}"
+
+
+def check_redis(url: str, timeout_s: float) -> None:
+    """PING Redis once (master side, closed before any fork); StartupError naming REDIS_URL when it fails."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    except ValueError as exc:
+        raise StartupError(f"REDIS_URL is not a Redis URL ({_first_line(exc)}); use redis://host:6379/0") from None
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise StartupError(
+            f"cannot reach Redis at {redis_where(url)}: {_first_line(exc)}; check REDIS_URL and that the server is up"
+            " (or leave REDIS_URL empty for the embedded Valkey)"
+        ) from None
+    finally:
+        client.close()
+
+
+def redis_where(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+def check_postgres(url: str, timeout_s: float = 5) -> str:
+    """Connect once; the server version, or StartupError naming DATABASE_URL."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=max(1, round(timeout_s))) as conn:
+            return str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+    except psycopg.Error as exc:
+        raise StartupError(
+            f"cannot connect to PostgreSQL at {_where(url)}: {_first_line(exc)}; check DATABASE_URL and that the"
+            " server is up (or leave DATABASE_URL empty for the embedded PostgreSQL)"
+        ) from None
+
+
+def _with_secret(settings: Settings) -> Settings:
+    """The JWT secret from auth.jwt_secret_file, or dev_mode's generated one, when JWT_SECRET is empty."""
+    auth = settings.auth
+    if auth.jwt_secret:
+        return settings
+    if auth.jwt_secret_file:
+        try:
+            secret = secret_file(Path(auth.jwt_secret_file))
+        except OSError as exc:
+            raise StartupError(
+                f"auth.jwt_secret_file {auth.jwt_secret_file}: {exc.strerror}; fix the path or its permissions"
+            ) from None
+        if len(secret.encode()) < config_mod.MIN_SECRET_BYTES and not settings.server.dev_mode:
+            raise StartupError(
+                f"auth.jwt_secret_file {auth.jwt_secret_file} holds fewer than {config_mod.MIN_SECRET_BYTES}"
+                " bytes; put a longer secret in it (or delete it to have one generated)"
+            )
+        return config_mod.replace(settings, "auth", jwt_secret=secret)
+    if settings.server.dev_mode:
+        return config_mod.replace(settings, "auth", jwt_secret=dev_secret(settings.storage.data_dir))
+    return settings
+
+
+def prepare(
+    settings: Settings, owner: bool = True, migrate: bool = True
+) -> tuple[Settings, EmbeddedServices, list[str]]:
+    """Master-side start: dev/file secret, embedded services, migrations. No loop, no pool.
+
+    ``owner``: ``serve`` owns the embedded services; one-shot commands only borrow Postgres (and need no secret).
+    Returns the settings with the effective URLs, the services to stop, and the migrations applied.
     """
+    if owner:
+        settings = _with_secret(settings)  # before any database starts: a bad secret file costs nothing
     storage = settings.storage
     services = EmbeddedServices(storage.data_dir, storage.database_url, storage.redis_url, owner=owner)
-    database_url, redis_url = services.start()
+    try:
+        database_url, redis_url = services.start()
+    except DataDirInUse:
+        raise
+    except RuntimeError as exc:
+        raise StartupError(
+            f"the embedded databases did not start in {storage.data_dir}: {_first_line(exc)}; see the logs under"
+            " that directory (postgres/server.log, valkey/valkey.log)"
+        ) from None
     try:
         settings = config_mod.replace(settings, "storage", database_url=database_url, redis_url=redis_url)
-        if settings.server.dev_mode and not settings.auth.jwt_secret:
-            settings = config_mod.replace(settings, "auth", jwt_secret=dev_secret(storage.data_dir))
-        migrations.apply(database_url)
+        applied: list[str] = []
+        if migrate:
+            check_postgres(database_url)
+            applied = migrations.apply(database_url)
+        if owner:
+            check_redis(redis_url, storage.redis_timeout_s)
     except BaseException:
         services.stop()
         raise
-    return settings, services
+    return settings, services, applied
+
+
+def _bind(settings: Settings) -> list[socket.socket]:
+    """The listening socket(s): systemd's (socket activation), or bound here; StartupError naming the fix."""
+    import errno
+
+    activated = listen_fds()
+    if activated:
+        server_log.info("socket_activated", extra=fields(sockets=len(activated)))
+        return activated
+    srv = settings.server
+    try:
+        if srv.reuse_port:
+            for probe in bind(settings, reuse_port=True):  # each worker binds its own: fail here, not in N workers
+                probe.close()
+            return []
+        return bind(settings)
+    except OSError as exc:
+        where = f"{srv.host}:{srv.port}"
+        if exc.errno == errno.EADDRINUSE:
+            hint = "address already in use; stop the other process or choose another port (--port or server.port)"
+        elif exc.errno == errno.EACCES:
+            hint = "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE, or choose --port 8080"
+        elif exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            hint = "no such address on this machine; check --host or server.host"
+        else:
+            hint = f"{exc.strerror or exc}; check --host/--port"
+        raise StartupError(f"cannot listen on {where}: {hint}") from None
+    except socket.gaierror as exc:  # pragma: no cover - an OSError subclass, kept for clarity
+        raise StartupError(f"cannot listen on {srv.host}: {exc}; check --host or server.host") from None
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through prepare(): what it started is stopped on the way out
 
 
 def serve(settings: Settings) -> int:
-    settings, services = prepare(settings)
+    global _notifier
+    # Until the master (or the in-process worker) takes over the signals: SIGTERM during the start
+    # (initdb, migrations) stops what was started instead of leaving it to the parent-death signal.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _notifier = notifier = Notifier()
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)  # the main process speaks for the tree
+    sockets = _bind(settings)  # first: a taken port fails in milliseconds, before any database starts
+    try:
+        notifier.status("starting: databases and migrations")
+        settings, services, _ = prepare(settings)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     try:
         n = effective_workers(settings)
-        sockets = [] if settings.server.reuse_port else bind(settings)
         server_log.info(
             "chatd_listening",
             extra=fields(host=settings.server.host, port=settings.server.port, workers=n),
         )
-        if n == 1:
+        if settings.server.workers == 1:  # in-process only when asked for: no master to supervise anything
             logs.set_worker("w0")
             return run_worker(settings, sockets, 0)
-        return Master(settings, sockets, n).run()
+        return Master(settings, sockets, n, services, notifier).run()
     finally:
         logs.set_worker("master")
         services.stop()

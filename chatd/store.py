@@ -176,15 +176,18 @@ async def create_user(pool: Database, email: str, name: str, password_hash: str 
 
 
 @bounded
-async def auth_status(pool: Database, user_id: int, family: str | None) -> Row | None:
-    """A token holder's ``status``, ``role`` and whether the token's session (family) was revoked."""
-    return await _fetch_one(
+async def auth_statuses(pool: Database, holders: Sequence[tuple[int, str | None]]) -> list[Row | None]:
+    """For each token holder ``(user id, session family)``: ``status``, ``role`` and whether the session
+    was revoked; None for an unknown user.  One query for many (connect storms go through ``Batched``)."""
+    rows = await _fetch_all(
         pool,
-        "SELECT u.status, u.role,"
-        " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = %s AND t.revoked_at IS NOT NULL) AS revoked"
-        " FROM users u WHERE u.id = %s",
-        (family, user_id),
+        "SELECT h.ord, u.status, u.role,"
+        " EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family = h.family AND t.revoked_at IS NOT NULL) AS revoked"
+        " FROM unnest(%s::bigint[], %s::text[]) WITH ORDINALITY AS h (user_id, family, ord)"
+        " LEFT JOIN users u ON u.id = h.user_id ORDER BY h.ord",
+        ([h[0] for h in holders], [h[1] for h in holders]),
     )
+    return [None if r["status"] is None else r for r in rows]
 
 
 def upsert_user_sync(database_url: str, email: str, name: str, password_hash: str, role: str) -> Row:
@@ -335,6 +338,52 @@ async def room_for_member(pool: Database, room_id: int, user_id: int) -> Row | N
     )
 
 
+@dataclass(frozen=True, slots=True)
+class JoinRead:
+    room: Row | None  # the room with the caller's membership; None: not a member (or no such room)
+    history: list[Row]  # messages after since_seq, when a replay was asked and fits the limit
+    resync: bool = False  # the gap since since_seq is over the replay limit: nothing read
+
+
+@bounded
+async def join_reads(pool: Database, joins: Sequence[tuple[int, int, int | None]], replay_limit: int) -> list[JoinRead]:
+    """For each join ``(room, user, since_seq)``: membership, last_seq and the replay, for many joins at
+    once (a reconnect storm re-joins thousands of rooms; ``Batched`` groups them): two queries in all."""
+    rows = await _fetch_all(
+        pool,
+        f"SELECT j.ord, {ROOM_COLUMNS}, m.role AS member_role, m.read_seq"
+        " FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS j (room_id, user_id, ord)"
+        " JOIN rooms r ON r.id = j.room_id JOIN room_members m ON m.room_id = r.id AND m.user_id = j.user_id",
+        ([j[0] for j in joins], [j[1] for j in joins]),
+    )
+    rooms: dict[int, Row] = {int(r.pop("ord")) - 1: r for r in rows}
+    replays: dict[int, tuple[int, int]] = {}  # join index -> (first, last) seqs to replay
+    resync: set[int] = set()
+    for i, (_, _, since) in enumerate(joins):
+        room = rooms.get(i)
+        if room is None or since is None or since >= room["last_seq"]:
+            continue
+        if room["last_seq"] - since > replay_limit:
+            resync.add(i)
+        else:
+            replays[i] = (since + 1, room["last_seq"])
+    history: dict[tuple[int, int], Row] = {}
+    if replays:
+        ranges = sorted({(joins[i][0], first, last) for i, (first, last) in replays.items()})
+        for row in await _messages_in_ranges(pool, ranges):
+            history[(row["room_id"], row["seq"])] = row
+    out = []
+    for i, (room_id, _, _) in enumerate(joins):
+        first_last = replays.get(i)
+        rows_i = (
+            [history[(room_id, s)] for s in range(first_last[0], first_last[1] + 1) if (room_id, s) in history]
+            if first_last
+            else []
+        )
+        out.append(JoinRead(rooms.get(i), rows_i, i in resync))
+    return out
+
+
 @bounded
 async def list_rooms(pool: Database, user_id: int, status: str, limit: int, before_id: int | None) -> list[Row]:
     return await _fetch_all(
@@ -453,8 +502,7 @@ async def messages_after(pool: Database, room_id: int, after_seq: int, limit: in
     )
 
 
-@bounded
-async def messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, int]]) -> list[Row]:
+async def _messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, int]]) -> list[Row]:
     """Messages of several rooms, seqs ``first..last`` of each ``(room, first, last)``: the fan-out's gap fill.
 
     Answers come with their generation (``g_*`` columns) so their ``stream_end`` can be rebuilt.
@@ -472,6 +520,15 @@ async def messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, in
         " ORDER BY m.room_id, m.seq",
         ([r[0] for r in ranges], [r[1] for r in ranges], [r[2] for r in ranges]),
     )
+
+
+@bounded
+async def messages_in_ranges(pool: Database, ranges: Sequence[tuple[int, int, int]]) -> list[Row]:
+    """Messages of several rooms, seqs ``first..last`` of each ``(room, first, last)``: the fan-out's gap fill.
+
+    Answers come with their generation (``g_*`` columns) so their ``stream_end`` can be rebuilt.
+    """
+    return await _messages_in_ranges(pool, ranges)
 
 
 @bounded
@@ -559,97 +616,46 @@ class Committed:
     room: Row | None = None  # {kind, assistant, owner_id} of the room, for the assistant trigger
 
 
+_COMMIT_ERRORS: dict[str, type[errors.ChatdError]] = {"not_found": errors.NotFound, "archived": errors.Conflict}
+_COMMIT_MESSAGES = {"not_found": "room not found", "archived": "room is archived"}
+
+
 @bounded
 async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[Committed]:
-    """Store a batch in ONE transaction; per-room seqs stay gap-free.
+    """Store a batch in ONE round trip (``chatd_commit_messages``, sql/0006); per-room seqs stay gap-free.
 
     Rooms are locked in id order (no deadlock between concurrent batches); with
     the room rows locked, duplicates of a client_msg_id are found before seqs
     are assigned, so a retry never burns a seq.
     """
-    results: list[Committed | None] = [None] * len(batch)
-    async with transaction(pool) as conn:
-        room_ids = sorted({m.room_id for m in batch})
-        cur = await conn.execute(
-            "SELECT id, last_seq, status, kind, assistant, owner_id FROM rooms WHERE id = ANY(%s)"
-            " ORDER BY id FOR UPDATE",
-            (room_ids,),
-        )
-        rooms = {r["id"]: r for r in await cur.fetchall()}
-        senders = sorted({(m.room_id, m.sender_id) for m in batch if m.sender_id is not None})
-        members: set[tuple[int, int]] = set()
-        if senders:
-            cur = await conn.execute(
-                "SELECT room_id, user_id FROM room_members WHERE (room_id, user_id) IN"
-                " (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))",
-                ([s[0] for s in senders], [s[1] for s in senders]),
-            )
-            members = {(r["room_id"], r["user_id"]) for r in await cur.fetchall()}
-        keyed = [(m.room_id, m.sender_id, m.client_msg_id) for m in batch if m.client_msg_id and m.sender_id]
-        existing: dict[tuple[int, int | None, str | None], Row] = {}
-        if keyed:
-            cur = await conn.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE (room_id, sender_id, client_msg_id) IN"
-                " (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[]))",
-                ([k[0] for k in keyed], [k[1] for k in keyed], [k[2] for k in keyed]),
-            )
-            existing = {(r["room_id"], r["sender_id"], r["client_msg_id"]): r for r in await cur.fetchall()}
-
-        to_insert: list[tuple[int, PendingMessage, int]] = []
-        next_seq = {rid: r["last_seq"] for rid, r in rooms.items()}
-        first_in_batch: dict[tuple[int, int | None, str], int] = {}
-        for i, m in enumerate(batch):
-            room = rooms.get(m.room_id)
-            if room is None or (m.sender_id is not None and (m.room_id, m.sender_id) not in members):
-                results[i] = Committed(None, error=errors.NotFound("room not found"))
-                continue
-            if room["status"] != "active":
-                results[i] = Committed(None, error=errors.Conflict("room is archived"))
-                continue
-            key = (m.room_id, m.sender_id, m.client_msg_id)
-            if m.client_msg_id and key in existing:
-                results[i] = Committed(existing[key], duplicate=True)
-                continue
-            if m.client_msg_id:
-                dedupe_key = (m.room_id, m.sender_id, m.client_msg_id)
-                if dedupe_key in first_in_batch:
-                    continue  # resolved after insert from the first copy
-                first_in_batch[dedupe_key] = i
-            next_seq[m.room_id] += 1
-            to_insert.append((i, m, next_seq[m.room_id]))
-
-        if to_insert:
-            cur = await conn.execute(
-                "INSERT INTO messages (room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id)"
-                " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
-                " %s::text[], %s::bigint[])"
-                f" RETURNING {MESSAGE_COLUMNS}",
-                (
-                    [m.room_id for _, m, _ in to_insert],
-                    [seq for _, _, seq in to_insert],
-                    [m.sender_id for _, m, _ in to_insert],
-                    [m.role for _, m, _ in to_insert],
-                    [m.kind for _, m, _ in to_insert],
-                    [m.content for _, m, _ in to_insert],
-                    [m.client_msg_id for _, m, _ in to_insert],
-                    [m.reply_to_id for _, m, _ in to_insert],
-                ),
-            )
-            inserted = {(r["room_id"], r["seq"]): r for r in await cur.fetchall()}
-            for i, m, seq in to_insert:
-                results[i] = Committed(inserted[(m.room_id, seq)], room=rooms[m.room_id])
-            changed = {rid: seq for rid, seq in next_seq.items() if seq != rooms[rid]["last_seq"]}
-            await conn.execute(
-                "UPDATE rooms SET last_seq = v.seq FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, seq)"
-                " WHERE rooms.id = v.id",
-                (list(changed), list(changed.values())),
-            )
-    for i, m in enumerate(batch):
-        if results[i] is None and m.client_msg_id:  # a duplicate inside the batch
-            first = results[first_in_batch[(m.room_id, m.sender_id, m.client_msg_id)]]
-            assert first is not None
-            results[i] = Committed(first.row, duplicate=True, error=first.error)
-    return [r if r is not None else Committed(None, error=errors.Internal()) for r in results]
+    rows = await _fetch_all(
+        pool,
+        "SELECT * FROM chatd_commit_messages(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
+        " %s::text[], %s::bigint[])",
+        (
+            [m.room_id for m in batch],
+            [m.sender_id for m in batch],
+            [m.role for m in batch],
+            [m.kind for m in batch],
+            [m.content for m in batch],
+            [m.client_msg_id for m in batch],
+            [m.reply_to_id for m in batch],
+        ),
+    )
+    results = []
+    for row in rows:
+        outcome = row.pop("outcome")
+        row.pop("ord")
+        room = {
+            "kind": row.pop("room_kind"),
+            "assistant": row.pop("room_assistant"),
+            "owner_id": row.pop("room_owner_id"),
+        }
+        if outcome in _COMMIT_ERRORS:
+            results.append(Committed(None, error=_COMMIT_ERRORS[outcome](_COMMIT_MESSAGES[outcome])))
+        else:
+            results.append(Committed(row, duplicate=outcome != "stored", room=room))
+    return results
 
 
 # -- assistant ------------------------------------------------------------------

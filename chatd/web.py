@@ -7,10 +7,13 @@ logged with its traceback and the client sees only ``internal``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
+import tornado.httputil
+import tornado.routing
 import tornado.web
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
@@ -34,6 +37,63 @@ _HTTP_CODES = {
     429: errors.RateLimited,
     503: errors.Unavailable,
 }
+
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+
+
+def forwarded_client(
+    peer: str, headers: tornado.httputil.HTTPHeaders, trusted: Sequence[_Network]
+) -> tuple[str, str | None]:
+    """(client IP, scheme or None) of a request whose TCP peer is ``peer``.
+
+    The headers count only when the peer is a trusted proxy: X-Forwarded-For is
+    read from the right, skipping trusted proxies (each appends the address it
+    saw), so the first untrusted address is the client and anything a client
+    wrote further left is ignored.  Without the header, X-Real-IP.
+    """
+
+    def is_trusted(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return addr is not None and any(addr in net for net in trusted)
+
+    if not trusted or not is_trusted(_ip(peer)):
+        return peer, None
+    client = peer
+    chain = [part for value in headers.get_list("X-Forwarded-For") for part in value.split(",") if part.strip()]
+    if chain:
+        for part in reversed(chain):
+            addr = _ip(part)
+            if addr is None:
+                break  # garbage: stop at the last address a trusted proxy vouched for
+            client = str(addr)
+            if not is_trusted(addr):
+                break
+    elif (real := _ip(headers.get("X-Real-IP", ""))) is not None:
+        client = str(real)
+    proto = headers.get("X-Forwarded-Proto", "").strip().lower()
+    return client, proto if proto in ("http", "https") else None
+
+
+class Application(tornado.web.Application):
+    """tornado's Application, with the client address taken from trusted proxies' headers for every route."""
+
+    def __init__(self, *args: Any, trusted_proxies: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any) -> tornado.web._HandlerDelegate:
+        if self.trusted_proxies and request.remote_ip:
+            request.remote_ip, scheme = forwarded_client(request.remote_ip, request.headers, self.trusted_proxies)
+            if scheme:
+                request.protocol = scheme
+        return super().find_handler(request, **kwargs)
 
 
 class BaseHandler(tornado.web.RequestHandler):

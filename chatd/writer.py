@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,9 +87,14 @@ class MessageWriter:
         self._wake.set()
         return fut
 
-    async def wait_capacity(self) -> None:
-        """Returns once the queue is below half its bound (a socket told ``busy`` waits for this)."""
-        await self._has_room.wait()
+    async def wait_capacity(self, timeout_s: float) -> None:
+        """Returns once the queue is below half its bound, or after ``timeout_s``.
+
+        A socket told ``busy`` is not read meanwhile: at most ``retry_after_ms`` of its
+        frames wait in its TCP buffer, so an accepted send's latency stays bounded.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._has_room.wait(), timeout_s)
 
     async def drain(self) -> None:
         """Shutdown: let every queued send commit (or fail) and be answered."""
@@ -135,23 +141,24 @@ class MessageWriter:
         return batch
 
     async def _flush(self, batch: list[_Queued]) -> None:
-        self._in_flight = batch
+        self._in_flight = batch  # answered by run()'s `finally` if the loop is cancelled meanwhile
         started = self.clock()
         try:
             results = await store.commit_batch(self.db, [q.message for q in batch])
         except errors.ChatdError as exc:
+            self._in_flight = []
             for q in batch:
                 if not q.future.done():
                     q.future.set_exception(type(exc)(exc.message))
             return
         except Exception as exc:
+            self._in_flight = []
             app_log.error("commit_failed", exc_info=exc, extra=fields(batch=len(batch)))
             for q in batch:
                 if not q.future.done():
                     q.future.set_exception(errors.Internal())
             return
-        finally:
-            self._in_flight = []
+        self._in_flight = []
         elapsed_s = self.clock() - started
         self.batches += 1
         metrics.commit_batch.observe(len(batch))

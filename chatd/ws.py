@@ -29,6 +29,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from chatd import errors, metrics, protocol
 from chatd.accounts import Accounts, Principal
+from chatd.batching import Batched
 from chatd.config import Settings, WebSocketSettings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
@@ -55,6 +56,7 @@ class ChatSocket(StrictHandlerMixin):
         hub: Hub,
         kv: KV,
         writer: MessageWriter,
+        register: Batched[tuple[str, int, str], int],
     ) -> None:
         self.state = state
         self.config = settings
@@ -64,6 +66,7 @@ class ChatSocket(StrictHandlerMixin):
         self.kv = kv
         self.writer = writer
         self.close_timeout_s = settings.ws.close_timeout_s
+        self.register = register
         self.connection_id = secrets.token_hex(8)
         self.principal: Principal | None = None
         self.user_id = 0
@@ -138,13 +141,7 @@ class ChatSocket(StrictHandlerMixin):
     async def _register(self, principal: Principal) -> int:
         """Denylist and per-user cap, across all instances, in one round trip; fails open without Redis."""
         try:
-            result = await self.kv.register_connection(
-                principal.claims.jti,
-                principal.user_id,
-                self.connection_id,
-                self.config.auth.max_connections_per_user,
-                CONNECTION_TTL_S,
-            )
+            result = await self.register((principal.claims.jti, principal.user_id, self.connection_id))
         except errors.Unavailable:
             return 1  # the token's session is still checked in Postgres; the cap waits for Redis
         self._registered = result == 1
@@ -290,7 +287,7 @@ class ChatSocket(StrictHandlerMixin):
         try:
             frame = self._decoder.decode(message)
         except errors.ProtocolViolation as exc:
-            metrics.ws_frames.labels("invalid").inc()
+            metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc, reply_to=None))
             app_log.warning(
                 "ws_protocol_error",
@@ -304,19 +301,19 @@ class ChatSocket(StrictHandlerMixin):
             self.force_close(int(exc.close_code), exc.message[:100])
             return
         except protocol.FrameError as exc:
-            metrics.ws_frames.labels("invalid").inc()
+            metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc.error, reply_to=exc.request_id))
             self._violated("invalid frames")
             return
         # Sends have their own quota per user (Rooms.submit) and the commit queue's backpressure.
         decision = _ALLOWED if isinstance(frame, protocol.Send) else self._limiter.hit(frame.TYPE)
         if not decision.allowed:
-            metrics.ws_frames.labels("limited").inc()
+            metrics.hot.frames_received["limited"] += 1
             err = errors.RateLimited(f"too many {frame.TYPE} frames", retry_after_ms=decision.retry_after_ms)
             self.send_frame(protocol.error(err, reply_to=frame.request_id))
             self._violated(f"{frame.TYPE} flood")
             return
-        metrics.ws_frames.labels(frame.TYPE).inc()
+        metrics.hot.frames_received[frame.TYPE] += 1
         try:
             if isinstance(frame, protocol.Send):
                 await self._send(frame)
@@ -346,7 +343,8 @@ class ChatSocket(StrictHandlerMixin):
             durable = self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
         except errors.Busy as err:
             self.send_frame(protocol.error(err, reply_to=frame.request_id))
-            await self.writer.wait_capacity()  # backpressure: not read again until the queue has room
+            # Backpressure: this socket is not read until the queue has room (or the retry time passed).
+            await self.writer.wait_capacity((err.retry_after_ms or 1000) / 1000)
             return
         self._pending += 1
         durable.add_done_callback(lambda fut: self._on_durable(frame, fut))

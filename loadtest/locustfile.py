@@ -1,5 +1,8 @@
 """Locust load test of chatd: WebSocket chat users (websocket-client under gevent) and REST users.
 
+    locust -f loadtest/locustfile.py --headless -u 5 -t 30s --host http://127.0.0.1:8080
+        (no plan: the users register through the API, as any client would; -u is the total)
+
     locust -f loadtest/locustfile.py --headless -u 1000 -r 200 -t 60s --host http://127.0.0.1:8080 \
         --lt-prepare sql --lt-database-url "$DATABASE_URL" --lt-jwt-secret "$JWT_SECRET"
 
@@ -54,8 +57,10 @@ DEFAULT_PLAN = str(Path(__file__).resolve().parent / "results" / "plan.json")
 def _options(parser: Any) -> None:
     g = parser  # locust's own parser: its extra keywords (is_secret) do not work on argument groups
     g.add_argument("--lt-plan", default=DEFAULT_PLAN, help="plan JSON (users, tokens, rooms; see loadtest/plan.py)")
-    g.add_argument("--lt-prepare", choices=("none", "sql", "rest"), default="none",
-                   help="create the plan at test start: sql (needs --lt-database-url, --lt-jwt-secret) or rest")
+    g.add_argument("--lt-prepare", choices=("auto", "none", "sql", "rest"), default="auto",
+                   help="create the plan at test start: sql (needs --lt-database-url, --lt-jwt-secret), rest"
+                        " (register through the API), none (use --lt-plan as it is), auto (--lt-plan if it was"
+                        " made for this --host and is large enough, else rest)")
     g.add_argument("--lt-plan-users", type=int, default=0, help="users in a prepared plan (default: -u)")
     g.add_argument("--lt-room-size", type=int, default=10, help="members per group room (prepared plans)")
     g.add_argument("--lt-assistant-share", type=float, default=0.1, help="share of users with an assistant room")
@@ -86,13 +91,64 @@ def _set_plan(plan: dict[str, Any]) -> None:
         _plan.set(plan)
 
 
-def get_plan(opts: Any, timeout_s: float = 120) -> dict[str, Any]:
+class NoPlan(Exception):
+    """The run cannot have users: reported once, in one line, with a non-zero exit."""
+
+
+def fail_run(environment: Any, reason: str) -> None:
+    """One line naming the problem and the fix, exit code 2, and the run stops."""
+    if environment.process_exit_code is None:
+        print(f"loadtest: {reason}", file=sys.stderr)
+        environment.process_exit_code = 2
+        if environment.runner is not None:
+            gevent.spawn_later(0, environment.runner.quit)  # not from inside the event being handled
+    if not _plan.ready():
+        _plan.set_exception(NoPlan(reason))
+
+
+def get_plan(user: Any, timeout_s: float = 120) -> dict[str, Any] | None:
+    """The run's plan; None when it has none (the run is being stopped, the reason already printed)."""
+    opts = user.environment.parsed_options
     if not _plan.ready() and opts.lt_prepare == "none":
         path = Path(opts.lt_plan)
-        if path.exists():
+        if not path.exists():
+            fail_run(user.environment, f"no plan at {path}: make one with loadtest/plan.py, or drop"
+                                       " --lt-prepare none to have the users registered through the API")
+        else:
             _set_plan(json.loads(path.read_text()))
-    plan = _plan.get(timeout=timeout_s)
+    try:
+        plan = _plan.get(timeout=timeout_s)
+    except NoPlan:
+        return None
     assert isinstance(plan, dict)
+    return plan
+
+
+def _token_expiry(token: str) -> float:
+    """The ``exp`` claim of a JWT (not verified: only to know whether a stored token is still worth using)."""
+    import base64
+
+    try:
+        payload = token.split(".")[1]
+        return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _reusable_plan(path: Path, host: str, n: int, run_time_s: float) -> dict[str, Any] | None:
+    """A plan file made earlier for this host, with at least ``n`` users whose tokens outlast the run (auto mode)."""
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(plan, dict) or plan.get("host", "").rstrip("/") != host.rstrip("/"):
+        return None
+    users = plan.get("users", [])
+    if len(users) < n:
+        return None
+    token = users[0].get("token") if users else None
+    if token and _token_expiry(token) < time.time() + run_time_s + 60:
+        return None  # REST plans hold access tokens of minutes: register anew
     return plan
 
 
@@ -119,12 +175,35 @@ def _on_test_start(environment: Any, **_: Any) -> None:
 
     n = opts.lt_plan_users or opts.num_users or 100
     host = environment.host or ""
+    via = opts.lt_prepare
+    if via == "auto":
+        run_time = opts.run_time
+        if isinstance(run_time, str):
+            from locust.util.timespan import parse_timespan
+
+            run_time = parse_timespan(run_time)
+        reused = _reusable_plan(Path(opts.lt_plan), host, n, float(run_time or 600))
+        if reused is not None:
+            print(f"plan: reusing {opts.lt_plan} ({len(reused['users'])} users made for {host})", file=sys.stderr)
+            if isinstance(runner, MasterRunner):
+                runner.send_message("lt_plan", reused)
+            _set_plan(reused)
+            return
+        via = "rest"
     t0 = time.perf_counter()
-    if opts.lt_prepare == "sql":
-        plan = plan_mod.create_sql(n, opts.lt_room_size, opts.lt_assistant_share, opts.lt_database_url,
-                                   opts.lt_jwt_secret, host)
-    else:
-        plan = plan_mod.create_rest(n, opts.lt_room_size, opts.lt_assistant_share, host)
+    try:
+        if via == "sql":
+            if not (opts.lt_database_url and opts.lt_jwt_secret):
+                raise RuntimeError("--lt-prepare sql needs --lt-database-url and --lt-jwt-secret")
+            plan = plan_mod.create_sql(n, opts.lt_room_size, opts.lt_assistant_share, opts.lt_database_url,
+                                       opts.lt_jwt_secret, host)
+        else:
+            plan = plan_mod.create_rest(n, opts.lt_room_size, opts.lt_assistant_share, host)
+    except Exception as exc:
+        hint = ("; chatd limits registrations per client IP: start it with CHATD_AUTH_AUTH_ATTEMPTS_PER_MIN above"
+                " the user count, or use --lt-prepare sql" if via == "rest" and "429" in str(exc) else "")
+        fail_run(environment, f"cannot create {n} users via {via} on {host}: {exc}{hint}")
+        return
     Path(opts.lt_plan).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.lt_plan).write_text(json.dumps(plan))
     print(f"plan: {n} users, {len(plan['rooms'])} rooms via {opts.lt_prepare} in {time.perf_counter() - t0:.1f}s",
@@ -132,6 +211,15 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     if isinstance(runner, MasterRunner):
         runner.send_message("lt_plan", plan)
     _set_plan(plan)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Any, **_: Any) -> None:
+    # A run in which nothing was even tried measured nothing: that is a failure, not a green 0.
+    if environment.process_exit_code is None and environment.stats.total.num_requests == 0 \
+            and not isinstance(environment.runner, WorkerRunner):
+        print("loadtest: no request was made (no user got started); see the log above", file=sys.stderr)
+        environment.process_exit_code = 1
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -185,7 +273,12 @@ class ChatUser(FastHttpUser):
         opts = self.environment.parsed_options
         self.opts = opts
         self.send_interval = opts.lt_send_interval
-        plan = get_plan(opts)
+        self.ws: websocket.WebSocket | None = None
+        self.reader: gevent.Greenlet | None = None
+        self.tracks: dict[int, RoomTrack] = {}
+        plan = get_plan(self)
+        if plan is None:
+            return
         users = plan["users"]
         self.index = next_index(self, "chat") % len(users)
         self.plan_user = users[self.index]
@@ -193,13 +286,10 @@ class ChatUser(FastHttpUser):
         self.group_rooms = [rid for rid, kind in rooms if kind == "group"]
         self.assistant_rooms = [rid for rid, kind in rooms if kind == "assistant"]
         self.pad = "x" * opts.lt_pad
-        self.ws: websocket.WebSocket | None = None
-        self.reader: gevent.Greenlet | None = None
         self.waiters: dict[int, AsyncResult] = {}
         self.sent: dict[str, list[Any]] = {}  # client_msg_id -> [perf time, kind, acked, echoed]
         self.req_ids = itertools.count(1)
         self.send_ids: set[int] = set()
-        self.tracks: dict[int, RoomTrack] = {}
         self.answers: dict[int, dict[str, Any]] = {}  # prompt message id -> timings
         self.prompt_by_answer: dict[int, int] = {}
         self.next_prompt = time.monotonic() + random.uniform(0, opts.lt_assistant_interval)
@@ -449,7 +539,10 @@ class RestUser(FastHttpUser):
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
-        plan = get_plan(opts)
+        self.token = None
+        plan = get_plan(self)
+        if plan is None:
+            return
         users = plan["users"]
         self.index = (len(users) - 1 - next_index(self, "rest")) % len(users)
         u = users[self.index]

@@ -36,9 +36,9 @@ import fixtures
 import plan as plan_mod
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="chatd (embedded) + Locust headless, one command")
-    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--users", type=int, default=1000, help="Locust users in total, --rest-users included")
     p.add_argument("--spawn-rate", type=float, default=200)
     p.add_argument("--duration", type=int, default=60, help="seconds of load")
     p.add_argument("--processes", type=int, default=1, help="Locust worker processes (1 = no master/worker split)")
@@ -47,14 +47,38 @@ def main() -> int:
     p.add_argument("--assistant-share", type=float, default=0.1)
     p.add_argument("--send-interval", type=float, default=5.0)
     p.add_argument("--assistant-interval", type=float, default=30.0)
-    p.add_argument("--rest-users", type=int, default=10)
+    p.add_argument("--rest-users", type=int, default=10, help="of --users, how many page history over REST")
     p.add_argument("--auth", choices=("token", "login"), default="token",
                    help="login = REST login per user (Argon2 on the server: ~70 ms CPU each)")
     p.add_argument("--server-cpus", default="", help="taskset -c list for chatd, e.g. 0")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (chatd log, embedded data)")
     p.add_argument("locust_args", nargs="*", help="extra Locust arguments after --")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    if not 0 <= a.rest_users < a.users:
+        p.error(f"--rest-users must be below --users ({a.users}): --users is the total number of Locust users")
+    return a
 
+
+def locust_command(a: argparse.Namespace, port: int, plan_path: Path, report: Path) -> list[str]:
+    """The Locust command line: -u is --users, the REST users among them."""
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(fixtures.LOADTEST / "locustfile.py"), "--headless",
+        "-u", str(a.users), "-r", str(a.spawn_rate), "-t", f"{a.duration}s",
+        "--host", f"http://127.0.0.1:{port}", "--stop-timeout", "10",
+        "--lt-plan", str(plan_path), "--lt-prepare", "none", "--lt-send-interval", str(a.send_interval),
+        "--lt-assistant-interval", str(a.assistant_interval), "--lt-rest-users", str(a.rest_users),
+        "--lt-auth", a.auth,
+        "--csv", str(report), "--html", str(report) + ".html",
+        "--only-summary",
+    ]
+    if a.processes > 1:
+        cmd += ["--processes", str(a.processes)]
+    cmd += a.locust_args
+    return cmd
+
+
+def main() -> int:
+    a = parse_args()
     fixtures.raise_nofile()
     tmp = Path(tempfile.mkdtemp(prefix="chatd-locust-"))
     results = fixtures.LOADTEST / "results"
@@ -89,19 +113,7 @@ def main() -> int:
         plan_path.write_text(json.dumps(plan))
         print(f"plan: {a.users} users, {len(plan['rooms'])} rooms by SQL in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr)
-        cmd = [
-            sys.executable, "-m", "locust", "-f", str(fixtures.LOADTEST / "locustfile.py"), "--headless",
-            "-u", str(a.users + a.rest_users), "-r", str(a.spawn_rate), "-t", f"{a.duration}s",
-            "--host", f"http://127.0.0.1:{port}", "--stop-timeout", "10",
-            "--lt-plan", str(plan_path), "--lt-send-interval", str(a.send_interval),
-            "--lt-assistant-interval", str(a.assistant_interval), "--lt-rest-users", str(a.rest_users),
-            "--lt-auth", a.auth,
-            "--csv", str(results / f"locust-{stamp}"), "--html", str(results / f"locust-{stamp}.html"),
-            "--only-summary",
-        ]
-        if a.processes > 1:
-            cmd += ["--processes", str(a.processes)]
-        cmd += a.locust_args
+        cmd = locust_command(a, port, plan_path, results / f"locust-{stamp}")
         print("$ " + " ".join(cmd), file=sys.stderr)
         code = subprocess.call(cmd, cwd=fixtures.ROOT, timeout=a.duration + 300)
         print(f"locust exit code {code}; CSV/HTML: {results}/locust-{stamp}*", file=sys.stderr)

@@ -55,13 +55,17 @@ def test_unix_sockets_only(tmp_path: Path) -> None:
 
 
 def test_serve_after_crashed_run(tmp_path: Path) -> None:
-    """SIGKILL the whole tree (stale pid files, orphaned servers), then start again."""
+    """SIGKILL everything, databases included (stale pid files, no clean shutdown), then start again."""
     data_dir = tmp_path / "var"
     first = Chatd("", "", tmp_path / "first.log", workers=2, data_dir=data_dir)
     first.env = {"DATABASE_URL": "", "REDIS_URL": ""}
     first.start()
     assert first.proc is not None
-    os.killpg(first.proc.pid, signal.SIGKILL)  # master and workers; the databases survive as orphans
+    postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    valkey = int((data_dir / "valkey" / "valkey.pid").read_text())
+    for pid in (postmaster, valkey):
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(first.proc.pid, signal.SIGKILL)  # master and workers
     first.proc.wait()
     assert (data_dir / "postgres" / "postmaster.pid").exists()
     assert (data_dir / "valkey" / "valkey.pid").exists()
@@ -70,7 +74,6 @@ def test_serve_after_crashed_run(tmp_path: Path) -> None:
     second.env = {"DATABASE_URL": "", "REDIS_URL": ""}
     try:
         second.start()
-        assert second.events("embedded_valkey_stale") or second.events("embedded_postgres_reused")
     finally:
         assert second.stop() == 0
     # The clean stop took the databases down with it.
@@ -78,6 +81,27 @@ def test_serve_after_crashed_run(tmp_path: Path) -> None:
     while (data_dir / "postgres" / "postmaster.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
+
+
+def test_owner_replaces_a_postmaster_it_did_not_start(tmp_path: Path) -> None:
+    """A postmaster of the data dir that is nobody's child (pg_ctl, an old chatd) is replaced by one serve owns."""
+    from chatd.embedded import EmbeddedPostgres
+
+    data_dir = tmp_path / "var"
+    borrowed = EmbeddedPostgres(data_dir)
+    borrowed.start()
+    old = borrowed.running_pid()
+    assert old is not None
+    borrowed._process = None  # forget it: as if started by someone else
+    services = EmbeddedServices(str(data_dir), "", "")
+    try:
+        services.start()
+        assert services.postgres is not None and services.postgres.pid not in (None, old)
+        with psycopg.connect(services.database_url) as conn:
+            assert conn.execute("SELECT pg_backend_pid() > 0").fetchone() == (True,)
+    finally:
+        services.stop()
+    assert not Path(f"/proc/{old}").exists() or "zombie" in Path(f"/proc/{old}/status").read_text().lower()
 
 
 def test_second_serve_refused_and_one_shot_commands_leave_live_databases(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -149,7 +150,8 @@ async def test_sigterm_closes_websockets_with_1001_within_grace(chatd_factory: A
 
 
 async def test_metrics_aggregate_every_worker(chatd_factory: Any, services: Services) -> None:
-    from tests.integration.test_messaging import connect, join, make_room, send
+    from tests.chat import connect, join, make_room, send
+    from tests.support import request
     from tests.users import make_users
 
     server: Chatd = chatd_factory(workers=2, CHATD_SERVER_REUSE_PORT="true")
@@ -161,14 +163,17 @@ async def test_metrics_aggregate_every_worker(chatd_factory: Any, services: Serv
     for i in range(3):
         await send(a, room, f"m{i}")
     await b.expect("message", room_id=room, seq=3)
-    text = ""
-    for _ in range(20):  # whichever worker answers reads every worker's samples
-        from tests.support import request
-
+    samples: dict[str, float] = {}
+    for _ in range(40):  # whichever worker answers reads every worker's samples; hot counters flush once a second
         text = (await request("GET", server.http + "/metrics")).body.decode()
-        if "chatd_messages_committed_total 3.0" in text:
+        samples = {
+            line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"
+        }
+        if samples.get("chatd_fanout_frames_delivered_total", 0) >= 6 and samples.get(
+            'chatd_ws_frames_received_total{type="send"}'
+        ):
             break
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+        await asyncio.sleep(0.1)
     assert samples["chatd_messages_committed_total"] == 3.0
     assert samples["chatd_ws_connections"] == 2.0
     assert samples["chatd_fanout_frames_delivered_total"] >= 6.0

@@ -125,3 +125,56 @@ def test_provider_without_its_endpoint_fails_at_start(env: dict[str, str], key: 
     with pytest.raises(ConfigError) as exc:
         load(env)
     assert exc.value.key == key
+
+
+def test_env_example_loads() -> None:
+    """config/chatd.env.example is what operators copy: every line in it must be a valid setting."""
+    env = {}
+    for line in (ROOT / "config" / "chatd.env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    settings = config.load(env=env)
+    assert settings.server.trusted_proxies == ["127.0.0.1"]
+
+
+def test_removed_trust_proxy_headers_points_to_its_replacement(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load({"CHATD_SERVER_TRUST_PROXY_HEADERS": "true"})
+    file = tmp_path / "c.toml"
+    file.write_text("[server]\ntrust_proxy_headers = true\n")
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load(file=file)
+
+
+@pytest.mark.parametrize("bad", ["nginx", "10.0.0.0/33", "1.2.3"])
+def test_trusted_proxies_must_be_addresses(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"server\.trusted_proxies"):
+        load({"CHATD_SERVER_TRUSTED_PROXIES": f"127.0.0.1,{bad}"})
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"DATABASE_URL": "garbage"}, "storage.database_url"),
+        ({"DATABASE_URL": "mysql://u@h/db"}, "storage.database_url"),
+        ({"REDIS_URL": "garbage"}, "storage.redis_url"),
+        ({"REDIS_URL": "http://h:6379"}, "storage.redis_url"),
+        ({"REDIS_URL": "redis://h:port/0"}, "storage.redis_url"),
+    ],
+)
+def test_urls_are_checked(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load(env)
+
+
+def test_good_urls_pass() -> None:
+    settings = load({"DATABASE_URL": "postgresql://u:p@db:5432/chatd", "REDIS_URL": "rediss://:pw@cache:6380/1"})
+    assert settings.storage.redis_url.startswith("rediss://")
+    assert load({"DATABASE_URL": "host=/run/postgresql dbname=chatd", "REDIS_URL": "unix:///run/r.sock"})
+
+
+def test_one_shot_commands_need_no_secret() -> None:
+    with pytest.raises(ConfigError, match="jwt_secret"):
+        config.load(env={})
+    assert config.load(env={}, need_jwt_secret=False).auth.jwt_secret == ""

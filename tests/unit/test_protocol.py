@@ -714,3 +714,50 @@ def test_ws_text_frame_round_trips_an_encoded_event() -> None:
     opcode, body = parse_ws_frame(p.ws_text_frame(payload))
     assert opcode == 0x1
     assert json.loads(body.decode("utf-8")) == {k: v for k, v in event.items() if v is not None}
+
+
+# -- stored rows as frames, and frames back to payloads ---------------------------------------------------
+
+
+def _row(**changes: object) -> dict[str, object]:
+    import datetime as dt
+
+    row: dict[str, object] = {
+        "id": 9, "room_id": 7, "seq": 3, "sender_id": None, "role": "assistant", "kind": "text", "content": "hi",
+        "client_msg_id": None, "reply_to_id": 8, "status": "final", "superseded_at": None, "deleted_at": None,
+        "edited_at": None, "created_at": dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC),
+    }  # fmt: skip
+    row.update(changes)
+    return row
+
+
+def test_message_from_row_marks_answers() -> None:
+    frame = p.message_from_row(_row(status="cancelled"))
+    assert frame["created_at"] == "2026-01-02T03:04:05.678Z"
+    assert frame["reply_to_message_id"] == 8 and frame["status"] == "cancelled" and "superseded" not in frame
+
+
+def test_change_from_row_is_an_update_or_a_delete() -> None:
+    import datetime as dt
+
+    edited = _row(edited_at=dt.datetime(2026, 1, 2, 3, 5, tzinfo=dt.UTC), content="new")
+    assert p.change_from_row(edited) == {
+        "type": "message_updated", "room_id": 7, "message_id": 9, "seq": 3, "content": "new",
+        "edited_at": "2026-01-02T03:05:00.000Z",
+    }  # fmt: skip
+    assert p.change_from_row(_row(deleted_at=edited["edited_at"]))["type"] == "message_deleted"
+
+
+@pytest.mark.parametrize(
+    ("generation", "stop_reason"),
+    [({"g_stop_reason": "max_tokens", "g_output_tokens": 5}, "max_tokens"), ({}, "end_turn")],
+)
+def test_stream_end_from_row(generation: dict[str, object], stop_reason: str) -> None:
+    end = p.stream_end_from_row(_row(**generation))
+    assert end["stop_reason"] == stop_reason and end["message_id"] == 9 and end["seq"] == 3
+    assert end["usage"]["output_tokens"] == generation.get("g_output_tokens", 0)
+
+
+def test_ws_frame_payloads_reads_back_concatenated_frames() -> None:
+    payloads = [b"a" * 5, b"b" * 200, b"c" * 70_000]
+    assert p.ws_frame_payloads(b"".join(p.ws_text_frame(x) for x in payloads)) == payloads

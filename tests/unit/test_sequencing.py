@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatd.sequencing import Gap, JoinMerge, RoomSequencer
+from chatd.sequencing import Gap, JoinMerge, Revisions, RoomSequencer
 
 
 @pytest.mark.parametrize(
@@ -252,3 +252,35 @@ def test_join_merge_is_bounded_and_says_so() -> None:
         merge.hold(s, s)
     assert merge.overflowed
     assert merge.merge([], last_history_seq=4) == [5, 6]
+
+
+# -- Revisions: edits and deletes once each, missed ones found ------------------------------------------
+
+
+def test_revisions_deliver_each_change_once_in_any_order() -> None:
+    revs = Revisions(delivered=10, gap_timeout_s=0.25)
+    assert [revs.offer(r, now=0.0) for r in (12, 11, 12, 10, 13)] == [True, True, False, False, True]
+    assert revs.delivered == 13 and revs.missing(now=9.0) is None
+
+
+def test_revisions_find_a_lost_change_by_probe_and_fill_it_once() -> None:
+    revs = Revisions(delivered=3, gap_timeout_s=0.25)
+    revs.note_committed(5, now=1.0)  # two changes happened; their publishes were lost
+    assert revs.missing(now=1.1) is None
+    after = revs.missing(now=1.3)
+    assert after == 3
+    # A message keeps only its latest revision: rev 4 was superseded by 5 on the same message.
+    assert revs.fill(after, revs.committed, [(5, "m1 v2")], complete=True, now=1.3) == ["m1 v2"]
+    assert revs.delivered == 5 and revs.missing(now=9.0) is None
+
+
+def test_revisions_fill_skips_what_arrived_live_meanwhile_and_respects_a_cut_read() -> None:
+    revs = Revisions(delivered=0, gap_timeout_s=0.0)
+    revs.note_committed(4, now=0.0)
+    after = revs.missing(now=0.0)
+    assert after == 0
+    assert revs.offer(2, now=0.0)  # arrived while the read ran
+    got = revs.fill(after, 4, [(1, "a"), (2, "b")], complete=False, now=0.0)  # the read hit its limit at rev 2
+    assert got == ["a"] and revs.delivered == 2
+    assert revs.missing(now=0.0) == 2  # 3 and 4 are still to read
+    assert revs.fill(2, 4, [(3, "c"), (4, "d")], complete=True, now=0.0) == ["c", "d"]

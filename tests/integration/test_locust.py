@@ -1,0 +1,86 @@
+"""The Locust file as Locust users run it: a plain headless run, no plan prepared beforehand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.support import ROOT, Chatd, free_port
+
+
+def locust(*args: str, cwd: Path, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_plain_run_creates_its_users_through_the_api(chatd_factory: Any, tmp_path: Path) -> None:
+    server: Chatd = chatd_factory()
+    result = locust(
+        "-u", "5", "-r", "5", "-t", "5s", "--host", server.http, "--only-summary",
+        "--csv", str(tmp_path / "stats"), "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    # -u 5 means 5 users in all: 5 registered through the API, 5 sockets.
+    registered = [e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]
+    assert [e["status"] for e in registered] == [201] * 5
+    handshakes = [e for e in server.events("http_request") if e.get("route") == "ChatSocket"]
+    assert len(handshakes) == 5
+    stats = (tmp_path / "stats_stats.csv").read_text().splitlines()
+    connects = next(line for line in stats if ",ws connect," in line).split(",")
+    assert connects[2] == "5" and connects[3] == "0"  # requests, failures
+    aggregated = next(line for line in stats if ",Aggregated," in line).split(",")
+    assert int(aggregated[2]) > 5 and aggregated[3] == "0"
+
+    # The same command again: the plan it wrote is for this host and its tokens outlast the run.
+    again = locust("-u", "5", "-r", "5", "-t", "3s", "--host", server.http, "--only-summary",
+                   "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path)
+    assert again.returncode == 0 and "plan: reusing" in again.stderr, again.stderr[-3000:]
+    assert len([e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]) == 5
+
+
+def test_plan_with_tokens_expiring_during_the_run_is_not_reused(chatd_factory: Any, tmp_path: Path) -> None:
+    server: Chatd = chatd_factory(CHATD_AUTH_ACCESS_TTL_S="30")  # tokens end before run + margin
+    for _ in range(2):
+        result = locust("-u", "2", "-r", "2", "-t", "2s", "--host", server.http, "--only-summary",
+                        "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path)
+        assert result.returncode == 0 and "plan: reusing" not in result.stderr, result.stderr[-3000:]
+    assert len([e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]) == 4
+
+
+def test_run_that_cannot_make_users_fails_in_one_line(tmp_path: Path) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = locust("-u", "3", "-t", "5s", "--host", nowhere, "--lt-plan", str(tmp_path / "plan.json"), cwd=tmp_path,
+                    timeout_s=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    reasons = [line for line in result.stderr.splitlines() if line.startswith("loadtest: ")]
+    assert len(reasons) == 1 and nowhere in reasons[0], result.stderr[-3000:]
+
+
+def test_run_locust_users_means_users_in_total(tmp_path: Path) -> None:
+    """loadtest/run_locust.py --users 300 starts 300 Locust users, its REST users among them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_locust", ROOT / "loadtest" / "run_locust.py")
+    assert spec is not None and spec.loader is not None
+    run_locust = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_locust)
+    args = run_locust.parse_args(["--users", "300", "--rest-users", "10"])
+    cmd = run_locust.locust_command(args, 8080, tmp_path / "plan.json", tmp_path / "report")
+    assert cmd[cmd.index("-u") + 1] == "300" and cmd[cmd.index("--lt-rest-users") + 1] == "10"
+    too_many = subprocess.run(
+        [sys.executable, str(ROOT / "loadtest" / "run_locust.py"), "--users", "5", "--rest-users", "5"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert too_many.returncode == 2 and "--users is the total" in too_many.stderr
