@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
+import psutil
 import pytest
 
-from tests.chat import connect, join, make_room
+from tests.chat import connect, join, make_room, send_many
 from tests.conftest import Services
 from tests.rawws import OP_BINARY, OP_TEXT, RawWS, frame
 from tests.support import WS, Chatd
@@ -146,3 +148,47 @@ async def test_cancel_in_a_room_you_are_not_in_is_not_found(chatd_factory: Any, 
     assert (running["code"], missing["code"]) == ("not_found", "not_found"), (running, missing)
     end = await a.expect("stream_end", message_id=start["message_id"], timeout_s=60)
     assert end["stop_reason"] == "end_turn"  # mallory's cancel did nothing
+
+
+async def test_non_reading_clients_are_closed_and_memory_stays_flat(chatd_factory: Any, services: Services) -> None:
+    """30 sockets that join a busy room and never read: each closed 1013 at ws.max_buffer_bytes, RSS bounded."""
+    buffer_bytes = 262_144
+    server: Chatd = chatd_factory(CHATD_WS_MAX_BUFFER_BYTES=str(buffer_bytes), CHATD_WS_SEND_RATE_COUNT="100000")
+    users = make_users(services.database_url, 31)
+    alice, deaf = users[0], users[1:]
+    room = await make_room(server, alice, deaf)
+    a = await connect(server, alice)
+    await join(a, room)
+    assert server.proc is not None
+    worker = psutil.Process(server.proc.pid)
+    before = worker.memory_info().rss / 2**20
+    raws = []
+    for user in deaf:  # plain sockets with a tiny receive buffer that are never read from
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", server.port))
+        raw.sendall(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {user.token}\r\n\r\n"
+            ).encode()
+            + frame(OP_TEXT, json.dumps({"type": "join", "room_id": room}).encode())
+        )
+        raws.append(raw)
+    await asyncio.sleep(0.5)
+    peak = before
+    big = "z" * 3900
+    for _ in range(15):  # up to 3,000 messages of 4 KB: far past the kernel buffers of every socket
+        await send_many(a, room, [big] * 200)
+        a.backlog = []
+        peak = max(peak, worker.memory_info().rss / 2**20)
+        if len(server.events("slow_consumer_closed")) >= len(deaf):
+            break
+    closed = len(server.events("slow_consumer_closed"))
+    for raw in raws:
+        raw.close()
+    grown = peak - before
+    print(f"non-reading clients: {closed}/{len(deaf)} closed 1013; worker RSS {before:.0f} MiB, peak +{grown:.0f} MiB")
+    assert closed == len(deaf)
+    assert grown < len(deaf) * buffer_bytes / 2**20 + 40, f"RSS grew {grown:.0f} MiB"
