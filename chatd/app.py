@@ -24,6 +24,7 @@ from chatd.batching import Batched
 from chatd.config import Settings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
+from chatd.health import check_dependencies
 from chatd.keys import Keys
 from chatd.logs import assistant_log, fields, server_log
 from chatd.presence import Presence
@@ -107,6 +108,9 @@ class Worker:
 
     def start(self) -> None:
         tasks = self.state.tasks
+        metrics.set_worker(self.state.worker_id)
+        for code in CloseCode:  # every code chatd sends, exported at 0
+            metrics.ws_closed.labels(str(int(code)))
         tasks.supervise("fanout-reader", self.hub.subscriber.run)
         tasks.supervise("fanout-subscribe", self.hub.subscriber.flush_wanted)
         tasks.supervise("message-writer", self.writer.run)
@@ -118,6 +122,8 @@ class Worker:
         tasks.supervise("auth-reads", self.accounts.status_reads.run)
         tasks.supervise("connection-registrations", self.registrations.run)
         tasks.supervise("join-reads", self.rooms.join_reads.run)
+        tasks.supervise("metrics-loop-lag", metrics.loop_lag_loop)
+        tasks.supervise("metrics-sample", lambda: metrics.sample_loop(self.db.pop_stats, self._ready))
         tasks.spawn(self.retriever.start(), "retrieval-start")
         self.assistant.start()
         assistant_log.info(
@@ -129,6 +135,11 @@ class Worker:
         gc.freeze()
         gc.set_threshold(*_GC_THRESHOLDS)
         metrics.watch_gc()
+
+    async def _ready(self) -> bool:
+        """What /health/ready would answer (for the chatd_ready gauge)."""
+        checks = await check_dependencies(self.db, self.kv, self.settings.storage.health_timeout_s)
+        return all(c["ok"] for c in checks.values()) and not self.state.tasks.down and not self.state.draining
 
     def application(self) -> tornado.web.Application:
         base: dict[str, Any] = {"state": self.state, "settings": self.settings}

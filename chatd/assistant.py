@@ -495,6 +495,7 @@ class Assistant:
         await self._clear_stream(run.room_id, run.message_id)
         await self.queue.ack(run.job)
         metrics.generations.labels(stop_reason).inc()
+        metrics.count_tokens(run.model, usage.input_tokens, usage.output_tokens)
         if run.first_token_ms is not None:
             metrics.first_token.observe(run.first_token_ms / 1000)
         assistant_log.info(

@@ -81,7 +81,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _check_connections(settings: Settings) -> int:
-    from chatd.server import StartupError, check_postgres, check_redis, redis_where
+    from chatd.server import StartupError, check_postgres, check_redis
 
     storage = settings.storage
     failed = 0
@@ -95,8 +95,8 @@ def _check_connections(settings: Settings) -> int:
         print(f"postgres: embedded (started by chatd serve in {storage.data_dir})", file=sys.stderr)
     if storage.redis_url:
         try:
-            check_redis(storage.redis_url, storage.redis_timeout_s)
-            print(f"redis: ok ({redis_where(storage.redis_url)})", file=sys.stderr)
+            where = check_redis(storage.redis_url, storage.redis_timeout_s)
+            print(f"redis: ok ({where})", file=sys.stderr)
         except StartupError as exc:
             failed = _fail(str(exc), 1)
     else:

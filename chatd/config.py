@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import sys
 import tomllib
 import typing
@@ -104,7 +105,12 @@ class ServerSettings:
 class StorageSettings:
     data_dir: str = _f("./var", "Directory of the embedded Postgres and Valkey (used when the URLs are empty).")
     database_url: str = _f("", "PostgreSQL URL; empty starts the embedded server. Env: DATABASE_URL.", secret=True)
-    redis_url: str = _f("", "Redis/Valkey URL; empty starts the embedded server. Env: REDIS_URL.", secret=True)
+    redis_url: str = _f(
+        "",
+        "Redis/Valkey URL (redis://, rediss://, unix://), or sentinel://host1:26379,host2:26379/<master>[/db] for a"
+        " primary managed by Redis Sentinel; empty starts the embedded server. Env: REDIS_URL.",
+        secret=True,
+    )
     redis_key_prefix: str = _f("chatd:", "Prefix of every Redis key and channel (share one Redis between deployments).")
     pg_pool_min: int = _f(1, "Postgres connections each worker keeps open.", min=0)
     pg_pool_max: int = _f(20, "Postgres connections each worker may open.", min=1)
@@ -516,16 +522,20 @@ def _check_redis_url(url: str) -> None:
         return
     from redis.connection import parse_url
 
-    hint = (
-        "set REDIS_URL to redis://[:password@]host:6379/0, rediss:// (TLS) or unix:///path/to.sock,"
-        " or leave it empty for the embedded Valkey"
-    )
+    from chatd import redisurl
+
+    if redisurl.is_sentinel(url):
+        try:
+            redisurl.parse_sentinel(url)
+        except ValueError as exc:
+            raise ConfigError("storage.redis_url", f"{exc}; {redisurl.HINT}") from None
+        return
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
-        raise ConfigError("storage.redis_url", f"{exc}; {hint}") from None
+        raise ConfigError("storage.redis_url", f"{exc}; {redisurl.HINT}") from None
     if url.startswith(("redis://", "rediss://")) and not url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]:
-        raise ConfigError("storage.redis_url", f"has no host; {hint}")
+        raise ConfigError("storage.redis_url", f"has no host; {redisurl.HINT}")
 
 
 def replace(settings: Settings, section: str, **changes: Any) -> Settings:
@@ -550,15 +560,18 @@ def as_dict(settings: Settings, *, mask_secrets: bool = True) -> dict[str, dict[
 
 
 def _mask(name: str, value: str) -> str:
-    if name.endswith("_url") and "@" in value:
+    if not name.endswith("_url"):
+        return "***"
+    base, question, query = value.partition("?")
+    if query:  # e.g. sentinel://...?sentinel_password=...
+        query = re.sub(r"(password=)[^&]*", r"\1***", query)
+    if "@" in base:
         # Keep the host visible, hide credentials: postgresql://user:***@host/db
-        scheme, _, rest = value.partition("://")
+        scheme, _, rest = base.partition("://")
         creds, _, host = rest.rpartition("@")
         user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    if name.endswith("_url"):
-        return value
-    return "***"
+        base = f"{scheme}://{user}:***@{host}"
+    return base + question + query
 
 
 def reference_markdown() -> str:

@@ -167,6 +167,7 @@ class Hub:
         for event in items:
             self._write(conn, room_id, event)
         if merge is not None and merge.overflowed:
+            metrics.resyncs.labels("held_overflow").inc()
             last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
             conn.write_frame(_framed(protocol.resync_required(room_id=room_id, last_seq=last, reply_to=None)))
 
@@ -403,6 +404,7 @@ class Hub:
         if room is None:
             return
         frame = _framed(protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=None))
+        metrics.resyncs.labels("seq_lost").inc(len(room.live))
         for conn in list(room.live):
             conn.write_frame(frame)
             conn.room_seq[room_id] = max(conn.room_seq.get(room_id, 0), last_seq)

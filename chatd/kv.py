@@ -10,6 +10,11 @@ reach the client as ``unavailable``.
 
 Scripts are registered once and sent by SHA (EVALSHA).  The key names come
 from ``chatd.keys``; the pub/sub subscriber lives in ``chatd.pubsub``.
+
+``connect`` and ``pubsub_client`` take a plain URL or a ``sentinel://`` one
+(``chatd.redisurl``): with Sentinel every new connection asks the sentinels
+where the primary is, so after a failover the next command reaches the
+promoted replica (the failed ones meanwhile are ``Unavailable`` as usual).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
-from chatd import errors, metrics
+from chatd import errors, metrics, redisurl
 from chatd.config import StorageSettings
 from chatd.keys import Keys
 from chatd.logs import app_log, fields
@@ -34,18 +41,27 @@ _LOG_EVERY_S = 10.0
 _last_logged: dict[str, float] = {}
 
 
+_op_metrics: dict[str, tuple[Histogram, Counter]] = {}  # op -> (latency histogram, error counter): labels() once per op
+
+
 @contextlib.asynccontextmanager
 async def redis_errors(op: str) -> AsyncIterator[None]:
-    """The error policy: any Redis failure leaves as ``Unavailable``."""
+    """The error policy: any Redis failure leaves as ``Unavailable``.  Every round trip is timed."""
+    children = _op_metrics.get(op)
+    if children is None:
+        children = _op_metrics[op] = (metrics.redis_latency.labels(op), metrics.redis_errors.labels(op))
+    started = time.perf_counter()
     try:
         yield
     except (RedisError, OSError, AttributeError) as exc:  # redis-py can raise AttributeError on a torn connection
-        metrics.redis_errors.labels(op).inc()
+        children[0].observe(time.perf_counter() - started)
+        children[1].inc()
         now = time.monotonic()
         if now - _last_logged.get(op, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             _last_logged[op] = now
             app_log.warning("redis_unavailable", extra=fields(op=op, error=f"{type(exc).__name__}: {exc}"[:200]))
         raise errors.Unavailable("redis unavailable, try again") from None
+    children[0].observe(time.perf_counter() - started)
 
 
 def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
@@ -64,15 +80,67 @@ def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaita
 
 def connect(storage: StorageSettings, max_connections: int | None = None) -> aioredis.Redis:
     """A client with a blocking pool: a burst waits for a connection instead of failing at once."""
+    limit = max_connections or storage.redis_pool_max
+    timeouts: dict[str, Any] = {
+        "socket_timeout": storage.redis_timeout_s,
+        "socket_connect_timeout": storage.redis_timeout_s,
+        "health_check_interval": 30,
+    }
+    if redisurl.is_sentinel(storage.redis_url):
+        return _sentinel_client(
+            storage, _BlockingSentinelPool, max_connections=limit, timeout=storage.redis_timeout_s, **timeouts
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
-        storage.redis_url,
-        max_connections=max_connections or storage.redis_pool_max,
-        timeout=storage.redis_timeout_s,
-        socket_timeout=storage.redis_timeout_s,
-        socket_connect_timeout=storage.redis_timeout_s,
-        health_check_interval=30,
+        storage.redis_url, max_connections=limit, timeout=storage.redis_timeout_s, **timeouts
     )
     return aioredis.Redis(connection_pool=pool, decode_responses=False)
+
+
+def pubsub_client(storage: StorageSettings) -> aioredis.Redis:
+    """The pub/sub reader's own client: no read timeout (it waits for messages), a connect timeout."""
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": storage.redis_timeout_s,
+        "health_check_interval": 30,
+        "max_connections": 2,
+    }
+    if redisurl.is_sentinel(storage.redis_url):
+        return _sentinel_client(storage, SentinelConnectionPool, **kwargs)
+    return aioredis.Redis.from_url(storage.redis_url, **kwargs)
+
+
+async def close_client(client: aioredis.Redis) -> None:
+    """Close a client from ``connect`` / ``pubsub_client``, and its sentinel connections if it has any."""
+    await client.aclose()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if isinstance(manager, Sentinel):
+        await manager.aclose()
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (asks the sentinels where the primary is for every new connection, drops
+    connections to a demoted one) with the blocking pool's wait for a free connection."""
+
+
+def _sentinel_client(
+    storage: StorageSettings, pool_class: type[SentinelConnectionPool], **kwargs: Any
+) -> aioredis.Redis:
+    target = redisurl.parse_sentinel(storage.redis_url)
+    # The sentinels answer quickly or not at all: always a timeout, even for the pub/sub client's queries.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": storage.redis_timeout_s,
+        "socket_connect_timeout": storage.redis_timeout_s,
+        "username": target.sentinel_username,
+        "password": target.sentinel_password,
+    }
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs=sentinel_kwargs,
+        username=target.username,
+        password=target.password,
+        db=target.db,
+    )
+    client: aioredis.Redis = manager.master_for(target.master, connection_pool_class=pool_class, **kwargs)
+    return client
 
 
 # KEYS: per connection, the denylist key of its token and its user's connection set
@@ -223,7 +291,7 @@ class KV:
         self._rate_counter = 0
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await close_client(self.client)
 
     async def ping(self) -> None:
         async with redis_errors("ping"):

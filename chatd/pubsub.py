@@ -17,11 +17,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from chatd import errors, metrics
 from chatd.config import StorageSettings
-from chatd.kv import redis_errors
+from chatd.kv import close_client, pubsub_client, redis_errors
 from chatd.logs import app_log, fields
 
 
@@ -33,12 +31,8 @@ class Subscriber:
         on_resubscribed: Callable[[], None],
     ) -> None:
         # A connection of its own: a busy command pool must never keep the reader from reconnecting.
-        self._client = aioredis.Redis.from_url(
-            storage.redis_url,
-            socket_connect_timeout=storage.redis_timeout_s,
-            health_check_interval=30,
-            max_connections=2,
-        )
+        # With Sentinel each reconnect asks where the primary is now (kv.pubsub_client).
+        self._client = pubsub_client(storage)
         self._timeout_s = storage.redis_timeout_s
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
@@ -52,7 +46,7 @@ class Subscriber:
         self.connected = False
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await close_client(self._client)
 
     async def run(self) -> None:
         """Read forever; reconnect on any failure (a supervised task)."""
@@ -72,6 +66,7 @@ class Subscriber:
                     if not first:
                         self._resubscribed()
                 self.connected = True
+                metrics.pubsub_connected.set(1)
                 if not first:
                     app_log.info("fanout_reconnected", extra=fields(channels=len(channels)))
                 first = False
@@ -88,6 +83,7 @@ class Subscriber:
                 raise
             except Exception as exc:  # whatever broke, the reader must come back: without it the worker is deaf
                 self.connected = False
+                metrics.pubsub_connected.set(0)
                 self._pubsub = None
                 self._resubscribing = None
                 for fut in self._confirm.values():
@@ -98,7 +94,7 @@ class Subscriber:
                 metrics.pubsub_reconnects.inc()
                 app_log.warning("fanout_redis_lost", extra=fields(error=str(exc)[:200], retry_in_s=backoff_s))
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                backoff_s = min(backoff_s * 2, 1.0)  # at most a second after Redis (or a promoted replica) is back
             finally:
                 with contextlib.suppress(Exception):  # the connection may be broken already
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -107,6 +103,7 @@ class Subscriber:
         kind = msg.get("type")
         channel: bytes = msg["channel"]
         if kind == b"message" or kind == "message":
+            metrics.hot.pubsub_received += 1
             self._on_message(channel, msg["data"])
         elif kind == b"subscribe" or kind == "subscribe":
             fut = self._confirm.pop(channel, None)

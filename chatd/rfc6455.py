@@ -22,7 +22,7 @@ frame reader replaced) changes that:
   not read are dropped (a frame already half sent is finished), so the close
   frame that follows is next on the wire instead of behind ``max_buffer_bytes``.
 
-Every protocol-violation close is logged (``ws_protocol_error``) and counted.
+Every protocol-violation close is logged (``ws_protocol_error``); every close chatd sends is counted once.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from tornado.iostream import IOStream
 from tornado.util import _websocket_mask
 from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
-from chatd import metrics
 from chatd.errors import CloseCode
 from chatd.logs import app_log, fields
 
@@ -227,12 +226,20 @@ class StrictProtocol(WebSocketProtocol13):
             "ws_protocol_error",
             extra=fields(code=int(code), reason=reason, connection_id=getattr(self.handler, "connection_id", None)),
         )
-        metrics.ws_closed.labels(str(int(code))).inc()
+        self._count_close(int(code), reason)  # before close(): a client close frame may have come first
         self.close(int(code), reason)
+
+    def _count_close(self, code: int | None, reason: str | None) -> None:
+        """Every close chatd sends is counted once, by the handler (``ChatSocket.count_close_sent``)."""
+        counter = getattr(self.handler, "count_close_sent", None)
+        if counter is not None:
+            counter(code, reason)
 
     # -- closing ----------------------------------------------------------------------
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if not self.server_terminated and not self.client_terminated:  # chatd's closes and Tornado's (ping timeout)
+            self._count_close(code, reason)
         waiting = self._waiting
         super().close(code, reason)
         if waiting is None and self._waiting is not None:  # Tornado's fixed 5 s -> close_timeout_s

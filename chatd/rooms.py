@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chatd import errors, protocol, store
+from chatd import errors, metrics, protocol, store
 from chatd.batching import Batched
 from chatd.config import WebSocketSettings
 from chatd.fanout import Conn, Event, Hub
@@ -154,6 +154,7 @@ class Rooms:
             resync = None
             baseline_seq = last_seq
             if read.resync:
+                metrics.resyncs.labels("replay_limit").inc()
                 resync = protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=request_id)
             elif since_seq is not None and since_seq < last_seq:
                 baseline_seq = since_seq

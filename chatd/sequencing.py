@@ -10,8 +10,9 @@ lock, so a room's commits happen in seq order and every seq up to
   Publishes can overtake each other and can be lost (a publisher crashed after
   its commit, Redis blinked).  The sequencer releases messages strictly in seq
   order, drops duplicates, holds later ones while an earlier one is missing,
-  and asks for exactly the missing range (``missing``) once it has been
-  missing for ``gap_timeout_s``.  It learns that seqs exist from held messages
+  and asks for the missing range (``missing``: every hole up to the highest
+  committed seq, in one read) once it has been missing for ``gap_timeout_s``.
+  It learns that seqs exist from held messages
   and from probes of ``rooms.last_seq`` (``note_committed``), so the last
   message of a quiet room is found even when its publish was lost.  It never
   releases past a seq it has not released: a seq that Postgres cannot return
@@ -99,6 +100,11 @@ class RoomSequencer(Generic[T]):
     def missing(self, now: float, *, urgent: bool = False) -> Gap | None:
         """The range to read from Postgres, once it has been missing for ``gap_timeout_s``.
 
+        From the first missing seq to the highest committed one (at most ``max_fill``): every hole
+        in one read.  Held seqs inside it come back too and are dropped as duplicates; reading only
+        up to the first held seq filled one hole per timeout, so after a Redis outage (every other
+        worker's seq missing, one hole each) a busy room fell further behind than it was filled.
+
         ``urgent``: read now (e.g. after a Redis reconnect, when publishes were surely lost).
         """
         if self._stalled_since is None:
@@ -106,8 +112,7 @@ class RoomSequencer(Generic[T]):
         if not urgent and now - self._stalled_since < self.gap_timeout_s:
             return None
         first = self.next_seq
-        upper = min(self._held) - 1 if self._held else self.committed
-        return Gap(first, min(upper, first + self.max_fill - 1))
+        return Gap(first, min(self.committed, first + self.max_fill - 1))
 
     def fill(self, gap: Gap, rows: list[tuple[int, T]], now: float) -> Filled[T]:
         """Offer what Postgres returned for ``gap``.

@@ -338,6 +338,7 @@ class Master:
             slot.failures = 1 if lived_s > _HEALTHY_AFTER_S else slot.failures + 1
             backoff_s = min(self.settings.server.worker_restart_max_backoff_s, 0.1 * 2 ** (slot.failures - 1))
             slot.restart_at = time.monotonic() + backoff_s
+            metrics.worker_restarts.inc()
             how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
             server_log.error(
                 "worker_died",
@@ -469,30 +470,60 @@ def _where(url: str) -> str:
     return f"{host}:{port}/{db}" if not str(host).startswith("/") else f"{host}/{db}"
 
 
-def check_redis(url: str, timeout_s: float) -> None:
-    """PING Redis once (master side, closed before any fork); StartupError naming REDIS_URL when it fails."""
-    import redis
+def check_redis(url: str, timeout_s: float) -> str:
+    """PING Redis once (master side, closed before any fork); where it answered, or StartupError naming REDIS_URL.
 
+    With a ``sentinel://`` URL the sentinels are asked for the primary first, then the primary is PINGed.
+    """
+    import redis
+    from redis.sentinel import Sentinel
+
+    from chatd import redisurl
+
+    where = redisurl.where(url)
+    clients: list[redis.Redis] = []  # every one closed here: nothing may be inherited by the workers
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    except ValueError as exc:
-        raise StartupError(f"REDIS_URL is not a Redis URL ({_first_line(exc)}); use redis://host:6379/0") from None
-    try:
+        if redisurl.is_sentinel(url):
+            target = redisurl.parse_sentinel(url)
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(target.sentinels),
+                sentinel_kwargs={
+                    "socket_timeout": timeout_s,
+                    "socket_connect_timeout": timeout_s,
+                    "username": target.sentinel_username,
+                    "password": target.sentinel_password,
+                },
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                username=target.username,
+                password=target.password,
+                db=target.db,
+            )
+            clients += sentinel.sentinels
+            try:
+                host, port = sentinel.discover_master(target.master)  # type: ignore[no-untyped-call]
+            except redis.RedisError as exc:
+                raise StartupError(
+                    f"no Redis primary found through Sentinel at {where}: {_first_line(exc)}; check REDIS_URL (the"
+                    " sentinels' addresses and the master name of `sentinel monitor`) and that the sentinels are up"
+                ) from None
+            where = f"{where}, primary {host}:{port}"
+            client = sentinel.master_for(target.master)  # type: ignore[no-untyped-call]
+        else:
+            client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        clients.append(client)
         client.ping()
+    except ValueError as exc:
+        raise StartupError(f"REDIS_URL is not a Redis URL ({_first_line(exc)}); {redisurl.HINT}") from None
     except redis.RedisError as exc:
         raise StartupError(
-            f"cannot reach Redis at {redis_where(url)}: {_first_line(exc)}; check REDIS_URL and that the server is up"
+            f"cannot reach Redis at {where}: {_first_line(exc)}; check REDIS_URL and that the server is up"
             " (or leave REDIS_URL empty for the embedded Valkey)"
         ) from None
     finally:
-        client.close()
-
-
-def redis_where(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+        for c in clients:
+            c.close()
+    return where
 
 
 def check_postgres(url: str, timeout_s: float = 5) -> str:

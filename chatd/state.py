@@ -43,6 +43,7 @@ class Tasks:
         return task
 
     def supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[Any]:
+        metrics.task_restarts.labels(name)  # exported at 0 from the start: alerts see the first restart
         return self.spawn(self._supervised(name, run), name)
 
     async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:

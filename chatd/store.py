@@ -30,7 +30,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from chatd import errors, protocol
+from chatd import errors, metrics, protocol
 from chatd.config import StorageSettings
 from chatd.logs import app_log, fields
 
@@ -91,6 +91,7 @@ def bounded(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             _abandoned.add(task)
             task.add_done_callback(_forget)
             app_log.warning("postgres_timeout", extra=fields(call=fn.__name__, timeout_s=timeout_s))
+            metrics.pg_errors.labels("deadline").inc()
             raise errors.Unavailable("database did not answer in time, try again")
         return task.result()
 
@@ -111,9 +112,11 @@ async def connection(pool: Database) -> AsyncIterator[AsyncConnection[DictRow]]:
             yield cast(AsyncConnection[DictRow], conn)  # the pool is built with row_factory=dict_row
     except psycopg.errors.QueryCanceled:
         app_log.warning("postgres_statement_timeout")
+        metrics.pg_errors.labels("statement_timeout").inc()
         raise errors.Unavailable("database did not answer in time, try again") from None
     except (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError) as exc:
         app_log.warning("postgres_unavailable", extra=fields(error=str(exc)[:300]))
+        metrics.pg_errors.labels("pool_timeout" if isinstance(exc, PoolTimeout) else "connection").inc()
         if not isinstance(exc, PoolTimeout):
             await _sweep(pool)
         raise errors.Unavailable("database unavailable, try again") from None
@@ -137,6 +140,7 @@ async def transaction(pool: Database) -> AsyncIterator[AsyncConnection[DictRow]]
             raise
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             app_log.warning("postgres_unavailable", extra=fields(error=str(exc)[:300]))
+            metrics.pg_errors.labels("connection").inc()
             await _sweep(pool)
             raise errors.Unavailable("database unavailable, try again") from None
 

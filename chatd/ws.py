@@ -85,6 +85,7 @@ class ChatSocket(StrictHandlerMixin):
         self._registered = False
         self._over_cap = False
         self._closing = False
+        self._close_sent = False  # counted in chatd_ws_closed_by_server_total
         self._counted = False
         self._stream_obj: IOStream | None = None
         self._protocol: tornado.websocket.WebSocketProtocol | None = None
@@ -273,10 +274,18 @@ class ChatSocket(StrictHandlerMixin):
     def force_close(self, code: int, reason: str) -> None:
         if not self._closing:
             self._closing = True
-            metrics.ws_closed.labels(str(code)).inc()
+            self.count_close_sent(code, reason)
             self.close(code, reason)
             # A frame parked in on_message (shutdown) must not keep the client's close frame unread.
             self._stopped.set()
+
+    def count_close_sent(self, code: int | None, reason: str | None) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        if code is None and reason == "ping timed out":  # Tornado's words: no pong within the timeout
+            metrics.ws_ping_timeouts.inc()
+        metrics.ws_closed.labels(str(code or (1000 if reason else 1005))).inc()
 
     # -- reading --------------------------------------------------------------------
 
@@ -457,8 +466,9 @@ class ChatSocket(StrictHandlerMixin):
     # -- closing --------------------------------------------------------------------
 
     @property
-    def pending_sends(self) -> int:
-        return self._pending
+    def registered(self) -> bool:
+        """Counted in the per-user connection registry (refreshed while it lives)."""
+        return self._registered
 
     def on_close(self) -> None:
         self._closing = True
@@ -471,6 +481,8 @@ class ChatSocket(StrictHandlerMixin):
         if self._counted:
             metrics.ws_connections.dec()
             self._counted = False
+            if not self._close_sent:  # the client closed first, or the connection dropped (no close code: 1006)
+                metrics.ws_closed_by_client.labels(str(self.close_code or 1006)).inc()
         if self.principal is not None:
             self.state.tasks.spawn(self._cleanup(), "ws-cleanup")
 
@@ -517,7 +529,7 @@ async def refresh_registrations(state: ServerState, kv: KV) -> None:
         entries = [
             (conn.user_id, conn.connection_id)
             for conn in list(state.connections)
-            if isinstance(conn, ChatSocket) and conn._registered
+            if isinstance(conn, ChatSocket) and conn.registered
         ]
         if entries:
             try:

@@ -134,7 +134,7 @@ async def test_valkey_killed_under_load_loses_nothing(chatd_factory: Any, servic
         for ws, room in sockets:
             last = max(acked[room])
             seqs: list[int] = []
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 10  # repaired within seconds, not minutes
             with contextlib.suppress(TimeoutError):
                 while not seqs or seqs[-1] < last:
                     remaining_s = max(0.1, deadline - time.monotonic())

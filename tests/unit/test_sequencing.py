@@ -35,25 +35,36 @@ def test_gap_reported_only_after_timeout_then_filled() -> None:
     assert seq.offer(7, "m7", now=10.0) == []
     assert seq.missing(now=10.1) is None
     gap = seq.missing(now=10.3)
-    assert gap == Gap(5, 6)
-    filled = seq.fill(gap, [(5, "m5"), (6, "m6")], now=10.3)
+    assert gap == Gap(5, 7)
+    filled = seq.fill(gap, [(5, "m5"), (6, "m6"), (7, "m7")], now=10.3)
     assert filled.released == ["m5", "m6", "m7"] and not filled.lost
     assert seq.missing(now=99.0) is None and seq.next_seq == 8
 
 
-def test_partial_fill_never_skips_a_seq_still_in_flight() -> None:
-    # The defect of the first version: 10 and 12 in flight, 11 and 13 held; the filler reads 10 only.
+def test_one_read_fills_every_hole_up_to_the_highest_committed_seq() -> None:
+    # After a Redis outage every other worker's seq is missing: one hole each.  One read covers them all
+    # (a read per hole, one per timeout, fell further behind than a busy room was filled).
+    seq = RoomSequencer[int](next_seq=10, gap_timeout_s=0.25)
+    out = seq.offer(11, 11, now=0.0) + seq.offer(13, 13, now=0.0) + seq.offer(15, 15, now=0.0)
+    gap = seq.missing(now=0.3)
+    assert gap == Gap(10, 15)  # 13 and 15 exist, so 10..15 are all committed (seqs commit in order)
+    filled = seq.fill(gap, [(s, s) for s in range(10, 16)], now=0.3)  # held ones come back too: dropped
+    assert not filled.lost
+    out += filled.released
+    assert out == [10, 11, 12, 13, 14, 15]
+    assert seq.missing(now=9.0) is None
+    assert seq.offer(13, 13, now=9.0) == [] and seq.offer(16, 16, now=9.0) == [16]
+
+
+def test_a_publish_arriving_during_the_read_is_released_once() -> None:
     seq = RoomSequencer[int](next_seq=10, gap_timeout_s=0.25)
     out = seq.offer(11, 11, now=0.0) + seq.offer(13, 13, now=0.0)
     gap = seq.missing(now=0.3)
-    assert gap == Gap(10, 10)
-    filled = seq.fill(gap, [(10, 10)], now=0.3)
-    assert not filled.lost
-    out += filled.released
-    assert out == [10, 11]
-    assert seq.missing(now=0.31) is None  # 12 gets a full timeout of its own
-    out += seq.offer(12, 12, now=0.31)
+    assert gap == Gap(10, 13)
+    out += seq.offer(10, 10, now=0.31) + seq.offer(12, 12, now=0.31)  # the lost-looking publishes were late
     assert out == [10, 11, 12, 13]
+    filled = seq.fill(gap, [(s, s) for s in range(10, 14)], now=0.32)
+    assert filled.released == [] and not filled.lost
 
 
 def test_probe_finds_the_last_message_of_a_quiet_room() -> None:
@@ -87,8 +98,8 @@ def test_a_seq_postgres_does_not_have_is_reported_lost_and_skipped() -> None:
     seq = RoomSequencer[int](next_seq=1, gap_timeout_s=0.0)
     seq.offer(4, 4, now=0.0)
     gap = seq.missing(now=0.0)
-    assert gap == Gap(1, 3)
-    filled = seq.fill(gap, [(1, 1), (3, 3)], now=0.0)  # 2 is gone: an invariant breach
+    assert gap == Gap(1, 4)
+    filled = seq.fill(gap, [(1, 1), (3, 3), (4, 4)], now=0.0)  # 2 is gone: an invariant breach
     assert filled.released == [1, 3, 4]
     assert filled.lost == [Gap(2, 2)]
     assert seq.next_seq == 5
@@ -98,9 +109,9 @@ def test_live_arrivals_during_a_fill_are_not_lost_or_doubled() -> None:
     seq = RoomSequencer[int](next_seq=1, gap_timeout_s=0.0)
     seq.offer(3, 3, now=0.0)
     gap = seq.missing(now=0.0)
-    assert gap == Gap(1, 2)
+    assert gap == Gap(1, 3)
     out = seq.offer(1, 1, now=0.01)  # arrived while the read ran
-    filled = seq.fill(gap, [(1, 1), (2, 2)], now=0.02)
+    filled = seq.fill(gap, [(1, 1), (2, 2), (3, 3)], now=0.02)
     assert out + filled.released == [1, 2, 3] and not filled.lost
 
 
@@ -111,12 +122,9 @@ def test_held_messages_are_bounded() -> None:
     assert seq.held == 5
     assert seq.committed == 11  # the dropped ones are still known to exist
     gap = seq.missing(now=0.0)
-    assert gap == Gap(1, 1)
-    out = seq.fill(gap, [(1, 1)], now=0.0).released
-    assert out == [1, 2, 3, 4, 5, 6]
-    gap = seq.missing(now=0.0)
-    assert gap == Gap(7, 11)
-    assert seq.fill(gap, [(s, s) for s in range(7, 12)], now=0.0).released == list(range(7, 12))
+    assert gap == Gap(1, 11)
+    out = seq.fill(gap, [(s, s) for s in range(1, 12)], now=0.0).released
+    assert out == list(range(1, 12))
 
 
 # -- property: any arrival order, loss, duplication, delay, probe and fill timing ---------------
