@@ -59,6 +59,8 @@ class Accounts:
         self._by_ip = AuthLimiter(kv, "auth-ip", limit, 60.0)
         self._by_email = AuthLimiter(kv, "auth-email", limit, 60.0)
         self._lookups = AuthLimiter(kv, "user-lookup", settings.auth.user_lookups_per_min, 60.0)
+        # Each Argon2 run holds 64 MiB and most of a core: a bounded few at once, the rest wait in line (FIFO).
+        self._hashing = asyncio.Semaphore(settings.auth.hash_concurrency)
         # Every authentication reads the holder's status; concurrent ones share one query.
         self.status_reads: Batched[tuple[int, str | None], dict[str, Any] | None] = Batched(
             lambda holders: store.auth_statuses(db, holders)
@@ -83,10 +85,10 @@ class Accounts:
             "expires_in": pair.expires_in,
         }
 
-    @staticmethod
-    async def _cpu(fn: Any, *args: Any) -> Any:
-        # Argon2 costs ~64 MiB and tens of ms: never on the event loop.
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    async def _cpu(self, fn: Any, *args: Any) -> Any:
+        # Argon2 costs ~64 MiB and tens of ms: never on the event loop, and never more than hash_concurrency at once.
+        async with self._hashing:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # -- flows ----------------------------------------------------------------
 
@@ -223,15 +225,16 @@ class Accounts:
 
     # -- authentication -------------------------------------------------------
 
-    async def authenticate(self, token: str | None, *, denylist: bool = True) -> Principal:
+    async def authenticate(self, token: str | None, *, denylist: bool = True, exp_leeway: bool = True) -> Principal:
         """Who holds this access token, or Unauthorized: bad token, revoked, banned, deleted.
 
         ``denylist=False``: the caller checks the Redis denylist itself (the socket
         handshake does, in the same round trip as its connection registration).
+        ``exp_leeway=False``: no clock-skew leeway on ``exp`` (sockets: closed at exp, not reopened).
         """
         if not token:
             raise errors.Unauthorized("missing access token")
-        claims = self.tokens.verify(token, "access")
+        claims = self.tokens.verify(token, "access", exp_leeway=exp_leeway)
         if denylist:
             try:
                 denied = await self.kv.is_denied(claims.jti)

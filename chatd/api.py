@@ -626,6 +626,10 @@ def _message_json(row: dict[str, Any]) -> dict[str, Any]:
 # -- files --------------------------------------------------------------------------
 
 
+# Bodies these routes stream and cap themselves (web.RequestLimits leaves them alone).
+STREAMED_BODIES = (re.compile(r"^/api/v1/rooms/[^/]+/files$"),)
+
+
 @tornado.web.stream_request_body
 class FileUploadHandler(RoomAccess):
     """``POST /rooms/{id}/files``: the body is parsed as it arrives, into a temporary file on disk."""

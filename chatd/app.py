@@ -35,6 +35,7 @@ from chatd.pubsub import Subscriber
 from chatd.ratelimit import SendLimiter
 from chatd.repair import Repair
 from chatd.retrieval import Retriever, load_embedder
+from chatd.rfc6455 import EchoSocket
 from chatd.rooms import Rooms
 from chatd.search import Search
 from chatd.state import ServerState
@@ -186,6 +187,8 @@ class Worker:
             *webapp.routes(),  # the web app at /
         ]
         ws = self.settings.ws
+        if ws.test_echo_route:  # test only: the conformance suite's echo socket (never on in production)
+            routes.insert(0, (r"/test/ws-echo", EchoSocket, {"close_timeout_s": ws.close_timeout_s}))
         return Application(
             routes,
             trusted_proxies=self.settings.server.trusted_proxies,
@@ -215,9 +218,15 @@ class Worker:
             ws.force_close(int(CloseCode.GOING_AWAY), "server shutting down")
         # A connection accepted just before stop() has not been counted yet: give its request time to arrive.
         await asyncio.sleep(min(0.25, drain_s))
-        # 4. in-flight requests and close handshakes finish (polled: two counters, no event worth wiring)
-        while (state.in_flight_requests or state.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
+        # 4. in-flight requests finish, and close handshakes; a socket that has not answered its 1001 within
+        # _CLOSE_WAIT_S is not reading: waiting longer (ws.close_timeout_s) would only hold the whole worker.
+        close_by = min(deadline, time.monotonic() + _CLOSE_WAIT_S)
+        while time.monotonic() < deadline and (  # noqa: ASYNC110  (polled: two counters, no event worth wiring)
+            state.in_flight_requests or (state.connections and time.monotonic() < close_by)
+        ):
             await asyncio.sleep(0.02)
+        for ws in [ws for ws in state.connections if isinstance(ws, ChatSocket)]:
+            ws.abort()
         await _within(server.close_all_connections(), max(deadline, time.monotonic() + 0.1), "connections")
         await _within(self.writer.drain(), time.monotonic() + drain_s, "writer")  # sends of the last REST calls
         # 5. the assistant finishes (or cancels and stores) its answers; presence entries are removed
@@ -244,6 +253,7 @@ class Worker:
 # 12,000 deliveries/s, with full collections of ~170 ms; with these, under 1.5%, no full collection in the run,
 # young-generation pauses of ~8 ms.
 _GC_THRESHOLDS = (10_000, 10, 100)
+_CLOSE_WAIT_S = 2.0  # shutdown: how long sockets get to answer their 1001
 
 
 async def _within(aw: Any, deadline: float, what: str) -> None:

@@ -277,6 +277,9 @@ class Assistant:
         state = await self.kv.stream_state(message_id)
         if state:
             allowed = {int(state[b"requester"] or 0), int(state[b"owner"] or 0)}
+            # Outside the room, a running answer looks like no answer at all (forbidden would reveal it).
+            if not is_admin and await store.room_for_member(self.db, int(state[b"room"] or 0), user_id) is None:
+                raise errors.NotFound("no such generation")
             if user_id not in allowed and not is_admin:
                 raise errors.Forbidden("only the requester or the room owner may cancel")
             await self.hub.control("cancel", message_id=message_id)

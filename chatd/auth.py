@@ -347,11 +347,12 @@ class TokenService:
 
     # -- verification -----------------------------------------------------
 
-    def verify(self, token: str, expected_typ: TokenType) -> Claims:
+    def verify(self, token: str, expected_typ: TokenType, *, exp_leeway: bool = True) -> Claims:
         """Claims of a valid, unexpired token of type ``expected_typ``; else Unauthorized.
 
         Messages are short and never contain the token.  Revocation is the
-        caller's job.
+        caller's job.  ``exp_leeway=False``: ``exp`` is checked without the clock-skew
+        leeway (iat and nbf keep it).
         """
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
             raise Unauthorized("invalid token")
@@ -382,7 +383,7 @@ class TokenService:
             raise Unauthorized(_jwt_error_message(exc)) from exc
         except (ValueError, TypeError) as exc:  # odd input reaching cryptography
             raise Unauthorized("invalid token") from exc
-        return self._claims(payload, expected_typ, external)
+        return self._claims(payload, expected_typ, external, exp_leeway)
 
     def _select_key(self, token: str) -> tuple[bytes | _PublicKey, str, bool]:
         """(key, alg, external) from our table; the header only picks an entry in it."""
@@ -406,12 +407,12 @@ class TokenService:
             raise Unauthorized("unknown signing key")
         return candidates[0].key, alg, True
 
-    def _claims(self, payload: dict[str, Any], expected_typ: TokenType, external: bool) -> Claims:
+    def _claims(self, payload: dict[str, Any], expected_typ: TokenType, external: bool, exp_leeway: bool) -> Claims:
         now = self._clock()
         leeway = self._settings.leeway_s
         exp = _numeric_date(payload, "exp")
         iat = _numeric_date(payload, "iat")
-        if exp <= now - leeway:
+        if exp <= now - (leeway if exp_leeway else 0):
             raise Unauthorized("token expired")
         if iat > now + leeway:
             raise Unauthorized("token issued in the future")

@@ -69,7 +69,20 @@ class ServerSettings:
     worker_restart_max_backoff_s: float = _f(
         10.0, "Upper bound of the backoff before a crashed worker is replaced.", min=0.1
     )
-    max_body_bytes: int = _f(1_048_576, "Largest accepted HTTP request body; larger gets 413.", min=1024)
+    max_body_bytes: int = _f(
+        1_048_576,
+        "Largest accepted HTTP request body, Content-Length or chunked; larger gets 413 (the rest of the body is"
+        " read and discarded, never buffered).",
+        min=1024,
+    )
+    body_timeout_s: float = _f(
+        30.0, "Deadline for receiving a request body; a slower (or endless) body closes the connection.", min=0.1
+    )
+    max_header_bytes: int = _f(
+        65_536,
+        "Largest request line + headers; larger gets 431. Past 4 times this the connection is dropped unread.",
+        min=1024,
+    )
     trusted_proxies: list[str] = _f(
         [],
         "Addresses or CIDRs of the reverse proxies (nginx) in front of chatd. Only a request whose peer is one of"
@@ -135,10 +148,22 @@ class AuthSettings:
     jwt_audience: str = _f("chatd", "aud claim set and required.")
     access_ttl_s: int = _f(900, "Access token lifetime.", min=30)
     refresh_ttl_s: int = _f(604_800, "Refresh token lifetime.", min=60)
-    leeway_s: int = _f(10, "Clock skew tolerated when checking exp/iat.", min=0, max=300)
+    leeway_s: int = _f(
+        10,
+        "Clock skew tolerated when checking iat/nbf, and exp on REST calls; a socket's handshake and in-band"
+        " auth accept no token past its exp (it was closed 4001 then).",
+        min=0,
+        max=300,
+    )
     token_expiring_warning_s: int = _f(60, "Warn a socket this long before its token expires.", min=1)
     auth_attempts_per_min: int = _f(10, "Login/register attempts per IP and per email per minute.", min=1)
     user_lookups_per_min: int = _f(30, "User directory look-ups (GET /api/v1/users) per user per minute.", min=1)
+    hash_concurrency: int = _f(
+        1,
+        "Argon2 hashes (64 MiB and most of a core each) one worker runs at once; more logins wait in line, so"
+        " memory stays bounded and the event loop keeps its latency.",
+        min=1,
+    )
     max_connections_per_user: int = _f(10, "Simultaneous sockets per user; the extra one is closed with 4029.", min=1)
 
 
@@ -149,11 +174,47 @@ class WebSocketSettings:
     heartbeat_interval_s: float = _f(25.0, "Server WebSocket ping interval.", min=1)
     idle_timeout_s: float = _f(60.0, "Close a socket silent this long.", min=2)
     max_buffer_bytes: int = _f(1_048_576, "Unsent bytes a socket may queue before it is closed with 1013.", min=4096)
+    close_timeout_s: float = _f(
+        10.0,
+        "After chatd sends a close frame (1009, 1013, a protocol error, shutdown...): how long it waits for the"
+        " client's close frame, reading and discarding what the client still sends, before it drops the"
+        " connection. A client that stops reading for less than this still sees the close code.",
+        min=0.1,
+    )
+    test_echo_route: bool = _f(
+        False,
+        "TEST ONLY, never in production: serve /test/ws-echo, an unauthenticated echo socket with /ws's"
+        " protocol class and limits, for the Autobahn conformance cases (tests/integration/test_ws_conformance.py).",
+    )
     compression: bool = _f(False, "permessage-deflate (costs ~300 KiB per socket without bounds).")
     compression_level: int = _f(6, "zlib level when compression is on.", min=0, max=9)
     compression_mem_level: int = _f(5, "zlib memLevel when compression is on (memory per socket).", min=1, max=9)
     send_rate_count: int = _f(20, "Messages a user may send per window, across all instances.", min=1)
     send_rate_window_s: float = _f(10.0, "The send rate window.", min=0.1)
+    frame_rate_per_s: float = _f(
+        30.0,
+        "Frames of any type but send (which has its own per-user quota) one socket may send per second (a"
+        " token bucket, frame_burst at once).",
+        min=0.1,
+    )
+    frame_burst: int = _f(200, "Frames of any type but send one socket may send at once.", min=1)
+    join_rate_per_s: float = _f(10.0, "join and leave frames per socket per second.", min=0.1)
+    join_burst: int = _f(100, "join and leave frames one socket may send at once (a client joining its rooms).", min=1)
+    read_rate_per_s: float = _f(5.0, "read frames per socket per second (each one is a Postgres UPDATE).", min=0.1)
+    read_burst: int = _f(30, "read frames one socket may send at once.", min=1)
+    typing_rate_per_s: float = _f(3.0, "typing frames per socket per second.", min=0.1)
+    typing_burst: int = _f(10, "typing frames one socket may send at once.", min=1)
+    control_rate_per_s: float = _f(
+        2.0, "edit, delete, auth, cancel and regenerate frames per socket per second.", min=0.1
+    )
+    control_burst: int = _f(20, "edit, delete, auth, cancel and regenerate frames one socket may send at once.", min=1)
+    max_violations: int = _f(
+        50,
+        "Refused frames (rate_limited, invalid fields) a socket may send within violation_window_s; the next one"
+        " closes it with 1008.",
+        min=1,
+    )
+    violation_window_s: float = _f(10.0, "The window of max_violations.", min=0.1)
     replay_limit: int = _f(1000, "Longest replay on join; longer sends resync_required.", min=1)
     typing_interval_s: float = _f(2.0, "At most one typing frame relayed per user per room per interval.", min=0)
     typing_ttl_s: float = _f(6.0, "Typing state expires without a refresh.", min=0.5)

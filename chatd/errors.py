@@ -18,6 +18,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down
+    PROTOCOL_ERROR = 1002  # RFC 6455 violation: unmasked frame, invalid close code, reserved bits...
     UNSUPPORTED_DATA = 1003  # binary frame
     INVALID_PAYLOAD = 1007  # invalid JSON / UTF-8, after repeated strikes
     POLICY_VIOLATION = 1008  # banned user, policy
@@ -111,6 +112,12 @@ class RangeNotSatisfiable(ChatdError):
     default_message = "range not satisfiable"
 
 
+class HeadersTooLarge(ChatdError):
+    code = "headers_too_large"
+    http_status = 431
+    default_message = "request headers too large"
+
+
 class RateLimited(ChatdError):
     code = "rate_limited"
     http_status = 429
@@ -182,6 +189,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
                 TooLarge,
                 UnsupportedType,
                 RangeNotSatisfiable,
+                HeadersTooLarge,
                 RateLimited,
                 QuotaExceeded,
                 Busy,

@@ -72,16 +72,17 @@ def bind(settings: Settings, reuse_port: bool = False) -> list[socket.socket]:
 async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: int, ready_fd: int | None) -> None:
     from tornado.httpserver import HTTPServer
 
+    from chatd.api import STREAMED_BODIES
     from chatd.app import Worker
+    from chatd.web import RequestLimits
 
     worker = await Worker.create(settings, worker_id)
     worker.start()
     server = HTTPServer(
-        worker.application(),
+        RequestLimits(worker.application(), settings.server, STREAMED_BODIES),  # 413 / 431 in JSON, unbuffered
         xheaders=False,  # X-Forwarded-For is honoured per peer, from server.trusted_proxies only (chatd.web)
-        # Tornado drops larger bodies outright; up to 4x we read them and answer 413 in JSON.
-        max_body_size=settings.server.max_body_bytes * 4,
         idle_connection_timeout=settings.ws.idle_timeout_s,
+        **RequestLimits.server_options(settings.server),  # body deadline; the caps are RequestLimits' own
     )
     if not sockets:  # reuse_port mode: each worker binds its own SO_REUSEPORT socket
         sockets = bind(settings, reuse_port=True)

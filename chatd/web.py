@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Awaitable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
 import tornado.httputil
 import tornado.routing
 import tornado.web
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection
 
 from chatd import errors, metrics
-from chatd.config import Settings
+from chatd.config import ServerSettings, Settings
 from chatd.health import check_dependencies
 from chatd.kv import KV
 from chatd.logs import access_log, fields
@@ -287,6 +290,125 @@ class ReadyHandler(BaseHandler):
             "checks": checks,
         }
         self.send_json(body, 200 if ready else 503)
+
+
+class RequestLimits(httputil.HTTPServerConnectionDelegate):
+    """Caps every request before anything is buffered, wrapping the application for the HTTPServer.
+
+    A head over ``max_header_bytes`` gets 431 and a body over ``max_body_bytes``
+    (announced by Content-Length, or counted while a chunked body arrives) gets
+    413, both in the JSON error shape.  The rest of a refused body is read and
+    discarded, not kept, so the client finishes writing and reads the answer;
+    the HTTPServer's ``body_timeout`` bounds how long that may take.
+    """
+
+    def __init__(
+        self,
+        app: httputil.HTTPServerConnectionDelegate,
+        settings: ServerSettings,
+        streamed: Sequence[re.Pattern[str]] = (),
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_header_bytes = settings.max_header_bytes
+        # Paths whose handler streams the body and enforces a cap of its own (file uploads): not counted here.
+        self.streamed = tuple(streamed)
+
+    @staticmethod
+    def server_options(settings: ServerSettings) -> dict[str, Any]:
+        """The HTTPServer's own limits: a body deadline, and caps high enough that only ours answer."""
+        return {
+            "body_timeout": settings.body_timeout_s,
+            "max_body_size": _UNLIMITED,  # Tornado's cap answers a bare 400: ours counts and answers 413
+            "max_header_size": settings.max_header_bytes * 4,  # past this Tornado drops the connection unread
+        }
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        return _LimitedRequest(self, self.app.start_request(server_conn, request_conn), request_conn)
+
+    def on_close(self, server_conn: object) -> None:
+        self.app.on_close(server_conn)
+
+
+_UNLIMITED = 1 << 62  # a refused body is read to its end (and dropped) within body_timeout
+
+
+class _LimitedRequest(httputil.HTTPMessageDelegate):
+    def __init__(
+        self, limits: RequestLimits, inner: httputil.HTTPMessageDelegate, conn: httputil.HTTPConnection
+    ) -> None:
+        self.limits = limits
+        self.inner = inner
+        self.conn = conn
+        self.refused: errors.ChatdError | None = None
+        self.inner_started = False
+        self.body_bytes = 0
+        self.path = ""
+        self.streamed = False
+
+    def headers_received(
+        self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine, headers: httputil.HTTPHeaders
+    ) -> Awaitable[None] | None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        self.path = start_line.path
+        head = (
+            len(start_line.method) + len(start_line.path) + 12 + sum(len(k) + len(v) + 4 for k, v in headers.get_all())
+        )
+        if head > self.limits.max_header_bytes:
+            self._refuse(errors.HeadersTooLarge(f"request head over {self.limits.max_header_bytes} bytes"))
+            return None
+        if any(p.match(self.path.split("?", 1)[0]) for p in self.limits.streamed):
+            self.streamed = True
+            self.inner_started = True
+            return self.inner.headers_received(start_line, headers)
+        length = headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.limits.max_body_bytes:
+            self._refuse(errors.TooLarge(f"request body over {self.limits.max_body_bytes} bytes"))
+            return None
+        self.inner_started = True
+        return self.inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.refused is not None:
+            return None  # discarded
+        if self.streamed:
+            return self.inner.data_received(chunk)
+        self.body_bytes += len(chunk)
+        if self.body_bytes > self.limits.max_body_bytes:  # chunked: no Content-Length to refuse at the head
+            self._refuse(errors.TooLarge(f"request body over {self.limits.max_body_bytes} bytes"))
+            self.inner.on_connection_close()  # the handler never runs; its buffered chunks are dropped
+            self.inner_started = False
+            return None
+        return self.inner.data_received(chunk)
+
+    def finish(self) -> None:
+        if self.refused is None:
+            self.inner.finish()
+            return
+        err = self.refused
+        body = json.dumps({"error": err.to_dict()}, separators=(",", ":")).encode()
+        headers = httputil.HTTPHeaders(
+            {
+                "Content-Type": "application/json; charset=utf-8",
+                "Content-Length": str(len(body)),
+                "Cache-Control": "no-store",
+            }
+        )
+        self.conn.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", err.http_status, err.default_message), headers, body
+        )
+        self.conn.finish()
+        metrics.http_requests.labels("RequestLimits", str(err.http_status)).inc()
+        access_log.info("http_refused", extra=fields(status=err.http_status, path=self.path[:200], reason=err.message))
+
+    def on_connection_close(self) -> None:
+        if self.inner_started:
+            self.inner.on_connection_close()
+
+    def _refuse(self, err: errors.ChatdError) -> None:
+        self.refused = err
+        if isinstance(self.conn, HTTP1Connection):
+            self.conn.set_max_body_size(_UNLIMITED)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

@@ -20,54 +20,33 @@ import asyncio
 import json
 import secrets
 import time
-from asyncio import Future
 from typing import Any
 
 import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
-from tornado.websocket import WebSocketProtocol, WebSocketProtocol13
 
 from chatd import errors, metrics, protocol
 from chatd.accounts import Accounts, Principal
 from chatd.batching import Batched
-from chatd.config import Settings
+from chatd.config import Settings, WebSocketSettings
 from chatd.errors import CloseCode
 from chatd.fanout import Hub
 from chatd.kv import KV
 from chatd.logs import app_log, fields
+from chatd.ratelimit import Decision, FrameLimiter, TypingDedup
+from chatd.rfc6455 import StrictHandlerMixin, StrictProtocol
 from chatd.rooms import Rooms
 from chatd.state import ServerState
 from chatd.store import Committed
 from chatd.web import origin_allowed
 from chatd.writer import MessageWriter
 
+_ALLOWED = Decision(True)
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
 
 
-class _StrictUtf8Protocol(WebSocketProtocol13):
-    """Invalid UTF-8 in a text frame closes with 1007 (RFC 6455 8.1) instead of Tornado's silent abort.
-
-    Every close the server starts passes through ``close``: chatd's own (``force_close``) and
-    Tornado's (ping timeout, frame too big), so each is counted once, with the code sent.
-    """
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if not self.server_terminated and not self.client_terminated and isinstance(self.handler, ChatSocket):
-            self.handler.count_close_sent(code, reason)
-        super().close(code, reason)
-
-    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
-        if opcode == 0x1:
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.close(int(CloseCode.INVALID_PAYLOAD), "invalid UTF-8")
-                return None
-        return super()._handle_message(opcode, data)
-
-
-class ChatSocket(tornado.websocket.WebSocketHandler):
+class ChatSocket(StrictHandlerMixin):
     def initialize(
         self,
         state: ServerState,
@@ -86,6 +65,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.hub = hub
         self.kv = kv
         self.writer = writer
+        self.close_timeout_s = settings.ws.close_timeout_s
         self.register = register
         self.connection_id = secrets.token_hex(8)
         self.principal: Principal | None = None
@@ -100,12 +80,15 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             max_frame_bytes=settings.ws.max_frame_bytes,
             max_message_chars=settings.ws.max_message_chars,
         )
+        self._limiter = frame_limiter(settings.ws)
+        self._typing = TypingDedup(settings.ws.typing_interval_s)
         self._registered = False
         self._over_cap = False
         self._closing = False
         self._close_sent = False  # counted in chatd_ws_closed_by_server_total
         self._counted = False
         self._stream_obj: IOStream | None = None
+        self._protocol: tornado.websocket.WebSocketProtocol | None = None
         self._pending = 0  # sends read but not yet answered
         self._room_for_sends = asyncio.Event()
         self._room_for_sends.set()
@@ -138,7 +121,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if not self._origin_allowed(self.request.headers.get("Origin")):
             return self._reject(errors.Forbidden("origin not allowed"))
         try:
-            principal = await self.accounts.authenticate(self._token(), denylist=False)
+            # No exp leeway: a socket closed 4001 at exp must not reopen with the same token.
+            principal = await self.accounts.authenticate(self._token(), denylist=False, exp_leeway=False)
             registered = await self._register(principal)
         except errors.ChatdError as err:
             return self._reject(err)
@@ -159,12 +143,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._registered = result == 1
         return result
 
-    def get_websocket_protocol(self) -> WebSocketProtocol | None:
-        proto = super().get_websocket_protocol()
-        if isinstance(proto, WebSocketProtocol13):
-            proto.__class__ = _StrictUtf8Protocol
-        return proto
-
     def get_compression_options(self) -> dict[str, Any] | None:
         ws = self.config.ws
         if not ws.compression:
@@ -179,6 +157,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             stream.max_write_buffer_size = self.config.ws.max_buffer_bytes
             # Frames go straight to the socket (see write_frame) unless permessage-deflate needs Tornado's framing.
             self._stream_obj = stream if self.get_compression_options() is None and type(stream) is IOStream else None
+        self._protocol = self.ws_connection  # kept: close() forgets ws_connection, shutdown may abort it
         self.state.connections.add(self)
         metrics.ws_connections.inc()
         self._counted = True
@@ -245,6 +224,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                     return
                 frame = frame[sent:]
             stream.write(frame)
+            if isinstance(conn, StrictProtocol):
+                conn.note_write()  # where this frame ends, should the rest have to be dropped
         except StreamBufferFullError:
             self._overflow()
         except (StreamClosedError, tornado.websocket.WebSocketClosedError, ConnectionError):
@@ -259,12 +240,24 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.write_message(payload.decode())
 
     def _overflow(self) -> None:
-        app_log.warning("slow_consumer_closed", extra=fields(user_id=self.user_id, connection_id=self.connection_id))
-        stream = getattr(self.ws_connection, "stream", None)
+        conn = self.ws_connection
+        # The queued frames are useless to a client that must resume anyway: dropped, so the close frame is
+        # next on the wire and a client that reads again within ws.close_timeout_s sees 1013.
+        dropped = conn.drop_unsent() if isinstance(conn, StrictProtocol) else 0
+        app_log.warning(
+            "slow_consumer_closed",
+            extra=fields(user_id=self.user_id, connection_id=self.connection_id, dropped_bytes=dropped),
+        )
+        stream = getattr(conn, "stream", None)
         if isinstance(stream, IOStream):
             stream.max_write_buffer_size = None  # room for the close frame
         self._stream_obj = None
         self.force_close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
+
+    def abort(self) -> None:
+        """Drop the TCP connection now (shutdown: the client did not answer the close frame in time)."""
+        if self._protocol is not None:
+            self._protocol._abort()
 
     def kicked(self, room_id: int) -> None:
         """Removed from the room by its owner: stop its frames and say so."""
@@ -278,6 +271,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self._closing = True
             self.count_close_sent(code, reason)
             self.close(code, reason)
+            # A frame parked in on_message (shutdown) must not keep the client's close frame unread.
+            self._stopped.set()
 
     def count_close_sent(self, code: int | None, reason: str | None) -> None:
         if self._close_sent:
@@ -298,11 +293,29 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         except errors.ProtocolViolation as exc:
             metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc, reply_to=None))
+            app_log.warning(
+                "ws_protocol_error",
+                extra=fields(
+                    code=int(exc.close_code),
+                    reason=exc.message[:100],
+                    user_id=self.user_id,
+                    connection_id=self.connection_id,
+                ),
+            )
             self.force_close(int(exc.close_code), exc.message[:100])
             return
         except protocol.FrameError as exc:
             metrics.hot.frames_received["invalid"] += 1
             self.send_frame(protocol.error(exc.error, reply_to=exc.request_id))
+            self._violated("invalid frames")
+            return
+        # Sends have their own quota per user (Rooms.submit) and the commit queue's backpressure.
+        decision = _ALLOWED if isinstance(frame, protocol.Send) else self._limiter.hit(frame.TYPE)
+        if not decision.allowed:
+            metrics.hot.frames_received["limited"] += 1
+            err = errors.RateLimited(f"too many {frame.TYPE} frames", retry_after_ms=decision.retry_after_ms)
+            self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            self._violated(f"{frame.TYPE} flood")
             return
         metrics.hot.frames_received[frame.TYPE] += 1
         try:
@@ -312,9 +325,20 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 await self._dispatch(frame)
         except errors.ChatdError as err:
             self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            if isinstance(err, errors.RateLimited):
+                self._violated(f"{frame.TYPE} over its rate")
         except Exception as exc:
             app_log.error("frame_failed", exc_info=exc, extra=fields(type=type(frame).__name__))
             self.send_frame(protocol.error(errors.Internal(), reply_to=frame.request_id))
+
+    def _violated(self, reason: str) -> None:
+        """A refused frame; a socket that keeps sending them is closed with 1008."""
+        if self._limiter.violation() and not self._closing:
+            app_log.warning(
+                "ws_policy_close",
+                extra=fields(code=1008, reason=reason, user_id=self.user_id, connection_id=self.connection_id),
+            )
+            self.force_close(int(CloseCode.POLICY_VIOLATION), f"too many refused frames ({reason})")
 
     async def _send(self, frame: protocol.Send) -> None:
         # Pipelined: queued in frame order now, acked when its batch commits, while the next frames
@@ -350,8 +374,14 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 await self.rooms.leave(self, frame.room_id)
                 self.send_frame(protocol.left(room_id=frame.room_id, reply_to=rid))
             case protocol.Typing():
-                await self.rooms.typing(self, frame.room_id, frame.is_typing)
-                self._typing_expiry(frame.room_id, frame.is_typing)
+                if self._typing.should_relay(frame.room_id, frame.is_typing):
+                    try:
+                        await self.rooms.typing(self, frame.room_id, frame.is_typing)
+                    except errors.ChatdError:
+                        self._typing.expired(frame.room_id)  # not relayed: the next one is tried again
+                        raise
+                if frame.is_typing or frame.room_id in self._typing_timers:
+                    self._typing_expiry(frame.room_id, frame.is_typing)
             case protocol.Read():
                 await self.rooms.read(self, frame.room_id, frame.seq)
             case protocol.Edit():
@@ -363,7 +393,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             case protocol.Ping():
                 self.send_frame(protocol.pong(server_time_ms=int(time.time() * 1000), reply_to=rid))
             case protocol.Auth():
-                principal = await self.accounts.authenticate(frame.token)
+                principal = await self.accounts.authenticate(frame.token, exp_leeway=False)
                 if principal.user_id != self.user_id:
                     raise errors.Forbidden("token belongs to another user")
                 self.principal, self.family = principal, principal.claims.family
@@ -420,6 +450,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
             def expire() -> None:
                 self._typing_timers.pop(room_id, None)
+                self._typing.expired(room_id)
                 frame = protocol.typing(room_id=room_id, user_id=self.user_id, is_typing=False)
                 self.state.tasks.spawn(
                     self.hub.publish_room(room_id, frame, exclude=self.connection_id), "typing-expiry"
@@ -462,6 +493,28 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
                 await self.kv.unregister_connection(self.user_id, self.connection_id)
             except errors.Unavailable:
                 pass  # the entry expires after CONNECTION_TTL_S
+
+
+def frame_limiter(ws: WebSocketSettings) -> FrameLimiter:
+    """The per-socket frame limits of ``ws`` (sends also have their per-user quota, ``Rooms.submit``)."""
+    return FrameLimiter(
+        limits={
+            "all": (ws.frame_rate_per_s, ws.frame_burst),
+            "join": (ws.join_rate_per_s, ws.join_burst),
+            "read": (ws.read_rate_per_s, ws.read_burst),
+            "typing": (ws.typing_rate_per_s, ws.typing_burst),
+            "control": (ws.control_rate_per_s, ws.control_burst),
+        },
+        groups={
+            "join": "join",
+            "leave": "join",
+            "read": "read",
+            "typing": "typing",
+            **dict.fromkeys(("edit", "delete", "auth", "cancel", "regenerate"), "control"),
+        },
+        max_violations=ws.max_violations,
+        violation_window_s=ws.violation_window_s,
+    )
 
 
 async def refresh_registrations(state: ServerState, kv: KV, origin: bytes = b"") -> None:

@@ -24,13 +24,13 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis
 from tornado.httpclient import HTTPClientError
 
 from chatd import migrations
 from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
 from tests.chat import API, collect_messages, connect, join, make_room, send, send_many
 from tests.conftest import Services
+from tests.faults import kill_valkey, paused, publish_refused
 from tests.support import WS, Chatd, http_get, request
 from tests.users import make_users
 
@@ -39,42 +39,7 @@ pytestmark = pytest.mark.slow
 UNLIMITED = {"CHATD_WS_SEND_RATE_COUNT": "1000000"}
 
 
-# -- fault injectors ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def publish_refused(redis_url: str) -> Iterator[None]:
-    """Valkey refuses PUBLISH to everyone (an operator's ACL change) until the block ends."""
-    client = redis.Redis.from_url(redis_url)
-    client.execute_command("ACL", "SETUSER", "default", "-publish")
-    try:
-        yield
-    finally:
-        client.execute_command("ACL", "SETUSER", "default", "+publish")
-        client.close()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-@contextlib.contextmanager
-def paused(pg: EmbeddedPostgres) -> Iterator[None]:
-    """SIGSTOP the postmaster and every backend: connections stay open, nothing answers."""
-    postmaster = pg.running_pid()
-    assert postmaster is not None
-    pids = [postmaster, *_children(postmaster)]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+# -- fault injectors: tests/faults.py ---------------------------------------------------------------
 
 
 @pytest.fixture
@@ -158,7 +123,7 @@ async def test_valkey_killed_under_load_loses_nothing(chatd_factory: Any, servic
 
         talkers = [asyncio.ensure_future(chat(ws, room)) for ws, room in sockets]
         await asyncio.sleep(2)
-        os.kill(int(valkey.pid_file.read_text()), signal.SIGKILL)
+        kill_valkey(valkey)
         await asyncio.sleep(1.5)
         valkey.start()  # same socket path: both instances reconnect
         await asyncio.sleep(3)

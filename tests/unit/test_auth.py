@@ -343,6 +343,21 @@ def test_expiry_with_leeway(svc: auth.TokenService, clock: FakeClock, offset: in
         assert unauthorized(svc, token) == "token expired"
 
 
+@pytest.mark.parametrize(("offset", "ok"), [(899, True), (900, False), (905, False)])
+def test_expiry_without_leeway_for_sockets(svc: auth.TokenService, clock: FakeClock, offset: int, ok: bool) -> None:
+    """The socket handshake checks exp exactly: a socket closed at exp cannot reopen within the leeway."""
+    token, minted = svc.mint(1, "user", "access")
+    clock.now = T0 + offset
+    if ok:
+        assert svc.verify(token, "access", exp_leeway=False) == minted
+    else:
+        with pytest.raises(Unauthorized, match="token expired"):
+            svc.verify(token, "access", exp_leeway=False)
+    # iat keeps its leeway either way
+    ahead = hs(claims(iat=int(clock.now) + 10, exp=int(clock.now) + 9000))
+    assert svc.verify(ahead, "access", exp_leeway=False).iat == int(clock.now) + 10
+
+
 @pytest.mark.parametrize(("ahead", "ok"), [(10, True), (11, False), (3600, False)])
 def test_iat_in_the_future(svc: auth.TokenService, ahead: int, ok: bool) -> None:
     token = hs(claims(iat=int(T0) + ahead, exp=int(T0) + 9000))

@@ -1,0 +1,254 @@
+"""Faults under a chat load: two instances x two workers, 200 sockets in rooms of 10, one message a second each.
+
+Each scenario injects one fault (tests/faults.py) into the running load
+(tests/loadharness.py), lets clients resume, and checks the accounting:
+nothing acked is lost, every stored message reaches every member exactly once
+per socket (a socket that stayed connected gets everything live, by the repair
+loop if pub/sub failed), every send is answered and eventually acked.  Each
+report line is printed (``pytest -s``) and, with ``RELIABILITY_REPORT=<file>``,
+appended as JSON for docs/RELIABILITY.md.
+
+The instances run on a Postgres and a Valkey of this module alone, so pausing
+or killing them disturbs no other test.  ``long``: variants CI does not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from chatd import migrations
+from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
+from tests.chat import make_room
+from tests.faults import kill_valkey, paused, publish_refused, stopped, valkey_pid
+from tests.loadharness import ChatLoad, Report
+from tests.support import Chatd
+from tests.users import make_users
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+SOCKETS = int(os.environ.get("RELIABILITY_SOCKETS", "200"))
+ROOM_SIZE = 10
+PRESENCE = {"CHATD_WS_PRESENCE_TTL_S": "3", "CHATD_WS_PRESENCE_GRACE_S": "0.5"}
+
+
+@dataclass
+class Cluster:
+    pg: EmbeddedPostgres
+    database_url: str
+    valkey: EmbeddedValkey
+    redis_url: str
+    servers: list[Chatd]
+
+    def ensure_running(self) -> None:
+        """A scenario that killed or stopped an instance leaves it for the next one to restart."""
+        for server in self.servers:
+            assert server.proc is not None
+            if server.proc.poll() is not None:
+                server._log.close()
+                server.start()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("faults")
+    pg = EmbeddedPostgres(root / "pg")
+    database_url = pg.start()
+    migrations.apply(database_url)
+    valkey = EmbeddedValkey(root / "valkey")
+    redis_url = valkey.start()
+    env = {
+        "CHATD_STORAGE_REDIS_KEY_PREFIX": "faults:",
+        "CHATD_STORAGE_PG_QUERY_TIMEOUT_S": "2",
+        "CHATD_WS_PROBE_INTERVAL_S": "0.5",
+        "CHATD_ASSISTANT_EMBEDDER": "none",
+        "CHATD_WS_SEND_RATE_COUNT": "100",  # 10/s: room for a client's backlog of retries after a fault
+        **PRESENCE,
+    }
+    servers = [Chatd(database_url, redis_url, root / f"chatd-{i}.log", workers=2, env=env) for i in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield Cluster(pg, database_url, valkey, redis_url, servers)
+    finally:
+        for server in servers:
+            server.stop()
+        valkey.stop()
+        pg.stop()
+
+
+Fault = Callable[[Cluster, ChatLoad], Awaitable[None]]
+
+
+async def run_scenario(cluster: Cluster, name: str, fault: Fault, bystanders: int = 0) -> tuple[Report, ChatLoad]:
+    cluster.ensure_running()
+    users = make_users(cluster.database_url, SOCKETS + bystanders)
+    chatters, extra = users[:SOCKETS], users[SOCKETS:]
+    rooms = [
+        await make_room(cluster.servers[0], chatters[i], chatters[i + 1 : i + ROOM_SIZE] + (extra if i == 0 else []))
+        for i in range(0, SOCKETS, ROOM_SIZE)
+    ]
+    load = ChatLoad([s.ws for s in cluster.servers], cluster.database_url, tag=uuid.uuid4().hex[:8])
+    for i, user in enumerate(chatters):
+        load.add(user, rooms[i // ROOM_SIZE], home=i % 2)
+    for user in extra:  # on instance 0, never reconnecting: for the presence check
+        load.add(user, rooms[0], home=0, follow=False)
+    await load.start()
+    await asyncio.sleep(3)
+    started = time.monotonic()
+    await fault(cluster, load)
+    fault_end = time.monotonic()
+    await asyncio.sleep(5)
+    await load.finish()
+    report = await load.report(name, fault_end, fault_end - started)
+    _record(report)
+    return report, load
+
+
+def _record(report: Report) -> None:
+    print(f"\nFAULT-REPORT {report.line()}")
+    if os.environ.get("RELIABILITY_REPORT"):
+        with Path(os.environ["RELIABILITY_REPORT"]).open("a") as out:
+            out.write(report.json() + "\n")
+
+
+def assert_clean(report: Report) -> None:
+    assert report.acked > 0 and report.acked == report.sent == report.stored, report.line()
+    assert (report.lost, report.never_delivered, report.duplicated) == (0, 0, 0), report.line()
+    assert report.missed_while_connected == 0, report.line()
+
+
+# -- Valkey ---------------------------------------------------------------------------------------
+
+
+async def test_valkey_killed_and_restarted(cluster: Cluster) -> None:
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        kill_valkey(c.valkey)
+        await asyncio.sleep(2)
+        c.valkey.start()  # same socket path: the instances reconnect
+
+    report, _ = await run_scenario(cluster, "Valkey killed, restarted after 2 s", fault)
+    assert_clean(report)
+
+
+async def test_valkey_paused_10s(cluster: Cluster) -> None:
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        with stopped([valkey_pid(c.valkey)]):
+            await asyncio.sleep(10)
+
+    report, _ = await run_scenario(cluster, "Valkey paused 10 s", fault)
+    assert_clean(report)
+
+
+async def test_publish_refused(cluster: Cluster) -> None:
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        with publish_refused(c.redis_url):
+            await asyncio.sleep(3)
+
+    report, _ = await run_scenario(cluster, "PUBLISH refused 3 s (ACL)", fault)
+    assert_clean(report)
+
+
+# -- Postgres -------------------------------------------------------------------------------------
+
+
+async def _pg_paused(cluster: Cluster, seconds: float) -> Report:
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        with paused(c.pg):
+            await asyncio.sleep(seconds)
+
+    report, _ = await run_scenario(cluster, f"Postgres paused {seconds:g} s", fault)
+    return report
+
+
+async def test_postgres_paused_10s(cluster: Cluster) -> None:
+    report = await _pg_paused(cluster, 10)
+    assert_clean(report)
+    assert report.errors.get("unavailable", 0) > 0, report.line()  # the sends during the pause were refused...
+
+
+async def test_postgres_paused_30s(cluster: Cluster) -> None:
+    report = await _pg_paused(cluster, 30)
+    assert_clean(report)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("seconds", [60, 120])
+async def test_postgres_paused_long(cluster: Cluster, seconds: float) -> None:
+    report = await _pg_paused(cluster, seconds)
+    assert_clean(report)
+
+
+@pytest.mark.long
+async def test_valkey_paused_60s(cluster: Cluster) -> None:
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        with stopped([valkey_pid(c.valkey)]):
+            await asyncio.sleep(60)
+
+    report, _ = await run_scenario(cluster, "Valkey paused 60 s", fault)
+    assert_clean(report)
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+async def test_worker_sigkilled(cluster: Cluster) -> None:
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        pids = c.servers[0].worker_pids()
+        assert len(pids) == 2, pids
+        os.kill(pids[0], signal.SIGKILL)
+
+    report, _ = await run_scenario(cluster, "a worker SIGKILLed", fault)
+    assert_clean(report)
+    assert report.reconnects > 0, report.line()
+    deadline = time.monotonic() + 30
+    while len(cluster.servers[0].worker_pids()) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert len(cluster.servers[0].worker_pids()) == 2  # the master replaced it
+
+
+async def test_instance_sigkilled(cluster: Cluster) -> None:
+    killed_at: list[float] = []
+
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        assert c.servers[0].proc is not None
+        os.killpg(c.servers[0].proc.pid, signal.SIGKILL)  # master and workers, without a goodbye
+        killed_at.append(time.monotonic())
+
+    report, load = await run_scenario(cluster, "an instance SIGKILLed", fault, bystanders=2)
+    assert_clean(report)
+    bystanders = {m.user.id for m in load.members if not m.follow}
+    watchers = [m for m in load.members if m.follow and m.room == load.members[-1].room and m.home == 1]
+    offline_at = {
+        uid: min(
+            (at for w in watchers for at, u, status in w.presence if u == uid and status == "offline"), default=None
+        )
+        for uid in bystanders
+    }
+    ttl_s, grace_s = float(PRESENCE["CHATD_WS_PRESENCE_TTL_S"]), float(PRESENCE["CHATD_WS_PRESENCE_GRACE_S"])
+    late = {u: at for u, at in offline_at.items() if at is None or at - killed_at[0] > ttl_s + grace_s + 3}
+    shown = {u: None if at is None else round(at - killed_at[0], 1) for u, at in offline_at.items()}
+    print(f"offline after the kill (s): {shown}")
+    assert not late, f"users of the killed instance not offline within presence_ttl_s + grace: {offline_at}"
+
+
+async def test_sigterm_under_load(cluster: Cluster) -> None:
+    codes: list[int | None] = []
+
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        server = c.servers[0]
+        assert server.proc is not None
+        server.signal(signal.SIGTERM)
+        codes.append(await asyncio.to_thread(server.proc.wait, 40))
+
+    report, _ = await run_scenario(cluster, "SIGTERM of an instance under load", fault)
+    assert codes == [0]
+    assert_clean(report)

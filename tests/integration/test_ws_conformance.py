@@ -1,0 +1,209 @@
+"""RFC 6455 on chatd's socket: close codes, masking, fail-fast UTF-8, and closes a client actually sees.
+
+The Autobahn cases (kosoku) run against a test-only echo route built from the
+same protocol class and settings as ``/ws``; the targeted tests below run
+against ``/ws`` itself, with a raw client (tests/rawws.py) or websocket-client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import kosoku
+import pytest
+import websocket
+
+from tests.chat import connect, join, make_room, send_many
+from tests.conftest import Services
+from tests.rawws import OP_CLOSE, OP_CONT, OP_TEXT, RawWS, close_payload, frame
+from tests.support import Chatd, http_get
+from tests.users import make_users
+
+pytestmark = pytest.mark.reliability
+
+INVALID_CLOSE_CODES = (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2999)
+
+
+async def _hello(port: int, token: str) -> RawWS:
+    ws = await RawWS.connect(port, token=token)
+    got = await ws.recv()
+    assert got is not None and json.loads(got.payload)["type"] == "hello"
+    return ws
+
+
+async def test_invalid_close_codes_get_1002_and_valid_ones_are_echoed(chatd: Chatd, services: Services) -> None:
+    (alice,) = make_users(services.database_url, 1)
+    answers: dict[int, int | None] = {}
+    for code in (*INVALID_CLOSE_CODES, 1000, 1001, 1003, 1007, 1011, 3000, 4999):
+        ws = await _hello(chatd.port, alice.token)
+        await ws.send(frame(OP_CLOSE, close_payload(code, b"bye")))
+        answers[code] = await ws.close_code()
+        ws.close()
+    expected = {code: 1002 for code in INVALID_CLOSE_CODES} | {
+        code: code for code in (1000, 1001, 1003, 1007, 1011, 3000, 4999)
+    }
+    assert answers == expected
+
+
+async def test_close_frame_of_one_byte_or_invalid_utf8_reason_is_refused(chatd: Chatd, services: Services) -> None:
+    (alice,) = make_users(services.database_url, 1)
+    ws = await _hello(chatd.port, alice.token)
+    await ws.send(frame(OP_CLOSE, b"\x03"))  # a length-1 close payload is malformed (Autobahn 7.3.2)
+    assert await ws.close_code() == 1002
+    ws.close()
+    ws = await _hello(chatd.port, alice.token)
+    await ws.send(frame(OP_CLOSE, close_payload(1000, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80")))
+    assert await ws.close_code() == 1007  # Autobahn 7.5.1
+    ws.close()
+
+
+async def test_unmasked_client_frame_closes_1002(chatd: Chatd, services: Services) -> None:
+    (alice,) = make_users(services.database_url, 1)
+    ws = await _hello(chatd.port, alice.token)
+    await ws.send(frame(OP_TEXT, json.dumps({"type": "ping", "id": "p"}).encode(), mask=False))
+    got = await ws.recv()
+    assert got is not None and got.opcode == OP_CLOSE, got  # not a pong
+    assert got.close_code == 1002
+    ws.close()
+
+
+async def test_invalid_utf8_in_a_first_fragment_fails_fast(chatd: Chatd, services: Services) -> None:
+    """The server closes 1007 at the bad fragment, without waiting for a final fragment that never comes."""
+    (alice,) = make_users(services.database_url, 1)
+    ws = await _hello(chatd.port, alice.token)
+    bad = b'{"type": "ping", "x": "\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80'  # a surrogate
+    await ws.send(frame(OP_TEXT, bad, fin=False))
+    await ws.send(frame(OP_CONT, b"hello", fin=False))
+    started = time.monotonic()
+    assert await ws.close_code(timeout_s=5) == 1007
+    assert time.monotonic() - started < 5
+    ws.close()
+
+
+def _oversize_with_websocket_client(url: str, token: str, size: int) -> int | str:
+    """What a typical client sees after sending a frame over the limit: the close code, or the error."""
+    conn = websocket.create_connection(url, header=[f"Authorization: Bearer {token}"], timeout=15)
+    try:
+        conn.recv()  # hello
+        conn.send("x" * size)
+        while True:
+            opcode, data = conn.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return int.from_bytes(data[:2], "big")
+    except (OSError, websocket.WebSocketException) as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+async def test_frame_over_max_frame_bytes_reaches_the_client_as_1009(chatd: Chatd, services: Services) -> None:
+    (alice,) = make_users(services.database_url, 1)
+    seen = [
+        await asyncio.to_thread(_oversize_with_websocket_client, chatd.ws, alice.token, 4 * 1024 * 1024)
+        for _ in range(10)
+    ]
+    assert seen == [1009] * 10
+    # The worker discarded the payloads instead of buffering them, and still serves.
+    ws = await _hello(chatd.port, alice.token)
+    ws.close()
+
+
+async def test_oversize_frame_that_never_ends_is_closed_within_a_bound(chatd: Chatd, services: Services) -> None:
+    """A header announcing 8 MiB, then a trickle: 1009 first, the TCP connection closed in bounded time."""
+    (alice,) = make_users(services.database_url, 1)
+    ws = await _hello(chatd.port, alice.token)
+    await ws.send(frame(OP_TEXT, b"", length=8 * 1024 * 1024)[:-4] + b"\x00\x00\x00\x00")
+    got = await ws.recv()
+    assert got is not None and got.close_code == 1009
+    started = time.monotonic()
+    ended = False
+    while time.monotonic() - started < 20:
+        try:
+            ws.writer.write(b"x" * 1024)
+            await ws.writer.drain()
+        except ConnectionError:
+            ended = True
+            break
+        if ws.reader.at_eof():
+            ended = True
+            break
+        await asyncio.sleep(0.1)
+    assert ended, "the server kept an endless oversize frame open"
+    assert time.monotonic() - started < 15
+    ws.close()
+
+
+def _slow_reader(url: str, token: str, room: int, pause_s: float, stop_at: float) -> int | str:
+    """Join, stop reading for ``pause_s`` while the room floods, then read on: the close code seen."""
+    conn = websocket.create_connection(url, header=[f"Authorization: Bearer {token}"], timeout=30)
+    try:
+        conn.send(json.dumps({"type": "join", "room_id": room, "id": "j"}))
+        time.sleep(pause_s)
+        while time.monotonic() < stop_at:
+            opcode, data = conn.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return int.from_bytes(data[:2], "big")
+        return "no close"
+    except (OSError, websocket.WebSocketException) as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+async def test_slow_consumer_sees_1013(chatd_factory: Any, services: Services) -> None:
+    """A client that stops reading is closed at ws.max_buffer_bytes; reading again within ws.close_timeout_s
+    (10 s; Tornado's fixed 5 s before), it finds the frames already in the kernel's buffers, then 1013."""
+    server: Chatd = chatd_factory(CHATD_WS_MAX_BUFFER_BYTES="65536", CHATD_WS_SEND_RATE_COUNT="100000")
+    alice, slow = make_users(services.database_url, 2)
+    room = await make_room(server, alice, [slow])
+    a = await connect(server, alice)
+    await join(a, room)
+    reader = asyncio.ensure_future(
+        asyncio.to_thread(_slow_reader, server.ws, slow.token, room, 7.0, time.monotonic() + 60)
+    )
+    await asyncio.sleep(1)
+    big = "y" * 3900
+    for _ in range(8):  # ~6 MB: past the kernel buffers and the 64 KiB bound
+        await send_many(a, room, [big] * 200)
+        a.backlog = [f for f in a.backlog if f["type"] != "message"]
+        if "slow_consumer_closed" in server.log():
+            break
+    assert "slow_consumer_closed" in server.log()
+    assert await reader == 1013
+
+
+# -- the Autobahn cases, through kosoku ---------------------------------------------------------------
+
+AUTOBAHN_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]
+# 9.x sends messages of up to 16 MiB: the echo route gets a frame limit above that (the class is the same).
+ECHO_MAX_FRAME_BYTES = 16 * 1024 * 1024 + 1024
+
+
+async def test_autobahn_cases_pass_on_the_echo_route(chatd_factory: Any) -> None:
+    server: Chatd = chatd_factory(CHATD_WS_TEST_ECHO_ROUTE="true", CHATD_WS_MAX_FRAME_BYTES=str(ECHO_MAX_FRAME_BYTES))
+    url = f"ws://127.0.0.1:{server.port}/test/ws-echo"
+    try:
+        results = await asyncio.wait_for(kosoku.run_fuzzingclient(url, AUTOBAHN_CASES, concurrency=2), 240)
+    except kosoku.FailureError as failure:
+        results = failure.results
+    verdicts = Counter((r.behavior.value, r.behavior_close.value) for r in results)
+    failed = [
+        f"{r.case_id} {r.behavior.value}/{r.behavior_close.value} close={r.remote_close_code}: {r.result_close}"
+        for r in results
+        if not r.passed
+    ]
+    print(f"kosoku {len(results)} cases: {dict(verdicts)}")
+    assert len(results) >= 290, verdicts  # every selected case ran
+    assert not failed, "\n".join(failed)
+    # Fail fast on invalid UTF-8 (6.4.x) is OK, not NON-STRICT (which only fails at the end of the message).
+    assert [r.case_id for r in results if r.behavior.value == "NON-STRICT"] == []
+    assert "Traceback" not in server.log()
+
+
+async def test_echo_route_is_absent_unless_configured(chatd: Chatd) -> None:
+    status, body = http_get(f"{chatd.http}/test/ws-echo")
+    assert status == 404 and body["error"]["code"] == "not_found"
