@@ -96,7 +96,11 @@ async def test_login_storm_bounds_memory_and_keeps_chat_latency(chatd_factory: A
     assert statuses == [200] * 50
     # auth.hash_concurrency (1) hashes at a time: one Argon2 block (64 MiB) and slack, not one per thread.
     assert grown < 2 * ARGON2_MIB + 32, f"worker RSS peaked {grown:.0f} MiB above its baseline"
-    assert p99 < 500, f"chat ack p99 {p99:.0f} ms during the storm"
+    # The storm must not stall chat: the hashing runs off the loop, so acks keep their calm pace. Bounds are loose
+    # (a shared 2-core CI box schedules Argon2's lanes against the loop); a loop blocked by hashing would miss
+    # them by the storm's whole length (seconds).
+    assert statistics.median(during) * 1000 < 100, f"chat ack p50 {statistics.median(during) * 1000:.0f} ms during the storm"
+    assert max(during) < 3.0, f"an ack waited {max(during):.1f} s of a {storm_s:.1f} s storm"
 
 
 def _token(user_id: int, exp: float) -> str:
