@@ -4,7 +4,8 @@ A send commits at once when the writer is idle; sends arriving while a
 transaction runs wait and form the next batch (up to ``batch_max_messages``,
 plus an optional ``batch_max_delay_ms``), so a loaded database sees few large
 transactions and an idle one adds no delay.  A send is acked only after its
-transaction committed; then the batch is published (one PUBLISH per room).
+transaction committed; then the batch is published (one PUBLISH per room)
+while the next batch commits.
 
 Bounds, so overload degrades instead of collapsing:
 
@@ -66,6 +67,7 @@ class MessageWriter:
         self._has_room.set()
         self._rate_per_s = 1000.0  # committed messages per second, smoothed: for retry_after_ms
         self._in_flight: list[_Queued] = []
+        self._publishing: asyncio.Future[None] | None = None  # the committed batch being published
         self.batches = 0
         self.committed = 0
 
@@ -101,8 +103,9 @@ class MessageWriter:
             await asyncio.wait_for(self._has_room.wait(), timeout_s)
 
     async def drain(self) -> None:
-        """Shutdown: let every queued send commit (or fail) and be answered."""
+        """Shutdown: let every queued send commit (or fail) and be answered, and the last batch be published."""
         await self._idle.wait()
+        await self._published()
 
     async def run(self) -> None:
         """The commit loop (a supervised task)."""
@@ -124,6 +127,8 @@ class MessageWriter:
                     item.future.set_exception(errors.Unavailable("server restarting its writer, try again"))
             self._queue.clear()
             self._in_flight = []
+            if self._publishing is not None:
+                self._publishing.cancel()  # its messages are durable; the other workers' probes repair them
             self._has_room.set()
             self._idle.set()
 
@@ -178,4 +183,20 @@ class MessageWriter:
         self._rate_per_s = 0.8 * self._rate_per_s + 0.2 * (len(batch) / max(elapsed_s, 1e-3))
         metrics.messages_committed.inc(len(fresh))
         if fresh:
-            await self.hub.publish_messages(fresh)
+            # Two-stage pipeline: the next batch commits while this one is published. One publish at a time
+            # keeps PUBLISHes (and local deliveries) in commit order and bounds the pipeline to one batch.
+            await self._published()
+            self._publishing = asyncio.ensure_future(self.hub.publish_messages(fresh))
+
+    async def _published(self) -> None:
+        """Wait for the batch being published (its errors are logged: the repair probes cover a lost publish)."""
+        task, self._publishing = self._publishing, None
+        if task is None:
+            return
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # this coroutine was cancelled, not the publish
+        except Exception as exc:
+            app_log.error("publish_failed", exc_info=exc)
