@@ -121,6 +121,7 @@ class Gen:
         self.lat_deliver: list[float] = []
         self.max_seq: dict[int, int] = {}
         self.outstanding = 0  # sends without ack/error yet
+        self.deferred = 0  # scheduled sends skipped because the server said busy (retry_after_ms not over)
         self.asst_done = 0
 
 
@@ -142,6 +143,7 @@ class Conn(WSProtocol):
         self.echo: dict[str, float] = {}
         self.n = 0
         self.asst: AsstRun | None = None
+        self.quiet_until = 0.0  # told busy: a well-behaved client sends nothing before retry_after_ms
 
     # -- incoming ---------------------------------------------------------------------
 
@@ -237,6 +239,8 @@ class Conn(WSProtocol):
         else:
             gen.errors[f"{kind}:{f.get('code')}"] += 1
             self.echo.pop(cmid, None)
+            if f.get("code") == "busy":
+                self.quiet_until = max(self.quiet_until, perf() + int(f.get("retry_after_ms", 0)) / 1000)
 
     def on_assistant(self, t: str, f: dict[str, Any]) -> None:
         run = self.asst
@@ -515,7 +519,12 @@ async def cmd_chat(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
             if due >= end:
                 continue
             conn, room = senders[i]
-            if not conn.closed:
+            if conn.closed:
+                pass
+            elif conn.quiet_until > perf():
+                gen.deferred += 1  # offered but held back, as the protocol asks of a client told busy
+                heapq.heappush(heap, (due + interval, i))
+            else:
                 conn.send_chat(room, pad)
                 late.append((now - due) * 1000)
                 heapq.heappush(heap, (due + interval, i))
@@ -524,6 +533,7 @@ async def cmd_chat(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     await _drain(gen, cmd.get("drain_s", 10.0), lambda: gen.outstanding <= 0)
     return {
         "sent": gen.sent,
+        "deferred": gen.deferred,
         "acked": gen.acked,
         "outstanding": gen.outstanding,
         "errors": dict(gen.errors),
