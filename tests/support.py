@@ -151,6 +151,29 @@ class Chatd:
         return self.proc.returncode
 
 
+async def wait_user_channel(server: Chatd, user_id: int, subscribers: int = 1, timeout_s: float = 15) -> None:
+    """Until ``subscribers`` chatd processes listen on the user's channel (NUMSUB in Redis).
+
+    A socket gets ``hello`` before its worker's SUBSCRIBE to the user channel is confirmed
+    (``Hub.add_user``), so an event published a moment after ``hello`` (room_added, a forced
+    close) can miss a socket that just connected; a test waits for this instead of sleeping.
+    """
+    import redis.asyncio
+
+    channel = f"{server.env.get('CHATD_STORAGE_REDIS_KEY_PREFIX', 'chatd:')}user:{user_id}"
+    client = redis.asyncio.Redis.from_url(server.env.get("REDIS_URL", server.redis_url))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            [(_, count)] = await client.pubsub_numsub(channel)
+            if count >= subscribers:
+                return
+            assert time.monotonic() < deadline, f"{count} of {subscribers} subscribers on {channel} in {timeout_s}s"
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
 def http_get(url: str, timeout_s: float = 2) -> tuple[int, Any]:
     """Blocking GET for polling from sync code."""
     import urllib.error

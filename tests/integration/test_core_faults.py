@@ -172,7 +172,7 @@ async def test_writer_survives_a_slow_compressed_consumer(chatd_factory: Any, se
     assert b"permessage-deflate" in raw.recv(4096)
     join_frame = json.dumps({"type": "join", "room_id": room}).encode()
     raw.sendall(bytes([0x81, 0x80 | len(join_frame)]) + b"\x00\x00\x00\x00" + join_frame)
-    await asyncio.sleep(0.3)
+    await a.expect_presence(slow.id, "online")  # its join was served: it is a member socket of the room
     count = 2500  # random text deflates little: ~7 MB, past the kernel buffers and the 64 KiB bound
     contents = [secrets.token_urlsafe(2900) for _ in range(count)]
     receiving = asyncio.ensure_future(collect_messages(b, room, count, timeout_s=60))
@@ -264,7 +264,7 @@ async def test_presence_of_a_killed_instance_goes_offline(chatd_factory: Any, se
     assert bob.id in joined["online"]
     await a.expect_presence(bob.id, "online")
     await b2.send({"type": "leave", "room_id": room})
-    await a.expect_presence(bob.id, "offline", timeout_s=5)
+    await a.expect_presence(bob.id, "offline", timeout_s=15)  # grace 0.5 s
 
 
 # -- item 6: a hung Postgres answers 'unavailable', never silence ----------------------------------
@@ -297,11 +297,11 @@ async def test_paused_postgres_gives_unavailable_not_silence(
             await WS.connect(server.ws, alice.token)
         assert refused.value.code == 503 and time.monotonic() - started < 4
 
-    for _ in range(40):  # connections that were cut by the deadline are replaced
-        after = await send(ws, room, "after")
-        if after["type"] == "ack":
-            break
+    deadline = time.monotonic() + 30  # connections that were cut by the deadline are replaced
+    after = await send(ws, room, "after")
+    while after["type"] != "ack" and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
+        after = await send(ws, room, "after")
     assert after["type"] == "ack"
     with psycopg.connect(url) as conn:
         seqs = [r[0] for r in conn.execute("SELECT seq FROM messages WHERE room_id = %s ORDER BY seq", (room,))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psycopg
@@ -10,7 +11,7 @@ import psycopg
 from chatd import api, openapi
 from tests.chat import API, connect, join, make_room, send
 from tests.openapi_check import Api, contract_for
-from tests.support import WS, request
+from tests.support import WS, request, wait_user_channel
 from tests.users import PASSWORD, make_users
 
 ORIGIN = "https://app.example.com"
@@ -25,7 +26,7 @@ async def test_room_events_reach_every_device_on_two_instances(chatd_factory: An
     ws_owner = await connect(a_srv, owner)
     await join(ws_owner, room)
     bob_a, bob_b = await connect(a_srv, bob), await connect(b_srv, bob)  # two devices, two instances
-    await asyncio.sleep(0.3)  # user-channel subscriptions are not confirmed before hello
+    await wait_user_channel(a_srv, bob.id, subscribers=2)  # not confirmed before hello: both instances listen
 
     r = await call("POST", f"{API}/rooms/{room}/members", {"user_id": bob.id}, owner.token)
     assert r.status == 201 and r.body["added"] is True
@@ -47,10 +48,14 @@ async def test_room_events_reach_every_device_on_two_instances(chatd_factory: An
     # roster: names, roles, presence, read positions; paged by user id
     await join(bob_b, room)
     await send(bob_b, room, "hi")
-    await asyncio.sleep(0.4)  # presence is batched per tick
     roster = await call("GET", f"{API}/rooms/{room}/members?limit=1", token=bob.token)
     assert [m["id"] for m in roster.body["members"]] == [owner.id] and roster.body["next_cursor"] == owner.id
-    rest = await call("GET", f"{API}/rooms/{room}/members?cursor={owner.id}", token=bob.token)
+    deadline = time.monotonic() + 10  # presence is applied per tick (100 ms): polled, not slept on
+    while True:
+        rest = await call("GET", f"{API}/rooms/{room}/members?cursor={owner.id}", token=bob.token)
+        if rest.body["members"][0]["online"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert [m["id"] for m in rest.body["members"]] == [bob.id] and rest.body["next_cursor"] is None
     assert rest.body["members"][0]["online"] is True and rest.body["members"][0]["role"] == "member"
     assert roster.body["members"][0]["role"] == "owner"
@@ -112,6 +117,7 @@ async def test_account_basics(chatd_factory: Any, services: Any) -> None:
     assert (await call("PATCH", f"{API}/me", {"email": "x@y.z"}, first["access_token"])).status == 400
     other_socket = await WS.connect(server.ws, second["access_token"])
     await other_socket.expect("hello")
+    await wait_user_channel(server, user.id)  # the forced close below travels on the user channel
 
     wrong = {"old_password": "not-it-at-all", "new_password": "brand-new-pass"}
     assert (await call("POST", f"{API}/me/password", wrong, first["access_token"])).status == 403
@@ -132,6 +138,7 @@ async def test_account_basics(chatd_factory: Any, services: Any) -> None:
     room = await make_room(server, owner, [user])
     sock = await WS.connect(server.ws, relog.body["access_token"])
     await sock.expect("hello")
+    await wait_user_channel(server, user.id)
     await send(sock, room, "my last words")
     assert (await call("DELETE", f"{API}/me", token=relog.body["access_token"])).status == 204
     code, _ = await sock.closed()

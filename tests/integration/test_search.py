@@ -7,6 +7,8 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
+
 from tests.chat import API, make_room
 from tests.openapi_check import Api, contract_for
 from tests.users import make_users
@@ -41,15 +43,21 @@ async def test_search_modes_languages_and_isolation(chatd_factory: Any, services
         assert r.status == 200, r.body
         return r.body  # type: ignore[no-any-return]
 
-    # the retrieval indexer embeds the assistant rooms' messages in the background
+    # the retrieval indexer embeds the assistant rooms' messages in the background: polled in Postgres until
+    # every line above is (the queries below rank the users' lines), not a first hit and a sleep
+    def unembedded() -> int:
+        with psycopg.connect(services.database_url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM messages m LEFT JOIN message_embeddings e ON e.message_id = m.id"
+                " WHERE m.room_id = ANY(%s) AND m.role = 'user' AND e.message_id IS NULL",
+                ([room_a, room_b],),
+            ).fetchone()
+        return int(row[0]) if row else -1
+
     deadline = time.monotonic() + 90
-    while True:
-        hits = (await search(alice, "tomato plants balcony", "semantic"))["hits"]
-        if any("tomato" in h["snippet"] for h in hits):
-            break
+    while unembedded():
         assert time.monotonic() < deadline, "messages were not embedded in time"
         await asyncio.sleep(0.5)
-    await asyncio.sleep(2)  # the rest of the batch (each message and its echo answer)
 
     def user_hits(body: dict[str, Any]) -> list[dict[str, Any]]:
         return [h for h in body["hits"] if h["role"] == "user"]  # the offline assistant echoes each line

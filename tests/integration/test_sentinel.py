@@ -206,9 +206,16 @@ async def test_failover_under_chat_load_loses_nothing(
     # Repair keeps readers within a second of the writers through the outage (it fills every hole per read).
     assert worst_delay_s < 3, f"a message reached a reader {worst_delay_s:.1f} s after its ack"
     # chatd writes to the promoted replica now: both instances' heartbeats (expiry = now + 6 s) written after the kill.
+    # A heartbeat every 2 s: polled (bounded), since the next one may be due just after the load stopped.
     prefix = servers[0].env["CHATD_STORAGE_REDIS_KEY_PREFIX"]
-    heartbeats = new_primary.client().zrange(f"{prefix}workers", 0, -1, withscores=True)
-    assert len(heartbeats) == 2 and all(expiry > killed_wall_ms + 6000 for _, expiry in heartbeats), heartbeats
+    deadline = time.monotonic() + 15
+    while True:
+        heartbeats = new_primary.client().zrange(f"{prefix}workers", 0, -1, withscores=True)
+        fresh = len(heartbeats) == 2 and all(expiry > killed_wall_ms + 6000 for _, expiry in heartbeats)
+        if fresh or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert fresh, heartbeats
     assert all(s.events("fanout_reconnected") for s in servers), "an instance's pub/sub never came back"
 
 
