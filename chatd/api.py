@@ -16,7 +16,7 @@ from chatd.accounts import Accounts, Principal, user_json
 from chatd.admin import Admin
 from chatd.config import Settings
 from chatd.files import Files, Upload
-from chatd.openapi import BOOL, ID, INT, STR, Param, obj, op, page, ref
+from chatd.openapi import BOOL, ID, INT, MAX_QUERY_CHARS, MAX_SAFE_INT, STR, Param, obj, op, page, ref
 from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
 from chatd.search import MODES, Search
 from chatd.state import ServerState
@@ -24,7 +24,7 @@ from chatd.store import Database
 from chatd.web import BaseHandler
 
 MAX_PAGE = 200
-_MAX_INT = 2**53 - 1
+_MAX_INT = MAX_SAFE_INT
 
 
 class ApiHandler(BaseHandler):
@@ -67,7 +67,7 @@ class ApiHandler(BaseHandler):
             return int(raw)
         if "enum" in schema and raw not in schema["enum"]:
             raise errors.BadRequest(f"{name} must be one of {', '.join(schema['enum'])}")
-        if len(raw) > schema.get("maxLength", 1000):
+        if len(raw) > schema.get("maxLength", MAX_QUERY_CHARS):
             raise errors.BadRequest(f"{name} is too long")
         return raw
 
