@@ -11,12 +11,12 @@ from urllib.parse import quote
 
 import tornado.web
 
-from chatd import errors, protocol, store
+from chatd import auth, errors, protocol, store
 from chatd.accounts import Accounts, Principal, user_json
 from chatd.admin import Admin
 from chatd.config import Settings
 from chatd.files import Files, Upload
-from chatd.openapi import BOOL, ID, INT, MAX_QUERY_CHARS, MAX_SAFE_INT, STR, Param, obj, op, page, ref
+from chatd.openapi import BOOL, ID, INT, MAX_QUERY_CHARS, MAX_SAFE_INT, STR, Param, nullable, obj, op, page, ref
 from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
 from chatd.search import MODES, Search
 from chatd.state import ServerState
@@ -81,9 +81,25 @@ class ApiHandler(BaseHandler):
 # -- auth ----------------------------------------------------------------------------
 
 
-_REGISTER = obj({"email": STR, "password": STR, "name": STR}, required=["email", "password"], extra=True)
-_LOGIN = obj({"email": STR, "password": STR}, extra=True)
-_REFRESH = obj({"refresh_token": STR}, extra=True)
+# What auth.validate_email / validate_password / validate_name accept (docs/API.md, register).
+_NO_SPACE = r"[^@.\s\x00-\x1f\x7f]"
+EMAIL = {
+    "type": "string",
+    "maxLength": auth.MAX_EMAIL_CHARS,
+    "pattern": rf"^[^@\s\x00-\x1f\x7f]+@{_NO_SPACE}+(\.{_NO_SPACE}+)+$",
+}
+PASSWORD = {"type": "string", "minLength": auth.MIN_PASSWORD_CHARS, "maxLength": auth.MAX_PASSWORD_CHARS}
+NAME = {  # trimmed, 1..100 characters, no control characters
+    "type": "string",
+    "maxLength": auth.MAX_NAME_CHARS,
+    "pattern": r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+}
+NON_EMPTY = {"type": "string", "minLength": 1}
+NOT_BLANK = r"\S"  # (unanchored) not only whitespace
+
+_REGISTER = obj({"email": EMAIL, "password": PASSWORD, "name": NAME}, extra=True)
+_LOGIN = obj({"email": NON_EMPTY, "password": NON_EMPTY}, extra=True)
+_REFRESH = obj({"refresh_token": NON_EMPTY}, extra=True)
 _OK = {"type": "object"}
 
 
@@ -139,7 +155,7 @@ class MeHandler(ApiHandler):
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))
 
-    @op(summary="Change your name", tag="account", body=obj({"name": STR}), responses={200: ("User", ref("User"))})
+    @op(summary="Change your name", tag="account", body=obj({"name": NAME}), responses={200: ("User", ref("User"))})
     async def patch(self) -> None:
         principal = await self.auth()
         self.send_json(await self.accounts.rename(principal, self.json_body()))
@@ -160,7 +176,7 @@ class PasswordHandler(ApiHandler):
     @op(
         summary="Change your password; every other session is revoked",
         tag="account",
-        body=obj({"old_password": STR, "new_password": STR}, extra=True),
+        body=obj({"old_password": NON_EMPTY, "new_password": PASSWORD}, extra=True),
         responses={204: ("Changed", None)},
     )
     async def post(self) -> None:
@@ -174,7 +190,14 @@ class UsersHandler(ApiHandler):
     @op(
         summary="Find a user to invite: exact email or name prefix (id and name only; rate limited)",
         tag="account",
-        query=(Param("q", {"type": "string", "minLength": 2, "maxLength": 320}, "email or name prefix", True),),
+        query=(
+            Param(
+                "q",
+                {"type": "string", "minLength": 2, "maxLength": 320, "pattern": r"\S[\s\S]*\S"},
+                "email or name prefix (2 or more characters once trimmed)",
+                True,
+            ),
+        ),
         responses={200: ("Matches (at most 10)", obj({"users": {"type": "array", "items": ref("UserRef")}}))},
     )
     async def get(self) -> None:
@@ -224,12 +247,17 @@ def parse_name(value: Any) -> str:
     return value.strip()
 
 
+ROOM_NAME = {"type": "string", "maxLength": 200, "pattern": NOT_BLANK}  # parse_name
+_SETTING = {"type": "string", "maxLength": 20_000}
+ASSISTANT = nullable(  # parse_assistant; null keeps the defaults (creation) or the current settings (PATCH)
+    obj({"model": _SETTING, "system_prompt": _SETTING, "mode": {"enum": list(ASSISTANT_MODES)}}, required=[])
+)
 _ROOM_CREATE = obj(
     {
-        "name": STR,
+        "name": ROOM_NAME,
         "kind": {"enum": list(ROOM_KINDS)},
-        "members": {"type": "array", "items": ID},
-        "assistant": {"type": "object"},
+        "members": {"type": "array", "items": ID, "maxItems": 1000},
+        "assistant": ASSISTANT,
     },
     required=["name"],
     extra=True,
@@ -308,7 +336,7 @@ class RoomHandler(RoomAccess):
     @op(
         summary="Rename or reconfigure (owner/admin; room_updated to every member)",
         tag="rooms",
-        body=obj({"name": STR, "assistant": {"type": "object"}}, required=[]),
+        body=obj({"name": ROOM_NAME, "assistant": ASSISTANT}, required=[]),
         responses={200: ("Room", ref("Room"))},
     )
     async def patch(self, room_id: str) -> None:
@@ -407,7 +435,16 @@ class MemberHandler(RoomAccess):
         self.finish()
 
 
-_SEND = obj({"content": STR, "client_msg_id": STR}, extra=True)
+# protocol.parse_client_frame's send: content not blank, no NUL, at most ws.max_message_chars (default; longer:
+# 413 too_large); client_msg_id 1..64 printable ASCII characters without spaces.
+CONTENT = {
+    "type": "string",
+    "maxLength": 4000,
+    "pattern": r"^[^\x00]*[^\s\x00][^\x00]*$",
+    "description": "at most ws.max_message_chars characters (default 4000), not blank, no NUL",
+}
+CLIENT_MSG_ID = {"type": "string", "pattern": f"^[!-~]{{1,{protocol.MAX_ID_CHARS}}}$"}
+_SEND = obj({"content": CONTENT, "client_msg_id": CLIENT_MSG_ID}, extra=True)
 
 
 class MessagesHandler(RoomAccess):
@@ -777,7 +814,7 @@ class SearchHandler(ApiHandler):
         summary="Search the messages of your rooms (text, semantic or hybrid)",
         tag="search",
         query=(
-            Param("q", {"type": "string", "minLength": 1, "maxLength": 500}, "the query", True),
+            Param("q", {"type": "string", "minLength": 1, "maxLength": 500, "pattern": NOT_BLANK}, "the query", True),
             Param("room_id", {"type": "integer", "minimum": 1}, "only this room (yours)"),
             Param("mode", {"type": "string", "enum": list(MODES), "default": "text"}),
             Param("limit", {"type": "integer", "minimum": 1, "maximum": 50, "default": 20}),
