@@ -81,21 +81,24 @@ class ApiHandler(BaseHandler):
 # -- auth ----------------------------------------------------------------------------
 
 
+# Python's whitespace (str.strip, re's \s), spelled out: a pattern's \s is ECMA-262's, which differs (U+0085).
+_WS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_CC = r"\x00-\x1f\x7f-\x9f"  # control characters (category Cc)
 # What auth.validate_email / validate_password / validate_name accept (docs/API.md, register).
-_NO_SPACE = r"[^@.\s\x00-\x1f\x7f]"
+_DOMAIN_PART = rf"[^@.{_WS}\x00-\x1f\x7f]+"
 EMAIL = {
     "type": "string",
     "maxLength": auth.MAX_EMAIL_CHARS,
-    "pattern": rf"^[^@\s\x00-\x1f\x7f]+@{_NO_SPACE}+(\.{_NO_SPACE}+)+$",
+    "pattern": rf"^[^@{_WS}\x00-\x1f\x7f]+@{_DOMAIN_PART}(\.{_DOMAIN_PART})+$",
 }
 PASSWORD = {"type": "string", "minLength": auth.MIN_PASSWORD_CHARS, "maxLength": auth.MAX_PASSWORD_CHARS}
 NAME = {  # trimmed, 1..100 characters, no control characters
     "type": "string",
     "maxLength": auth.MAX_NAME_CHARS,
-    "pattern": r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+    "pattern": rf"^[^{_CC}]*[^{_WS}{_CC}][^{_CC}]*$",
 }
 NON_EMPTY = {"type": "string", "minLength": 1}
-NOT_BLANK = r"\S"  # (unanchored) not only whitespace
+NOT_BLANK = rf"[^{_WS}]"  # (unanchored) not only whitespace
 
 _REGISTER = obj({"email": EMAIL, "password": PASSWORD, "name": NAME}, extra=True)
 _LOGIN = obj({"email": NON_EMPTY, "password": NON_EMPTY}, extra=True)
@@ -193,7 +196,7 @@ class UsersHandler(ApiHandler):
         query=(
             Param(
                 "q",
-                {"type": "string", "minLength": 2, "maxLength": 320, "pattern": r"\S[\s\S]*\S"},
+                {"type": "string", "minLength": 2, "maxLength": 320, "pattern": rf"[^{_WS}][\s\S]*[^{_WS}]"},
                 "email or name prefix (2 or more characters once trimmed)",
                 True,
             ),
@@ -440,7 +443,7 @@ class MemberHandler(RoomAccess):
 CONTENT = {
     "type": "string",
     "maxLength": 4000,
-    "pattern": r"^[^\x00]*[^\s\x00][^\x00]*$",
+    "pattern": rf"^[^\x00]*[^{_WS}\x00][^\x00]*$",
     "description": "at most ws.max_message_chars characters (default 4000), not blank, no NUL",
 }
 CLIENT_MSG_ID = {"type": "string", "pattern": f"^[!-~]{{1,{protocol.MAX_ID_CHARS}}}$"}
