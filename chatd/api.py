@@ -78,6 +78,16 @@ class ApiHandler(BaseHandler):
         return int(raw)
 
 
+def body_id(value: Any) -> int | None:
+    """An id in a JSON body (1..2^53-1), or None. ``7.0`` counts: JSON Schema's integer is any number without a
+    fractional part, and some JSON encoders write every number as a float."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_INT:
+        return value
+    return None
+
+
 # -- auth ----------------------------------------------------------------------------
 
 
@@ -281,10 +291,10 @@ class RoomsHandler(ApiHandler):
         kind = body.get("kind", "group")
         if kind not in ROOM_KINDS:
             raise errors.BadRequest(f"kind must be one of {', '.join(ROOM_KINDS)}")
-        members = body.get("members", [])
-        if not isinstance(members, list) or not all(
-            isinstance(m, int) and not isinstance(m, bool) and 0 < m <= _MAX_INT for m in members
-        ):
+        listed = body.get("members", [])
+        ids = [body_id(m) for m in listed] if isinstance(listed, list) else [None]
+        members = [m for m in ids if m is not None]
+        if len(members) != len(ids):
             raise errors.BadRequest("members must be a list of user ids")
         if len(members) > 1000:
             raise errors.BadRequest("at most 1000 members at creation")
@@ -384,8 +394,8 @@ class MembersHandler(RoomAccess):
     async def post(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
-        user_id = self.json_body().get("user_id")
-        if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id <= _MAX_INT:
+        user_id = body_id(self.json_body().get("user_id"))
+        if user_id is None:
             raise errors.BadRequest("user_id must be a positive integer")
         added = await self.rooms.add_member(room, user_id, principal.user_id)
         self.send_json({"room_id": room["id"], "user_id": user_id, "added": added}, 201 if added else 200)
