@@ -15,7 +15,7 @@ from chatd import auth, errors, protocol, store
 from chatd.accounts import Accounts, Principal, user_json
 from chatd.admin import Admin
 from chatd.config import Settings
-from chatd.files import Files, Upload
+from chatd.files import MAX_CAPTION_CHARS, Files, Upload
 from chatd.openapi import BOOL, ID, INT, MAX_QUERY_CHARS, MAX_SAFE_INT, STR, Param, nullable, obj, op, page, ref
 from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
 from chatd.search import MODES, Search
@@ -513,6 +513,16 @@ class MessagesHandler(RoomAccess):
         self.send_json(body, 200 if result.duplicate else 201)
 
 
+# One event of the stream (OpenAPI 3.2's reading of an event-stream schema: each event, not the whole text).
+SSE_EVENT = obj(
+    {
+        "event": {"enum": ["message", "queued", "stream_start", "stream_chunk", "stream_end", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    extra=True,  # id, retry: never sent, but allowed by the format
+)
+
+
 class StreamingSendHandler(RoomAccess):
     """``POST /rooms/{id}/messages/stream``: send, then the answer as Server-Sent Events.
 
@@ -527,7 +537,7 @@ class StreamingSendHandler(RoomAccess):
         tag="messages",
         body=_SEND,
         content_type="text/event-stream",
-        responses={200: ("message, queued, stream_start, stream_chunk, stream_end or error events", STR)},
+        responses={200: ("message, queued, stream_start, stream_chunk, stream_end or error events", SSE_EVENT)},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.auth()
@@ -727,9 +737,14 @@ class FileUploadHandler(RoomAccess):
         summary="Attach a file: multipart (file + optional caption), streamed, sniffed; a message of kind file",
         tag="files",
         multipart=obj(
-            {"file": {"type": "string", "contentMediaType": "application/octet-stream"}, "caption": STR},
+            {
+                "file": {"type": "string", "contentMediaType": "application/octet-stream", "minLength": 1},
+                "caption": {"type": "string", "maxLength": MAX_CAPTION_CHARS},
+            },
             required=["file"],
         ),
+        description="The type is sniffed from the bytes: one outside files.allowed_types is 415 unsupported_type; "
+        "a file over files.max_bytes is 413 too_large.",
         responses={201: ("The file message", ref("Message"))},
     )
     async def post(self, room_id: str) -> None:
@@ -776,7 +791,7 @@ class FileHandler(ApiHandler):
     @op(
         summary="Download an attachment (members of its room only; Range supported)",
         tag="files",
-        content_type="application/octet-stream",
+        content_type="*/*",  # the file's own (sniffed) type
         responses={200: ("The file", STR), 206: ("Part of the file", STR)},
     )
     async def get(self, file_id: str) -> None:
