@@ -109,6 +109,10 @@ NAME = {  # trimmed, 1..100 characters, no control characters
 }
 NON_EMPTY = {"type": "string", "minLength": 1}
 NOT_BLANK = rf"[^{_WS}]"  # (unanchored) not only whitespace
+# A query argument reaches the handler with these control characters turned into spaces (Tornado's get_argument).
+_QUERY_WS = _WS + r"\x00-\x08\x0e-\x1f"
+QUERY_NOT_BLANK = rf"[^{_QUERY_WS}]"
+QUERY_TWO_CHARS = rf"[^{_QUERY_WS}][\s\S]*[^{_QUERY_WS}]"  # at least 2 characters once trimmed
 
 _REGISTER = obj({"email": EMAIL, "password": PASSWORD, "name": NAME}, extra=True)
 _LOGIN = obj({"email": NON_EMPTY, "password": NON_EMPTY}, extra=True)
@@ -206,7 +210,7 @@ class UsersHandler(ApiHandler):
         query=(
             Param(
                 "q",
-                {"type": "string", "minLength": 2, "maxLength": 320, "pattern": rf"[^{_WS}][\s\S]*[^{_WS}]"},
+                {"type": "string", "minLength": 2, "maxLength": 320, "pattern": QUERY_TWO_CHARS},
                 "email or name prefix (2 or more characters once trimmed)",
                 True,
             ),
@@ -842,7 +846,9 @@ class SearchHandler(ApiHandler):
         summary="Search the messages of your rooms (text, semantic or hybrid)",
         tag="search",
         query=(
-            Param("q", {"type": "string", "minLength": 1, "maxLength": 500, "pattern": NOT_BLANK}, "the query", True),
+            Param(
+                "q", {"type": "string", "minLength": 1, "maxLength": 500, "pattern": QUERY_NOT_BLANK}, "the query", True
+            ),
             Param("room_id", {"type": "integer", "minimum": 1}, "only this room (yours)"),
             Param("mode", {"type": "string", "enum": list(MODES), "default": "text"}),
             Param("limit", {"type": "integer", "minimum": 1, "maximum": 50, "default": 20}),
