@@ -13,7 +13,7 @@ import tornado.web
 
 from chatd import auth, errors, protocol, store
 from chatd.accounts import Accounts, Principal, user_json
-from chatd.admin import Admin
+from chatd.admin import MAX_ANNOUNCEMENT_CHARS, Admin
 from chatd.config import Settings
 from chatd.files import MAX_CAPTION_CHARS, Files, Upload
 from chatd.openapi import BOOL, ID, INT, MAX_QUERY_CHARS, MAX_SAFE_INT, STR, Param, nullable, obj, op, page, ref
@@ -882,6 +882,11 @@ class SearchHandler(ApiHandler):
 # -- admin ------------------------------------------------------------------------------
 
 
+ANNOUNCEMENT = {"type": "string", "maxLength": MAX_ANNOUNCEMENT_CHARS, "pattern": NOT_BLANK}  # announcement_text
+# from/to: a date or an RFC 3339 time (admin.parse_day)
+_DAY = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}], "maxLength": 40}
+
+
 class AdminHandler(ApiHandler):
     """Role admin only; every call by a signed-in user (refused ones too) goes to ``audit_log``."""
 
@@ -921,8 +926,8 @@ class AdminStatsHandler(AdminHandler):
         summary="Usage statistics over [from, to) (default: the last 7 days)",
         tag="admin",
         query=(
-            Param("from", {"type": "string", "maxLength": 40}, "YYYY-MM-DD or RFC 3339"),
-            Param("to", {"type": "string", "maxLength": 40}, "YYYY-MM-DD or RFC 3339"),
+            Param("from", {"type": "string", **_DAY}, "YYYY-MM-DD or RFC 3339, years 1970..9998"),
+            Param("to", {"type": "string", **_DAY}, "YYYY-MM-DD or RFC 3339, years 1970..9998"),
         ),
         responses={
             200: ("Statistics", {"type": "object", "required": ["users", "rooms", "messages_per_day", "assistant"]})
@@ -991,7 +996,7 @@ class AdminRoomMessagesHandler(AdminHandler):
     @op(
         summary="Announce in a room: a system message (kind system) with a seq",
         tag="admin",
-        body=obj({"content": STR}),
+        body=obj({"content": ANNOUNCEMENT}),
         responses={201: ("The message", ref("Message"))},
     )
     async def post(self, room_id: str) -> None:
@@ -1005,7 +1010,7 @@ class AdminBroadcastHandler(AdminHandler):
     @op(
         summary="Broadcast: a system message in every active room, or an announcement frame to every user",
         tag="admin",
-        body=obj({"target": {"enum": ["rooms", "users"]}, "content": STR}),
+        body=obj({"target": {"enum": ["rooms", "users"]}, "content": ANNOUNCEMENT}),
         responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
     )
     async def post(self) -> None:
