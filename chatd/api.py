@@ -884,7 +884,7 @@ class SearchHandler(ApiHandler):
 
 ANNOUNCEMENT = {"type": "string", "maxLength": MAX_ANNOUNCEMENT_CHARS, "pattern": NOT_BLANK}  # announcement_text
 # from/to: a date or an RFC 3339 time (admin.parse_day)
-_DAY = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}], "maxLength": 40}
+_DAY = {"anyOf": [{"format": "date"}, {"format": "date-time"}, {"const": ""}], "maxLength": 40}  # "": the default
 
 
 class AdminHandler(ApiHandler):
@@ -969,7 +969,7 @@ class AdminRoleHandler(AdminHandler):
     @op(
         summary="Set a user's role",
         tag="admin",
-        body=obj({"role": {"enum": ["user", "admin"]}}),
+        body=obj({"role": {"enum": ["user", "admin"]}}, extra=True),
         responses={200: ("User", ref("User"))},
     )
     async def post(self, user_id: str) -> None:
@@ -996,7 +996,7 @@ class AdminRoomMessagesHandler(AdminHandler):
     @op(
         summary="Announce in a room: a system message (kind system) with a seq",
         tag="admin",
-        body=obj({"content": ANNOUNCEMENT}),
+        body=obj({"content": ANNOUNCEMENT}, extra=True),
         responses={201: ("The message", ref("Message"))},
     )
     async def post(self, room_id: str) -> None:
@@ -1010,7 +1010,7 @@ class AdminBroadcastHandler(AdminHandler):
     @op(
         summary="Broadcast: a system message in every active room, or an announcement frame to every user",
         tag="admin",
-        body=obj({"target": {"enum": ["rooms", "users"]}, "content": ANNOUNCEMENT}),
+        body=obj({"target": {"enum": ["rooms", "users"]}, "content": ANNOUNCEMENT}, extra=True),
         responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
     )
     async def post(self) -> None:
