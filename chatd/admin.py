@@ -30,6 +30,8 @@ def parse_day(raw: str | None, default: dt.datetime, name: str) -> dt.datetime:
         value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise errors.BadRequest(f"{name} must be a date (YYYY-MM-DD) or an RFC 3339 time") from None
+    if not 1970 <= value.year <= 9998:  # 0001-01-03 minus the default 7 days overflowed (500)
+        raise errors.BadRequest(f"{name} must be between 1970 and 9998")
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 

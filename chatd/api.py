@@ -11,12 +11,12 @@ from urllib.parse import quote
 
 import tornado.web
 
-from chatd import errors, protocol, store
+from chatd import auth, errors, protocol, store
 from chatd.accounts import Accounts, Principal, user_json
-from chatd.admin import Admin
+from chatd.admin import MAX_ANNOUNCEMENT_CHARS, Admin
 from chatd.config import Settings
-from chatd.files import Files, Upload
-from chatd.openapi import BOOL, ID, INT, STR, Param, obj, op, page, ref
+from chatd.files import MAX_CAPTION_CHARS, Files, Upload
+from chatd.openapi import BOOL, ID, INT, MAX_QUERY_CHARS, MAX_SAFE_INT, STR, Param, nullable, obj, op, page, ref
 from chatd.rooms import ASSISTANT_MODES, ROOM_KINDS, Rooms
 from chatd.search import MODES, Search
 from chatd.state import ServerState
@@ -24,7 +24,7 @@ from chatd.store import Database
 from chatd.web import BaseHandler
 
 MAX_PAGE = 200
-_MAX_INT = 2**53 - 1
+_MAX_INT = MAX_SAFE_INT
 
 
 class ApiHandler(BaseHandler):
@@ -67,7 +67,7 @@ class ApiHandler(BaseHandler):
             return int(raw)
         if "enum" in schema and raw not in schema["enum"]:
             raise errors.BadRequest(f"{name} must be one of {', '.join(schema['enum'])}")
-        if len(raw) > schema.get("maxLength", 1000):
+        if len(raw) > schema.get("maxLength", MAX_QUERY_CHARS):
             raise errors.BadRequest(f"{name} is too long")
         return raw
 
@@ -78,12 +78,45 @@ class ApiHandler(BaseHandler):
         return int(raw)
 
 
+def body_id(value: Any) -> int | None:
+    """An id in a JSON body (1..2^53-1), or None. ``7.0`` counts: JSON Schema's integer is any number without a
+    fractional part, and some JSON encoders write every number as a float."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_INT:
+        return value
+    return None
+
+
 # -- auth ----------------------------------------------------------------------------
 
 
-_REGISTER = obj({"email": STR, "password": STR, "name": STR}, required=["email", "password"], extra=True)
-_LOGIN = obj({"email": STR, "password": STR}, extra=True)
-_REFRESH = obj({"refresh_token": STR}, extra=True)
+# Python's whitespace (str.strip, re's \s), spelled out: a pattern's \s is ECMA-262's, which differs (U+0085).
+_WS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_CC = r"\x00-\x1f\x7f-\x9f"  # control characters (category Cc)
+# What auth.validate_email / validate_password / validate_name accept (docs/API.md, register).
+_DOMAIN_PART = rf"[^@.{_WS}\x00-\x1f\x7f]+"
+EMAIL = {
+    "type": "string",
+    "maxLength": auth.MAX_EMAIL_CHARS,
+    "pattern": rf"^[^@{_WS}\x00-\x1f\x7f]+@{_DOMAIN_PART}(\.{_DOMAIN_PART})+$",
+}
+PASSWORD = {"type": "string", "minLength": auth.MIN_PASSWORD_CHARS, "maxLength": auth.MAX_PASSWORD_CHARS}
+NAME = {  # trimmed, 1..100 characters, no control characters
+    "type": "string",
+    "maxLength": auth.MAX_NAME_CHARS,
+    "pattern": rf"^[^{_CC}]*[^{_WS}{_CC}][^{_CC}]*$",
+}
+NON_EMPTY = {"type": "string", "minLength": 1}
+NOT_BLANK = rf"[^{_WS}]"  # (unanchored) not only whitespace
+# A query argument reaches the handler with these control characters turned into spaces (Tornado's get_argument).
+_QUERY_WS = _WS + r"\x00-\x08\x0e-\x1f"
+QUERY_NOT_BLANK = rf"[^{_QUERY_WS}]"
+QUERY_TWO_CHARS = rf"[^{_QUERY_WS}][\s\S]*[^{_QUERY_WS}]"  # at least 2 characters once trimmed
+
+_REGISTER = obj({"email": EMAIL, "password": PASSWORD, "name": NAME}, extra=True)
+_LOGIN = obj({"email": NON_EMPTY, "password": NON_EMPTY}, extra=True)
+_REFRESH = obj({"refresh_token": NON_EMPTY}, extra=True)
 _OK = {"type": "object"}
 
 
@@ -139,7 +172,7 @@ class MeHandler(ApiHandler):
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))
 
-    @op(summary="Change your name", tag="account", body=obj({"name": STR}), responses={200: ("User", ref("User"))})
+    @op(summary="Change your name", tag="account", body=obj({"name": NAME}), responses={200: ("User", ref("User"))})
     async def patch(self) -> None:
         principal = await self.auth()
         self.send_json(await self.accounts.rename(principal, self.json_body()))
@@ -160,7 +193,7 @@ class PasswordHandler(ApiHandler):
     @op(
         summary="Change your password; every other session is revoked",
         tag="account",
-        body=obj({"old_password": STR, "new_password": STR}, extra=True),
+        body=obj({"old_password": NON_EMPTY, "new_password": PASSWORD}, extra=True),
         responses={204: ("Changed", None)},
     )
     async def post(self) -> None:
@@ -174,7 +207,14 @@ class UsersHandler(ApiHandler):
     @op(
         summary="Find a user to invite: exact email or name prefix (id and name only; rate limited)",
         tag="account",
-        query=(Param("q", {"type": "string", "minLength": 2, "maxLength": 320}, "email or name prefix", True),),
+        query=(
+            Param(
+                "q",
+                {"type": "string", "minLength": 2, "maxLength": 320, "pattern": QUERY_TWO_CHARS},
+                "email or name prefix (2 or more characters once trimmed)",
+                True,
+            ),
+        ),
         responses={200: ("Matches (at most 10)", obj({"users": {"type": "array", "items": ref("UserRef")}}))},
     )
     async def get(self) -> None:
@@ -224,12 +264,17 @@ def parse_name(value: Any) -> str:
     return value.strip()
 
 
+ROOM_NAME = {"type": "string", "maxLength": 200, "pattern": NOT_BLANK}  # parse_name
+_SETTING = {"type": "string", "maxLength": 20_000}
+ASSISTANT = nullable(  # parse_assistant; null keeps the defaults (creation) or the current settings (PATCH)
+    obj({"model": _SETTING, "system_prompt": _SETTING, "mode": {"enum": list(ASSISTANT_MODES)}}, required=[])
+)
 _ROOM_CREATE = obj(
     {
-        "name": STR,
+        "name": ROOM_NAME,
         "kind": {"enum": list(ROOM_KINDS)},
-        "members": {"type": "array", "items": ID},
-        "assistant": {"type": "object"},
+        "members": {"type": "array", "items": ID, "maxItems": 1000},
+        "assistant": ASSISTANT,
     },
     required=["name"],
     extra=True,
@@ -250,10 +295,10 @@ class RoomsHandler(ApiHandler):
         kind = body.get("kind", "group")
         if kind not in ROOM_KINDS:
             raise errors.BadRequest(f"kind must be one of {', '.join(ROOM_KINDS)}")
-        members = body.get("members", [])
-        if not isinstance(members, list) or not all(
-            isinstance(m, int) and not isinstance(m, bool) and 0 < m <= _MAX_INT for m in members
-        ):
+        listed = body.get("members", [])
+        ids = [body_id(m) for m in listed] if isinstance(listed, list) else [None]
+        members = [m for m in ids if m is not None]
+        if len(members) != len(ids):
             raise errors.BadRequest("members must be a list of user ids")
         if len(members) > 1000:
             raise errors.BadRequest("at most 1000 members at creation")
@@ -308,7 +353,7 @@ class RoomHandler(RoomAccess):
     @op(
         summary="Rename or reconfigure (owner/admin; room_updated to every member)",
         tag="rooms",
-        body=obj({"name": STR, "assistant": {"type": "object"}}, required=[]),
+        body=obj({"name": ROOM_NAME, "assistant": ASSISTANT}, required=[]),
         responses={200: ("Room", ref("Room"))},
     )
     async def patch(self, room_id: str) -> None:
@@ -353,8 +398,8 @@ class MembersHandler(RoomAccess):
     async def post(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
-        user_id = self.json_body().get("user_id")
-        if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 < user_id <= _MAX_INT:
+        user_id = body_id(self.json_body().get("user_id"))
+        if user_id is None:
             raise errors.BadRequest("user_id must be a positive integer")
         added = await self.rooms.add_member(room, user_id, principal.user_id)
         self.send_json({"room_id": room["id"], "user_id": user_id, "added": added}, 201 if added else 200)
@@ -407,7 +452,16 @@ class MemberHandler(RoomAccess):
         self.finish()
 
 
-_SEND = obj({"content": STR, "client_msg_id": STR}, extra=True)
+# protocol.parse_client_frame's send: content not blank, no NUL, at most ws.max_message_chars (default; longer:
+# 413 too_large); client_msg_id 1..64 printable ASCII characters without spaces.
+CONTENT = {
+    "type": "string",
+    "maxLength": 4000,
+    "pattern": rf"^[^\x00]*[^{_WS}\x00][^\x00]*$",
+    "description": "at most ws.max_message_chars characters (default 4000), not blank, no NUL",
+}
+CLIENT_MSG_ID = {"type": "string", "pattern": f"^[!-~]{{1,{protocol.MAX_ID_CHARS}}}$"}
+_SEND = obj({"content": CONTENT, "client_msg_id": CLIENT_MSG_ID}, extra=True)
 
 
 class MessagesHandler(RoomAccess):
@@ -463,6 +517,16 @@ class MessagesHandler(RoomAccess):
         self.send_json(body, 200 if result.duplicate else 201)
 
 
+# One event of the stream (OpenAPI 3.2's reading of an event-stream schema: each event, not the whole text).
+SSE_EVENT = obj(
+    {
+        "event": {"enum": ["message", "queued", "stream_start", "stream_chunk", "stream_end", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    extra=True,  # id, retry: never sent, but allowed by the format
+)
+
+
 class StreamingSendHandler(RoomAccess):
     """``POST /rooms/{id}/messages/stream``: send, then the answer as Server-Sent Events.
 
@@ -477,7 +541,7 @@ class StreamingSendHandler(RoomAccess):
         tag="messages",
         body=_SEND,
         content_type="text/event-stream",
-        responses={200: ("message, queued, stream_start, stream_chunk, stream_end or error events", STR)},
+        responses={200: ("message, queued, stream_start, stream_chunk, stream_end or error events", SSE_EVENT)},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.auth()
@@ -677,9 +741,14 @@ class FileUploadHandler(RoomAccess):
         summary="Attach a file: multipart (file + optional caption), streamed, sniffed; a message of kind file",
         tag="files",
         multipart=obj(
-            {"file": {"type": "string", "contentMediaType": "application/octet-stream"}, "caption": STR},
+            {
+                "file": {"type": "string", "contentMediaType": "application/octet-stream", "minLength": 1},
+                "caption": {"type": "string", "maxLength": MAX_CAPTION_CHARS},
+            },
             required=["file"],
         ),
+        description="The type is sniffed from the bytes: one outside files.allowed_types is 415 unsupported_type; "
+        "a file over files.max_bytes is 413 too_large.",
         responses={201: ("The file message", ref("Message"))},
     )
     async def post(self, room_id: str) -> None:
@@ -726,7 +795,7 @@ class FileHandler(ApiHandler):
     @op(
         summary="Download an attachment (members of its room only; Range supported)",
         tag="files",
-        content_type="application/octet-stream",
+        content_type="*/*",  # the file's own (sniffed) type
         responses={200: ("The file", STR), 206: ("Part of the file", STR)},
     )
     async def get(self, file_id: str) -> None:
@@ -777,7 +846,9 @@ class SearchHandler(ApiHandler):
         summary="Search the messages of your rooms (text, semantic or hybrid)",
         tag="search",
         query=(
-            Param("q", {"type": "string", "minLength": 1, "maxLength": 500}, "the query", True),
+            Param(
+                "q", {"type": "string", "minLength": 1, "maxLength": 500, "pattern": QUERY_NOT_BLANK}, "the query", True
+            ),
             Param("room_id", {"type": "integer", "minimum": 1}, "only this room (yours)"),
             Param("mode", {"type": "string", "enum": list(MODES), "default": "text"}),
             Param("limit", {"type": "integer", "minimum": 1, "maximum": 50, "default": 20}),
@@ -809,6 +880,11 @@ class SearchHandler(ApiHandler):
 
 
 # -- admin ------------------------------------------------------------------------------
+
+
+ANNOUNCEMENT = {"type": "string", "maxLength": MAX_ANNOUNCEMENT_CHARS, "pattern": NOT_BLANK}  # announcement_text
+# from/to: a date or an RFC 3339 time (admin.parse_day)
+_DAY = {"anyOf": [{"format": "date"}, {"format": "date-time"}, {"const": ""}], "maxLength": 40}  # "": the default
 
 
 class AdminHandler(ApiHandler):
@@ -850,8 +926,8 @@ class AdminStatsHandler(AdminHandler):
         summary="Usage statistics over [from, to) (default: the last 7 days)",
         tag="admin",
         query=(
-            Param("from", {"type": "string", "maxLength": 40}, "YYYY-MM-DD or RFC 3339"),
-            Param("to", {"type": "string", "maxLength": 40}, "YYYY-MM-DD or RFC 3339"),
+            Param("from", {"type": "string", **_DAY}, "YYYY-MM-DD or RFC 3339, years 1970..9998"),
+            Param("to", {"type": "string", **_DAY}, "YYYY-MM-DD or RFC 3339, years 1970..9998"),
         ),
         responses={
             200: ("Statistics", {"type": "object", "required": ["users", "rooms", "messages_per_day", "assistant"]})
@@ -893,7 +969,7 @@ class AdminRoleHandler(AdminHandler):
     @op(
         summary="Set a user's role",
         tag="admin",
-        body=obj({"role": {"enum": ["user", "admin"]}}),
+        body=obj({"role": {"enum": ["user", "admin"]}}, extra=True),
         responses={200: ("User", ref("User"))},
     )
     async def post(self, user_id: str) -> None:
@@ -920,7 +996,7 @@ class AdminRoomMessagesHandler(AdminHandler):
     @op(
         summary="Announce in a room: a system message (kind system) with a seq",
         tag="admin",
-        body=obj({"content": STR}),
+        body=obj({"content": ANNOUNCEMENT}, extra=True),
         responses={201: ("The message", ref("Message"))},
     )
     async def post(self, room_id: str) -> None:
@@ -934,7 +1010,7 @@ class AdminBroadcastHandler(AdminHandler):
     @op(
         summary="Broadcast: a system message in every active room, or an announcement frame to every user",
         tag="admin",
-        body=obj({"target": {"enum": ["rooms", "users"]}, "content": STR}),
+        body=obj({"target": {"enum": ["rooms", "users"]}, "content": ANNOUNCEMENT}, extra=True),
         responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
     )
     async def post(self) -> None:

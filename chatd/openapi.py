@@ -28,8 +28,10 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
+MAX_SAFE_INT = 2**53 - 1
+MAX_QUERY_CHARS = 1000  # a string query parameter without its own maxLength
 INT = {"type": "integer"}
-ID = {"type": "integer", "minimum": 1, "maximum": 2**53 - 1}
+ID = {"type": "integer", "minimum": 1, "maximum": MAX_SAFE_INT}
 STR = {"type": "string"}
 BOOL = {"type": "boolean"}
 TIME = {"type": "string", "format": "date-time"}
@@ -79,6 +81,17 @@ class Op:
             if p.name == name:
                 return p
         raise KeyError(f"query parameter {name!r} is not declared for {self.summary!r}")
+
+
+def query_schema(param: Param) -> dict[str, Any]:
+    """A query parameter's schema with the bounds ``ApiHandler.arg`` applies when the declaration omits them."""
+    schema = dict(param.schema)
+    if schema.get("type") == "integer":
+        schema.setdefault("minimum", 0)
+        schema.setdefault("maximum", MAX_SAFE_INT)
+    elif schema.get("type") == "string" and "enum" not in schema:
+        schema.setdefault("maxLength", MAX_QUERY_CHARS)
+    return schema
 
 
 def op(**kwargs: Any) -> Callable[[F], F]:
@@ -139,7 +152,7 @@ def document(routes: Iterable[tuple[str, type, Any]], version: str) -> dict[str,
             {"name": n, "in": "path", "required": True, "schema": dict(STR)} for n in re.findall(r"\{(\w+)\}", path)
         ]
         params += [
-            {"name": p.name, "in": "query", "required": p.required, "schema": p.schema}
+            {"name": p.name, "in": "query", "required": p.required, "schema": query_schema(p)}
             | ({"description": p.description} if p.description else {})
             for p in decl.query
         ]

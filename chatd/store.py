@@ -318,7 +318,7 @@ async def create_room(
             found = {r["id"] for r in await cur.fetchall()}
             missing = [u for u in others if u not in found]
             if missing:
-                raise errors.BadRequest(f"unknown user ids in members: {missing}")
+                raise errors.NotFound(f"unknown user ids in members: {missing}")  # as adding one: POST /members
         await conn.execute(
             "INSERT INTO room_members (room_id, user_id, role)"
             " SELECT %s, u, CASE WHEN u = %s THEN 'owner' ELSE 'member' END FROM unnest(%s::bigint[]) AS u",

@@ -205,9 +205,15 @@ class BaseHandler(tornado.web.RequestHandler):
             return
         super()._handle_request_exception(e)
 
+    def _allow(self, status: int) -> None:
+        """A 405 lists the methods the resource supports (RFC 9110 §15.5.6: Allow is required)."""
+        if status == 405:
+            self.set_header("Allow", ", ".join([*allowed_methods(type(self)), "OPTIONS"]))
+
     def _render_error(self, err: errors.ChatdError) -> None:
         self.clear()
         self.set_status(err.http_status)
+        self._allow(err.http_status)
         if err.retry_after_ms is not None:
             self.set_header("Retry-After", str(max(1, -(-err.retry_after_ms // 1000))))
         self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False, separators=(",", ":")))
@@ -224,6 +230,7 @@ class BaseHandler(tornado.web.RequestHandler):
             and status_code < 500
         ):
             err = cls(exc_info[1].log_message)
+        self._allow(status_code)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({"error": err.to_dict()}, ensure_ascii=False, separators=(",", ":")))
 
