@@ -383,6 +383,8 @@ def chatd_env(
         }
     )
     env.update(extra or {})
+    # A setting under study: BENCH_CHATD_WS_BATCH_MAX_MESSAGES=64 reaches chatd as CHATD_WS_BATCH_MAX_MESSAGES.
+    env.update({k[len("BENCH_") :]: v for k, v in os.environ.items() if k.startswith("BENCH_CHATD_")})
     return env
 
 
