@@ -17,6 +17,7 @@ from chatd import auth, errors, store
 from chatd.auth import Claims, TokenPair, TokenService
 from chatd.batching import Batched
 from chatd.config import Settings
+from chatd.errors import CloseCode
 from chatd.fanout import Hub
 from chatd.kv import KV
 from chatd.logs import app_log, fields
@@ -65,6 +66,8 @@ class Accounts:
         self.status_reads: Batched[tuple[int, str | None], dict[str, Any] | None] = Batched(
             lambda holders: store.auth_statuses(db, holders)
         )
+        # A socket's second look at a session-less token (its revocation is the denylist only), likewise.
+        self.denied_reads: Batched[str, bool] = Batched(kv.denied_many)
 
     # -- helpers ------------------------------------------------------------
 
@@ -250,6 +253,32 @@ class Accounts:
         if row["revoked"]:
             raise errors.Unauthorized("token revoked")
         return Principal(user_id=claims.sub, role=row["role"], claims=claims)
+
+    async def ended_since(self, principal: Principal) -> tuple[int, str] | None:
+        """Was the session of ``principal`` (authenticated a moment ago) ended since?  None if not, else the
+        close code and reason of the forced close that went with it.
+
+        The socket handshake asks once its worker listens on the user channel: a logout, password
+        change, deactivation or ban written before is seen here, one after reaches the socket as a
+        forced close.  Batched like ``authenticate`` (connect storms share the queries).
+        """
+        row = await self.status_reads((principal.user_id, principal.claims.family))
+        if row is None or row["status"] == "deleted":
+            return int(CloseCode.AUTH_EXPIRED), "account deleted"
+        if row["status"] == "banned":
+            return int(CloseCode.POLICY_VIOLATION), "account banned"
+        if row["status"] != "active":
+            return int(CloseCode.AUTH_EXPIRED), "account disabled"
+        if row["revoked"]:
+            return int(CloseCode.AUTH_EXPIRED), "session revoked"
+        if principal.claims.family is None:
+            try:
+                denied = await self.denied_reads(principal.claims.jti)
+            except errors.Unavailable:
+                denied = False  # as in authenticate: the denylist fails open
+            if denied:
+                return int(CloseCode.AUTH_EXPIRED), "logged out"
+        return None
 
 
 def create_user_sync(settings: Settings, email: str, password: str, name: str, admin: bool) -> dict[str, Any]:

@@ -130,6 +130,7 @@ class Worker:
         tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv, self.hub.origin))
         tasks.supervise("metrics-flush", metrics.flush_loop)
         tasks.supervise("auth-reads", self.accounts.status_reads.run)
+        tasks.supervise("auth-denylist-reads", self.accounts.denied_reads.run)
         tasks.supervise("connection-registrations", self.registrations.run)
         tasks.supervise("join-reads", self.rooms.join_reads.run)
         tasks.supervise("metrics-loop-lag", metrics.loop_lag_loop)

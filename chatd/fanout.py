@@ -188,12 +188,26 @@ class Hub:
 
     # -- users ----------------------------------------------------------------------
 
-    async def add_user(self, conn: Conn) -> None:
-        conns = self.users.setdefault(conn.user_id, set())
-        conns.add(conn)
-        if len(conns) == 1:
-            # Not waiting for Redis' confirmation: read sync and forced closes may take a moment longer.
-            self.subscriber.want(self.keys.user_channel(conn.user_id))
+    async def add_user(self, conn: Conn) -> bool:
+        """Give ``conn`` its user's events; returns once this worker listens on the user channel.
+
+        From then on every event published for the user (room events, read sync, forced closes)
+        reaches ``conn``; what was published before, the caller checks itself (the socket reads the
+        session's status again).  The SUBSCRIBEs of concurrent calls go out together
+        (``Subscriber.want``).  False when Redis did not confirm within its timeout or is down: the
+        socket works all the same (as every socket does while Redis is down), without the guarantee.
+        """
+        self.users.setdefault(conn.user_id, set()).add(conn)
+        confirmed = self.subscriber.want(self.keys.user_channel(conn.user_id))
+        try:
+            if confirmed.done():
+                confirmed.result()
+            else:
+                await asyncio.wait_for(asyncio.shield(confirmed), self.subscriber.timeout_s)
+        except (TimeoutError, errors.Unavailable):
+            metrics.user_channel_unconfirmed.inc()
+            return False
+        return True
 
     async def remove_user(self, conn: Conn) -> None:
         conns = self.users.get(conn.user_id)

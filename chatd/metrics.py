@@ -104,6 +104,10 @@ redis_latency = Histogram(
 )
 pubsub_reconnects = Counter("chatd_pubsub_reconnects_total", "Fan-out pub/sub connection re-established")
 pubsub_received = Counter("chatd_pubsub_messages_received_total", "Pub/sub messages received (own publishes included)")
+user_channel_unconfirmed = Counter(
+    "chatd_user_channel_unconfirmed_total",
+    "Sockets greeted before Redis confirmed the subscription to their user's channel (Redis down or slow)",
+)
 pubsub_connected = Gauge(
     "chatd_pubsub_connected", "Workers whose fan-out pub/sub connection is up", multiprocess_mode="livesum"
 )

@@ -2,7 +2,9 @@
 
 Transport only: what arrives goes to ``on_message(channel, data)``; what it
 means is the hub's business.  ``subscribe`` returns once Redis confirmed it,
-so a later PUBLISH on that channel reaches this worker.  When the connection
+so a later PUBLISH on that channel reaches this worker; ``want`` batches the
+SUBSCRIBEs of many callers (a connect storm) and returns a future of the same
+confirmation.  When the connection
 breaks, ``run`` reconnects with backoff, subscribes again to every wanted
 channel, and calls ``on_resubscribed`` once Redis confirmed them all: what
 was published meanwhile is lost to pub/sub, and the caller reads it back from
@@ -33,12 +35,17 @@ class Subscriber:
         # A connection of its own: a busy command pool must never keep the reader from reconnecting.
         # With Sentinel each reconnect asks where the primary is now (kv.pubsub_client).
         self._client = pubsub_client(storage)
-        self._timeout_s = storage.redis_timeout_s
+        self.timeout_s = storage.redis_timeout_s  # the longest wait for a confirmation
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
         self._wanted: set[str] = set()
         self._pubsub: Any = None
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        # Per channel, on the current connection: SUBSCRIBEs sent and not yet confirmed (a channel
+        # unsubscribed and wanted again has two in flight: only the last confirmation counts), and
+        # the channels Redis confirmed since (a publish on them now reaches this worker).
+        self._unconfirmed: dict[bytes, int] = {}
+        self._confirmed: set[bytes] = set()
         self._resubscribing: set[bytes] | None = None
         self._wake = asyncio.Event()
         self._pending: set[str] = set()
@@ -60,6 +67,7 @@ class Subscriber:
                 if channels:
                     if not first:
                         self._resubscribing = {c.encode() for c in channels}
+                    self._sent(channels)
                     await pubsub.subscribe(*channels)
                 else:
                     await pubsub.ping()
@@ -67,6 +75,7 @@ class Subscriber:
                         self._resubscribed()
                 self.connected = True
                 metrics.pubsub_connected.set(1)
+                self._pending_event.set()  # wanted while disconnected, after the snapshot above: subscribe now
                 if not first:
                     app_log.info("fanout_reconnected", extra=fields(channels=len(channels)))
                 first = False
@@ -86,6 +95,8 @@ class Subscriber:
                 metrics.pubsub_connected.set(0)
                 self._pubsub = None
                 self._resubscribing = None
+                self._unconfirmed.clear()
+                self._confirmed.clear()
                 for fut in self._confirm.values():
                     if not fut.done():
                         fut.set_exception(errors.Unavailable("fan-out connection lost"))
@@ -106,13 +117,24 @@ class Subscriber:
             metrics.hot.pubsub_received += 1
             self._on_message(channel, msg["data"])
         elif kind == b"subscribe" or kind == "subscribe":
-            fut = self._confirm.pop(channel, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            left = self._unconfirmed.pop(channel, 1) - 1
+            if left > 0:
+                self._unconfirmed[channel] = left  # a later SUBSCRIBE of it is still on its way
+            elif channel.decode() in self._wanted:
+                self._confirmed.add(channel)
+                fut = self._confirm.pop(channel, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
             if self._resubscribing is not None:
                 self._resubscribing.discard(channel)
                 if not self._resubscribing:
                     self._resubscribed()
+
+    def _sent(self, channels: list[str]) -> None:
+        for channel in channels:
+            key = channel.encode()
+            self._unconfirmed[key] = self._unconfirmed.get(key, 0) + 1
+            self._confirmed.discard(key)
 
     def _resubscribed(self) -> None:
         self._resubscribing = None
@@ -128,39 +150,65 @@ class Subscriber:
         if pubsub is None or not self.connected:
             raise errors.Unavailable("fan-out not connected, try again")
         key = channel.encode()
+        if key in self._confirmed:
+            return
         fut = self._confirm.get(key)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
             self._confirm[key] = fut
+            self._sent([channel])
             async with redis_errors("subscribe"):
                 await pubsub.subscribe(channel)
             self._wake.set()
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self._timeout_s)
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
             raise errors.Unavailable("fan-out subscription not confirmed, try again") from None
 
-    def want(self, channel: str) -> None:
-        """Subscribe without waiting for the confirmation; kept through reconnects.
+    def want(self, channel: str) -> asyncio.Future[None]:
+        """Subscribe (kept through reconnects); the future is done once Redis confirmed the subscription.
 
         Channels wanted meanwhile go out together in one SUBSCRIBE (``flush_wanted``):
-        a connect storm subscribes a thousand user channels in a few commands.
+        a connect storm subscribes a thousand user channels in a few commands.  Already
+        confirmed: a done future, nothing sent.  The future fails with ``Unavailable`` when
+        the connection is down or breaks before the confirmation (the channel stays wanted:
+        the reconnect subscribes it, then ``on_resubscribed`` runs); it may never resolve if
+        Redis does not answer, so wait for it with a timeout (``timeout_s``).
         """
         self._wanted.add(channel)
-        self._pending.add(channel)
-        self._pending_event.set()
+        key = channel.encode()
+        if key in self._confirmed:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        if not self.connected:
+            self._pending.add(channel)  # flushed once connected, should the reconnect's SUBSCRIBE have missed it
+            self._pending_event.set()
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(errors.Unavailable("fan-out not connected"))
+            failed.exception()  # retrieved: the caller may not wait
+            return failed
+        fut = self._confirm.get(key)
+        if fut is None:  # else a SUBSCRIBE of it is queued or on its way already
+            fut = self._confirm[key] = asyncio.get_running_loop().create_future()
+            self._pending.add(channel)
+            self._pending_event.set()
+        return fut
 
     async def flush_wanted(self) -> None:
         """Send the pending SUBSCRIBEs (a supervised loop)."""
         while True:
             await self._pending_event.wait()
             self._pending_event.clear()
+            pubsub = self._pubsub
+            if pubsub is None or not self.connected:
+                continue  # kept pending: the reader sets the event once it is connected again
             channels = [c for c in self._pending if c in self._wanted]
             self._pending.clear()
-            pubsub = self._pubsub
-            if not channels or pubsub is None or not self.connected:
-                continue  # a reconnect subscribes every wanted channel anyway
+            if not channels:
+                continue
             try:
+                self._sent(channels)
                 async with redis_errors("subscribe"):
                     await pubsub.subscribe(*channels)
                 self._wake.set()
@@ -170,6 +218,12 @@ class Subscriber:
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
         self._pending.discard(channel)
+        key = channel.encode()
+        self._confirmed.discard(key)
+        fut = self._confirm.pop(key, None)
+        if fut is not None and not fut.done():  # wanted again later: a new SUBSCRIBE and a new confirmation
+            fut.set_exception(errors.Unavailable("unsubscribed"))
+            fut.exception()
         pubsub = self._pubsub
         if pubsub is not None:
             # A lost unsubscribe costs only unwanted messages until the next reconnect.

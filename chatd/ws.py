@@ -164,7 +164,21 @@ class ChatSocket(StrictHandlerMixin):
         if self._over_cap:
             self.force_close(int(CloseCode.TOO_MANY_CONNECTIONS), "too many connections")
             return
+        # hello only once this worker listens on the user channel (confirmed by Redis): from hello on,
+        # every event of the user reaches this socket.  What was published before (a forced close
+        # after a revocation) is read back from Postgres: revocations are written before their close
+        # is published, so one the handshake's check missed is seen now.
         await self.hub.add_user(self)
+        principal = self.principal
+        try:
+            ended = await self.accounts.ended_since(principal)
+        except errors.ChatdError:  # Postgres unavailable: as at the handshake, no socket it could not check
+            ended = int(CloseCode.TRY_AGAIN_LATER), "unavailable, try again"
+        if self._closing or self.ws_connection is None:
+            return  # closed meanwhile (a forced close, the client, shutdown)
+        if ended is not None:
+            self.force_close(*ended)
+            return
         self.send_frame(
             protocol.hello(
                 user_id=self.user_id,
@@ -173,7 +187,7 @@ class ChatSocket(StrictHandlerMixin):
                 heartbeat_ms=int(self.config.ws.heartbeat_interval_s * 1000),
             )
         )
-        self._schedule_expiry(self.principal.claims.exp)
+        self._schedule_expiry(principal.claims.exp)
 
     def _schedule_expiry(self, exp: int) -> None:
         for timer in self._timers:

@@ -154,9 +154,8 @@ class Chatd:
 async def wait_user_channel(server: Chatd, user_id: int, subscribers: int = 1, timeout_s: float = 15) -> None:
     """Until ``subscribers`` chatd processes listen on the user's channel (NUMSUB in Redis).
 
-    A socket gets ``hello`` before its worker's SUBSCRIBE to the user channel is confirmed
-    (``Hub.add_user``), so an event published a moment after ``hello`` (room_added, a forced
-    close) can miss a socket that just connected; a test waits for this instead of sleeping.
+    A socket gets ``hello`` only once its worker's SUBSCRIBE to the user channel is confirmed
+    (``Hub.add_user``), unless Redis was slow past its timeout; this checks the same from Redis' side.
     """
     import redis.asyncio
 

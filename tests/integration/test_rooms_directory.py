@@ -26,7 +26,7 @@ async def test_room_events_reach_every_device_on_two_instances(chatd_factory: An
     ws_owner = await connect(a_srv, owner)
     await join(ws_owner, room)
     bob_a, bob_b = await connect(a_srv, bob), await connect(b_srv, bob)  # two devices, two instances
-    await wait_user_channel(a_srv, bob.id, subscribers=2)  # not confirmed before hello: both instances listen
+    await wait_user_channel(a_srv, bob.id, subscribers=2)  # hello came after the SUBSCRIBE: both listen
 
     r = await call("POST", f"{API}/rooms/{room}/members", {"user_id": bob.id}, owner.token)
     assert r.status == 201 and r.body["added"] is True
@@ -117,7 +117,7 @@ async def test_account_basics(chatd_factory: Any, services: Any) -> None:
     assert (await call("PATCH", f"{API}/me", {"email": "x@y.z"}, first["access_token"])).status == 400
     other_socket = await WS.connect(server.ws, second["access_token"])
     await other_socket.expect("hello")
-    await wait_user_channel(server, user.id)  # the forced close below travels on the user channel
+    await wait_user_channel(server, user.id)  # the forced close travels on it (listened to since hello)
 
     wrong = {"old_password": "not-it-at-all", "new_password": "brand-new-pass"}
     assert (await call("POST", f"{API}/me/password", wrong, first["access_token"])).status == 403
