@@ -529,6 +529,10 @@ async def cmd_chat(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
                 late.append((now - due) * 1000)
                 heapq.heappush(heap, (due + interval, i))
         await asyncio.sleep(0)
+    if loop.time() < end:
+        # A process without senders (the hot room's other members) listens until the round's end too: drained
+        # early, it would stop counting while the sender still sends, and report its members' frames as missing.
+        await asyncio.sleep(end - loop.time())
     send_wall = loop.time() - t0
     await _drain(gen, cmd.get("drain_s", 10.0), lambda: gen.outstanding <= 0)
     return {
