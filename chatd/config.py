@@ -249,6 +249,13 @@ class WebSocketSettings:
         min=1,
     )
     batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
+    commit_concurrency: int = _f(
+        2,
+        "Group commit: transactions a worker may have in flight. A second one starts only while a full batch"
+        " waits (overload), so moderate load keeps one transaction and large batches.",
+        min=1,
+        max=8,
+    )
     batch_max_delay_ms: float = _f(
         0.0,
         "Group commit: extra wait to fill a batch. 0: commit at once; sends arriving during a commit"

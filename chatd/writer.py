@@ -5,7 +5,9 @@ transaction runs wait and form the next batch (up to ``batch_max_messages``,
 plus an optional ``batch_max_delay_ms``), so a loaded database sees few large
 transactions and an idle one adds no delay.  A send is acked only after its
 transaction committed; then the batch is published (one PUBLISH per room)
-while the next batch commits.
+while the next batch commits.  Under overload (a full batch waiting) up to
+``commit_concurrency`` transactions run at once, on disjoint rooms: the messages
+of a room are in one transaction at a time, so they keep their order.
 
 Bounds, so overload degrades instead of collapsing:
 
@@ -58,6 +60,7 @@ class MessageWriter:
         self.max_batch = ws.batch_max_messages
         self.max_delay_s = ws.batch_max_delay_ms / 1000
         self.max_queue = ws.send_queue_max
+        self.concurrency = ws.commit_concurrency
         self.timeout_s = settings.storage.pg_query_timeout_s
         self._queue: collections.deque[_Queued] = collections.deque()
         self._wake = asyncio.Event()
@@ -66,8 +69,11 @@ class MessageWriter:
         self._has_room = asyncio.Event()  # the queue is below half its bound
         self._has_room.set()
         self._rate_per_s = 1000.0  # committed messages per second, smoothed: for retry_after_ms
-        self._in_flight: list[_Queued] = []
+        self._in_flight: list[list[_Queued]] = []  # batches whose transaction runs
+        self._flushes: set[asyncio.Future[None]] = set()
+        self._stalled_at: int | None = None  # queue length when a concurrent batch found only rooms in transactions
         self._publishing: asyncio.Future[None] | None = None  # the committed batch being published
+        self._publish_order = asyncio.Lock()  # FIFO: batches are published in the order they committed
         self.batches = 0
         self.committed = 0
 
@@ -106,24 +112,35 @@ class MessageWriter:
     async def drain(self) -> None:
         """Shutdown: let every queued send commit (or fail) and be answered, and the last batch be published."""
         await self._idle.wait()
-        await self._published()
+        async with self._publish_order:
+            await self._published()
 
     async def run(self) -> None:
         """The commit loop (a supervised task)."""
         try:
             while True:
-                if not self._queue:
-                    self._idle.set()
+                if not self._queue or not self._may_start():
+                    if not self._queue and not self._flushes:
+                        self._idle.set()
                     self._wake.clear()
-                    await self._wake.wait()
+                    await self._wake.wait()  # a submit, or a transaction that ended
                     continue
                 if self.max_delay_s and len(self._queue) < self.max_batch:
                     await asyncio.sleep(self.max_delay_s)
                 batch = self._take()
-                if batch:
-                    await self._flush(batch)
+                if not batch:
+                    # Every queued send is for a room in a running transaction: look again once a batch
+                    # more has arrived, or a transaction ended (not on every submit: a scan is O(queue)).
+                    self._stalled_at = len(self._queue) if self._flushes else None
+                    continue
+                self._in_flight.append(batch)  # answered by the `finally` below if the loop is cancelled meanwhile
+                flush = asyncio.ensure_future(self._flush(batch))
+                self._flushes.add(flush)
+                flush.add_done_callback(self._flushed)
         finally:  # cancelled or crashed: nobody may wait for an answer that never comes
-            for item in (*self._queue, *self._in_flight):
+            for running in self._flushes:
+                running.cancel()
+            for item in (*self._queue, *(q for batch in self._in_flight for q in batch)):
                 if not item.future.done():
                     item.future.set_exception(errors.Unavailable("server restarting its writer, try again"))
             self._queue.clear()
@@ -133,10 +150,31 @@ class MessageWriter:
             self._has_room.set()
             self._idle.set()
 
+    def _may_start(self) -> bool:
+        """One transaction at a time, so sends arriving meanwhile form the next (large) batch; more only
+        while a full batch waits: under overload a second round trip hides the first one's latency."""
+        if not self._flushes:
+            return True
+        if self._stalled_at is not None and len(self._queue) < self._stalled_at + self.max_batch:
+            return False
+        return len(self._flushes) < self.concurrency and len(self._queue) >= self.max_batch
+
+    def _flushed(self, flush: asyncio.Future[None]) -> None:
+        self._flushes.discard(flush)
+        self._stalled_at = None
+        self._wake.set()
+        if not flush.cancelled() and flush.exception() is not None:
+            app_log.error("commit_flush_failed", exc_info=flush.exception())
+
     def _take(self) -> list[_Queued]:
+        """The next batch, in queue order. Beside a running transaction, only rooms it does not hold: two
+        transactions of one room could take the lock in either order, and a socket's sends to a room
+        must get increasing seqs in the order it sent them."""
         now = self.clock()
         batch: list[_Queued] = []
         queue = self._queue
+        held = {q.message.room_id for running in self._in_flight for q in running}
+        skipped: list[_Queued] = []
         while queue and len(batch) < self.max_batch:
             item = queue.popleft()
             if item.future.done():
@@ -144,31 +182,34 @@ class MessageWriter:
             if item.deadline <= now:  # waited its whole deadline behind a stuck commit
                 item.future.set_exception(errors.Unavailable("database did not answer in time, try again"))
                 continue
+            if item.message.room_id in held:
+                skipped.append(item)
+                continue
             batch.append(item)
+        queue.extendleft(reversed(skipped))  # back in front, in their order
         if len(queue) < self.max_queue // 2:
             self._has_room.set()
         metrics.send_queue.set(len(queue))
         return batch
 
     async def _flush(self, batch: list[_Queued]) -> None:
-        self._in_flight = batch  # answered by run()'s `finally` if the loop is cancelled meanwhile
         started = self.clock()
         try:
             results = await store.commit_batch(self.db, [q.message for q in batch])
         except errors.ChatdError as exc:
-            self._in_flight = []
+            self._in_flight.remove(batch)
             for q in batch:
                 if not q.future.done():
                     q.future.set_exception(type(exc)(exc.message))
             return
         except Exception as exc:
-            self._in_flight = []
+            self._in_flight.remove(batch)
             app_log.error("commit_failed", exc_info=exc, extra=fields(batch=len(batch)))
             for q in batch:
                 if not q.future.done():
                     q.future.set_exception(errors.Internal())
             return
-        self._in_flight = []
+        self._in_flight.remove(batch)
         elapsed_s = self.clock() - started
         self.batches += 1
         metrics.commit_batch.observe(len(batch))
@@ -186,8 +227,9 @@ class MessageWriter:
         if fresh:
             # Two-stage pipeline: the next batch commits while this one is published. One publish at a time
             # keeps PUBLISHes (and local deliveries) in commit order and bounds the pipeline to one batch.
-            await self._published()
-            self._publishing = asyncio.ensure_future(self.hub.publish_messages(fresh))
+            async with self._publish_order:
+                await self._published()
+                self._publishing = asyncio.ensure_future(self.hub.publish_messages(fresh))
 
     async def _published(self) -> None:
         """Wait for the batch being published (its errors are logged: the repair probes cover a lost publish)."""

@@ -359,3 +359,57 @@ async def test_a_socket_at_its_pending_bound_is_not_read_until_acks_return(
     replies = await sending
     assert [r["type"] for r in replies] == ["ack"] * 50
     assert [r["seq"] for r in replies] == list(range(1, 51))
+
+
+async def test_commits_overlap_under_a_backlog_and_seqs_stay_gap_free(chatd_factory: Any, services: Services) -> None:
+    """A full batch waiting behind a slow transaction starts another one (ws.commit_concurrency), on rooms no
+    running transaction holds: seqs stay gap-free and a socket's sends to a room keep their order."""
+    server: Chatd = chatd_factory(
+        CHATD_WS_BATCH_MAX_MESSAGES="3",
+        CHATD_WS_COMMIT_CONCURRENCY="3",
+        CHATD_STORAGE_PG_QUERY_TIMEOUT_S="20",
+        **UNLIMITED,
+    )
+    users = make_users(services.database_url, 4)
+    rooms = sorted([await make_room(server, users[0], users[1:]) for _ in range(12)])
+    sockets = [await connect(server, u) for u in users]
+    for ws in sockets:
+        for room in rooms:
+            await join(ws, room)
+    plan = {k: [(rooms[i % len(rooms)], f"u{k}-{i:02d}") for i in range(36)] for k in range(len(sockets))}
+    waiting = 0
+    # The probe in autocommit: pg_stat_activity is read once per transaction.
+    with (
+        psycopg.connect(services.database_url) as holder,
+        psycopg.connect(services.database_url, autocommit=True) as probe,
+    ):
+        # An outside transaction holds every room's row: each commit transaction waits on the lock.
+        holder.execute("SELECT 1 FROM rooms WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (rooms,))
+        for k, ws in enumerate(sockets):
+            for room, cmid in plan[k]:
+                await ws.send({"type": "send", "room_id": room, "content": cmid, "client_msg_id": cmid, "id": cmid})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and waiting < 3:
+            row = probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE '%chatd_commit_messages%'"
+            ).fetchone()
+            waiting = max(waiting, int(row[0]) if row else 0)
+            await asyncio.sleep(0.1)
+        holder.rollback()  # the lock goes; the waiting transactions commit
+    assert waiting == 3, f"{waiting} commit transactions in flight behind the lock (ws.commit_concurrency 3)"
+    seqs: dict[int, list[int]] = {room: [] for room in rooms}
+    for k, ws in enumerate(sockets):
+        mine: dict[int, list[int]] = {room: [] for room in rooms}
+        for room, cmid in plan[k]:
+            reply = await ws.expect_any(("ack", "error"), timeout_s=30, reply_to=cmid)
+            assert reply["type"] == "ack", reply
+            mine[room].append(reply["seq"])
+        for room in rooms:
+            assert mine[room] == sorted(mine[room]), "a socket's sends to a room keep their order"
+            seqs[room] += mine[room]
+    for room in rooms:
+        assert sorted(seqs[room]) == list(range(1, 13)), "12 sends per room, seqs 1..12 without gap or repeat"
+        for ws in sockets:
+            got = [m["seq"] for m in await collect_messages(ws, room, 12)]
+            assert got == list(range(1, 13)), "every member gets every message once, in seq order"
