@@ -12,7 +12,8 @@ of a room are in one transaction at a time, so they keep their order.
 Bounds, so overload degrades instead of collapsing:
 
 * the queue holds at most ``send_queue_max`` sends; beyond it ``submit``
-  raises ``Busy`` with a ``retry_after_ms`` estimated from the commit rate;
+  raises ``Busy`` with a ``retry_after_ms`` from ``BusyPacer`` (drain time,
+  lengthened while many sends are refused, spread);
 * a send waits at most ``pg_query_timeout_s`` for its commit: past it (a
   paused or unreachable Postgres) it fails with ``Unavailable``, and its
   ``client_msg_id`` makes the client's retry safe even if the commit landed.
@@ -45,6 +46,43 @@ class _Queued:
     deadline: float
 
 
+class BusyPacer:
+    """How long a sender told ``busy`` should wait (``retry_after_ms``): the time the queue takes to
+    drain at the rate sends were accepted, stretched by how many were refused per accepted one in the
+    last window. Under a flood the waits grow until refusals are rare, so the CPU goes to the sends
+    that commit instead of to refusing the same clients again and again (pure: injected clock)."""
+
+    def __init__(self, clock: Callable[[], float], window_s: float = 1.0, min_ms: int = 100, max_ms: int = 5000):
+        self.clock = clock
+        self.window_s = window_s
+        self.min_ms = min_ms
+        self.max_ms = max_ms
+        self._start = clock()
+        self._accepted = 0
+        self._refused = 0
+        self.accepted_per_s = 0.0  # of the last complete window
+        self.refused_per_accepted = 0.0
+
+    def accepted(self) -> None:
+        self._accepted += 1  # the hot path: no clock read
+
+    def refused(self, queued: int) -> int:
+        """Count a refusal; the ``retry_after_ms`` to give it."""
+        now = self.clock()
+        span_s = now - self._start
+        if span_s >= self.window_s:
+            self.accepted_per_s = self._accepted / span_s
+            ratio = self._refused / max(self._accepted, 1)
+            self.refused_per_accepted = 0.5 * self.refused_per_accepted + 0.5 * ratio  # smoothed: no see-saw
+            self._start, self._accepted, self._refused = now, 0, 0
+        self._refused += 1
+        rate = self.accepted_per_s or (self._accepted / span_s if span_s > 0 and self._accepted else 1000.0)
+        # Spread over [1, 2) x the wait: refused together, the clients must not all come back together.
+        spread = 1 + (self._refused * 0.618034) % 1
+        wait_ms = queued / max(rate, 1.0) * (1 + self.refused_per_accepted) * spread * 1000
+        return int(min(self.max_ms, max(self.min_ms, wait_ms)))
+
+
 class MessageWriter:
     def __init__(
         self,
@@ -68,7 +106,7 @@ class MessageWriter:
         self._idle.set()
         self._has_room = asyncio.Event()  # the queue is below half its bound
         self._has_room.set()
-        self._rate_per_s = 1000.0  # committed messages per second, smoothed: for retry_after_ms
+        self._pacer = BusyPacer(clock)
         self._in_flight: list[list[_Queued]] = []  # batches whose transaction runs
         self._flushes: set[asyncio.Future[None]] = set()
         self._stalled_at: int | None = None  # queue length when a concurrent batch found only rooms in transactions
@@ -89,8 +127,8 @@ class MessageWriter:
         """
         if len(self._queue) >= self.max_queue:
             metrics.sends_busy.inc()
-            wait_ms = int(len(self._queue) / max(self._rate_per_s, 1.0) * 1000)
-            raise errors.Busy("server busy, retry later", retry_after_ms=min(5000, max(100, wait_ms)))
+            raise errors.Busy("server busy, retry later", retry_after_ms=self._pacer.refused(len(self._queue)))
+        self._pacer.accepted()
         fut: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
         self._queue.append(_Queued(message, fut, self.clock() + self.timeout_s))
         if len(self._queue) >= self.max_queue // 2:
@@ -222,7 +260,6 @@ class MessageWriter:
             if row is not None and not result.duplicate and result.error is None:
                 fresh.append((row["room_id"], row["seq"], protocol.encode_bytes(protocol.message_from_row(row))))
         self.committed += len(fresh)
-        self._rate_per_s = 0.8 * self._rate_per_s + 0.2 * (len(batch) / max(elapsed_s, 1e-3))
         metrics.messages_committed.inc(len(fresh))
         if fresh:
             # Two-stage pipeline: the next batch commits while this one is published. One publish at a time
