@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from chatd import migrations
-from chatd.embedded import EmbeddedServices
+from chatd.embedded import EmbeddedPostgres, EmbeddedServices, EmbeddedValkey
 from tests.support import WS, Chatd, create_database
 
 
@@ -37,6 +37,29 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         yield Services(shared, redis_url, database_url)
     finally:
         embedded.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """A migrated Postgres of this test alone: stopping or pausing it disturbs no other test."""
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    migrations.apply(url)
+    try:
+        yield pg, url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
+    """A Valkey of this test alone: killing it disturbs no other test."""
+    valkey = EmbeddedValkey(tmp_path / "valkey")
+    valkey.start()
+    try:
+        yield valkey
+    finally:
+        valkey.stop()
 
 
 @pytest.fixture

@@ -13,13 +13,11 @@ import os
 import re
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from chatd import migrations
 from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
 from tests.chat import connect, join, make_room, send
 from tests.conftest import Services
@@ -28,28 +26,6 @@ from tests.support import WS, Chatd, request
 from tests.users import make_users
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def pg_of_test(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
-    """A Postgres of this test alone: stopping it disturbs no other test."""
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    url = pg.start()
-    migrations.apply(url)
-    try:
-        yield pg, url
-    finally:
-        pg.stop()
-
-
-@pytest.fixture
-def valkey_of_test(tmp_path: Path) -> Iterator[EmbeddedValkey]:
-    valkey = EmbeddedValkey(tmp_path / "valkey")
-    valkey.start()
-    try:
-        yield valkey
-    finally:
-        valkey.stop()
 
 
 async def rest_of_stream(ws: WS, message_id: int, timeout_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -62,9 +38,9 @@ async def rest_of_stream(ws: WS, message_id: int, timeout_s: float) -> tuple[lis
 
 
 async def test_postgres_down_mid_answer_ends_the_stream_and_stores_the_text_on_retry(
-    chatd_factory: Any, pg_of_test: tuple[EmbeddedPostgres, str], services: Services, redis_prefix: str
+    chatd_factory: Any, own_postgres: tuple[EmbeddedPostgres, str], services: Services, redis_prefix: str
 ) -> None:
-    pg, url = pg_of_test
+    pg, url = own_postgres
     server: Chatd = chatd_factory(
         database_url=url,
         CHATD_STORAGE_PG_QUERY_TIMEOUT_S="1",
@@ -99,9 +75,9 @@ async def test_postgres_down_mid_answer_ends_the_stream_and_stores_the_text_on_r
 
 
 async def test_redis_down_mid_answer_still_ends_with_one_stored_answer(
-    chatd_factory: Any, valkey_of_test: EmbeddedValkey, services: Services
+    chatd_factory: Any, own_valkey: EmbeddedValkey, services: Services
 ) -> None:
-    server: Chatd = chatd_factory(REDIS_URL=valkey_of_test.url, CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="10")
+    server: Chatd = chatd_factory(REDIS_URL=own_valkey.url, CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="10")
     (alice,) = make_users(services.database_url, 1)
     room = await make_room(server, alice, [], kind="assistant")
     a = await connect(server, alice)
@@ -109,13 +85,13 @@ async def test_redis_down_mid_answer_still_ends_with_one_stored_answer(
     ack = await send(a, room, "answer me while the cache dies")
     start = await a.expect("stream_start", room_id=room, timeout_s=15)
     first = await a.expect("stream_chunk", message_id=start["message_id"], index=0)
-    os.kill(int(valkey_of_test.pid_file.read_text()), signal.SIGKILL)
+    os.kill(int(own_valkey.pid_file.read_text()), signal.SIGKILL)
     chunks, end = await rest_of_stream(a, start["message_id"], timeout_s=30)
     text = "".join(c["content"] for c in [first, *chunks])
     assert end["stop_reason"] == "end_turn" and end["seq"] > 0
     final = await a.expect("message", room_id=room, seq=end["seq"])
     assert final["content"] == text and final["message_id"] == start["message_id"]
-    valkey_of_test.start()  # back (empty): nothing is answered a second time
+    own_valkey.start()  # back (empty): nothing is answered a second time
     with pytest.raises(TimeoutError):
         await a.expect("stream_start", room_id=room, timeout_s=3)
     assert [(r[1], r[3]) for r in answers(services.database_url, ack["message_id"])] == [("final", text)]
@@ -134,15 +110,15 @@ def scripts_refused(redis_url: str) -> Iterator[None]:
 
 
 async def test_acked_prompts_are_answered_after_a_shutdown_that_lost_their_enqueue(
-    chatd_factory: Any, valkey_of_test: EmbeddedValkey, services: Services
+    chatd_factory: Any, own_valkey: EmbeddedValkey, services: Services
 ) -> None:
-    env = {"REDIS_URL": valkey_of_test.url}
+    env = {"REDIS_URL": own_valkey.url}
     a_srv: Chatd = chatd_factory(**env, CHATD_ASSISTANT_OUTBOX_GRACE_S="600")
     (alice,) = make_users(services.database_url, 1)
     room = await make_room(a_srv, alice, [], kind="assistant")
     a = await connect(a_srv, alice)
     await join(a, room)
-    with scripts_refused(valkey_of_test.url):
+    with scripts_refused(own_valkey.url):
         first = await send(a, room, "first prompt, its enqueue lost", cmid="lost-1")
         second = await send(a, room, "second prompt, its enqueue lost", cmid="lost-2")
         assert first["type"] == second["type"] == "ack"  # stored and acked: an answer is owed

@@ -18,15 +18,12 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from chatd import migrations
 from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
 from tests.chat import API, collect_messages, connect, join, make_room, send, send_many
 from tests.conftest import Services
@@ -39,19 +36,7 @@ pytestmark = pytest.mark.slow
 UNLIMITED = {"CHATD_WS_SEND_RATE_COUNT": "1000000"}
 
 
-# -- fault injectors: tests/faults.py ---------------------------------------------------------------
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
-    """A Postgres of this test alone, so pausing it disturbs no other test."""
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    url = pg.start()
-    migrations.apply(url)
-    try:
-        yield pg, url
-    finally:
-        pg.stop()
+# Fault injectors: tests/faults.py; a Postgres or Valkey of one test alone: own_postgres / own_valkey.
 
 
 # -- item 1 and 3: nothing committed is ever skipped, even with every publish lost ------------
@@ -92,10 +77,12 @@ async def test_lost_publish_in_a_quiet_room_reaches_the_other_instance(chatd_fac
         await b.expect("message", room_id=room, timeout_s=1)
 
 
-async def test_valkey_killed_under_load_loses_nothing(chatd_factory: Any, services: Services, tmp_path: Path) -> None:
+async def test_valkey_killed_under_load_loses_nothing(
+    chatd_factory: Any, services: Services, own_valkey: EmbeddedValkey
+) -> None:
     """Two instances on a Valkey of their own, killed and restarted while 12 sockets chat."""
-    valkey = EmbeddedValkey(tmp_path / "valkey")
-    redis_url = valkey.start()
+    valkey = own_valkey
+    redis_url = valkey.url
     env = {**UNLIMITED, "REDIS_URL": redis_url, "CHATD_WS_PROBE_INTERVAL_S": "0.5"}
     servers: list[Chatd] = []
     try:
@@ -144,7 +131,6 @@ async def test_valkey_killed_under_load_loses_nothing(chatd_factory: Any, servic
     finally:
         for server in servers:
             server.stop()
-        valkey.stop()
 
 
 # -- item 2: a failing socket write closes that socket, never the worker's writer ----------------

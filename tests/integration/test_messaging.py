@@ -222,33 +222,26 @@ async def test_three_invalid_json_frames_close_1007(chatd: Chatd, services: Serv
 
 
 async def test_send_gets_unavailable_when_postgres_is_down(
-    chatd_factory: Any, tmp_path: Any, services: Services
+    chatd_factory: Any, own_postgres: tuple[EmbeddedPostgres, str], services: Services
 ) -> None:
-    pg = EmbeddedPostgres(tmp_path / "own")
-    url = pg.start()
-    try:
-        from chatd import migrations
-
-        migrations.apply(url)
-        server: Chatd = chatd_factory(database_url=url, CHATD_STORAGE_PG_TIMEOUT_S="1")
-        (alice,) = make_users(url, 1)
-        room = await make_room(server, alice, [])
-        ws = await connect(server, alice)
-        await join(ws, room)
-        ok = await send(ws, room, "stored")
-        assert ok["type"] == "ack"
-        pg.stop()
-        reply = await send(ws, room, "must not be acked")
-        assert reply["type"] == "error" and reply["code"] == "unavailable"
-        pg.start()
+    pg, url = own_postgres
+    server: Chatd = chatd_factory(database_url=url, CHATD_STORAGE_PG_TIMEOUT_S="1")
+    (alice,) = make_users(url, 1)
+    room = await make_room(server, alice, [])
+    ws = await connect(server, alice)
+    await join(ws, room)
+    ok = await send(ws, room, "stored")
+    assert ok["type"] == "ack"
+    pg.stop()
+    reply = await send(ws, room, "must not be acked")
+    assert reply["type"] == "error" and reply["code"] == "unavailable"
+    pg.start()
+    again = await send(ws, room, "after restart")
+    deadline = time.monotonic() + 30  # the pool reconnects within a few attempts (seconds on a loaded machine)
+    while again["type"] != "ack" and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
         again = await send(ws, room, "after restart")
-        deadline = time.monotonic() + 30  # the pool reconnects within a few attempts (seconds on a loaded machine)
-        while again["type"] != "ack" and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            again = await send(ws, room, "after restart")
-        assert again["type"] == "ack" and again["seq"] == 2  # the refused one burned no seq
-    finally:
-        pg.stop()
+    assert again["type"] == "ack" and again["seq"] == 2  # the refused one burned no seq
 
 
 async def test_typing_read_edit_delete_presence(chatd_factory: Any, services: Services) -> None:

@@ -89,24 +89,19 @@ def test_sigterm_stops_the_tree(chatd_factory: Any) -> None:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
 
 
-def test_ready_follows_postgres(chatd_factory: Any, tmp_path: Any, services: Services) -> None:
-    pg = EmbeddedPostgres(tmp_path / "own")
-    url = pg.start()
-    try:
-        from chatd import migrations
-
-        migrations.apply(url)
-        server: Chatd = chatd_factory(database_url=url, CHATD_STORAGE_HEALTH_TIMEOUT_S="0.5")
-        assert http_get(server.http + "/health/ready")[0] == 200
-        pg.stop()
-        _, body = wait_for(lambda: (r := http_get(server.http + "/health/ready")) and r[0] == 503 and r)
-        assert body["checks"]["postgres"]["ok"] is False
-        assert body["checks"]["redis"]["ok"] is True
-        assert http_get(server.http + "/health/live")[0] == 200  # alive, just not ready
-        pg.start()
-        wait_for(lambda: http_get(server.http + "/health/ready")[0] == 200)
-    finally:
-        pg.stop()
+def test_ready_follows_postgres(
+    chatd_factory: Any, own_postgres: tuple[EmbeddedPostgres, str], services: Services
+) -> None:
+    pg, url = own_postgres
+    server: Chatd = chatd_factory(database_url=url, CHATD_STORAGE_HEALTH_TIMEOUT_S="0.5")
+    assert http_get(server.http + "/health/ready")[0] == 200
+    pg.stop()
+    _, body = wait_for(lambda: (r := http_get(server.http + "/health/ready")) and r[0] == 503 and r)
+    assert body["checks"]["postgres"]["ok"] is False
+    assert body["checks"]["redis"]["ok"] is True
+    assert http_get(server.http + "/health/live")[0] == 200  # alive, just not ready
+    pg.start()
+    wait_for(lambda: http_get(server.http + "/health/ready")[0] == 200)
 
 
 def test_migrate_command_and_unknown_route(services: Services, tmp_path: Any) -> None:
