@@ -246,12 +246,10 @@ class Accounts:
             if denied:
                 raise errors.Unauthorized("token revoked")
         row = await self.status_reads((claims.sub, claims.family))
-        if row is None:
-            raise errors.Unauthorized("unknown user")
-        if row["status"] != "active":
-            raise errors.Unauthorized("account disabled")
-        if row["revoked"]:
-            raise errors.Unauthorized("token revoked")
+        refused = _refusal(row)
+        if refused is not None:
+            raise errors.Unauthorized(refused[1])
+        assert row is not None
         return Principal(user_id=claims.sub, role=row["role"], claims=claims)
 
     async def ended_since(self, principal: Principal) -> tuple[int, str] | None:
@@ -262,15 +260,9 @@ class Accounts:
         change, deactivation or ban written before is seen here, one after reaches the socket as a
         forced close.  Batched like ``authenticate`` (connect storms share the queries).
         """
-        row = await self.status_reads((principal.user_id, principal.claims.family))
-        if row is None or row["status"] == "deleted":
-            return int(CloseCode.AUTH_EXPIRED), "account deleted"
-        if row["status"] == "banned":
-            return int(CloseCode.POLICY_VIOLATION), "account banned"
-        if row["status"] != "active":
-            return int(CloseCode.AUTH_EXPIRED), "account disabled"
-        if row["revoked"]:
-            return int(CloseCode.AUTH_EXPIRED), "session revoked"
+        refused = _refusal(await self.status_reads((principal.user_id, principal.claims.family)))
+        if refused is not None:
+            return refused[0]
         if principal.claims.family is None:
             try:
                 denied = await self.denied_reads(principal.claims.jti)
@@ -279,6 +271,20 @@ class Accounts:
             if denied:
                 return int(CloseCode.AUTH_EXPIRED), "logged out"
         return None
+
+
+def _refusal(row: dict[str, Any] | None) -> tuple[tuple[int, str], str] | None:
+    """Why a session with this status row (``store.auth_statuses``) may not be used: the forced close a
+    socket gets (the code and reason the revocation itself closes with) and the REST 401 message."""
+    if row is None or row["status"] == "deleted":
+        return (int(CloseCode.AUTH_EXPIRED), "account deleted"), "unknown user" if row is None else "account disabled"
+    if row["status"] == "banned":
+        return (int(CloseCode.POLICY_VIOLATION), "account banned"), "account disabled"
+    if row["status"] != "active":
+        return (int(CloseCode.AUTH_EXPIRED), "account disabled"), "account disabled"
+    if row["revoked"]:
+        return (int(CloseCode.AUTH_EXPIRED), "session revoked"), "token revoked"
+    return None
 
 
 def create_user_sync(settings: Settings, email: str, password: str, name: str, admin: bool) -> dict[str, Any]:
