@@ -194,20 +194,21 @@ class ChatSocket(StrictHandlerMixin):
             timer.cancel()
         loop = asyncio.get_running_loop()
         remaining_s = exp - time.time()
-        warn_in_s = remaining_s - self.config.auth.token_expiring_warning_s
-        if warn_in_s > 0:
-            self._timers.append(
-                loop.call_later(
-                    warn_in_s,
-                    lambda: self.send_frame(protocol.token_expiring(expires_in_ms=int((exp - time.time()) * 1000))),
-                )
-            )
+        warning_s = self.config.auth.token_expiring_warning_s
+        close_at = loop.time() + max(0.0, remaining_s)
+
+        def warn() -> None:
+            # Measured on the loop clock the close timer runs on; a ms-resolution timer may fire a
+            # millisecond early, which must not announce more time than the warning promises.
+            left_ms = min(int((close_at - loop.time()) * 1000), int(warning_s * 1000))
+            self.send_frame(protocol.token_expiring(expires_in_ms=max(0, left_ms)))
+
+        if remaining_s - warning_s > 0:
+            self._timers.append(loop.call_at(close_at - warning_s, warn))
         elif remaining_s > 0:
-            self.send_frame(protocol.token_expiring(expires_in_ms=int(remaining_s * 1000)))
+            warn()
         self._timers.append(
-            loop.call_later(
-                max(0.0, remaining_s), lambda: self.force_close(int(CloseCode.AUTH_EXPIRED), "token expired")
-            )
+            loop.call_at(close_at, lambda: self.force_close(int(CloseCode.AUTH_EXPIRED), "token expired"))
         )
 
     # -- writing --------------------------------------------------------------------
