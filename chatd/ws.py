@@ -192,24 +192,30 @@ class ChatSocket(StrictHandlerMixin):
     def _schedule_expiry(self, exp: int) -> None:
         for timer in self._timers:
             timer.cancel()
+        self._timers.clear()
         loop = asyncio.get_running_loop()
-        remaining_s = exp - time.time()
-        warning_s = self.config.auth.token_expiring_warning_s
-        close_at = loop.time() + max(0.0, remaining_s)
+        warning_ms = int(self.config.auth.token_expiring_warning_s * 1000)
+        # `exp` is wall-clock; the loop's timers are monotonic and may fire a millisecond early. So
+        # both callbacks read the wall clock again: the warning never announces more than it
+        # promises, and the close never comes before `exp`.
 
         def warn() -> None:
-            # Measured on the loop clock the close timer runs on; a ms-resolution timer may fire a
-            # millisecond early, which must not announce more time than the warning promises.
-            left_ms = min(int((close_at - loop.time()) * 1000), int(warning_s * 1000))
+            left_ms = min(int((exp - time.time()) * 1000), warning_ms)
             self.send_frame(protocol.token_expiring(expires_in_ms=max(0, left_ms)))
 
-        if remaining_s - warning_s > 0:
-            self._timers.append(loop.call_at(close_at - warning_s, warn))
+        def expire() -> None:
+            left_s = exp - time.time()
+            if left_s > 0:
+                self._timers.append(loop.call_later(left_s + 0.001, expire))
+            else:
+                self.force_close(int(CloseCode.AUTH_EXPIRED), "token expired")
+
+        remaining_s = exp - time.time()
+        if remaining_s * 1000 > warning_ms:
+            self._timers.append(loop.call_later(remaining_s - warning_ms / 1000, warn))
         elif remaining_s > 0:
             warn()
-        self._timers.append(
-            loop.call_at(close_at, lambda: self.force_close(int(CloseCode.AUTH_EXPIRED), "token expired"))
-        )
+        self._timers.append(loop.call_later(max(0.0, remaining_s), expire))
 
     # -- writing --------------------------------------------------------------------
 
