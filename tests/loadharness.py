@@ -178,6 +178,10 @@ class Member:
     # -- sending --------------------------------------------------------------------------
 
     async def send_loop(self) -> None:
+        if not self.follow:
+            # A bystander never reconnects, so a send in flight when its instance dies would stay
+            # unanswered and count as sent but not acked. It is there to be seen going offline.
+            return
         await asyncio.sleep(random.uniform(0, self.load.interval_s))
         while not self.load.finished and (not self.load.stop_sending or self.pending):
             if self.conn is not None and self.ready.is_set() and time.monotonic() >= self.retry_at:
