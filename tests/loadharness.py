@@ -188,11 +188,20 @@ class Member:
                 if not self.load.stop_sending:
                     self.sent += 1
                     self.pending[f"{self.load.tag}-{self.user.id}-{self.sent}"] = time.monotonic()
+                conn = self.conn
                 for cmid in [c for c in self.pending if c not in self.inflight][: self.load.sends_per_tick]:
+                    # Each write yields to the loop (Tornado wraps it in a task), and `run` may see the socket
+                    # drop meanwhile and clear `inflight`: a cmid marked in flight after that clear was never
+                    # on a live socket, would never be sent again, and `finish` would wait for it in vain.
+                    if self.conn is not conn or not self.ready.is_set():
+                        break  # the rest go after the resume
                     self.inflight.add(cmid)
                     frame = {"type": "send", "room_id": self.room, "content": cmid, "client_msg_id": cmid, "id": cmid}
-                    with contextlib.suppress(Exception):  # dropped: sent again after the resume
-                        await self.conn.write_message(json.dumps(frame))
+                    try:
+                        await conn.write_message(json.dumps(frame))
+                    except Exception:  # dropped: sent again after the resume
+                        if self.conn is not conn:  # `run` already cleared `inflight` for the dropped socket
+                            self.inflight.discard(cmid)
             await asyncio.sleep(self.load.interval_s)
 
 
