@@ -135,8 +135,15 @@ async def test_acked_prompts_are_answered_after_a_shutdown_that_lost_their_enque
     assert start["reply_to_message_id"] == first["message_id"] and end["stop_reason"] == "end_turn"
     b_srv.stop()
 
-    # Nobody retries the second: the sweeper finds it owed and not queued.
-    c_srv: Chatd = chatd_factory(**env, CHATD_ASSISTANT_OUTBOX_SWEEP_S="0.5", CHATD_ASSISTANT_OUTBOX_GRACE_S="0")
+    # Nobody retries the second: the sweeper finds it owed and not queued. Its first sweep comes 0.5 s after
+    # the worker starts, maybe before `c` has connected and joined: a slow answer (~7 s) is still running then,
+    # and the join's catch-up shows its stream_start (at 50 tokens/s it could end first, and stream_of wait in vain).
+    c_srv: Chatd = chatd_factory(
+        **env,
+        CHATD_ASSISTANT_OUTBOX_SWEEP_S="0.5",
+        CHATD_ASSISTANT_OUTBOX_GRACE_S="0",
+        CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="5",
+    )
     c = await connect(c_srv, alice)
     await join(c, room)
     start, _, end = await stream_of(c, room)
