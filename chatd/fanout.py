@@ -171,13 +171,19 @@ class Hub:
             last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
             conn.write_frame(_framed(protocol.resync_required(room_id=room_id, last_seq=last, reply_to=None)))
 
-    async def leave_room(self, conn: Conn, room_id: int) -> None:
+    def detach(self, conn: Conn, room_id: int) -> None:
+        """Stop delivering the room's frames to ``conn`` now (synchronously); ``leave_room`` does the rest."""
         conn.room_seq.pop(room_id, None)
+        room = self.rooms.get(room_id)
+        if room is not None:
+            room.live.discard(conn)
+            room.joining.pop(conn, None)
+
+    async def leave_room(self, conn: Conn, room_id: int) -> None:
+        self.detach(conn, room_id)
         room = self.rooms.get(room_id)
         if room is None:
             return
-        room.live.discard(conn)
-        room.joining.pop(conn, None)
         if not room.sockets:
             del self.rooms[room_id]
             await self.subscriber.unsubscribe(self.keys.room_channel(room_id))

@@ -187,8 +187,9 @@ class Rooms:
         joined = protocol.joined(room_id=room_id, last_seq=last_seq, online=online, reply_to=request_id)
         return JoinResult(joined, resync, history, baseline_seq, catch_up)
 
-    async def leave(self, conn: Conn, room_id: int) -> None:
-        if room_id in conn.room_seq or room_id in self.hub.rooms:
+    async def leave(self, conn: Conn, room_id: int, *, detached: bool = False) -> None:
+        """``detached``: the socket was in the room and ``Hub.detach`` already took it out of the delivery."""
+        if detached or room_id in conn.room_seq or room_id in self.hub.rooms:
             await self.hub.leave_room(conn, room_id)
             self.presence.left(room_id, conn.user_id)
 

@@ -284,8 +284,12 @@ class ChatSocket(StrictHandlerMixin):
         """Removed from the room by its owner: stop its frames and say so."""
         if room_id in self.joined_rooms:
             self.joined_rooms.discard(room_id)
+            # Out of the room's delivery before `left` is written: the leave below runs as a task, and a room
+            # message read from pub/sub in the same loop iteration as the kick (a member_left notice right
+            # behind it) would otherwise still reach this socket after its `left`.
+            self.hub.detach(self, room_id)
             self.send_frame(protocol.left(room_id=room_id, reply_to=None))
-            self.state.tasks.spawn(self.rooms.leave(self, room_id), "ws-kick")
+            self.state.tasks.spawn(self.rooms.leave(self, room_id, detached=True), "ws-kick")
 
     def force_close(self, code: int, reason: str) -> None:
         if not self._closing:
