@@ -124,12 +124,15 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(chatd_factory: Any
     await join(b, room)
     ack = await send(a, room, "hello @assistant, what is chatd?")
     assert ack["type"] == "ack"
-    end = await b.expect("stream_end", timeout_s=30)
+    # Both sockets are read while the answer streams, and `a` is closed as soon as it ends: Tornado's client
+    # stops reading the wire (pongs included) at its second unread frame, and with 1 s pings a socket left
+    # unread through a slow answer was closed "ping timed out", counted as a second ping timeout.
+    _, end = await asyncio.gather(a.expect("stream_end", timeout_s=30), b.expect("stream_end", timeout_s=30))
     assert end["usage"]["output_tokens"] > 0
+    a.conn.close(1000, "bye")  # the client closes
     assert (await request("GET", server.http + "/api/v1/nope")).status == 404
     await b.send(b"\x00binary")  # chatd closes with 1003
     assert (await b.closed())[0] == 1003
-    a.conn.close(1000, "bye")  # the client closes
     # Closes Tornado starts itself are counted too: a frame over ws.max_frame_bytes (1009), a missed pong.
     c = await connect(server, carol)
     await c.send("x" * 70_000)
