@@ -57,6 +57,10 @@ async def test_typing_is_relayed_only_when_it_changes(chatd_factory: Any, servic
         CHATD_WS_TYPING_BURST="100000",
         CHATD_WS_FRAME_RATE_PER_S="100000",
         CHATD_WS_FRAME_BURST="100000",
+        # Time out of the count: with the defaults (2 s refresh, 6 s TTL) a stall within the 300 `true` frames
+        # relayed a refresh, and a late first relay let the TTL's `false` into the 1.5 s of quiet below.
+        CHATD_WS_TYPING_INTERVAL_S="60",
+        CHATD_WS_TYPING_TTL_S="120",
     )
     alice, bob = make_users(services.database_url, 2)
     room = await make_room(chatd, alice, [bob])
