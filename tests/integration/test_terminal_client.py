@@ -20,7 +20,8 @@ from tests.users import PASSWORD, make_users
 async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_line(
     chatd_factory: Any, services: Services
 ) -> None:
-    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="20", **SHORT_TOKENS)
+    # 10 tokens/s: the answer streams ~4 s, the window in which the live area must be seen on the screen.
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="10", **SHORT_TOKENS)
     alice, bob = make_users(services.database_url, 2)
     name = f"ops-{uuid.uuid4().hex[:6]}"
     created = await request(
@@ -78,7 +79,8 @@ async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_
         term.line("line 3")  # typed while offline: pending
         await term.wait_for("… line 3")
         await bob_ws.send({"type": "send", "room_id": room, "content": "bob 2", "client_msg_id": "b2"})
-        await bob_ws.expect("ack")
+        # bob 2's own ack (bob 1's was never read and would match any "ack"): stored while alice is offline.
+        await bob_ws.expect("ack", client_msg_id="b2")
         proxy.restore()
 
         await term.wait_for(lambda t: "bob 2" in t and "you: line 3" in t and "… line" not in t, timeout_s=40)
