@@ -129,7 +129,10 @@ def test_static_files_have_a_strict_csp_and_javascript_types(chatd: Chatd) -> No
 def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
     chatd_factory: Any, browser: Browser, services: Services
 ) -> None:
-    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="15", **SHORT_TOKENS)
+    # 6 tokens/s: an answer (~36-40 tokens) streams ~6 s, the window in which both pages must show it streaming
+    # and Alice must click Stop; at 15/s it was ~2.4 s, less than a loaded 2-core box can take to poll and click
+    # (the stream then ends first and the Stop button is gone). The answers wait up to 30 s.
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="6", **SHORT_TOKENS)
     alice = Person(browser, server.http, "Alice")
     bob = Person(browser, server.http, "Bob")
     try:
@@ -189,7 +192,9 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
         expect(stopped).to_have_count(1)
         expect(stopped.locator(".flag")).to_have_text("Stopped before the end.")
         stopped.get_by_role("button", name="Regenerate").click()
-        expect(a.locator("#messages > li.assistant.superseded")).to_contain_text("Replaced by a newer answer.")
+        # Marked once the new answer is stored (its stream ended): an answer's whole length, not expect's 5 s.
+        superseded = a.locator("#messages > li.assistant.superseded")
+        expect(superseded).to_contain_text("Replaced by a newer answer.", timeout=30_000)
         regenerated = a.locator("#messages > li.assistant:not(.streaming):not(.superseded)", has_text="stop me")
         expect(regenerated).to_have_count(1, timeout=30_000)
 
