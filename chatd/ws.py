@@ -74,6 +74,8 @@ class ChatSocket(StrictHandlerMixin):
         self.room_seq: dict[int, int] = {}
         self.stream_marks: dict[int, int] = {}
         self.joined_rooms: set[int] = set()
+        self._joining: int | None = None  # the room of the join in flight (frames are handled one at a time)
+        self._kicked_while_joining = False
         self._timers: list[asyncio.TimerHandle] = []
         self._typing_timers: dict[int, asyncio.TimerHandle] = {}
         self._decoder = protocol.FrameDecoder(
@@ -282,6 +284,8 @@ class ChatSocket(StrictHandlerMixin):
 
     def kicked(self, room_id: int) -> None:
         """Removed from the room by its owner: stop its frames and say so."""
+        if room_id == self._joining:
+            self._kicked_while_joining = True
         if room_id in self.joined_rooms:
             self.joined_rooms.discard(room_id)
             # Out of the room's delivery before `left` is written: the leave below runs as a task, and a room
@@ -386,7 +390,17 @@ class ChatSocket(StrictHandlerMixin):
         match frame:
             case protocol.Join():
                 rejoin = frame.room_id in self.joined_rooms
-                joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid, rejoin=rejoin)
+                self._joining = frame.room_id
+                self._kicked_while_joining = False
+                try:
+                    joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid, rejoin=rejoin)
+                finally:
+                    self._joining = None
+                if self._kicked_while_joining:
+                    # Removed after the join read the membership: answered as if the join came after
+                    # the removal, so a removed member is never left receiving the room.
+                    await self.rooms.leave(self, frame.room_id)
+                    raise errors.NotFound("room not found")
                 self.joined_rooms.add(frame.room_id)
                 self.send_frame(joined.joined)
                 if joined.resync is not None:

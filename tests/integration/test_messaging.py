@@ -8,6 +8,7 @@ import socket
 import time
 from typing import Any
 
+import psycopg
 import pytest
 
 from chatd.embedded import EmbeddedPostgres
@@ -368,6 +369,47 @@ async def test_removed_member_stops_receiving(chatd_factory: Any, services: Serv
         await b.expect("message", room_id=room, timeout_s=1)
     await b.send({"type": "join", "room_id": room, "id": "again"})
     assert (await b.expect("error", reply_to="again"))["code"] == "not_found"
+
+
+async def test_a_removal_that_overtakes_a_join_wins(chatd_factory: Any, services: Services) -> None:
+    """Bob's join has read his membership; before it ends, alice removes him. The join must not
+    complete: the kick reached the socket while it was not yet joined, so it would have been ignored
+    and Bob left receiving a room he is no longer in."""
+    server: Chatd = chatd_factory()
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(server, alice, [bob])
+    a, b = await connect(server, alice), await connect(server, bob)
+    await join(a, room)
+    assert (await send(a, room, "before"))["type"] == "ack"
+    with (
+        psycopg.connect(services.database_url) as holder,
+        psycopg.connect(services.database_url, autocommit=True) as probe,
+    ):
+        # The join reads membership (rooms, room_members), then its replay from `messages`: held here.
+        holder.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        await b.send({"type": "join", "room_id": room, "since_seq": 0, "id": "j"})
+        deadline = time.monotonic() + 10
+        while True:
+            row = probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE '%FROM messages%'"
+            ).fetchone()
+            if row and row[0]:
+                break
+            assert time.monotonic() < deadline, "the join's replay never waited on the lock"
+            await asyncio.sleep(0.05)
+        # The removal commits and kicks at once; its `member_left` system message then waits on the lock.
+        removal = asyncio.ensure_future(
+            request("DELETE", f"{server.http}{API}/rooms/{room}/members/{bob.id}", token=alice.token)
+        )
+        await asyncio.sleep(1)  # the kick crosses Redis and reaches Bob's socket mid-join
+        holder.rollback()
+    assert (await removal).status == 204
+    reply = await b.expect_any(("joined", "error"), reply_to="j")
+    assert (reply["type"], reply.get("code")) == ("error", "not_found"), reply
+    assert (await send(a, room, "after"))["type"] == "ack"
+    with pytest.raises(asyncio.TimeoutError):
+        await b.expect("message", room_id=room, timeout_s=1)
 
 
 async def test_invalid_utf8_closes_1007(chatd: Chatd, services: Services) -> None:
