@@ -398,8 +398,12 @@ class ChatSocket(StrictHandlerMixin):
                     self._joining = None
                 if self._kicked_while_joining:
                     # Removed after the join read the membership: answered as if the join came after
-                    # the removal, so a removed member is never left receiving the room.
-                    await self.rooms.leave(self, frame.room_id)
+                    # the removal, so a removed member is never left receiving the room. On a rejoin,
+                    # `kicked` found the room joined and did the leave (presence included) already.
+                    if rejoin:
+                        await self.hub.leave_room(self, frame.room_id)
+                    else:
+                        await self.rooms.leave(self, frame.room_id)
                     raise errors.NotFound("room not found")
                 self.joined_rooms.add(frame.room_id)
                 self.send_frame(joined.joined)

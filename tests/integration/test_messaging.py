@@ -371,16 +371,21 @@ async def test_removed_member_stops_receiving(chatd_factory: Any, services: Serv
     assert (await b.expect("error", reply_to="again"))["code"] == "not_found"
 
 
-async def test_a_removal_that_overtakes_a_join_wins(chatd_factory: Any, services: Services) -> None:
+@pytest.mark.parametrize("rejoin", [False, True])
+async def test_a_removal_that_overtakes_a_join_wins(chatd_factory: Any, services: Services, rejoin: bool) -> None:
     """Bob's join has read his membership; before it ends, alice removes him. The join must not
     complete: the kick reached the socket while it was not yet joined, so it would have been ignored
-    and Bob left receiving a room he is no longer in."""
+    and Bob left receiving a room he is no longer in. (A rejoin: the kick's `left` comes, then the error.)"""
     server: Chatd = chatd_factory()
     alice, bob = make_users(services.database_url, 2)
     room = await make_room(server, alice, [bob])
     a, b = await connect(server, alice), await connect(server, bob)
     await join(a, room)
+    if rejoin:
+        await join(b, room)
     assert (await send(a, room, "before"))["type"] == "ack"
+    if rejoin:
+        assert (await b.expect("message", room_id=room))["seq"] == 1
     with (
         psycopg.connect(services.database_url) as holder,
         psycopg.connect(services.database_url, autocommit=True) as probe,
@@ -405,6 +410,8 @@ async def test_a_removal_that_overtakes_a_join_wins(chatd_factory: Any, services
         await asyncio.sleep(1)  # the kick crosses Redis and reaches Bob's socket mid-join
         holder.rollback()
     assert (await removal).status == 204
+    if rejoin:
+        assert (await b.expect("left", room_id=room)).get("reply_to") is None
     reply = await b.expect_any(("joined", "error"), reply_to="j")
     assert (reply["type"], reply.get("code")) == ("error", "not_found"), reply
     assert (await send(a, room, "after"))["type"] == "ack"
