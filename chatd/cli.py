@@ -8,10 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from chatd import config as config_mod
-from chatd import logs
-from chatd.config import Settings
-from chatd.errors import ConfigError
+from chatd.core.errors import ConfigError
+from chatd.process import config as config_mod
+from chatd.process import logs
+from chatd.process.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _check_connections(settings: Settings) -> int:
-    from chatd.server import StartupError, check_postgres, check_redis
+    from chatd.process.server import StartupError, check_postgres, check_redis
 
     storage = settings.storage
     failed = 0
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from chatd.errors import BadRequest
+    from chatd.core.errors import BadRequest
 
     try:
         settings = _load(args)
@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(config_mod.as_dict(settings), indent=2))
         return _check_connections(settings) if args.connect else 0
     if args.command == "create-user":
-        from chatd import auth
+        from chatd.services import auth
 
         try:  # before any database starts: a typo costs nothing
             email, password = auth.validate_email(args.email), auth.validate_password(args.password)
@@ -141,11 +141,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "serve":
         _prepare_metrics_dir(settings.storage.data_dir)  # before anything imports prometheus-client
-    from chatd.embedded import DataDirInUse
-    from chatd.server import StartupError
+    from chatd.process.embedded import DataDirInUse
+    from chatd.process.server import StartupError
 
     if args.command == "serve":
-        from chatd.server import serve
+        from chatd.process.server import serve
 
         try:
             return serve(settings)
@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import psycopg
 
-    from chatd.server import prepare
+    from chatd.process.server import prepare
 
     try:
         settings, services, applied = prepare(settings, owner=False)  # migrate is part of prepare
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 print("database schema is up to date (nothing to apply)")
         elif args.command == "create-user":
-            from chatd.accounts import create_user_sync
+            from chatd.services.accounts import create_user_sync
 
             try:
                 user = create_user_sync(settings, email, password, args.name, admin=args.admin)

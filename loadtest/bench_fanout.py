@@ -2,7 +2,7 @@
 
 (a) ``handler.write_message(text)`` per socket: Tornado frames the message for
     every socket (header, a Future per call).
-(b) the frame built ONCE (``chatd.protocol.ws_text_frame``) and the same bytes
+(b) the frame built ONCE (``chatd.core.protocol.ws_text_frame``) and the same bytes
     written to every socket's ``ws_connection.stream`` with ``stream.write``:
     what chatd's fan-out does (``ChatSocket.write_frame``).
 
@@ -123,7 +123,7 @@ async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int
     import tornado.websocket
     from tornado.netutil import bind_sockets
 
-    from chatd import protocol
+    from chatd.core import protocol
 
     handlers: list[tornado.websocket.WebSocketHandler] = []
 

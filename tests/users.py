@@ -8,8 +8,8 @@ from functools import cache
 
 import psycopg
 
-from chatd.auth import TokenService, hash_password
-from chatd.config import AuthSettings
+from chatd.process.config import AuthSettings
+from chatd.services.auth import TokenService, hash_password
 from tests.support import JWT_SECRET
 
 PASSWORD = "password-123"

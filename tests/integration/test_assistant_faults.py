@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
+from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
 from tests.chat import connect, join, make_room, send
 from tests.conftest import Services
 from tests.integration.test_assistant import answers, stream_of

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from chatd import auth
+from chatd.services import auth
 from tests.conftest import Services
 from tests.support import JWT_SECRET, WS, Chatd, Response, request
 

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
+from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
 from tests.chat import API, collect_messages, connect, join, make_room, send, send_many
 from tests.conftest import Services
 from tests.faults import kill_valkey, paused, publish_refused

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from chatd import config
+from chatd.process import config
 from tests.support import ROOT
 from tests.system_packages import ensure_binary
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from chatd.embedded import EmbeddedServices
+from chatd.process.embedded import EmbeddedServices
 from tests.support import Chatd
 
 
@@ -85,7 +85,7 @@ def test_serve_after_crashed_run(tmp_path: Path) -> None:
 
 def test_owner_replaces_a_postmaster_it_did_not_start(tmp_path: Path) -> None:
     """A postmaster of the data dir that is nobody's child (pg_ctl, an old chatd) is replaced by one serve owns."""
-    from chatd.embedded import EmbeddedPostgres
+    from chatd.process.embedded import EmbeddedPostgres
 
     data_dir = tmp_path / "var"
     borrowed = EmbeddedPostgres(data_dir)

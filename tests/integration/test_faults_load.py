@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from chatd import migrations
-from chatd.embedded import EmbeddedPostgres, EmbeddedValkey
+from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
+from chatd.storage import migrations
 from tests.chat import make_room
 from tests.faults import kill_valkey, paused, publish_refused, stopped, valkey_pid
 from tests.loadharness import ChatLoad, Report

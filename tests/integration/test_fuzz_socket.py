@@ -3,7 +3,7 @@
 Each example opens a socket, sends a handful of generated frames (well-formed
 or not: wrong types, huge numbers, deep nesting, invalid UTF-8, binary frames,
 floods), then a ping.  Whatever was sent, the server answers with documented
-frames (``error`` codes from chatd/errors.py) and either the pong or a
+frames (``error`` codes from chatd/core/errors.py) and either the pong or a
 documented close code, within a bound; it never crashes, stalls or logs a
 traceback.
 
@@ -24,7 +24,7 @@ import websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatd.errors import ERROR_CODES
+from chatd.core.errors import ERROR_CODES
 from tests.chat import make_room
 from tests.conftest import Services
 from tests.support import Chatd, http_get

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from chatd.jobqueue import Job, JobQueue
-from chatd.keys import Keys
+from chatd.core.keys import Keys
+from chatd.storage.jobqueue import Job, JobQueue
 from tests.conftest import Services
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from chatd.embedded import EmbeddedPostgres
+from chatd.process.embedded import EmbeddedPostgres
 from tests.chat import API, collect_messages, connect, join, make_room, send, send_many
 from tests.conftest import Services
 from tests.support import WS, Chatd, request

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 
-from chatd import migrations
+from chatd.storage import migrations
 from tests.conftest import Services
 from tests.support import create_database
 

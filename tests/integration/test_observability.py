@@ -84,7 +84,7 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 def test_operations_md_documents_every_metric() -> None:
     from prometheus_client import REGISTRY
 
-    import chatd.metrics  # noqa: F401  (registers them)
+    import chatd.process.metrics  # noqa: F401  (registers them)
 
     defined = {f.name for f in REGISTRY.collect() if f.name.startswith("chatd_")}
     counters = {f.name for f in REGISTRY.collect() if f.type == "counter"}

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from chatd import migrations
+from chatd.storage import migrations
 from tests.chat import API, make_room
 from tests.conftest import Services
 from tests.support import Chatd, create_database, request

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from chatd.embedded import EmbeddedPostgres
+from chatd.process.embedded import EmbeddedPostgres
 from tests.conftest import Services
 from tests.support import Chatd, create_database, http_get, with_database
 

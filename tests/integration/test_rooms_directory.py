@@ -8,7 +8,8 @@ from typing import Any
 
 import psycopg
 
-from chatd import api, openapi
+from chatd.api import handlers as api
+from chatd.api import openapi
 from tests.chat import API, connect, join, make_room, send
 from tests.openapi_check import Api, contract_for
 from tests.support import WS, request, wait_user_channel
@@ -161,7 +162,7 @@ async def test_openapi_covers_every_route(chatd: Any) -> None:
         ("/health/live", api.BaseHandler, None),
         *api.routes(None, None, None, None, None, None, None, None, deps),  # type: ignore[arg-type]
     ]
-    from chatd.web import LiveHandler, MetricsHandler, ReadyHandler
+    from chatd.api.web import LiveHandler, MetricsHandler, ReadyHandler
 
     registered = [
         ("/health/live", LiveHandler, {}),

@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
-from chatd import config, errors, migrations, store
-from chatd.store import PendingMessage
+from chatd.core import errors
+from chatd.process import config
+from chatd.storage import migrations, store
+from chatd.storage.store import PendingMessage
 from tests.conftest import Services
 from tests.support import create_database
 from tests.users import make_users

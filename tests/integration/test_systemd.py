@@ -65,7 +65,7 @@ def unit_settings(text: str) -> dict[str, list[str]]:
 
 def test_unit_matches_what_chatd_does() -> None:
     """The values the unit relies on agree with chatd's behaviour and defaults."""
-    from chatd.config import ServerSettings
+    from chatd.process.config import ServerSettings
 
     unit = unit_settings((UNIT_DIR / "chatd.service").read_text())
     assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["main"]
@@ -234,7 +234,7 @@ def test_watchdog_pid_of_another_process_means_no_pings(chatd_factory: Any, noti
 
 def test_notifier_path_socket(tmp_path: Path) -> None:
     """A filesystem NOTIFY_SOCKET (the other form systemd uses), and no socket at all."""
-    from chatd.notify import Notifier
+    from chatd.process.notify import Notifier
 
     ns = NotifySocket(abstract=False, tmp_path=tmp_path)
     try:

@@ -383,7 +383,7 @@ def test_history_pages_back_through_rest(chatd_factory: Any, browser: Browser, s
 
 
 # The web app's session.js is the twin of chatd/client/session.py: the same scenarios as
-# tests/unit/test_client_session.py, run in the browser on the module the page loads.
+# tests/unit/client/test_client_session.py, run in the browser on the module the page loads.
 JS_SCENARIOS = """
 async () => {
   const { Session, RESUME_ID } = await import("/static/js/session.js");

@@ -1,0 +1,35 @@
+"""Dependency checks behind ``/health/ready``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from chatd.storage.kv import KV
+from chatd.storage.store import Database
+
+
+async def _timed(check: Callable[[], Awaitable[Any]], timeout_s: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(), timeout_s)
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {timeout_s}s"}
+    except Exception as exc:  # any failure means "not ready"; the reason is shown
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+async def check_dependencies(db: Database, kv: KV, timeout_s: float) -> dict[str, dict[str, Any]]:
+    async def postgres() -> None:
+        try:
+            async with db.connection(timeout=timeout_s) as conn:
+                await conn.execute("SELECT 1")
+        except Exception:
+            await db.check()  # drop connections a Postgres restart broke, so the next probe is honest
+            raise
+
+    pg_result, redis_result = await asyncio.gather(_timed(postgres, timeout_s), _timed(kv.ping, timeout_s))
+    return {"postgres": pg_result, "redis": redis_result}

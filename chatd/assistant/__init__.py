@@ -1,0 +1,1 @@
+"""The assistant: providers, prompt context, retrieval, and answers streamed into rooms."""

@@ -1,0 +1,853 @@
+"""The assistant: queued generations streamed into rooms.
+
+Flow of one answer (``Assistant._run``):
+
+1. A user message in an assistant room commits; ``enqueue`` puts a job on the
+   fair Redis queue (``JobQueue``) or refuses with ``busy`` / ``quota_exceeded``.
+   While it waits, the room gets ``queued`` frames with its position.
+2. Some worker claims it (per-process ``concurrency``, per-user cap in the
+   queue), builds the context (recent messages within a token budget + older
+   relevant ones from ``Retriever``), reserves the answer's message id and
+   publishes ``stream_start``.
+3. Provider deltas are coalesced into ``stream_chunk`` frames (``Coalescer``);
+   the text so far is kept in Redis so a socket joining mid-stream catches up.
+   Provider failures are retried only before the first token.
+4. The answer is written with the room's next seq (one live answer per
+   prompt: a unique index), the ``message`` frame and ``stream_end`` go out,
+   and the job is acked.  A ``cancel`` stops the provider within one event-loop
+   turn on whichever worker runs it (Redis control channel) and keeps the
+   partial text, marked ``cancelled``.
+
+A worker that dies mid-job stops renewing its lease; another worker takes the
+job over, ends the orphaned stream with ``stop_reason: "error"`` and answers
+again (``stream_start`` with ``resumed: true``, ``supersedes``: the orphan).
+
+Every ``stream_start`` gets a ``stream_end``.  Postgres or Redis failing
+mid-job (``Unavailable``) ends the stream with ``error`` and hands the job back
+for a retry with backoff, never acked: a finished text whose write failed is
+kept in the job and written by the retry.  An acked prompt is never forgotten:
+the commit records the answer it is owed (``answers_owed``, same transaction)
+and a sweeper queues owed answers that have no job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatd.assistant.context import Coalescer, build_context, recent_window
+from chatd.assistant.providers import Finished, GenerationRequest, Provider, ProviderError, TextDelta
+from chatd.core import errors, protocol
+from chatd.process import metrics
+from chatd.process.config import Settings
+from chatd.process.logs import assistant_log, fields
+from chatd.process.state import Tasks
+from chatd.realtime.fanout import Hub
+from chatd.storage import store
+from chatd.storage.jobqueue import Job, JobQueue
+from chatd.storage.kv import KV
+from chatd.storage.store import Database
+
+_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+_CLAIM_BATCH = 128  # jobs claimed per queue round trip at most
+_HISTORY = 200  # newest messages read for a prompt's context (the budget picks from them)
+
+
+def answers_in(room: dict[str, Any]) -> bool:
+    """Whether answers can stream in this room at all (a join checks for running ones only then)."""
+    settings = room.get("assistant") or {}
+    return room.get("kind") == "assistant" or settings.get("mode") == "mention"
+
+
+@dataclass(eq=False)
+class Run:
+    """One generation running on this worker."""
+
+    job: Job
+    room_id: int
+    prompt_id: int
+    message_id: int
+    requester_id: int | None
+    model: str
+    coalescer: Coalescer
+    started: float = field(default_factory=time.monotonic)
+    parts: list[str] = field(default_factory=list)
+    first_token_ms: int | None = None
+    finished: Finished | None = None
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    flush_timer: asyncio.TimerHandle | None = None  # buffered text goes out when due
+    supersedes: int | None = None  # the orphaned stream of a takeover, which this attempt replaces
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One claim of a job, as far as it got: what the failure handling of ``_run_job`` must undo."""
+
+    job: Job
+    run: Run | None = None
+    ended: bool = False  # this attempt's stream_end went out
+    pending: dict[str, Any] | None = None  # a finished answer whose write failed: kept for the retry
+    claimed: float = field(default_factory=time.monotonic)
+    inputs: store.AnswerInputs | None = None  # fetched with the other jobs of its claim
+    recorded: bool = False  # the job names inputs.reserved_id as its answer id already (for a takeover)
+
+
+async def _persist_answer(db: Database, answer: dict[str, Any]) -> dict[str, Any] | None:
+    usage = answer["usage"]
+    return await store.persist_answer(
+        db,
+        message_id=answer["message_id"],
+        room_id=answer["room_id"],
+        prompt_id=answer["prompt_id"],
+        requester_id=answer["requester_id"],
+        content=answer["content"],
+        status=answer["status"],
+        supersede_id=answer["supersede_id"],
+        usage=store.Usage(
+            provider=usage["provider"],
+            model=usage["model"],
+            stop_reason=usage["stop_reason"],
+            input_tokens=usage["input_tokens"],
+            output_tokens=usage["output_tokens"],
+            first_token_ms=usage["first_token_ms"],
+            latency_ms=usage["latency_ms"],
+            retrieved_ids=tuple(usage["retrieved_ids"]),
+        ),
+    )
+
+
+class Assistant:
+    def __init__(
+        self,
+        db: Database,
+        kv: KV,
+        hub: Hub,
+        provider: Provider,
+        retriever: Any | None,
+        settings: Settings,
+        tasks: Tasks,
+    ) -> None:
+        self.db = db
+        self.kv = kv
+        self.settings = settings.assistant
+        self.drain_timeout_s = settings.server.drain_timeout_s
+        self.hub = hub
+        self.provider = provider
+        self.retriever = retriever
+        self.tasks = tasks
+        self.queue = JobQueue(kv.client, kv.keys)
+        self.running: dict[int, Run] = {}  # by answer message id
+        self.active = 0  # claimed jobs on this worker (a run registers under its message id a bit later)
+        self.waiting: dict[str, tuple[int, int, int, int]] = {}  # job id -> (room, prompt, user, last position)
+        self._wake = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        # Stream frames delivered locally, their Redis side (stream state, catch-up text, publish) waiting
+        # for the next round trip, which carries those of every stream of this worker.
+        self._begins: list[tuple[int, int, dict[str, Any], int]] = []
+        self._appends: list[tuple[int, str, int]] = []
+        self._publishes: list[tuple[str, bytes]] = []
+        self._chunks_task: asyncio.Task[None] | None = None
+        self._chunks_idle = asyncio.Event()
+        self._chunks_idle.set()
+        # Prompts to queue, sent to Redis together (one script call and one PUBLISH pipeline per turn).
+        self._to_enqueue: list[tuple[Job, int, asyncio.Future[tuple[int | None, int | None]]]] = []
+        self._enqueue_task: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.hub.control_handlers["cancel"] = self._on_cancel
+        self.tasks.supervise("assistant-claim", self._claim_loop)
+        self.tasks.supervise("assistant-maintenance", self._maintenance_loop)
+        self.tasks.supervise("assistant-outbox", self._outbox_loop)
+
+    @staticmethod
+    def answers_in(room: dict[str, Any]) -> bool:
+        return answers_in(room)
+
+    async def drain(self) -> None:
+        """Shutdown: claim nothing more, let running answers finish, cancel what outlives the drain time."""
+        self.stopping = True
+        self._wake.set()
+        deadline = time.monotonic() + self.drain_timeout_s * 0.8
+        while self.active and time.monotonic() < deadline:  # noqa: ASYNC110  # shutdown only
+            await asyncio.sleep(0.05)
+        for run in list(self.running.values()):
+            run.cancelled.set()  # partial text kept, marked cancelled
+        while self.active:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        await self.provider.aclose()
+
+    # -- enqueue ---------------------------------------------------------------------
+
+    @staticmethod
+    def job_id(prompt_id: int, supersede_id: int | None) -> str:
+        return f"p{prompt_id}" if supersede_id is None else f"p{prompt_id}-r{supersede_id}"
+
+    async def enqueue(self, room_id: int, prompt_id: int, requester_id: int, supersede_id: int | None = None) -> int:
+        """Queue an answer to ``prompt_id``; the position, or ``busy`` / ``quota_exceeded``."""
+        budget = self.settings.daily_token_budget
+        if budget and await store.tokens_used_today(self.db, requester_id) >= budget:
+            raise errors.QuotaExceeded(f"daily budget of {budget} tokens used up; it resets at 00:00 UTC")
+        job = Job(
+            self.job_id(prompt_id, supersede_id),
+            requester_id,
+            {"room_id": room_id, "prompt_id": prompt_id, "supersede_id": supersede_id},
+        )
+        done: asyncio.Future[tuple[int | None, int | None]] = asyncio.get_running_loop().create_future()
+        self._to_enqueue.append((job, room_id, done))
+        if self._enqueue_task is None or self._enqueue_task.done():
+            self._enqueue_task = asyncio.ensure_future(self._enqueue_batches())
+        depth, position = await done
+        if depth is None:
+            raise errors.Busy("the assistant is busy, try again later")
+        return position or 1  # None: already running (a retried send re-enqueues)
+
+    async def _enqueue_batches(self) -> None:
+        """The prompts of a burst are queued together: one script call, one PUBLISH pipeline of
+        ``queued`` frames (a job already running is not announced)."""
+        while self._to_enqueue:
+            batch, self._to_enqueue = self._to_enqueue, []
+            try:
+                results = await self.queue.enqueue_many([job for job, _, _ in batch], self.settings.queue_max_depth)
+            except Exception as exc:  # Redis away (Unavailable), or a bug: nobody may wait for ever
+                err = exc if isinstance(exc, errors.ChatdError) else errors.Unavailable("queue failed, try again")
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(err)
+                continue
+            frames = []
+            for (job, room_id, done), (depth, position) in zip(batch, results, strict=True):
+                if depth is not None and position is not None:
+                    prompt_id = int(job.data["prompt_id"])
+                    self.waiting[job.id] = (room_id, prompt_id, job.user_id, position)
+                    frames.append(
+                        (room_id, protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=position))
+                    )
+                if not done.done():
+                    done.set_result((depth, position))
+            self._wake.set()
+            await self.hub.publish_room_frames(frames)
+
+    async def settle(self, prompt_id: int) -> None:
+        """The answer owed to ``prompt_id`` will not come (refused): the sweeper must not queue it."""
+        try:
+            await store.settle_answer(self.db, prompt_id)
+        except errors.Unavailable:
+            assistant_log.warning("settle_failed", extra=fields(prompt_id=prompt_id))
+
+    async def _outbox_loop(self) -> None:
+        """Queue the answers owed to acked prompts that have no job: the enqueue after the ack was lost
+        (crash, shutdown, Redis down) or the job was dropped.  Every worker sweeps; the queue refuses a
+        second job for the same prompt, and a job for an answered prompt is acked without a word."""
+        while True:
+            await asyncio.sleep(self.settings.outbox_sweep_s)
+            if self.stopping:
+                continue
+            try:
+                owed = await store.answers_owed(self.db, self.settings.outbox_grace_s, 200)
+                by_job = {self.job_id(int(r["prompt_id"]), None): r for r in owed}
+                for job_id in await self.queue.missing(list(by_job)):
+                    r = by_job[job_id]
+                    room_id, prompt_id, user_id = int(r["room_id"]), int(r["prompt_id"]), int(r["requester_id"])
+                    try:
+                        await self.enqueue(room_id, prompt_id, user_id)
+                    except errors.Busy:
+                        break  # next sweep
+                    except errors.QuotaExceeded as err:
+                        await store.settle_answer(self.db, prompt_id)
+                        await self.hub.publish_user(user_id, protocol.error(err, reply_to=None))
+                        continue
+                    assistant_log.info("answer_requeued", extra=fields(prompt_id=prompt_id, room_id=room_id))
+            except errors.Unavailable:
+                pass  # logged by the store / Redis adapter; the next sweep tries again
+
+    # -- control (cancel / regenerate) -----------------------------------------------
+
+    async def control(self, user_id: int, is_admin: bool, frame: protocol.Cancel | protocol.Regenerate) -> None:
+        if isinstance(frame, protocol.Regenerate):
+            await self.regenerate(user_id, frame.message_id)
+        else:
+            await self.cancel(user_id, is_admin, frame.message_id)
+
+    async def cancel(self, user_id: int, is_admin: bool, message_id: int) -> None:
+        """Stop a streaming answer (its message id) or a queued one (its prompt's id)."""
+        state = await self.kv.stream_state(message_id)
+        if state:
+            allowed = {int(state[b"requester"] or 0), int(state[b"owner"] or 0)}
+            # Outside the room, a running answer looks like no answer at all (forbidden would reveal it).
+            if not is_admin and await store.room_for_member(self.db, int(state[b"room"] or 0), user_id) is None:
+                raise errors.NotFound("no such generation")
+            if user_id not in allowed and not is_admin:
+                raise errors.Forbidden("only the requester or the room owner may cancel")
+            await self.hub.control("cancel", message_id=message_id)
+            return
+        prompt = await store.message_by_id(self.db, message_id)
+        if prompt is not None and prompt["sender_id"] is not None:
+            room = await store.room_for_member(self.db, prompt["room_id"], user_id)
+            if room is not None and (user_id in (prompt["sender_id"], room["owner_id"]) or is_admin):
+                job_id = self.job_id(message_id, None)
+                removed = await self.queue.remove(job_id, prompt["sender_id"])
+                # Owed but not queued (its enqueue was lost): cancelling settles it too.
+                if removed or (await self.queue.missing([job_id]) and await store.settle_answer(self.db, message_id)):
+                    self.waiting.pop(job_id, None)
+                    if removed:
+                        await self.settle(message_id)
+                    # Every member's "waiting" indicator goes: no stream_start will come.
+                    frame = protocol.cancelled(room_id=prompt["room_id"], reply_to_message_id=message_id)
+                    await self.hub.publish_room(prompt["room_id"], frame)
+                    return
+        raise errors.NotFound("no such generation")
+
+    def _on_cancel(self, head: dict[str, Any]) -> None:
+        run = self.running.get(int(head["message_id"]))
+        if run is not None:
+            run.cancelled.set()
+
+    async def regenerate(self, user_id: int, message_id: int) -> int:
+        answer = await store.message_by_id(self.db, message_id)
+        if answer is None or await store.room_for_member(self.db, answer["room_id"], user_id) is None:
+            raise errors.NotFound("message not found")
+        if answer["role"] != "assistant" or answer["reply_to_id"] is None:
+            raise errors.BadRequest("only an assistant answer can be regenerated")
+        if answer["superseded_at"] is not None:
+            raise errors.Conflict("this answer was already regenerated")
+        return await self.enqueue(answer["room_id"], answer["reply_to_id"], user_id, supersede_id=message_id)
+
+    # -- the worker side -------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            if self.stopping:
+                await asyncio.sleep(3600)  # draining: a supervised loop must not return
+                continue
+            if self.active >= self.settings.concurrency:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            free = min(self.settings.concurrency - self.active, _CLAIM_BATCH)
+            try:  # a burst of prompts is claimed in a few round trips, not one per job
+                jobs = await self.queue.claim_many(self.settings.job_lease_s, self.settings.per_user_concurrency, free)
+            except errors.Unavailable:
+                jobs = []
+                await asyncio.sleep(1)
+            if not jobs or self.stopping:
+                if jobs:
+                    with contextlib.suppress(errors.Unavailable):  # give them straight back: the reaper requeues
+                        await self.queue.renew([job.id for job in jobs], 0)
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.25)  # other workers' jobs: poll
+                continue
+            for job in jobs:
+                self.waiting.pop(job.id, None)
+                self.active += 1
+            self.tasks.spawn(self._start(jobs), "assistant-start")
+
+    async def _start(self, jobs: list[Job]) -> None:
+        """The inputs of a claim's jobs in one round trip, then one task per job."""
+        claimed = time.monotonic()
+        inputs: list[store.AnswerInputs | None] = [None] * len(jobs)
+        fresh: set[str] = set()
+        try:
+            keys = [(int(job.data["prompt_id"]), int(job.data["room_id"])) for job in jobs]
+            inputs = list(await store.answer_inputs(self.db, keys, _HISTORY))
+            # Fresh jobs name their answer id in one round trip (a taker ends that stream if we die).
+            # Not a taken-over or retried job: its orphan id must stay in it until that stream is ended.
+            updates = [
+                (job, {"answer_id": got.reserved_id})
+                for job, got in zip(jobs, inputs, strict=True)
+                if got is not None and not job.data.get("answer_id") and not job.data.get("pending")
+            ]
+            await self.queue.update_many(updates)
+            fresh = {job.id for job, _ in updates}
+        except Exception as exc:  # each job reads its own then, and handles the failure itself
+            assistant_log.warning("answer_inputs_failed", extra=fields(jobs=len(jobs), error=repr(exc)[:200]))
+        for job, got in zip(jobs, inputs, strict=True):
+            self.tasks.spawn(self._run_job(job, got, job.id in fresh, claimed), f"assistant-job-{job.id}")
+
+    async def _maintenance_loop(self) -> None:
+        """Renew our leases, take over dead workers' jobs, tell waiting rooms their position."""
+        interval_s = max(0.5, self.settings.job_lease_s / 3)
+        last_renew = 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                now = time.monotonic()
+                if now - last_renew >= interval_s:
+                    await self.queue.renew([r.job.id for r in self.running.values()], self.settings.job_lease_s)
+                    last_renew = now
+                if await self.queue.reap():
+                    self._wake.set()
+                metrics.queue_depth.set(await self.queue.depth())
+                await self._publish_positions()
+            except errors.Unavailable:
+                pass  # logged by the Redis adapter; the next round tries again
+
+    async def _publish_positions(self) -> None:
+        for job_id, (room_id, prompt_id, user_id, last) in list(self.waiting.items()):
+            pos = await self.queue.position(job_id, user_id)
+            if pos is None:
+                self.waiting.pop(job_id, None)  # claimed (here or elsewhere) or cancelled
+            elif pos != last:
+                self.waiting[job_id] = (room_id, prompt_id, user_id, pos)
+                frame = protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=pos)
+                await self.hub.publish_room(room_id, frame)
+
+    async def _run_job(
+        self, job: Job, inputs: store.AnswerInputs | None = None, recorded: bool = False, claimed: float = 0.0
+    ) -> None:
+        attempt = Attempt(job, inputs=inputs, recorded=recorded, claimed=claimed or time.monotonic())
+        try:
+            await self._run(attempt)
+        except errors.Unavailable as exc:  # Postgres or Redis away: end what members see, retry later
+            assistant_log.warning("generation_deferred", extra=fields(job=job.id, error=exc.message))
+            await self._end_failed(attempt)
+            await self._retry_later(attempt)
+        except Exception as exc:
+            assistant_log.error("generation_crashed", exc_info=exc, extra=fields(job=job.id))
+            await self._end_failed(attempt)
+            with contextlib.suppress(Exception):
+                await self.queue.ack(job)  # a poisoned job must not loop for ever
+                await store.settle_answer(self.db, int(job.data["prompt_id"]))  # nor come back by the sweeper
+        finally:
+            if attempt.run is not None:
+                self.running.pop(attempt.run.message_id, None)
+            self.active -= 1
+            self._slot_free.set()
+            self._wake.set()
+
+    async def _end_failed(self, attempt: Attempt) -> None:
+        """Members saw a stream_start: they get its stream_end (``error``, seq 0: nothing stored)."""
+        run = attempt.run
+        if run is None or attempt.ended:
+            return
+        attempt.ended = True
+        if run.flush_timer is not None:
+            run.flush_timer.cancel()
+            run.flush_timer = None
+        end = protocol.stream_end(
+            room_id=run.room_id,
+            message_id=run.message_id,
+            seq=0,
+            stop_reason="error",
+            input_tokens=0,
+            output_tokens=len(run.parts),
+            first_token_ms=run.first_token_ms,
+            latency_ms=int((time.monotonic() - run.started) * 1000),
+        )
+        with contextlib.suppress(Exception):  # local sockets get it even without Redis
+            await self._chunks_idle.wait()
+            await self.hub.publish_room(run.room_id, end)
+        await self._clear_stream(run.room_id, run.message_id)
+        metrics.generations.labels("error").inc()
+
+    async def _retry_later(self, attempt: Attempt) -> None:
+        """Hand the job back with a backoff (never acked): the reaper requeues it when its lease ends."""
+        job = attempt.job
+        tries = int(job.data.get("tries") or 0) + 1
+        delay_s = min(self.settings.retry_max_backoff_s, 2.0 ** (tries - 1))
+        update: dict[str, Any] = {"tries": tries}
+        if attempt.ended or (attempt.run is None and attempt.recorded):
+            update["answer_id"] = None  # its stream is ended, or never started: a retry has no orphan to end
+        if attempt.pending is not None:
+            update["pending"] = attempt.pending
+        try:
+            await self.queue.retry_later(job, delay_s, **update)
+        except errors.Unavailable:
+            pass  # Redis away too: the lease runs out by itself and the reaper requeues the job as it was
+        assistant_log.info("generation_retry_scheduled", extra=fields(job=job.id, tries=tries, delay_s=delay_s))
+
+    async def _run(self, attempt: Attempt) -> None:
+        job = attempt.job
+        data = job.data
+        room_id, prompt_id = int(data["room_id"]), int(data["prompt_id"])
+        supersede_id = data.get("supersede_id")
+        orphan = int(data["answer_id"]) if data.get("answer_id") else None  # a dead worker's stream
+        pg = self.db
+        inputs = attempt.inputs or (await store.answer_inputs(pg, [(prompt_id, room_id)], _HISTORY))[0]
+        prompt, room = inputs.prompt, inputs.room
+        if prompt is None or room is None or prompt["deleted_at"] is not None:
+            if orphan is not None:
+                await self._end_orphan(room_id, orphan)
+            await store.settle_answer(pg, prompt_id)
+            await self.queue.ack(job)
+            return
+        if supersede_id is None:
+            stored = inputs.answer
+            if stored is not None:  # answered already: a worker died after storing it, or a duplicate job
+                if orphan is not None and orphan != stored["id"]:
+                    await self._end_orphan(room_id, orphan)
+                await self.queue.ack(job)
+                return
+        if data.get("pending"):
+            await self._persist_pending(attempt, data["pending"])
+            return
+        if orphan is not None:
+            await self._end_orphan(room_id, orphan)  # taken over from a dead worker
+        cfg = room["assistant"] or {}
+        # The offline provider says so wherever a model name shows.
+        model = "offline" if self.provider.name == "offline" else (cfg.get("model") or self.settings.model)
+        history = [h for h in inputs.history if h["id"] != supersede_id]
+        retrieved: list[dict[str, Any]] = []
+        window = recent_window(history, self.settings.context_budget_tokens)
+        if self.retriever is not None and self.settings.retrieval_top_k and window[0]["seq"] > 1:
+            try:  # relevant messages older than what the recent window already carries
+                retrieved = await self.retriever.relevant(
+                    room_id, prompt["content"], window[0]["seq"], self.settings.retrieval_top_k
+                )
+            except Exception as exc:  # retrieval is an improvement, never a reason to fail
+                assistant_log.warning("retrieval_failed", extra=fields(error=str(exc)[:200]))
+        ctx = build_context(
+            cfg.get("system_prompt") or self.settings.system_prompt,
+            history,
+            retrieved,
+            self.settings.context_budget_tokens,
+        )
+        request = GenerationRequest(
+            model, ctx.system, ctx.messages, self.settings.max_tokens, self.settings.temperature
+        )
+        assistant_log.debug(
+            "assistant_request",
+            extra=fields(
+                room_id=room_id,
+                prompt_id=prompt_id,
+                model=model,
+                retrieved_ids=list(ctx.retrieved_ids),
+                recent_ids=list(ctx.recent_ids),
+                system=ctx.system,
+                estimated_tokens=ctx.estimated_tokens,
+            ),
+        )
+        message_id = inputs.reserved_id
+        if not attempt.recorded:
+            await self.queue.update(job, answer_id=message_id)
+        local = self.hub.rooms.get(room_id)
+        run = Run(
+            job,
+            room_id,
+            prompt_id,
+            message_id,
+            prompt["sender_id"],
+            model,
+            Coalescer(self.settings.chunk_interval_ms / 1000, local.sockets if local else 1),
+            supersedes=orphan,
+        )
+        attempt.run = run
+        self.running[message_id] = run
+        setup_ms = (time.monotonic() - attempt.claimed) * 1000
+        assistant_log.info(
+            "generation_started",
+            extra=fields(
+                message_id=message_id,
+                room_id=room_id,
+                prompt_id=prompt_id,
+                job=job.id,
+                # where a slow first token comes from: waiting for a claim, or the setup after it
+                queued_ms=round((time.time() - prompt["created_at"].timestamp()) * 1000 - setup_ms),
+                setup_ms=round(setup_ms),
+            ),
+        )
+        await self._stream(attempt, request, room["owner_id"], ctx.retrieved_ids, supersede_id)
+
+    async def _stream(
+        self,
+        attempt: Attempt,
+        request: GenerationRequest,
+        owner_id: int,
+        retrieved: tuple[int, ...],
+        supersede_id: Any,
+    ) -> None:
+        run = attempt.run
+        assert run is not None
+        state = {
+            "room": run.room_id,
+            "reply_to": run.prompt_id,
+            "model": run.model,
+            "requester": run.requester_id or 0,
+            "owner": owner_id,
+            "index": -1,
+        }
+        start = protocol.stream_start(
+            room_id=run.room_id,
+            message_id=run.message_id,
+            reply_to_message_id=run.prompt_id,
+            model=run.model,
+            supersedes=run.supersedes,
+        )
+        # The stream's state (catch-up, cancel permission) is written with the stream_start's publish.
+        self._stream_frame(run, start, -1, begin=(run.message_id, run.room_id, state, 3600))
+
+        stop_reason = "end_turn"
+        generation = asyncio.ensure_future(self._generate(run, request))
+        cancel_wait = asyncio.ensure_future(run.cancelled.wait())
+        try:
+            done, _ = await asyncio.wait({generation, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if generation not in done:
+                generation.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ProviderError):
+                    await generation
+                stop_reason = "cancelled"
+            else:
+                generation.result()
+                stop_reason = run.finished.stop_reason if run.finished else "end_turn"
+        except ProviderError as exc:
+            stop_reason = "error"
+            # The provider's own words stay in the log: they can name keys, hosts, quotas or models.
+            assistant_log.warning(
+                "provider_failed", extra=fields(message_id=run.message_id, error=str(exc)[:300], status=exc.status)
+            )
+            if run.requester_id is not None:
+                err = errors.LLMUnavailable("the assistant could not answer this time; try again later")
+                await self.hub.publish_user(run.requester_id, protocol.error(err, reply_to=None))
+        finally:
+            cancel_wait.cancel()
+            if not generation.done():  # cancelled from outside (shutdown): the provider call stops too
+                generation.cancel()
+        await self._finish(attempt, stop_reason, retrieved, supersede_id)
+
+    async def _generate(self, run: Run, request: GenerationRequest) -> None:
+        for attempt in range(self.settings.provider_retries + 1):
+            try:
+                async for event in self.provider.stream(request):
+                    if isinstance(event, TextDelta):
+                        if run.first_token_ms is None:
+                            run.first_token_ms = int((time.monotonic() - run.started) * 1000)
+                        run.parts.append(event.text)
+                        self._add(run, event.text)
+                    else:
+                        run.finished = event
+                return
+            except ProviderError as exc:
+                if run.parts or not exc.retryable or attempt >= self.settings.provider_retries:
+                    raise
+                backoff_s = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)]
+                assistant_log.info(
+                    "provider_retry", extra=fields(message_id=run.message_id, attempt=attempt + 1, error=str(exc)[:200])
+                )
+                await asyncio.sleep(backoff_s)
+
+    def _add(self, run: Run, text: str) -> None:
+        """Synchronous, like everything from a token to its local delivery: no lock, no task per token."""
+        chunk = run.coalescer.add(text, time.monotonic())
+        if chunk is not None:
+            self._emit(run, chunk, run.coalescer.index - 1)
+            return
+        if run.flush_timer is None:
+            delay = run.coalescer.due_in(time.monotonic())
+            if delay is not None:
+                run.flush_timer = asyncio.get_running_loop().call_later(delay, self._flush_due, run)
+
+    def _flush_due(self, run: Run) -> None:
+        run.flush_timer = None
+        chunk = run.coalescer.flush(time.monotonic())
+        if chunk is not None:
+            self._emit(run, chunk, run.coalescer.index - 1)
+
+    def _emit(self, run: Run, content: str, index: int) -> None:
+        frame = protocol.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
+        self._stream_frame(run, frame, index, append=(run.message_id, content, index))
+
+    def _stream_frame(
+        self,
+        run: Run,
+        frame: dict[str, Any],
+        index: int,
+        begin: tuple[int, int, dict[str, Any], int] | None = None,
+        append: tuple[int, str, int] | None = None,
+    ) -> None:
+        """Local sockets get the frame now; its Redis side (other workers, catch-up state) goes with the
+        next batch, in order."""
+        payload = protocol.encode_bytes(frame)
+        stream = (run.message_id, index)
+        self.hub.deliver_frame(run.room_id, payload, None, stream)
+        if begin is not None:
+            self._begins.append(begin)
+        if append is not None:
+            self._appends.append(append)
+        self._publishes.append(self.hub.room_frame_envelope(run.room_id, payload, None, stream))
+        if self._chunks_task is None or self._chunks_task.done():
+            self._chunks_idle.clear()
+            self._chunks_task = asyncio.ensure_future(self._write_stream_batches())
+
+    async def _write_stream_batches(self) -> None:
+        """Everything streamed since the last round trip, of every stream, in ONE Redis round trip: with
+        hundreds of streams the per-chunk cost is a share of a pipeline, not two awaited commands."""
+        try:
+            while self._publishes:
+                begins, appends, publishes = self._begins, self._appends, self._publishes
+                self._begins, self._appends, self._publishes = [], [], []
+                try:
+                    await self.kv.stream_batch(begins, appends, publishes)
+                except errors.Unavailable:
+                    pass  # logged by kv: other workers' members and late joiners miss these; the message follows
+        finally:
+            self._chunks_idle.set()
+
+    async def _finish(self, attempt: Attempt, stop_reason: str, retrieved: tuple[int, ...], supersede_id: Any) -> None:
+        run = attempt.run
+        assert run is not None
+        if run.flush_timer is not None:
+            run.flush_timer.cancel()
+            run.flush_timer = None
+        rest = run.coalescer.flush(time.monotonic())
+        if rest is not None:
+            self._emit(run, rest, run.coalescer.index - 1)
+        await self._chunks_idle.wait()  # elsewhere too, the chunks come before the message and stream_end
+        latency_ms = int((time.monotonic() - run.started) * 1000)
+        usage: dict[str, Any] = {
+            "provider": self.provider.name,
+            "model": run.model,
+            "stop_reason": stop_reason,
+            "input_tokens": run.finished.input_tokens if run.finished else 0,
+            "output_tokens": run.finished.output_tokens if run.finished else len(run.parts),
+            "first_token_ms": run.first_token_ms,
+            "latency_ms": latency_ms,
+            "retrieved_ids": list(retrieved),
+        }
+        answer: dict[str, Any] = {  # JSON: kept in the job when the write fails
+            "message_id": run.message_id,
+            "room_id": run.room_id,
+            "prompt_id": run.prompt_id,
+            "requester_id": run.requester_id,
+            "content": "".join(run.parts),
+            "status": {"cancelled": "cancelled", "error": "error"}.get(stop_reason, "final"),
+            "supersede_id": int(supersede_id) if supersede_id else None,
+            "usage": usage,
+        }
+        row = await self._persist(attempt, answer)
+        seq = 0
+        if row is not None:
+            seq = int(row["seq"])
+            await self.hub.publish_messages([(run.room_id, seq, protocol.encode_bytes(protocol.message_from_row(row)))])
+        end = protocol.stream_end(
+            room_id=run.room_id,
+            message_id=run.message_id,
+            seq=seq,
+            stop_reason=stop_reason,  # type: ignore[arg-type]
+            input_tokens=usage["input_tokens"],
+            output_tokens=usage["output_tokens"],
+            first_token_ms=run.first_token_ms,
+            latency_ms=latency_ms,
+        )
+        attempt.ended = True
+        await self.hub.publish_room(run.room_id, end)
+        await self._clear_stream(run.room_id, run.message_id)
+        # Stored: if Redis cannot take the ack now, the lease runs out and the retry finds the answer.
+        with contextlib.suppress(errors.Unavailable):
+            await self.queue.ack(run.job)
+        metrics.generations.labels(stop_reason).inc()
+        metrics.count_tokens(run.model, usage["input_tokens"], usage["output_tokens"])
+        if run.first_token_ms is not None:
+            metrics.first_token.observe(run.first_token_ms / 1000)
+        assistant_log.info(
+            "generation_done",
+            extra=fields(
+                message_id=run.message_id,
+                room_id=run.room_id,
+                stop_reason=stop_reason,
+                first_token_ms=run.first_token_ms,
+                latency_ms=latency_ms,
+                output_tokens=usage["output_tokens"],
+            ),
+        )
+
+    async def _persist(self, attempt: Attempt, answer: dict[str, Any]) -> dict[str, Any] | None:
+        """Write the answer, retried for ``persist_retry_s`` while Postgres is away; then ``Unavailable``
+        with the answer kept in ``attempt.pending`` (the job's retry writes it)."""
+        deadline = time.monotonic() + self.settings.persist_retry_s
+        delay_s = 0.25
+        while True:
+            try:
+                return await _persist_answer(self.db, answer)
+            except errors.Unavailable:
+                if time.monotonic() + delay_s > deadline:
+                    attempt.pending = answer
+                    raise
+                assistant_log.info("persist_retry", extra=fields(message_id=answer["message_id"]))
+                await asyncio.sleep(delay_s)
+                delay_s = min(2.0, delay_s * 2)
+
+    async def _persist_pending(self, attempt: Attempt, answer: dict[str, Any]) -> None:
+        """A retried job whose answer was generated but not written: write it now, no new generation.
+
+        Its stream already ended (``error``, seq 0); the stored ``message`` now follows."""
+        attempt.pending = answer
+        row = await _persist_answer(self.db, answer)
+        if row is not None:
+            frame = protocol.encode_bytes(protocol.message_from_row(row))
+            await self.hub.publish_messages([(int(row["room_id"]), int(row["seq"]), frame)])
+        assistant_log.info("generation_persisted_late", extra=fields(message_id=answer["message_id"]))
+        with contextlib.suppress(errors.Unavailable):
+            await self.queue.ack(attempt.job)
+
+    async def _clear_stream(self, room_id: int, message_id: int) -> None:
+        with contextlib.suppress(errors.Unavailable):
+            await self.kv.stream_clear(room_id, message_id)
+
+    async def _end_orphan(self, room_id: int, message_id: int) -> None:
+        """The worker we took this job from died mid-stream: end its stream for the clients."""
+        assistant_log.warning("generation_taken_over", extra=fields(room_id=room_id, orphan_message_id=message_id))
+        end = protocol.stream_end(
+            room_id=room_id,
+            message_id=message_id,
+            seq=0,
+            stop_reason="error",
+            input_tokens=0,
+            output_tokens=0,
+            first_token_ms=None,
+            latency_ms=0,
+        )
+        await self.hub.publish_room(room_id, end)
+        await self._clear_stream(room_id, message_id)
+
+    # -- catch-up for sockets joining mid-stream -----------------------------------------
+
+    async def live_streams(self, room_id: int) -> list[tuple[int, int, list[dict[str, Any]]]]:
+        """``(message_id, index, frames)`` to bring a joining socket up to date with running streams."""
+        out: list[tuple[int, int, list[dict[str, Any]]]] = []
+        try:
+            streams = await self.kv.room_streams(room_id)
+        except errors.Unavailable:
+            return out  # a late joiner misses the text so far; the final message comes anyway
+        for mid, st, text in streams:
+            index = int(st[b"index"])
+            frames = [
+                protocol.stream_start(
+                    room_id=room_id,
+                    message_id=mid,
+                    reply_to_message_id=int(st[b"reply_to"]),
+                    model=st[b"model"].decode(),
+                )
+            ]
+            if index >= 0:
+                frames.append(
+                    protocol.stream_chunk(room_id=room_id, message_id=mid, index=index, content=text.decode())
+                )
+            out.append((mid, index, frames))
+        return out
+
+    async def attach(self, room_id: int, prompt_id: int) -> tuple[list[dict[str, Any]], int] | None:
+        """Where the answer to ``prompt_id`` stands, for a retried SSE request: ``(frames, last chunk
+        index)`` to catch up with (the running stream's text so far, or the stored answer with its
+        ``stream_end``), or None while it is still queued or owed (its frames then come live)."""
+        for _, index, frames in await self.live_streams(room_id):
+            if frames[0]["reply_to_message_id"] == prompt_id:
+                return frames, index
+        stored = await store.answer_for(self.db, prompt_id)
+        if stored is None:
+            return None
+        model = stored.get("g_model") or ""
+        frames = [
+            protocol.stream_start(room_id=room_id, message_id=stored["id"], reply_to_message_id=prompt_id, model=model)
+        ]
+        if stored["content"]:
+            frames.append(
+                protocol.stream_chunk(room_id=room_id, message_id=stored["id"], index=0, content=stored["content"])
+            )
+        frames.append(protocol.stream_end_from_row(stored))
+        return frames, 0

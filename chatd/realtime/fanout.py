@@ -1,0 +1,471 @@
+"""The hub: which local socket gets which frame, in order, once.
+
+One ``Hub`` per worker.  It keeps the local registries (sockets per room,
+sockets per user) and delivers:
+
+* frames built once: each event is serialized and framed (RFC 6455) by its
+  publisher, and the same bytes are written to every local socket;
+* room messages in seq order, each once per socket: a ``RoomSequencer`` per
+  room is fed by this worker's own commits (delivered locally at once, so
+  Redis is not between two sockets of one worker) and by the other workers'
+  publishes; ``chatd.repair`` reads what is missing from Postgres;
+* edits and deletes once each (``Revisions``), presence as a per-room view.
+
+Transport is ``chatd.pubsub`` (one subscriber connection) and
+``chatd.storage.kv.publish_many`` (one PUBLISH per room per batch, see
+``chatd.envelope``); a worker skips its own publishes by their origin before
+parsing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from chatd.core import envelope, errors, protocol
+from chatd.core.keys import Keys
+from chatd.core.sequencing import JoinMerge, Revisions, RoomSequencer
+from chatd.process import metrics
+from chatd.process.config import WebSocketSettings
+from chatd.process.logs import app_log, fields
+from chatd.realtime.pubsub import Subscriber
+from chatd.storage import store
+from chatd.storage.kv import KV
+
+
+class Conn(Protocol):
+    """What the hub needs of a socket (implemented by the WebSocket handler and the SSE listener)."""
+
+    connection_id: str
+    user_id: int
+    family: str | None
+    room_seq: dict[int, int]  # last message seq delivered to this socket, per joined room
+    stream_marks: dict[int, int]  # answer message id -> last chunk index it already has (caught up on join)
+
+    def write_frame(self, frame: bytes) -> None: ...
+
+    def force_close(self, code: int, reason: str) -> None: ...
+
+    def kicked(self, room_id: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    frame: bytes  # one or more complete WebSocket frames, built once
+    seq: int | None = None
+    exclude: str | None = None  # connection id that must not receive it (its own echo)
+    stream: tuple[int, int] | None = None  # (answer message id, chunk index; -1 = stream_start)
+
+
+@dataclass(eq=False)
+class RoomState:
+    live: set[Conn] = field(default_factory=set)
+    joining: dict[Conn, JoinMerge[Event]] = field(default_factory=dict)
+    sequencer: RoomSequencer[Event] | None = None
+    revisions: Revisions | None = None
+    online: set[int] = field(default_factory=set)  # members with a socket anywhere, as this worker knows
+    early: list[Event] = field(default_factory=list)  # arrived before the sequencer was set up (bounded)
+    ready: asyncio.Future[None] | None = None
+
+    @property
+    def sockets(self) -> int:
+        return len(self.live) + len(self.joining)
+
+
+class Hub:
+    def __init__(
+        self,
+        kv: KV,
+        db: store.Database,
+        keys: Keys,
+        settings: WebSocketSettings,
+        subscriber_factory: Callable[[Callable[[bytes, bytes], None], Callable[[], None]], Subscriber],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kv = kv
+        self.db = db
+        self.keys = keys
+        self.settings = settings
+        self.clock = clock
+        self.origin = envelope.new_origin()
+        self.rooms: dict[int, RoomState] = {}
+        self.users: dict[int, set[Conn]] = {}
+        self.control_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.on_resubscribed: Callable[[], None] = lambda: None  # set by the repair loop
+        self.subscriber = subscriber_factory(self._on_message, lambda: self.on_resubscribed())
+        self._gap_timeout_s = settings.gap_timeout_ms / 1000
+        self._room_prefix = keys.room_channel(0)[:-1].encode()
+        self._user_prefix = keys.user_channel(0)[:-1].encode()
+        self._control = keys.control().encode()
+
+    # -- rooms --------------------------------------------------------------------
+
+    async def join_room(self, conn: Conn, room_id: int) -> RoomState:
+        """Subscribe (first local socket of the room) and mark ``conn`` as joining: its live frames are held."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = RoomState()
+        room.joining[conn] = JoinMerge(self.settings.max_held_frames)
+        try:
+            if room.ready is None:
+                room.ready = asyncio.get_running_loop().create_future()
+                try:
+                    await self._open_room(room_id, room)
+                    room.ready.set_result(None)
+                except BaseException as exc:
+                    room.ready.set_exception(exc)
+                    room.ready.exception()  # retrieved: joiners waiting on it re-raise below
+                    room.ready = None
+                    raise
+            else:
+                await asyncio.shield(room.ready)
+        except BaseException:
+            await self.leave_room(conn, room_id)
+            raise
+        return room
+
+    async def _open_room(self, room_id: int, room: RoomState) -> None:
+        await self.subscriber.subscribe(self.keys.room_channel(room_id))
+        # Subscribed (confirmed) before these reads: nothing falls between them and the live frames.
+        last_seq, edit_rev = await store.room_last_seq(self.db, room_id)
+        try:
+            room.online = set(await self.kv.presence_online(room_id))
+        except errors.Unavailable:
+            room.online = set()  # presence frames fill it in
+        now = self.clock()
+        room.sequencer = RoomSequencer(last_seq + 1, self._gap_timeout_s, self.settings.max_held_frames)
+        room.revisions = Revisions(edit_rev, self._gap_timeout_s)
+        early, room.early = room.early, []
+        for event in early:
+            self.release(room_id, room, room.sequencer.offer(event.seq or 0, event, now))
+
+    def finish_join(
+        self,
+        conn: Conn,
+        room_id: int,
+        history: list[tuple[int, Event]],
+        baseline_seq: int,
+        catch_up: Sequence[tuple[int, int, list[bytes]]] = (),
+    ) -> None:
+        """Deliver history, running streams' text so far, then the held live frames; the socket is live.
+
+        ``baseline_seq``: the socket has everything up to it (since_seq when
+        replaying, else the room's last_seq at join), so older copies are dropped.
+        ``catch_up``: ``(answer id, chunk index, frames)`` of streams running in the room.
+        """
+        room = self.rooms[room_id]
+        merge = room.joining.pop(conn, None)
+        room.live.add(conn)
+        conn.room_seq[room_id] = baseline_seq
+        for message_id, index, frames in catch_up:
+            for frame in frames:
+                conn.write_frame(frame)
+            conn.stream_marks[message_id] = index  # held chunks up to here are already in the catch-up
+        last_history_seq = history[-1][0] if history else baseline_seq
+        items = merge.merge(history, last_history_seq) if merge else [e for _, e in history]
+        for event in items:
+            self._write(conn, room_id, event)
+        if merge is not None and merge.overflowed:
+            metrics.resyncs.labels("held_overflow").inc()
+            last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
+            conn.write_frame(_framed(protocol.resync_required(room_id=room_id, last_seq=last, reply_to=None)))
+
+    def detach(self, conn: Conn, room_id: int) -> None:
+        """Stop delivering the room's frames to ``conn`` now (synchronously); ``leave_room`` does the rest."""
+        conn.room_seq.pop(room_id, None)
+        room = self.rooms.get(room_id)
+        if room is not None:
+            room.live.discard(conn)
+            room.joining.pop(conn, None)
+
+    async def leave_room(self, conn: Conn, room_id: int) -> None:
+        self.detach(conn, room_id)
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        if not room.sockets:
+            del self.rooms[room_id]
+            await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
+
+    def online(self, room_id: int) -> set[int]:
+        room = self.rooms.get(room_id)
+        return set(room.online) if room is not None else set()
+
+    # -- users ----------------------------------------------------------------------
+
+    async def add_user(self, conn: Conn) -> bool:
+        """Give ``conn`` its user's events; returns once this worker listens on the user channel.
+
+        From then on every event published for the user (room events, read sync, forced closes)
+        reaches ``conn``; what was published before, the caller checks itself (the socket reads the
+        session's status again).  The SUBSCRIBEs of concurrent calls go out together
+        (``Subscriber.want``).  False when Redis did not confirm within its timeout or is down: the
+        socket works all the same (as every socket does while Redis is down), without the guarantee.
+        """
+        self.users.setdefault(conn.user_id, set()).add(conn)
+        confirmed = self.subscriber.want(self.keys.user_channel(conn.user_id))
+        try:
+            if confirmed.done():
+                confirmed.result()
+            else:
+                await asyncio.wait_for(asyncio.shield(confirmed), self.subscriber.timeout_s)
+        except (TimeoutError, errors.Unavailable):
+            metrics.user_channel_unconfirmed.inc()
+            return False
+        return True
+
+    async def remove_user(self, conn: Conn) -> None:
+        conns = self.users.get(conn.user_id)
+        if conns is None:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self.users[conn.user_id]
+            await self.subscriber.unsubscribe(self.keys.user_channel(conn.user_id))
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def publish_messages(self, items: Sequence[tuple[int, int, bytes]]) -> None:
+        """Committed messages ``(room_id, seq, frame JSON)`` in commit order: local sockets, then one
+        PUBLISH per room.  A lost publish is repaired by the other workers' probes (``chatd.repair``)."""
+        by_room: dict[int, tuple[list[int], list[bytes]]] = {}
+        for room_id, seq, payload in items:
+            self.deliver_message(room_id, seq, payload)
+            seqs, payloads = by_room.setdefault(room_id, ([], []))
+            seqs.append(seq)
+            payloads.append(payload)
+        await self._publish(
+            [
+                (self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "m", "s": seqs}, payloads))
+                for room_id, (seqs, payloads) in by_room.items()
+            ]
+        )
+
+    async def publish_room(
+        self,
+        room_id: int,
+        frame: dict[str, Any],
+        exclude: str | None = None,
+        stream: tuple[int, int] | None = None,
+    ) -> None:
+        """A frame without a seq (typing, stream chunks, queued...): best effort, not repaired."""
+        payload = protocol.encode_bytes(frame)
+        self.deliver_frame(room_id, payload, exclude, stream)
+        await self._publish([self.room_frame_envelope(room_id, payload, exclude, stream)])
+
+    async def publish_room_frames(self, items: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """Many seq-less room frames ``(room_id, frame)``: local sockets, then one pipeline of PUBLISHes."""
+        envelopes = []
+        for room_id, frame in items:
+            payload = protocol.encode_bytes(frame)
+            self.deliver_frame(room_id, payload, None, None)
+            envelopes.append(self.room_frame_envelope(room_id, payload))
+        await self._publish(envelopes)
+
+    def room_frame_envelope(
+        self, room_id: int, payload: bytes, exclude: str | None = None, stream: tuple[int, int] | None = None
+    ) -> tuple[str, bytes]:
+        """The channel and envelope of a seq-less room frame, for a caller that batches its publishes
+        (the assistant's chunks) after delivering locally with ``deliver_frame``."""
+        header: dict[str, Any] = {"o": "f"}
+        if exclude is not None:
+            header["x"] = exclude
+        if stream is not None:
+            header["m"], header["i"] = stream
+        return self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload])
+
+    async def publish_change(self, room_id: int, rev: int, frame: dict[str, Any]) -> None:
+        """An edit or delete (revision ``rev`` of the room): repaired like messages when its publish is lost."""
+        payload = protocol.encode_bytes(frame)
+        self.deliver_change(room_id, rev, payload)
+        await self._publish(
+            [(self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "u", "r": rev}, [payload]))]
+        )
+
+    async def publish_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int]) -> None:
+        payload = protocol.encode_bytes(protocol.presence(room_id=room_id, online=online, offline=offline))
+        self.deliver_presence(room_id, online, offline, payload)
+        header = {"o": "p", "on": list(online), "off": list(offline)}
+        await self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
+
+    async def publish_user(self, user_id: int, frame: dict[str, Any], exclude: str | None = None) -> None:
+        payload = protocol.encode_bytes(frame)
+        self.deliver_user(user_id, payload, exclude)
+        header: dict[str, Any] = {"o": "f"} if exclude is None else {"o": "f", "x": exclude}
+        await self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, header, [payload]))])
+
+    async def publish_users(self, user_ids: Sequence[int], frame: dict[str, Any]) -> None:
+        """One frame to every device of each user (room events): local sockets, then one pipelined publish."""
+        if not user_ids:
+            return
+        payload = protocol.encode_bytes(frame)
+        for user_id in user_ids:
+            self.deliver_user(user_id, payload, None)
+        env = envelope.encode(self.origin, {"o": "f"}, [payload])
+        await self._publish([(self.keys.user_channel(user_id), env) for user_id in user_ids])
+
+    async def close_user(self, user_id: int, code: int, reason: str, family: str | None = None) -> None:
+        """Close a user's sockets (one session's when ``family`` is given) on every worker and instance.
+
+        Raises ``Unavailable`` when the other instances cannot be told.
+        """
+        self._close_local(user_id, code, reason, family)
+        head = {"o": "close", "code": code, "reason": reason, "fam": family}
+        await self.kv.publish(self.keys.user_channel(user_id), envelope.encode(self.origin, head))
+
+    async def kick(self, user_id: int, room_id: int) -> None:
+        """Make a user's sockets leave a room (removed from it) on every worker and instance."""
+        self._kick_local(user_id, room_id)
+        await self._publish(
+            [(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))]
+        )
+
+    async def control(self, op: str, **data: Any) -> None:
+        """An instruction for every worker (e.g. cancel a generation wherever it runs); may raise ``Unavailable``."""
+        head = {"o": op, **data}
+        handler = self.control_handlers.get(op)
+        if handler is not None:
+            handler(head)
+        await self.kv.publish(self.keys.control(), envelope.encode(self.origin, head))
+
+    async def _publish(self, items: list[tuple[str, bytes]]) -> None:
+        try:
+            await self.kv.publish_many(items)
+        except errors.Unavailable:
+            pass  # logged by kv; messages and edits are repaired from Postgres, the rest is best effort
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if data.startswith(self.origin):
+            return  # our own publish: local sockets have it already
+        try:
+            env = envelope.decode(data)
+        except ValueError:
+            app_log.warning("fanout_bad_envelope", extra=fields(channel=channel[:100].decode(errors="replace")))
+            return
+        head = env.header
+        op = head["o"]
+        if channel.startswith(self._room_prefix):
+            room_id = int(channel[len(self._room_prefix) :])
+            if op == "m":
+                for seq, payload in zip(head["s"], env.payloads, strict=True):
+                    self.deliver_message(room_id, seq, payload)
+            elif op == "f":
+                stream = (int(head["m"]), int(head["i"])) if "m" in head else None
+                self.deliver_frame(room_id, env.payloads[0], head.get("x"), stream)
+            elif op == "u":
+                self.deliver_change(room_id, int(head["r"]), env.payloads[0])
+            elif op == "p":
+                self.deliver_presence(room_id, head["on"], head["off"], env.payloads[0])
+        elif channel.startswith(self._user_prefix):
+            user_id = int(channel[len(self._user_prefix) :])
+            if op == "f":
+                self.deliver_user(user_id, env.payloads[0], head.get("x"))
+            elif op == "close":
+                self._close_local(user_id, int(head["code"]), str(head.get("reason", "")), head.get("fam"))
+            elif op == "kick":
+                self._kick_local(user_id, int(head["room"]))
+        elif channel == self._control:
+            handler = self.control_handlers.get(op)
+            if handler is not None:
+                handler(head)
+
+    def deliver_message(self, room_id: int, seq: int, payload: bytes) -> None:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        event = Event(protocol.ws_text_frame(payload), seq)
+        if room.sequencer is None:
+            if len(room.early) < self.settings.max_held_frames:  # beyond: read back once the room is set up
+                room.early.append(event)
+            return
+        self.release(room_id, room, room.sequencer.offer(seq, event, self.clock()))
+
+    def deliver_frame(self, room_id: int, payload: bytes, exclude: str | None, stream: tuple[int, int] | None) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            self.release(room_id, room, [Event(protocol.ws_text_frame(payload), None, exclude, stream)])
+
+    def deliver_change(self, room_id: int, rev: int, payload: bytes) -> None:
+        room = self.rooms.get(room_id)
+        if room is None or room.revisions is None or not room.revisions.offer(rev, self.clock()):
+            return
+        self.release(room_id, room, [Event(protocol.ws_text_frame(payload))])
+
+    def deliver_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int], payload: bytes) -> None:
+        room = self.rooms.get(room_id)
+        if room is None or room.ready is None or not room.ready.done():
+            return  # the view is read once the room is set up
+        room.online.update(online)
+        room.online.difference_update(offline)
+        # Not held for joining sockets: their `joined` frame carries the view as it is then.
+        frame = protocol.ws_text_frame(payload)
+        for conn in list(room.live):
+            conn.write_frame(frame)
+        metrics.hot.frames_delivered += len(room.live)
+
+    def release(self, room_id: int, room: RoomState, events: list[Event]) -> None:
+        if not events:
+            return
+        written = 0
+        for event in events:
+            if room.joining:
+                for merge in room.joining.values():
+                    merge.hold(event.seq, event)
+            for conn in list(room.live):
+                if self._write(conn, room_id, event):
+                    written += 1
+        metrics.hot.frames_delivered += written
+
+    @staticmethod
+    def _write(conn: Conn, room_id: int, event: Event) -> bool:
+        if event.exclude is not None and event.exclude == conn.connection_id:
+            return False
+        seq = event.seq
+        if seq is not None:
+            if seq <= conn.room_seq.get(room_id, 0):
+                return False  # this socket already has it (history, or an earlier copy)
+            conn.room_seq[room_id] = seq
+        elif event.stream is not None and conn.stream_marks:
+            mark = conn.stream_marks.get(event.stream[0])
+            if mark is not None and event.stream[1] <= mark:
+                return False  # part of the text this socket got when it joined mid-stream
+        conn.write_frame(event.frame)
+        return True
+
+    def deliver_user(self, user_id: int, payload: bytes, exclude: str | None) -> None:
+        conns = self.users.get(user_id)
+        if not conns:
+            return
+        frame = protocol.ws_text_frame(payload)
+        for conn in list(conns):
+            if conn.connection_id != exclude:
+                conn.write_frame(frame)
+
+    def resync(self, room_id: int, last_seq: int) -> None:
+        """Tell the room's sockets they missed messages that cannot be delivered: refetch and rejoin."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        frame = _framed(protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=None))
+        metrics.resyncs.labels("seq_lost").inc(len(room.live))
+        for conn in list(room.live):
+            conn.write_frame(frame)
+            conn.room_seq[room_id] = max(conn.room_seq.get(room_id, 0), last_seq)
+
+    def _close_local(self, user_id: int, code: int, reason: str, family: str | None) -> None:
+        for conn in list(self.users.get(user_id, ())):
+            if family is None or conn.family == family:
+                conn.force_close(code, reason)
+
+    def _kick_local(self, user_id: int, room_id: int) -> None:
+        for conn in list(self.users.get(user_id, ())):
+            conn.kicked(room_id)
+
+
+def _framed(frame: dict[str, Any]) -> bytes:
+    return protocol.ws_text_frame(protocol.encode_bytes(frame))

@@ -1,0 +1,141 @@
+"""Presence: who has a socket in a room, on any worker of any instance.
+
+Each worker counts its own sockets per (room, user) and keeps one Redis entry
+per (room, user, worker) (``kv.presence_apply``), so:
+
+* a user is online while any worker has an entry; the first entry anywhere
+  announces ``online``, the last one leaving puts the user on a pending list
+  due after ``ws.presence_grace_s`` (back before that on any worker: nobody
+  hears of it), and whichever worker sees it due announces ``offline``;
+* a worker's entries live as long as its heartbeat (``ws.presence_ttl_s``,
+  renewed every third of it); a crashed instance stops renewing, and the next
+  heartbeat of any other worker sweeps its entries, so its users go offline
+  within ``presence_ttl_s`` + ``presence_grace_s`` and the counts heal;
+* changes are applied and announced per room per tick (``ws.presence_tick_ms``):
+  1,000 members joining a room cost a few frames per member, not 1,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from chatd.core import errors
+from chatd.process.config import WebSocketSettings
+from chatd.process.logs import app_log, fields
+from chatd.realtime.fanout import Hub
+from chatd.storage.kv import KV
+
+_DUE_EVERY_S = 0.5
+
+
+class Presence:
+    def __init__(
+        self, kv: KV, hub: Hub, settings: WebSocketSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.kv = kv
+        self.hub = hub
+        self.origin = hub.origin.decode()
+        self.grace_s = settings.presence_grace_s
+        self.ttl_s = settings.presence_ttl_s
+        self.tick_s = settings.presence_tick_ms / 1000
+        self.clock = clock
+        self._local: dict[tuple[int, int], int] = {}  # (room, user) -> this worker's sockets
+        self._changes: dict[int, dict[int, int]] = {}  # room -> user -> +1 / -1 not yet applied
+        self._wake = asyncio.Event()
+
+    def joined(self, room_id: int, user_id: int) -> None:
+        key = (room_id, user_id)
+        n = self._local.get(key, 0) + 1
+        self._local[key] = n
+        if n == 1:
+            self._change(room_id, user_id, +1)
+
+    def left(self, room_id: int, user_id: int) -> None:
+        key = (room_id, user_id)
+        n = self._local.get(key, 0) - 1
+        if n > 0:
+            self._local[key] = n
+            return
+        self._local.pop(key, None)
+        if n == 0:
+            self._change(room_id, user_id, -1)
+
+    def _change(self, room_id: int, user_id: int, delta: int) -> None:
+        room = self._changes.setdefault(room_id, {})
+        if room.pop(user_id, 0) + delta == 0:
+            if not room:
+                del self._changes[room_id]
+            return  # joined and left within one tick: Redis never needs to know
+        room[user_id] = delta
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Apply changes every tick, announce due offlines, keep the heartbeat (a supervised task)."""
+        next_due = next_beat = 0.0
+        while True:
+            now = self.clock()
+            if now >= next_beat:
+                next_beat = now + self.ttl_s / 3
+                await self._heartbeat()
+            if self._changes:
+                await self.flush()
+            if now >= next_due:
+                next_due = now + _DUE_EVERY_S
+                await self._announce_due()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(_DUE_EVERY_S, self.ttl_s / 3))
+            except TimeoutError:
+                pass
+            await asyncio.sleep(self.tick_s)  # gather a tick's worth of changes
+
+    async def flush(self) -> None:
+        changes, self._changes = self._changes, {}
+        pending = list(changes.items())
+        while pending:
+            room_id, users = pending[0]
+            try:
+                online = await self.kv.presence_apply(self.origin, room_id, list(users.items()), self.grace_s)
+            except errors.Unavailable:
+                for room_id, users in pending:  # applied with a later tick
+                    for user, delta in users.items():
+                        self._change(room_id, user, delta)
+                return
+            pending.pop(0)
+            if online:
+                await self.hub.publish_presence(room_id, online, [])
+
+    async def _announce_due(self) -> None:
+        try:
+            gone = await self.kv.presence_due()
+        except errors.Unavailable:
+            return
+        by_room: dict[int, list[int]] = {}
+        for room_id, user_id in gone:
+            by_room.setdefault(room_id, []).append(user_id)
+        for room_id, users in by_room.items():
+            await self.hub.publish_presence(room_id, [], sorted(users))
+
+    async def _heartbeat(self) -> None:
+        try:
+            registered = await self.kv.heartbeat(self.origin, self.ttl_s)
+        except errors.Unavailable:
+            return
+        if not registered and self._local:
+            # Our entries were swept (Redis was gone longer than the TTL, or restarted empty): add them back.
+            app_log.warning("presence_reasserted", extra=fields(entries=len(self._local)))
+            for room_id, user_id in self._local:
+                self._changes.setdefault(room_id, {})[user_id] = +1
+
+    async def close(self) -> None:
+        """Shutdown, after the sockets closed: remove what is left and stop the heartbeat."""
+        for room_id, user_id in list(self._local):
+            self._change(room_id, user_id, -1)
+        self._local.clear()
+        try:
+            await self.flush()
+            await self.kv.forget_worker(self.origin)
+        except errors.Unavailable:
+            pass  # the entries expire with the heartbeat

@@ -1,0 +1,151 @@
+"""Repair: what pub/sub lost, read back from Postgres.
+
+A publish can be lost (a publisher crashed after its commit, Redis blinked or
+refused it).  Two things find the loss, and one query per round reads it back:
+
+* held messages: a later seq arrived first, so an earlier one is missing;
+* the probe: once per ``ws.probe_interval_s`` one query reads ``last_seq``
+  and ``edit_rev`` of every room this worker has sockets in, so the last
+  message or edit of a quiet room is found too.
+
+Missing for ``ws.gap_timeout_ms`` (a publish merely in flight arrives
+sooner), the exact ranges of every room are read in one query and released
+through the rooms' sequencers.  After a Redis reconnect the subscriber calls
+``urgent``: probe and read at once, since publishes were surely lost.  A seq
+Postgres cannot return although it must exist is an invariant breach: logged
+as an error, counted, and the room's sockets get ``resync_required``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from chatd.core import errors, protocol
+from chatd.core.sequencing import Gap
+from chatd.process import metrics
+from chatd.process.config import WebSocketSettings
+from chatd.process.logs import app_log, fields
+from chatd.realtime.fanout import Event, Hub
+from chatd.storage import store
+
+_ROOMS_PER_QUERY = 200
+_CHANGES_PER_ROOM = 500
+
+
+class Repair:
+    def __init__(
+        self, hub: Hub, db: store.Database, settings: WebSocketSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.hub = hub
+        self.db = db
+        self.probe_interval_s = settings.probe_interval_s
+        self.tick_s = min(settings.gap_timeout_ms / 2000, settings.probe_interval_s)
+        self.clock = clock
+        self._urgent = asyncio.Event()
+        hub.on_resubscribed = self.urgent
+
+    def urgent(self) -> None:
+        self._urgent.set()
+
+    async def run(self) -> None:
+        """The repair loop (a supervised task)."""
+        next_probe = self.clock() + self.probe_interval_s
+        while True:
+            try:
+                await asyncio.wait_for(self._urgent.wait(), self.tick_s)
+            except TimeoutError:
+                pass
+            urgent = self._urgent.is_set()
+            self._urgent.clear()
+            try:
+                if urgent or self.clock() >= next_probe:
+                    next_probe = self.clock() + self.probe_interval_s
+                    await self.probe()
+                await self.fill(urgent=urgent)
+            except errors.Unavailable:
+                if urgent:
+                    self._urgent.set()  # Postgres is down too: try again next tick
+                    await asyncio.sleep(self.tick_s)
+
+    async def probe(self) -> None:
+        rooms = [room_id for room_id, room in self.hub.rooms.items() if room.sequencer is not None]
+        for i in range(0, len(rooms), _ROOMS_PER_QUERY * 5):
+            rows = await store.probe_rooms(self.db, rooms[i : i + _ROOMS_PER_QUERY * 5])
+            now = self.clock()
+            for room_id, last_seq, edit_rev in rows:
+                room = self.hub.rooms.get(room_id)
+                if room is not None and room.sequencer is not None and room.revisions is not None:
+                    room.sequencer.note_committed(last_seq, now)
+                    room.revisions.note_committed(edit_rev, now)
+
+    async def fill(self, urgent: bool = False) -> None:
+        now = self.clock()
+        gaps: dict[int, Gap] = {}
+        changes: dict[int, tuple[int, int]] = {}  # room -> (after, committed when asked)
+        for room_id, room in self.hub.rooms.items():
+            if room.sequencer is None or room.revisions is None:
+                continue
+            gap = room.sequencer.missing(now, urgent=urgent)
+            if gap is not None:
+                gaps[room_id] = gap
+            after = room.revisions.missing(now, urgent=urgent)
+            if after is not None:
+                changes[room_id] = (after, room.revisions.committed)
+        if gaps:
+            await self._fill_messages(gaps)
+        if changes:
+            await self._fill_changes(changes)
+
+    async def _fill_messages(self, gaps: dict[int, Gap]) -> None:
+        items = list(gaps.items())
+        for i in range(0, len(items), _ROOMS_PER_QUERY):
+            chunk = items[i : i + _ROOMS_PER_QUERY]
+            rows = await store.messages_in_ranges(self.db, [(r, g.first, g.last) for r, g in chunk])
+            by_room: dict[int, list[tuple[int, Event]]] = {}
+            for row in rows:
+                frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(row)))
+                if row["role"] == "assistant" and row["reply_to_id"] is not None:
+                    # Its stream_end was probably lost with it: the frame carries both (clients ignore a
+                    # second stream_end of the same answer).
+                    frame += protocol.ws_text_frame(protocol.encode_bytes(protocol.stream_end_from_row(row)))
+                by_room.setdefault(row["room_id"], []).append((int(row["seq"]), Event(frame, int(row["seq"]))))
+            now = self.clock()
+            for room_id, gap in chunk:
+                room = self.hub.rooms.get(room_id)
+                if room is None or room.sequencer is None:
+                    continue  # the last socket left meanwhile
+                found = by_room.get(room_id, [])
+                filled = room.sequencer.fill(gap, found, now)
+                if found:
+                    metrics.gaps_filled.inc(len(found))
+                    app_log.info("gap_filled", extra=fields(room_id=room_id, first=gap.first, count=len(found)))
+                self.hub.release(room_id, room, filled.released)
+                for lost in filled.lost:
+                    metrics.seqs_lost.inc(lost.count)
+                    app_log.error(
+                        "seq_lost", extra=fields(room_id=room_id, first=lost.first, last=lost.last, action="resync")
+                    )
+                if filled.lost:
+                    self.hub.resync(room_id, room.sequencer.next_seq - 1)
+
+    async def _fill_changes(self, changes: dict[int, tuple[int, int]]) -> None:
+        items = list(changes.items())
+        for i in range(0, len(items), _ROOMS_PER_QUERY):
+            chunk = items[i : i + _ROOMS_PER_QUERY]
+            rows = await store.changes_after(self.db, [(r, after) for r, (after, _) in chunk], _CHANGES_PER_ROOM)
+            by_room: dict[int, list[tuple[int, Event]]] = {}
+            for row in rows:
+                frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.change_from_row(row)))
+                by_room.setdefault(row["room_id"], []).append((int(row["edit_rev"]), Event(frame)))
+            now = self.clock()
+            for room_id, (after, upto) in chunk:
+                room = self.hub.rooms.get(room_id)
+                if room is None or room.revisions is None:
+                    continue
+                found = by_room.get(room_id, [])
+                events = room.revisions.fill(after, upto, found, len(found) < _CHANGES_PER_ROOM, now)
+                if events:
+                    metrics.gaps_filled.inc(len(events))
+                self.hub.release(room_id, room, events)

@@ -1,0 +1,298 @@
+"""Accounts: register, login, refresh rotation, logout, and who a token belongs to.
+
+Revocation has two layers: the access token's ``jti`` goes on a Redis
+denylist until its ``exp`` (the documented mechanism), and its refresh
+*family* is revoked in Postgres, which every authentication checks in the
+same query as the user's status.  So a logout holds even while Redis blinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from chatd.core import errors
+from chatd.core.errors import CloseCode
+from chatd.process.config import Settings
+from chatd.process.logs import app_log, fields
+from chatd.realtime.batching import Batched
+from chatd.realtime.fanout import Hub
+from chatd.services import auth
+from chatd.services.auth import Claims, TokenPair, TokenService
+from chatd.services.ratelimit import AuthLimiter
+from chatd.storage import store
+from chatd.storage.kv import KV
+from chatd.storage.store import Database
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller."""
+
+    user_id: int
+    role: str
+    claims: Claims
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def user_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "email": row["email"],
+        "name": row["name"],
+        "role": row["role"],
+        "status": row["status"],
+        "created_at": store.iso(row["created_at"]),
+    }
+
+
+class Accounts:
+    def __init__(self, db: Database, kv: KV, hub: Hub, settings: Settings) -> None:
+        self.db = db
+        self.kv = kv
+        self.hub = hub
+        self.settings = settings
+        self.tokens = TokenService(settings.auth)
+        limit = settings.auth.auth_attempts_per_min
+        self._by_ip = AuthLimiter(kv, "auth-ip", limit, 60.0)
+        self._by_email = AuthLimiter(kv, "auth-email", limit, 60.0)
+        self._lookups = AuthLimiter(kv, "user-lookup", settings.auth.user_lookups_per_min, 60.0)
+        # Each Argon2 run holds 64 MiB and most of a core: a bounded few at once, the rest wait in line (FIFO).
+        self._hashing = asyncio.Semaphore(settings.auth.hash_concurrency)
+        # Every authentication reads the holder's status; concurrent ones share one query.
+        self.status_reads: Batched[tuple[int, str | None], dict[str, Any] | None] = Batched(
+            lambda holders: store.auth_statuses(db, holders)
+        )
+        # A socket's second look at a session-less token (its revocation is the denylist only), likewise.
+        self.denied_reads: Batched[str, bool] = Batched(kv.denied_many)
+
+    # -- helpers ------------------------------------------------------------
+
+    async def _limit(self, ip: str, email: str) -> None:
+        for decision in (await self._by_ip.hit(ip), await self._by_email.hit(email.strip().lower())):
+            if not decision.allowed:
+                raise errors.RateLimited("too many attempts, try again later", retry_after_ms=decision.retry_after_ms)
+
+    async def _issue(self, user: dict[str, Any], family: str | None = None) -> dict[str, Any]:
+        pair: TokenPair = self.tokens.mint_pair(user["id"], user["role"], family)
+        assert pair.refresh.family is not None
+        await store.store_refresh(self.db, pair.refresh.jti, pair.refresh.family, user["id"], pair.refresh.exp)
+        return {
+            "user": user_json(user),
+            "access_token": pair.access_token,
+            "refresh_token": pair.refresh_token,
+            "token_type": "Bearer",
+            "expires_in": pair.expires_in,
+        }
+
+    async def _cpu(self, fn: Any, *args: Any) -> Any:
+        # Argon2 costs ~64 MiB and tens of ms: never on the event loop, and never more than hash_concurrency at once.
+        async with self._hashing:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # -- flows ----------------------------------------------------------------
+
+    async def register(self, body: dict[str, Any], ip: str) -> dict[str, Any]:
+        email = auth.validate_email(body.get("email"))
+        await self._limit(ip, email)
+        password = auth.validate_password(body.get("password"))
+        name = auth.validate_name(body.get("name"))
+        password_hash = await self._cpu(auth.hash_password, password)
+        user = await store.create_user(self.db, email, name, password_hash, "user")
+        app_log.info("user_registered", extra=fields(user_id=user["id"]))
+        return await self._issue(user)
+
+    async def login(self, body: dict[str, Any], ip: str) -> dict[str, Any]:
+        email, password = body.get("email"), body.get("password")
+        if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
+            raise errors.BadRequest("email and password are required")
+        await self._limit(ip, email)
+        user = await store.user_by_email(self.db, email.strip())
+        if user is None or not user.get("password_hash"):
+            await self._cpu(auth.dummy_verify, password)  # same time as a wrong password
+            raise errors.Unauthorized("invalid email or password")
+        if not await self._cpu(auth.verify_password, user["password_hash"], password):
+            raise errors.Unauthorized("invalid email or password")
+        if user["status"] != "active":
+            raise errors.Unauthorized("invalid email or password")
+        if auth.needs_rehash(user["password_hash"]):
+            await store.set_password_hash(self.db, user["id"], await self._cpu(auth.hash_password, password))
+        return await self._issue(user)
+
+    async def refresh(self, body: dict[str, Any]) -> dict[str, Any]:
+        token = body.get("refresh_token")
+        if not isinstance(token, str) or not token:
+            raise errors.BadRequest("refresh_token is required")
+        claims = self.tokens.verify(token, "refresh")
+        assert claims.family is not None  # verify() guarantees a family on refresh tokens
+        use = await store.use_refresh(self.db, claims.jti, claims.family)
+        if not use.ok:
+            if use.reused:
+                # A stolen token and its owner both hold it: kill the whole family.
+                app_log.warning("refresh_token_reuse", extra=fields(user_id=claims.sub, family=claims.family))
+                await self._revoke_family(claims.sub, claims.family)
+            raise errors.Unauthorized("refresh token already used or revoked")
+        user = await store.user_by_id(self.db, claims.sub)
+        if user is None or user["status"] != "active":
+            raise errors.Unauthorized("account disabled")
+        return await self._issue(user, family=claims.family)
+
+    async def logout(self, principal: Principal, everywhere: bool) -> None:
+        claims = principal.claims
+        await self._deny(claims.jti, claims.exp)
+        if everywhere:
+            for family in await store.user_families(self.db, principal.user_id):
+                await store.revoke_family(self.db, family)
+            await self._close_sockets(principal.user_id, None, 4001, "logged out")
+        elif claims.family:
+            await self._revoke_family(principal.user_id, claims.family)
+        else:
+            await self._close_sockets(principal.user_id, None, 4001, "logged out")
+
+    async def ban(self, user_id: int) -> dict[str, Any]:
+        user = await store.set_user_status(self.db, user_id, "banned")
+        if user is None:
+            raise errors.NotFound("user not found")
+        for family in await store.user_families(self.db, user_id):
+            await store.revoke_family(self.db, family)
+        await self._close_sockets(user_id, None, 1008, "account banned")
+        return user_json(user)
+
+    # -- account basics and the directory (issue 11) ---------------------------------
+
+    async def rename(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(body) - {"name"}
+        if unknown:
+            raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
+        user = await store.update_user_name(self.db, principal.user_id, auth.validate_name(body.get("name")))
+        if user is None:
+            raise errors.Unauthorized("account disabled")
+        return user_json(user)
+
+    async def change_password(self, principal: Principal, body: dict[str, Any]) -> None:
+        """Old + new password; every other session of the user is revoked (and its sockets closed)."""
+        old, new = body.get("old_password"), auth.validate_password(body.get("new_password"))
+        if not isinstance(old, str) or not old:
+            raise errors.BadRequest("old_password is required")
+        current = await store.password_hash_of(self.db, principal.user_id)
+        if not current or not await self._cpu(auth.verify_password, current, old):
+            raise errors.Forbidden("old_password is wrong")
+        await store.set_password_hash(self.db, principal.user_id, await self._cpu(auth.hash_password, new))
+        keep = principal.claims.family
+        for family in await store.revoke_families_except(self.db, principal.user_id, keep):
+            await self._close_sockets(principal.user_id, family, 4001, "password changed")
+        if keep is None:  # a token without a session (external IdP): nothing to keep
+            await self._close_sockets(principal.user_id, None, 4001, "password changed")
+        app_log.info("password_changed", extra=fields(user_id=principal.user_id))
+
+    async def deactivate(self, principal: Principal) -> None:
+        """The user deletes their account: no more sign-in, sockets closed; their messages stay."""
+        await store.set_user_status(self.db, principal.user_id, "deleted")
+        await store.revoke_families_except(self.db, principal.user_id, None)
+        await self._deny(principal.claims.jti, principal.claims.exp)
+        await self._close_sockets(principal.user_id, None, 4001, "account deleted")
+        app_log.info("account_deleted", extra=fields(user_id=principal.user_id))
+
+    async def lookup(self, principal: Principal, query: str | None) -> list[dict[str, Any]]:
+        """Find a user to invite: exact email, or a name prefix (>= 2 characters); id and name only."""
+        q = (query or "").strip()
+        if len(q) < 2 or len(q) > 320:
+            raise errors.BadRequest("q must be an email or a name prefix of 2 to 320 characters")
+        decision = await self._lookups.hit(str(principal.user_id))
+        if not decision.allowed:
+            raise errors.RateLimited("too many look-ups, try again later", retry_after_ms=decision.retry_after_ms)
+        rows = await store.lookup_users(self.db, q, 10)
+        return [{"id": r["id"], "name": r["name"]} for r in rows]
+
+    async def _revoke_family(self, user_id: int, family: str) -> None:
+        await store.revoke_family(self.db, family)
+        await self._close_sockets(user_id, family, 4001, "session revoked")
+
+    async def _close_sockets(self, user_id: int, family: str | None, code: int, reason: str) -> None:
+        try:
+            await self.hub.close_user(user_id, code, reason, family)
+        except errors.Unavailable:
+            # This worker's sockets are closed; other instances' sockets of a revoked session fail their
+            # next authentication check (the family is revoked in Postgres).
+            app_log.warning("close_broadcast_failed", extra=fields(user_id=user_id))
+
+    async def _deny(self, jti: str, exp: int) -> None:
+        ttl_s = max(1, exp - int(time.time()) + self.settings.auth.leeway_s)
+        try:
+            await self.kv.deny(jti, ttl_s)
+        except errors.Unavailable:
+            pass  # the family revocation in Postgres still stops the token
+
+    # -- authentication -------------------------------------------------------
+
+    async def authenticate(self, token: str | None, *, denylist: bool = True, exp_leeway: bool = True) -> Principal:
+        """Who holds this access token, or Unauthorized: bad token, revoked, banned, deleted.
+
+        ``denylist=False``: the caller checks the Redis denylist itself (the socket
+        handshake does, in the same round trip as its connection registration).
+        ``exp_leeway=False``: no clock-skew leeway on ``exp`` (sockets: closed at exp, not reopened).
+        """
+        if not token:
+            raise errors.Unauthorized("missing access token")
+        claims = self.tokens.verify(token, "access", exp_leeway=exp_leeway)
+        if denylist:
+            try:
+                denied = await self.kv.is_denied(claims.jti)
+            except errors.Unavailable:
+                denied = False  # the family check below still stops a logged-out session
+            if denied:
+                raise errors.Unauthorized("token revoked")
+        row = await self.status_reads((claims.sub, claims.family))
+        refused = _refusal(row)
+        if refused is not None:
+            raise errors.Unauthorized(refused[1])
+        assert row is not None
+        return Principal(user_id=claims.sub, role=row["role"], claims=claims)
+
+    async def ended_since(self, principal: Principal) -> tuple[int, str] | None:
+        """Was the session of ``principal`` (authenticated a moment ago) ended since?  None if not, else the
+        close code and reason of the forced close that went with it.
+
+        The socket handshake asks once its worker listens on the user channel: a logout, password
+        change, deactivation or ban written before is seen here, one after reaches the socket as a
+        forced close.  Batched like ``authenticate`` (connect storms share the queries).
+        """
+        refused = _refusal(await self.status_reads((principal.user_id, principal.claims.family)))
+        if refused is not None:
+            return refused[0]
+        if principal.claims.family is None:
+            try:
+                denied = await self.denied_reads(principal.claims.jti)
+            except errors.Unavailable:
+                denied = False  # as in authenticate: the denylist fails open
+            if denied:
+                return int(CloseCode.AUTH_EXPIRED), "logged out"
+        return None
+
+
+def _refusal(row: dict[str, Any] | None) -> tuple[tuple[int, str], str] | None:
+    """Why a session with this status row (``store.auth_statuses``) may not be used: the forced close a
+    socket gets (the code and reason the revocation itself closes with) and the REST 401 message."""
+    if row is None or row["status"] == "deleted":
+        return (int(CloseCode.AUTH_EXPIRED), "account deleted"), "unknown user" if row is None else "account disabled"
+    if row["status"] == "banned":
+        return (int(CloseCode.POLICY_VIOLATION), "account banned"), "account disabled"
+    if row["status"] != "active":
+        return (int(CloseCode.AUTH_EXPIRED), "account disabled"), "account disabled"
+    if row["revoked"]:
+        return (int(CloseCode.AUTH_EXPIRED), "session revoked"), "token revoked"
+    return None
+
+
+def create_user_sync(settings: Settings, email: str, password: str, name: str, admin: bool) -> dict[str, Any]:
+    """``chatd create-user``: create, or reset the password and role of an existing email."""
+    email = auth.validate_email(email)
+    password_hash = auth.hash_password(auth.validate_password(password))
+    role = "admin" if admin else "user"
+    row = store.upsert_user_sync(settings.storage.database_url, email, name or email.split("@")[0], password_hash, role)
+    return user_json(row)

@@ -1,0 +1,303 @@
+"""Room operations shared by the socket and REST handlers: send, join/leave, typing, read, edit, delete.
+
+Thin: the rules live here, the mechanisms in their own modules (group commit
+``writer``, delivery ``fanout``, presence ``presence``, SQL ``store``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chatd.assistant.context import mentions_assistant
+from chatd.core import errors, protocol
+from chatd.process import metrics
+from chatd.process.config import WebSocketSettings
+from chatd.realtime.batching import Batched
+from chatd.realtime.fanout import Conn, Event, Hub
+from chatd.realtime.presence import Presence
+from chatd.realtime.writer import MessageWriter
+from chatd.services.ratelimit import SendLimiter
+from chatd.storage import store
+from chatd.storage.kv import KV
+from chatd.storage.store import Committed, Database, PendingMessage
+
+ROOM_KINDS = ("group", "assistant")
+ASSISTANT_MODES = ("always", "mention")
+
+
+class AssistantPort(Protocol):
+    """What rooms need of the assistant (``chatd.assistant.answers.Assistant``)."""
+
+    def answers_in(self, room: dict[str, Any]) -> bool: ...
+
+    async def enqueue(self, room_id: int, prompt_id: int, requester_id: int) -> int: ...
+
+    async def settle(self, prompt_id: int) -> None: ...
+
+    async def live_streams(self, room_id: int) -> list[tuple[int, int, list[dict[str, Any]]]]: ...
+
+    async def attach(self, room_id: int, prompt_id: int) -> tuple[list[dict[str, Any]], int] | None: ...
+
+    async def control(self, user_id: int, is_admin: bool, frame: protocol.Cancel | protocol.Regenerate) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    committed: Committed
+    queued_position: int | None = None  # an assistant answer was queued
+    assistant_error: errors.ChatdError | None = None  # busy / quota_exceeded: no answer comes
+    answer_pending: bool = False  # owed but not queued yet (queue unreachable): the sweeper queues it
+
+    @property
+    def row(self) -> dict[str, Any]:
+        assert self.committed.row is not None
+        return self.committed.row
+
+    @property
+    def duplicate(self) -> bool:
+        return self.committed.duplicate
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    joined: dict[str, Any]  # the `joined` frame, written first
+    resync: dict[str, Any] | None  # `resync_required` when the replay would be too long
+    history: list[tuple[int, Event]]  # replayed messages, merged with held live frames by hub.finish_join
+    baseline_seq: int  # the socket is considered to have every seq up to this one
+    catch_up: list[tuple[int, int, list[bytes]]]  # running answers: (message id, chunk index, frames)
+
+
+class Rooms:
+    def __init__(
+        self,
+        db: Database,
+        kv: KV,
+        hub: Hub,
+        writer: MessageWriter,
+        presence: Presence,
+        limiter: SendLimiter,
+        settings: WebSocketSettings,
+    ) -> None:
+        self.db = db
+        self.kv = kv
+        self.hub = hub
+        self.writer = writer
+        self.presence = presence
+        self.limiter = limiter
+        self.settings = settings
+        self.assistant: AssistantPort | None = None  # set when the assistant runs
+        # Membership, last_seq and replay of concurrent joins (a reconnect storm) in one round of queries.
+        self.join_reads: Batched[tuple[int, int, int | None], store.JoinRead] = Batched(
+            lambda joins: store.join_reads(db, joins, settings.replay_limit)
+        )
+
+    async def member_room(self, room_id: int, user_id: int) -> dict[str, Any]:
+        room = await store.room_for_member(self.db, room_id, user_id)
+        if room is None:
+            raise errors.NotFound("room not found")
+        return room
+
+    # -- send -------------------------------------------------------------------
+
+    def submit(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> asyncio.Future[Committed]:
+        """Check the limits and queue the message; the future resolves when it is durable.
+
+        Synchronous: no round trip before the message is queued, so a socket's
+        sends are queued in the order its frames arrived.
+        """
+        if len(content) > self.settings.max_message_chars:
+            raise errors.TooLarge(f"content over {self.settings.max_message_chars} characters")
+        decision = self.limiter.hit(user_id)
+        if not decision.allowed:
+            raise errors.RateLimited(
+                f"at most {self.settings.send_rate_count} messages per {self.settings.send_rate_window_s:g} s",
+                retry_after_ms=decision.retry_after_ms,
+            )
+        message = PendingMessage(
+            room_id, user_id, "user", "text", content, client_msg_id, mentions_assistant=mentions_assistant(content)
+        )
+        return self.writer.submit(message)
+
+    async def send(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> SendResult:
+        """Submit, wait until durable, then queue the assistant's answer if the room wants one."""
+        result = await self.submit(user_id, room_id, content, client_msg_id)
+        return await self.after_commit(user_id, room_id, result)
+
+    def wants_answer(self, committed: Committed) -> bool:
+        """The commit recorded an owed answer (decided in its transaction): enqueue it.
+
+        Also true for a duplicate whose answer is still owed: a client's retry re-enqueues
+        (the queue refuses a second job for the same prompt).
+        """
+        return self.assistant is not None and committed.error is None and committed.answer_owed
+
+    async def after_commit(self, user_id: int, room_id: int, result: Committed) -> SendResult:
+        if result.error is not None:
+            raise result.error
+        queued: int | None = None
+        refused: errors.ChatdError | None = None
+        pending = False
+        if self.assistant is not None and self.wants_answer(result):
+            assert result.row is not None
+            prompt_id = int(result.row["id"])
+            try:
+                queued = await self.assistant.enqueue(room_id, prompt_id, user_id)
+            except errors.Unavailable:
+                pending = True  # still owed (answers_owed): the sweeper queues it once Redis/Postgres answer
+            except errors.ChatdError as err:
+                refused = err  # the message is stored and acked; only the answer is refused
+                await self.assistant.settle(prompt_id)
+        return SendResult(result, queued, refused, pending)
+
+    # -- join / leave -------------------------------------------------------------
+
+    async def join(
+        self, conn: Conn, room_id: int, since_seq: int | None, request_id: Any, rejoin: bool = False
+    ) -> JoinResult:
+        await self.hub.join_room(conn, room_id)
+        try:
+            # Subscribed (confirmed) before this read: nothing falls between history and live.
+            read = await self.join_reads((room_id, conn.user_id, since_seq))
+            if read.room is None:
+                raise errors.NotFound("room not found")
+            room = read.room
+            last_seq = int(room["last_seq"])
+            resync = None
+            baseline_seq = last_seq
+            if read.resync:
+                metrics.resyncs.labels("replay_limit").inc()
+                resync = protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=request_id)
+            elif since_seq is not None and since_seq < last_seq:
+                baseline_seq = since_seq
+            history: list[tuple[int, Event]] = []
+            for r in read.history:
+                frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(r)))
+                history.append((int(r["seq"]), Event(frame, int(r["seq"]))))
+            catch_up: list[tuple[int, int, list[bytes]]] = []
+            if self.assistant is not None and self.assistant.answers_in(room):
+                for message_id, index, frames in await self.assistant.live_streams(room_id):
+                    encoded = [protocol.ws_text_frame(protocol.encode_bytes(f)) for f in frames]
+                    catch_up.append((message_id, index, encoded))
+        except BaseException:
+            await self.hub.leave_room(conn, room_id)
+            raise
+        if not rejoin:
+            self.presence.joined(room_id, conn.user_id)
+        online = sorted(self.hub.online(room_id) | {conn.user_id})
+        joined = protocol.joined(room_id=room_id, last_seq=last_seq, online=online, reply_to=request_id)
+        return JoinResult(joined, resync, history, baseline_seq, catch_up)
+
+    async def leave(self, conn: Conn, room_id: int, *, detached: bool = False) -> None:
+        """``detached``: the socket was in the room and ``Hub.detach`` already took it out of the delivery."""
+        if detached or room_id in conn.room_seq or room_id in self.hub.rooms:
+            await self.hub.leave_room(conn, room_id)
+            self.presence.left(room_id, conn.user_id)
+
+    async def kick(self, room_id: int, user_id: int) -> None:
+        """A removed member's sockets leave the room on every worker and instance."""
+        await self.hub.kick(user_id, room_id)
+
+    # -- membership and room events (to every device of the users concerned) ---------------
+
+    async def system_message(self, room_id: int, content: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A durable ``kind: system`` message: through the group commit like any other (seq, repair, resume)."""
+        result = await self.writer.submit(PendingMessage(room_id, None, "system", "system", content, None, data=data))
+        if result.error is not None:
+            raise result.error
+        assert result.row is not None
+        return result.row
+
+    async def online_now(self, room_id: int) -> set[int]:
+        """Who has a socket in the room anywhere (Redis presence; this worker's view while Redis is down)."""
+        try:
+            return set(await self.kv.presence_online(room_id))
+        except errors.Unavailable:
+            return self.hub.online(room_id)
+
+    async def created(self, room: dict[str, Any], member_ids: list[int]) -> None:
+        frame = protocol.room_added(room=protocol.room_object(room | {"read_seq": 0}))
+        await self.hub.publish_users(member_ids, frame)
+
+    async def add_member(self, room: dict[str, Any], user_id: int, by: int) -> bool:
+        """Add, say so in the room (``member_joined``), then tell the new member's devices (``room_added``)."""
+        if not await store.add_member(self.db, room["id"], user_id):
+            return False
+        name = (await store.user_names(self.db, [user_id])).get(user_id, "")
+        row = await self.system_message(
+            room["id"], f"{name} joined", {"event": "member_joined", "user_id": user_id, "name": name, "by": by}
+        )
+        await store.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
+        fresh = await store.room_for_member(self.db, room["id"], user_id)
+        if fresh is not None:
+            await self.hub.publish_users([user_id], protocol.room_added(room=protocol.room_object(fresh)))
+        return True
+
+    async def remove_member(self, room: dict[str, Any], user_id: int, by: int) -> None:
+        """Remove (its sockets leave the room, ``room_removed`` to its devices), then ``member_left`` in the room."""
+        if not await store.remove_member(self.db, room["id"], user_id):
+            raise errors.NotFound("member not found")
+        await self.kick(room["id"], user_id)
+        reason = "left" if by == user_id else "removed"
+        await self.hub.publish_users([user_id], protocol.room_removed(room_id=room["id"], reason=reason))
+        name = (await store.user_names(self.db, [user_id])).get(user_id, "")
+        await self.system_message(
+            room["id"], f"{name} left", {"event": "member_left", "user_id": user_id, "name": name, "by": by}
+        )
+
+    async def updated(self, room: dict[str, Any]) -> None:
+        """Renamed, reconfigured or archived: ``room_updated`` to every member's devices."""
+        members = await store.room_member_ids(self.db, room["id"])
+        await self.hub.publish_users(members, protocol.room_updated(room=protocol.room_object(room)))
+
+    # -- typing, read, edit, delete -------------------------------------------------
+
+    async def typing(self, conn: Conn, room_id: int, is_typing: bool) -> None:
+        if room_id not in conn.room_seq:
+            await self.member_room(room_id, conn.user_id)
+        if is_typing:
+            try:
+                relay = await self.kv.typing_relay(room_id, conn.user_id, self.settings.typing_interval_s)
+            except errors.Unavailable:
+                relay = True  # without Redis, typing is relayed unthrottled rather than not at all
+            if not relay:
+                return  # throttled: at most one per user per room per interval
+        frame = protocol.typing(room_id=room_id, user_id=conn.user_id, is_typing=is_typing)
+        await self.hub.publish_room(room_id, frame, exclude=conn.connection_id)
+
+    async def read(self, conn: Conn, room_id: int, seq: int) -> int:
+        stored = await store.set_read(self.db, room_id, conn.user_id, seq)
+        if stored is None:
+            raise errors.NotFound("room not found")
+        frame = protocol.read(room_id=room_id, user_id=conn.user_id, seq=stored)
+        await self.hub.publish_user(conn.user_id, frame, exclude=conn.connection_id)
+        return stored
+
+    async def _own_message(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:
+        msg = await store.message_by_id(self.db, message_id)
+        if msg is None or await store.room_for_member(self.db, msg["room_id"], user_id) is None:
+            raise errors.NotFound("message not found")
+        if msg["sender_id"] != user_id and not is_admin:
+            raise errors.Forbidden("only the author or an admin may change a message")
+        if msg["deleted_at"] is not None:
+            raise errors.Conflict("message was deleted")
+        return msg
+
+    async def edit(self, user_id: int, is_admin: bool, message_id: int, content: str) -> dict[str, Any]:
+        if len(content) > self.settings.max_message_chars:
+            raise errors.TooLarge(f"content over {self.settings.max_message_chars} characters")
+        await self._own_message(user_id, is_admin, message_id)
+        row = await store.edit_message(self.db, message_id, content)
+        if row is None:
+            raise errors.Conflict("message was deleted")
+        await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), protocol.change_from_row(row))
+        return row
+
+    async def delete(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:
+        await self._own_message(user_id, is_admin, message_id)
+        row = await store.delete_message(self.db, message_id, user_id)
+        if row is None:
+            raise errors.Conflict("message was deleted")
+        await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), protocol.change_from_row(row))
+        return row

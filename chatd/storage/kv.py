@@ -1,0 +1,523 @@
+"""Redis (Valkey): every command chatd sends, with one error policy.
+
+What ``store.py`` is for Postgres: callers ask for operations by purpose
+(``deny``, ``presence_apply``, ``publish_many``...) and never touch redis-py.
+A Redis that does not answer (down, timeout, pool exhausted, torn connection)
+always becomes ``errors.Unavailable``, counted per operation and logged at
+most once per operation every ``_LOG_EVERY_S``.  Callers that can do without
+Redis catch ``Unavailable`` and say what they do instead; the others let it
+reach the client as ``unavailable``.
+
+Scripts are registered once and sent by SHA (EVALSHA).  The key names come
+from ``chatd.keys``; the pub/sub subscriber lives in ``chatd.pubsub``.
+
+``connect`` and ``pubsub_client`` take a plain URL or a ``sentinel://`` one
+(``chatd.redisurl``): with Sentinel every new connection asks the sentinels
+where the primary is, so after a failover the next command reaches the
+promoted replica (the failed ones meanwhile are ``Unavailable`` as usual).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
+
+from chatd.core import errors
+from chatd.core.keys import Keys
+from chatd.process import metrics
+from chatd.process.config import StorageSettings
+from chatd.process.logs import app_log, fields
+from chatd.storage import redisurl
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_LOG_EVERY_S = 10.0
+_last_logged: dict[str, float] = {}
+
+
+_op_metrics: dict[str, tuple[Histogram, Counter]] = {}  # op -> (latency histogram, error counter): labels() once per op
+
+
+@contextlib.asynccontextmanager
+async def redis_errors(op: str) -> AsyncIterator[None]:
+    """The error policy: any Redis failure leaves as ``Unavailable``.  Every round trip is timed."""
+    children = _op_metrics.get(op)
+    if children is None:
+        children = _op_metrics[op] = (metrics.redis_latency.labels(op), metrics.redis_errors.labels(op))
+    started = time.perf_counter()
+    try:
+        yield
+    except (RedisError, OSError, AttributeError) as exc:  # redis-py can raise AttributeError on a torn connection
+        children[0].observe(time.perf_counter() - started)
+        children[1].inc()
+        now = time.monotonic()
+        if now - _last_logged.get(op, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            _last_logged[op] = now
+            app_log.warning("redis_unavailable", extra=fields(op=op, error=f"{type(exc).__name__}: {exc}"[:200]))
+        raise errors.Unavailable("redis unavailable, try again") from None
+    children[0].observe(time.perf_counter() - started)
+
+
+def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """``redis_errors`` as a decorator, for modules that own their Redis scripts (the job queue)."""
+
+    def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(fn)
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            async with redis_errors(op):
+                return await fn(*args, **kwargs)
+
+        return call
+
+    return decorate
+
+
+def connect(storage: StorageSettings, max_connections: int | None = None) -> aioredis.Redis:
+    """A client with a blocking pool: a burst waits for a connection instead of failing at once."""
+    limit = max_connections or storage.redis_pool_max
+    timeouts: dict[str, Any] = {
+        "socket_timeout": storage.redis_timeout_s,
+        "socket_connect_timeout": storage.redis_timeout_s,
+        "health_check_interval": 30,
+    }
+    if redisurl.is_sentinel(storage.redis_url):
+        return _sentinel_client(
+            storage, _BlockingSentinelPool, max_connections=limit, timeout=storage.redis_timeout_s, **timeouts
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        storage.redis_url, max_connections=limit, timeout=storage.redis_timeout_s, **timeouts
+    )
+    return aioredis.Redis(connection_pool=pool, decode_responses=False)
+
+
+def pubsub_client(storage: StorageSettings) -> aioredis.Redis:
+    """The pub/sub reader's own client: no read timeout (it waits for messages), a connect timeout."""
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": storage.redis_timeout_s,
+        "health_check_interval": 30,
+        "max_connections": 2,
+    }
+    if redisurl.is_sentinel(storage.redis_url):
+        return _sentinel_client(storage, SentinelConnectionPool, **kwargs)
+    return aioredis.Redis.from_url(storage.redis_url, **kwargs)
+
+
+async def close_client(client: aioredis.Redis) -> None:
+    """Close a client from ``connect`` / ``pubsub_client``, and its sentinel connections if it has any."""
+    await client.aclose()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if isinstance(manager, Sentinel):
+        await manager.aclose()
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (asks the sentinels where the primary is for every new connection, drops
+    connections to a demoted one) with the blocking pool's wait for a free connection."""
+
+
+def _sentinel_client(
+    storage: StorageSettings, pool_class: type[SentinelConnectionPool], **kwargs: Any
+) -> aioredis.Redis:
+    target = redisurl.parse_sentinel(storage.redis_url)
+    # The sentinels answer quickly or not at all: always a timeout, even for the pub/sub client's queries.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": storage.redis_timeout_s,
+        "socket_connect_timeout": storage.redis_timeout_s,
+        "username": target.sentinel_username,
+        "password": target.sentinel_password,
+    }
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs=sentinel_kwargs,
+        username=target.username,
+        password=target.password,
+        db=target.db,
+    )
+    client: aioredis.Redis = manager.master_for(target.master, connection_pool_class=pool_class, **kwargs)
+    return client
+
+
+# KEYS: per connection, the denylist key of its token and its user's connection set
+# ARGV: now_ms, expiry_ms, cap, then the connection ids
+# Per connection: -1 token revoked; 0 over the per-user cap; 1 registered
+_CONNECT = """
+local out = {}
+for i = 1, #ARGV - 3 do
+  local deny, conns = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('EXISTS', deny) == 1 then
+    out[i] = -1
+  else
+    redis.call('ZREMRANGEBYSCORE', conns, '-inf', ARGV[1])
+    if redis.call('ZCARD', conns) >= tonumber(ARGV[3]) then
+      out[i] = 0
+    else
+      redis.call('ZADD', conns, ARGV[2], ARGV[3 + i])
+      redis.call('PEXPIREAT', conns, ARGV[2])
+      out[i] = 1
+    end
+  end
+end
+return out
+"""
+
+# KEYS: zset of event times   ARGV: now_ms, window_ms, limit, unique member
+_RATE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local retry = tonumber(oldest[2]) + ARGV[2] - ARGV[1]
+  if retry < 1 then retry = 1 end
+  return {0, retry}
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, 0}
+"""
+
+# ARGV: key prefix, current slice, slices per window, slice ms, then subject, delta pairs.
+# Returns, per subject, the events counted in the window's slices over all workers.
+_QUOTA_SYNC = """
+local prefix, now, slices, slice_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {}
+for i = 5, #ARGV, 2 do
+  local base = prefix .. ARGV[i] .. ':'
+  local delta = tonumber(ARGV[i + 1])
+  if delta > 0 then
+    local key = base .. now
+    redis.call('INCRBY', key, delta)
+    redis.call('PEXPIRE', key, slice_ms * (slices + 1))
+  end
+  local total = 0
+  for s = now - slices + 1, now do total = total + tonumber(redis.call('GET', base .. s) or '0') end
+  out[#out + 1] = total
+end
+return out
+"""
+
+# KEYS: presence, presence-users, worker-rooms, pending offlines
+# ARGV: origin, room id, now ms, grace ms, then user, delta (+1 / -1) pairs
+# Returns the users who came online anywhere.  A user whose last entry goes is put on the pending
+# list, due after the grace: back before it (on any worker or instance), nobody hears of it.
+_PRESENCE_APPLY = """
+local origin, room = ARGV[1], ARGV[2]
+local due = tonumber(ARGV[3]) + tonumber(ARGV[4])
+local online = {}
+for i = 5, #ARGV, 2 do
+  local user, delta = ARGV[i], tonumber(ARGV[i + 1])
+  local field = user .. ':' .. origin
+  if delta > 0 then
+    if redis.call('HSETNX', KEYS[1], field, '1') == 1 then
+      if redis.call('HINCRBY', KEYS[2], user, 1) == 1 and redis.call('ZREM', KEYS[4], room .. ':' .. user) == 0 then
+        online[#online + 1] = user
+      end
+      redis.call('SADD', KEYS[3], room)
+    end
+  elseif redis.call('HDEL', KEYS[1], field) == 1 then
+    if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+      redis.call('HDEL', KEYS[2], user)
+      redis.call('ZADD', KEYS[4], due, room .. ':' .. user)
+    end
+  end
+end
+return online
+"""
+
+# KEYS: pending offlines   ARGV: now ms, key prefix, limit
+# Pops the due entries; returns {room, user, ...} of those still gone: announce them offline.
+_PRESENCE_DUE = """
+local out = {}
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
+  redis.call('ZREM', KEYS[1], entry)
+  local sep = string.find(entry, ':', 1, true)
+  local room, user = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
+  if redis.call('HEXISTS', ARGV[2] .. 'presence-n:' .. room, user) == 0 then
+    out[#out + 1] = room
+    out[#out + 1] = user
+  end
+end
+return out
+"""
+
+# KEYS: workers, pending offlines   ARGV: origin, expiry ms, now ms, key prefix
+# Renews this worker's heartbeat, then removes the entries of workers whose heartbeat expired (a
+# crashed instance): their users, if gone everywhere, are due offline now.  Returns 1 when this
+# worker was still registered, 0 when its own entries were swept meanwhile (it must add them again).
+_HEARTBEAT = """
+local prefix, now = ARGV[4], tonumber(ARGV[3])
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+for _, origin in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 20)) do
+  local rooms_key = prefix .. 'worker-rooms:' .. origin
+  local suffix = ':' .. origin
+  for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+    local pkey, nkey = prefix .. 'presence:' .. room, prefix .. 'presence-n:' .. room
+    for _, field in ipairs(redis.call('HKEYS', pkey)) do
+      if string.sub(field, -#suffix) == suffix then
+        redis.call('HDEL', pkey, field)
+        local user = string.sub(field, 1, #field - #suffix)
+        if redis.call('HINCRBY', nkey, user, -1) <= 0 then
+          redis.call('HDEL', nkey, user)
+          redis.call('ZADD', KEYS[2], now, room .. ':' .. user)
+        end
+      end
+    end
+  end
+  redis.call('DEL', rooms_key)
+  redis.call('ZREM', KEYS[1], origin)
+end
+if old and tonumber(old) >= now then return 1 end
+return 0
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class KV:
+    """The worker's Redis operations (one client, one error policy)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._connect = client.register_script(_CONNECT)
+        self._rate = client.register_script(_RATE)
+        self._quota_sync = client.register_script(_QUOTA_SYNC)
+        self._presence_apply = client.register_script(_PRESENCE_APPLY)
+        self._presence_due = client.register_script(_PRESENCE_DUE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._rate_counter = 0
+
+    async def close(self) -> None:
+        await close_client(self.client)
+
+    async def ping(self) -> None:
+        async with redis_errors("ping"):
+            await self.client.ping()
+
+    # -- connections and tokens ---------------------------------------------------
+
+    async def register_connections(
+        self, connections: Sequence[tuple[str, int, str]], cap: int, ttl_s: float
+    ) -> list[int]:
+        """``(token jti, user id, connection id)`` each: -1 token revoked, 0 over the per-user cap, 1 registered.
+
+        One round trip for many handshakes (through ``Batched``)."""
+        now_ms = int(time.time() * 1000)
+        keys: list[str] = []
+        for jti, user_id, _ in connections:
+            keys += (self.keys.denied_jti(jti), self.keys.user_connections(user_id))
+        args: list[Any] = [now_ms, now_ms + int(ttl_s * 1000), cap, *(c for _, _, c in connections)]
+        async with redis_errors("connect"):
+            return [int(r) for r in await self._connect(keys=keys, args=args)]
+
+    async def refresh_connections(self, entries: Iterable[tuple[int, str]], ttl_s: float) -> None:
+        expiry_ms = int(time.time() * 1000) + int(ttl_s * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for user_id, connection_id in entries:
+            pipe.zadd(self.keys.user_connections(user_id), {connection_id: expiry_ms}, xx=True)
+        async with redis_errors("connections_refresh"):
+            await pipe.execute()
+
+    async def report_connections(self, origin: str, count: int, ttl_s: float) -> None:
+        expiry_ms = int(time.time() * 1000) + int(ttl_s * 1000)
+        async with redis_errors("live_connections"):
+            await self.client.hset(self.keys.live_connections(), origin, f"{count}:{expiry_ms}")
+
+    async def live_connections(self) -> dict[str, int]:
+        """Sockets per live worker; entries of workers that stopped reporting are dropped."""
+        now_ms = int(time.time() * 1000)
+        async with redis_errors("live_connections"):
+            raw = await self.client.hgetall(self.keys.live_connections())
+            out, stale = {}, []
+            for origin, value in raw.items():
+                count, expiry = _text(value).split(":")
+                if int(expiry) < now_ms:
+                    stale.append(origin)
+                else:
+                    out[_text(origin)] = int(count)
+            if stale:
+                await self.client.hdel(self.keys.live_connections(), *stale)
+        return out
+
+    async def unregister_connection(self, user_id: int, connection_id: str) -> None:
+        async with redis_errors("disconnect"):
+            await self.client.zrem(self.keys.user_connections(user_id), connection_id)
+
+    async def is_denied(self, jti: str) -> bool:
+        async with redis_errors("denylist"):
+            return bool(await self.client.exists(self.keys.denied_jti(jti)))
+
+    async def denied_many(self, jtis: Sequence[str]) -> list[bool]:
+        """``is_denied`` of many tokens in one round trip (through ``Batched``)."""
+        async with redis_errors("denylist"):
+            values = await self.client.mget([self.keys.denied_jti(jti) for jti in jtis])
+        return [value is not None for value in values]
+
+    async def deny(self, jti: str, ttl_s: int) -> None:
+        async with redis_errors("denylist"):
+            await self.client.set(self.keys.denied_jti(jti), b"1", ex=ttl_s)
+
+    # -- rate limits ----------------------------------------------------------------
+
+    async def rate_hit(self, scope: str, subject: str, limit: int, window_ms: int) -> tuple[bool, int]:
+        self._rate_counter += 1
+        now_ms = int(time.time() * 1000)
+        async with redis_errors("rate_limit"):
+            allowed, retry_ms = await self._rate(
+                keys=[self.keys.rate(scope, subject)], args=[now_ms, window_ms, limit, f"{now_ms}-{self._rate_counter}"]
+            )
+        return bool(allowed), int(retry_ms)
+
+    async def quota_sync(
+        self, scope: str, deltas: Mapping[str, int], slice_index: int, slices: int, slice_ms: int
+    ) -> list[int]:
+        args: list[Any] = [self.keys.quota(scope), slice_index, slices, slice_ms]
+        for subject, delta in deltas.items():
+            args += (subject, delta)
+        async with redis_errors("quota_sync"):
+            totals = await self._quota_sync(keys=[], args=args)
+        return [int(t) for t in totals]
+
+    # -- pub/sub (publishing; the subscriber is chatd.pubsub) ------------------------------
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        async with redis_errors("publish"):
+            await self.client.publish(channel, payload)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        if len(items) == 1:
+            await self.publish(*items[0])
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for channel, payload in items:
+            pipe.publish(channel, payload)
+        async with redis_errors("publish"):
+            await pipe.execute()
+
+    # -- presence ------------------------------------------------------------------
+
+    async def presence_apply(
+        self, origin: str, room_id: int, changes: Sequence[tuple[int, int]], grace_s: float
+    ) -> list[int]:
+        """Add (+1) / remove (-1) this worker's entry of each user; the users who came online anywhere."""
+        keys = [
+            self.keys.presence(room_id),
+            self.keys.presence_users(room_id),
+            self.keys.worker_rooms(origin),
+            self.keys.presence_pending(),
+        ]
+        args: list[Any] = [origin, room_id, int(time.time() * 1000), int(grace_s * 1000)]
+        for user, delta in changes:
+            args += (user, delta)
+        async with redis_errors("presence"):
+            online = await self._presence_apply(keys=keys, args=args)
+        return [int(u) for u in online]
+
+    async def presence_due(self, limit: int = 500) -> list[tuple[int, int]]:
+        """``(room, user)`` whose grace ended with no socket anywhere: announce them offline (each once)."""
+        async with redis_errors("presence"):
+            flat = await self._presence_due(
+                keys=[self.keys.presence_pending()], args=[int(time.time() * 1000), self.keys.prefix, limit]
+            )
+        return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def presence_online(self, room_id: int) -> list[int]:
+        async with redis_errors("presence"):
+            users = await self.client.hkeys(self.keys.presence_users(room_id))
+        return sorted(int(u) for u in users)
+
+    async def heartbeat(self, origin: str, ttl_s: float) -> bool:
+        """Keep this worker's presence entries alive and sweep dead workers' entries.
+
+        False when this worker's entries were swept meanwhile (Redis lost it for a
+        while, or restarted empty): the caller adds them again.
+        """
+        now_ms = int(time.time() * 1000)
+        async with redis_errors("heartbeat"):
+            return bool(
+                await self._heartbeat(
+                    keys=[self.keys.workers(), self.keys.presence_pending()],
+                    args=[origin, now_ms + int(ttl_s * 1000), now_ms, self.keys.prefix],
+                )
+            )
+
+    async def forget_worker(self, origin: str) -> None:
+        """Clean shutdown: the entries are removed already; drop the heartbeat."""
+        async with redis_errors("heartbeat"):
+            await self.client.zrem(self.keys.workers(), origin)
+
+    # -- typing ------------------------------------------------------------------------
+
+    async def typing_relay(self, room_id: int, user_id: int, interval_s: float) -> bool:
+        """At most one relayed typing frame per user per room per interval, across instances."""
+        async with redis_errors("typing"):
+            return bool(
+                await self.client.set(
+                    self.keys.typing(room_id, user_id), b"1", nx=True, px=max(1, int(interval_s * 1000))
+                )
+            )
+
+    # -- assistant streams -----------------------------------------------------------------
+
+    async def stream_batch(
+        self,
+        begins: Sequence[tuple[int, int, Mapping[str, Any], int]],
+        appends: Sequence[tuple[int, str, int]],
+        publishes: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Many streams' Redis side in ONE round trip (MULTI, so a reader sees each step whole):
+        streams begun ``(answer id, room, state, ttl_s)``, chunks appended to the catch-up state
+        ``(answer id, text, index)`` (text and index move together), then the frames published."""
+        pipe = self.client.pipeline(transaction=True)
+        for message_id, room_id, state, ttl_s in begins:
+            pipe.hset(self.keys.stream(message_id), mapping=dict(state))  # type: ignore[arg-type]
+            pipe.expire(self.keys.stream(message_id), ttl_s)
+            pipe.set(self.keys.stream_text(message_id), "", ex=ttl_s)
+            pipe.sadd(self.keys.room_streams(room_id), message_id)
+            pipe.expire(self.keys.room_streams(room_id), ttl_s)
+        for message_id, text, index in appends:
+            pipe.append(self.keys.stream_text(message_id), text)
+            pipe.hset(self.keys.stream(message_id), "index", index)
+        for channel, payload in publishes:
+            pipe.publish(channel, payload)
+        async with redis_errors("stream"):
+            await pipe.execute()
+
+    async def stream_clear(self, room_id: int, message_id: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.keys.stream(message_id), self.keys.stream_text(message_id))
+        pipe.srem(self.keys.room_streams(room_id), message_id)
+        async with redis_errors("stream"):
+            await pipe.execute()
+
+    async def stream_state(self, message_id: int) -> dict[bytes, bytes]:
+        async with redis_errors("stream"):
+            return dict(await self.client.hgetall(self.keys.stream(message_id)))  # type: ignore[arg-type]
+
+    async def room_streams(self, room_id: int) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        """``(answer id, state, text so far)`` of the answers streaming in a room."""
+        async with redis_errors("stream"):
+            ids = await self.client.smembers(self.keys.room_streams(room_id))
+            if not ids:
+                return []
+            pipe = self.client.pipeline(transaction=True)
+            ordered = sorted(int(i) for i in ids)
+            for mid in ordered:
+                pipe.hgetall(self.keys.stream(mid))
+                pipe.get(self.keys.stream_text(mid))
+            replies = await pipe.execute()
+        out = []
+        for n, mid in enumerate(ordered):
+            state, text = replies[2 * n], replies[2 * n + 1]
+            if state:
+                out.append((mid, dict(state), text or b""))
+        return out

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from chatd.cli import main
+from chatd.core.errors import ConfigError
+from chatd.process import config
+
+SECRET = "s" * 40
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def load(env: dict[str, str] | None = None, file: Path | None = None) -> config.Settings:
+    return config.load(file, env={"JWT_SECRET": SECRET, **(env or {})})
+
+
+def test_defaults_file_matches_dataclass_defaults() -> None:
+    # config/chatd.toml documents the defaults; it must not silently change them.
+    loaded = load()
+    expected = config.replace(config.Settings(), "auth", jwt_secret=SECRET)
+    assert loaded == expected
+
+
+def test_env_overrides_file_overrides_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[server]\nport = 9000\nworkers = 3\n[ws]\nmax_frame_bytes = 1024\n")
+    s = load({"CHATD_SERVER_PORT": "9100", "CHATD_SERVER_ALLOWED_ORIGINS": "https://a.example, https://b.example"}, f)
+    assert s.server.port == 9100  # env beats file
+    assert s.server.workers == 3  # file beats defaults
+    assert s.ws.max_frame_bytes == 1024
+    assert s.server.allowed_origins == ["https://a.example", "https://b.example"]
+
+
+def test_conventional_env_names() -> None:
+    s = load({"DATABASE_URL": "postgresql://u:p@h/db", "REDIS_URL": "redis://h:6379/0", "ANTHROPIC_API_KEY": "k"})
+    assert s.storage.database_url == "postgresql://u:p@h/db"
+    assert s.storage.redis_url == "redis://h:6379/0"
+    assert s.assistant.anthropic_api_key == "k"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"CHATD_SERVER_PORT": "http"}, "server.port"),
+        ({"CHATD_SERVER_PORT": "70000"}, "server.port"),
+        ({"CHATD_SERVER_REUSE_PORT": "maybe"}, "server.reuse_port"),
+        ({"CHATD_WS_MAX_FRAME_BYTES": "10"}, "ws.max_frame_bytes"),
+        ({"CHATD_LOG_LEVEL": "loud"}, "log.level"),
+        ({"CHATD_SERVER_NOPE": "1"}, "CHATD_SERVER_NOPE"),
+        ({"CHATD_STORAGE_PG_POOL_MIN": "25"}, "storage.pg_pool_min"),  # above pg_pool_max (20)
+        ({"CHATD_SERVER_ALLOWED_ORIGINS": "chat.example.com"}, "server.allowed_origins"),
+        ({"JWT_SECRET": "short"}, "auth.jwt_secret"),
+    ],
+)
+def test_invalid_values_name_the_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    assert exc.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[server]\nport = "80"\n', "server.port"),
+        ("[server]\nbogus = 1\n", "server.bogus"),
+        ("[nosuch]\nx = 1\n", "nosuch"),
+        ("[server\n", None),
+    ],
+)
+def test_invalid_files_name_the_key(tmp_path: Path, toml: str, key: str | None) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as exc:
+        load(file=f)
+    assert exc.value.key == (key or str(f))
+
+
+def test_short_secret_allowed_in_dev_mode() -> None:
+    s = config.load(None, env={"CHATD_SERVER_DEV_MODE": "true"})
+    assert s.server.dev_mode and s.auth.jwt_secret == ""
+
+
+def test_secrets_are_masked() -> None:
+    s = load({"DATABASE_URL": "postgresql://chatd:hunter2@db.internal:5432/chatd", "ANTHROPIC_API_KEY": "sk-ant-x"})
+    shown = config.as_dict(s)
+    assert shown["auth"]["jwt_secret"] == "***"
+    assert shown["assistant"]["anthropic_api_key"] == "***"
+    assert shown["storage"]["database_url"] == "postgresql://chatd:***@db.internal:5432/chatd"
+    assert "hunter2" not in repr(shown)
+
+
+def test_check_config_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("CHATD_WS_IDLE_TIMEOUT_S", "-5")
+    assert main(["check-config"]) == 2
+    assert "ws.idle_timeout_s" in capsys.readouterr().err
+    monkeypatch.delenv("CHATD_WS_IDLE_TIMEOUT_S")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert '"jwt_secret": "***"' in out and SECRET not in out
+
+
+def test_config_doc_is_current() -> None:
+    # docs/CONFIG.md is generated: `make docs` rewrites it.
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == config.reference_markdown()
+
+
+def test_every_setting_is_documented() -> None:
+    for section_cls in config.SECTIONS.values():
+        for f in dataclasses.fields(section_cls):
+            assert f.metadata.get("doc"), f"{section_cls.__name__}.{f.name} has no doc"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"CHATD_ASSISTANT_PROVIDER": "anthropic"}, "assistant.provider"),
+        ({"CHATD_ASSISTANT_PROVIDER": "openai"}, "assistant.provider"),
+    ],
+)
+def test_provider_without_its_endpoint_fails_at_start(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    assert exc.value.key == key
+
+
+def test_env_example_loads() -> None:
+    """config/chatd.env.example is what operators copy: every line in it must be a valid setting."""
+    env = {}
+    for line in (ROOT / "config" / "chatd.env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    settings = config.load(env=env)
+    assert settings.server.trusted_proxies == ["127.0.0.1"]
+
+
+def test_removed_trust_proxy_headers_points_to_its_replacement(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load({"CHATD_SERVER_TRUST_PROXY_HEADERS": "true"})
+    file = tmp_path / "c.toml"
+    file.write_text("[server]\ntrust_proxy_headers = true\n")
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load(file=file)
+
+
+@pytest.mark.parametrize("bad", ["nginx", "10.0.0.0/33", "1.2.3"])
+def test_trusted_proxies_must_be_addresses(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"server\.trusted_proxies"):
+        load({"CHATD_SERVER_TRUSTED_PROXIES": f"127.0.0.1,{bad}"})
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"DATABASE_URL": "garbage"}, "storage.database_url"),
+        ({"DATABASE_URL": "mysql://u@h/db"}, "storage.database_url"),
+        ({"REDIS_URL": "garbage"}, "storage.redis_url"),
+        ({"REDIS_URL": "http://h:6379"}, "storage.redis_url"),
+        ({"REDIS_URL": "redis://h:port/0"}, "storage.redis_url"),
+    ],
+)
+def test_urls_are_checked(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load(env)
+
+
+def test_good_urls_pass() -> None:
+    settings = load({"DATABASE_URL": "postgresql://u:p@db:5432/chatd", "REDIS_URL": "rediss://:pw@cache:6380/1"})
+    assert settings.storage.redis_url.startswith("rediss://")
+    assert load({"DATABASE_URL": "host=/run/postgresql dbname=chatd", "REDIS_URL": "unix:///run/r.sock"})
+
+
+def test_one_shot_commands_need_no_secret() -> None:
+    with pytest.raises(ConfigError, match="jwt_secret"):
+        config.load(env={})
+    assert config.load(env={}, need_jwt_secret=False).auth.jwt_secret == ""
