@@ -43,6 +43,7 @@ from chatd.services.accounts import Accounts
 from chatd.services.admin import Admin
 from chatd.services.files import Files, make_storage
 from chatd.services.ratelimit import SendLimiter
+from chatd.services.revocations import Revocations
 from chatd.services.rooms import Rooms
 from chatd.services.search import Search
 from chatd.storage import kv, store
@@ -60,6 +61,7 @@ class Worker:
     hub: Hub
     writer: MessageWriter
     repair: Repair
+    revocations: Revocations
     presence: Presence
     limiter: SendLimiter
     rooms: Rooms
@@ -107,6 +109,7 @@ class Worker:
             hub,
             writer,
             Repair(hub, db, ws),
+            Revocations(hub, db, accounts.session_ended, ws.probe_interval_s),
             presence,
             limiter,
             rooms,
@@ -129,6 +132,7 @@ class Worker:
         tasks.supervise("fanout-subscribe", self.hub.subscriber.flush_wanted)
         tasks.supervise("message-writer", self.writer.run)
         tasks.supervise("fanout-repair", self.repair.run)
+        tasks.supervise("revocations", self.revocations.run)
         tasks.supervise("presence", self.presence.run)
         tasks.supervise("send-quota", self.limiter.run)
         tasks.supervise("connection-registry", lambda: refresh_registrations(self.state, self.kv, self.hub.origin))

@@ -312,13 +312,13 @@ class Hub:
 
         Raises ``Unavailable`` when the other instances cannot be told.
         """
-        self._close_local(user_id, code, reason, family)
+        self.close_local(user_id, code, reason, family)
         head = {"o": "close", "code": code, "reason": reason, "fam": family}
         await self.kv.publish(self.keys.user_channel(user_id), envelope.encode(self.origin, head))
 
     async def kick(self, user_id: int, room_id: int) -> None:
         """Make a user's sockets leave a room (removed from it) on every worker and instance."""
-        self._kick_local(user_id, room_id)
+        self.kick_local(user_id, room_id)
         await self._publish(
             [(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))]
         )
@@ -366,9 +366,9 @@ class Hub:
             if op == "f":
                 self.deliver_user(user_id, env.payloads[0], head.get("x"))
             elif op == "close":
-                self._close_local(user_id, int(head["code"]), str(head.get("reason", "")), head.get("fam"))
+                self.close_local(user_id, int(head["code"]), str(head.get("reason", "")), head.get("fam"))
             elif op == "kick":
-                self._kick_local(user_id, int(head["room"]))
+                self.kick_local(user_id, int(head["room"]))
         elif channel == self._control:
             handler = self.control_handlers.get(op)
             if handler is not None:
@@ -457,12 +457,12 @@ class Hub:
             conn.write_frame(frame)
             conn.room_seq[room_id] = max(conn.room_seq.get(room_id, 0), last_seq)
 
-    def _close_local(self, user_id: int, code: int, reason: str, family: str | None) -> None:
+    def close_local(self, user_id: int, code: int, reason: str, family: str | None) -> None:
         for conn in list(self.users.get(user_id, ())):
             if family is None or conn.family == family:
                 conn.force_close(code, reason)
 
-    def _kick_local(self, user_id: int, room_id: int) -> None:
+    def kick_local(self, user_id: int, room_id: int) -> None:
         for conn in list(self.users.get(user_id, ())):
             conn.kicked(room_id)
 

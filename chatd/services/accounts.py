@@ -262,9 +262,9 @@ class Accounts:
         change, deactivation or ban written before is seen here, one after reaches the socket as a
         forced close.  Batched like ``authenticate`` (connect storms share the queries).
         """
-        refused = _refusal(await self.status_reads((principal.user_id, principal.claims.family)))
+        refused = await self.session_ended(principal.user_id, principal.claims.family)
         if refused is not None:
-            return refused[0]
+            return refused
         if principal.claims.family is None:
             try:
                 denied = await self.denied_reads(principal.claims.jti)
@@ -273,6 +273,12 @@ class Accounts:
             if denied:
                 return int(CloseCode.AUTH_EXPIRED), "logged out"
         return None
+
+    async def session_ended(self, user_id: int, family: str | None) -> tuple[int, str] | None:
+        """The forced close a socket of this session gets, if the session may no longer be used (the
+        status and revocation in Postgres; not the Redis denylist)."""
+        refused = _refusal(await self.status_reads((user_id, family)))
+        return None if refused is None else refused[0]
 
 
 def _refusal(row: dict[str, Any] | None) -> tuple[tuple[int, str], str] | None:
