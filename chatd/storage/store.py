@@ -561,7 +561,13 @@ async def message_by_id(pool: Database, message_id: int) -> Row | None:
 async def _change_message(
     pool: Database, message_id: int, assignments: str, params: Sequence[Any], delete_files: bool = False
 ) -> Row | None:
-    """Edit or tombstone a message and give the change the room's next edit revision (one transaction)."""
+    """Edit or tombstone a message and give the change the room's next edit revision (one transaction).
+
+    None when the message is unknown or deleted, also when a delete committed while this change waited
+    for the room's row: under READ COMMITTED the first UPDATE re-checks only the locked room row, so the
+    second re-checks the message itself (a fresh snapshot) and rolls the revision back if it is gone.
+    """
+    row = None
     async with transaction(pool) as conn:
         cur = await conn.execute(
             "UPDATE rooms SET edit_rev = rooms.edit_rev + 1 FROM messages m"
@@ -572,15 +578,18 @@ async def _change_message(
         if rev is None:
             return None  # unknown or already deleted
         cur = await conn.execute(
-            f"UPDATE messages SET {assignments}, edit_rev = %s WHERE id = %s RETURNING {MESSAGE_COLUMNS}",
+            f"UPDATE messages SET {assignments}, edit_rev = %s WHERE id = %s AND deleted_at IS NULL"
+            f" RETURNING {MESSAGE_COLUMNS}",
             (*params, rev["edit_rev"], message_id),
         )
         row = await cur.fetchone()
+        if row is None:
+            raise psycopg.Rollback()  # deleted meanwhile: no revision is used, nothing is announced
         if delete_files:  # the blob goes with its message: marked here, removed by the sweeper
             await conn.execute(
                 "UPDATE files SET deleted_at = now() WHERE message_id = %s AND deleted_at IS NULL", (message_id,)
             )
-        return row
+    return row
 
 
 @bounded
