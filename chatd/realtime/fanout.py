@@ -104,10 +104,15 @@ class Hub:
     # -- rooms --------------------------------------------------------------------
 
     async def join_room(self, conn: Conn, room_id: int) -> RoomState:
-        """Subscribe (first local socket of the room) and mark ``conn`` as joining: its live frames are held."""
+        """Subscribe (first local socket of the room) and mark ``conn`` as joining: its live frames are held.
+
+        A rejoin on a socket already in the room starts over: the socket leaves the live set, so it gets
+        nothing of the room before its ``joined`` and, after it, each frame once (history, then held).
+        """
         room = self.rooms.get(room_id)
         if room is None:
             room = self.rooms[room_id] = RoomState()
+        room.live.discard(conn)
         room.joining[conn] = JoinMerge(self.settings.max_held_frames)
         try:
             if room.ready is None:
