@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import tornado.web
 
 from chatd import __version__
-from chatd.api import handlers as api
 from chatd.api import openapi, webapp
+from chatd.api import routes as api
 from chatd.api.health import check_dependencies
 from chatd.api.web import Application, LiveHandler, MetricsHandler, NotFoundHandler, ReadyHandler, log_request
 from chatd.api.ws import CONNECTION_TTL_S, ChatSocket, refresh_registrations

@@ -73,7 +73,7 @@ def bind(settings: Settings, reuse_port: bool = False) -> list[socket.socket]:
 async def _serve(settings: Settings, sockets: list[socket.socket], worker_id: int, ready_fd: int | None) -> None:
     from tornado.httpserver import HTTPServer
 
-    from chatd.api.handlers import STREAMED_BODIES
+    from chatd.api.files import STREAMED_BODIES
     from chatd.api.web import RequestLimits
     from chatd.process.app import Worker
 

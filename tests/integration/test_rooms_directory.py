@@ -8,8 +8,9 @@ from typing import Any
 
 import psycopg
 
-from chatd.api import handlers as api
 from chatd.api import openapi
+from chatd.api import routes as api
+from chatd.api.web import BaseHandler
 from tests.chat import API, connect, join, make_room, send
 from tests.openapi_check import Api, contract_for
 from tests.support import WS, request, wait_user_channel
@@ -159,7 +160,7 @@ async def test_openapi_covers_every_route(chatd: Any) -> None:
     # with every method its handler implements.
     deps: dict[str, Any] = {}
     registered = [
-        ("/health/live", api.BaseHandler, None),
+        ("/health/live", BaseHandler, None),
         *api.routes(None, None, None, None, None, None, None, None, deps),  # type: ignore[arg-type]
     ]
     from chatd.api.web import LiveHandler, MetricsHandler, ReadyHandler

@@ -1,0 +1,161 @@
+"""``/admin/*`` (role admin only, every call audited): stats, users, unban, role, any room's log,
+announcements, broadcasts, the audit log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd.api.base import LIMIT, NOT_BLANK, ApiHandler
+from chatd.api.openapi import INT, Param, obj, op, page, ref
+from chatd.core import errors
+from chatd.services.accounts import Principal
+from chatd.services.admin import MAX_ANNOUNCEMENT_CHARS, Admin
+
+ANNOUNCEMENT = {"type": "string", "maxLength": MAX_ANNOUNCEMENT_CHARS, "pattern": NOT_BLANK}  # announcement_text
+# from/to: a date or an RFC 3339 time (admin.parse_day)
+_DAY = {"anyOf": [{"format": "date"}, {"format": "date-time"}, {"const": ""}], "maxLength": 40}  # "": the default
+
+
+class AdminHandler(ApiHandler):
+    """Role admin only; every call by a signed-in user (refused ones too) goes to ``audit_log``."""
+
+    admin: Admin
+
+    def initialize(self, admin: Admin, **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.admin = admin
+        self.audit_target: str | None = None
+        self.audit_details: dict[str, Any] | None = None
+
+    async def admin_auth(self) -> Principal:
+        principal = await self.auth()
+        if not principal.is_admin:
+            raise errors.Forbidden("admin only")
+        return principal
+
+    def on_finish(self) -> None:
+        super().on_finish()
+        if self.principal is not None:
+            action = f"{self.request.method} {self.request.path}"
+            self.state.tasks.spawn(
+                self.admin.audit(
+                    self.principal.user_id,
+                    action,
+                    self.audit_target,
+                    self.audit_details,
+                    self.request.remote_ip or "",
+                    self.get_status(),
+                ),
+                "audit",
+            )
+
+
+class AdminStatsHandler(AdminHandler):
+    @op(
+        summary="Usage statistics over [from, to) (default: the last 7 days)",
+        tag="admin",
+        query=(
+            Param("from", {"type": "string", **_DAY}, "YYYY-MM-DD or RFC 3339, years 1970..9998"),
+            Param("to", {"type": "string", **_DAY}, "YYYY-MM-DD or RFC 3339, years 1970..9998"),
+        ),
+        responses={
+            200: ("Statistics", {"type": "object", "required": ["users", "rooms", "messages_per_day", "assistant"]})
+        },
+    )
+    async def get(self) -> None:
+        await self.admin_auth()
+        self.audit_details = {"from": self.arg("from"), "to": self.arg("to")}
+        self.send_json(await self.admin.stats(self.arg("from"), self.arg("to")))
+
+
+class AdminUsersHandler(AdminHandler):
+    @op(
+        summary="Users by email or name substring and status, newest first",
+        tag="admin",
+        query=(
+            Param("q", {"type": "string", "maxLength": 320}),
+            Param("status", {"type": "string", "enum": ["active", "banned", "deleted"]}),
+            LIMIT,
+            Param("cursor", {"type": "integer", "minimum": 1}),
+        ),
+        responses={200: ("Page of users", page("User", "users"))},
+    )
+    async def get(self) -> None:
+        await self.admin_auth()
+        self.send_json(await self.admin.users(self.arg("q"), self.arg("status"), self.arg("cursor"), self.arg("limit")))
+
+
+class AdminUnbanHandler(AdminHandler):
+    @op(summary="Unban a user", tag="admin", responses={200: ("User", ref("User"))})
+    async def post(self, user_id: str) -> None:
+        await self.admin_auth()
+        target = self.path_id(user_id, "user")
+        self.audit_target = f"user:{target}"
+        self.send_json(await self.admin.unban(target))
+
+
+class AdminRoleHandler(AdminHandler):
+    @op(
+        summary="Set a user's role",
+        tag="admin",
+        body=obj({"role": {"enum": ["user", "admin"]}}, extra=True),
+        responses={200: ("User", ref("User"))},
+    )
+    async def post(self, user_id: str) -> None:
+        await self.admin_auth()
+        target = self.path_id(user_id, "user")
+        role = self.json_body().get("role")
+        self.audit_target, self.audit_details = f"user:{target}", {"role": role}
+        self.send_json(await self.admin.set_role(target, role))
+
+
+class AdminRoomMessagesHandler(AdminHandler):
+    @op(
+        summary="Browse any room's log, deleted messages included (newest first)",
+        tag="admin",
+        query=(LIMIT, Param("cursor", {"type": "integer", "minimum": 1}, "before this seq")),
+        responses={200: ("Page", page("AdminMessage", "messages"))},
+    )
+    async def get(self, room_id: str) -> None:
+        await self.admin_auth()
+        target = self.path_id(room_id, "room")
+        self.audit_target = f"room:{target}"
+        self.send_json(await self.admin.room_messages(target, self.arg("cursor"), self.arg("limit")))
+
+    @op(
+        summary="Announce in a room: a system message (kind system) with a seq",
+        tag="admin",
+        body=obj({"content": ANNOUNCEMENT}, extra=True),
+        responses={201: ("The message", ref("Message"))},
+    )
+    async def post(self, room_id: str) -> None:
+        principal = await self.admin_auth()
+        target = self.path_id(room_id, "room")
+        self.audit_target = f"room:{target}"
+        self.send_json(await self.admin.announce(principal.user_id, target, self.json_body().get("content")), 201)
+
+
+class AdminBroadcastHandler(AdminHandler):
+    @op(
+        summary="Broadcast: a system message in every active room, or an announcement frame to every user",
+        tag="admin",
+        body=obj({"target": {"enum": ["rooms", "users"]}, "content": ANNOUNCEMENT}, extra=True),
+        responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
+    )
+    async def post(self) -> None:
+        principal = await self.admin_auth()
+        body = self.json_body()
+        self.audit_target = f"broadcast:{body.get('target')}"
+        self.send_json(await self.admin.broadcast(principal.user_id, body.get("target"), body.get("content")))
+
+
+class AdminAuditHandler(AdminHandler):
+    @op(
+        summary="The audit log, newest first",
+        tag="admin",
+        query=(LIMIT, Param("cursor", {"type": "integer", "minimum": 1})),
+        responses={200: ("Page", page("AuditEntry", "entries"))},
+    )
+    async def get(self) -> None:
+        await self.admin_auth()
+        self.send_json(await self.admin.audit_page(self.arg("cursor"), self.arg("limit")))

@@ -1,0 +1,85 @@
+"""The ``/api/v1`` route table (one list, in registration order) and the handler of its OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd.api.admin import (
+    AdminAuditHandler,
+    AdminBroadcastHandler,
+    AdminRoleHandler,
+    AdminRoomMessagesHandler,
+    AdminStatsHandler,
+    AdminUnbanHandler,
+    AdminUsersHandler,
+)
+from chatd.api.auth import LoginHandler, LogoutHandler, RefreshHandler, RegisterHandler
+from chatd.api.base import ApiHandler
+from chatd.api.files import FileHandler, FileUploadHandler
+from chatd.api.messages import MessagesHandler, StreamingSendHandler
+from chatd.api.openapi import op
+from chatd.api.rooms import MemberHandler, MembersHandler, RoomHandler, RoomsHandler
+from chatd.api.search import SearchHandler
+from chatd.api.users import BanHandler, MeHandler, PasswordHandler, UsageHandler, UsersHandler
+from chatd.process.config import Settings
+from chatd.process.state import ServerState
+from chatd.services.accounts import Accounts
+from chatd.services.admin import Admin
+from chatd.services.files import Files
+from chatd.services.rooms import Rooms
+from chatd.services.search import Search
+from chatd.storage.store import Database
+
+
+class OpenApiHandler(ApiHandler):
+    def initialize(self, spec: dict[str, Any], **deps: Any) -> None:  # type: ignore[override]
+        super().initialize(**deps)
+        self.spec = spec
+
+    @op(summary="This document (OpenAPI 3.1)", tag="meta", auth=False, responses={200: ("OpenAPI", {"type": "object"})})
+    async def get(self) -> None:
+        self.send_json(self.spec)
+
+
+def routes(
+    state: ServerState,
+    settings: Settings,
+    db: Database,
+    accounts: Accounts,
+    rooms: Rooms,
+    files: Files,
+    search: Search,
+    admin: Admin,
+    spec: dict[str, Any],
+) -> list[tuple[str, type[ApiHandler], dict[str, Any]]]:
+    """Every REST route; ``spec`` is filled with the OpenAPI document of the application's routes."""
+    deps = {"state": state, "settings": settings, "db": db, "accounts": accounts, "rooms": rooms}
+    prefix = "/api/v1"
+    return [
+        (prefix + r"/auth/register", RegisterHandler, deps),
+        (prefix + r"/auth/login", LoginHandler, deps),
+        (prefix + r"/auth/refresh", RefreshHandler, deps),
+        (prefix + r"/auth/logout", LogoutHandler, deps),
+        (prefix + r"/me", MeHandler, deps),
+        (prefix + r"/me/password", PasswordHandler, deps),
+        (prefix + r"/me/usage", UsageHandler, {**deps, "admin": admin}),
+        (prefix + r"/users", UsersHandler, deps),
+        (prefix + r"/admin/users/([^/]+)/ban", BanHandler, deps),
+        (prefix + r"/admin/stats", AdminStatsHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/users", AdminUsersHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/users/([^/]+)/unban", AdminUnbanHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/users/([^/]+)/role", AdminRoleHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/rooms/([^/]+)/messages", AdminRoomMessagesHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/broadcast", AdminBroadcastHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/audit", AdminAuditHandler, {**deps, "admin": admin}),
+        (prefix + r"/rooms", RoomsHandler, deps),
+        (prefix + r"/rooms/([^/]+)", RoomHandler, deps),
+        (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),
+        (prefix + r"/rooms/([^/]+)/members/([^/]+)", MemberHandler, deps),
+        (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
+        (prefix + r"/rooms/([^/]+)/messages/stream", StreamingSendHandler, deps),
+        (prefix + r"/rooms/([^/]+)/files", FileUploadHandler, {**deps, "files": files}),
+        (prefix + r"/files/([^/]+)", FileHandler, {**deps, "files": files}),
+        (prefix + r"/search", SearchHandler, {**deps, "search": search}),
+        (prefix + r"/openapi.json", OpenApiHandler, {**deps, "spec": spec}),
+    ]
