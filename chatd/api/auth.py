@@ -9,7 +9,6 @@ from chatd.core import errors
 _REGISTER = obj({"email": EMAIL, "password": PASSWORD, "name": NAME}, extra=True)
 _LOGIN = obj({"email": NON_EMPTY, "password": NON_EMPTY}, extra=True)
 _REFRESH = obj({"refresh_token": NON_EMPTY}, extra=True)
-_OK = {"type": "object"}
 
 
 class RegisterHandler(ApiHandler):

@@ -86,7 +86,7 @@ async def test_an_edit_queued_behind_a_delete_leaves_the_tombstone_empty(chatd: 
 
 
 async def test_two_deletes_at_once_announce_one_message_deleted(chatd: Chatd, services: Services) -> None:
-    author, room, a1, a2, w, mid = await _setup(chatd, services)
+    _author, room, a1, a2, w, mid = await _setup(chatd, services)
     await _behind_a_lock(
         services,
         room,
