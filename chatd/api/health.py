@@ -7,8 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from chatd.storage.db import Database
 from chatd.storage.kv import KV
-from chatd.storage.store import Database
 
 
 async def _timed(check: Callable[[], Awaitable[Any]], timeout_s: float) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 from chatd.api.base import LIMIT, WS, RoomAccess, message_json
 from chatd.api.openapi import BOOL, Param, obj, op, ref
 from chatd.core import protocol
-from chatd.storage import store
+from chatd.storage import messages as messages_db
 
 # protocol.parse_client_frame's send: content not blank, no NUL, at most ws.max_message_chars (default; longer:
 # 413 too_large); client_msg_id 1..64 printable ASCII characters without spaces.
@@ -38,7 +38,7 @@ class MessagesHandler(RoomAccess):
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
         limit = self.arg("limit")
-        rows, has_more = await store.messages_page(
+        rows, has_more = await messages_db.messages_page(
             self.db, room["id"], self.arg("after_seq"), self.arg("before_seq"), limit
         )
         self.send_json({"messages": [message_json(r) for r in rows], "has_more": has_more})

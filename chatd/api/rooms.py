@@ -8,7 +8,8 @@ from chatd.api.base import LIMIT, MAX_PAGE, NOT_BLANK, ApiHandler, RoomAccess, b
 from chatd.api.openapi import BOOL, ID, Param, nullable, obj, op, page, ref
 from chatd.core import errors, protocol
 from chatd.services.rooms import ASSISTANT_MODES, ROOM_KINDS
-from chatd.storage import store
+from chatd.storage import rooms as rooms_db
+from chatd.storage.db import iso
 
 room_json = protocol.room_object
 
@@ -79,7 +80,7 @@ class RoomsHandler(ApiHandler):
             raise errors.BadRequest("at most 1000 members at creation")
         default_mode = "always" if kind == "assistant" else "mention"
         assistant = parse_assistant(body.get("assistant"), {"mode": default_mode} if kind == "assistant" else None)
-        room = await store.create_room(
+        room = await rooms_db.create_room(
             self.db, parse_name(body.get("name")), kind, principal.user_id, members, assistant
         )
         await self.rooms.created(room, sorted({principal.user_id, *members}))
@@ -100,7 +101,7 @@ class RoomsHandler(ApiHandler):
         status = self.arg("status")
         limit = self.arg("limit")
         cursor = self.arg("cursor")
-        rows = await store.list_rooms(self.db, principal.user_id, status, limit + 1, cursor)
+        rows = await rooms_db.list_rooms(self.db, principal.user_id, status, limit + 1, cursor)
         page = rows[:limit]
         next_cursor = page[-1]["id"] if len(rows) > limit else None
         self.send_json({"rooms": [room_json(r) for r in page], "next_cursor": next_cursor})
@@ -130,7 +131,7 @@ class RoomHandler(RoomAccess):
         unknown = set(body) - {"name", "assistant"}
         if unknown:
             raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
-        updated = await store.update_room(self.db, room["id"], changes)
+        updated = await rooms_db.update_room(self.db, room["id"], changes)
         await self.rooms.updated(updated)
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
@@ -142,7 +143,7 @@ class RoomHandler(RoomAccess):
     async def delete(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
-        updated = await store.update_room(self.db, room["id"], {"status": "archived"})
+        updated = await rooms_db.update_room(self.db, room["id"], {"status": "archived"})
         await self.rooms.updated(updated)
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
@@ -178,7 +179,7 @@ class MembersHandler(RoomAccess):
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
         limit = self.arg("limit")
-        rows = await store.room_roster(self.db, room["id"], self.arg("cursor") or 0, limit + 1)
+        rows = await rooms_db.room_roster(self.db, room["id"], self.arg("cursor") or 0, limit + 1)
         items = rows[:limit]
         online = await self.rooms.online_now(room["id"])
         members = [
@@ -189,7 +190,7 @@ class MembersHandler(RoomAccess):
                 "role": r["role"],
                 "online": r["id"] in online,
                 "read_seq": r["read_seq"],
-                "joined_at": store.iso(r["joined_at"]),
+                "joined_at": iso(r["joined_at"]),
             }
             for r in items
         ]

@@ -28,7 +28,7 @@ from chatd.services.admin import Admin
 from chatd.services.files import Files
 from chatd.services.rooms import Rooms
 from chatd.services.search import Search
-from chatd.storage.store import Database
+from chatd.storage.db import Database
 
 
 class OpenApiHandler(ApiHandler):

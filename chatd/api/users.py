@@ -9,14 +9,14 @@ from chatd.api.openapi import Param, obj, op, ref
 from chatd.core import errors
 from chatd.services.accounts import user_json
 from chatd.services.admin import Admin
-from chatd.storage import store
+from chatd.storage import users as users_db
 
 
 class MeHandler(ApiHandler):
     @op(summary="The caller", tag="account", responses={200: ("User", ref("User"))})
     async def get(self) -> None:
         principal = await self.auth()
-        user = await store.user_by_id(self.db, principal.user_id)
+        user = await users_db.user_by_id(self.db, principal.user_id)
         if user is None:
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))

@@ -27,8 +27,8 @@ from chatd.process import metrics
 from chatd.process.config import ServerSettings, Settings
 from chatd.process.logs import access_log, fields
 from chatd.process.state import ServerState
+from chatd.storage.db import Database
 from chatd.storage.kv import KV
-from chatd.storage.store import Database
 
 CORS_EXPOSE = "Retry-After, Content-Disposition, Content-Range, Content-Length, Accept-Ranges, ETag"
 

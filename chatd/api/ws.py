@@ -41,7 +41,7 @@ from chatd.services.accounts import Accounts, Principal
 from chatd.services.ratelimit import Decision, FrameLimiter, TypingDedup
 from chatd.services.rooms import Rooms
 from chatd.storage.kv import KV
-from chatd.storage.store import Committed
+from chatd.storage.messages import Committed
 
 _ALLOWED = Decision(True)
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives

@@ -46,10 +46,12 @@ from chatd.process.config import Settings
 from chatd.process.logs import assistant_log, fields
 from chatd.process.state import Tasks
 from chatd.realtime.fanout import Hub
-from chatd.storage import store
+from chatd.storage import answers as answers_db
+from chatd.storage import messages as messages_db
+from chatd.storage import rooms as rooms_db
+from chatd.storage.db import Database
 from chatd.storage.jobqueue import Job, JobQueue
 from chatd.storage.kv import KV
-from chatd.storage.store import Database
 
 _RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 _CLAIM_BATCH = 128  # jobs claimed per queue round trip at most
@@ -91,13 +93,13 @@ class Attempt:
     ended: bool = False  # this attempt's stream_end went out
     pending: dict[str, Any] | None = None  # a finished answer whose write failed: kept for the retry
     claimed: float = field(default_factory=time.monotonic)
-    inputs: store.AnswerInputs | None = None  # fetched with the other jobs of its claim
+    inputs: answers_db.AnswerInputs | None = None  # fetched with the other jobs of its claim
     recorded: bool = False  # the job names inputs.reserved_id as its answer id already (for a takeover)
 
 
 async def _persist_answer(db: Database, answer: dict[str, Any]) -> dict[str, Any] | None:
     usage = answer["usage"]
-    return await store.persist_answer(
+    return await answers_db.persist_answer(
         db,
         message_id=answer["message_id"],
         room_id=answer["room_id"],
@@ -106,7 +108,7 @@ async def _persist_answer(db: Database, answer: dict[str, Any]) -> dict[str, Any
         content=answer["content"],
         status=answer["status"],
         supersede_id=answer["supersede_id"],
-        usage=store.Usage(
+        usage=answers_db.Usage(
             provider=usage["provider"],
             model=usage["model"],
             stop_reason=usage["stop_reason"],
@@ -191,7 +193,7 @@ class Assistant:
     async def enqueue(self, room_id: int, prompt_id: int, requester_id: int, supersede_id: int | None = None) -> int:
         """Queue an answer to ``prompt_id``; the position, or ``busy`` / ``quota_exceeded``."""
         budget = self.settings.daily_token_budget
-        if budget and await store.tokens_used_today(self.db, requester_id) >= budget:
+        if budget and await answers_db.tokens_used_today(self.db, requester_id) >= budget:
             raise errors.QuotaExceeded(f"daily budget of {budget} tokens used up; it resets at 00:00 UTC")
         job = Job(
             self.job_id(prompt_id, supersede_id),
@@ -236,7 +238,7 @@ class Assistant:
     async def settle(self, prompt_id: int) -> None:
         """The answer owed to ``prompt_id`` will not come (refused): the sweeper must not queue it."""
         try:
-            await store.settle_answer(self.db, prompt_id)
+            await answers_db.settle_answer(self.db, prompt_id)
         except errors.Unavailable:
             assistant_log.warning("settle_failed", extra=fields(prompt_id=prompt_id))
 
@@ -249,7 +251,7 @@ class Assistant:
             if self.stopping:
                 continue
             try:
-                owed = await store.answers_owed(self.db, self.settings.outbox_grace_s, 200)
+                owed = await answers_db.answers_owed(self.db, self.settings.outbox_grace_s, 200)
                 by_job = {self.job_id(int(r["prompt_id"]), None): r for r in owed}
                 for job_id in await self.queue.missing(list(by_job)):
                     r = by_job[job_id]
@@ -259,7 +261,7 @@ class Assistant:
                     except errors.Busy:
                         break  # next sweep
                     except errors.QuotaExceeded as err:
-                        await store.settle_answer(self.db, prompt_id)
+                        await answers_db.settle_answer(self.db, prompt_id)
                         await self.hub.publish_user(user_id, protocol.error(err, reply_to=None))
                         continue
                     assistant_log.info("answer_requeued", extra=fields(prompt_id=prompt_id, room_id=room_id))
@@ -280,20 +282,22 @@ class Assistant:
         if state:
             allowed = {int(state[b"requester"] or 0), int(state[b"owner"] or 0)}
             # Outside the room, a running answer looks like no answer at all (forbidden would reveal it).
-            if not is_admin and await store.room_for_member(self.db, int(state[b"room"] or 0), user_id) is None:
+            if not is_admin and await rooms_db.room_for_member(self.db, int(state[b"room"] or 0), user_id) is None:
                 raise errors.NotFound("no such generation")
             if user_id not in allowed and not is_admin:
                 raise errors.Forbidden("only the requester or the room owner may cancel")
             await self.hub.control("cancel", message_id=message_id)
             return
-        prompt = await store.message_by_id(self.db, message_id)
+        prompt = await messages_db.message_by_id(self.db, message_id)
         if prompt is not None and prompt["sender_id"] is not None:
-            room = await store.room_for_member(self.db, prompt["room_id"], user_id)
+            room = await rooms_db.room_for_member(self.db, prompt["room_id"], user_id)
             if room is not None and (user_id in (prompt["sender_id"], room["owner_id"]) or is_admin):
                 job_id = self.job_id(message_id, None)
                 removed = await self.queue.remove(job_id, prompt["sender_id"])
                 # Owed but not queued (its enqueue was lost): cancelling settles it too.
-                if removed or (await self.queue.missing([job_id]) and await store.settle_answer(self.db, message_id)):
+                if removed or (
+                    await self.queue.missing([job_id]) and await answers_db.settle_answer(self.db, message_id)
+                ):
                     self.waiting.pop(job_id, None)
                     if removed:
                         await self.settle(message_id)
@@ -309,8 +313,8 @@ class Assistant:
             run.cancelled.set()
 
     async def regenerate(self, user_id: int, message_id: int) -> int:
-        answer = await store.message_by_id(self.db, message_id)
-        if answer is None or await store.room_for_member(self.db, answer["room_id"], user_id) is None:
+        answer = await messages_db.message_by_id(self.db, message_id)
+        if answer is None or await rooms_db.room_for_member(self.db, answer["room_id"], user_id) is None:
             raise errors.NotFound("message not found")
         if answer["role"] != "assistant" or answer["reply_to_id"] is None:
             raise errors.BadRequest("only an assistant answer can be regenerated")
@@ -351,11 +355,11 @@ class Assistant:
     async def _start(self, jobs: list[Job]) -> None:
         """The inputs of a claim's jobs in one round trip, then one task per job."""
         claimed = time.monotonic()
-        inputs: list[store.AnswerInputs | None] = [None] * len(jobs)
+        inputs: list[answers_db.AnswerInputs | None] = [None] * len(jobs)
         fresh: set[str] = set()
         try:
             keys = [(int(job.data["prompt_id"]), int(job.data["room_id"])) for job in jobs]
-            inputs = list(await store.answer_inputs(self.db, keys, _HISTORY))
+            inputs = list(await answers_db.answer_inputs(self.db, keys, _HISTORY))
             # Fresh jobs name their answer id in one round trip (a taker ends that stream if we die).
             # Not a taken-over or retried job: its orphan id must stay in it until that stream is ended.
             updates = [
@@ -399,7 +403,7 @@ class Assistant:
                 await self.hub.publish_room(room_id, frame)
 
     async def _run_job(
-        self, job: Job, inputs: store.AnswerInputs | None = None, recorded: bool = False, claimed: float = 0.0
+        self, job: Job, inputs: answers_db.AnswerInputs | None = None, recorded: bool = False, claimed: float = 0.0
     ) -> None:
         attempt = Attempt(job, inputs=inputs, recorded=recorded, claimed=claimed or time.monotonic())
         try:
@@ -413,7 +417,7 @@ class Assistant:
             await self._end_failed(attempt)
             with contextlib.suppress(Exception):
                 await self.queue.ack(job)  # a poisoned job must not loop for ever
-                await store.settle_answer(self.db, int(job.data["prompt_id"]))  # nor come back by the sweeper
+                await answers_db.settle_answer(self.db, int(job.data["prompt_id"]))  # nor come back by the sweeper
         finally:
             if attempt.run is not None:
                 self.running.pop(attempt.run.message_id, None)
@@ -469,12 +473,12 @@ class Assistant:
         supersede_id = data.get("supersede_id")
         orphan = int(data["answer_id"]) if data.get("answer_id") else None  # a dead worker's stream
         pg = self.db
-        inputs = attempt.inputs or (await store.answer_inputs(pg, [(prompt_id, room_id)], _HISTORY))[0]
+        inputs = attempt.inputs or (await answers_db.answer_inputs(pg, [(prompt_id, room_id)], _HISTORY))[0]
         prompt, room = inputs.prompt, inputs.room
         if prompt is None or room is None or prompt["deleted_at"] is not None:
             if orphan is not None:
                 await self._end_orphan(room_id, orphan)
-            await store.settle_answer(pg, prompt_id)
+            await answers_db.settle_answer(pg, prompt_id)
             await self.queue.ack(job)
             return
         if supersede_id is None:
@@ -838,7 +842,7 @@ class Assistant:
         for _, index, frames in await self.live_streams(room_id):
             if frames[0]["reply_to_message_id"] == prompt_id:
                 return frames, index
-        stored = await store.answer_for(self.db, prompt_id)
+        stored = await answers_db.answer_for(self.db, prompt_id)
         if stored is None:
             return None
         model = stored.get("g_model") or ""

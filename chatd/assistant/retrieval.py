@@ -38,8 +38,8 @@ from chatd.core.errors import ChatdError, ConfigError
 from chatd.process.config import AssistantSettings
 from chatd.process.logs import assistant_log, fields
 from chatd.process.state import Tasks
-from chatd.storage import store
-from chatd.storage.store import Database
+from chatd.storage import retrieval as retrieval_db
+from chatd.storage.db import Database
 
 Kind = Literal["query", "passage"]
 Mode = Literal["vector", "text"]
@@ -305,14 +305,14 @@ class Retriever:
     async def close(self) -> None:
         if self._idle_executor is not None:  # it may be mid-batch: give the indexing lease back
             with contextlib.suppress(Exception):
-                await store.release_indexer_lease(self.db, self._holder)
+                await retrieval_db.release_indexer_lease(self.db, self._holder)
         for executor in (self._executor, self._idle_executor):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
         self._executor = self._idle_executor = None
 
     async def _detect(self) -> None:
-        self.caps = Capabilities(**await store.retrieval_capabilities(self.db))
+        self.caps = Capabilities(**await retrieval_db.retrieval_capabilities(self.db))
         self.mode, self.reason = choose_mode(self.caps, self.embedder)
         if self.mode == "text" and not self._warned:
             self._warned = True
@@ -395,11 +395,11 @@ class Retriever:
         pass_start = self._pass_start
         # The lease, not a transaction, keeps it one batch at a time across instances: no connection
         # is held while the batch is embedded.
-        if not await store.take_indexer_lease(self.db, self._holder, LEASE_S):
+        if not await retrieval_db.take_indexer_lease(self.db, self._holder, LEASE_S):
             return 0  # another worker or instance is indexing
-        rows, max_id = await store.pending_embeddings(self.db, self._cursor, self.settings.embed_batch_size)
+        rows, max_id = await retrieval_db.pending_embeddings(self.db, self._cursor, self.settings.embed_batch_size)
         vectors = [vector_literal(v) for v in await self._embed([r["content"] for r in rows], "passage")]
-        await store.store_embeddings(self.db, self.caps.vector_schema, self._holder, rows, vectors)
+        await retrieval_db.store_embeddings(self.db, self.caps.vector_schema, self._holder, rows, vectors)
         if max_id is None:
             self._cursor = rows[-1]["id"]
         else:
@@ -446,7 +446,7 @@ class Retriever:
         [vector] = await self._embed([query], "query")
         assert self.caps is not None and self.caps.vector_schema is not None
         iterative = version_tuple(self.caps.vector_version) >= (0, 8)
-        return await store.vector_search(
+        return await retrieval_db.vector_search(
             self.db, self.caps.vector_schema, iterative, vector_literal(vector), room_id, before_seq, k
         )
 
@@ -455,7 +455,7 @@ class Retriever:
         if not terms:
             return []
         trgm_schema = self.caps.trgm_schema if self.caps is not None else None
-        return await store.text_search(
+        return await retrieval_db.text_search(
             self.db,
             trgm_schema,
             TRGM_WEIGHT,

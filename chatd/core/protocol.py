@@ -710,7 +710,7 @@ def presence(*, room_id: int, online: Sequence[int], offline: Sequence[int]) -> 
 
 
 def room_object(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored room (``store.ROOM_COLUMNS``, + the caller's ``read_seq``) as the REST room object."""
+    """A stored room (``storage.rooms.ROOM_COLUMNS``, + the caller's ``read_seq``) as the REST room object."""
     out = {
         "id": row["id"],
         "name": row["name"],
@@ -843,7 +843,7 @@ def iso(value: dt.datetime | None) -> str | None:
 
 
 def message_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored message (``store.MESSAGE_COLUMNS``) as the ``message`` frame."""
+    """A stored message (``storage.messages.MESSAGE_COLUMNS``) as the ``message`` frame."""
     frame = message(
         room_id=row["room_id"],
         message_id=row["id"],

@@ -1,7 +1,7 @@
 """Pure ordering logic: every socket sees a room's messages in seq order, each once.
 
-Seqs are gap-free by construction: ``store.commit_batch`` and
-``store.persist_answer`` take ``rooms.last_seq + 1`` under the room's row
+Seqs are gap-free by construction: ``storage.messages.commit_batch`` and
+``storage.answers.persist_answer`` take ``rooms.last_seq + 1`` under the room's row
 lock, so a room's commits happen in seq order and every seq up to
 ``rooms.last_seq`` is in Postgres.  Two places use that:
 

@@ -46,7 +46,8 @@ from chatd.services.ratelimit import SendLimiter
 from chatd.services.revocations import Revocations
 from chatd.services.rooms import Rooms
 from chatd.services.search import Search
-from chatd.storage import kv, store
+from chatd.storage import kv
+from chatd.storage.db import Database, open_database
 
 if TYPE_CHECKING:
     from tornado.httpserver import HTTPServer
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 class Worker:
     settings: Settings
     state: ServerState
-    db: store.Database
+    db: Database
     kv: kv.KV
     hub: Hub
     writer: MessageWriter
@@ -78,7 +79,7 @@ class Worker:
     async def create(cls, settings: Settings, worker_id: int) -> Worker:
         state = ServerState(worker_id)
         storage, ws = settings.storage, settings.ws
-        db = await store.open_database(storage, f"chatd-w{worker_id}")
+        db = await open_database(storage, f"chatd-w{worker_id}")
         keys = Keys(storage.redis_key_prefix)
         redis = kv.KV(kv.connect(storage), keys)
         hub = Hub(

@@ -32,7 +32,8 @@ from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.pubsub import Subscriber
-from chatd.storage import store
+from chatd.storage import messages as messages_db
+from chatd.storage.db import Database
 from chatd.storage.kv import KV
 
 
@@ -79,7 +80,7 @@ class Hub:
     def __init__(
         self,
         kv: KV,
-        db: store.Database,
+        db: Database,
         keys: Keys,
         settings: WebSocketSettings,
         subscriber_factory: Callable[[Callable[[bytes, bytes], None], Callable[[], None]], Subscriber],
@@ -135,7 +136,7 @@ class Hub:
     async def _open_room(self, room_id: int, room: RoomState) -> None:
         await self.subscriber.subscribe(self.keys.room_channel(room_id))
         # Subscribed (confirmed) before these reads: nothing falls between them and the live frames.
-        last_seq, edit_rev = await store.room_last_seq(self.db, room_id)
+        last_seq, edit_rev = await messages_db.room_last_seq(self.db, room_id)
         try:
             room.online = set(await self.kv.presence_online(room_id))
         except errors.Unavailable:

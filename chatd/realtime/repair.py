@@ -28,7 +28,8 @@ from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.fanout import Event, Hub
-from chatd.storage import store
+from chatd.storage import messages as messages_db
+from chatd.storage.db import Database
 
 _ROOMS_PER_QUERY = 200
 _CHANGES_PER_ROOM = 500
@@ -36,7 +37,7 @@ _CHANGES_PER_ROOM = 500
 
 class Repair:
     def __init__(
-        self, hub: Hub, db: store.Database, settings: WebSocketSettings, clock: Callable[[], float] = time.monotonic
+        self, hub: Hub, db: Database, settings: WebSocketSettings, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.hub = hub
         self.db = db
@@ -72,7 +73,7 @@ class Repair:
     async def probe(self) -> None:
         rooms = [room_id for room_id, room in self.hub.rooms.items() if room.sequencer is not None]
         for i in range(0, len(rooms), _ROOMS_PER_QUERY * 5):
-            rows = await store.probe_rooms(self.db, rooms[i : i + _ROOMS_PER_QUERY * 5])
+            rows = await messages_db.probe_rooms(self.db, rooms[i : i + _ROOMS_PER_QUERY * 5])
             now = self.clock()
             for room_id, last_seq, edit_rev in rows:
                 room = self.hub.rooms.get(room_id)
@@ -102,7 +103,7 @@ class Repair:
         items = list(gaps.items())
         for i in range(0, len(items), _ROOMS_PER_QUERY):
             chunk = items[i : i + _ROOMS_PER_QUERY]
-            rows = await store.messages_in_ranges(self.db, [(r, g.first, g.last) for r, g in chunk])
+            rows = await messages_db.messages_in_ranges(self.db, [(r, g.first, g.last) for r, g in chunk])
             by_room: dict[int, list[tuple[int, Event]]] = {}
             for row in rows:
                 frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(row)))
@@ -134,7 +135,7 @@ class Repair:
         items = list(changes.items())
         for i in range(0, len(items), _ROOMS_PER_QUERY):
             chunk = items[i : i + _ROOMS_PER_QUERY]
-            rows = await store.changes_after(self.db, [(r, after) for r, (after, _) in chunk], _CHANGES_PER_ROOM)
+            rows = await messages_db.changes_after(self.db, [(r, after) for r, (after, _) in chunk], _CHANGES_PER_ROOM)
             by_room: dict[int, list[tuple[int, Event]]] = {}
             for row in rows:
                 frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.change_from_row(row)))

@@ -33,8 +33,9 @@ from chatd.core import errors, protocol
 from chatd.process import metrics
 from chatd.process.config import Settings
 from chatd.process.logs import app_log, fields
-from chatd.storage import store
-from chatd.storage.store import Committed, Database, PendingMessage
+from chatd.storage import messages as messages_db
+from chatd.storage.db import Database
+from chatd.storage.messages import Committed, PendingMessage
 
 
 class Publisher(Protocol):
@@ -235,7 +236,7 @@ class MessageWriter:
     async def _flush(self, batch: list[_Queued]) -> None:
         started = self.clock()
         try:
-            results = await store.commit_batch(self.db, [q.message for q in batch])
+            results = await messages_db.commit_batch(self.db, [q.message for q in batch])
         except errors.ChatdError as exc:
             self._in_flight.remove(batch)
             for q in batch:

@@ -22,9 +22,9 @@ from chatd.realtime.fanout import Hub
 from chatd.services import auth
 from chatd.services.auth import Claims, TokenPair, TokenService
 from chatd.services.ratelimit import AuthLimiter
-from chatd.storage import store
+from chatd.storage import users as users_db
+from chatd.storage.db import Database, iso
 from chatd.storage.kv import KV
-from chatd.storage.store import Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,7 @@ def user_json(row: dict[str, Any]) -> dict[str, Any]:
         "name": row["name"],
         "role": row["role"],
         "status": row["status"],
-        "created_at": store.iso(row["created_at"]),
+        "created_at": iso(row["created_at"]),
     }
 
 
@@ -66,7 +66,7 @@ class Accounts:
         self._hashing = asyncio.Semaphore(settings.auth.hash_concurrency)
         # Every authentication reads the holder's status; concurrent ones share one query.
         self.status_reads: Batched[tuple[int, str | None], dict[str, Any] | None] = Batched(
-            lambda holders: store.auth_statuses(db, holders)
+            lambda holders: users_db.auth_statuses(db, holders)
         )
         # A socket's second look at a session-less token (its revocation is the denylist only), likewise.
         self.denied_reads: Batched[str, bool] = Batched(kv.denied_many)
@@ -81,7 +81,7 @@ class Accounts:
     async def _issue(self, user: dict[str, Any], family: str | None = None) -> dict[str, Any]:
         pair: TokenPair = self.tokens.mint_pair(user["id"], user["role"], family)
         assert pair.refresh.family is not None
-        await store.store_refresh(self.db, pair.refresh.jti, pair.refresh.family, user["id"], pair.refresh.exp)
+        await users_db.store_refresh(self.db, pair.refresh.jti, pair.refresh.family, user["id"], pair.refresh.exp)
         return {
             "user": user_json(user),
             "access_token": pair.access_token,
@@ -103,7 +103,7 @@ class Accounts:
         password = auth.validate_password(body.get("password"))
         name = auth.validate_name(body.get("name"))
         password_hash = await self._cpu(auth.hash_password, password)
-        user = await store.create_user(self.db, email, name, password_hash, "user")
+        user = await users_db.create_user(self.db, email, name, password_hash, "user")
         app_log.info("user_registered", extra=fields(user_id=user["id"]))
         return await self._issue(user)
 
@@ -112,7 +112,7 @@ class Accounts:
         if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
             raise errors.BadRequest("email and password are required")
         await self._limit(ip, email)
-        user = await store.user_by_email(self.db, email.strip())
+        user = await users_db.user_by_email(self.db, email.strip())
         if user is None or not user.get("password_hash"):
             await self._cpu(auth.dummy_verify, password)  # same time as a wrong password
             raise errors.Unauthorized("invalid email or password")
@@ -121,7 +121,7 @@ class Accounts:
         if user["status"] != "active":
             raise errors.Unauthorized("invalid email or password")
         if auth.needs_rehash(user["password_hash"]):
-            await store.set_password_hash(self.db, user["id"], await self._cpu(auth.hash_password, password))
+            await users_db.set_password_hash(self.db, user["id"], await self._cpu(auth.hash_password, password))
         return await self._issue(user)
 
     async def refresh(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -130,14 +130,14 @@ class Accounts:
             raise errors.BadRequest("refresh_token is required")
         claims = self.tokens.verify(token, "refresh")
         assert claims.family is not None  # verify() guarantees a family on refresh tokens
-        use = await store.use_refresh(self.db, claims.jti, claims.family)
+        use = await users_db.use_refresh(self.db, claims.jti, claims.family)
         if not use.ok:
             if use.reused:
                 # A stolen token and its owner both hold it: kill the whole family.
                 app_log.warning("refresh_token_reuse", extra=fields(user_id=claims.sub, family=claims.family))
                 await self._revoke_family(claims.sub, claims.family)
             raise errors.Unauthorized("refresh token already used or revoked")
-        user = await store.user_by_id(self.db, claims.sub)
+        user = await users_db.user_by_id(self.db, claims.sub)
         if user is None or user["status"] != "active":
             raise errors.Unauthorized("account disabled")
         return await self._issue(user, family=claims.family)
@@ -146,8 +146,8 @@ class Accounts:
         claims = principal.claims
         await self._deny(claims.jti, claims.exp)
         if everywhere:
-            for family in await store.user_families(self.db, principal.user_id):
-                await store.revoke_family(self.db, family)
+            for family in await users_db.user_families(self.db, principal.user_id):
+                await users_db.revoke_family(self.db, family)
             await self._close_sockets(principal.user_id, None, 4001, "logged out")
         elif claims.family:
             await self._revoke_family(principal.user_id, claims.family)
@@ -155,11 +155,11 @@ class Accounts:
             await self._close_sockets(principal.user_id, None, 4001, "logged out")
 
     async def ban(self, user_id: int) -> dict[str, Any]:
-        user = await store.set_user_status(self.db, user_id, "banned")
+        user = await users_db.set_user_status(self.db, user_id, "banned")
         if user is None:
             raise errors.NotFound("user not found")
-        for family in await store.user_families(self.db, user_id):
-            await store.revoke_family(self.db, family)
+        for family in await users_db.user_families(self.db, user_id):
+            await users_db.revoke_family(self.db, family)
         await self._close_sockets(user_id, None, 1008, "account banned")
         return user_json(user)
 
@@ -169,7 +169,7 @@ class Accounts:
         unknown = set(body) - {"name"}
         if unknown:
             raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
-        user = await store.update_user_name(self.db, principal.user_id, auth.validate_name(body.get("name")))
+        user = await users_db.update_user_name(self.db, principal.user_id, auth.validate_name(body.get("name")))
         if user is None:
             raise errors.Unauthorized("account disabled")
         return user_json(user)
@@ -179,12 +179,12 @@ class Accounts:
         old, new = body.get("old_password"), auth.validate_password(body.get("new_password"))
         if not isinstance(old, str) or not old:
             raise errors.BadRequest("old_password is required")
-        current = await store.password_hash_of(self.db, principal.user_id)
+        current = await users_db.password_hash_of(self.db, principal.user_id)
         if not current or not await self._cpu(auth.verify_password, current, old):
             raise errors.Forbidden("old_password is wrong")
-        await store.set_password_hash(self.db, principal.user_id, await self._cpu(auth.hash_password, new))
+        await users_db.set_password_hash(self.db, principal.user_id, await self._cpu(auth.hash_password, new))
         keep = principal.claims.family
-        for family in await store.revoke_families_except(self.db, principal.user_id, keep):
+        for family in await users_db.revoke_families_except(self.db, principal.user_id, keep):
             await self._close_sockets(principal.user_id, family, 4001, "password changed")
         if keep is None:  # a token without a session (external IdP): nothing to keep
             await self._close_sockets(principal.user_id, None, 4001, "password changed")
@@ -192,8 +192,8 @@ class Accounts:
 
     async def deactivate(self, principal: Principal) -> None:
         """The user deletes their account: no more sign-in, sockets closed; their messages stay."""
-        await store.set_user_status(self.db, principal.user_id, "deleted")
-        await store.revoke_families_except(self.db, principal.user_id, None)
+        await users_db.set_user_status(self.db, principal.user_id, "deleted")
+        await users_db.revoke_families_except(self.db, principal.user_id, None)
         await self._deny(principal.claims.jti, principal.claims.exp)
         await self._close_sockets(principal.user_id, None, 4001, "account deleted")
         app_log.info("account_deleted", extra=fields(user_id=principal.user_id))
@@ -206,11 +206,11 @@ class Accounts:
         decision = await self._lookups.hit(str(principal.user_id))
         if not decision.allowed:
             raise errors.RateLimited("too many look-ups, try again later", retry_after_ms=decision.retry_after_ms)
-        rows = await store.lookup_users(self.db, q, 10)
+        rows = await users_db.lookup_users(self.db, q, 10)
         return [{"id": r["id"], "name": r["name"]} for r in rows]
 
     async def _revoke_family(self, user_id: int, family: str) -> None:
-        await store.revoke_family(self.db, family)
+        await users_db.revoke_family(self.db, family)
         await self._close_sockets(user_id, family, 4001, "session revoked")
 
     async def _close_sockets(self, user_id: int, family: str | None, code: int, reason: str) -> None:
@@ -282,7 +282,7 @@ class Accounts:
 
 
 def _refusal(row: dict[str, Any] | None) -> tuple[tuple[int, str], str] | None:
-    """Why a session with this status row (``store.auth_statuses``) may not be used: the forced close a
+    """Why a session with this status row (``storage.users.auth_statuses``) may not be used: the forced close a
     socket gets (the code and reason the revocation itself closes with) and the REST 401 message."""
     if row is None or row["status"] == "deleted":
         return (int(CloseCode.AUTH_EXPIRED), "account deleted"), "unknown user" if row is None else "account disabled"
@@ -300,5 +300,7 @@ def create_user_sync(settings: Settings, email: str, password: str, name: str, a
     email = auth.validate_email(email)
     password_hash = auth.hash_password(auth.validate_password(password))
     role = "admin" if admin else "user"
-    row = store.upsert_user_sync(settings.storage.database_url, email, name or email.split("@")[0], password_hash, role)
+    row = users_db.upsert_user_sync(
+        settings.storage.database_url, email, name or email.split("@")[0], password_hash, role
+    )
     return user_json(row)

@@ -15,9 +15,10 @@ from chatd.process.logs import app_log, fields
 from chatd.realtime.fanout import Hub
 from chatd.services.accounts import Accounts, user_json
 from chatd.services.rooms import Rooms
-from chatd.storage import store
+from chatd.storage import admin as admin_db
+from chatd.storage import rooms as rooms_db
+from chatd.storage.db import Database
 from chatd.storage.kv import KV
-from chatd.storage.store import Database
 
 MAX_RANGE_DAYS = 366
 MAX_ANNOUNCEMENT_CHARS = 4000
@@ -55,7 +56,7 @@ class Admin:
         self, actor_id: int, action: str, target: str | None, details: dict[str, Any] | None, ip: str, status: int
     ) -> None:
         try:
-            await store.write_audit(self.db, actor_id, action, target, details, ip, status)
+            await admin_db.write_audit(self.db, actor_id, action, target, details, ip, status)
         except errors.ChatdError as err:  # logged loudly: an admin action without its audit row
             app_log.error("audit_write_failed", extra=fields(actor_id=actor_id, action=action, error=err.message))
 
@@ -65,7 +66,7 @@ class Admin:
         start = parse_day(start_raw, end - dt.timedelta(days=7), "from")
         if start >= end or end - start > dt.timedelta(days=MAX_RANGE_DAYS):
             raise errors.BadRequest(f"from must be before to, at most {MAX_RANGE_DAYS} days apart")
-        row = await store.admin_stats(self.db, start, end)
+        row = await admin_db.admin_stats(self.db, start, end)
         try:
             live: dict[str, int] | None = await self.kv.live_connections()
         except errors.Unavailable:
@@ -95,12 +96,12 @@ class Admin:
         }
 
     async def users(self, query: str | None, status: str | None, cursor: int | None, limit: int) -> dict[str, Any]:
-        rows = await store.admin_users(self.db, query, status, cursor, limit + 1)
+        rows = await admin_db.admin_users(self.db, query, status, cursor, limit + 1)
         page = rows[:limit]
         return {"users": [user_json(r) for r in page], "next_cursor": page[-1]["id"] if len(rows) > limit else None}
 
     async def unban(self, user_id: int) -> dict[str, Any]:
-        row = await store.unban_user(self.db, user_id)
+        row = await admin_db.unban_user(self.db, user_id)
         if row is None:
             raise errors.NotFound("user not found")
         return user_json(row)
@@ -108,15 +109,15 @@ class Admin:
     async def set_role(self, user_id: int, role: Any) -> dict[str, Any]:
         if role not in ("user", "admin"):
             raise errors.BadRequest("role must be user or admin")
-        row = await store.set_user_role(self.db, user_id, role)
+        row = await admin_db.set_user_role(self.db, user_id, role)
         if row is None:
             raise errors.NotFound("user not found")
         return user_json(row)
 
     async def room_messages(self, room_id: int, before_seq: int | None, limit: int) -> dict[str, Any]:
-        if await store.room_by_id(self.db, room_id) is None:
+        if await rooms_db.room_by_id(self.db, room_id) is None:
             raise errors.NotFound("room not found")
-        rows = await store.admin_room_messages(self.db, room_id, before_seq, limit + 1)
+        rows = await admin_db.admin_room_messages(self.db, room_id, before_seq, limit + 1)
         page = rows[:limit]
         out = []
         for r in page:
@@ -126,13 +127,13 @@ class Admin:
         return {"messages": out, "next_cursor": page[-1]["seq"] if len(rows) > limit else None}
 
     async def audit_page(self, cursor: int | None, limit: int) -> dict[str, Any]:
-        rows = await store.audit_page(self.db, cursor, limit + 1)
+        rows = await admin_db.audit_page(self.db, cursor, limit + 1)
         page = rows[:limit]
         entries = [r | {"created_at": protocol.iso(r["created_at"])} for r in page]
         return {"entries": entries, "next_cursor": page[-1]["id"] if len(rows) > limit else None}
 
     async def announce(self, admin_id: int, room_id: int, content: Any) -> dict[str, Any]:
-        if await store.room_by_id(self.db, room_id) is None:
+        if await rooms_db.room_by_id(self.db, room_id) is None:
             raise errors.NotFound("room not found")
         row = await self.rooms.system_message(
             room_id, announcement_text(content), {"event": "announcement", "by": admin_id}
@@ -145,13 +146,13 @@ class Admin:
         """``rooms``: a system message in every active room; ``users``: an ``announcement`` frame to every socket."""
         text = announcement_text(content)
         if target == "rooms":
-            room_ids = await store.active_room_ids(self.db)
+            room_ids = await admin_db.active_room_ids(self.db)
             data = {"event": "announcement", "by": admin_id}
             for i in range(0, len(room_ids), 200):  # batches the group commit takes whole, below its queue bound
                 await asyncio.gather(*(self.rooms.system_message(r, text, data) for r in room_ids[i : i + 200]))
             return {"target": "rooms", "count": len(room_ids)}
         if target == "users":
-            users = await store.active_user_ids(self.db)
+            users = await admin_db.active_user_ids(self.db)
             frame = protocol.announcement(
                 content=text, created_at=protocol.iso(dt.datetime.now(dt.UTC)) or "", by=admin_id
             )
@@ -161,7 +162,7 @@ class Admin:
         raise errors.BadRequest("target must be rooms or users")
 
     async def usage(self, user_id: int) -> dict[str, Any]:
-        days = await store.usage_of(self.db, user_id, 30)
+        days = await admin_db.usage_of(self.db, user_id, 30)
         today = dt.datetime.now(dt.UTC).date().isoformat()
         used = next((int(d["input_tokens"]) + int(d["output_tokens"]) for d in days if d["day"] == today), 0)
         budget = self.settings.assistant.daily_token_budget

@@ -36,8 +36,9 @@ from chatd.core import errors
 from chatd.process.config import FileSettings, Settings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.writer import MessageWriter
-from chatd.storage import store
-from chatd.storage.store import Database, PendingMessage
+from chatd.storage import files as files_db
+from chatd.storage.db import Database
+from chatd.storage.messages import PendingMessage
 
 SNIFF_BYTES = 8192  # enough for every magic number puremagic knows of the allowed types
 CHUNK = 65536
@@ -375,7 +376,7 @@ class Files:
         sha = upload.sha256.hexdigest()
         await self.storage.put(key, upload.path, upload.content_type)
         try:
-            row = await store.create_file(
+            row = await files_db.create_file(
                 self.db,
                 room_id=room_id,
                 uploader_id=user_id,
@@ -414,7 +415,7 @@ class Files:
     async def _forget(self, row: dict[str, Any]) -> None:
         await self._forget_blob(row["storage_key"])
         with contextlib.suppress(errors.ChatdError):
-            await store.forget_file(self.db, row["id"])
+            await files_db.forget_file(self.db, row["id"])
 
     async def _forget_blob(self, key: str) -> None:
         try:
@@ -423,7 +424,7 @@ class Files:
             pass  # the row stays unattached: the sweeper removes it later
 
     async def for_member(self, file_id: int, user_id: int) -> dict[str, Any]:
-        row = await store.file_for_member(self.db, file_id, user_id)
+        row = await files_db.file_for_member(self.db, file_id, user_id)
         if row is None:
             raise errors.NotFound("file not found")
         return row
@@ -432,7 +433,7 @@ class Files:
         return content_type in self.settings.inline_types
 
     async def sweep_once(self) -> int:
-        rows = await store.files_to_sweep(self.db, self.settings.orphan_after_s, 100)
+        rows = await files_db.files_to_sweep(self.db, self.settings.orphan_after_s, 100)
         done = []
         for row in rows:
             try:
@@ -441,7 +442,7 @@ class Files:
                 continue  # tried again next round
             done.append(row["id"])
         if done:
-            await store.mark_files_purged(self.db, done)
+            await files_db.mark_files_purged(self.db, done)
             app_log.info("files_swept", extra=fields(count=len(done)))
         return len(done)
 

@@ -19,8 +19,8 @@ from chatd.core import errors
 from chatd.process.logs import app_log, fields
 from chatd.realtime.fanout import Hub
 from chatd.storage import revocations
+from chatd.storage.db import Database
 from chatd.storage.revocations import Revocation
-from chatd.storage.store import Database
 
 WINDOW_S = 60.0  # how far back each read looks: far longer than a commit can trail its row's `at`
 RETENTION_S = 3600.0

@@ -1,7 +1,7 @@
 """Room operations shared by the socket and REST handlers: send, join/leave, typing, read, edit, delete.
 
 Thin: the rules live here, the mechanisms in their own modules (group commit
-``writer``, delivery ``fanout``, presence ``presence``, SQL ``store``).
+``writer``, delivery ``fanout``, presence ``presence``, SQL ``chatd.storage``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from chatd.realtime.fanout import Conn, Event, Hub
 from chatd.realtime.presence import Presence
 from chatd.realtime.writer import MessageWriter
 from chatd.services.ratelimit import SendLimiter
-from chatd.storage import store
+from chatd.storage import messages as messages_db
+from chatd.storage import rooms as rooms_db
+from chatd.storage import users as users_db
+from chatd.storage.db import Database
 from chatd.storage.kv import KV
-from chatd.storage.store import Committed, Database, PendingMessage
+from chatd.storage.messages import Committed, PendingMessage
 
 ROOM_KINDS = ("group", "assistant")
 ASSISTANT_MODES = ("always", "mention")
@@ -89,12 +92,12 @@ class Rooms:
         self.settings = settings
         self.assistant: AssistantPort | None = None  # set when the assistant runs
         # Membership, last_seq and replay of concurrent joins (a reconnect storm) in one round of queries.
-        self.join_reads: Batched[tuple[int, int, int | None], store.JoinRead] = Batched(
-            lambda joins: store.join_reads(db, joins, settings.replay_limit)
+        self.join_reads: Batched[tuple[int, int, int | None], messages_db.JoinRead] = Batched(
+            lambda joins: messages_db.join_reads(db, joins, settings.replay_limit)
         )
 
     async def member_room(self, room_id: int, user_id: int) -> dict[str, Any]:
-        room = await store.room_for_member(self.db, room_id, user_id)
+        room = await rooms_db.room_for_member(self.db, room_id, user_id)
         if room is None:
             raise errors.NotFound("room not found")
         return room
@@ -222,33 +225,33 @@ class Rooms:
 
     async def add_member(self, room: dict[str, Any], user_id: int, by: int) -> bool:
         """Add, say so in the room (``member_joined``), then tell the new member's devices (``room_added``)."""
-        if not await store.add_member(self.db, room["id"], user_id):
+        if not await rooms_db.add_member(self.db, room["id"], user_id):
             return False
-        name = (await store.user_names(self.db, [user_id])).get(user_id, "")
+        name = (await users_db.user_names(self.db, [user_id])).get(user_id, "")
         row = await self.system_message(
             room["id"], f"{name} joined", {"event": "member_joined", "user_id": user_id, "name": name, "by": by}
         )
-        await store.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
-        fresh = await store.room_for_member(self.db, room["id"], user_id)
+        await rooms_db.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
+        fresh = await rooms_db.room_for_member(self.db, room["id"], user_id)
         if fresh is not None:
             await self.hub.publish_users([user_id], protocol.room_added(room=protocol.room_object(fresh)))
         return True
 
     async def remove_member(self, room: dict[str, Any], user_id: int, by: int) -> None:
         """Remove (its sockets leave the room, ``room_removed`` to its devices), then ``member_left`` in the room."""
-        if not await store.remove_member(self.db, room["id"], user_id):
+        if not await rooms_db.remove_member(self.db, room["id"], user_id):
             raise errors.NotFound("member not found")
         await self.kick(room["id"], user_id)
         reason = "left" if by == user_id else "removed"
         await self.hub.publish_users([user_id], protocol.room_removed(room_id=room["id"], reason=reason))
-        name = (await store.user_names(self.db, [user_id])).get(user_id, "")
+        name = (await users_db.user_names(self.db, [user_id])).get(user_id, "")
         await self.system_message(
             room["id"], f"{name} left", {"event": "member_left", "user_id": user_id, "name": name, "by": by}
         )
 
     async def updated(self, room: dict[str, Any]) -> None:
         """Renamed, reconfigured or archived: ``room_updated`` to every member's devices."""
-        members = await store.room_member_ids(self.db, room["id"])
+        members = await rooms_db.room_member_ids(self.db, room["id"])
         await self.hub.publish_users(members, protocol.room_updated(room=protocol.room_object(room)))
 
     # -- typing, read, edit, delete -------------------------------------------------
@@ -267,7 +270,7 @@ class Rooms:
         await self.hub.publish_room(room_id, frame, exclude=conn.connection_id)
 
     async def read(self, conn: Conn, room_id: int, seq: int) -> int:
-        stored = await store.set_read(self.db, room_id, conn.user_id, seq)
+        stored = await rooms_db.set_read(self.db, room_id, conn.user_id, seq)
         if stored is None:
             raise errors.NotFound("room not found")
         frame = protocol.read(room_id=room_id, user_id=conn.user_id, seq=stored)
@@ -275,8 +278,8 @@ class Rooms:
         return stored
 
     async def _own_message(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:
-        msg = await store.message_by_id(self.db, message_id)
-        if msg is None or await store.room_for_member(self.db, msg["room_id"], user_id) is None:
+        msg = await messages_db.message_by_id(self.db, message_id)
+        if msg is None or await rooms_db.room_for_member(self.db, msg["room_id"], user_id) is None:
             raise errors.NotFound("message not found")
         if msg["sender_id"] != user_id and not is_admin:
             raise errors.Forbidden("only the author or an admin may change a message")
@@ -288,7 +291,7 @@ class Rooms:
         if len(content) > self.settings.max_message_chars:
             raise errors.TooLarge(f"content over {self.settings.max_message_chars} characters")
         await self._own_message(user_id, is_admin, message_id)
-        row = await store.edit_message(self.db, message_id, content)
+        row = await messages_db.edit_message(self.db, message_id, content)
         if row is None:
             raise errors.Conflict("message was deleted")
         await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), protocol.change_from_row(row))
@@ -296,7 +299,7 @@ class Rooms:
 
     async def delete(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:
         await self._own_message(user_id, is_admin, message_id)
-        row = await store.delete_message(self.db, message_id, user_id)
+        row = await messages_db.delete_message(self.db, message_id, user_id)
         if row is None:
             raise errors.Conflict("message was deleted")
         await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), protocol.change_from_row(row))

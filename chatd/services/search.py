@@ -3,7 +3,7 @@
 * ``text``: Postgres full text ('simple' config, prefix terms, so Korean
   particles stay attached: '서울:*' finds '서울에서') OR substring (ILIKE,
   served by the pg_trgm index), ranked by share of terms found + ts_rank +
-  trigram word similarity (``store.search_text``).
+  trigram word similarity (``storage.search.search_text``).
 * ``semantic``: the query embedded like the retrieval's queries and matched
   in ``message_embeddings`` (HNSW, iterative scan), which holds the messages
   the retrieval indexer embedded (assistant rooms).
@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from chatd.assistant.retrieval import _WORD, Retriever, like_pattern, query_terms, tsquery_text
 from chatd.core import errors, protocol
-from chatd.storage import store
-from chatd.storage.store import Database
+from chatd.storage import search as search_db
+from chatd.storage.db import Database
 
 Mode = Literal["text", "semantic", "hybrid"]
 MODES: tuple[Mode, ...] = ("text", "semantic", "hybrid")
@@ -134,7 +134,7 @@ class Search:
     ) -> list[dict[str, Any]]:
         if not terms:
             return []
-        return await store.search_text(
+        return await search_db.search_text(
             self.db,
             trgm_schema=self.retriever.trgm_schema,
             patterns=[like_pattern(t) for t in terms],
@@ -153,7 +153,7 @@ class Search:
         if vec is None:
             raise errors.Unavailable(f"semantic search is off: {self.retriever.reason or 'no embeddings'}")
         literal, iterative, schema = vec
-        return await store.search_vector(
+        return await search_db.search_vector(
             self.db,
             vector_schema=schema,
             iterative=iterative,

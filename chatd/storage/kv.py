@@ -1,7 +1,8 @@
 """Redis (Valkey): every command chatd sends, with one error policy.
 
-What ``store.py`` is for Postgres: callers ask for operations by purpose
-(``deny``, ``presence_apply``, ``publish_many``...) and never touch redis-py.
+What the SQL modules of ``chatd.storage`` are for Postgres: callers ask for
+operations by purpose (``deny``, ``presence_apply``, ``publish_many``...)
+and never touch redis-py.
 A Redis that does not answer (down, timeout, pool exhausted, torn connection)
 always becomes ``errors.Unavailable``, counted per operation and logged at
 most once per operation every ``_LOG_EVERY_S``.  Callers that can do without

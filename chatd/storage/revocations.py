@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatd.storage.store import Database, bounded, connection
+from chatd.storage.db import Database, bounded, connection
 
 
 @dataclass(frozen=True, slots=True)

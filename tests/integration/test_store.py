@@ -1,4 +1,4 @@
-"""store.commit_batch against the real Postgres: outcomes, gap-free seqs, idempotency under concurrency."""
+"""storage.messages.commit_batch against the real Postgres: outcomes, gap-free seqs, idempotency under concurrency."""
 
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ import pytest
 
 from chatd.core import errors
 from chatd.process import config
-from chatd.storage import migrations, store
-from chatd.storage.store import PendingMessage
+from chatd.storage import messages as messages_db
+from chatd.storage import migrations
+from chatd.storage.db import Database, open_database
+from chatd.storage.messages import PendingMessage
 from tests.conftest import Services
 from tests.support import create_database
 from tests.users import make_users
 
 
 @pytest.fixture
-async def db(services: Services) -> AsyncIterator[tuple[store.Database, str]]:
+async def db(services: Services) -> AsyncIterator[tuple[Database, str]]:
     url = create_database(services.admin_url, "store")
     migrations.apply(url)
     settings = config.replace(config.Settings(), "storage", database_url=url, pg_pool_max=8)
-    database = await store.open_database(settings.storage, "test")
+    database = await open_database(settings.storage, "test")
     try:
         yield database, url
     finally:
@@ -45,16 +47,16 @@ def _msg(room: int, sender: int | None, cmid: str | None, content: str = "x") ->
     return PendingMessage(room, sender, "user" if sender else "system", "text", content, cmid)
 
 
-async def test_every_outcome_of_one_batch(db: tuple[store.Database, str]) -> None:
+async def test_every_outcome_of_one_batch(db: tuple[Database, str]) -> None:
     database, url = db
     alice, bob, eve = (u.id for u in make_users(url, 3))
     room = _room(url, alice, [bob])
     other = _room(url, bob, [alice])
     archived = _room(url, alice, [], status="archived")
-    [first] = await store.commit_batch(database, [_msg(room, alice, "a1", "first")])
+    [first] = await messages_db.commit_batch(database, [_msg(room, alice, "a1", "first")])
     assert first.row is not None and first.row["seq"] == 1 and not first.duplicate
 
-    results = await store.commit_batch(
+    results = await messages_db.commit_batch(
         database,
         [
             _msg(room, bob, "b1"),  # stored: seq 2
@@ -82,15 +84,15 @@ async def test_every_outcome_of_one_batch(db: tuple[store.Database, str]) -> Non
     assert last == (3,) and seqs == [1, 2, 3]
 
 
-async def test_concurrent_batches_keep_seqs_gap_free_and_store_each_key_once(db: tuple[store.Database, str]) -> None:
+async def test_concurrent_batches_keep_seqs_gap_free_and_store_each_key_once(db: tuple[Database, str]) -> None:
     database, url = db
     users = [u.id for u in make_users(url, 4)]
     rooms = [_room(url, users[0], users[1:]) for _ in range(3)]
 
-    async def batch(n: int) -> list[store.Committed]:
+    async def batch(n: int) -> list[messages_db.Committed]:
         # Every batch writes to every room, in a different room order, and repeats keys of other batches.
         msgs = [_msg(rooms[(n + i) % 3], users[i % 4], f"k{(n + i) % 20}-{i % 4}") for i in range(12)]
-        return await store.commit_batch(database, msgs)
+        return await messages_db.commit_batch(database, msgs)
 
     results = [r for batch_results in await asyncio.gather(*(batch(n) for n in range(30))) for r in batch_results]
     assert all(r.error is None and r.row is not None for r in results)
