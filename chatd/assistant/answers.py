@@ -727,7 +727,7 @@ class Assistant:
         seq = 0
         if row is not None:
             seq = int(row["seq"])
-            await self.hub.publish_messages([(run.room_id, seq, protocol.encode_bytes(protocol.message_from_row(row)))])
+            self.hub.publish_messages([(run.room_id, seq, protocol.encode_bytes(protocol.message_from_row(row)))])
         end = protocol.stream_end(
             room_id=run.room_id,
             message_id=run.message_id,
@@ -784,7 +784,7 @@ class Assistant:
         row = await _persist_answer(self.db, answer)
         if row is not None:
             frame = protocol.encode_bytes(protocol.message_from_row(row))
-            await self.hub.publish_messages([(int(row["room_id"]), int(row["seq"]), frame)])
+            self.hub.publish_messages([(int(row["room_id"]), int(row["seq"]), frame)])
         assistant_log.info("generation_persisted_late", extra=fields(message_id=answer["message_id"]))
         with contextlib.suppress(errors.Unavailable):
             await self.queue.ack(attempt.job)

@@ -133,6 +133,7 @@ class Worker:
         tasks.supervise("fanout-subscribe", self.hub.subscriber.flush_wanted)
         tasks.supervise("message-writer", self.writer.run)
         tasks.supervise("fanout-repair", self.repair.run)
+        tasks.supervise("fanout-publish", self.hub.outbox.run)
         tasks.supervise("revocations", self.revocations.run)
         tasks.supervise("presence", self.presence.run)
         tasks.supervise("send-quota", self.limiter.run)
@@ -243,6 +244,7 @@ class Worker:
         await _within(self.assistant.drain(), time.monotonic() + drain_s, "assistant")
         await self.retriever.close()
         await _within(self.presence.close(), time.monotonic() + 2, "presence")
+        await _within(self.hub.outbox.drain(), time.monotonic() + 2, "publish queue")  # the other workers' copy
         # 6. the rest of the background tasks, then the pools
         await state.tasks.cancel_all(timeout_s=5)
         metrics.hot.flush()

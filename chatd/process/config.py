@@ -249,6 +249,17 @@ class WebSocketSettings:
         min=1,
     )
     batch_max_messages: int = _f(200, "Group commit: largest batch of messages in one transaction.", min=1)
+    publish_queue_max: int = _f(
+        10_000,
+        "Envelopes a worker may hold for the other workers while Redis is slow; beyond it the oldest are"
+        " dropped (messages and edits are then read back by the other workers' repair probes).",
+        min=100,
+    )
+    publish_deadline_s: float = _f(
+        1.0,
+        "An envelope not published within this long is dropped: by then the repair probes have it.",
+        min=0.05,
+    )
     commit_concurrency: int = _f(
         2,
         "Group commit: transactions a worker may have in flight. A second one starts only while a full batch"

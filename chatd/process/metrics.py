@@ -129,6 +129,11 @@ seqs_lost = Counter(
     "chatd_fanout_seqs_lost_total", "Committed seqs Postgres could not return (invariant breach: resync sent)"
 )
 sends_busy = Counter("chatd_sends_busy_total", "Sends refused with 'busy' (group-commit queue full)")
+publish_dropped = Counter(
+    "chatd_publish_dropped_total",
+    "Envelopes for other workers not published: queue full, past its deadline, or Redis failed (repaired)",
+    ["reason"],
+)
 send_queue = Gauge("chatd_send_queue_messages", "Sends waiting for the group commit", multiprocess_mode="livesum")
 
 

@@ -31,6 +31,7 @@ from chatd.core.sequencing import JoinMerge, Revisions, RoomSequencer
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
+from chatd.realtime.outbox import PublishQueue
 from chatd.realtime.pubsub import Subscriber
 from chatd.storage import messages as messages_db
 from chatd.storage.db import Database
@@ -97,6 +98,7 @@ class Hub:
         self.control_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.on_resubscribed: Callable[[], None] = lambda: None  # set by the repair loop
         self.subscriber = subscriber_factory(self._on_message, lambda: self.on_resubscribed())
+        self.outbox = PublishQueue(kv, settings.publish_queue_max, settings.publish_deadline_s, clock)
         self._gap_timeout_s = settings.gap_timeout_ms / 1000
         self._room_prefix = keys.room_channel(0)[:-1].encode()
         self._user_prefix = keys.user_channel(0)[:-1].encode()
@@ -234,16 +236,17 @@ class Hub:
 
     # -- publishing -------------------------------------------------------------------
 
-    async def publish_messages(self, items: Sequence[tuple[int, int, bytes]]) -> None:
-        """Committed messages ``(room_id, seq, frame JSON)`` in commit order: local sockets, then one
-        PUBLISH per room.  A lost publish is repaired by the other workers' probes (``chatd.repair``)."""
+    def publish_messages(self, items: Sequence[tuple[int, int, bytes]]) -> None:
+        """Committed messages ``(room_id, seq, frame JSON)`` in commit order: local sockets at once, then
+        one PUBLISH per room through the publish queue.  A lost publish is repaired by the other workers'
+        probes (``chatd.realtime.repair``)."""
         by_room: dict[int, tuple[list[int], list[bytes]]] = {}
         for room_id, seq, payload in items:
             self.deliver_message(room_id, seq, payload)
             seqs, payloads = by_room.setdefault(room_id, ([], []))
             seqs.append(seq)
             payloads.append(payload)
-        await self._publish(
+        self._publish(
             [
                 (self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "m", "s": seqs}, payloads))
                 for room_id, (seqs, payloads) in by_room.items()
@@ -260,7 +263,7 @@ class Hub:
         """A frame without a seq (typing, stream chunks, queued...): best effort, not repaired."""
         payload = protocol.encode_bytes(frame)
         self.deliver_frame(room_id, payload, exclude, stream)
-        await self._publish([self.room_frame_envelope(room_id, payload, exclude, stream)])
+        self._publish([self.room_frame_envelope(room_id, payload, exclude, stream)])
 
     async def publish_room_frames(self, items: Sequence[tuple[int, dict[str, Any]]]) -> None:
         """Many seq-less room frames ``(room_id, frame)``: local sockets, then one pipeline of PUBLISHes."""
@@ -269,7 +272,7 @@ class Hub:
             payload = protocol.encode_bytes(frame)
             self.deliver_frame(room_id, payload, None, None)
             envelopes.append(self.room_frame_envelope(room_id, payload))
-        await self._publish(envelopes)
+        self._publish(envelopes)
 
     def room_frame_envelope(
         self, room_id: int, payload: bytes, exclude: str | None = None, stream: tuple[int, int] | None = None
@@ -287,7 +290,7 @@ class Hub:
         """An edit or delete (revision ``rev`` of the room): repaired like messages when its publish is lost."""
         payload = protocol.encode_bytes(frame)
         self.deliver_change(room_id, rev, payload)
-        await self._publish(
+        self._publish(
             [(self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "u", "r": rev}, [payload]))]
         )
 
@@ -295,13 +298,13 @@ class Hub:
         payload = protocol.encode_bytes(protocol.presence(room_id=room_id, online=online, offline=offline))
         self.deliver_presence(room_id, online, offline, payload)
         header = {"o": "p", "on": list(online), "off": list(offline)}
-        await self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
+        self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
 
     async def publish_user(self, user_id: int, frame: dict[str, Any], exclude: str | None = None) -> None:
         payload = protocol.encode_bytes(frame)
         self.deliver_user(user_id, payload, exclude)
         header: dict[str, Any] = {"o": "f"} if exclude is None else {"o": "f", "x": exclude}
-        await self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, header, [payload]))])
+        self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, header, [payload]))])
 
     async def publish_users(self, user_ids: Sequence[int], frame: dict[str, Any]) -> None:
         """One frame to every device of each user (room events): local sockets, then one pipelined publish."""
@@ -311,7 +314,7 @@ class Hub:
         for user_id in user_ids:
             self.deliver_user(user_id, payload, None)
         env = envelope.encode(self.origin, {"o": "f"}, [payload])
-        await self._publish([(self.keys.user_channel(user_id), env) for user_id in user_ids])
+        self._publish([(self.keys.user_channel(user_id), env) for user_id in user_ids])
 
     async def close_user(self, user_id: int, code: int, reason: str, family: str | None = None) -> None:
         """Close a user's sockets (one session's when ``family`` is given) on every worker and instance.
@@ -325,7 +328,7 @@ class Hub:
     async def kick(self, user_id: int, room_id: int) -> None:
         """Make a user's sockets leave a room (removed from it) on every worker and instance."""
         self.kick_local(user_id, room_id)
-        await self._publish(
+        self._publish(
             [(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))]
         )
 
@@ -337,11 +340,9 @@ class Hub:
             handler(head)
         await self.kv.publish(self.keys.control(), envelope.encode(self.origin, head))
 
-    async def _publish(self, items: list[tuple[str, bytes]]) -> None:
-        try:
-            await self.kv.publish_many(items)
-        except errors.Unavailable:
-            pass  # logged by kv; messages and edits are repaired from Postgres, the rest is best effort
+    def _publish(self, items: list[tuple[str, bytes]]) -> None:
+        # Never awaited: a slow Redis must not hold the caller (chatd.realtime.outbox).
+        self.outbox.put(items)
 
     # -- receiving ----------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ A send commits at once when the writer is idle; sends arriving while a
 transaction runs wait and form the next batch (up to ``batch_max_messages``,
 plus an optional ``batch_max_delay_ms``), so a loaded database sees few large
 transactions and an idle one adds no delay.  A send is acked only after its
-transaction committed; then the batch is published (one PUBLISH per room)
-while the next batch commits.  Under overload (a full batch waiting) up to
+transaction committed; right after the commit its messages go to this
+worker's sockets, in commit order, and to the hub's publish queue for the
+other workers (``chatd.realtime.outbox``): no commit ever waits for Redis.  Under overload (a full batch waiting) up to
 ``commit_concurrency`` transactions run at once, on disjoint rooms: the messages
 of a room are in one transaction at a time, so they keep their order.
 
@@ -39,7 +40,7 @@ from chatd.storage.messages import Committed, PendingMessage
 
 
 class Publisher(Protocol):
-    async def publish_messages(self, items: Sequence[tuple[int, int, bytes]]) -> None: ...
+    def publish_messages(self, items: Sequence[tuple[int, int, bytes]]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -113,8 +114,6 @@ class MessageWriter:
         self._in_flight: list[list[_Queued]] = []  # batches whose transaction runs
         self._flushes: set[asyncio.Future[None]] = set()
         self._stalled_at: int | None = None  # queue length when a concurrent batch found only rooms in transactions
-        self._publishing: asyncio.Future[None] | None = None  # the committed batch being published
-        self._publish_order = asyncio.Lock()  # FIFO: batches are published in the order they committed
         self.batches = 0
         self.committed = 0
 
@@ -151,10 +150,8 @@ class MessageWriter:
                 await self._has_room.wait()
 
     async def drain(self) -> None:
-        """Shutdown: let every queued send commit (or fail) and be answered, and the last batch be published."""
+        """Shutdown: let every queued send commit (or fail) and be answered (and handed to the hub)."""
         await self._idle.wait()
-        async with self._publish_order:
-            await self._published()
 
     async def run(self) -> None:
         """The commit loop (a supervised task)."""
@@ -186,8 +183,6 @@ class MessageWriter:
                     item.future.set_exception(errors.Unavailable("server restarting its writer, try again"))
             self._queue.clear()
             self._in_flight = []
-            if self._publishing is not None:
-                self._publishing.cancel()  # its messages are durable; the other workers' probes repair them
             self._has_room.set()
             self._idle.set()
 
@@ -265,21 +260,6 @@ class MessageWriter:
         self.committed += len(fresh)
         metrics.messages_committed.inc(len(fresh))
         if fresh:
-            # Two-stage pipeline: the next batch commits while this one is published. One publish at a time
-            # keeps PUBLISHes (and local deliveries) in commit order and bounds the pipeline to one batch.
-            async with self._publish_order:
-                await self._published()
-                self._publishing = asyncio.ensure_future(self.hub.publish_messages(fresh))
-
-    async def _published(self) -> None:
-        """Wait for the batch being published (its errors are logged: the repair probes cover a lost publish)."""
-        task, self._publishing = self._publishing, None
-        if task is None:
-            return
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not task.cancelled():
-                raise  # this coroutine was cancelled, not the publish
-        except Exception as exc:
-            app_log.error("publish_failed", exc_info=exc)
+            # Synchronous: local sockets now, in commit order (a room's batches never overlap), and the
+            # envelopes queued for the other workers; a slow Redis holds neither this nor the next commit.
+            self.hub.publish_messages(fresh)
