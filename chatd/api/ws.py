@@ -164,6 +164,9 @@ class ChatSocket(StrictHandlerMixin):
         self.state.connections.add(self)
         metrics.ws_connections.inc()
         self._counted = True
+        if self.state.draining:  # upgraded after the drain closed the sockets it had: the same 1001, no hello
+            self.force_close(int(CloseCode.GOING_AWAY), "server shutting down")
+            return
         if self._over_cap:
             self.force_close(int(CloseCode.TOO_MANY_CONNECTIONS), "too many connections")
             return

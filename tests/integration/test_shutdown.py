@@ -8,13 +8,15 @@ import signal
 import time
 from typing import Any
 
+import psycopg
 import pytest
 import websocket
+from tornado.httpclient import HTTPClientError
 
 from tests.chat import connect
 from tests.conftest import Services
 from tests.rawws import OP_CLOSE, OP_TEXT, RawWS, close_payload, frame
-from tests.support import Chatd
+from tests.support import WS, Chatd
 from tests.users import make_users
 
 pytestmark = pytest.mark.reliability
@@ -56,3 +58,29 @@ async def test_idle_sigterm_is_quick(chatd_factory: Any, services: Services) -> 
     assert code == 0
     assert polite[0].conn.close_code == 1001
     assert took_s < 6, f"SIGTERM of an idle server took {took_s:.1f} s (workers: {stopped})"
+
+
+async def test_a_handshake_that_completes_during_the_drain_gets_1001_not_hello(
+    chatd_factory: Any, services: Services
+) -> None:
+    """The handshake's session check is held behind a lock on ``users`` while SIGTERM starts the drain and
+    the server closes its sockets with 1001; released, the upgrade completes: it must end in a refusal
+    (503) or a 1001 close, never a ``hello`` followed by a dropped connection."""
+    server: Chatd = chatd_factory()
+    (user,) = make_users(services.database_url, 1)
+    bystander = await connect(server, make_users(services.database_url, 1)[0])  # so the drain has a socket to close
+    with psycopg.connect(services.database_url) as holder:
+        holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        handshake = asyncio.ensure_future(WS.connect(server.ws, user.token))
+        await asyncio.sleep(0.3)  # the handshake waits on the lock
+        server.signal(signal.SIGTERM)
+        assert (await bystander.closed(timeout_s=5))[0] == 1001  # the drain closed the sockets it had
+        holder.rollback()
+    try:
+        ws = await handshake
+    except HTTPClientError as err:
+        assert err.code == 503, err
+        return
+    first = await ws.recv(timeout_s=10)
+    assert first is None, f"got {first} after the drain closed the sockets"
+    assert ws.conn.close_code == 1001, (ws.conn.close_code, ws.conn.close_reason)
