@@ -11,15 +11,30 @@ from chatd.storage.db import Database
 from chatd.storage.kv import KV
 
 
+_abandoned: set[asyncio.Task[Any]] = set()  # checks past their timeout, left to finish their cancellation
+
+
 async def _timed(check: Callable[[], Awaitable[Any]], timeout_s: float) -> dict[str, Any]:
     started = time.perf_counter()
-    try:
-        await asyncio.wait_for(check(), timeout_s)
-    except TimeoutError:
+    task = asyncio.ensure_future(check())
+    done, _ = await asyncio.wait((task,), timeout=timeout_s)
+    if not done:
+        # Not awaited: cancelling a query sends psycopg's cancel request, which a hung server does not
+        # answer either, and the probe must answer within its timeout.
+        task.cancel()
+        _abandoned.add(task)
+        task.add_done_callback(_forget)
         return {"ok": False, "error": f"no answer within {timeout_s}s"}
-    except Exception as exc:  # any failure means "not ready"; the reason is shown
+    exc = task.exception()
+    if exc is not None:  # any failure means "not ready"; the reason is shown
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: it was reported as a timeout already
 
 
 async def check_dependencies(db: Database, kv: KV, timeout_s: float) -> dict[str, dict[str, Any]]:

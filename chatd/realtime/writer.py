@@ -230,8 +230,18 @@ class MessageWriter:
 
     async def _flush(self, batch: list[_Queued]) -> None:
         started = self.clock()
+        commit = asyncio.ensure_future(messages_db.commit_batch(self.db, [q.message for q in batch]))
+        # A send's deadline counts from when it was read, not from when its batch started: answer it
+        # `unavailable` then (the client's retry is safe: client_msg_id).  The transaction goes on, its rooms
+        # stay held, and what it commits is delivered as usual.
+        first_deadline = min(q.deadline for q in batch)
+        done, _ = await asyncio.wait((commit,), timeout=max(0.0, first_deadline - started))
+        if not done:
+            for q in batch:
+                if not q.future.done():
+                    q.future.set_exception(errors.Unavailable("database did not answer in time, try again"))
         try:
-            results = await messages_db.commit_batch(self.db, [q.message for q in batch])
+            results = await commit
         except errors.ChatdError as exc:
             self._in_flight.remove(batch)
             for q in batch:
