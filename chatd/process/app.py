@@ -134,6 +134,8 @@ class Worker:
         tasks.supervise("message-writer", self.writer.run)
         tasks.supervise("fanout-repair", self.repair.run)
         tasks.supervise("fanout-publish", self.hub.outbox.run)
+        if self.settings.ws.room_linger_s > 0:
+            tasks.supervise("fanout-linger", self.hub.run_linger)
         tasks.supervise("revocations", self.revocations.run)
         tasks.supervise("presence", self.presence.run)
         tasks.supervise("send-quota", self.limiter.run)

@@ -233,6 +233,12 @@ class WebSocketSettings:
         " or edit whose publish was lost reaches every socket anyway.",
         min=0.05,
     )
+    room_linger_s: float = _f(
+        5.0,
+        "A room's subscription outlives its last local socket this long, so a client that reconnects and"
+        " rejoins meanwhile costs no SUBSCRIBE, read or new sequencer. 0: unsubscribe at once.",
+        min=0,
+    )
     max_held_frames: int = _f(
         10_000,
         "Live frames a room may hold back while an earlier seq is missing, or a joining socket while"

@@ -71,6 +71,7 @@ class RoomState:
     online: set[int] = field(default_factory=set)  # members with a socket anywhere, as this worker knows
     early: list[Event] = field(default_factory=list)  # arrived before the sequencer was set up (bounded)
     ready: asyncio.Future[None] | None = None
+    idle_since: float | None = None  # the last local socket left then: unsubscribed after ws.room_linger_s
 
     @property
     def sockets(self) -> int:
@@ -115,6 +116,7 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is None:
             room = self.rooms[room_id] = RoomState()
+        room.idle_since = None
         room.live.discard(conn)
         room.joining[conn] = JoinMerge(self.settings.max_held_frames)
         try:
@@ -195,8 +197,28 @@ class Hub:
         if room is None:
             return
         if not room.sockets:
+            if self.settings.room_linger_s > 0 and room.ready is not None and room.ready.done():
+                room.idle_since = self.clock()  # kept (still fed and repaired) for a socket coming back
+                return
             del self.rooms[room_id]
             await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
+
+    async def run_linger(self) -> None:
+        """Unsubscribe the rooms whose last local socket left ``ws.room_linger_s`` ago (a supervised task)."""
+        linger_s = self.settings.room_linger_s
+        while True:
+            await asyncio.sleep(min(1.0, linger_s / 2))
+            now = self.clock()
+            idle = [
+                room_id
+                for room_id, room in self.rooms.items()
+                if room.idle_since is not None and not room.sockets and now - room.idle_since >= linger_s
+            ]
+            for room_id in idle:
+                room = self.rooms.get(room_id)
+                if room is not None and room.idle_since is not None and not room.sockets:  # no join meanwhile
+                    del self.rooms[room_id]
+                    await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
 
     def online(self, room_id: int) -> set[int]:
         room = self.rooms.get(room_id)
