@@ -354,6 +354,11 @@ class Hub:
             [(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))]
         )
 
+    def listen_control(self) -> None:
+        """Subscribe the control channel for the worker's life (kept through reconnects by the subscriber)."""
+        wanted = self.subscriber.want(self.keys.control())
+        wanted.add_done_callback(lambda fut: fut.cancelled() or fut.exception())  # retried on reconnect
+
     async def control(self, op: str, **data: Any) -> None:
         """An instruction for every worker (e.g. cancel a generation wherever it runs); may raise ``Unavailable``."""
         head = {"o": op, **data}

@@ -261,3 +261,26 @@ async def test_worker_killed_mid_job_answer_completed_elsewhere_once(chatd_facto
     await join(b, room, since_seq=ack["seq"])
     answer = await b.expect("message", room_id=room, role="assistant")
     assert answer["message_id"] == rows[0][0]
+
+
+async def test_cancel_reaches_an_answer_running_on_another_instance(chatd_factory: Any, services: Services) -> None:
+    """The answer runs on A (B is started after A claimed it); the cancel comes from the same user's socket on
+    B, so only the control channel (or the durable cancel flag) can carry it to A."""
+    crawl = {"CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S": "3"}  # ~11 s per answer: B has time to start
+    a_srv: Chatd = chatd_factory(**crawl)
+    b_srv: Chatd = chatd_factory(start=False, **crawl)
+    (alice,) = make_users(services.database_url, 1)
+    room = await make_room(a_srv, alice, [], kind="assistant")
+    a = await connect(a_srv, alice)
+    await join(a, room)
+    await send(a, room, "please ramble on for a while")
+    start = await a.expect("stream_start", room_id=room)
+    await asyncio.to_thread(b_srv.start)
+    b = await connect(b_srv, alice)
+    await join(b, room)
+    asked = time.monotonic()
+    await b.send({"type": "cancel", "message_id": start["message_id"], "id": "c"})
+    end = await a.expect("stream_end", message_id=start["message_id"], timeout_s=30)
+    took_s = time.monotonic() - asked
+    assert end["stop_reason"] == "cancelled", (end, took_s)
+    assert took_s < 5, took_s
