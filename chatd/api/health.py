@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from chatd.realtime.pubsub import Subscriber
 from chatd.storage.kv import KV
 from chatd.storage.store import Database
 
@@ -22,7 +23,10 @@ async def _timed(check: Callable[[], Awaitable[Any]], timeout_s: float) -> dict[
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 
-async def check_dependencies(db: Database, kv: KV, timeout_s: float) -> dict[str, dict[str, Any]]:
+async def check_dependencies(db: Database, kv: KV, pubsub: Subscriber, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Postgres and Redis answer within ``timeout_s``; the fan-out connection is live (its own view: a PING of
+    ours on it would only queue behind the messages, and its reader PINGs it already)."""
+
     async def postgres() -> None:
         try:
             async with db.connection(timeout=timeout_s) as conn:
@@ -32,4 +36,4 @@ async def check_dependencies(db: Database, kv: KV, timeout_s: float) -> dict[str
             raise
 
     pg_result, redis_result = await asyncio.gather(_timed(postgres, timeout_s), _timed(kv.ping, timeout_s))
-    return {"postgres": pg_result, "redis": redis_result}
+    return {"postgres": pg_result, "redis": redis_result, "pubsub": pubsub.health()}
