@@ -10,13 +10,17 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Self, TypeVar
 
 import redis
 from redis.connection import parse_url
 
 from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
+
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -69,26 +73,30 @@ def kill_valkey(valkey: EmbeddedValkey) -> None:
     os.kill(valkey_pid(valkey), signal.SIGKILL)
 
 
-class SubscribeGate:
-    """A TCP proxy in front of Valkey that can hold back SUBSCRIBEs naming one channel.
+class _Proxy:
+    """A TCP proxy on loopback in front of Valkey, on a thread (and event loop) of its own: the test's loop
+    blocks while chatd starts.  Point a chatd's ``REDIS_URL`` at ``url``.  ``stop`` (or the end of a
+    ``with`` block) closes every connection it holds and its listening socket.  Subclasses decide what
+    happens to the bytes (``_pump``)."""
 
-    ``hold(channel)``: a client's bytes that subscribe to ``channel`` (and whatever that client sends
-    after them) wait in the proxy until ``release()``, so Redis confirms the subscription late while
-    every other command, PUBLISH included, goes through.  Point a chatd's ``REDIS_URL`` at ``url``.
-    The proxy runs on a thread of its own: the test's loop blocks while chatd starts.
-    """
+    name = "proxy"
 
     def __init__(self, redis_url: str) -> None:
         self._target = parse_url(redis_url)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="subscribe-gate", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=self.name, daemon=True)
         self._server: asyncio.Server | None = None
-        self._open = asyncio.Event()
-        self._open.set()
-        self._channel = b""
         self._writers: set[asyncio.StreamWriter] = set()
-        self.held = 0  # SUBSCRIBEs caught while holding
+        self._links: set[_Link] = set()  # the connections open (until both their sides are closed)
+        self._serving: set[asyncio.Task[None]] = set()
         self.url = ""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def start(self) -> str:
         self._thread.start()
@@ -101,6 +109,103 @@ class SubscribeGate:
             auth = f"{self._target.get('username') or ''}:{self._target['password']}@"
         self.url = f"redis://{auth}127.0.0.1:{port}/{self._target.get('db', 0)}"
         return self.url
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            self._stopping()
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            if self._serving:  # each ends once both its sides are closed
+                _, late = await asyncio.wait(self._serving, timeout=5)
+                for task in late:
+                    task.cancel()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def _run(self, fn: Callable[[], R]) -> R:
+        """``fn()`` on the proxy's loop (its state is the loop's alone); its result."""
+
+        async def call() -> R:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(10)
+
+    def _stopping(self) -> None:
+        """On the proxy's loop, before the connections close."""
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        try:
+            await self._forward(client_r, client_w)
+        finally:
+            self._serving.discard(task)
+
+    async def _forward(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if "path" in self._target:
+            server_r, server_w = await asyncio.open_unix_connection(self._target["path"])
+        else:
+            server_r, server_w = await asyncio.open_connection(self._target["host"], self._target.get("port", 6379))
+        self._writers.update((client_w, server_w))
+        link = _Link()
+        self._links.add(link)
+        pumps = [
+            asyncio.ensure_future(self._pump(client_r, server_w, link, upstream=True)),
+            asyncio.ensure_future(self._pump(server_r, client_w, link, upstream=False)),
+        ]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            if link.blackholed:
+                # A half-open connection tells neither side that the other went: each end stays open until
+                # its own side closes it (or the proxy stops).
+                await asyncio.wait(pumps)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for writer in (client_w, server_w):
+                writer.close()
+                self._writers.discard(writer)
+            self._links.discard(link)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, upstream: bool
+    ) -> None:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class _Link:
+    """One proxied connection (client side and server side)."""
+
+    blackholed: bool = False
+
+
+class SubscribeGate(_Proxy):
+    """A TCP proxy in front of Valkey that can hold back SUBSCRIBEs naming one channel.
+
+    ``hold(channel)``: a client's bytes that subscribe to ``channel`` (and whatever that client sends
+    after them) wait in the proxy until ``release()``, so Redis confirms the subscription late while
+    every other command, PUBLISH included, goes through.  Point a chatd's ``REDIS_URL`` at ``url``.
+    The proxy runs on a thread of its own: the test's loop blocks while chatd starts.
+    """
+
+    name = "subscribe-gate"
+
+    def __init__(self, redis_url: str) -> None:
+        super().__init__(redis_url)
+        self._open = asyncio.Event()
+        self._open.set()
+        self._channel = b""
+        self.held = 0  # SUBSCRIBEs caught while holding
 
     def hold(self, channel: str) -> None:
         async def hold() -> None:
@@ -119,44 +224,65 @@ class SubscribeGate:
             while not self.held:
                 await asyncio.sleep(0.01)
 
-    def stop(self) -> None:
-        async def stop() -> None:
-            self._open.set()
-            if self._server is not None:
-                self._server.close()
-            for writer in list(self._writers):
-                writer.close()
+    def _stopping(self) -> None:
+        self._open.set()
 
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        if "path" in self._target:
-            server_r, server_w = await asyncio.open_unix_connection(self._target["path"])
-        else:
-            server_r, server_w = await asyncio.open_connection(self._target["host"], self._target.get("port", 6379))
-        self._writers.update((client_w, server_w))
-        pumps = [
-            asyncio.ensure_future(self._pump(client_r, server_w, gated=True)),
-            asyncio.ensure_future(self._pump(server_r, client_w, gated=False)),
-        ]
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in pumps:
-                task.cancel()
-            for writer in (client_w, server_w):
-                writer.close()
-                self._writers.discard(writer)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gated: bool) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, upstream: bool
+    ) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
-                if gated and not self._open.is_set() and b"\r\n" + self._channel + b"\r\n" in data:
+                if upstream and not self._open.is_set() and b"\r\n" + self._channel + b"\r\n" in data:
                     if b"SUBSCRIBE" in data.upper():
                         self.held += 1
                         await self._open.wait()
+                writer.write(data)
+                await writer.drain()
+
+
+class Blackhole(_Proxy):
+    """A TCP proxy in front of Valkey that can turn the connections open at one moment into half-open ones.
+
+    ``blackhole()``: every connection open now stops forwarding in both directions, and neither of its
+    sockets is closed: what either side sends is read and dropped, no RST, no FIN, as when a NAT or a
+    firewall forgets a connection or the host behind it vanishes.  Connections opened later are forwarded
+    as usual (the realistic case: the old connection is dead, a new one works).  A blackholed connection
+    stays so until a side closes it or the proxy stops.  ``with Blackhole(url) as proxy:`` then point a
+    chatd's ``REDIS_URL`` at ``proxy.url``.
+    """
+
+    name = "blackhole"
+
+    def __init__(self, redis_url: str) -> None:
+        super().__init__(redis_url)
+        self.dropped_bytes = 0  # read from a blackholed connection and never forwarded
+
+    def blackhole(self) -> int:
+        """Blackhole every connection open now; how many."""
+
+        def mark() -> int:
+            for link in self._links:
+                link.blackholed = True
+            return len(self._links)
+
+        return self._run(mark)
+
+    def open_connections(self) -> tuple[int, int]:
+        """(forwarded, blackholed) connections open now."""
+
+        def count() -> tuple[int, int]:
+            dead = sum(1 for link in self._links if link.blackholed)
+            return len(self._links) - dead, dead
+
+        return self._run(count)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, upstream: bool
+    ) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                if link.blackholed:
+                    self.dropped_bytes += len(data)
+                    continue
                 writer.write(data)
                 await writer.drain()

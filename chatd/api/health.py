@@ -7,9 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from chatd.realtime.pubsub import Subscriber
 from chatd.storage.db import Database
 from chatd.storage.kv import KV
-
 
 _abandoned: set[asyncio.Task[Any]] = set()  # checks past their timeout, left to finish their cancellation
 
@@ -37,7 +37,10 @@ def _forget(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved: it was reported as a timeout already
 
 
-async def check_dependencies(db: Database, kv: KV, timeout_s: float) -> dict[str, dict[str, Any]]:
+async def check_dependencies(db: Database, kv: KV, pubsub: Subscriber, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Postgres and Redis answer within ``timeout_s``; the fan-out connection is live (its own view: a PING of
+    ours on it would only queue behind the messages, and its reader PINGs it already)."""
+
     async def postgres() -> None:
         try:
             async with db.connection(timeout=timeout_s) as conn:
@@ -47,4 +50,4 @@ async def check_dependencies(db: Database, kv: KV, timeout_s: float) -> dict[str
             raise
 
     pg_result, redis_result = await asyncio.gather(_timed(postgres, timeout_s), _timed(kv.ping, timeout_s))
-    return {"postgres": pg_result, "redis": redis_result}
+    return {"postgres": pg_result, "redis": redis_result, "pubsub": pubsub.health()}

@@ -27,6 +27,7 @@ from chatd.process import metrics
 from chatd.process.config import ServerSettings, Settings
 from chatd.process.logs import access_log, fields
 from chatd.process.state import ServerState
+from chatd.realtime.pubsub import Subscriber
 from chatd.storage.db import Database
 from chatd.storage.kv import KV
 
@@ -271,15 +272,19 @@ class LiveHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """Postgres and Redis answer within ``health_timeout_s`` and every background task runs; 503 otherwise."""
+    """Postgres and Redis answer within ``health_timeout_s``, the pub/sub connection is live and every
+    background task runs; 503 otherwise."""
 
-    def initialize(self, state: ServerState, settings: Settings, db: Database, kv: KV) -> None:  # type: ignore[override]
+    def initialize(  # type: ignore[override]
+        self, state: ServerState, settings: Settings, db: Database, kv: KV, pubsub: Subscriber
+    ) -> None:
         super().initialize(state, settings)
         self.db = db
         self.kv = kv
+        self.pubsub = pubsub
 
     @op(
-        summary="Readiness: Postgres, Redis and every background task",
+        summary="Readiness: Postgres, Redis, the pub/sub connection and every background task",
         tag="health",
         auth=False,
         responses={
@@ -288,7 +293,7 @@ class ReadyHandler(BaseHandler):
         },
     )
     async def get(self) -> None:
-        checks = await check_dependencies(self.db, self.kv, self.config.storage.health_timeout_s)
+        checks = await check_dependencies(self.db, self.kv, self.pubsub, self.config.storage.health_timeout_s)
         down = sorted(self.state.tasks.down)
         checks["tasks"] = {"ok": not down, **({"error": f"restarting: {', '.join(down)}"} if down else {})}
         ready = all(c["ok"] for c in checks.values()) and not self.state.draining

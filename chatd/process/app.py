@@ -163,7 +163,7 @@ class Worker:
 
     async def _ready(self) -> bool:
         """What /health/ready would answer (for the chatd_ready gauge)."""
-        checks = await check_dependencies(self.db, self.kv, self.settings.storage.health_timeout_s)
+        checks = await check_dependencies(self.db, self.kv, self.hub.subscriber, self.settings.storage.health_timeout_s)
         return all(c["ok"] for c in checks.values()) and not self.state.tasks.down and not self.state.draining
 
     def application(self) -> tornado.web.Application:
@@ -180,7 +180,7 @@ class Worker:
         spec: dict[str, Any] = {}
         rest: list[Any] = [
             (r"/health/live", LiveHandler, base),
-            (r"/health/ready", ReadyHandler, {**base, "db": self.db, "kv": self.kv}),
+            (r"/health/ready", ReadyHandler, {**base, "db": self.db, "kv": self.kv, "pubsub": self.hub.subscriber}),
             (r"/metrics", MetricsHandler, base),
             *api.routes(
                 self.state,

@@ -124,6 +124,15 @@ class StorageSettings:
     redis_timeout_s: float = _f(2.0, "Redis socket timeout, and the longest wait for a pooled connection.", min=0.1)
     redis_pool_max: int = _f(256, "Redis connections each worker may open (beyond it, commands wait).", min=4)
     health_timeout_s: float = _f(1.0, "Timeout of each dependency check of /health/ready.", min=0.05)
+    pubsub_liveness_s: float = _f(
+        5.0,
+        "Liveness deadline of each worker's pub/sub connection: a PING on it after a third of this without"
+        " anything read; nothing read (not even a PONG) for this long, it is dropped as dead (a half-open"
+        " connection: NAT, firewall, vanished host) and a new one subscribes again, then the repair reads back"
+        " from Postgres what was missed. /health/ready reports pubsub not ok once a PING went unanswered for a"
+        " third of it.",
+        min=0.3,
+    )
     pg_query_timeout_s: float = _f(
         5.0,
         "Deadline of every Postgres call (client side, and the server's statement_timeout); past it the"

@@ -10,12 +10,21 @@ channel, and calls ``on_resubscribed`` once Redis confirmed them all: what
 was published meanwhile is lost to pub/sub, and the caller reads it back from
 Postgres then (not earlier: a read before the confirmation could miss a
 publish that lands between the read and the subscription).
+
+A connection can also die without breaking: a NAT or firewall that forgot it,
+a host that vanished, send no RST, and a reader that only waits would wait
+for ~15 minutes, deaf while it looks connected.  So the reader keeps a
+liveness deadline (``storage.pubsub_liveness_s``, ``Liveness``): anything read
+proves the connection alive; a third of the deadline without a read, it sends
+a PING; the whole deadline without one, it drops the connection and takes the
+reconnect path above.  ``live`` is what ``/health/ready`` reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +34,54 @@ from chatd.process.config import StorageSettings
 from chatd.process.logs import app_log, fields
 from chatd.storage.kv import close_client, pubsub_client, redis_errors
 
+_MIN_WAIT_S = 0.05  # the shortest read the reader makes before it checks its deadline
+
+
+class Liveness:
+    """When the pub/sub connection needs a PING, and when it counts as dead (pure: times are given).
+
+    Anything read proves the connection alive: a message, a confirmation, a PONG.  Nothing read for a
+    third of ``deadline_s``: a PING is due (again a third later while unanswered).  Nothing read for
+    ``deadline_s``: dead.  ``late``: silent for two thirds of it, a PING unanswered for a whole third:
+    readiness says not ok from then on, though the deadline has not come yet.
+    """
+
+    def __init__(self, deadline_s: float, now: float) -> None:
+        self.deadline_s = deadline_s
+        self.ping_every_s = deadline_s / 3
+        self.heard_at = self.pinged_at = now
+
+    def restart(self, now: float) -> None:
+        """A new connection: its deadline counts from now."""
+        self.heard_at = self.pinged_at = now
+
+    def heard(self, now: float) -> None:
+        self.heard_at = now
+
+    def pinged(self, now: float) -> None:
+        self.pinged_at = now
+
+    def silent_s(self, now: float) -> float:
+        return now - self.heard_at
+
+    def ping_due(self, now: float) -> bool:
+        return now - max(self.heard_at, self.pinged_at) >= self.ping_every_s
+
+    def expired(self, now: float) -> bool:
+        return now - self.heard_at >= self.deadline_s
+
+    def late(self, now: float) -> bool:
+        return now - self.heard_at >= 2 * self.ping_every_s
+
+    def wait_s(self, now: float) -> float:
+        """How long the reader may wait for a message before it must PING or give up (0 when it must now)."""
+        due = min(max(self.heard_at, self.pinged_at) + self.ping_every_s, self.heard_at + self.deadline_s)
+        return max(0.0, due - now)
+
+
+class Deaf(Exception):
+    """Nothing read on the pub/sub connection within the liveness deadline."""
+
 
 class Subscriber:
     def __init__(
@@ -32,11 +89,14 @@ class Subscriber:
         storage: StorageSettings,
         on_message: Callable[[bytes, bytes], None],
         on_resubscribed: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # A connection of its own: a busy command pool must never keep the reader from reconnecting.
         # With Sentinel each reconnect asks where the primary is now (kv.pubsub_client).
         self._client = pubsub_client(storage)
         self.timeout_s = storage.redis_timeout_s  # the longest wait for a confirmation
+        self._clock = clock
+        self._liveness = Liveness(storage.pubsub_liveness_s, clock())
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
         self._wanted: set[str] = set()
@@ -48,10 +108,24 @@ class Subscriber:
         self._unconfirmed: dict[bytes, int] = {}
         self._confirmed: set[bytes] = set()
         self._resubscribing: set[bytes] | None = None
-        self._wake = asyncio.Event()
         self._pending: set[str] = set()
         self._pending_event = asyncio.Event()
         self.connected = False
+
+    @property
+    def live(self) -> bool:
+        """Connected, and nothing suggests the connection is dead (``Liveness.late``)."""
+        return self.connected and not self._liveness.late(self._clock())
+
+    def health(self) -> dict[str, Any]:
+        """The ``pubsub`` entry of ``/health/ready`` (no I/O: the reader's PINGs do the probing)."""
+        if not self.connected:
+            return {"ok": False, "error": "not connected (reconnecting)"}
+        now = self._clock()
+        silent_s = self._liveness.silent_s(now)
+        if self._liveness.late(now):
+            return {"ok": False, "error": f"nothing read for {silent_s:.1f}s, PING unanswered"}
+        return {"ok": True, "silent_ms": round(silent_s * 1000)}
 
     async def close(self) -> None:
         await close_client(self._client)
@@ -74,6 +148,8 @@ class Subscriber:
                     await pubsub.ping()
                     if not first:
                         self._resubscribed()
+                liveness = self._liveness
+                liveness.restart(self._clock())
                 self.connected = True
                 metrics.pubsub_connected.set(1)
                 self._pending_event.set()  # wanted while disconnected, after the snapshot above: subscribe now
@@ -82,13 +158,18 @@ class Subscriber:
                 first = False
                 backoff_s = 0.1
                 while True:
-                    if not pubsub.subscribed:
-                        self._wake.clear()
-                        await self._wake.wait()  # nothing to listen to until a first subscribe
-                        continue
-                    msg = await pubsub.get_message(timeout=1.0)
+                    # Read even with nothing subscribed: the PONGs keep the deadline honest.
+                    wait_s = max(_MIN_WAIT_S, liveness.wait_s(self._clock()))
+                    msg = await pubsub.get_message(timeout=wait_s)
+                    now = self._clock()
                     if msg is not None:
+                        liveness.heard(now)
                         self._dispatch(msg)
+                    elif liveness.expired(now):
+                        raise Deaf(f"nothing read for {liveness.silent_s(now):.1f}s, PINGs unanswered")
+                    elif liveness.ping_due(now):
+                        await pubsub.ping()
+                        liveness.pinged(now)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever broke, the reader must come back: without it the worker is deaf
@@ -104,7 +185,12 @@ class Subscriber:
                         fut.exception()  # retrieved: nobody may be waiting
                 self._confirm.clear()
                 metrics.pubsub_reconnects.inc()
-                app_log.warning("fanout_redis_lost", extra=fields(error=str(exc)[:200], retry_in_s=backoff_s))
+                if isinstance(exc, Deaf):  # half-open: no error would ever have come
+                    metrics.pubsub_liveness_timeouts.inc()
+                    event = "pubsub_liveness_timeout"
+                else:
+                    event = "fanout_redis_lost"
+                app_log.warning(event, extra=fields(error=str(exc)[:200], retry_in_s=backoff_s))
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)  # at most a second after Redis (or a promoted replica) is back
             finally:
@@ -160,7 +246,6 @@ class Subscriber:
             self._sent([channel])
             async with redis_errors("subscribe"):
                 await pubsub.subscribe(channel)
-            self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
@@ -212,7 +297,6 @@ class Subscriber:
                 self._sent(channels)
                 async with redis_errors("subscribe"):
                     await pubsub.subscribe(*channels)
-                self._wake.set()
             except errors.Unavailable:
                 pass  # the reader reconnects and subscribes every wanted channel
 

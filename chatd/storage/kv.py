@@ -100,10 +100,12 @@ def connect(storage: StorageSettings, max_connections: int | None = None) -> aio
 
 
 def pubsub_client(storage: StorageSettings) -> aioredis.Redis:
-    """The pub/sub reader's own client: no read timeout (it waits for messages), a connect timeout."""
+    """The pub/sub reader's own client.  Its reads wait as long as the reader says (its liveness deadline,
+    ``Subscriber``, which also PINGs an idle connection: no ``health_check_interval``, whose PONGs redis-py
+    hides); the Redis timeout bounds the rest (connect, handshake, writes)."""
     kwargs: dict[str, Any] = {
+        "socket_timeout": storage.redis_timeout_s,
         "socket_connect_timeout": storage.redis_timeout_s,
-        "health_check_interval": 30,
         "max_connections": 2,
     }
     if redisurl.is_sentinel(storage.redis_url):
