@@ -397,7 +397,9 @@ class ChatSocket(StrictHandlerMixin):
                 self._joining = frame.room_id
                 self._kicked_while_joining = False
                 try:
-                    joined = await self.rooms.join(self, frame.room_id, frame.since_seq, rid, rejoin=rejoin)
+                    joined = await self.rooms.join(
+                        self, frame.room_id, frame.since_seq, rid, rejoin=rejoin, epoch=frame.epoch
+                    )
                 finally:
                     self._joining = None
                 if self._kicked_while_joining:

@@ -116,6 +116,7 @@ class Room:
     latest_seq: int = 0  # highest seq known to exist (joined, message, ack, stream_end)
     loaded: bool = False  # history is kept: last_seq is contiguous and messages are stored
     last_seq: int = 0
+    epoch: str | None = None  # of the room's seqs (from `joined`): sent back with since_seq
     first_seq: int = 0  # oldest loaded seq, for scrolling back
     has_older: bool = False
     messages: dict[int, Message] = field(default_factory=dict)  # by seq
@@ -505,6 +506,17 @@ class ClientSession:
         room.joined = True
         room.join_retry_at = None
         room.online = {int(u) for u in f.get("online", [])}
+        epoch = f.get("epoch")
+        if isinstance(epoch, str) and room.epoch is not None and epoch != room.epoch and room.loaded:
+            # Another history of the room (a restore, a failover): what we hold is not its past.
+            room.epoch = epoch
+            room.messages.clear()
+            room.buffer.clear()
+            room.loaded, room.last_seq, room.latest_seq = False, 0, int(f.get("last_seq", 0))
+            room.fetching = "latest"
+            return [FetchPage(room.id, "latest", limit=PAGE), Redraw()]
+        if isinstance(epoch, str):
+            room.epoch = epoch
         room.latest_seq = max(room.latest_seq, int(f.get("last_seq", 0)))
         return [Redraw()]
 
@@ -551,8 +563,8 @@ class ClientSession:
         if room is None:
             return []
         room.latest_seq = max(room.latest_seq, int(f.get("last_seq", 0)))
-        if not room.loaded:
-            return [Redraw()]
+        if not room.loaded or room.fetching == "latest":
+            return [Redraw()]  # not loaded yet, or reloading already (a new epoch)
         # Too far behind to replay: reload the newest page, then rejoin from there.
         room.fetching = "latest"
         return [FetchPage(room.id, "latest", limit=PAGE)]
@@ -741,6 +753,8 @@ class ClientSession:
         frame: dict[str, Any] = {"type": "join", "id": f"j:{room.id}", "room_id": room.id}
         if room.loaded:
             frame["since_seq"] = room.last_seq
+            if room.epoch is not None:
+                frame["epoch"] = room.epoch
         return SendFrame(frame)
 
     def _send(self, p: Pending) -> SendFrame:

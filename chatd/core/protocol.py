@@ -120,6 +120,7 @@ PROTOCOL_VERSION: Final = 1
 # as doubles, so anything above 2**53-1 would silently lose precision.
 MAX_SAFE_INT: Final = 2**53 - 1
 MAX_ID_CHARS: Final = 64  # request ``id`` and ``client_msg_id``
+MAX_EPOCH_CHARS: Final = 64  # a room epoch echoed back in `join`
 MAX_TOKEN_CHARS: Final = 8192
 
 RequestId: TypeAlias = str | int | None
@@ -162,6 +163,7 @@ class Join:
     TYPE: ClassVar[str] = "join"
     room_id: int
     since_seq: int | None = None  # None: no backfill wanted
+    epoch: str | None = None  # the epoch since_seq belongs to (from `joined`); None: not known
     request_id: RequestId = field(default=None, kw_only=True)
 
 
@@ -338,7 +340,10 @@ _Parser: TypeAlias = Callable[[Mapping[str, Any], RequestId, int], ClientFrame]
 def _parse_join(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
     since = obj.get("since_seq")
     since_seq = None if since is None else _check_int(since, "join", "since_seq", 0)
-    return Join(_room_id(obj, "join"), since_seq, request_id=rid)
+    epoch = obj.get("epoch")
+    if epoch is not None and (not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_CHARS):
+        raise BadRequest(f"join.epoch must be a string of 1..{MAX_EPOCH_CHARS} characters")
+    return Join(_room_id(obj, "join"), since_seq, epoch, request_id=rid)
 
 
 def _parse_leave(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
@@ -586,11 +591,12 @@ def authenticated(*, expires_at_ms: int, reply_to: RequestId) -> dict[str, Any]:
     }
 
 
-def joined(*, room_id: int, last_seq: int, online: list[int], reply_to: RequestId) -> dict[str, Any]:
+def joined(*, room_id: int, last_seq: int, epoch: str, online: list[int], reply_to: RequestId) -> dict[str, Any]:
     return {
         "type": "joined",
         "room_id": room_id,
         "last_seq": last_seq,
+        "epoch": epoch,
         "online": list(online),  # copy: the caller's set/list may change later
         "reply_to": reply_to,
     }
@@ -600,18 +606,17 @@ def left(*, room_id: int, reply_to: RequestId) -> dict[str, Any]:
     return {"type": "left", "room_id": room_id, "reply_to": reply_to}
 
 
-def resync_required(*, room_id: int, last_seq: int, reply_to: RequestId) -> dict[str, Any]:
+def resync_required(*, room_id: int, last_seq: int, epoch: str | None, reply_to: RequestId) -> dict[str, Any]:
     """The socket cannot be brought up to date frame by frame: refetch via REST, then rejoin.
 
     In reply to a ``join`` whose ``since_seq`` gap is over ``ws.replay_limit``, or at
     any time when the server could not deliver a room's messages in order.
     """
-    return {
-        "type": "resync_required",
-        "room_id": room_id,
-        "last_seq": last_seq,
-        "reply_to": reply_to,
-    }
+    frame: dict[str, Any] = {"type": "resync_required", "room_id": room_id, "last_seq": last_seq}
+    if epoch is not None:
+        frame["epoch"] = epoch
+    frame["reply_to"] = reply_to
+    return frame
 
 
 def ack(

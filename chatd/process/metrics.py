@@ -118,7 +118,8 @@ pubsub_connected = Gauge(
 resyncs = Counter(
     "chatd_resyncs_sent_total",
     "resync_required frames sent: replay_limit (join too far behind), held_overflow (a join held too many"
-    " live frames), seq_lost (Postgres lacked a committed seq)",
+    " live frames), seq_lost (Postgres lacked a committed seq), epoch (a join whose since_seq belongs to another"
+    " history of the room)",
     ["reason"],
 )
 pg_errors = Counter(
@@ -260,7 +261,7 @@ def set_worker(worker_id: int) -> None:
     """Label this process's series; create the per-reason series at 0 (so rate() and alerts see them)."""
     global worker
     worker = f"w{worker_id}"
-    for reason in ("replay_limit", "held_overflow", "seq_lost"):
+    for reason in ("replay_limit", "held_overflow", "seq_lost", "epoch"):
         resyncs.labels(reason)
     for kind in ("deadline", "statement_timeout", "pool_timeout", "connection"):
         pg_errors.labels(kind)

@@ -72,6 +72,7 @@ class RoomState:
     early: list[Event] = field(default_factory=list)  # arrived before the sequencer was set up (bounded)
     ready: asyncio.Future[None] | None = None
     idle_since: float | None = None  # the last local socket left then: unsubscribed after ws.room_linger_s
+    epoch: str | None = None  # of the room's seqs, as the last join read it (for resync_required)
 
     @property
     def sockets(self) -> int:
@@ -181,7 +182,8 @@ class Hub:
         if merge is not None and merge.overflowed:
             metrics.resyncs.labels("held_overflow").inc()
             last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
-            conn.write_frame(_framed(protocol.resync_required(room_id=room_id, last_seq=last, reply_to=None)))
+            resync = protocol.resync_required(room_id=room_id, last_seq=last, epoch=room.epoch, reply_to=None)
+            conn.write_frame(_framed(resync))
 
     def detach(self, conn: Conn, room_id: int) -> None:
         """Stop delivering the room's frames to ``conn`` now (synchronously); ``leave_room`` does the rest."""
@@ -219,6 +221,11 @@ class Hub:
                 if room is not None and room.idle_since is not None and not room.sockets:  # no join meanwhile
                     del self.rooms[room_id]
                     await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
+
+    def set_epoch(self, room_id: int, epoch: str) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            room.epoch = epoch
 
     def online(self, room_id: int) -> set[int]:
         room = self.rooms.get(room_id)
@@ -350,9 +357,7 @@ class Hub:
     async def kick(self, user_id: int, room_id: int) -> None:
         """Make a user's sockets leave a room (removed from it) on every worker and instance."""
         self.kick_local(user_id, room_id)
-        self._publish(
-            [(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))]
-        )
+        self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))])
 
     def listen_control(self) -> None:
         """Subscribe the control channel for the worker's life (kept through reconnects by the subscriber)."""
@@ -485,7 +490,7 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        frame = _framed(protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=None))
+        frame = _framed(protocol.resync_required(room_id=room_id, last_seq=last_seq, epoch=room.epoch, reply_to=None))
         metrics.resyncs.labels("seq_lost").inc(len(room.live))
         for conn in list(room.live):
             conn.write_frame(frame)

@@ -157,7 +157,13 @@ class Rooms:
     # -- join / leave -------------------------------------------------------------
 
     async def join(
-        self, conn: Conn, room_id: int, since_seq: int | None, request_id: Any, rejoin: bool = False
+        self,
+        conn: Conn,
+        room_id: int,
+        since_seq: int | None,
+        request_id: Any,
+        rejoin: bool = False,
+        epoch: str | None = None,
     ) -> JoinResult:
         await self.hub.join_room(conn, room_id)
         try:
@@ -167,15 +173,23 @@ class Rooms:
                 raise errors.NotFound("room not found")
             room = read.room
             last_seq = int(room["last_seq"])
+            self.hub.set_epoch(room_id, read.epoch)
             resync = None
             baseline_seq = last_seq
-            if read.resync:
-                metrics.resyncs.labels("replay_limit").inc()
-                resync = protocol.resync_required(room_id=room_id, last_seq=last_seq, reply_to=request_id)
+            replay = read.history
+            # since_seq from another history of the room (a restore, a failover that lost commits): its
+            # seqs mean other messages here, so nothing is replayed and the client refetches.
+            foreign = since_seq is not None and ((epoch is not None and epoch != read.epoch) or since_seq > last_seq)
+            if read.resync or foreign:
+                metrics.resyncs.labels("epoch" if foreign else "replay_limit").inc()
+                resync = protocol.resync_required(
+                    room_id=room_id, last_seq=last_seq, epoch=read.epoch, reply_to=request_id
+                )
+                replay = []
             elif since_seq is not None and since_seq < last_seq:
                 baseline_seq = since_seq
             history: list[tuple[int, Event]] = []
-            for r in read.history:
+            for r in replay:
                 frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(r)))
                 history.append((int(r["seq"]), Event(frame, int(r["seq"]))))
             catch_up: list[tuple[int, int, list[bytes]]] = []
@@ -189,7 +203,9 @@ class Rooms:
         if not rejoin:
             self.presence.joined(room_id, conn.user_id)
         online = sorted(self.hub.online(room_id) | {conn.user_id})
-        joined = protocol.joined(room_id=room_id, last_seq=last_seq, online=online, reply_to=request_id)
+        joined = protocol.joined(
+            room_id=room_id, last_seq=last_seq, epoch=read.epoch, online=online, reply_to=request_id
+        )
         return JoinResult(joined, resync, history, baseline_seq, catch_up)
 
     async def leave(self, conn: Conn, room_id: int, *, detached: bool = False) -> None:

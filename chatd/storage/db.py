@@ -42,6 +42,7 @@ class Database(AsyncConnectionPool):
     """The worker's connection pool, and the deadline of every call made through it."""
 
     query_timeout_s: float = 5.0
+    identity: str | None = None  # the cluster's system identifier, read once (messages.join_reads)
 
 
 async def open_database(storage: StorageSettings, name: str) -> Database:

@@ -11,6 +11,7 @@ fan-out's gap fill.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 import psycopg
 
 from chatd.core import errors
-from chatd.storage.db import Database, Row, bounded, fetch_all, fetch_one, transaction
+from chatd.storage.db import Database, Row, bounded, connection, fetch_all, fetch_one, transaction
 from chatd.storage.rooms import ROOM_COLUMNS
 
 MESSAGE_COLUMNS = (
@@ -33,6 +34,36 @@ class JoinRead:
     room: Row | None  # the room with the caller's membership; None: not a member (or no such room)
     history: list[Row]  # messages after since_seq, when a replay was asked and fits the limit
     resync: bool = False  # the gap since since_seq is over the replay limit: nothing read
+    epoch: str = ""  # which history of the database the seqs belong to (EPOCH_SQL)
+
+
+# The history a seq belongs to: the cluster (its system identifier: a restore into a new cluster changes it)
+# and the WAL timeline (a point-in-time restore, or the promotion of a replica that may lack the newest
+# commits, moves it on).  Seqs of one room are comparable only within one epoch.
+EPOCH_SQL = "left(md5(%s || '/' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)), 12)"
+
+
+async def _identity(pool: Database) -> str:
+    """The cluster's system identifier, read once per worker: pg_control_system() reads a file, which a
+    checkpoint can make fail for a moment (then this join is answered `unavailable` and retried)."""
+    for _ in range(_IDENTITY_TRIES):
+        if pool.identity is not None:
+            return pool.identity
+        async with connection(pool) as conn:
+            try:
+                cur = await conn.execute("SELECT system_identifier::text AS id FROM pg_control_system()")
+                row = await cur.fetchone()
+            except psycopg.Error:  # seen: "could not open file .../pg_control: Permission denied", once
+                await asyncio.sleep(0.05)
+                continue
+        if row is not None:
+            pool.identity = str(row["id"])
+    if pool.identity is None:
+        raise errors.Unavailable("database identity unreadable, try again")
+    return pool.identity
+
+
+_IDENTITY_TRIES = 5
 
 
 @bounded
@@ -41,12 +72,13 @@ async def join_reads(pool: Database, joins: Sequence[tuple[int, int, int | None]
     once (a reconnect storm re-joins thousands of rooms; ``Batched`` groups them): two queries in all."""
     rows = await fetch_all(
         pool,
-        f"SELECT j.ord, {ROOM_COLUMNS}, m.role AS member_role, m.read_seq"
+        f"SELECT j.ord, {ROOM_COLUMNS}, m.role AS member_role, m.read_seq, {EPOCH_SQL} AS epoch"
         " FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS j (room_id, user_id, ord)"
         " JOIN rooms r ON r.id = j.room_id JOIN room_members m ON m.room_id = r.id AND m.user_id = j.user_id",
-        ([j[0] for j in joins], [j[1] for j in joins]),
+        (await _identity(pool), [j[0] for j in joins], [j[1] for j in joins]),
     )
     rooms: dict[int, Row] = {int(r.pop("ord")) - 1: r for r in rows}
+    epochs = {i: str(r.pop("epoch")) for i, r in rooms.items()}
     replays: dict[int, tuple[int, int]] = {}  # join index -> (first, last) seqs to replay
     resync: set[int] = set()
     for i, (_, _, since) in enumerate(joins):
@@ -70,7 +102,7 @@ async def join_reads(pool: Database, joins: Sequence[tuple[int, int, int | None]
             if first_last
             else []
         )
-        out.append(JoinRead(rooms.get(i), rows_i, i in resync))
+        out.append(JoinRead(rooms.get(i), rows_i, i in resync, epochs.get(i, "")))
     return out
 
 

@@ -468,6 +468,18 @@ async () => {
   const removed = s.receive({type: "room_removed", room_id: 8, reason: "removed"}, 0);
   out.removed = [removed.map((a) => a.kind), s.rooms.has(8)];
   out.removedTwice = s.receive({type: "room_removed", room_id: 8, reason: "removed"}, 0);
+
+  // The epoch: sent back with since_seq; a new one drops the history of the old.
+  s = live(3);
+  s.receive({type: "joined", room_id: 7, last_seq: 3, epoch: "e1", online: [ME]}, 0);
+  s.connectionLost();
+  s.connectionOpened();
+  out.epochRejoin = frames(s.receive({type: "hello", user_id: ME}, 0)).filter((f) => f.type === "join");
+  const restored = s.receive({type: "joined", room_id: 7, last_seq: 2, epoch: "e2", online: [ME]}, 0);
+  out.epochFetch = restored.filter((a) => a.kind === "fetch").map((a) => a.purpose);
+  out.epochRoom = [s.rooms.get(7).loaded, s.rooms.get(7).messages.size, s.rooms.get(7).epoch];
+  out.epochResync = s.receive({type: "resync_required", room_id: 7, last_seq: 2, epoch: "e2"}, 0)
+    .filter((a) => a.kind === "fetch").length;
   return out;
 }
 """
@@ -498,3 +510,7 @@ def test_the_web_apps_session_module_follows_the_resume_rules(chatd: Chatd, brow
     assert out["name"] == "Bob"
     assert out["removed"] == [["removed", "notice", "redraw"], False]
     assert out["removedTwice"] == []
+    assert out["epochRejoin"] == [{"type": "join", "id": "j:7", "room_id": 7, "since_seq": 3, "epoch": "e1"}]
+    assert out["epochFetch"] == ["latest"]
+    assert out["epochRoom"] == [False, 0, "e2"]
+    assert out["epochResync"] == 0

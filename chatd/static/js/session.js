@@ -56,6 +56,7 @@ function newRoom(id) {
     latestSeq: 0, // highest seq known to exist
     loaded: false, // history kept: lastSeq is contiguous
     lastSeq: 0,
+    epoch: null, // of the room's seqs (from `joined`): sent back with since_seq
     firstSeq: 0,
     hasOlder: false,
     messages: new Map(), // seq -> message
@@ -334,6 +335,19 @@ export class Session {
     room.joined = true;
     room.joinRetryAt = null;
     room.online = new Set(f.online ?? []);
+    const epoch = typeof f.epoch === "string" ? f.epoch : null;
+    if (epoch !== null && room.epoch !== null && epoch !== room.epoch && room.loaded) {
+      // Another history of the room (a restore, a failover): what we hold is not its past.
+      room.epoch = epoch;
+      room.messages.clear();
+      room.buffer.clear();
+      room.loaded = false;
+      room.lastSeq = 0;
+      room.latestSeq = f.last_seq ?? 0;
+      room.fetching = "latest";
+      return [fetchPage(room.id, "latest", { limit: PAGE }), REDRAW];
+    }
+    if (epoch !== null) room.epoch = epoch;
     room.latestSeq = Math.max(room.latestSeq, f.last_seq ?? 0);
     return [REDRAW];
   }
@@ -378,7 +392,7 @@ export class Session {
     const room = this.rooms.get(f.room_id);
     if (!room) return [];
     room.latestSeq = Math.max(room.latestSeq, f.last_seq ?? 0);
-    if (!room.loaded) return [REDRAW];
+    if (!room.loaded || room.fetching === "latest") return [REDRAW]; // not loaded, or reloading (new epoch)
     room.fetching = "latest"; // too far behind to replay: newest page, then rejoin from it
     return [fetchPage(room.id, "latest", { limit: PAGE })];
   }
@@ -570,7 +584,10 @@ export class Session {
   join(room) {
     room.joinRetryAt = null;
     const frame = { type: "join", id: `j:${room.id}`, room_id: room.id };
-    if (room.loaded) frame.since_seq = room.lastSeq;
+    if (room.loaded) {
+      frame.since_seq = room.lastSeq;
+      if (room.epoch !== null) frame.epoch = room.epoch;
+    }
     return send(frame);
   }
 

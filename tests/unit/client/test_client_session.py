@@ -298,6 +298,22 @@ def test_resync_required_reloads_the_newest_page_and_rejoins_from_it() -> None:
     assert (room.first_seq, room.last_seq, room.has_older) == (4951, 5000, True)
 
 
+def test_the_epoch_goes_back_with_since_seq_and_a_new_one_drops_the_old_history() -> None:
+    s = live_session(3)
+    s.receive({"type": "joined", "room_id": 7, "last_seq": 3, "epoch": "e1", "online": [ME]}, 0)
+    assert s.rooms[7].epoch == "e1"
+    rejoin = [f for f in frames(connect(s)) if f["type"] == "join"]  # a reconnect names the epoch of since_seq
+    assert rejoin == [{"type": "join", "id": "j:7", "room_id": 7, "since_seq": 3, "epoch": "e1"}]
+    # The room was restored to an older backup: seq 2 is now another message, the client's 3 is gone.
+    out = s.receive({"type": "joined", "room_id": 7, "last_seq": 2, "epoch": "e2", "online": [ME]}, 0)
+    assert fetches(out) == [FetchPage(7, "latest", limit=50)]
+    room = s.rooms[7]
+    assert (room.loaded, room.messages, room.epoch) == (False, {}, "e2")
+    assert fetches(s.receive({"type": "resync_required", "room_id": 7, "last_seq": 2, "epoch": "e2"}, 0)) == []
+    out = s.page(7, "latest", [msg(1, "new 1"), msg(2, "new 2")], has_more=False)
+    assert shown(out) == [1, 2] and s.rooms[7].messages[2].content == "new 2"
+
+
 def test_unread_counts_follow_live_messages_and_read_markers() -> None:
     s = ClientSession("c")
     s.set_rooms([{"id": 7, "name": "ops", "last_seq": 5, "read_seq": 3}, {"id": 9, "name": "x", "last_seq": 0}])

@@ -52,6 +52,7 @@ VALID_FRAMES: list[tuple[dict[str, Any], p.ClientFrame]] = [
     ({"type": "join", "room_id": 7, "since_seq": 0, "id": "r1"}, p.Join(7, 0, request_id="r1")),
     ({"type": "join", "room_id": MAX, "since_seq": MAX}, p.Join(MAX, MAX)),
     ({"type": "join", "room_id": 3, "since_seq": None}, p.Join(3, None)),
+    ({"type": "join", "room_id": 3, "since_seq": 9, "epoch": "3f2a"}, p.Join(3, 9, "3f2a")),
     ({"type": "leave", "room_id": 2, "id": 9}, p.Leave(2, request_id=9)),
     (
         {"type": "send", "room_id": 5, "content": "안녕하세요", "client_msg_id": UUID, "id": 42},
@@ -139,6 +140,7 @@ TOKEN_BAD = [MISSING, None, 5, "", "t" * (p.MAX_TOKEN_CHARS + 1)]
 FIELD_RULES: list[tuple[str, str, list[Any]]] = [
     ("join", "room_id", POSITIVE_ID_BAD),
     ("join", "since_seq", OPTIONAL_SEQ_BAD),
+    ("join", "epoch", ["", 7, "x" * 65, ["e"]]),
     ("leave", "room_id", POSITIVE_ID_BAD),
     ("send", "room_id", POSITIVE_ID_BAD),
     ("send", "content", CONTENT_BAD),
@@ -437,8 +439,8 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "joined",
-        p.joined(room_id=5, last_seq=41, online=[1, 2], reply_to=3),
-        {"type": "joined", "room_id": 5, "last_seq": 41, "online": [1, 2], "reply_to": 3},
+        p.joined(room_id=5, last_seq=41, epoch="e1", online=[1, 2], reply_to=3),
+        {"type": "joined", "room_id": 5, "last_seq": 41, "epoch": "e1", "online": [1, 2], "reply_to": 3},
     ),
     (
         "left",
@@ -447,8 +449,8 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "resync_required",
-        p.resync_required(room_id=5, last_seq=9000, reply_to="j"),
-        {"type": "resync_required", "room_id": 5, "last_seq": 9000, "reply_to": "j"},
+        p.resync_required(room_id=5, last_seq=9000, epoch="e1", reply_to="j"),
+        {"type": "resync_required", "room_id": 5, "last_seq": 9000, "epoch": "e1", "reply_to": "j"},
     ),
     (
         "ack",
@@ -668,7 +670,7 @@ def test_encoded_wire_shape(frame: dict[str, Any], wire: str) -> None:
 
 def test_joined_copies_the_online_list() -> None:
     online = [1, 2]
-    frame = p.joined(room_id=1, last_seq=0, online=online, reply_to=None)
+    frame = p.joined(room_id=1, last_seq=0, epoch="e1", online=online, reply_to=None)
     online.append(3)
     assert frame["online"] == [1, 2]
 
