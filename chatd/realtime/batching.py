@@ -4,7 +4,9 @@ The group commit's idea (``chatd.writer``) for reads done per connection: under
 a connect storm a thousand handshakes need a thousand auth checks; made one by
 one, each pays a round trip and the driver's per-call cost.  ``Batched`` sends
 the first request at once (an idle server adds no delay) and everything that
-arrives meanwhile in the next call, up to ``max_batch``.
+arrives meanwhile in the next call, up to ``max_batch``.  At most ``max_queue``
+requests wait: beyond, a request fails at once with ``Unavailable`` (a handshake
+answered 503 costs less than a queue that grows while the database is slow).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ V = TypeVar("V")
 class Batched(Generic[K, V]):
     """``await batched(item)`` → ``call([items...])[i]``; ``run`` is the worker's supervised loop."""
 
-    def __init__(self, call: Callable[[list[K]], Awaitable[Sequence[V]]], max_batch: int = 200) -> None:
+    def __init__(
+        self, call: Callable[[list[K]], Awaitable[Sequence[V]]], max_batch: int = 200, max_queue: int = 10_000
+    ) -> None:
         self._call = call
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self._queue: collections.deque[tuple[K, asyncio.Future[V]]] = collections.deque()
         self._in_flight: list[tuple[K, asyncio.Future[V]]] = []
         self._wake = asyncio.Event()
@@ -35,6 +40,9 @@ class Batched(Generic[K, V]):
         fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         if not self._running:  # shutting down (or restarting after a crash): fail fast, do not strand
             fut.set_exception(errors.Unavailable("server busy restarting, try again"))
+            return fut
+        if len(self._queue) >= self.max_queue:
+            fut.set_exception(errors.Unavailable("server busy, try again"))
             return fut
         self._queue.append((item, fut))
         self._wake.set()

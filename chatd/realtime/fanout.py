@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from chatd.core import envelope, errors, protocol
 from chatd.core.keys import Keys
-from chatd.core.sequencing import JoinMerge, Revisions, RoomSequencer
+from chatd.core.sequencing import HoldLog, Revisions, RoomSequencer
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
@@ -65,7 +65,7 @@ class Event:
 @dataclass(eq=False)
 class RoomState:
     live: set[Conn] = field(default_factory=set)
-    joining: dict[Conn, JoinMerge[Event]] = field(default_factory=dict)
+    holds: HoldLog[Event] = field(default_factory=HoldLog)  # joining sockets: their live frames held here
     sequencer: RoomSequencer[Event] | None = None
     revisions: Revisions | None = None
     online: set[int] = field(default_factory=set)  # members with a socket anywhere, as this worker knows
@@ -76,7 +76,7 @@ class RoomState:
 
     @property
     def sockets(self) -> int:
-        return len(self.live) + len(self.joining)
+        return len(self.live) + self.holds.joiners
 
 
 class Hub:
@@ -116,10 +116,10 @@ class Hub:
         """
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = RoomState()
+            room = self.rooms[room_id] = RoomState(holds=HoldLog(self.settings.max_held_frames))
         room.idle_since = None
         room.live.discard(conn)
-        room.joining[conn] = JoinMerge(self.settings.max_held_frames)
+        room.holds.start(conn)
         try:
             if room.ready is None:
                 room.ready = asyncio.get_running_loop().create_future()
@@ -168,18 +168,17 @@ class Hub:
         ``catch_up``: ``(answer id, chunk index, frames)`` of streams running in the room.
         """
         room = self.rooms[room_id]
-        merge = room.joining.pop(conn, None)
+        last_history_seq = history[-1][0] if history else baseline_seq
+        items, overflowed = room.holds.finish(conn, history, last_history_seq)
         room.live.add(conn)
         conn.room_seq[room_id] = baseline_seq
         for message_id, index, frames in catch_up:
             for frame in frames:
                 conn.write_frame(frame)
-            conn.stream_marks[message_id] = index  # held chunks up to here are already in the catch-up
-        last_history_seq = history[-1][0] if history else baseline_seq
-        items = merge.merge(history, last_history_seq) if merge else [e for _, e in history]
+            mark_stream(conn.stream_marks, message_id, index)  # held chunks up to here are in the catch-up
         for event in items:
             self._write(conn, room_id, event)
-        if merge is not None and merge.overflowed:
+        if overflowed:
             metrics.resyncs.labels("held_overflow").inc()
             last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
             resync = protocol.resync_required(room_id=room_id, last_seq=last, epoch=room.epoch, reply_to=None)
@@ -191,7 +190,7 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is not None:
             room.live.discard(conn)
-            room.joining.pop(conn, None)
+            room.holds.cancel(conn)
 
     async def leave_room(self, conn: Conn, room_id: int) -> None:
         self.detach(conn, room_id)
@@ -452,9 +451,7 @@ class Hub:
             return
         written = 0
         for event in events:
-            if room.joining:
-                for merge in room.joining.values():
-                    merge.hold(event.seq, event)
+            room.holds.hold(event.seq, event)
             for conn in list(room.live):
                 if self._write(conn, room_id, event):
                     written += 1
@@ -471,8 +468,10 @@ class Hub:
             conn.room_seq[room_id] = seq
         elif event.stream is not None and conn.stream_marks:
             mark = conn.stream_marks.get(event.stream[0])
-            if mark is not None and event.stream[1] <= mark:
-                return False  # part of the text this socket got when it joined mid-stream
+            if mark is not None:
+                if event.stream[1] <= mark:
+                    return False  # part of the text this socket got when it joined mid-stream
+                del conn.stream_marks[event.stream[0]]  # past the catch-up: every later chunk is new
         conn.write_frame(event.frame)
         return True
 
@@ -504,6 +503,18 @@ class Hub:
     def kick_local(self, user_id: int, room_id: int) -> None:
         for conn in list(self.users.get(user_id, ())):
             conn.kicked(room_id)
+
+
+_MAX_STREAM_MARKS = 64  # streams a socket joined mid-way and has not seen a new chunk of yet
+
+
+def mark_stream(marks: dict[int, int], message_id: int, index: int) -> None:
+    """Remember the catch-up of a running stream; the oldest marks go first beyond ``_MAX_STREAM_MARKS``
+    (a stream that ended right at the join leaves its mark until then)."""
+    marks.pop(message_id, None)
+    marks[message_id] = index
+    while len(marks) > _MAX_STREAM_MARKS:
+        del marks[next(iter(marks))]
 
 
 def _framed(frame: dict[str, Any]) -> bytes:

@@ -76,3 +76,19 @@ async def test_callers_that_gave_up_are_left_out_and_shutdown_releases_the_rest(
     for fut in (in_flight, queued, batched(6)):  # nobody is left waiting, also after the loop stopped
         with pytest.raises(errors.Unavailable):
             await fut
+
+
+async def test_the_queue_is_bounded_and_refuses_at_once_beyond_it() -> None:
+    call = Recorder()
+    batched: Batched[int, int] = Batched(call, max_batch=2, max_queue=3)
+    runner = asyncio.ensure_future(batched.run())
+    await asyncio.sleep(0)
+    first = batched(1)
+    await asyncio.sleep(0)  # [1] in flight: the queue fills behind it
+    queued = [batched(i) for i in (2, 3, 4)]
+    refused = batched(5)
+    assert refused.done() and isinstance(refused.exception(), errors.Unavailable)
+    call.release.set()
+    assert await first == 10 and [await f for f in queued] == [20, 30, 40]
+    assert await batched(6) == 60  # room again
+    runner.cancel()
