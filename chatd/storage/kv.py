@@ -203,15 +203,26 @@ end
 return out
 """
 
+# Prepended to the presence scripts: their times (grace ends, heartbeat expiries) are Redis' clock, never
+# an instance's, so instances whose wall clocks disagree cannot end a grace early or take a live instance
+# for dead.  TIME in a script that writes needs effects replication: the default since Redis 5 (the only
+# mode since 7, and in Valkey).
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # KEYS: presence, presence-users, worker-rooms, pending offlines
-# ARGV: origin, room id, now ms, grace ms, then user, delta (+1 / -1) pairs
+# ARGV: origin, room id, grace ms, then user, delta (+1 / -1) pairs
 # Returns the users who came online anywhere.  A user whose last entry goes is put on the pending
 # list, due after the grace: back before it (on any worker or instance), nobody hears of it.
 _PRESENCE_APPLY = """
 local origin, room = ARGV[1], ARGV[2]
-local due = tonumber(ARGV[3]) + tonumber(ARGV[4])
+local due = now_ms() + tonumber(ARGV[3])
 local online = {}
-for i = 5, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local user, delta = ARGV[i], tonumber(ARGV[i + 1])
   local field = user .. ':' .. origin
   if delta > 0 then
@@ -231,15 +242,15 @@ end
 return online
 """
 
-# KEYS: pending offlines   ARGV: now ms, key prefix, limit
+# KEYS: pending offlines   ARGV: key prefix, limit
 # Pops the due entries; returns {room, user, ...} of those still gone: announce them offline.
 _PRESENCE_DUE = """
 local out = {}
-for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))) do
   redis.call('ZREM', KEYS[1], entry)
   local sep = string.find(entry, ':', 1, true)
   local room, user = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
-  if redis.call('HEXISTS', ARGV[2] .. 'presence-n:' .. room, user) == 0 then
+  if redis.call('HEXISTS', ARGV[1] .. 'presence-n:' .. room, user) == 0 then
     out[#out + 1] = room
     out[#out + 1] = user
   end
@@ -247,14 +258,14 @@ end
 return out
 """
 
-# KEYS: workers, pending offlines   ARGV: origin, expiry ms, now ms, key prefix
+# KEYS: workers, pending offlines   ARGV: origin, ttl ms, key prefix
 # Renews this worker's heartbeat, then removes the entries of workers whose heartbeat expired (a
 # crashed instance): their users, if gone everywhere, are due offline now.  Returns 1 when this
 # worker was still registered, 0 when its own entries were swept meanwhile (it must add them again).
 _HEARTBEAT = """
-local prefix, now = ARGV[4], tonumber(ARGV[3])
+local prefix, now = ARGV[3], now_ms()
 local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 for _, origin in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 20)) do
   local rooms_key = prefix .. 'worker-rooms:' .. origin
   local suffix = ':' .. origin
@@ -292,9 +303,9 @@ class KV:
         self._connect = client.register_script(_CONNECT)
         self._rate = client.register_script(_RATE)
         self._quota_sync = client.register_script(_QUOTA_SYNC)
-        self._presence_apply = client.register_script(_PRESENCE_APPLY)
-        self._presence_due = client.register_script(_PRESENCE_DUE)
-        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._presence_apply = client.register_script(_NOW_MS + _PRESENCE_APPLY)
+        self._presence_due = client.register_script(_NOW_MS + _PRESENCE_DUE)
+        self._heartbeat = client.register_script(_NOW_MS + _HEARTBEAT)
         self._rate_counter = 0
 
     async def close(self) -> None:
@@ -416,7 +427,7 @@ class KV:
             self.keys.worker_rooms(origin),
             self.keys.presence_pending(),
         ]
-        args: list[Any] = [origin, room_id, int(time.time() * 1000), int(grace_s * 1000)]
+        args: list[Any] = [origin, room_id, int(grace_s * 1000)]
         for user, delta in changes:
             args += (user, delta)
         async with redis_errors("presence"):
@@ -426,9 +437,7 @@ class KV:
     async def presence_due(self, limit: int = 500) -> list[tuple[int, int]]:
         """``(room, user)`` whose grace ended with no socket anywhere: announce them offline (each once)."""
         async with redis_errors("presence"):
-            flat = await self._presence_due(
-                keys=[self.keys.presence_pending()], args=[int(time.time() * 1000), self.keys.prefix, limit]
-            )
+            flat = await self._presence_due(keys=[self.keys.presence_pending()], args=[self.keys.prefix, limit])
         return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def presence_online(self, room_id: int) -> list[int]:
@@ -442,12 +451,11 @@ class KV:
         False when this worker's entries were swept meanwhile (Redis lost it for a
         while, or restarted empty): the caller adds them again.
         """
-        now_ms = int(time.time() * 1000)
         async with redis_errors("heartbeat"):
             return bool(
                 await self._heartbeat(
                     keys=[self.keys.workers(), self.keys.presence_pending()],
-                    args=[origin, now_ms + int(ttl_s * 1000), now_ms, self.keys.prefix],
+                    args=[origin, int(ttl_s * 1000), self.keys.prefix],
                 )
             )
 

@@ -1,0 +1,72 @@
+"""Presence expiry against a real Valkey, called through ``KV`` by instances whose clocks disagree.
+
+Grace ends and heartbeat expiries are compared in Redis: an instance whose wall clock is an hour
+ahead or behind must neither announce a user offline before the grace ends nor sweep (or be swept
+as) a live instance.  The instance's clock is the ``time`` that ``chatd.storage.kv`` reads.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from chatd.core.keys import Keys
+from chatd.process.config import StorageSettings
+from chatd.storage import kv
+from tests.conftest import Services
+
+HOUR_S = 3600.0
+
+
+@pytest.fixture
+def skew(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``skew(s)``: from now on, the wall clock that kv reads is ``s`` seconds off."""
+
+    def set_skew(offset_s: float) -> None:
+        clock = types.SimpleNamespace(
+            time=lambda: time.time() + offset_s, monotonic=time.monotonic, perf_counter=time.perf_counter
+        )
+        monkeypatch.setattr(kv, "time", clock)
+
+    yield set_skew
+
+
+@pytest.fixture
+async def store(services: Services) -> Any:
+    client = kv.connect(StorageSettings(redis_url=services.redis_url))
+    yield kv.KV(client, Keys(f"t{uuid.uuid4().hex[:8]}:"))
+    await client.aclose()
+
+
+async def test_skewed_instance_clocks_do_not_flap_presence(store: kv.KV, skew: Any) -> None:
+    room, grace_s, ttl_s = 1, 30.0, 30.0
+    # Instance 1 (right clock): two users online, one of them leaves (offline once the 30 s grace ends).
+    await store.heartbeat("w1", ttl_s)
+    await store.presence_apply("w1", room, [(10, +1), (11, +1)], grace_s)
+    await store.presence_apply("w1", room, [(10, -1)], grace_s)
+
+    # Instance 2, an hour ahead: the grace has not ended and instance 1's heartbeat has not expired.
+    skew(+HOUR_S)
+    due_early = await store.presence_due()
+    await store.heartbeat("w2", ttl_s)  # sweeps the workers whose heartbeat expired
+    skew(0)
+    online_after_ahead = await store.presence_online(room)
+
+    # Instance 3, an hour behind: its fresh heartbeat must not look expired to the others.
+    skew(-HOUR_S)
+    await store.heartbeat("w3", ttl_s)
+    await store.presence_apply("w3", room, [(12, +1)], grace_s)
+    skew(0)
+    await store.heartbeat("w1", ttl_s)
+    online_after_behind = await store.presence_online(room)
+    due_now = await store.presence_due()
+
+    assert (due_early, online_after_ahead, online_after_behind, due_now) == ([], [11], [11, 12], []), (
+        f"due at +1 h: {due_early}; online after its heartbeat: {online_after_ahead};"
+        f" online after the -1 h instance joined and another's heartbeat: {online_after_behind}; due: {due_now}"
+    )
