@@ -10,7 +10,10 @@ per (room, user, worker) (``kv.presence_apply``), so:
 * a worker's entries live as long as its heartbeat (``ws.presence_ttl_s``,
   renewed every third of it); a crashed instance stops renewing, and the next
   heartbeat of any other worker sweeps its entries, so its users go offline
-  within ``presence_ttl_s`` + ``presence_grace_s`` and the counts heal;
+  within ``presence_ttl_s`` + ``presence_grace_s`` and the counts heal.  Redis
+  adds an entry only for a worker whose heartbeat is live, and a clean shutdown
+  removes the entries and the heartbeat in one script (``close``): whatever
+  fails, no entry outlives its heartbeat;
 * changes are applied and announced per room per tick (``ws.presence_tick_ms``):
   1,000 members joining a room cost a few frames per member, not 1,000.
 """
@@ -44,6 +47,8 @@ class Presence:
         self._local: dict[tuple[int, int], int] = {}  # (room, user) -> this worker's sockets
         self._changes: dict[int, dict[int, int]] = {}  # room -> user -> +1 / -1 not yet applied
         self._wake = asyncio.Event()
+        self._next_beat = 0.0
+        self._closed = False
 
     def joined(self, room_id: int, user_id: int) -> None:
         key = (room_id, user_id)
@@ -73,11 +78,13 @@ class Presence:
 
     async def run(self) -> None:
         """Apply changes every tick, announce due offlines, keep the heartbeat (a supervised task)."""
-        next_due = next_beat = 0.0
+        next_due = 0.0
         while True:
+            if self._closed:
+                await asyncio.Event().wait()  # retired: nothing to keep alive until the worker cancels its tasks
             now = self.clock()
-            if now >= next_beat:
-                next_beat = now + self.ttl_s / 3
+            if now >= self._next_beat:
+                self._next_beat = now + self.ttl_s / 3
                 await self._heartbeat()
             if self._changes:
                 await self.flush()
@@ -99,13 +106,21 @@ class Presence:
             try:
                 online = await self.kv.presence_apply(self.origin, room_id, list(users.items()), self.grace_s)
             except errors.Unavailable:
-                for room_id, users in pending:  # applied with a later tick
-                    for user, delta in users.items():
-                        self._change(room_id, user, delta)
+                self._retry(pending)
+                return
+            if online is None:  # our heartbeat lapsed (Redis was away for a TTL): beat first, then apply
+                self._next_beat = 0.0
+                self._retry(pending)
                 return
             pending.pop(0)
             if online:
                 await self.hub.publish_presence(room_id, online, [])
+
+    def _retry(self, pending: list[tuple[int, dict[int, int]]]) -> None:
+        """Changes not applied: with a later tick (merged with the ones made meanwhile)."""
+        for room_id, users in pending:
+            for user, delta in users.items():
+                self._change(room_id, user, delta)
 
     async def _announce_due(self) -> None:
         try:
@@ -130,12 +145,15 @@ class Presence:
                 self._changes.setdefault(room_id, {})[user_id] = +1
 
     async def close(self) -> None:
-        """Shutdown, after the sockets closed: remove what is left and stop the heartbeat."""
-        for room_id, user_id in list(self._local):
-            self._change(room_id, user_id, -1)
+        """Shutdown, after the sockets closed: this worker's entries and heartbeat go in one script.
+
+        If Redis cannot take it, the heartbeat (no longer renewed) expires and the other workers sweep
+        the entries: the users go offline within ``presence_ttl_s`` (+ a heartbeat) instead of the grace.
+        """
+        self._closed = True
         self._local.clear()
+        self._changes.clear()
         try:
-            await self.flush()
-            await self.kv.forget_worker(self.origin)
+            await self.kv.presence_retire(self.origin, self.grace_s)
         except errors.Unavailable:
-            pass  # the entries expire with the heartbeat
+            app_log.warning("presence_retire_failed", extra=fields(swept_within_s=self.ttl_s))

@@ -214,21 +214,50 @@ local function now_ms()
 end
 """
 
-# KEYS: presence, presence-users, worker-rooms, pending offlines
+# Prepended to the heartbeat and the retire script: removes every entry of a worker (and the set of
+# its rooms); a user left with no entry anywhere is due offline at ``due`` ms.
+_SWEEP = """
+local function sweep(prefix, origin, pending, due)
+  local rooms_key = prefix .. 'worker-rooms:' .. origin
+  local suffix = ':' .. origin
+  for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+    local pkey, nkey = prefix .. 'presence:' .. room, prefix .. 'presence-n:' .. room
+    for _, field in ipairs(redis.call('HKEYS', pkey)) do
+      if string.sub(field, -#suffix) == suffix then
+        redis.call('HDEL', pkey, field)
+        local user = string.sub(field, 1, #field - #suffix)
+        if redis.call('HINCRBY', nkey, user, -1) <= 0 then
+          redis.call('HDEL', nkey, user)
+          redis.call('ZADD', pending, due, room .. ':' .. user)
+        end
+      end
+    end
+  end
+  redis.call('DEL', rooms_key)
+end
+"""
+
+# KEYS: presence, presence-users, worker-rooms, pending offlines, workers
 # ARGV: origin, room id, grace ms, then user, delta (+1 / -1) pairs
-# Returns the users who came online anywhere.  A user whose last entry goes is put on the pending
-# list, due after the grace: back before it (on any worker or instance), nobody hears of it.
+# Returns {1, the users who came online anywhere...}, or {0} and changes nothing when the worker's
+# heartbeat expired or was swept: an entry never exists without a live heartbeat, so whatever happens
+# to the worker later (crash, failed shutdown) the sweep removes it.  A user whose last entry goes is
+# put on the pending list, due after the grace: back before it (on any worker or instance), nobody
+# hears of it.
 _PRESENCE_APPLY = """
 local origin, room = ARGV[1], ARGV[2]
-local due = now_ms() + tonumber(ARGV[3])
-local online = {}
+local now = now_ms()
+local beat = redis.call('ZSCORE', KEYS[5], origin)
+if not beat or tonumber(beat) < now then return {0} end
+local due = now + tonumber(ARGV[3])
+local out = {1}
 for i = 4, #ARGV, 2 do
   local user, delta = ARGV[i], tonumber(ARGV[i + 1])
   local field = user .. ':' .. origin
   if delta > 0 then
     if redis.call('HSETNX', KEYS[1], field, '1') == 1 then
       if redis.call('HINCRBY', KEYS[2], user, 1) == 1 and redis.call('ZREM', KEYS[4], room .. ':' .. user) == 0 then
-        online[#online + 1] = user
+        out[#out + 1] = user
       end
       redis.call('SADD', KEYS[3], room)
     end
@@ -239,7 +268,7 @@ for i = 4, #ARGV, 2 do
     end
   end
 end
-return online
+return out
 """
 
 # KEYS: pending offlines   ARGV: key prefix, limit
@@ -260,33 +289,28 @@ return out
 
 # KEYS: workers, pending offlines   ARGV: origin, ttl ms, key prefix
 # Renews this worker's heartbeat, then removes the entries of workers whose heartbeat expired (a
-# crashed instance): their users, if gone everywhere, are due offline now.  Returns 1 when this
-# worker was still registered, 0 when its own entries were swept meanwhile (it must add them again).
+# crashed instance, or one whose shutdown could not retire): their users, if gone everywhere, are due
+# offline now.  Returns 1 when this worker was still registered, 0 when its own entries were swept
+# meanwhile (it must add them again).
 _HEARTBEAT = """
 local prefix, now = ARGV[3], now_ms()
 local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 for _, origin in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 20)) do
-  local rooms_key = prefix .. 'worker-rooms:' .. origin
-  local suffix = ':' .. origin
-  for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
-    local pkey, nkey = prefix .. 'presence:' .. room, prefix .. 'presence-n:' .. room
-    for _, field in ipairs(redis.call('HKEYS', pkey)) do
-      if string.sub(field, -#suffix) == suffix then
-        redis.call('HDEL', pkey, field)
-        local user = string.sub(field, 1, #field - #suffix)
-        if redis.call('HINCRBY', nkey, user, -1) <= 0 then
-          redis.call('HDEL', nkey, user)
-          redis.call('ZADD', KEYS[2], now, room .. ':' .. user)
-        end
-      end
-    end
-  end
-  redis.call('DEL', rooms_key)
+  sweep(prefix, origin, KEYS[2], now)
   redis.call('ZREM', KEYS[1], origin)
 end
 if old and tonumber(old) >= now then return 1 end
 return 0
+"""
+
+# KEYS: workers, pending offlines   ARGV: origin, grace ms, key prefix
+# Clean shutdown: every entry of the worker and its heartbeat go together (its users, if gone
+# everywhere, are due offline after the grace).  Failing, nothing changes: the heartbeat expires
+# and the others sweep the entries.
+_PRESENCE_RETIRE = """
+sweep(ARGV[3], ARGV[1], KEYS[2], now_ms() + tonumber(ARGV[2]))
+redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
 
@@ -305,7 +329,8 @@ class KV:
         self._quota_sync = client.register_script(_QUOTA_SYNC)
         self._presence_apply = client.register_script(_NOW_MS + _PRESENCE_APPLY)
         self._presence_due = client.register_script(_NOW_MS + _PRESENCE_DUE)
-        self._heartbeat = client.register_script(_NOW_MS + _HEARTBEAT)
+        self._heartbeat = client.register_script(_NOW_MS + _SWEEP + _HEARTBEAT)
+        self._presence_retire = client.register_script(_NOW_MS + _SWEEP + _PRESENCE_RETIRE)
         self._rate_counter = 0
 
     async def close(self) -> None:
@@ -419,20 +444,24 @@ class KV:
 
     async def presence_apply(
         self, origin: str, room_id: int, changes: Sequence[tuple[int, int]], grace_s: float
-    ) -> list[int]:
-        """Add (+1) / remove (-1) this worker's entry of each user; the users who came online anywhere."""
+    ) -> list[int] | None:
+        """Add (+1) / remove (-1) this worker's entry of each user; the users who came online anywhere.
+
+        None, and nothing changed, when this worker's heartbeat expired or was swept: beat, then
+        apply again (with the entries the sweep removed)."""
         keys = [
             self.keys.presence(room_id),
             self.keys.presence_users(room_id),
             self.keys.worker_rooms(origin),
             self.keys.presence_pending(),
+            self.keys.workers(),
         ]
         args: list[Any] = [origin, room_id, int(grace_s * 1000)]
         for user, delta in changes:
             args += (user, delta)
         async with redis_errors("presence"):
-            online = await self._presence_apply(keys=keys, args=args)
-        return [int(u) for u in online]
+            registered, *online = await self._presence_apply(keys=keys, args=args)
+        return [int(u) for u in online] if registered else None
 
     async def presence_due(self, limit: int = 500) -> list[tuple[int, int]]:
         """``(room, user)`` whose grace ended with no socket anywhere: announce them offline (each once)."""
@@ -459,10 +488,14 @@ class KV:
                 )
             )
 
-    async def forget_worker(self, origin: str) -> None:
-        """Clean shutdown: the entries are removed already; drop the heartbeat."""
+    async def presence_retire(self, origin: str, grace_s: float) -> None:
+        """Clean shutdown: remove this worker's entries and its heartbeat at once (its users, gone
+        everywhere, offline after the grace).  Should it fail, the heartbeat expires and others sweep."""
         async with redis_errors("heartbeat"):
-            await self.client.zrem(self.keys.workers(), origin)
+            await self._presence_retire(
+                keys=[self.keys.workers(), self.keys.presence_pending()],
+                args=[origin, int(grace_s * 1000), self.keys.prefix],
+            )
 
     # -- typing ------------------------------------------------------------------------
 

@@ -1,12 +1,15 @@
-"""Presence expiry against a real Valkey, called through ``KV`` by instances whose clocks disagree.
+"""The presence scripts against a real Valkey, called through ``KV`` as several instances would.
 
-Grace ends and heartbeat expiries are compared in Redis: an instance whose wall clock is an hour
-ahead or behind must neither announce a user offline before the grace ends nor sweep (or be swept
-as) a live instance.  The instance's clock is the ``time`` that ``chatd.storage.kv`` reads.
+* Grace ends and heartbeat expiries are compared in Redis: an instance whose wall clock is an hour
+  ahead or behind must neither announce a user offline before the grace ends nor sweep (or be swept
+  as) a live instance.  The instance's clock is the ``time`` that ``chatd.storage.kv`` reads.
+* No entry outlives its worker's heartbeat: a worker whose heartbeat is gone adds nothing, and a
+  retiring worker's entries and heartbeat go together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import types
 import uuid
@@ -70,3 +73,20 @@ async def test_skewed_instance_clocks_do_not_flap_presence(store: kv.KV, skew: A
         f"due at +1 h: {due_early}; online after its heartbeat: {online_after_ahead};"
         f" online after the -1 h instance joined and another's heartbeat: {online_after_behind}; due: {due_now}"
     )
+
+
+async def test_entries_never_outlive_the_heartbeat(store: kv.KV) -> None:
+    room, grace_s, ttl_s = 1, 0.2, 30.0
+    assert await store.presence_apply("w1", room, [(10, +1)], grace_s) is None  # no heartbeat: nothing added
+    assert await store.presence_online(room) == []
+    await store.heartbeat("w1", ttl_s)
+    assert await store.presence_apply("w1", room, [(10, +1), (11, +1)], grace_s) == [10, 11]
+    await store.heartbeat("w2", ttl_s)
+    assert await store.presence_apply("w2", room, [(11, +1)], grace_s) == []  # online already (on w1)
+
+    await store.presence_retire("w1", grace_s)  # a clean shutdown: w1's entries and heartbeat, at once
+    assert await store.presence_online(room) == [11]  # still on w2
+    assert await store.presence_apply("w1", room, [(12, +1)], grace_s) is None  # retired: adds nothing
+    assert await store.presence_due() == []  # 10 is in its grace
+    await asyncio.sleep(grace_s + 0.1)
+    assert await store.presence_due() == [(room, 10)]
