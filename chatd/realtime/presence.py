@@ -15,7 +15,13 @@ per (room, user, worker) (``kv.presence_apply``), so:
   removes the entries and the heartbeat in one script (``close``): whatever
   fails, no entry outlives its heartbeat;
 * changes are applied and announced per room per tick (``ws.presence_tick_ms``):
-  1,000 members joining a room cost a few frames per member, not 1,000.
+  1,000 members joining a room cost a few frames per member, not 1,000;
+* a lost announcement heals: each one carries the room's presence revision
+  (bumped in Redis with it), and every ``ws.probe_interval_s`` each worker
+  compares its rooms' revisions with Redis' in one round trip and reads the
+  whole view of the rooms that differ or skipped a revision (every room after
+  a pub/sub reconnect); its sockets get a ``presence`` frame with the
+  difference (``chatd.core.presence_view``, ``Hub.heal_presence``).
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ import time
 from collections.abc import Callable
 
 from chatd.core import errors
+from chatd.core.presence_view import UNKNOWN, HealSchedule
+from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.fanout import Hub
 from chatd.storage.kv import KV
 
 _DUE_EVERY_S = 0.5
+_HEAL_TRIGGERS = ("probe", "stale", "resubscribe")
 
 
 class Presence:
@@ -49,6 +58,10 @@ class Presence:
         self._wake = asyncio.Event()
         self._next_beat = 0.0
         self._closed = False
+        self.heals = HealSchedule(settings.probe_interval_s, clock())
+        hub.resubscribed_hooks.append(self._resubscribed)
+        for trigger in _HEAL_TRIGGERS:  # exported at 0 from the start
+            metrics.presence_views_healed.labels(trigger)
 
     def joined(self, room_id: int, user_id: int) -> None:
         key = (room_id, user_id)
@@ -91,9 +104,17 @@ class Presence:
             if now >= next_due:
                 next_due = now + _DUE_EVERY_S
                 await self._announce_due()
+            if self.heals.due(now):
+                whole = self.heals.start(now)
+                try:
+                    await self.heal(whole)
+                except errors.Unavailable:
+                    self.heals.failed(whole)
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), min(_DUE_EVERY_S, self.ttl_s / 3))
+                await asyncio.wait_for(
+                    self._wake.wait(), min(_DUE_EVERY_S, self.ttl_s / 3, self.heals.wait_s(self.clock()))
+                )
             except TimeoutError:
                 pass
             await asyncio.sleep(self.tick_s)  # gather a tick's worth of changes
@@ -113,8 +134,9 @@ class Presence:
                 self._retry(pending)
                 return
             pending.pop(0)
-            if online:
-                await self.hub.publish_presence(room_id, online, [])
+            rev, came = online
+            if came:
+                await self.hub.publish_presence(room_id, came, [], rev)
 
     def _retry(self, pending: list[tuple[int, dict[int, int]]]) -> None:
         """Changes not applied: with a later tick (merged with the ones made meanwhile)."""
@@ -127,11 +149,37 @@ class Presence:
             gone = await self.kv.presence_due()
         except errors.Unavailable:
             return
-        by_room: dict[int, list[int]] = {}
-        for room_id, user_id in gone:
-            by_room.setdefault(room_id, []).append(user_id)
-        for room_id, users in by_room.items():
-            await self.hub.publish_presence(room_id, [], sorted(users))
+        for room_id, rev, users in gone:
+            await self.hub.publish_presence(room_id, [], users, rev)
+
+    def _resubscribed(self) -> None:
+        self.heals.resubscribed()
+        self._wake.set()
+
+    async def heal(self, whole: bool = False) -> None:
+        """Compare every room's view with Redis (one round trip); heal those that differ.
+
+        ``whole``: read every view whole (after a pub/sub loss) instead of the revisions first.
+        """
+        asks: list[tuple[int, int]] = []
+        asked_at: dict[int, int] = {}
+        for room_id, room in self.hub.rooms.items():
+            if room.presence is not None:
+                asks.append((room_id, UNKNOWN if whole else room.presence.known_rev))
+                asked_at[room_id] = room.presence.rev
+        if not asks:
+            return
+        views = await self.kv.presence_views(asks)
+        healed: dict[str, int] = {}
+        for room_id, known in asks:
+            view = views.get(room_id)
+            if view is not None and self.hub.heal_presence(room_id, *view, asked_at[room_id]):
+                trigger = "resubscribe" if whole else "stale" if known == UNKNOWN else "probe"
+                healed[trigger] = healed.get(trigger, 0) + 1
+        for trigger, n in healed.items():
+            metrics.presence_views_healed.labels(trigger).inc(n)
+        if healed:
+            app_log.info("presence_healed", extra=fields(rooms=healed))
 
     async def _heartbeat(self) -> None:
         try:

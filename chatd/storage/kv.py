@@ -41,6 +41,7 @@ from chatd.storage import redisurl
 P = ParamSpec("P")
 R = TypeVar("R")
 _LOG_EVERY_S = 10.0
+_VIEWS_PER_SCRIPT = 500  # rooms per presence_views script call (a pipeline carries all of them)
 _last_logged: dict[str, float] = {}
 
 
@@ -229,6 +230,7 @@ local function sweep(prefix, origin, pending, due)
         if redis.call('HINCRBY', nkey, user, -1) <= 0 then
           redis.call('HDEL', nkey, user)
           redis.call('ZADD', pending, due, room .. ':' .. user)
+          redis.call('HSET', prefix .. 'presence-grace:' .. room, user, 1)
         end
       end
     end
@@ -237,27 +239,36 @@ local function sweep(prefix, origin, pending, due)
 end
 """
 
-# KEYS: presence, presence-users, worker-rooms, pending offlines, workers
+# A user is online in a room from the announcement of its first entry anywhere (``presence-n``: the
+# number of workers with an entry) to the announcement of its offline: through the grace too, while its
+# pending entry waits (``presence-grace`` indexes a room's pending users for ``_PRESENCE_VIEWS``).  Each
+# announcement bumps the room's revision.
+
+# KEYS: presence, presence-users, worker-rooms, pending offlines, workers, presence revisions, presence-grace
 # ARGV: origin, room id, grace ms, then user, delta (+1 / -1) pairs
-# Returns {1, the users who came online anywhere...}, or {0} and changes nothing when the worker's
-# heartbeat expired or was swept: an entry never exists without a live heartbeat, so whatever happens
-# to the worker later (crash, failed shutdown) the sweep removes it.  A user whose last entry goes is
-# put on the pending list, due after the grace: back before it (on any worker or instance), nobody
-# hears of it.
+# Returns {1, revision, the users who came online anywhere...}, or {0} and changes nothing when the
+# worker's heartbeat expired or was swept: an entry never exists without a live heartbeat, so whatever
+# happens to the worker later (crash, failed shutdown) the sweep removes it.  A user whose last entry
+# goes is put on the pending list, due after the grace: back before it (on any worker or instance),
+# nobody hears of it.  The revision is bumped only when someone came online (0 otherwise).
 _PRESENCE_APPLY = """
 local origin, room = ARGV[1], ARGV[2]
 local now = now_ms()
 local beat = redis.call('ZSCORE', KEYS[5], origin)
 if not beat or tonumber(beat) < now then return {0} end
 local due = now + tonumber(ARGV[3])
-local out = {1}
+local out = {1, 0}
 for i = 4, #ARGV, 2 do
   local user, delta = ARGV[i], tonumber(ARGV[i + 1])
   local field = user .. ':' .. origin
   if delta > 0 then
     if redis.call('HSETNX', KEYS[1], field, '1') == 1 then
-      if redis.call('HINCRBY', KEYS[2], user, 1) == 1 and redis.call('ZREM', KEYS[4], room .. ':' .. user) == 0 then
-        out[#out + 1] = user
+      if redis.call('HINCRBY', KEYS[2], user, 1) == 1 then
+        if redis.call('ZREM', KEYS[4], room .. ':' .. user) == 0 then
+          out[#out + 1] = user
+        else
+          redis.call('HDEL', KEYS[7], user)
+        end
       end
       redis.call('SADD', KEYS[3], room)
     end
@@ -265,23 +276,65 @@ for i = 4, #ARGV, 2 do
     if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
       redis.call('HDEL', KEYS[2], user)
       redis.call('ZADD', KEYS[4], due, room .. ':' .. user)
+      redis.call('HSET', KEYS[7], user, 1)
     end
   end
+end
+if #out > 2 then
+  out[2] = redis.call('HINCRBY', KEYS[6], room, 1)
 end
 return out
 """
 
-# KEYS: pending offlines   ARGV: key prefix, limit
-# Pops the due entries; returns {room, user, ...} of those still gone: announce them offline.
+# KEYS: pending offlines, presence revisions   ARGV: key prefix, limit
+# Pops the due entries; returns {room, revision, users...} per room of those still gone: announce them
+# offline (with the revision their announcement bumped).
 _PRESENCE_DUE = """
-local out = {}
+local rooms, gone = {}, {}
 for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))) do
   redis.call('ZREM', KEYS[1], entry)
   local sep = string.find(entry, ':', 1, true)
   local room, user = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
+  redis.call('HDEL', ARGV[1] .. 'presence-grace:' .. room, user)
   if redis.call('HEXISTS', ARGV[1] .. 'presence-n:' .. room, user) == 0 then
-    out[#out + 1] = room
-    out[#out + 1] = user
+    if not gone[room] then
+      gone[room] = {room, 0}
+      rooms[#rooms + 1] = room
+    end
+    gone[room][#gone[room] + 1] = user
+  end
+end
+local out = {}
+for _, room in ipairs(rooms) do
+  gone[room][2] = redis.call('HINCRBY', KEYS[2], room, 1)
+  out[#out + 1] = gone[room]
+end
+return out
+"""
+
+# KEYS: presence revisions, pending offlines, then per room its presence-users and presence-grace hashes
+# ARGV: per room, its id and the revision the caller's view is at (-1: unknown)
+# Returns {room, revision, online users...} of each room whose revision differs, read at once: the users
+# with an entry, and those in their grace (a grace entry whose pending one is gone is dropped: a worker
+# of the previous version announced that user offline without knowing the index).
+_PRESENCE_VIEWS = """
+local out = {}
+for i = 1, (#KEYS - 2) / 2 do
+  local room, known = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  local rev = tonumber(redis.call('HGET', KEYS[1], room) or '0')
+  if rev ~= known then
+    local row = {room, rev}
+    for _, user in ipairs(redis.call('HKEYS', KEYS[2 * i + 1])) do
+      row[#row + 1] = user
+    end
+    for _, user in ipairs(redis.call('HKEYS', KEYS[2 * i + 2])) do
+      if redis.call('ZSCORE', KEYS[2], room .. ':' .. user) then
+        row[#row + 1] = user
+      else
+        redis.call('HDEL', KEYS[2 * i + 2], user)
+      end
+    end
+    out[#out + 1] = row
   end
 end
 return out
@@ -329,6 +382,7 @@ class KV:
         self._quota_sync = client.register_script(_QUOTA_SYNC)
         self._presence_apply = client.register_script(_NOW_MS + _PRESENCE_APPLY)
         self._presence_due = client.register_script(_NOW_MS + _PRESENCE_DUE)
+        self._presence_views = client.register_script(_PRESENCE_VIEWS)
         self._heartbeat = client.register_script(_NOW_MS + _SWEEP + _HEARTBEAT)
         self._presence_retire = client.register_script(_NOW_MS + _SWEEP + _PRESENCE_RETIRE)
         self._rate_counter = 0
@@ -444,8 +498,9 @@ class KV:
 
     async def presence_apply(
         self, origin: str, room_id: int, changes: Sequence[tuple[int, int]], grace_s: float
-    ) -> list[int] | None:
-        """Add (+1) / remove (-1) this worker's entry of each user; the users who came online anywhere.
+    ) -> tuple[int, list[int]] | None:
+        """Add (+1) / remove (-1) this worker's entry of each user: the room's presence revision and the
+        users who came online anywhere (to announce with that revision; none: no revision bumped).
 
         None, and nothing changed, when this worker's heartbeat expired or was swept: beat, then
         apply again (with the entries the sweep removed)."""
@@ -455,24 +510,47 @@ class KV:
             self.keys.worker_rooms(origin),
             self.keys.presence_pending(),
             self.keys.workers(),
+            self.keys.presence_revisions(),
+            self.keys.presence_grace(room_id),
         ]
         args: list[Any] = [origin, room_id, int(grace_s * 1000)]
         for user, delta in changes:
             args += (user, delta)
         async with redis_errors("presence"):
-            registered, *online = await self._presence_apply(keys=keys, args=args)
-        return [int(u) for u in online] if registered else None
+            registered, *rest = await self._presence_apply(keys=keys, args=args)
+        if not registered:
+            return None
+        rev, *online = rest
+        return int(rev), [int(u) for u in online]
 
-    async def presence_due(self, limit: int = 500) -> list[tuple[int, int]]:
-        """``(room, user)`` whose grace ended with no socket anywhere: announce them offline (each once)."""
+    async def presence_due(self, limit: int = 500) -> list[tuple[int, int, list[int]]]:
+        """``(room, revision, users)`` whose grace ended with no socket anywhere: announce them offline
+        (each once, with that revision)."""
         async with redis_errors("presence"):
-            flat = await self._presence_due(keys=[self.keys.presence_pending()], args=[self.keys.prefix, limit])
-        return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+            rows = await self._presence_due(
+                keys=[self.keys.presence_pending(), self.keys.presence_revisions()], args=[self.keys.prefix, limit]
+            )
+        return [(int(room), int(rev), sorted(int(u) for u in users)) for room, rev, *users in rows]
 
-    async def presence_online(self, room_id: int) -> list[int]:
+    async def presence_views(self, rooms: Sequence[tuple[int, int]]) -> dict[int, tuple[int, list[int]]]:
+        """``(room, revision the caller's view is at)`` -> for each room whose revision differs (-1: always),
+        its revision and online users (in their grace included: their offline is yet to be announced),
+        read together.  One round trip (a pipeline) for any number of rooms."""
+        if not rooms:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(rooms), _VIEWS_PER_SCRIPT):
+            chunk = rooms[i : i + _VIEWS_PER_SCRIPT]
+            keys = [self.keys.presence_revisions(), self.keys.presence_pending()]
+            for room, _ in chunk:
+                keys += (self.keys.presence_users(room), self.keys.presence_grace(room))
+            args = [x for room, known in chunk for x in (room, known)]
+            await self._presence_views(keys=keys, args=args, client=pipe)
         async with redis_errors("presence"):
-            users = await self.client.hkeys(self.keys.presence_users(room_id))
-        return sorted(int(u) for u in users)
+            replies = await pipe.execute()
+        return {
+            int(room): (int(rev), sorted({int(u) for u in users})) for rows in replies for room, rev, *users in rows
+        }
 
     async def heartbeat(self, origin: str, ttl_s: float) -> bool:
         """Keep this worker's presence entries alive and sweep dead workers' entries.

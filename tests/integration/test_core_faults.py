@@ -253,7 +253,47 @@ async def test_presence_of_a_killed_instance_goes_offline(chatd_factory: Any, se
     await a.expect_presence(bob.id, "offline", timeout_s=15)  # grace 0.5 s
 
 
-# -- issue 17, item 6: presence heals after a failed final flush -------------------------------------------
+# -- issue 17, item 6: presence heals after a lost frame, a failed final flush ------------------------
+
+
+async def test_presence_view_heals_after_lost_presence_frames(chatd_factory: Any, services: Services) -> None:
+    """A's presence frames are lost (PUBLISH refused): B's sockets and B's next joiners still learn."""
+    fast = {"CHATD_WS_PRESENCE_GRACE_S": "0.5", "CHATD_WS_PROBE_INTERVAL_S": "0.5"}
+    a_srv: Chatd = chatd_factory(**fast)
+    b_srv: Chatd = chatd_factory(**fast)
+    alice, bob, carol = make_users(services.database_url, 3)
+    room = await make_room(a_srv, alice, [bob, carol])
+    b = await connect(b_srv, bob)
+    await join(b, room)
+
+    with publish_refused(services.redis_url):
+        a = await connect(a_srv, alice)
+        await join(a, room)  # alice comes online on A: A announces it, the PUBLISH is refused
+        online_s = await _presence_within(b, alice.id, "online", 5)
+        c = await connect(b_srv, carol)
+        fresh = await join(c, room)  # a fresh join on B: its `joined.online` comes from B's view
+        await a.send({"type": "leave", "room_id": room})
+        offline_s = await _presence_within(b, alice.id, "offline", 5)  # grace 0.5 s; lost if A announces it
+        c2 = await connect(b_srv, carol)
+        later = await join(c2, room)
+    print(f"\nhealed on B: online after {online_s} s, offline after {offline_s} s (grace 0.5 s)")
+    assert online_s is not None and alice.id in fresh["online"], (
+        f"B's socket got alice online: {online_s is not None}; B's fresh join saw {fresh['online']}"
+    )
+    assert offline_s is not None and alice.id not in later["online"], (
+        f"B's socket got alice offline: {offline_s is not None}; B's later join saw {later['online']}"
+    )
+    assert online_s < 0.5 + 0.5 + 1.5, online_s  # a probe interval + a tick + slack
+    assert offline_s < 0.5 + 0.5 + 0.5 + 1.5, offline_s  # the grace + a due check + a probe interval + slack
+
+
+async def _presence_within(ws: WS, user_id: int, status: str, timeout_s: float) -> float | None:
+    started = time.monotonic()
+    try:
+        await ws.expect_presence(user_id, status, timeout_s=timeout_s)
+    except TimeoutError:
+        return None
+    return round(time.monotonic() - started, 2)
 
 
 async def test_presence_of_a_failed_final_flush_goes_offline(chatd_factory: Any, services: Services) -> None:
