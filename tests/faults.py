@@ -24,15 +24,26 @@ R = TypeVar("R")
 
 
 @contextlib.contextmanager
-def publish_refused(redis_url: str) -> Iterator[None]:
-    """Valkey refuses PUBLISH to everyone (an operator's ACL change) until the block ends."""
+def refused(redis_url: str, what: str) -> Iterator[None]:
+    """Valkey refuses a command or a category (``publish``, ``@scripting``) to everyone (an operator's
+    ACL change) until the block ends; every other command goes through."""
     client = redis.Redis.from_url(redis_url)
-    client.execute_command("ACL", "SETUSER", "default", "-publish")
+    client.execute_command("ACL", "SETUSER", "default", f"-{what}")
     try:
         yield
     finally:
-        client.execute_command("ACL", "SETUSER", "default", "+publish")
+        client.execute_command("ACL", "SETUSER", "default", f"+{what}")
         client.close()
+
+
+def publish_refused(redis_url: str) -> contextlib.AbstractContextManager[None]:
+    """Valkey refuses PUBLISH to everyone until the block ends."""
+    return refused(redis_url, "publish")
+
+
+def scripts_refused(redis_url: str) -> contextlib.AbstractContextManager[None]:
+    """Valkey refuses EVAL / EVALSHA (every Lua script) to everyone until the block ends."""
+    return refused(redis_url, "@scripting")
 
 
 def children(pid: int) -> list[int]:

@@ -52,9 +52,22 @@ class Keys:
         """Hash user_id -> number of workers with a socket of the user in the room (> 0: online)."""
         return f"{self.prefix}presence-n:{room_id}"
 
+    def presence_grace(self, room_id: int) -> str:
+        """Hash user_id -> 1: the room's users in their grace (last socket gone, offline not yet announced),
+        an index of their ``presence_pending`` entries, checked against them when read."""
+        return f"{self.prefix}presence-grace:{room_id}"
+
+    def presence_revisions(self) -> str:
+        """Hash room_id -> presence revision: bumped by each announcement (online or offline) of the
+        room, which carries it; a worker that skipped one reads the room's view again."""
+        return f"{self.prefix}presence-rev"
+
     def worker_rooms(self, origin: str) -> str:
         """Set of the rooms where a worker has presence entries (what to clean when it dies)."""
         return f"{self.prefix}worker-rooms:{origin}"
+
+    # The presence scripts of chatd/storage/kv.py build presence:, presence-n:, presence-grace: and
+    # worker-rooms: names from the prefix for rooms and workers they find inside Redis (sweep, due).
 
     def workers(self) -> str:
         """Sorted set worker origin -> heartbeat expiry (ms): a worker missing its heartbeats is dead."""

@@ -239,7 +239,8 @@ class WebSocketSettings:
     probe_interval_s: float = _f(
         1.0,
         "Each worker reads the last seq and edit revision of its rooms this often (one query), so a message"
-        " or edit whose publish was lost reaches every socket anyway.",
+        " or edit whose publish was lost reaches every socket anyway; and their presence revisions (one Redis"
+        " round trip), so a lost presence frame heals too.",
         min=0.05,
     )
     room_linger_s: float = _f(

@@ -134,6 +134,13 @@ seqs_lost = Counter(
     "chatd_fanout_seqs_lost_total", "Committed seqs Postgres could not return (invariant breach: resync sent)"
 )
 sends_busy = Counter("chatd_sends_busy_total", "Sends refused with 'busy' (group-commit queue full)")
+presence_views_healed = Counter(
+    "chatd_presence_views_healed_total",
+    "Rooms whose presence view on a worker was wrong (an announcement lost) and was corrected from Redis:"
+    " probe (its revision differed), stale (an announcement skipped one, or the view could not be read),"
+    " resubscribe (after a pub/sub loss)",
+    ["trigger"],
+)
 publish_dropped = Counter(
     "chatd_publish_dropped_total",
     "Envelopes for other workers not published: queue full, past its deadline, or Redis failed (repaired)",

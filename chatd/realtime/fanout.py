@@ -9,7 +9,9 @@ sockets per user) and delivers:
   room is fed by this worker's own commits (delivered locally at once, so
   Redis is not between two sockets of one worker) and by the other workers'
   publishes; ``chatd.repair`` reads what is missing from Postgres;
-* edits and deletes once each (``Revisions``), presence as a per-room view.
+* edits and deletes once each (``Revisions``), presence as a per-room view
+  (``PresenceView``: announcements in revision order, healed from Redis by
+  ``chatd.realtime.presence`` when one was skipped).
 
 Transport is ``chatd.pubsub`` (one subscriber connection) and
 ``chatd.storage.kv.publish_many`` (one PUBLISH per room per batch, see
@@ -27,6 +29,7 @@ from typing import Any, Protocol
 
 from chatd.core import envelope, errors, protocol
 from chatd.core.keys import Keys
+from chatd.core.presence_view import UNKNOWN, PresenceView
 from chatd.core.sequencing import HoldLog, Revisions, RoomSequencer
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
@@ -68,7 +71,7 @@ class RoomState:
     holds: HoldLog[Event] = field(default_factory=HoldLog)  # joining sockets: their live frames held here
     sequencer: RoomSequencer[Event] | None = None
     revisions: Revisions | None = None
-    online: set[int] = field(default_factory=set)  # members with a socket anywhere, as this worker knows
+    presence: PresenceView | None = None  # members online anywhere, as this worker's sockets were told
     early: list[Event] = field(default_factory=list)  # arrived before the sequencer was set up (bounded)
     ready: asyncio.Future[None] | None = None
     idle_since: float | None = None  # the last local socket left then: unsubscribed after ws.room_linger_s
@@ -98,8 +101,9 @@ class Hub:
         self.rooms: dict[int, RoomState] = {}
         self.users: dict[int, set[Conn]] = {}
         self.control_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
-        self.on_resubscribed: Callable[[], None] = lambda: None  # set by the repair loop
-        self.subscriber = subscriber_factory(self._on_message, lambda: self.on_resubscribed())
+        # Called once pub/sub is back after a loss: what was published meanwhile is read back (repair, presence).
+        self.resubscribed_hooks: list[Callable[[], None]] = []
+        self.subscriber = subscriber_factory(self._on_message, self._resubscribed)
         self.outbox = PublishQueue(kv, settings.publish_queue_max, settings.publish_deadline_s, clock)
         self._gap_timeout_s = settings.gap_timeout_ms / 1000
         self._room_prefix = keys.room_channel(0)[:-1].encode()
@@ -143,9 +147,10 @@ class Hub:
         # Subscribed (confirmed) before these reads: nothing falls between them and the live frames.
         last_seq, edit_rev = await messages_db.room_last_seq(self.db, room_id)
         try:
-            room.online = set(await self.kv.presence_online(room_id))
+            rev, online = (await self.kv.presence_views([(room_id, UNKNOWN)]))[room_id]
+            room.presence = PresenceView(online, rev)
         except errors.Unavailable:
-            room.online = set()  # presence frames fill it in
+            room.presence = PresenceView(stale=True)  # read whole by the next heal round
         now = self.clock()
         room.sequencer = RoomSequencer(last_seq + 1, self._gap_timeout_s, self.settings.max_held_frames)
         room.revisions = Revisions(edit_rev, self._gap_timeout_s)
@@ -228,7 +233,11 @@ class Hub:
 
     def online(self, room_id: int) -> set[int]:
         room = self.rooms.get(room_id)
-        return set(room.online) if room is not None else set()
+        return set(room.presence.online) if room is not None and room.presence is not None else set()
+
+    def _resubscribed(self) -> None:
+        for hook in self.resubscribed_hooks:
+            hook()
 
     # -- users ----------------------------------------------------------------------
 
@@ -322,10 +331,11 @@ class Hub:
             [(self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "u", "r": rev}, [payload]))]
         )
 
-    async def publish_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int]) -> None:
+    async def publish_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int], rev: int) -> None:
+        """An announcement, at the room's presence revision ``rev`` (its bump in Redis)."""
         payload = protocol.encode_bytes(protocol.presence(room_id=room_id, online=online, offline=offline))
-        self.deliver_presence(room_id, online, offline, payload)
-        header = {"o": "p", "on": list(online), "off": list(offline)}
+        self.deliver_presence(room_id, online, offline, payload, rev)
+        header = {"o": "p", "on": list(online), "off": list(offline), "r": rev}
         self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
 
     async def publish_user(self, user_id: int, frame: dict[str, Any], exclude: str | None = None) -> None:
@@ -398,7 +408,7 @@ class Hub:
             elif op == "u":
                 self.deliver_change(room_id, int(head["r"]), env.payloads[0])
             elif op == "p":
-                self.deliver_presence(room_id, head["on"], head["off"], env.payloads[0])
+                self.deliver_presence(room_id, head["on"], head["off"], env.payloads[0], head.get("r"))
         elif channel.startswith(self._user_prefix):
             user_id = int(channel[len(self._user_prefix) :])
             if op == "f":
@@ -434,17 +444,38 @@ class Hub:
             return
         self.release(room_id, room, [Event(protocol.ws_text_frame(payload))])
 
-    def deliver_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int], payload: bytes) -> None:
+    def deliver_presence(
+        self, room_id: int, online: Sequence[int], offline: Sequence[int], payload: bytes, rev: int | None
+    ) -> None:
         room = self.rooms.get(room_id)
-        if room is None or room.ready is None or not room.ready.done():
-            return  # the view is read once the room is set up
-        room.online.update(online)
-        room.online.difference_update(offline)
+        if room is None or room.presence is None or room.ready is None or not room.ready.done():
+            return  # the view is read once the room is set up (a later revision than this, or healed)
+        if not room.presence.offer(rev, online, offline):
+            return  # the view has it already
         # Not held for joining sockets: their `joined` frame carries the view as it is then.
         frame = protocol.ws_text_frame(payload)
         for conn in list(room.live):
             conn.write_frame(frame)
         metrics.hot.frames_delivered += len(room.live)
+
+    def heal_presence(self, room_id: int, rev: int, online: Sequence[int], asked_at: int) -> bool:
+        """Redis' whole view of a room at revision ``rev`` (asked for when the view was at ``asked_at``):
+        tell the room's sockets what their view lacked.
+
+        True when it differed (a ``presence`` frame went to the sockets).  Only this worker's sockets:
+        every worker heals its own view.
+        """
+        room = self.rooms.get(room_id)
+        if room is None or room.presence is None:
+            return False
+        diff = room.presence.heal(rev, online, asked_at)
+        if diff is None or not (diff[0] or diff[1]):
+            return False
+        frame = _framed(protocol.presence(room_id=room_id, online=diff[0], offline=diff[1]))
+        for conn in list(room.live):
+            conn.write_frame(frame)
+        metrics.hot.frames_delivered += len(room.live)
+        return True
 
     def release(self, room_id: int, room: RoomState, events: list[Event]) -> None:
         if not events:

@@ -6,8 +6,8 @@ frozen Redis then delays only the other workers' live copy, never a commit, an a
 The queue is bounded twice: at most ``max_items`` envelopes (the oldest give way) and none older than
 ``deadline_s`` (dropped unpublished).  Both are safe for what must not be lost: messages and edits carry
 seqs and revisions that the other workers' repair probes read back from Postgres within a probe interval,
-and kicks and closes are read back from the revocation log.  Typing, presence and stream chunks are best
-effort, as they always were.
+and kicks and closes are read back from the revocation log; presence views heal from Redis
+(``chatd.realtime.presence``).  Typing and stream chunks are best effort, as they always were.
 """
 
 from __future__ import annotations

@@ -10,9 +10,18 @@ per (room, user, worker) (``kv.presence_apply``), so:
 * a worker's entries live as long as its heartbeat (``ws.presence_ttl_s``,
   renewed every third of it); a crashed instance stops renewing, and the next
   heartbeat of any other worker sweeps its entries, so its users go offline
-  within ``presence_ttl_s`` + ``presence_grace_s`` and the counts heal;
+  within ``presence_ttl_s`` + ``presence_grace_s`` and the counts heal.  Redis
+  adds an entry only for a worker whose heartbeat is live, and a clean shutdown
+  removes the entries and the heartbeat in one script (``close``): whatever
+  fails, no entry outlives its heartbeat;
 * changes are applied and announced per room per tick (``ws.presence_tick_ms``):
-  1,000 members joining a room cost a few frames per member, not 1,000.
+  1,000 members joining a room cost a few frames per member, not 1,000;
+* a lost announcement heals: each one carries the room's presence revision
+  (bumped in Redis with it), and every ``ws.probe_interval_s`` each worker
+  compares its rooms' revisions with Redis' in one round trip and reads the
+  whole view of the rooms that differ or skipped a revision (every room after
+  a pub/sub reconnect); its sockets get a ``presence`` frame with the
+  difference (``chatd.core.presence_view``, ``Hub.heal_presence``).
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ import time
 from collections.abc import Callable
 
 from chatd.core import errors
+from chatd.core.presence_view import UNKNOWN, HealSchedule
+from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.fanout import Hub
 from chatd.storage.kv import KV
 
 _DUE_EVERY_S = 0.5
+_HEAL_TRIGGERS = ("probe", "stale", "resubscribe")
 
 
 class Presence:
@@ -44,6 +56,12 @@ class Presence:
         self._local: dict[tuple[int, int], int] = {}  # (room, user) -> this worker's sockets
         self._changes: dict[int, dict[int, int]] = {}  # room -> user -> +1 / -1 not yet applied
         self._wake = asyncio.Event()
+        self._next_beat = 0.0
+        self._closed = False
+        self.heals = HealSchedule(settings.probe_interval_s, clock())
+        hub.resubscribed_hooks.append(self._resubscribed)
+        for trigger in _HEAL_TRIGGERS:  # exported at 0 from the start
+            metrics.presence_views_healed.labels(trigger)
 
     def joined(self, room_id: int, user_id: int) -> None:
         key = (room_id, user_id)
@@ -73,20 +91,30 @@ class Presence:
 
     async def run(self) -> None:
         """Apply changes every tick, announce due offlines, keep the heartbeat (a supervised task)."""
-        next_due = next_beat = 0.0
+        next_due = 0.0
         while True:
+            if self._closed:
+                await asyncio.Event().wait()  # retired: nothing to keep alive until the worker cancels its tasks
             now = self.clock()
-            if now >= next_beat:
-                next_beat = now + self.ttl_s / 3
+            if now >= self._next_beat:
+                self._next_beat = now + self.ttl_s / 3
                 await self._heartbeat()
             if self._changes:
                 await self.flush()
             if now >= next_due:
                 next_due = now + _DUE_EVERY_S
                 await self._announce_due()
+            if self.heals.due(now):
+                whole = self.heals.start(now)
+                try:
+                    await self.heal(whole)
+                except errors.Unavailable:
+                    self.heals.failed(whole)
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), min(_DUE_EVERY_S, self.ttl_s / 3))
+                await asyncio.wait_for(
+                    self._wake.wait(), min(_DUE_EVERY_S, self.ttl_s / 3, self.heals.wait_s(self.clock()))
+                )
             except TimeoutError:
                 pass
             await asyncio.sleep(self.tick_s)  # gather a tick's worth of changes
@@ -99,24 +127,59 @@ class Presence:
             try:
                 online = await self.kv.presence_apply(self.origin, room_id, list(users.items()), self.grace_s)
             except errors.Unavailable:
-                for room_id, users in pending:  # applied with a later tick
-                    for user, delta in users.items():
-                        self._change(room_id, user, delta)
+                self._retry(pending)
+                return
+            if online is None:  # our heartbeat lapsed (Redis was away for a TTL): beat first, then apply
+                self._next_beat = 0.0
+                self._retry(pending)
                 return
             pending.pop(0)
-            if online:
-                await self.hub.publish_presence(room_id, online, [])
+            rev, came = online
+            if came:
+                await self.hub.publish_presence(room_id, came, [], rev)
+
+    def _retry(self, pending: list[tuple[int, dict[int, int]]]) -> None:
+        """Changes not applied: with a later tick (merged with the ones made meanwhile)."""
+        for room_id, users in pending:
+            for user, delta in users.items():
+                self._change(room_id, user, delta)
 
     async def _announce_due(self) -> None:
         try:
             gone = await self.kv.presence_due()
         except errors.Unavailable:
             return
-        by_room: dict[int, list[int]] = {}
-        for room_id, user_id in gone:
-            by_room.setdefault(room_id, []).append(user_id)
-        for room_id, users in by_room.items():
-            await self.hub.publish_presence(room_id, [], sorted(users))
+        for room_id, rev, users in gone:
+            await self.hub.publish_presence(room_id, [], users, rev)
+
+    def _resubscribed(self) -> None:
+        self.heals.resubscribed()
+        self._wake.set()
+
+    async def heal(self, whole: bool = False) -> None:
+        """Compare every room's view with Redis (one round trip); heal those that differ.
+
+        ``whole``: read every view whole (after a pub/sub loss) instead of the revisions first.
+        """
+        asks: list[tuple[int, int]] = []
+        asked_at: dict[int, int] = {}
+        for room_id, room in self.hub.rooms.items():
+            if room.presence is not None:
+                asks.append((room_id, UNKNOWN if whole else room.presence.known_rev))
+                asked_at[room_id] = room.presence.rev
+        if not asks:
+            return
+        views = await self.kv.presence_views(asks)
+        healed: dict[str, int] = {}
+        for room_id, known in asks:
+            view = views.get(room_id)
+            if view is not None and self.hub.heal_presence(room_id, *view, asked_at[room_id]):
+                trigger = "resubscribe" if whole else "stale" if known == UNKNOWN else "probe"
+                healed[trigger] = healed.get(trigger, 0) + 1
+        for trigger, n in healed.items():
+            metrics.presence_views_healed.labels(trigger).inc(n)
+        if healed:
+            app_log.info("presence_healed", extra=fields(rooms=healed))
 
     async def _heartbeat(self) -> None:
         try:
@@ -130,12 +193,15 @@ class Presence:
                 self._changes.setdefault(room_id, {})[user_id] = +1
 
     async def close(self) -> None:
-        """Shutdown, after the sockets closed: remove what is left and stop the heartbeat."""
-        for room_id, user_id in list(self._local):
-            self._change(room_id, user_id, -1)
+        """Shutdown, after the sockets closed: this worker's entries and heartbeat go in one script.
+
+        If Redis cannot take it, the heartbeat (no longer renewed) expires and the other workers sweep
+        the entries: the users go offline within ``presence_ttl_s`` (+ a heartbeat) instead of the grace.
+        """
+        self._closed = True
         self._local.clear()
+        self._changes.clear()
         try:
-            await self.flush()
-            await self.kv.forget_worker(self.origin)
+            await self.kv.presence_retire(self.origin, self.grace_s)
         except errors.Unavailable:
-            pass  # the entries expire with the heartbeat
+            app_log.warning("presence_retire_failed", extra=fields(swept_within_s=self.ttl_s))

@@ -45,7 +45,7 @@ class Repair:
         self.tick_s = min(settings.gap_timeout_ms / 2000, settings.probe_interval_s)
         self.clock = clock
         self._urgent = asyncio.Event()
-        hub.on_resubscribed = self.urgent
+        hub.resubscribed_hooks.append(self.urgent)
 
     def urgent(self) -> None:
         self._urgent.set()

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from chatd.assistant.context import mentions_assistant
 from chatd.core import errors, protocol
+from chatd.core.presence_view import UNKNOWN
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.realtime.batching import Batched
@@ -229,11 +230,12 @@ class Rooms:
         return result.row
 
     async def online_now(self, room_id: int) -> set[int]:
-        """Who has a socket in the room anywhere (Redis presence; this worker's view while Redis is down)."""
+        """Who is online in the room, as announced (Redis presence; this worker's view while Redis is down)."""
         try:
-            return set(await self.kv.presence_online(room_id))
+            _, online = (await self.kv.presence_views([(room_id, UNKNOWN)]))[room_id]
         except errors.Unavailable:
             return self.hub.online(room_id)
+        return set(online)
 
     async def created(self, room: dict[str, Any], member_ids: list[int]) -> None:
         frame = protocol.room_added(room=protocol.room_object(room | {"read_seq": 0}))

@@ -41,6 +41,7 @@ from chatd.storage import redisurl
 P = ParamSpec("P")
 R = TypeVar("R")
 _LOG_EVERY_S = 10.0
+_VIEWS_PER_SCRIPT = 500  # rooms per presence_views script call (a pipeline carries all of them)
 _last_logged: dict[str, float] = {}
 
 
@@ -205,59 +206,21 @@ end
 return out
 """
 
-# KEYS: presence, presence-users, worker-rooms, pending offlines
-# ARGV: origin, room id, now ms, grace ms, then user, delta (+1 / -1) pairs
-# Returns the users who came online anywhere.  A user whose last entry goes is put on the pending
-# list, due after the grace: back before it (on any worker or instance), nobody hears of it.
-_PRESENCE_APPLY = """
-local origin, room = ARGV[1], ARGV[2]
-local due = tonumber(ARGV[3]) + tonumber(ARGV[4])
-local online = {}
-for i = 5, #ARGV, 2 do
-  local user, delta = ARGV[i], tonumber(ARGV[i + 1])
-  local field = user .. ':' .. origin
-  if delta > 0 then
-    if redis.call('HSETNX', KEYS[1], field, '1') == 1 then
-      if redis.call('HINCRBY', KEYS[2], user, 1) == 1 and redis.call('ZREM', KEYS[4], room .. ':' .. user) == 0 then
-        online[#online + 1] = user
-      end
-      redis.call('SADD', KEYS[3], room)
-    end
-  elseif redis.call('HDEL', KEYS[1], field) == 1 then
-    if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
-      redis.call('HDEL', KEYS[2], user)
-      redis.call('ZADD', KEYS[4], due, room .. ':' .. user)
-    end
-  end
+# Prepended to the presence scripts: their times (grace ends, heartbeat expiries) are Redis' clock, never
+# an instance's, so instances whose wall clocks disagree cannot end a grace early or take a live instance
+# for dead.  TIME in a script that writes needs effects replication: the default since Redis 5 (the only
+# mode since 7, and in Valkey).
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-return online
 """
 
-# KEYS: pending offlines   ARGV: now ms, key prefix, limit
-# Pops the due entries; returns {room, user, ...} of those still gone: announce them offline.
-_PRESENCE_DUE = """
-local out = {}
-for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
-  redis.call('ZREM', KEYS[1], entry)
-  local sep = string.find(entry, ':', 1, true)
-  local room, user = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
-  if redis.call('HEXISTS', ARGV[2] .. 'presence-n:' .. room, user) == 0 then
-    out[#out + 1] = room
-    out[#out + 1] = user
-  end
-end
-return out
-"""
-
-# KEYS: workers, pending offlines   ARGV: origin, expiry ms, now ms, key prefix
-# Renews this worker's heartbeat, then removes the entries of workers whose heartbeat expired (a
-# crashed instance): their users, if gone everywhere, are due offline now.  Returns 1 when this
-# worker was still registered, 0 when its own entries were swept meanwhile (it must add them again).
-_HEARTBEAT = """
-local prefix, now = ARGV[4], tonumber(ARGV[3])
-local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-for _, origin in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 20)) do
+# Prepended to the heartbeat and the retire script: removes every entry of a worker (and the set of
+# its rooms); a user left with no entry anywhere is due offline at ``due`` ms.
+_SWEEP = """
+local function sweep(prefix, origin, pending, due)
   local rooms_key = prefix .. 'worker-rooms:' .. origin
   local suffix = ':' .. origin
   for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
@@ -268,16 +231,141 @@ for _, origin in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT
         local user = string.sub(field, 1, #field - #suffix)
         if redis.call('HINCRBY', nkey, user, -1) <= 0 then
           redis.call('HDEL', nkey, user)
-          redis.call('ZADD', KEYS[2], now, room .. ':' .. user)
+          redis.call('ZADD', pending, due, room .. ':' .. user)
+          redis.call('HSET', prefix .. 'presence-grace:' .. room, user, 1)
         end
       end
     end
   end
   redis.call('DEL', rooms_key)
+end
+"""
+
+# A user is online in a room from the announcement of its first entry anywhere (``presence-n``: the
+# number of workers with an entry) to the announcement of its offline: through the grace too, while its
+# pending entry waits (``presence-grace`` indexes a room's pending users for ``_PRESENCE_VIEWS``).  Each
+# announcement bumps the room's revision.
+
+# KEYS: presence, presence-users, worker-rooms, pending offlines, workers, presence revisions, presence-grace
+# ARGV: origin, room id, grace ms, then user, delta (+1 / -1) pairs
+# Returns {1, revision, the users who came online anywhere...}, or {0} and changes nothing when the
+# worker's heartbeat expired or was swept: an entry never exists without a live heartbeat, so whatever
+# happens to the worker later (crash, failed shutdown) the sweep removes it.  A user whose last entry
+# goes is put on the pending list, due after the grace: back before it (on any worker or instance),
+# nobody hears of it.  The revision is bumped only when someone came online (0 otherwise).
+_PRESENCE_APPLY = """
+local origin, room = ARGV[1], ARGV[2]
+local now = now_ms()
+local beat = redis.call('ZSCORE', KEYS[5], origin)
+if not beat or tonumber(beat) < now then return {0} end
+local due = now + tonumber(ARGV[3])
+local out = {1, 0}
+for i = 4, #ARGV, 2 do
+  local user, delta = ARGV[i], tonumber(ARGV[i + 1])
+  local field = user .. ':' .. origin
+  if delta > 0 then
+    if redis.call('HSETNX', KEYS[1], field, '1') == 1 then
+      if redis.call('HINCRBY', KEYS[2], user, 1) == 1 then
+        if redis.call('ZREM', KEYS[4], room .. ':' .. user) == 0 then
+          out[#out + 1] = user
+        else
+          redis.call('HDEL', KEYS[7], user)
+        end
+      end
+      redis.call('SADD', KEYS[3], room)
+    end
+  elseif redis.call('HDEL', KEYS[1], field) == 1 then
+    if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+      redis.call('HDEL', KEYS[2], user)
+      redis.call('ZADD', KEYS[4], due, room .. ':' .. user)
+      redis.call('HSET', KEYS[7], user, 1)
+    end
+  end
+end
+if #out > 2 then
+  out[2] = redis.call('HINCRBY', KEYS[6], room, 1)
+end
+return out
+"""
+
+# KEYS: pending offlines, presence revisions   ARGV: key prefix, limit
+# Pops the due entries; returns {room, revision, users...} per room of those still gone: announce them
+# offline (with the revision their announcement bumped).
+_PRESENCE_DUE = """
+local rooms, gone = {}, {}
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))) do
+  redis.call('ZREM', KEYS[1], entry)
+  local sep = string.find(entry, ':', 1, true)
+  local room, user = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
+  redis.call('HDEL', ARGV[1] .. 'presence-grace:' .. room, user)
+  if redis.call('HEXISTS', ARGV[1] .. 'presence-n:' .. room, user) == 0 then
+    if not gone[room] then
+      gone[room] = {room, 0}
+      rooms[#rooms + 1] = room
+    end
+    gone[room][#gone[room] + 1] = user
+  end
+end
+local out = {}
+for _, room in ipairs(rooms) do
+  gone[room][2] = redis.call('HINCRBY', KEYS[2], room, 1)
+  out[#out + 1] = gone[room]
+end
+return out
+"""
+
+# KEYS: presence revisions, pending offlines, then per room its presence-users and presence-grace hashes
+# ARGV: per room, its id and the revision the caller's view is at (-1: unknown)
+# Returns {room, revision, online users...} of each room whose revision differs, read at once: the users
+# with an entry, and those in their grace (a grace entry whose pending one is gone is dropped: a worker
+# of the previous version announced that user offline without knowing the index).
+_PRESENCE_VIEWS = """
+local out = {}
+for i = 1, (#KEYS - 2) / 2 do
+  local room, known = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  local rev = tonumber(redis.call('HGET', KEYS[1], room) or '0')
+  if rev ~= known then
+    local row = {room, rev}
+    for _, user in ipairs(redis.call('HKEYS', KEYS[2 * i + 1])) do
+      row[#row + 1] = user
+    end
+    for _, user in ipairs(redis.call('HKEYS', KEYS[2 * i + 2])) do
+      if redis.call('ZSCORE', KEYS[2], room .. ':' .. user) then
+        row[#row + 1] = user
+      else
+        redis.call('HDEL', KEYS[2 * i + 2], user)
+      end
+    end
+    out[#out + 1] = row
+  end
+end
+return out
+"""
+
+# KEYS: workers, pending offlines   ARGV: origin, ttl ms, key prefix
+# Renews this worker's heartbeat, then removes the entries of workers whose heartbeat expired (a
+# crashed instance, or one whose shutdown could not retire): their users, if gone everywhere, are due
+# offline now.  Returns 1 when this worker was still registered, 0 when its own entries were swept
+# meanwhile (it must add them again).
+_HEARTBEAT = """
+local prefix, now = ARGV[3], now_ms()
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+for _, origin in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 20)) do
+  sweep(prefix, origin, KEYS[2], now)
   redis.call('ZREM', KEYS[1], origin)
 end
 if old and tonumber(old) >= now then return 1 end
 return 0
+"""
+
+# KEYS: workers, pending offlines   ARGV: origin, grace ms, key prefix
+# Clean shutdown: every entry of the worker and its heartbeat go together (its users, if gone
+# everywhere, are due offline after the grace).  Failing, nothing changes: the heartbeat expires
+# and the others sweep the entries.
+_PRESENCE_RETIRE = """
+sweep(ARGV[3], ARGV[1], KEYS[2], now_ms() + tonumber(ARGV[2]))
+redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
 
@@ -294,9 +382,11 @@ class KV:
         self._connect = client.register_script(_CONNECT)
         self._rate = client.register_script(_RATE)
         self._quota_sync = client.register_script(_QUOTA_SYNC)
-        self._presence_apply = client.register_script(_PRESENCE_APPLY)
-        self._presence_due = client.register_script(_PRESENCE_DUE)
-        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._presence_apply = client.register_script(_NOW_MS + _PRESENCE_APPLY)
+        self._presence_due = client.register_script(_NOW_MS + _PRESENCE_DUE)
+        self._presence_views = client.register_script(_PRESENCE_VIEWS)
+        self._heartbeat = client.register_script(_NOW_MS + _SWEEP + _HEARTBEAT)
+        self._presence_retire = client.register_script(_NOW_MS + _SWEEP + _PRESENCE_RETIRE)
         self._rate_counter = 0
 
     async def close(self) -> None:
@@ -410,33 +500,59 @@ class KV:
 
     async def presence_apply(
         self, origin: str, room_id: int, changes: Sequence[tuple[int, int]], grace_s: float
-    ) -> list[int]:
-        """Add (+1) / remove (-1) this worker's entry of each user; the users who came online anywhere."""
+    ) -> tuple[int, list[int]] | None:
+        """Add (+1) / remove (-1) this worker's entry of each user: the room's presence revision and the
+        users who came online anywhere (to announce with that revision; none: no revision bumped).
+
+        None, and nothing changed, when this worker's heartbeat expired or was swept: beat, then
+        apply again (with the entries the sweep removed)."""
         keys = [
             self.keys.presence(room_id),
             self.keys.presence_users(room_id),
             self.keys.worker_rooms(origin),
             self.keys.presence_pending(),
+            self.keys.workers(),
+            self.keys.presence_revisions(),
+            self.keys.presence_grace(room_id),
         ]
-        args: list[Any] = [origin, room_id, int(time.time() * 1000), int(grace_s * 1000)]
+        args: list[Any] = [origin, room_id, int(grace_s * 1000)]
         for user, delta in changes:
             args += (user, delta)
         async with redis_errors("presence"):
-            online = await self._presence_apply(keys=keys, args=args)
-        return [int(u) for u in online]
+            registered, *rest = await self._presence_apply(keys=keys, args=args)
+        if not registered:
+            return None
+        rev, *online = rest
+        return int(rev), [int(u) for u in online]
 
-    async def presence_due(self, limit: int = 500) -> list[tuple[int, int]]:
-        """``(room, user)`` whose grace ended with no socket anywhere: announce them offline (each once)."""
+    async def presence_due(self, limit: int = 500) -> list[tuple[int, int, list[int]]]:
+        """``(room, revision, users)`` whose grace ended with no socket anywhere: announce them offline
+        (each once, with that revision)."""
         async with redis_errors("presence"):
-            flat = await self._presence_due(
-                keys=[self.keys.presence_pending()], args=[int(time.time() * 1000), self.keys.prefix, limit]
+            rows = await self._presence_due(
+                keys=[self.keys.presence_pending(), self.keys.presence_revisions()], args=[self.keys.prefix, limit]
             )
-        return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return [(int(room), int(rev), sorted(int(u) for u in users)) for room, rev, *users in rows]
 
-    async def presence_online(self, room_id: int) -> list[int]:
+    async def presence_views(self, rooms: Sequence[tuple[int, int]]) -> dict[int, tuple[int, list[int]]]:
+        """``(room, revision the caller's view is at)`` -> for each room whose revision differs (-1: always),
+        its revision and online users (in their grace included: their offline is yet to be announced),
+        read together.  One round trip (a pipeline) for any number of rooms."""
+        if not rooms:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(rooms), _VIEWS_PER_SCRIPT):
+            chunk = rooms[i : i + _VIEWS_PER_SCRIPT]
+            keys = [self.keys.presence_revisions(), self.keys.presence_pending()]
+            for room, _ in chunk:
+                keys += (self.keys.presence_users(room), self.keys.presence_grace(room))
+            args = [x for room, known in chunk for x in (room, known)]
+            await self._presence_views(keys=keys, args=args, client=pipe)
         async with redis_errors("presence"):
-            users = await self.client.hkeys(self.keys.presence_users(room_id))
-        return sorted(int(u) for u in users)
+            replies = await pipe.execute()
+        return {
+            int(room): (int(rev), sorted({int(u) for u in users})) for rows in replies for room, rev, *users in rows
+        }
 
     async def heartbeat(self, origin: str, ttl_s: float) -> bool:
         """Keep this worker's presence entries alive and sweep dead workers' entries.
@@ -444,19 +560,22 @@ class KV:
         False when this worker's entries were swept meanwhile (Redis lost it for a
         while, or restarted empty): the caller adds them again.
         """
-        now_ms = int(time.time() * 1000)
         async with redis_errors("heartbeat"):
             return bool(
                 await self._heartbeat(
                     keys=[self.keys.workers(), self.keys.presence_pending()],
-                    args=[origin, now_ms + int(ttl_s * 1000), now_ms, self.keys.prefix],
+                    args=[origin, int(ttl_s * 1000), self.keys.prefix],
                 )
             )
 
-    async def forget_worker(self, origin: str) -> None:
-        """Clean shutdown: the entries are removed already; drop the heartbeat."""
+    async def presence_retire(self, origin: str, grace_s: float) -> None:
+        """Clean shutdown: remove this worker's entries and its heartbeat at once (its users, gone
+        everywhere, offline after the grace).  Should it fail, the heartbeat expires and others sweep."""
         async with redis_errors("heartbeat"):
-            await self.client.zrem(self.keys.workers(), origin)
+            await self._presence_retire(
+                keys=[self.keys.workers(), self.keys.presence_pending()],
+                args=[origin, int(grace_s * 1000), self.keys.prefix],
+            )
 
     # -- typing ------------------------------------------------------------------------
 

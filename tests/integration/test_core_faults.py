@@ -27,7 +27,7 @@ from tornado.httpclient import HTTPClientError
 from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
 from tests.chat import API, collect_messages, connect, join, make_room, send, send_many
 from tests.conftest import Services
-from tests.faults import kill_valkey, paused, publish_refused
+from tests.faults import kill_valkey, paused, publish_refused, scripts_refused
 from tests.support import WS, Chatd, http_get, request
 from tests.users import make_users
 
@@ -251,6 +251,78 @@ async def test_presence_of_a_killed_instance_goes_offline(chatd_factory: Any, se
     await a.expect_presence(bob.id, "online")
     await b2.send({"type": "leave", "room_id": room})
     await a.expect_presence(bob.id, "offline", timeout_s=15)  # grace 0.5 s
+
+
+# -- issue 17, item 6: presence heals after a lost frame, a failed final flush ------------------------
+
+
+async def test_presence_view_heals_after_lost_presence_frames(chatd_factory: Any, services: Services) -> None:
+    """A's presence frames are lost (PUBLISH refused): B's sockets and B's next joiners still learn."""
+    fast = {"CHATD_WS_PRESENCE_GRACE_S": "0.5", "CHATD_WS_PROBE_INTERVAL_S": "0.5"}
+    a_srv: Chatd = chatd_factory(**fast)
+    b_srv: Chatd = chatd_factory(**fast)
+    alice, bob, carol = make_users(services.database_url, 3)
+    room = await make_room(a_srv, alice, [bob, carol])
+    b = await connect(b_srv, bob)
+    await join(b, room)
+
+    with publish_refused(services.redis_url):
+        a = await connect(a_srv, alice)
+        await join(a, room)  # alice comes online on A: A announces it, the PUBLISH is refused
+        online_s = await _presence_within(b, alice.id, "online", 5)
+        c = await connect(b_srv, carol)
+        fresh = await join(c, room)  # a fresh join on B: its `joined.online` comes from B's view
+        await a.send({"type": "leave", "room_id": room})
+        offline_s = await _presence_within(b, alice.id, "offline", 5)  # grace 0.5 s; lost if A announces it
+        c2 = await connect(b_srv, carol)
+        later = await join(c2, room)
+    print(f"\nhealed on B: online after {online_s} s, offline after {offline_s} s (grace 0.5 s)")
+    assert online_s is not None and alice.id in fresh["online"], (
+        f"B's socket got alice online: {online_s is not None}; B's fresh join saw {fresh['online']}"
+    )
+    assert offline_s is not None and alice.id not in later["online"], (
+        f"B's socket got alice offline: {offline_s is not None}; B's later join saw {later['online']}"
+    )
+    assert online_s < 0.5 + 0.5 + 1.5, online_s  # a probe interval + a tick + slack
+    assert offline_s < 0.5 + 0.5 + 0.5 + 1.5, offline_s  # the grace + a due check + a probe interval + slack
+
+
+async def _presence_within(ws: WS, user_id: int, status: str, timeout_s: float) -> float | None:
+    started = time.monotonic()
+    try:
+        await ws.expect_presence(user_id, status, timeout_s=timeout_s)
+    except TimeoutError:
+        return None
+    return round(time.monotonic() - started, 2)
+
+
+async def test_presence_of_a_failed_final_flush_goes_offline(chatd_factory: Any, services: Services) -> None:
+    """A's shutdown cannot write its presence (scripts refused while it stops): its users still go offline."""
+    fast = {"CHATD_WS_PRESENCE_TTL_S": "3", "CHATD_WS_PRESENCE_GRACE_S": "0.5"}
+    a_srv: Chatd = chatd_factory(**fast)
+    b_srv: Chatd = chatd_factory(**fast)
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(a_srv, alice, [bob])
+    b = await connect(b_srv, bob)
+    await join(b, room)
+    a = await connect(a_srv, alice)
+    await join(a, room)
+    await b.expect_presence(alice.id, "online")
+
+    assert a_srv.proc is not None
+    with scripts_refused(services.redis_url):  # every presence script of A's shutdown fails
+        signalled = time.monotonic()
+        a_srv.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(a_srv.proc.wait, 30) == 0
+    stopped = time.monotonic()
+    assert a_srv.events("presence_retire_failed"), "the final presence write did fail"
+    await b.expect_presence(alice.id, "offline", timeout_s=20)
+    offline_s = time.monotonic() - stopped
+    print(
+        f"\nalice offline {offline_s:.2f} s after A stopped, {time.monotonic() - signalled:.2f} s after its"
+        " SIGTERM (TTL 3 s, grace 0.5 s)"
+    )
+    assert offline_s < 3 + 0.5 + 1 + 3  # TTL + grace + a heartbeat + slack
 
 
 # -- item 6: a hung Postgres answers 'unavailable', never silence ----------------------------------
