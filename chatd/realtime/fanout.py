@@ -103,6 +103,8 @@ class Hub:
         self._room_prefix = keys.room_channel(0)[:-1].encode()
         self._user_prefix = keys.user_channel(0)[:-1].encode()
         self._control = keys.control().encode()
+        # Every worker listens on the control channel while it runs (the subscriber keeps it through reconnects).
+        self.subscriber.want(keys.control())
 
     # -- rooms --------------------------------------------------------------------
 

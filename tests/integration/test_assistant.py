@@ -114,6 +114,25 @@ async def test_cancel_keeps_partial_text(chatd_factory: Any, services: Services)
     assert len(rows) == 1 and rows[0][1] == "cancelled" and rows[0][3] == final["content"]
 
 
+async def test_cancel_reaches_the_instance_running_the_answer(chatd_factory: Any, services: Services) -> None:
+    # The cancel travels on the control channel, which every worker must listen on.
+    a_srv: Chatd = chatd_factory(**SLOW)
+    b_srv: Chatd = chatd_factory(**SLOW)
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(a_srv, alice, [bob], kind="assistant")
+    on_a, on_b = await connect(a_srv, alice), await connect(b_srv, alice)
+    await join(on_a, room)
+    await join(on_b, room)
+    await send(on_a, room, "please ramble on for a while")
+    start = await on_a.expect("stream_start", room_id=room)
+    await on_a.expect("stream_chunk", room_id=room, index=1, keep=True)
+    runner = a_srv if a_srv.events("generation_started") else b_srv
+    elsewhere = on_b if runner is a_srv else on_a
+    await elsewhere.send({"type": "cancel", "message_id": start["message_id"]})
+    end = await on_a.expect("stream_end", message_id=start["message_id"], timeout_s=10)
+    assert end["stop_reason"] == "cancelled"
+
+
 async def test_cancel_while_queued(chatd_factory: Any, services: Services) -> None:
     server: Chatd = chatd_factory(CHATD_ASSISTANT_PER_USER_CONCURRENCY="1", **SLOW)
     other: Chatd = chatd_factory()
