@@ -103,6 +103,11 @@ redis_latency = Histogram(
     buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 pubsub_reconnects = Counter("chatd_pubsub_reconnects_total", "Fan-out pub/sub connection re-established")
+pubsub_bad_envelopes = Counter(
+    "chatd_pubsub_bad_envelopes_total",
+    "Pub/sub messages dropped as not a valid envelope, by reason (chatd.core.envelope.REASONS)",
+    ["reason"],
+)
 pubsub_received = Counter("chatd_pubsub_messages_received_total", "Pub/sub messages received (own publishes included)")
 user_channel_unconfirmed = Counter(
     "chatd_user_channel_unconfirmed_total",
