@@ -68,9 +68,25 @@ ws_closed = Counter(
 )
 ws_closed_by_client = Counter(
     "chatd_ws_closed_by_client_total",
-    "Sockets closed by the client (its close code; 1005: a close frame without a code) or lost (1006: no close frame)",
+    "Sockets closed by the client, by its close code (client_close_label: 1000-1014 as themselves, 3000-4999"
+    " 'other'), or lost or closed without a code (1006)",
     ["code"],
 )
+_CLIENT_CODES = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015)))  # what a client may send below 3000
+
+
+def client_close_label(code: int | None) -> str:
+    """The label of a client's close code: the client picks the code, not the label set (a label per code
+    would let it make up thousands of series).  Codes of RFC 6455 and its IANA registry stay themselves;
+    ``None`` (the connection dropped, or a close frame without a code: Tornado tells them apart no further)
+    is 1006; the codes left to applications (3000-4999) are ``other``; what no client may send, ``invalid``."""
+    if code is None:
+        return "1006"
+    if code in _CLIENT_CODES:
+        return str(code)
+    return "other" if 3000 <= code <= 4999 else "invalid"
+
+
 ws_ping_timeouts = Counter("chatd_ws_ping_timeouts_total", "Sockets closed because no pong came back in time")
 messages_committed = Counter("chatd_messages_committed_total", "Messages durable in Postgres")
 commit_batch = Histogram(
