@@ -37,6 +37,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from chatd.core import envelope
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -73,6 +75,7 @@ ws_closed_by_client = Counter(
     ["code"],
 )
 _CLIENT_CODES = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015)))  # what a client may send below 3000
+CLIENT_CLOSE_LABELS = ("1006", *(str(code) for code in sorted(_CLIENT_CODES)), "other", "invalid")
 
 
 def client_close_label(code: int | None) -> str:
@@ -281,6 +284,10 @@ def set_worker(worker_id: int) -> None:
         resyncs.labels(reason)
     for kind in ("deadline", "statement_timeout", "pool_timeout", "connection"):
         pg_errors.labels(kind)
+    for reason in envelope.REASONS:
+        pubsub_bad_envelopes.labels(reason)
+    for label in CLIENT_CLOSE_LABELS:
+        ws_closed_by_client.labels(label)
 
 
 async def loop_lag_loop(interval_s: float = 0.25) -> None:

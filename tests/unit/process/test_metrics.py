@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatd.process.metrics import client_close_label
+from chatd.process.metrics import CLIENT_CLOSE_LABELS, client_close_label
 from chatd.realtime.rfc6455 import valid_close_code
 
 
@@ -45,5 +45,5 @@ def test_client_close_codes_are_bucketed(code: int | None, label: str) -> None:
 
 def test_every_code_maps_into_a_fixed_set_and_valid_ones_are_never_invalid() -> None:
     labels = {client_close_label(code) for code in [None, *range(65536)]}
-    assert len(labels) == 15
+    assert labels == set(CLIENT_CLOSE_LABELS) and len(CLIENT_CLOSE_LABELS) == 15  # exported at 0 by set_worker
     assert all(client_close_label(code) != "invalid" for code in range(65536) if valid_close_code(code))
