@@ -526,7 +526,7 @@ class ChatSocket(StrictHandlerMixin):
             metrics.ws_connections.dec()
             self._counted = False
             if not self._close_sent:  # the client closed first, or the connection dropped (no close code: 1006)
-                metrics.ws_closed_by_client.labels(str(self.close_code or 1006)).inc()
+                metrics.ws_closed_by_client.labels(metrics.client_close_label(self.close_code)).inc()
         if self.principal is not None:
             self.state.tasks.spawn(self._cleanup(), "ws-cleanup")
 

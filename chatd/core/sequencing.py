@@ -31,6 +31,7 @@ a clock or does I/O.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -160,6 +161,11 @@ class Revisions:
     keeps only the revision of its last change, so a read of "changed after
     the floor" returns every message whose latest change was missed, and the
     revisions it does not return were superseded by ones it does.
+
+    A revision is missing from the moment a later one arrives or a probe reports
+    it committed, and is read once it has been missing for ``gap_timeout_s``.
+    Later arrivals do not restart that clock: they come all the time in a busy
+    room, and a lost edit would never be read back.
     """
 
     def __init__(self, delivered: int, gap_timeout_s: float = 0.25) -> None:
@@ -167,28 +173,28 @@ class Revisions:
         self.committed = delivered
         self.gap_timeout_s = gap_timeout_s
         self._seen: set[int] = set()
-        self._stalled_since: float | None = None
+        # (rev, since): the revisions above the previous mark up to ``rev`` have been known committed since
+        # ``since``; one mark per raise of ``committed``, the oldest first, none at or below ``delivered``.
+        self._known: collections.deque[tuple[int, float]] = collections.deque()
 
     def offer(self, rev: int, now: float) -> bool:
         """True: deliver this change (first copy, not older than what was delivered)."""
         if rev <= self.delivered or rev in self._seen:
             return False
         self._seen.add(rev)
-        while self.delivered + 1 in self._seen:
-            self.delivered += 1
-            self._seen.discard(self.delivered)
-        self.committed = max(self.committed, rev)
-        self._track(now, advanced=True)
+        self.note_committed(rev, now)
+        self._advance()
         return True
 
     def note_committed(self, rev: int, now: float) -> None:
         if rev > self.committed:
             self.committed = rev
-            self._track(now, advanced=False)
+            self._known.append((rev, now))
 
     def missing(self, now: float, *, urgent: bool = False) -> int | None:
-        """Read the messages changed after this revision, once it has been missing for the timeout."""
-        if self._stalled_since is None or (not urgent and now - self._stalled_since < self.gap_timeout_s):
+        """Read the messages changed after this revision, once the first missing one has been missing for the
+        timeout."""
+        if not self._known or (not urgent and now - self._known[0][1] < self.gap_timeout_s):
             return None
         return self.delivered
 
@@ -196,7 +202,8 @@ class Revisions:
         """Changes read for revisions after ``after`` (``upto``: ``committed`` when the read was asked).
 
         ``complete``: the read was not cut by its limit, so every revision up to
-        ``upto`` is now delivered or superseded.
+        ``upto`` is now delivered or superseded.  What a cut read left is read at
+        the next ``missing``: it has been missing for the timeout already.
         """
         out = [item for rev, item in sorted(rows, key=lambda r: r[0]) if rev > self.delivered and rev not in self._seen]
         floor = max([r for r, _ in rows], default=after)
@@ -205,18 +212,17 @@ class Revisions:
         if floor > self.delivered:
             self.delivered = floor
             self._seen = {r for r in self._seen if r > floor}
-            while self.delivered + 1 in self._seen:
-                self.delivered += 1
-                self._seen.discard(self.delivered)
+        self._advance()
         self.committed = max(self.committed, self.delivered)
-        self._track(now, advanced=True)
         return out
 
-    def _track(self, now: float, advanced: bool) -> None:
-        if self.committed <= self.delivered:
-            self._stalled_since = None
-        elif advanced or self._stalled_since is None:
-            self._stalled_since = now
+    def _advance(self) -> None:
+        while self.delivered + 1 in self._seen:
+            self.delivered += 1
+            self._seen.discard(self.delivered)
+        known = self._known
+        while known and known[0][0] <= self.delivered:
+            known.popleft()
 
 
 class HoldLog(Generic[T]):

@@ -131,7 +131,6 @@ class Worker:
             metrics.ws_closed.labels(str(int(code)))
         tasks.supervise("fanout-reader", self.hub.subscriber.run)
         tasks.supervise("fanout-subscribe", self.hub.subscriber.flush_wanted)
-        self.hub.listen_control()  # cancels of answers running on this worker, from any worker or instance
         tasks.supervise("message-writer", self.writer.run)
         tasks.supervise("fanout-repair", self.repair.run)
         tasks.supervise("fanout-publish", self.hub.outbox.run)

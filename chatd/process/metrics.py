@@ -37,6 +37,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from chatd.core import envelope
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -68,9 +70,26 @@ ws_closed = Counter(
 )
 ws_closed_by_client = Counter(
     "chatd_ws_closed_by_client_total",
-    "Sockets closed by the client (its close code; 1005: a close frame without a code) or lost (1006: no close frame)",
+    "Sockets closed by the client, by its close code (client_close_label: 1000-1014 as themselves, 3000-4999"
+    " 'other'), or lost or closed without a code (1006)",
     ["code"],
 )
+_CLIENT_CODES = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015)))  # what a client may send below 3000
+CLIENT_CLOSE_LABELS = ("1006", *(str(code) for code in sorted(_CLIENT_CODES)), "other", "invalid")
+
+
+def client_close_label(code: int | None) -> str:
+    """The label of a client's close code: the client picks the code, not the label set (a label per code
+    would let it make up thousands of series).  Codes of RFC 6455 and its IANA registry stay themselves;
+    ``None`` (the connection dropped, or a close frame without a code: Tornado tells them apart no further)
+    is 1006; the codes left to applications (3000-4999) are ``other``; what no client may send, ``invalid``."""
+    if code is None:
+        return "1006"
+    if code in _CLIENT_CODES:
+        return str(code)
+    return "other" if 3000 <= code <= 4999 else "invalid"
+
+
 ws_ping_timeouts = Counter("chatd_ws_ping_timeouts_total", "Sockets closed because no pong came back in time")
 messages_committed = Counter("chatd_messages_committed_total", "Messages durable in Postgres")
 commit_batch = Histogram(
@@ -106,6 +125,11 @@ pubsub_reconnects = Counter("chatd_pubsub_reconnects_total", "Fan-out pub/sub co
 pubsub_liveness_timeouts = Counter(
     "chatd_pubsub_liveness_timeouts_total",
     "Fan-out pub/sub connections dropped as dead: nothing read, not even a PONG, within storage.pubsub_liveness_s",
+)
+pubsub_bad_envelopes = Counter(
+    "chatd_pubsub_bad_envelopes_total",
+    "Pub/sub messages dropped as not a valid envelope, by reason (chatd.core.envelope.REASONS)",
+    ["reason"],
 )
 pubsub_received = Counter("chatd_pubsub_messages_received_total", "Pub/sub messages received (own publishes included)")
 user_channel_unconfirmed = Counter(
@@ -272,6 +296,10 @@ def set_worker(worker_id: int) -> None:
         resyncs.labels(reason)
     for kind in ("deadline", "statement_timeout", "pool_timeout", "connection"):
         pg_errors.labels(kind)
+    for reason in envelope.REASONS:
+        pubsub_bad_envelopes.labels(reason)
+    for label in CLIENT_CLOSE_LABELS:
+        ws_closed_by_client.labels(label)
 
 
 async def loop_lag_loop(interval_s: float = 0.25) -> None:

@@ -22,6 +22,7 @@ parsing them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from chatd.realtime.pubsub import Subscriber
 from chatd.storage import messages as messages_db
 from chatd.storage.db import Database
 from chatd.storage.kv import KV
+
+_BAD_LOG_INTERVAL_S = 60.0
 
 
 class Conn(Protocol):
@@ -109,6 +112,9 @@ class Hub:
         self._room_prefix = keys.room_channel(0)[:-1].encode()
         self._user_prefix = keys.user_channel(0)[:-1].encode()
         self._control = keys.control().encode()
+        # Every worker listens on the control channel while it runs (the subscriber keeps it through reconnects).
+        self.subscriber.want(keys.control())
+        self._bad_logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged at, dropped unlogged since)
 
     # -- rooms --------------------------------------------------------------------
 
@@ -368,11 +374,6 @@ class Hub:
         self.kick_local(user_id, room_id)
         self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, {"o": "kick", "room": room_id}))])
 
-    def listen_control(self) -> None:
-        """Subscribe the control channel for the worker's life (kept through reconnects by the subscriber)."""
-        wanted = self.subscriber.want(self.keys.control())
-        wanted.add_done_callback(lambda fut: fut.cancelled() or fut.exception())  # retried on reconnect
-
     async def control(self, op: str, **data: Any) -> None:
         """An instruction for every worker (e.g. cancel a generation wherever it runs); may raise ``Unavailable``."""
         head = {"o": op, **data}
@@ -388,39 +389,73 @@ class Hub:
     # -- receiving ----------------------------------------------------------------------
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
+        """One pub/sub message; never raises: an exception here would make the subscriber reconnect and
+        resubscribe every channel, losing what is published meanwhile, for the sake of one bad envelope."""
         if data.startswith(self.origin):
             return  # our own publish: local sockets have it already
         try:
-            env = envelope.decode(data)
-        except ValueError:
-            app_log.warning("fanout_bad_envelope", extra=fields(channel=channel[:100].decode(errors="replace")))
-            return
-        head = env.header
-        op = head["o"]
+            self._route(channel, data)
+        except envelope.BadEnvelope as exc:
+            self._dropped(exc.reason, channel, str(exc), None)
+        except Exception as exc:  # a bug in a delivery: this envelope is lost, the others still arrive
+            self._dropped("delivery", channel, repr(exc), exc)
+
+    def _route(self, channel: bytes, data: bytes) -> None:
         if channel.startswith(self._room_prefix):
-            room_id = int(channel[len(self._room_prefix) :])
-            if op == "m":
-                for seq, payload in zip(head["s"], env.payloads, strict=True):
+            room_id = envelope.channel_id(channel, len(self._room_prefix))
+            body = envelope.decode(data, "room")
+            if type(body) is envelope.Messages:
+                for seq, payload in zip(body.seqs, body.payloads, strict=True):
                     self.deliver_message(room_id, seq, payload)
-            elif op == "f":
-                stream = (int(head["m"]), int(head["i"])) if "m" in head else None
-                self.deliver_frame(room_id, env.payloads[0], head.get("x"), stream)
-            elif op == "u":
-                self.deliver_change(room_id, int(head["r"]), env.payloads[0])
-            elif op == "p":
-                self.deliver_presence(room_id, head["on"], head["off"], env.payloads[0], head.get("r"))
+            elif type(body) is envelope.Frame:
+                self.deliver_frame(room_id, body.payload, body.exclude, body.stream)
+            elif type(body) is envelope.Change:
+                self.deliver_change(room_id, body.rev, body.payload)
+            elif type(body) is envelope.Presence:
+                self.deliver_presence(room_id, body.online, body.offline, body.payload, body.rev)
         elif channel.startswith(self._user_prefix):
-            user_id = int(channel[len(self._user_prefix) :])
-            if op == "f":
-                self.deliver_user(user_id, env.payloads[0], head.get("x"))
-            elif op == "close":
-                self.close_local(user_id, int(head["code"]), str(head.get("reason", "")), head.get("fam"))
-            elif op == "kick":
-                self.kick_local(user_id, int(head["room"]))
+            user_id = envelope.channel_id(channel, len(self._user_prefix))
+            body = envelope.decode(data, "user")
+            if type(body) is envelope.Frame:
+                self.deliver_user(user_id, body.payload, body.exclude)
+            elif type(body) is envelope.Close:
+                self.close_local(user_id, body.code, body.reason, body.family)
+            elif type(body) is envelope.Kick:
+                self.kick_local(user_id, body.room_id)
         elif channel == self._control:
-            handler = self.control_handlers.get(op)
-            if handler is not None:
-                handler(head)
+            body = envelope.decode(data, "control")
+            assert type(body) is envelope.Control
+            handler = self.control_handlers.get(body.op)
+            if handler is None:
+                raise envelope.BadEnvelope("op", f"{body.op[:20]!r}: no control handler")
+            try:
+                handler(body.fields)
+            except (KeyError, TypeError, ValueError) as exc:  # the handler reads its own fields
+                raise envelope.BadEnvelope("header", f"{body.op}: {exc!r}") from exc
+        else:
+            raise envelope.BadEnvelope("channel", "not a channel the hub subscribes to")
+
+    def _dropped(self, reason: str, channel: bytes, detail: str, exc: Exception | None) -> None:
+        """Count a dropped envelope; log the first of each reason, then at most one line a minute with how
+        many went unlogged (a publisher gone wrong must not flood the log)."""
+        metrics.pubsub_bad_envelopes.labels(reason).inc()
+        now = self.clock()
+        logged_at, unlogged = self._bad_logged.get(reason, (None, 0))
+        if logged_at is not None and now - logged_at < _BAD_LOG_INTERVAL_S:
+            self._bad_logged[reason] = (logged_at, unlogged + 1)
+            return
+        self._bad_logged[reason] = (now, 0)
+        app_log.log(
+            logging.ERROR if exc is not None else logging.WARNING,
+            "fanout_bad_envelope",
+            extra=fields(
+                reason=reason,
+                channel=channel[:100].decode(errors="replace"),
+                detail=detail[:200],
+                unlogged=unlogged,
+            ),
+            exc_info=exc,
+        )
 
     def deliver_message(self, room_id: int, seq: int, payload: bytes) -> None:
         room = self.rooms.get(room_id)

@@ -329,3 +329,84 @@ def test_revisions_fill_skips_what_arrived_live_meanwhile_and_respects_a_cut_rea
     assert got == ["a"] and revs.delivered == 2
     assert revs.missing(now=0.0) == 2  # 3 and 4 are still to read
     assert revs.fill(2, 4, [(3, "c"), (4, "d")], complete=True, now=0.0) == ["c", "d"]
+
+
+# -- a lost edit is read back within the gap timeout, however many later edits keep arriving ------------
+
+
+@pytest.mark.parametrize(
+    ("arrival_every_s", "probe"),
+    [
+        (0.05, False),  # a busy room: later edits arrive far more often than the timeout
+        (0.1, False),
+        (0.2, False),  # just under the timeout
+        (0.3, False),  # slower than the timeout
+        (0.1, True),  # and the probe reports the lost one as committed meanwhile
+    ],
+)
+def test_a_lost_revision_is_read_within_the_timeout_while_later_ones_keep_arriving(
+    arrival_every_s: float, probe: bool
+) -> None:
+    timeout_s, tick_s = 0.25, 0.01  # tick: how often the repair loop asks (finer than chatd's, for precision)
+    revs = Revisions(delivered=10, gap_timeout_s=timeout_s)
+    now, next_rev, next_arrival = 0.0, 12, 0.0  # rev 11's publish was lost
+    missing_since: float | None = None
+    asked_at: float | None = None
+    while now < 5.0 and asked_at is None:
+        if now >= next_arrival:
+            assert revs.offer(next_rev, now)
+            if missing_since is None:
+                missing_since = now  # rev 12 shows that 11 exists
+            next_rev += 1
+            next_arrival += arrival_every_s
+        if probe:
+            revs.note_committed(next_rev - 1, now)
+        if revs.missing(now) is not None:
+            asked_at = now
+        now = round(now + tick_s, 6)
+    assert asked_at is not None, "rev 11 was never read back"
+    assert missing_since is not None and asked_at - missing_since <= timeout_s + tick_s
+    after = revs.missing(asked_at)
+    assert after == 10
+    assert revs.fill(after, revs.committed, [(11, "m11")], complete=True, now=asked_at) == ["m11"]
+    assert revs.delivered == next_rev - 1 and revs.missing(asked_at + 9) is None
+
+
+def test_a_hole_found_later_waits_its_own_timeout_not_the_first_ones() -> None:
+    revs = Revisions(delivered=0, gap_timeout_s=0.25)
+    assert revs.offer(2, now=0.0)  # 1 missing since 0.0
+    assert revs.missing(now=0.2) is None
+    assert revs.offer(1, now=0.2)  # it was only late: delivered is 2
+    assert revs.offer(4, now=0.3)  # 3 missing since 0.3, not since 0.0
+    assert revs.missing(now=0.5) is None
+    assert revs.missing(now=0.55) == 2
+    assert revs.offer(5, now=0.56) and revs.missing(now=0.57) == 2  # later arrivals do not push it back
+
+
+def test_after_a_cut_read_the_rest_is_read_at_once_and_a_complete_read_leaves_only_newer_holes() -> None:
+    revs = Revisions(delivered=0, gap_timeout_s=0.25)
+    revs.note_committed(10, now=0.0)
+    assert revs.missing(now=0.3) == 0
+    assert revs.fill(0, 10, [(1, "a"), (2, "b")], complete=False, now=0.3) == ["a", "b"]
+    assert revs.missing(now=0.3) == 2  # missing since 0.0: no new wait
+    assert revs.offer(12, now=0.35)  # 11 goes missing at 0.35
+    assert revs.fill(2, 10, [(5, "e")], complete=True, now=0.4) == ["e"]  # 3, 4, 6..10 superseded
+    assert revs.delivered == 10
+    assert revs.missing(now=0.5) is None and revs.missing(now=0.6) == 10  # 11: its own timeout from 0.35
+
+
+@pytest.mark.parametrize("arrival_every_s", [0.05, 0.1, 0.2])
+def test_the_sequencer_too_reads_a_lost_seq_within_the_timeout_while_later_ones_keep_arriving(
+    arrival_every_s: float,
+) -> None:
+    # Held later seqs never restart its clock (only releasing the first missing one does).
+    seq = RoomSequencer[int](next_seq=11, gap_timeout_s=0.25)
+    now, asked_at, s = 0.0, None, 12  # 11 was lost
+    while now < 5.0 and asked_at is None:
+        if now >= (s - 12) * arrival_every_s:
+            assert seq.offer(s, s, now) == []
+            s += 1
+        if seq.missing(now) is not None:
+            asked_at = now
+        now = round(now + 0.01, 6)
+    assert asked_at is not None and asked_at <= 0.25 + 0.01

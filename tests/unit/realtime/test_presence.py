@@ -61,6 +61,11 @@ class FakeSubscriber:
     async def unsubscribe(self, channel: str) -> None:
         pass
 
+    def want(self, channel: str) -> asyncio.Future[None]:  # the control channel, at start
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
 
 class Conn:
     def __init__(self) -> None:
