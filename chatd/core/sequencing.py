@@ -166,12 +166,18 @@ class Revisions:
     it committed, and is read once it has been missing for ``gap_timeout_s``.
     Later arrivals do not restart that clock: they come all the time in a busy
     room, and a lost edit would never be read back.
+
+    At most ``max_seen`` revisions above a missing one are remembered (while the
+    read cannot be made, Postgres down): beyond, the older half is forgotten, and
+    the read may deliver those a second time (harmless: a change frame carries
+    the message's whole state).
     """
 
-    def __init__(self, delivered: int, gap_timeout_s: float = 0.25) -> None:
+    def __init__(self, delivered: int, gap_timeout_s: float = 0.25, max_seen: int = 10_000) -> None:
         self.delivered = delivered
         self.committed = delivered
         self.gap_timeout_s = gap_timeout_s
+        self.max_seen = max_seen
         self._seen: set[int] = set()
         # (rev, since): the revisions above the previous mark up to ``rev`` have been known committed since
         # ``since``; one mark per raise of ``committed``, the oldest first, none at or below ``delivered``.
@@ -184,6 +190,8 @@ class Revisions:
         self._seen.add(rev)
         self.note_committed(rev, now)
         self._advance()
+        if len(self._seen) > self.max_seen:
+            self._seen = set(sorted(self._seen)[len(self._seen) // 2 :])
         return True
 
     def note_committed(self, rev: int, now: float) -> None:

@@ -410,3 +410,16 @@ def test_the_sequencer_too_reads_a_lost_seq_within_the_timeout_while_later_ones_
             asked_at = now
         now = round(now + 0.01, 6)
     assert asked_at is not None and asked_at <= 0.25 + 0.01
+
+
+def test_revisions_remember_a_bounded_number_above_a_missing_one() -> None:
+    revs = Revisions(delivered=0, gap_timeout_s=0.25, max_seen=4)
+    assert all(revs.offer(r, now=0.0) for r in range(2, 12))  # 1 is missing: 2..11 wait for it
+    assert len(revs._seen) <= 4
+    remembered = set(revs._seen)
+    assert revs.missing(now=1.0) == 0
+    # The read returns 1 and every later change: the forgotten ones come a second time, nothing is missed.
+    again = revs.fill(0, 11, [(r, r) for r in range(1, 12)], complete=True, now=1.0)
+    assert again[0] == 1 and set(again) == set(range(1, 12)) - remembered  # each missing or forgotten one, once
+    assert {10, 11} <= remembered
+    assert revs.delivered == 11 and revs.missing(now=2.0) is None
