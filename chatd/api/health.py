@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatd.realtime.pubsub import Subscriber
-from chatd.storage.db import Database
+from chatd.storage.db import Database, probe
 from chatd.storage.kv import KV
 
 _abandoned: set[asyncio.Task[Any]] = set()  # checks past their timeout, left to finish their cancellation
@@ -41,13 +41,7 @@ async def check_dependencies(db: Database, kv: KV, pubsub: Subscriber, timeout_s
     """Postgres and Redis answer within ``timeout_s``; the fan-out connection is live (its own view: a PING of
     ours on it would only queue behind the messages, and its reader PINGs it already)."""
 
-    async def postgres() -> None:
-        try:
-            async with db.connection(timeout=timeout_s) as conn:
-                await conn.execute("SELECT 1")
-        except Exception:
-            await db.check()  # drop connections a Postgres restart broke, so the next probe is honest
-            raise
-
-    pg_result, redis_result = await asyncio.gather(_timed(postgres, timeout_s), _timed(kv.ping, timeout_s))
+    pg_result, redis_result = await asyncio.gather(
+        _timed(lambda: probe(db, timeout_s), timeout_s), _timed(kv.ping, timeout_s)
+    )
     return {"postgres": pg_result, "redis": redis_result, "pubsub": pubsub.health()}

@@ -269,12 +269,9 @@ class EmbeddedPostgres:
         raise RuntimeError(f"postgres did not start within {timeout_s}s:\n{self._log_tail()}")
 
     def _ensure_database(self) -> None:
-        import psycopg
+        from chatd.storage import bootstrap
 
-        with psycopg.connect(self._admin_url(), autocommit=True, connect_timeout=10) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
-            if not exists:
-                conn.execute(f'CREATE DATABASE "{self.database}"')
+        bootstrap.ensure_database(self._admin_url(), self.database)
 
     def exited(self, status: int) -> None:
         """The supervisor reaped our postmaster."""

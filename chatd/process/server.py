@@ -532,9 +532,10 @@ def check_postgres(url: str, timeout_s: float = 5) -> str:
     """Connect once; the server version, or StartupError naming DATABASE_URL."""
     import psycopg
 
+    from chatd.storage import bootstrap
+
     try:
-        with psycopg.connect(url, connect_timeout=max(1, round(timeout_s))) as conn:
-            return str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        return bootstrap.server_version(url, timeout_s)
     except psycopg.Error as exc:
         raise StartupError(
             f"cannot connect to PostgreSQL at {_where(url)}: {_first_line(exc)}; check DATABASE_URL and that the"

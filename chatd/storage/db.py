@@ -151,6 +151,16 @@ async def fetch_all(pool: Database, query: str, params: Sequence[Any] = ()) -> l
         return await cur.fetchall()
 
 
+async def probe(pool: Database, timeout_s: float) -> None:
+    """The readiness check: a pooled connection answers ``SELECT 1`` (the caller bounds the wait)."""
+    try:
+        async with pool.connection(timeout=timeout_s) as conn:
+            await conn.execute("SELECT 1")
+    except Exception:
+        await pool.check()  # drop connections a Postgres restart broke, so the next probe is honest
+        raise
+
+
 @bounded
 async def ping(pool: Database) -> None:
     await fetch_one(pool, "SELECT 1")
