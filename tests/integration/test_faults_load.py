@@ -4,9 +4,10 @@ Each scenario injects one fault (tests/faults.py) into the running load
 (tests/loadharness.py), lets clients resume, and checks the accounting:
 nothing acked is lost, every stored message reaches every member exactly once
 per socket (a socket that stayed connected gets everything live, by the repair
-loop if pub/sub failed), every send is answered and eventually acked.  Each
-report line is printed (``pytest -s``) and, with ``RELIABILITY_REPORT=<file>``,
-appended as JSON for docs/RELIABILITY.md.
+loop if pub/sub failed), in order, nothing newer than a join's ``last_seq``
+before its ``joined``, every send is answered and eventually acked.  Each report line is printed
+(``pytest -s``) and, with ``RELIABILITY_REPORT=<file>``, appended as JSON for
+docs/RELIABILITY.md.
 
 The instances run on a Postgres and a Valkey of this module alone, so pausing
 or killing them disturbs no other test.  ``long``: variants CI does not run.
@@ -15,6 +16,8 @@ or killing them disturbs no other test.  ``long``: variants CI does not run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import time
@@ -30,7 +33,7 @@ from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
 from chatd.storage import migrations
 from tests.chat import make_room
 from tests.faults import kill_valkey, paused, publish_refused, stopped, valkey_pid
-from tests.loadharness import ChatLoad, Report
+from tests.loadharness import SAME_WORKER, ChatLoad, Report
 from tests.support import Chatd
 from tests.users import make_users
 
@@ -87,10 +90,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 Fault = Callable[[Cluster, ChatLoad], Awaitable[None]]
+Setup = Callable[[Cluster, ChatLoad], Awaitable[None]]
 
 
-async def run_scenario(cluster: Cluster, name: str, fault: Fault, bystanders: int = 0) -> tuple[Report, ChatLoad]:
+async def run_scenario(
+    cluster: Cluster,
+    name: str,
+    fault: Fault,
+    bystanders: int = 0,
+    setup: Setup | None = None,
+    record: bool = True,
+) -> tuple[Report, ChatLoad]:
+    """The load, ``fault`` in the middle of it, the report.
+
+    ``setup``: runs once the members are added, before they connect (add sockets, swap a member's token).
+    ``record``: print (and append) the report line here; a scenario with figures of its own adds them to
+    ``report.notes`` and calls ``_record`` itself.
+    The members are ``load.members[:SOCKETS]`` in room order: member ``i`` is in room ``i // ROOM_SIZE`` (member
+    ``i % ROOM_SIZE == 0`` created it) on instance ``i % 2``.
+    """
     cluster.ensure_running()
+    log_from = [s.log_path.stat().st_size for s in cluster.servers]
     users = make_users(cluster.database_url, SOCKETS + bystanders)
     chatters, extra = users[:SOCKETS], users[SOCKETS:]
     rooms = [
@@ -102,7 +122,10 @@ async def run_scenario(cluster: Cluster, name: str, fault: Fault, bystanders: in
         load.add(user, rooms[i // ROOM_SIZE], home=i % 2)
     for user in extra:  # on instance 0, never reconnecting: for the presence check
         load.add(user, rooms[0], home=0, follow=False)
+    if setup is not None:
+        await setup(cluster, load)
     await load.start()
+    load.locate_workers({s.port: s.worker_pids() for s in cluster.servers})
     await asyncio.sleep(3)
     started = time.monotonic()
     await fault(cluster, load)
@@ -110,8 +133,34 @@ async def run_scenario(cluster: Cluster, name: str, fault: Fault, bystanders: in
     await asyncio.sleep(5)
     await load.finish()
     report = await load.report(name, fault_end, fault_end - started)
-    _record(report)
+    report.server_errors = _error_events(cluster.servers, log_from)
+    if record:
+        _record(report)
     return report, load
+
+
+async def until(check: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``check`` until it holds or ``timeout_s`` passed; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _error_events(servers: list[Chatd], log_from: list[int]) -> dict[str, int]:
+    """``event`` of each error line the servers logged since ``log_from`` (their logs' sizes then)."""
+    counts: dict[str, int] = {}
+    for server, offset in zip(servers, log_from, strict=True):
+        with server.log_path.open("rb") as log:
+            log.seek(offset)
+            for line in log.read().decode(errors="replace").splitlines():
+                if line.startswith("{") and ('"level": "error"' in line or '"level": "critical"' in line):
+                    with contextlib.suppress(ValueError):
+                        event = str(json.loads(line).get("event"))
+                        counts[event] = counts.get(event, 0) + 1
+    return counts
 
 
 def _record(report: Report) -> None:
@@ -125,6 +174,7 @@ def assert_clean(report: Report) -> None:
     assert report.acked > 0 and report.acked == report.sent == report.stored, report.line()
     assert (report.lost, report.never_delivered, report.duplicated) == (0, 0, 0), report.line()
     assert report.missed_while_connected == 0, report.line()
+    assert (report.early, report.out_of_order) == (0, 0), report.line()
 
 
 # -- Valkey ---------------------------------------------------------------------------------------
@@ -147,6 +197,15 @@ async def test_valkey_paused_10s(cluster: Cluster) -> None:
 
     report, _ = await run_scenario(cluster, "Valkey paused 10 s", fault)
     assert_clean(report)
+    # Commits and acks do not wait for Redis (the publish queue, chatd/realtime/outbox.py). Bound: 100 ms
+    # (issue 17); 2.5x that for a loaded CI machine. Measured by this process, its own lag included.
+    assert report.acks_in_fault > 1000, report.line()
+    assert report.ack_p99_ms < 250, report.line()
+    # Same-worker delivery is reported, not bounded: in these rooms every worker's messages interleave with
+    # the other workers', and a worker releases a room's messages in seq order only, so a local message
+    # waits behind the previous seq of another worker, which Redis does not bring: it is read from Postgres
+    # after ws.gap_timeout_ms (250 ms). test_slow_broker.py bounds it for a room whose traffic is local.
+    assert report.deliveries_in_fault.get(SAME_WORKER, 0) > 500, report.line()
 
 
 async def test_publish_refused(cluster: Cluster) -> None:
