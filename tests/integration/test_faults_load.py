@@ -7,7 +7,9 @@ per socket (a socket that stayed connected gets everything live, by the repair
 loop if pub/sub failed), in order, nothing newer than a join's ``last_seq``
 before its ``joined``, every send is answered and eventually acked.  Each report line is printed
 (``pytest -s``) and, with ``RELIABILITY_REPORT=<file>``, appended as JSON for
-docs/RELIABILITY.md.
+docs/RELIABILITY.md.  Besides the faults proper: revocations while PUBLISH is
+refused, under the same load and accounting, with checks and figures of their
+own.
 
 The instances run on a Postgres and a Valkey of this module alone, so pausing
 or killing them disturbs no other test.  ``long``: variants CI does not run.
@@ -23,19 +25,20 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
 from chatd.storage import migrations
-from tests.chat import make_room
+from tests.chat import API, make_room
 from tests.faults import kill_valkey, paused, publish_refused, stopped, valkey_pid
-from tests.loadharness import SAME_WORKER, ChatLoad, Report
-from tests.support import Chatd
-from tests.users import make_users
+from tests.loadharness import SAME_WORKER, ChatLoad, Member, Report
+from tests.support import Chatd, request
+from tests.users import PASSWORD, make_users
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -326,3 +329,104 @@ async def test_sigterm_under_load(cluster: Cluster) -> None:
     report, _ = await run_scenario(cluster, "SIGTERM of an instance under load", fault)
     assert codes == [0]
     assert_clean(report)
+
+
+# -- revocations while PUBLISH is refused -----------------------------------------------------------
+
+PROMISE_S = 2.0  # a removed member reads nothing of the room later than this after the 204 (PROTOCOL.md §3 leave)
+CLOSE_WITHIN_S = 2.5  # a banned or logged-out socket is closed within this (the 2 s promise + slack)
+
+
+async def test_removal_ban_and_logout_while_publish_is_refused(cluster: Cluster) -> None:
+    """Two members removed from their room, two users banned, two sessions logged out, all on instance 0
+    while the victims' sockets are on instance 1 and every PUBLISH is refused (ACL): the kicks and the
+    closes come from the revocation log alone (sql/0013, chatd/services/revocations.py).
+
+    The victims stop sending and have every send acked before the action; they are accounted up to the
+    room's last seq just before the refusal (they had all of it: waited for), and what they receive later
+    is checked here instead: nothing of the room later than 2 s after the 204 for a removed member, a close
+    within 2.5 s for the others.  The other 194 sockets keep the full accounting.
+    """
+    if SOCKETS < 7 * ROOM_SIZE:
+        pytest.skip("needs 7 rooms")
+    victims: dict[str, list[Member]] = {}
+    answered_at: dict[int, float] = {}  # victim's user id -> when the action was answered
+
+    async def setup(c: Cluster, load: ChatLoad) -> None:
+        # Members 1 of rooms 1..6: on instance 1 (odd index); the actors act on instance 0.
+        pick = [load.members[r * ROOM_SIZE + 1] for r in range(1, 7)]
+        victims.update({"removed": pick[0:2], "banned": pick[2:4], "logged out": pick[4:6]})
+        for m in victims["logged out"]:  # a real session (a refresh family), ended by its own logout
+            r = await request(
+                "POST", f"{c.servers[0].http}{API}/auth/login", {"email": m.user.email, "password": PASSWORD}
+            )
+            assert r.status == 200, r.body
+            m.user = replace(m.user, token=r.body["access_token"])
+
+    async def act(c: Cluster, load: ChatLoad, admin_token: str, kind: str, m: Member) -> None:
+        base = f"{c.servers[0].http}{API}"
+        if kind == "removed":
+            owner = load.members[load.members.index(m) // ROOM_SIZE * ROOM_SIZE]
+            r = await request("DELETE", f"{base}/rooms/{m.room}/members/{m.user.id}", None, owner.user.token)
+            assert r.status == 204, r.body
+        elif kind == "banned":
+            r = await request("POST", f"{base}/admin/users/{m.user.id}/ban", {}, admin_token)
+            assert r.status == 200, r.body
+        else:
+            r = await request("POST", f"{base}/auth/logout", None, m.user.token)
+            assert r.status == 204, r.body
+        answered_at[m.user.id] = time.monotonic()
+
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        (admin,) = make_users(c.database_url, 1, role="admin")
+        everyone = [m for ms in victims.values() for m in ms]
+        for m in everyone:
+            m.sending = False
+        assert await until(lambda: not any(m.pending for m in everyone), 10), "the victims' sends not all acked"
+        cuts = {m.user.id: load.last_seq(m.room) for m in everyone}
+        assert await until(lambda: all(m.contiguous >= cuts[m.user.id] for m in everyone), 5), [
+            (m.contiguous, cuts[m.user.id]) for m in everyone
+        ]
+        assert all(m.conn is not None and m.instance == 1 for m in everyone), "a victim is not on instance 1"
+        for m in everyone:
+            load.retire(m, cuts[m.user.id])
+        with publish_refused(c.redis_url):
+            await asyncio.gather(*(act(c, load, admin.token, kind, m) for kind, ms in victims.items() for m in ms))
+            last = max(answered_at.values())
+            closing = victims["banned"] + victims["logged out"]
+            await until(lambda: all(m.closes for m in closing), CLOSE_WITHIN_S + 1)
+            await asyncio.sleep(max(0.0, last + PROMISE_S + 0.5 - time.monotonic()))  # still refused past 2 s
+        # Publishing works again; the load runs on for 5 s, the removed members must still read nothing.
+
+    report, _ = await run_scenario(
+        cluster, "removal, ban and logout while PUBLISH is refused", fault, setup=setup, record=False
+    )
+    figures: dict[str, list[str]] = {}
+    failures: list[Any] = []
+    for kind, ms in victims.items():
+        for m in ms:
+            acted = answered_at[m.user.id]
+            if kind == "removed":
+                left = [round(at - acted, 2) for at in m.left_at]
+                late = [(round(at - acted, 2), seq) for at, seq in m.after_retirement if at > acted + PROMISE_S]
+                last_msg = max((at - acted for at, _ in m.after_retirement), default=None)
+                figures.setdefault(kind, []).append(
+                    f"left +{left[0] if left else None} s, last message"
+                    f" {'none' if last_msg is None else f'{last_msg:+.2f} s'}"
+                )
+                if not left or late or m.closes:
+                    failures.append((kind, m.user.id, left, late, m.closes))
+            else:
+                closes = [(round(at - acted, 2), code, reason) for at, code, reason in m.closes]
+                figures.setdefault(kind, []).append(
+                    f"{closes[0][1]} '{closes[0][2]}' +{closes[0][0]} s" if closes else "not closed"
+                )
+                want = 1008 if kind == "banned" else 4001
+                if not closes or closes[0][1] != want or closes[0][0] > CLOSE_WITHIN_S:
+                    failures.append((kind, m.user.id, closes))
+    report.notes = {kind: ", ".join(f) for kind, f in figures.items()}
+    report.notes["excluded"] = "the victims' receipts after their cut"
+    _record(report)
+    assert not failures, failures
+    assert_clean(report)
+    assert report.system == 2, report.line()  # the two member_left messages
