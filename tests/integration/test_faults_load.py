@@ -8,8 +8,8 @@ loop if pub/sub failed), in order, nothing newer than a join's ``last_seq``
 before its ``joined``, every send is answered and eventually acked.  Each report line is printed
 (``pytest -s``) and, with ``RELIABILITY_REPORT=<file>``, appended as JSON for
 docs/RELIABILITY.md.  Besides the faults proper: revocations while PUBLISH is
-refused and a rejoin storm, each under the same load and accounting, with
-checks and figures of their own.
+refused, a rejoin storm and edit/delete races, each under the same load and
+accounting, with checks and figures of their own.
 
 The instances run on a Postgres and a Valkey of this module alone, so pausing
 or killing them disturbs no other test.  ``long``: variants CI does not run.
@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import time
 import uuid
@@ -470,3 +471,127 @@ async def test_rejoin_storm_under_load(cluster: Cluster) -> None:
     assert not errors, errors
     assert sum(answered) == sum(sent) == SOCKETS * REJOIN_WAVES * REJOINS_PER_WAVE, (answered, sent)
     assert report.replayed_again > 0, report.line()  # the storm did overlap live traffic
+
+
+# -- edit/delete races ----------------------------------------------------------------------------
+
+
+async def test_edit_and_delete_races_under_load(cluster: Cluster) -> None:
+    """Two authors per room get a second socket (on the other instance); each author's two sockets then
+    race, at once, ``delete`` against ``edit`` of one of its messages and ``delete`` against ``delete`` of
+    another (80 messages).  Every raced message ends a tombstone (REST), the delete of a delete/edit pair
+    is never refused, exactly one of two deletes is refused ``conflict``, and every socket of the room gets
+    one ``message_deleted`` per message and no ``message_updated`` after it (one before it iff the edit
+    was applied)."""
+    twins: dict[int, tuple[Member, Member]] = {}  # author id -> (its load socket, its second socket)
+    races: list[dict[str, Any]] = []
+
+    async def setup(c: Cluster, load: ChatLoad) -> None:
+        for r in range(SOCKETS // ROOM_SIZE):
+            for k in (2, 3):
+                author = load.members[r * ROOM_SIZE + k]
+                twins[author.user.id] = (author, load.add(author.user, author.room, 1 - author.home, sending=False))
+
+    async def fault(c: Cluster, load: ChatLoad) -> None:
+        writes = []
+        for n, (author, twin) in enumerate(twins.values()):
+            assert len(author.message_ids) >= 2, "an author without two acked messages"
+            (cmid_e, mid_e), (cmid_d, mid_d) = list(author.message_ids.items())[-2:]
+            deleter, editor = (author, twin) if n % 2 == 0 else (twin, author)
+            race_e = {"room": author.room, "seq": author.acked[cmid_e], "message_id": mid_e, "kind": "delete/edit"}
+            race_e["ids"] = {"delete": f"d-{mid_e}", "edit": f"e-{mid_e}"}
+            race_e["by"] = {"delete": _where(deleter), "edit": _where(editor)}
+            race_d = {"room": author.room, "seq": author.acked[cmid_d], "message_id": mid_d, "kind": "delete/delete"}
+            race_d["ids"] = {"first": f"d1-{mid_d}", "second": f"d2-{mid_d}"}
+            races.extend((race_e, race_d))
+            writes += [
+                (deleter, {"type": "delete", "id": f"d-{mid_e}", "message_id": mid_e}),
+                (editor, {"type": "edit", "id": f"e-{mid_e}", "message_id": mid_e, "content": f"edited {cmid_e}"}),
+                (author, {"type": "delete", "id": f"d1-{mid_d}", "message_id": mid_d}),
+                (twin, {"type": "delete", "id": f"d2-{mid_d}", "message_id": mid_d}),
+            ]
+        random.shuffle(writes)
+        await asyncio.gather(*(m.write(frame) for m, frame in writes))
+        sockets = {id(m): m for m, _ in writes}.values()
+        for m in sockets:  # frames are handled in order: no error before the pong means the change was applied
+            await m.write({"type": "ping", "id": "after-races"})
+        assert await until(lambda: all("after-races" in m.pongs for m in sockets), 10), "changes not answered"
+        mine = {(race["room"], race["message_id"]) for race in races}
+
+        def told(m: Member) -> int:
+            return sum(1 for _, kind, mid in m.changes if kind == "message_deleted" and (m.room, mid) in mine)
+
+        per_room = {race["room"]: sum(1 for r in races if r["room"] == race["room"]) for race in races}
+        room_sockets = [m for m in load.members if m.room in per_room]
+        await until(lambda: all(told(m) >= per_room[m.room] for m in room_sockets), 10)
+        await asyncio.sleep(1)  # anything announced twice would come now
+        member_token = {m.room: m.user.token for m in load.members}
+        rows = await asyncio.gather(
+            *(
+                request(
+                    "GET",
+                    f"{c.servers[i % 2].http}{API}/rooms/{race['room']}/messages?after_seq={race['seq'] - 1}&limit=1",
+                    None,
+                    member_token[race["room"]],
+                )
+                for i, race in enumerate(races)
+            )
+        )
+        for race, row in zip(races, rows, strict=True):
+            assert row.status == 200, row.body
+            race["row"] = row.body["messages"][0]
+
+    report, load = await run_scenario(cluster, "edit/delete races", fault, setup=setup, record=False)
+    refused = {rid: code for m in load.members for rid, code in m.refused.items()}
+    failures: list[Any] = []
+    edits_applied = edits_refused = deletes_refused = 0
+    for race in races:
+        row = race["row"]
+        if row["message_id"] != race["message_id"] or row["deleted"] is not True or row["content"] != "":
+            failures.append(("not a tombstone", row))
+        ids = race["ids"]
+        outcome = {what: refused.get(rid) for what, rid in ids.items()}
+        if race["kind"] == "delete/edit":
+            race["edit_applied"] = outcome["edit"] is None
+            edits_applied += outcome["edit"] is None
+            edits_refused += outcome["edit"] == "conflict"
+            if outcome["delete"] is not None or outcome["edit"] not in (None, "conflict"):
+                failures.append(("delete/edit answers", race["message_id"], outcome))
+        elif [outcome["first"], outcome["second"]] in (["conflict", None], [None, "conflict"]):
+            deletes_refused += 1
+        else:
+            failures.append(("two deletes: not exactly one refused", race["message_id"], outcome))
+    updated_after: list[Any] = []  # (message, socket, deleted by, edited by): a deleted message shown edited again
+    for m in load.members:
+        for race in (r for r in races if r["room"] == m.room):
+            kinds = [kind for _, kind, mid in m.changes if mid == race["message_id"]]
+            want_updates = 1 if race.get("edit_applied") else 0
+            if "message_updated" in kinds[kinds.index("message_deleted") + 1 :] if "message_deleted" in kinds else []:
+                updated_after.append((race["message_id"], _where(m), race["by"]["delete"], race["by"]["edit"]))
+            elif kinds.count("message_deleted") > 1 or kinds.count("message_updated") > want_updates:
+                failures.append(("announced twice", m.user.id, race["message_id"], kinds))
+            elif not m.dropped and kinds != ["message_updated"] * want_updates + ["message_deleted"]:
+                failures.append(("not announced", m.user.id, race["message_id"], kinds))
+    pairs = len(races) // 2
+    report.notes = {
+        "raced": f"{pairs} delete/edit + {pairs} delete/delete",
+        "edits": f"{edits_applied} applied before the delete, {edits_refused} refused conflict",
+        "double deletes": f"{deletes_refused} with exactly one refused conflict",
+        "message_updated after message_deleted": f"{len(updated_after)} (socket, message) pairs",
+    }
+    _record(report)
+    print("updated after deleted (message, socket, deleted by, edited by):", sorted(updated_after))
+    assert not failures, failures[:10]
+    assert_clean(report)
+    if updated_after:
+        # Server defect (found by this test; docs/RELIABILITY.md §1): changes are fanned out by revision for
+        # completeness only (core/sequencing.py `Revisions`), so an edit committed just before a delete can
+        # reach a worker after the delete and be delivered after it; the frames carry no revision, so a client
+        # shows the deleted message edited. Everything else above holds; remove this once the fan-out drops
+        # a change older than one already delivered for the same message.
+        pytest.xfail(f"message_updated after message_deleted: {updated_after[:5]}")
+
+
+def _where(m: Member) -> str:
+    """``instance/worker pid`` of a member's socket (as located at the start)."""
+    return f"{m.instance}/{m.worker}"
