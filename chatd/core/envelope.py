@@ -105,10 +105,11 @@ class Frame:
 
 @dataclass(slots=True)
 class Change:
-    """``u``: an edit or delete, revision ``rev`` of the room."""
+    """``u``: an edit or delete, revision ``rev`` of the room, of message ``message_id``."""
 
     rev: int
     payload: bytes
+    message_id: int | None = None  # None: from a version that did not send it
 
 
 @dataclass(slots=True)
@@ -226,10 +227,12 @@ def _frame(op: str, h: dict[str, Any], payloads: list[bytes]) -> Body:
 
 
 def _change(op: str, h: dict[str, Any], payloads: list[bytes]) -> Body:
-    rev = h.get("r")
+    rev, message_id = h.get("r"), h.get("m")
     if not _is_int(rev) or rev < 1:
         raise BadEnvelope("header", "u: r is not a revision")
-    return Change(rev, _one(op, payloads))
+    if message_id is not None and not _is_int(message_id):
+        raise BadEnvelope("header", "u: m is not a message id")
+    return Change(rev, _one(op, payloads), message_id)
 
 
 def _presence(op: str, h: dict[str, Any], payloads: list[bytes]) -> Body:

@@ -233,6 +233,30 @@ class Revisions:
             known.popleft()
 
 
+class LatestChange:
+    """The newest change (room revision) delivered per message, so an older one arriving later is dropped.
+
+    Revisions make changes complete, not ordered: an edit committed just before a delete can reach a worker
+    after it, and would show the deleted message edited.  Remembers ``max_messages`` messages (the least
+    recently changed go first; an older change of one of those arriving that late is delivered).
+    """
+
+    def __init__(self, max_messages: int = 10_000) -> None:
+        self.max_messages = max_messages
+        self._rev: collections.OrderedDict[int, int] = collections.OrderedDict()
+
+    def newer(self, message_id: int, rev: int) -> bool:
+        """True (and remembered) unless a later change of this message was delivered already."""
+        last = self._rev.get(message_id)
+        if last is not None and rev <= last:
+            return False
+        self._rev[message_id] = rev
+        self._rev.move_to_end(message_id)
+        if len(self._rev) > self.max_messages:
+            self._rev.popitem(last=False)
+        return True
+
+
 class HoldLog(Generic[T]):
     """Live frames held while sockets join one room: one shared log, each joiner a start position in it.
 

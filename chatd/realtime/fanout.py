@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from chatd.core import envelope, errors, protocol
 from chatd.core.keys import Keys
 from chatd.core.presence_view import UNKNOWN, PresenceView
-from chatd.core.sequencing import HoldLog, Revisions, RoomSequencer
+from chatd.core.sequencing import HoldLog, LatestChange, Revisions, RoomSequencer
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
@@ -74,6 +74,7 @@ class RoomState:
     holds: HoldLog[Event] = field(default_factory=HoldLog)  # joining sockets: their live frames held here
     sequencer: RoomSequencer[Event] | None = None
     revisions: Revisions | None = None
+    latest: LatestChange = field(default_factory=LatestChange)  # per message: the newest change delivered
     presence: PresenceView | None = None  # members online anywhere, as this worker's sockets were told
     early: list[Event] = field(default_factory=list)  # arrived before the sequencer was set up (bounded)
     ready: asyncio.Future[None] | None = None
@@ -332,10 +333,10 @@ class Hub:
     async def publish_change(self, room_id: int, rev: int, frame: dict[str, Any]) -> None:
         """An edit or delete (revision ``rev`` of the room): repaired like messages when its publish is lost."""
         payload = protocol.encode_bytes(frame)
-        self.deliver_change(room_id, rev, payload)
-        self._publish(
-            [(self.keys.room_channel(room_id), envelope.encode(self.origin, {"o": "u", "r": rev}, [payload]))]
-        )
+        message_id = int(frame["message_id"])
+        self.deliver_change(room_id, rev, payload, message_id)
+        header = {"o": "u", "r": rev, "m": message_id}
+        self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
 
     async def publish_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int], rev: int) -> None:
         """An announcement, at the room's presence revision ``rev`` (its bump in Redis)."""
@@ -410,7 +411,7 @@ class Hub:
             elif type(body) is envelope.Frame:
                 self.deliver_frame(room_id, body.payload, body.exclude, body.stream)
             elif type(body) is envelope.Change:
-                self.deliver_change(room_id, body.rev, body.payload)
+                self.deliver_change(room_id, body.rev, body.payload, body.message_id)
             elif type(body) is envelope.Presence:
                 self.deliver_presence(room_id, body.online, body.offline, body.payload, body.rev)
         elif channel.startswith(self._user_prefix):
@@ -473,11 +474,17 @@ class Hub:
         if room is not None:
             self.release(room_id, room, [Event(protocol.ws_text_frame(payload), None, exclude, stream)])
 
-    def deliver_change(self, room_id: int, rev: int, payload: bytes) -> None:
+    def deliver_change(self, room_id: int, rev: int, payload: bytes, message_id: int | None) -> None:
         room = self.rooms.get(room_id)
         if room is None or room.revisions is None or not room.revisions.offer(rev, self.clock()):
             return
+        if message_id is not None and not room.latest.newer(message_id, rev):
+            return  # a later change of this message was delivered already (an edit behind its delete)
         self.release(room_id, room, [Event(protocol.ws_text_frame(payload))])
+
+    def release_changes(self, room_id: int, room: RoomState, changes: list[tuple[int, int, Event]]) -> None:
+        """Changes read back from Postgres ``(message id, rev, event)``, each unless a later one was delivered."""
+        self.release(room_id, room, [event for mid, rev, event in changes if room.latest.newer(mid, rev)])
 
     def deliver_presence(
         self, room_id: int, online: Sequence[int], offline: Sequence[int], payload: bytes, rev: int | None

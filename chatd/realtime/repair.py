@@ -136,17 +136,18 @@ class Repair:
         for i in range(0, len(items), _ROOMS_PER_QUERY):
             chunk = items[i : i + _ROOMS_PER_QUERY]
             rows = await messages_db.changes_after(self.db, [(r, after) for r, (after, _) in chunk], _CHANGES_PER_ROOM)
-            by_room: dict[int, list[tuple[int, Event]]] = {}
+            by_room: dict[int, list[tuple[int, tuple[int, int, Event]]]] = {}
             for row in rows:
                 frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.change_from_row(row)))
-                by_room.setdefault(row["room_id"], []).append((int(row["edit_rev"]), Event(frame)))
+                rev = int(row["edit_rev"])
+                by_room.setdefault(row["room_id"], []).append((rev, (int(row["id"]), rev, Event(frame))))
             now = self.clock()
             for room_id, (after, upto) in chunk:
                 room = self.hub.rooms.get(room_id)
                 if room is None or room.revisions is None:
                     continue
                 found = by_room.get(room_id, [])
-                events = room.revisions.fill(after, upto, found, len(found) < _CHANGES_PER_ROOM, now)
-                if events:
-                    metrics.gaps_filled.inc(len(events))
-                self.hub.release(room_id, room, events)
+                read = room.revisions.fill(after, upto, found, len(found) < _CHANGES_PER_ROOM, now)
+                if read:
+                    metrics.gaps_filled.inc(len(read))
+                self.hub.release_changes(room_id, room, read)

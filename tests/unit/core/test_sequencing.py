@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatd.core.sequencing import Gap, HoldLog, Revisions, RoomSequencer
+from chatd.core.sequencing import Gap, HoldLog, LatestChange, Revisions, RoomSequencer
 
 
 @pytest.mark.parametrize(
@@ -423,3 +423,27 @@ def test_revisions_remember_a_bounded_number_above_a_missing_one() -> None:
     assert again[0] == 1 and set(again) == set(range(1, 12)) - remembered  # each missing or forgotten one, once
     assert {10, 11} <= remembered
     assert revs.delivered == 11 and revs.missing(now=2.0) is None
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "delivered"),
+    [
+        ([(9, 5), (9, 6)], [(9, 5), (9, 6)]),  # in order
+        ([(9, 6), (9, 5)], [(9, 6)]),  # the edit (5) behind its delete (6): dropped
+        ([(9, 6), (9, 6)], [(9, 6)]),  # a copy
+        ([(9, 6), (8, 5)], [(9, 6), (8, 5)]),  # another message: its own order
+    ],
+)
+def test_latest_change_drops_a_change_older_than_one_delivered(
+    arrivals: list[tuple[int, int]], delivered: list[tuple[int, int]]
+) -> None:
+    latest = LatestChange()
+    assert [a for a in arrivals if latest.newer(*a)] == delivered
+
+
+def test_latest_change_is_bounded() -> None:
+    latest = LatestChange(max_messages=2)
+    for mid in (1, 2, 3):
+        assert latest.newer(mid, 10)
+    assert latest.newer(1, 5)  # forgotten: an old change of it is delivered (the bound's price)
+    assert not latest.newer(3, 5)
