@@ -92,7 +92,7 @@ def test_dockerfile_runtime_contract() -> None:
     users = [rest for word, rest in steps if word == "USER"]
     assert users and not users[-1].startswith(("root", "0"))
     (health,) = [rest for word, rest in steps if word == "HEALTHCHECK"]
-    assert "/health/live" in health and "/health/live" in (ROOT / "chatd" / "app.py").read_text()
+    assert "/health/live" in health and "/health/live" in (ROOT / "chatd" / "process" / "app.py").read_text()
     stop_timeout = int(re.search(r"--stop-timeout (\d+)", DOCKERFILE.read_text()).group(1))  # type: ignore[union-attr]
     assert stop_timeout > defaults.server.shutdown_grace_s
 
