@@ -10,10 +10,11 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import redis
 from redis.connection import parse_url
@@ -297,3 +298,19 @@ class Blackhole(_Proxy):
                     continue
                 writer.write(data)
                 await writer.drain()
+
+
+async def lock_waiters(probe: Any, at_least: int, query_like: str, timeout_s: float = 15) -> None:
+    """Until ``at_least`` sessions wait on a lock while running a statement LIKE ``query_like`` (``probe``: a
+    psycopg connection in autocommit, so each read sees pg_stat_activity afresh)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = probe.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE %s",
+            (query_like,),
+        ).fetchone()
+        if row is not None and int(row[0]) >= at_least:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{at_least} statements like {query_like!r} never queued behind the lock")

@@ -7,7 +7,6 @@ tombstone stays a tombstone, and each change is announced at most once.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -16,23 +15,11 @@ import pytest
 
 from tests.chat import API, connect, join, make_room, send
 from tests.conftest import Services
+from tests.faults import lock_waiters
 from tests.support import WS, Chatd, request
 from tests.users import make_users
 
 pytestmark = pytest.mark.slow
-
-
-async def _wait_for_lock_waiters(probe: psycopg.Connection[Any], n: int) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        row = probe.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND query LIKE '%edit_rev%'"
-        ).fetchone()
-        if row is not None and int(row[0]) >= n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{n} changes never queued behind the lock")
 
 
 async def _behind_a_lock(services: Services, room: int, changes: list[tuple[WS, dict[str, Any]]]) -> None:
@@ -44,7 +31,7 @@ async def _behind_a_lock(services: Services, room: int, changes: list[tuple[WS, 
         holder.execute("SELECT 1 FROM rooms WHERE id = %s FOR UPDATE", (room,))
         for n, (ws, frame) in enumerate(changes, 1):
             await ws.send(frame)
-            await _wait_for_lock_waiters(probe, n)
+            await lock_waiters(probe, n, "%edit_rev%")
         holder.rollback()
 
 

@@ -16,26 +16,13 @@ import pytest
 
 from tests.chat import connect, join, make_room, send
 from tests.conftest import Services
+from tests.faults import lock_waiters
 from tests.support import WS, Chatd
 from tests.users import make_users
 
 pytestmark = pytest.mark.slow
 
 TYPING = {"CHATD_WS_TYPING_INTERVAL_S": "0", "CHATD_WS_TYPING_RATE_PER_S": "100", "CHATD_WS_TYPING_BURST": "100"}
-
-
-async def _wait_for_lock_waiter(probe: psycopg.Connection[Any], like: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        row = probe.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND query LIKE %s",
-            (like,),
-        ).fetchone()
-        if row is not None and int(row[0]) >= 1:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the rejoin's read never waited for the lock")
 
 
 async def _frames(ws: WS, room: int, window_s: float) -> list[dict[str, Any]]:
@@ -67,7 +54,7 @@ async def test_a_rejoin_writes_nothing_before_joined_and_nothing_twice(chatd_fac
     ):
         holder.execute("LOCK TABLE room_members IN ACCESS EXCLUSIVE MODE")
         await a.send({"type": "join", "room_id": room, "since_seq": first["seq"], "id": "rj"})
-        await _wait_for_lock_waiter(probe, "%room_members%")
+        await lock_waiters(probe, 1, "%room_members%")
         for i in range(8):  # typing needs no Postgres: relayed live while the rejoin waits
             await b.send({"type": "typing", "room_id": room, "is_typing": i % 2 == 0})
             await asyncio.sleep(0.03)
