@@ -2,7 +2,7 @@
 
 (a) ``handler.write_message(text)`` per socket: Tornado frames the message for
     every socket (header, a Future per call).
-(b) the frame built ONCE (``chatd.core.protocol.ws_text_frame``) and the same bytes
+(b) the frame built ONCE (``chatd.core.wsframe.ws_text_frame``) and the same bytes
     written to every socket's ``ws_connection.stream`` with ``stream.write``:
     what chatd's fan-out does (``ChatSocket.write_frame``).
 
@@ -123,7 +123,7 @@ async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int
     import tornado.websocket
     from tornado.netutil import bind_sockets
 
-    from chatd.core import protocol
+    from chatd.core import server_frames, wsframe
 
     handlers: list[tornado.websocket.WebSocketHandler] = []
 
@@ -144,14 +144,24 @@ async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int
     server.add_sockets([listener])
     port = listener.getsockname()[1]
 
-    frame_obj = {"type": "message", "room_id": 7, "message_id": 9001, "seq": 121, "sender_id": 42, "role": "user",
-                 "kind": "text", "content": "", "client_msg_id": "c-0001",
-                 "created_at": "2025-06-01T12:00:01.482Z", "deleted": False}
-    base = len(protocol.encode_bytes(frame_obj))
+    frame_obj = {
+        "type": "message",
+        "room_id": 7,
+        "message_id": 9001,
+        "seq": 121,
+        "sender_id": 42,
+        "role": "user",
+        "kind": "text",
+        "content": "",
+        "client_msg_id": "c-0001",
+        "created_at": "2025-06-01T12:00:01.482Z",
+        "deleted": False,
+    }
+    base = len(server_frames.encode_bytes(frame_obj))
     frame_obj["content"] = "x" * max(0, payload_bytes - base)
-    text = protocol.encode(frame_obj)
+    text = server_frames.encode(frame_obj)
     payload = text.encode()
-    frame = protocol.ws_text_frame(payload)
+    frame = wsframe.ws_text_frame(payload)
 
     ctx = mp.get_context("spawn")
     out = []
@@ -184,7 +194,7 @@ async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int
 
         def method_b_plus_encode(streams: list[Any] = streams) -> float:  # (b) + encoding and framing once
             t0 = time.perf_counter()
-            fr = protocol.ws_text_frame(protocol.encode_bytes(frame_obj))
+            fr = wsframe.ws_text_frame(server_frames.encode_bytes(frame_obj))
             for st in streams:
                 st.write(fr)
             return time.perf_counter() - t0
@@ -244,13 +254,17 @@ def main() -> int:
     import tornado
 
     print(f"# Tornado fan-out: µs per delivered frame (tornado {tornado.version}, {a.rounds} rounds, median)\n")
-    print("| sockets | frame bytes | (a) write_message | (b) prebuilt stream.write | (b) + encode once | a / b | "
-          "all bytes delivered |")
+    print(
+        "| sockets | frame bytes | (a) write_message | (b) prebuilt stream.write | (b) + encode once | a / b | "
+        "all bytes delivered |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['conns']:,} | {r['frame_bytes']} | {r['us_per_frame_write_message']:.2f} | "
-              f"{r['us_per_frame_prebuilt_stream_write']:.2f} | {r['us_per_frame_prebuilt_incl_encode']:.2f} | "
-              f"{r['ratio_write_message_over_prebuilt']:.2f} | {'yes' if r['delivered_ok'] else 'NO'} |")
+        print(
+            f"| {r['conns']:,} | {r['frame_bytes']} | {r['us_per_frame_write_message']:.2f} | "
+            f"{r['us_per_frame_prebuilt_stream_write']:.2f} | {r['us_per_frame_prebuilt_incl_encode']:.2f} | "
+            f"{r['ratio_write_message_over_prebuilt']:.2f} | {'yes' if r['delivered_ok'] else 'NO'} |"
+        )
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["delivered_ok"] for r in rows) else 1

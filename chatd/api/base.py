@@ -9,7 +9,7 @@ from typing import Any
 
 from chatd.api.openapi import MAX_QUERY_CHARS, MAX_SAFE_INT, Param
 from chatd.api.web import BaseHandler
-from chatd.core import errors, protocol
+from chatd.core import errors, server_frames
 from chatd.process.config import Settings
 from chatd.process.state import ServerState
 from chatd.services import auth
@@ -122,6 +122,6 @@ class RoomAccess(ApiHandler):
 
 
 def message_json(row: dict[str, Any]) -> dict[str, Any]:
-    frame = protocol.message_from_row(row)
+    frame = server_frames.message_from_row(row)
     frame.pop("type", None)
     return frame

@@ -9,10 +9,10 @@ from typing import Any
 
 from chatd.api.base import LIMIT, WS, RoomAccess, message_json
 from chatd.api.openapi import BOOL, Param, obj, op, ref
-from chatd.core import protocol
+from chatd.core import client_frames, wsframe
 from chatd.storage import messages as messages_db
 
-# protocol.parse_client_frame's send: content not blank, no NUL, at most ws.max_message_chars (default; longer:
+# client_frames.parse_client_frame's send: content not blank, no NUL, at most ws.max_message_chars (default; longer:
 # 413 too_large); client_msg_id 1..64 printable ASCII characters without spaces.
 CONTENT = {
     "type": "string",
@@ -20,7 +20,7 @@ CONTENT = {
     "pattern": rf"^[^\x00]*[^{WS}\x00][^\x00]*$",
     "description": "at most ws.max_message_chars characters (default 4000), not blank, no NUL",
 }
-CLIENT_MSG_ID = {"type": "string", "pattern": f"^[!-~]{{1,{protocol.MAX_ID_CHARS}}}$"}
+CLIENT_MSG_ID = {"type": "string", "pattern": f"^[!-~]{{1,{client_frames.MAX_ID_CHARS}}}$"}
 _SEND = obj({"content": CONTENT, "client_msg_id": CLIENT_MSG_ID}, extra=True)
 
 
@@ -54,7 +54,7 @@ class MessagesHandler(RoomAccess):
         body = self.json_body()
         content, client_msg_id = body.get("content"), body.get("client_msg_id")
         try:
-            frame = protocol.parse_client_frame(
+            frame = client_frames.parse_client_frame(
                 {
                     "type": "send",
                     "room_id": self.path_id(room_id, "room"),
@@ -63,9 +63,9 @@ class MessagesHandler(RoomAccess):
                 },
                 max_message_chars=self.config.ws.max_message_chars,
             )
-        except protocol.FrameError as exc:
+        except client_frames.FrameError as exc:
             raise exc.error from None
-        assert isinstance(frame, protocol.Send)
+        assert isinstance(frame, client_frames.Send)
         result = await self.rooms.send(principal.user_id, frame.room_id, frame.content, frame.client_msg_id)
         body = message_json(result.row) | {"duplicate": result.duplicate}
         if result.queued_position is not None:
@@ -108,7 +108,7 @@ class StreamingSendHandler(RoomAccess):
         room = await self.rooms.member_room(self.path_id(room_id, "room"), principal.user_id)
         body = self.json_body()
         try:
-            frame = protocol.parse_client_frame(
+            frame = client_frames.parse_client_frame(
                 {
                     "type": "send",
                     "room_id": room["id"],
@@ -117,9 +117,9 @@ class StreamingSendHandler(RoomAccess):
                 },
                 max_message_chars=self.config.ws.max_message_chars,
             )
-        except protocol.FrameError as exc:
+        except client_frames.FrameError as exc:
             raise exc.error from None
-        assert isinstance(frame, protocol.Send)
+        assert isinstance(frame, client_frames.Send)
         listener = self._listener = SseListener(self, principal.user_id, self.config.ws.max_held_frames)
         hub = self.rooms.hub
         await hub.join_room(listener, room["id"])  # listening before the message exists: nothing missed
@@ -205,7 +205,7 @@ class SseListener:
             self._forward(frame_json)
 
     def write_frame(self, frame: bytes) -> None:
-        for payload in protocol.ws_frame_payloads(frame):
+        for payload in wsframe.ws_frame_payloads(frame):
             frame_json = json.loads(payload)
             if self.prompt_id is None:
                 if len(self._early) < self.max_early:  # a fast answer can start before send() returns

@@ -6,12 +6,12 @@ from typing import Any
 
 from chatd.api.base import LIMIT, MAX_PAGE, NOT_BLANK, ApiHandler, RoomAccess, body_id
 from chatd.api.openapi import BOOL, ID, Param, nullable, obj, op, page, ref
-from chatd.core import errors, protocol
+from chatd.core import errors, server_frames
 from chatd.services.rooms import ASSISTANT_MODES, ROOM_KINDS
 from chatd.storage import rooms as rooms_db
 from chatd.storage.db import iso
 
-room_json = protocol.room_object
+room_json = server_frames.room_object
 
 
 def parse_assistant(value: Any, defaults: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from chatd.api.web import origin_allowed
-from chatd.core import errors, protocol
+from chatd.core import client_frames, errors, server_frames, wsframe
 from chatd.core.errors import CloseCode
 from chatd.process import metrics
 from chatd.process.config import Settings, WebSocketSettings
@@ -79,7 +79,7 @@ class ChatSocket(StrictHandlerMixin):
         self._kicked_while_joining = False
         self._timers: list[asyncio.TimerHandle] = []
         self._typing_timers: dict[int, asyncio.TimerHandle] = {}
-        self._decoder = protocol.FrameDecoder(
+        self._decoder = client_frames.FrameDecoder(
             max_frame_bytes=settings.ws.max_frame_bytes,
             max_message_chars=settings.ws.max_message_chars,
         )
@@ -186,7 +186,7 @@ class ChatSocket(StrictHandlerMixin):
             self.force_close(*ended)
             return
         self.send_frame(
-            protocol.hello(
+            server_frames.hello(
                 user_id=self.user_id,
                 connection_id=self.connection_id,
                 server_time_ms=int(time.time() * 1000),
@@ -207,7 +207,7 @@ class ChatSocket(StrictHandlerMixin):
 
         def warn() -> None:
             left_ms = min(int((exp - time.time()) * 1000), warning_ms)
-            self.send_frame(protocol.token_expiring(expires_in_ms=max(0, left_ms)))
+            self.send_frame(server_frames.token_expiring(expires_in_ms=max(0, left_ms)))
 
         def expire() -> None:
             left_s = exp - time.time()
@@ -226,7 +226,7 @@ class ChatSocket(StrictHandlerMixin):
     # -- writing --------------------------------------------------------------------
 
     def send_frame(self, frame: dict[str, Any]) -> None:
-        self.write_frame(protocol.ws_text_frame(protocol.encode_bytes(frame)))
+        self.write_frame(wsframe.ws_text_frame(server_frames.encode_bytes(frame)))
 
     def write_frame(self, frame: bytes) -> None:
         """Write prebuilt frame bytes (fan-out builds them once for every socket).
@@ -263,7 +263,7 @@ class ChatSocket(StrictHandlerMixin):
 
     def _write_framed(self, frame: bytes) -> None:
         # permessage-deflate frames per socket: take the payloads back out of our own frames.
-        for payload in protocol.ws_frame_payloads(frame):
+        for payload in wsframe.ws_frame_payloads(frame):
             self.write_message(payload.decode())
 
     def _overflow(self) -> None:
@@ -296,7 +296,7 @@ class ChatSocket(StrictHandlerMixin):
             # message read from pub/sub in the same loop iteration as the kick (a member_left notice right
             # behind it) would otherwise still reach this socket after its `left`.
             self.hub.detach(self, room_id)
-            self.send_frame(protocol.left(room_id=room_id, reply_to=None))
+            self.send_frame(server_frames.left(room_id=room_id, reply_to=None))
             self.state.tasks.spawn(self.rooms.leave(self, room_id, detached=True), "ws-kick")
 
     def force_close(self, code: int, reason: str) -> None:
@@ -325,7 +325,7 @@ class ChatSocket(StrictHandlerMixin):
             frame = self._decoder.decode(message)
         except errors.ProtocolViolation as exc:
             metrics.hot.frames_received["invalid"] += 1
-            self.send_frame(protocol.error(exc, reply_to=None))
+            self.send_frame(server_frames.error(exc, reply_to=None))
             app_log.warning(
                 "ws_protocol_error",
                 extra=fields(
@@ -337,32 +337,32 @@ class ChatSocket(StrictHandlerMixin):
             )
             self.force_close(int(exc.close_code), exc.message[:100])
             return
-        except protocol.FrameError as exc:
+        except client_frames.FrameError as exc:
             metrics.hot.frames_received["invalid"] += 1
-            self.send_frame(protocol.error(exc.error, reply_to=exc.request_id))
+            self.send_frame(server_frames.error(exc.error, reply_to=exc.request_id))
             self._violated("invalid frames")
             return
         # Sends have their own quota per user (Rooms.submit) and the commit queue's backpressure.
-        decision = _ALLOWED if isinstance(frame, protocol.Send) else self._limiter.hit(frame.TYPE)
+        decision = _ALLOWED if isinstance(frame, client_frames.Send) else self._limiter.hit(frame.TYPE)
         if not decision.allowed:
             metrics.hot.frames_received["limited"] += 1
             err = errors.RateLimited(f"too many {frame.TYPE} frames", retry_after_ms=decision.retry_after_ms)
-            self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            self.send_frame(server_frames.error(err, reply_to=frame.request_id))
             self._violated(f"{frame.TYPE} flood")
             return
         metrics.hot.frames_received[frame.TYPE] += 1
         try:
-            if isinstance(frame, protocol.Send):
+            if isinstance(frame, client_frames.Send):
                 await self._send(frame)
             else:
                 await self._dispatch(frame)
         except errors.ChatdError as err:
-            self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            self.send_frame(server_frames.error(err, reply_to=frame.request_id))
             if isinstance(err, errors.RateLimited):
                 self._violated(f"{frame.TYPE} over its rate")
         except Exception as exc:
             app_log.error("frame_failed", exc_info=exc, extra=fields(type=type(frame).__name__))
-            self.send_frame(protocol.error(errors.Internal(), reply_to=frame.request_id))
+            self.send_frame(server_frames.error(errors.Internal(), reply_to=frame.request_id))
 
     def _violated(self, reason: str) -> None:
         """A refused frame; a socket that keeps sending them is closed with 1008."""
@@ -373,13 +373,13 @@ class ChatSocket(StrictHandlerMixin):
             )
             self.force_close(int(CloseCode.POLICY_VIOLATION), f"too many refused frames ({reason})")
 
-    async def _send(self, frame: protocol.Send) -> None:
+    async def _send(self, frame: client_frames.Send) -> None:
         # Pipelined: queued in frame order now, acked when its batch commits, while the next frames
         # are read (one socket is not limited to one commit round trip per send).
         try:
             durable = self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
         except errors.Busy as err:
-            self.send_frame(protocol.error(err, reply_to=frame.request_id))
+            self.send_frame(server_frames.error(err, reply_to=frame.request_id))
             # Backpressure: this socket is not read until the queue has room (or the retry time passed).
             await self.writer.wait_capacity((err.retry_after_ms or 1000) / 1000)
             return
@@ -389,10 +389,10 @@ class ChatSocket(StrictHandlerMixin):
             self._room_for_sends.clear()
             await self._room_for_sends.wait()  # set again by an answer, or when the socket closes
 
-    async def _dispatch(self, frame: protocol.ClientFrame) -> None:
+    async def _dispatch(self, frame: client_frames.ClientFrame) -> None:
         rid = frame.request_id
         match frame:
-            case protocol.Join():
+            case client_frames.Join():
                 rejoin = frame.room_id in self.joined_rooms
                 self._joining = frame.room_id
                 self._kicked_while_joining = False
@@ -416,13 +416,13 @@ class ChatSocket(StrictHandlerMixin):
                 if joined.resync is not None:
                     self.send_frame(joined.resync)
                 self.hub.finish_join(self, frame.room_id, joined.history, joined.baseline_seq, joined.catch_up)
-            case protocol.Leave():
+            case client_frames.Leave():
                 if frame.room_id not in self.joined_rooms:
                     raise errors.NotFound("not joined to this room")
                 self.joined_rooms.discard(frame.room_id)
                 await self.rooms.leave(self, frame.room_id)
-                self.send_frame(protocol.left(room_id=frame.room_id, reply_to=rid))
-            case protocol.Typing():
+                self.send_frame(server_frames.left(room_id=frame.room_id, reply_to=rid))
+            case client_frames.Typing():
                 if self._typing.should_relay(frame.room_id, frame.is_typing):
                     try:
                         await self.rooms.typing(self, frame.room_id, frame.is_typing)
@@ -431,31 +431,31 @@ class ChatSocket(StrictHandlerMixin):
                         raise
                 if frame.is_typing or frame.room_id in self._typing_timers:
                     self._typing_expiry(frame.room_id, frame.is_typing)
-            case protocol.Read():
+            case client_frames.Read():
                 await self.rooms.read(self, frame.room_id, frame.seq)
-            case protocol.Edit():
+            case client_frames.Edit():
                 assert self.principal is not None
                 await self.rooms.edit(self.user_id, self.principal.is_admin, frame.message_id, frame.content)
-            case protocol.Delete():
+            case client_frames.Delete():
                 assert self.principal is not None
                 await self.rooms.delete(self.user_id, self.principal.is_admin, frame.message_id)
-            case protocol.Ping():
-                self.send_frame(protocol.pong(server_time_ms=int(time.time() * 1000), reply_to=rid))
-            case protocol.Auth():
+            case client_frames.Ping():
+                self.send_frame(server_frames.pong(server_time_ms=int(time.time() * 1000), reply_to=rid))
+            case client_frames.Auth():
                 principal = await self.accounts.authenticate(frame.token, exp_leeway=False)
                 if principal.user_id != self.user_id:
                     raise errors.Forbidden("token belongs to another user")
                 self.principal, self.family = principal, principal.claims.family
                 self._schedule_expiry(principal.claims.exp)
-                self.send_frame(protocol.authenticated(expires_at_ms=principal.claims.exp * 1000, reply_to=rid))
-            case protocol.Cancel() | protocol.Regenerate():
+                self.send_frame(server_frames.authenticated(expires_at_ms=principal.claims.exp * 1000, reply_to=rid))
+            case client_frames.Cancel() | client_frames.Regenerate():
                 assistant = self.rooms.assistant
                 if assistant is None:
                     raise errors.NotFound("no such generation")
                 assert self.principal is not None
                 await assistant.control(self.user_id, self.principal.is_admin, frame)
 
-    def _on_durable(self, frame: protocol.Send, fut: asyncio.Future[Committed]) -> None:
+    def _on_durable(self, frame: client_frames.Send, fut: asyncio.Future[Committed]) -> None:
         self._pending -= 1
         if self._pending < self.config.ws.max_pending_sends:
             self._room_for_sends.set()
@@ -463,21 +463,21 @@ class ChatSocket(StrictHandlerMixin):
         exc = fut.exception()
         if exc is not None:
             err = exc if isinstance(exc, errors.ChatdError) else errors.Internal()
-            self.send_frame(protocol.error(err, reply_to=rid))
+            self.send_frame(server_frames.error(err, reply_to=rid))
             return
         committed = fut.result()
         if committed.error is not None:
-            self.send_frame(protocol.error(committed.error, reply_to=rid))
+            self.send_frame(server_frames.error(committed.error, reply_to=rid))
             return
         row = committed.row
         assert row is not None
         self.send_frame(
-            protocol.ack(
+            server_frames.ack(
                 room_id=row["room_id"],
                 client_msg_id=frame.client_msg_id,
                 message_id=row["id"],
                 seq=row["seq"],
-                created_at=protocol.iso(row["created_at"]) or "",
+                created_at=server_frames.iso(row["created_at"]) or "",
                 reply_to=rid,
                 duplicate=committed.duplicate,
             )
@@ -485,10 +485,10 @@ class ChatSocket(StrictHandlerMixin):
         if self.rooms.wants_answer(committed):  # checked here: no task per send in plain rooms
             self.state.tasks.spawn(self._queue_answer(frame, committed), "ws-assistant-enqueue")
 
-    async def _queue_answer(self, frame: protocol.Send, committed: Committed) -> None:
+    async def _queue_answer(self, frame: client_frames.Send, committed: Committed) -> None:
         result = await self.rooms.after_commit(self.user_id, frame.room_id, committed)
         if result.assistant_error is not None:  # stored and acked; no answer will come
-            self.send_frame(protocol.error(result.assistant_error, reply_to=frame.request_id))
+            self.send_frame(server_frames.error(result.assistant_error, reply_to=frame.request_id))
 
     def _typing_expiry(self, room_id: int, is_typing: bool) -> None:
         timer = self._typing_timers.pop(room_id, None)
@@ -500,7 +500,7 @@ class ChatSocket(StrictHandlerMixin):
             def expire() -> None:
                 self._typing_timers.pop(room_id, None)
                 self._typing.expired(room_id)
-                frame = protocol.typing(room_id=room_id, user_id=self.user_id, is_typing=False)
+                frame = server_frames.typing(room_id=room_id, user_id=self.user_id, is_typing=False)
                 self.state.tasks.spawn(
                     self.hub.publish_room(room_id, frame, exclude=self.connection_id), "typing-expiry"
                 )

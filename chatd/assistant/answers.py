@@ -40,7 +40,7 @@ from typing import Any
 
 from chatd.assistant.context import Coalescer, build_context, recent_window
 from chatd.assistant.providers import Finished, GenerationRequest, Provider, ProviderError, TextDelta
-from chatd.core import errors, protocol
+from chatd.core import client_frames, errors, server_frames
 from chatd.process import metrics
 from chatd.process.config import Settings
 from chatd.process.logs import assistant_log, fields
@@ -228,7 +228,10 @@ class Assistant:
                     prompt_id = int(job.data["prompt_id"])
                     self.waiting[job.id] = (room_id, prompt_id, job.user_id, position)
                     frames.append(
-                        (room_id, protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=position))
+                        (
+                            room_id,
+                            server_frames.queued(room_id=room_id, reply_to_message_id=prompt_id, position=position),
+                        )
                     )
                 if not done.done():
                     done.set_result((depth, position))
@@ -262,7 +265,7 @@ class Assistant:
                         break  # next sweep
                     except errors.QuotaExceeded as err:
                         await answers_db.settle_answer(self.db, prompt_id)
-                        await self.hub.publish_user(user_id, protocol.error(err, reply_to=None))
+                        await self.hub.publish_user(user_id, server_frames.error(err, reply_to=None))
                         continue
                     assistant_log.info("answer_requeued", extra=fields(prompt_id=prompt_id, room_id=room_id))
             except errors.Unavailable:
@@ -270,8 +273,10 @@ class Assistant:
 
     # -- control (cancel / regenerate) -----------------------------------------------
 
-    async def control(self, user_id: int, is_admin: bool, frame: protocol.Cancel | protocol.Regenerate) -> None:
-        if isinstance(frame, protocol.Regenerate):
+    async def control(
+        self, user_id: int, is_admin: bool, frame: client_frames.Cancel | client_frames.Regenerate
+    ) -> None:
+        if isinstance(frame, client_frames.Regenerate):
             await self.regenerate(user_id, frame.message_id)
         else:
             await self.cancel(user_id, is_admin, frame.message_id)
@@ -302,7 +307,7 @@ class Assistant:
                     if removed:
                         await self.settle(message_id)
                     # Every member's "waiting" indicator goes: no stream_start will come.
-                    frame = protocol.cancelled(room_id=prompt["room_id"], reply_to_message_id=message_id)
+                    frame = server_frames.cancelled(room_id=prompt["room_id"], reply_to_message_id=message_id)
                     await self.hub.publish_room(prompt["room_id"], frame)
                     return
         raise errors.NotFound("no such generation")
@@ -399,7 +404,7 @@ class Assistant:
                 self.waiting.pop(job_id, None)  # claimed (here or elsewhere) or cancelled
             elif pos != last:
                 self.waiting[job_id] = (room_id, prompt_id, user_id, pos)
-                frame = protocol.queued(room_id=room_id, reply_to_message_id=prompt_id, position=pos)
+                frame = server_frames.queued(room_id=room_id, reply_to_message_id=prompt_id, position=pos)
                 await self.hub.publish_room(room_id, frame)
 
     async def _run_job(
@@ -434,7 +439,7 @@ class Assistant:
         if run.flush_timer is not None:
             run.flush_timer.cancel()
             run.flush_timer = None
-        end = protocol.stream_end(
+        end = server_frames.stream_end(
             room_id=run.room_id,
             message_id=run.message_id,
             seq=0,
@@ -576,7 +581,7 @@ class Assistant:
             "owner": owner_id,
             "index": -1,
         }
-        start = protocol.stream_start(
+        start = server_frames.stream_start(
             room_id=run.room_id,
             message_id=run.message_id,
             reply_to_message_id=run.prompt_id,
@@ -607,7 +612,7 @@ class Assistant:
             )
             if run.requester_id is not None:
                 err = errors.LLMUnavailable("the assistant could not answer this time; try again later")
-                await self.hub.publish_user(run.requester_id, protocol.error(err, reply_to=None))
+                await self.hub.publish_user(run.requester_id, server_frames.error(err, reply_to=None))
         finally:
             cancel_wait.cancel()
             if not generation.done():  # cancelled from outside (shutdown): the provider call stops too
@@ -653,7 +658,7 @@ class Assistant:
             self._emit(run, chunk, run.coalescer.index - 1)
 
     def _emit(self, run: Run, content: str, index: int) -> None:
-        frame = protocol.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
+        frame = server_frames.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
         self._stream_frame(run, frame, index, append=(run.message_id, content, index))
 
     def _stream_frame(
@@ -666,7 +671,7 @@ class Assistant:
     ) -> None:
         """Local sockets get the frame now; its Redis side (other workers, catch-up state) goes with the
         next batch, in order."""
-        payload = protocol.encode_bytes(frame)
+        payload = server_frames.encode_bytes(frame)
         stream = (run.message_id, index)
         self.hub.deliver_frame(run.room_id, payload, None, stream)
         if begin is not None:
@@ -727,8 +732,10 @@ class Assistant:
         seq = 0
         if row is not None:
             seq = int(row["seq"])
-            self.hub.publish_messages([(run.room_id, seq, protocol.encode_bytes(protocol.message_from_row(row)))])
-        end = protocol.stream_end(
+            self.hub.publish_messages(
+                [(run.room_id, seq, server_frames.encode_bytes(server_frames.message_from_row(row)))]
+            )
+        end = server_frames.stream_end(
             room_id=run.room_id,
             message_id=run.message_id,
             seq=seq,
@@ -783,7 +790,7 @@ class Assistant:
         attempt.pending = answer
         row = await _persist_answer(self.db, answer)
         if row is not None:
-            frame = protocol.encode_bytes(protocol.message_from_row(row))
+            frame = server_frames.encode_bytes(server_frames.message_from_row(row))
             self.hub.publish_messages([(int(row["room_id"]), int(row["seq"]), frame)])
         assistant_log.info("generation_persisted_late", extra=fields(message_id=answer["message_id"]))
         with contextlib.suppress(errors.Unavailable):
@@ -796,7 +803,7 @@ class Assistant:
     async def _end_orphan(self, room_id: int, message_id: int) -> None:
         """The worker we took this job from died mid-stream: end its stream for the clients."""
         assistant_log.warning("generation_taken_over", extra=fields(room_id=room_id, orphan_message_id=message_id))
-        end = protocol.stream_end(
+        end = server_frames.stream_end(
             room_id=room_id,
             message_id=message_id,
             seq=0,
@@ -821,7 +828,7 @@ class Assistant:
         for mid, st, text in streams:
             index = int(st[b"index"])
             frames = [
-                protocol.stream_start(
+                server_frames.stream_start(
                     room_id=room_id,
                     message_id=mid,
                     reply_to_message_id=int(st[b"reply_to"]),
@@ -830,7 +837,7 @@ class Assistant:
             ]
             if index >= 0:
                 frames.append(
-                    protocol.stream_chunk(room_id=room_id, message_id=mid, index=index, content=text.decode())
+                    server_frames.stream_chunk(room_id=room_id, message_id=mid, index=index, content=text.decode())
                 )
             out.append((mid, index, frames))
         return out
@@ -847,11 +854,13 @@ class Assistant:
             return None
         model = stored.get("g_model") or ""
         frames = [
-            protocol.stream_start(room_id=room_id, message_id=stored["id"], reply_to_message_id=prompt_id, model=model)
+            server_frames.stream_start(
+                room_id=room_id, message_id=stored["id"], reply_to_message_id=prompt_id, model=model
+            )
         ]
         if stored["content"]:
             frames.append(
-                protocol.stream_chunk(room_id=room_id, message_id=stored["id"], index=0, content=stored["content"])
+                server_frames.stream_chunk(room_id=room_id, message_id=stored["id"], index=0, content=stored["content"])
             )
-        frames.append(protocol.stream_end_from_row(stored))
+        frames.append(server_frames.stream_end_from_row(stored))
         return frames, 0

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from chatd.core import envelope, errors, protocol
+from chatd.core import envelope, errors, server_frames, wsframe
 from chatd.core.keys import Keys
 from chatd.core.presence_view import UNKNOWN, PresenceView
 from chatd.core.sequencing import HoldLog, LatestChange, Revisions, RoomSequencer
@@ -193,7 +193,7 @@ class Hub:
         if overflowed:
             metrics.resyncs.labels("held_overflow").inc()
             last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
-            resync = protocol.resync_required(room_id=room_id, last_seq=last, epoch=room.epoch, reply_to=None)
+            resync = server_frames.resync_required(room_id=room_id, last_seq=last, epoch=room.epoch, reply_to=None)
             conn.write_frame(_framed(resync))
 
     def detach(self, conn: Conn, room_id: int) -> None:
@@ -305,7 +305,7 @@ class Hub:
         stream: tuple[int, int] | None = None,
     ) -> None:
         """A frame without a seq (typing, stream chunks, queued...): best effort, not repaired."""
-        payload = protocol.encode_bytes(frame)
+        payload = server_frames.encode_bytes(frame)
         self.deliver_frame(room_id, payload, exclude, stream)
         self._publish([self.room_frame_envelope(room_id, payload, exclude, stream)])
 
@@ -313,7 +313,7 @@ class Hub:
         """Many seq-less room frames ``(room_id, frame)``: local sockets, then one pipeline of PUBLISHes."""
         envelopes = []
         for room_id, frame in items:
-            payload = protocol.encode_bytes(frame)
+            payload = server_frames.encode_bytes(frame)
             self.deliver_frame(room_id, payload, None, None)
             envelopes.append(self.room_frame_envelope(room_id, payload))
         self._publish(envelopes)
@@ -332,7 +332,7 @@ class Hub:
 
     async def publish_change(self, room_id: int, rev: int, frame: dict[str, Any]) -> None:
         """An edit or delete (revision ``rev`` of the room): repaired like messages when its publish is lost."""
-        payload = protocol.encode_bytes(frame)
+        payload = server_frames.encode_bytes(frame)
         message_id = int(frame["message_id"])
         self.deliver_change(room_id, rev, payload, message_id)
         header = {"o": "u", "r": rev, "m": message_id}
@@ -340,13 +340,13 @@ class Hub:
 
     async def publish_presence(self, room_id: int, online: Sequence[int], offline: Sequence[int], rev: int) -> None:
         """An announcement, at the room's presence revision ``rev`` (its bump in Redis)."""
-        payload = protocol.encode_bytes(protocol.presence(room_id=room_id, online=online, offline=offline))
+        payload = server_frames.encode_bytes(server_frames.presence(room_id=room_id, online=online, offline=offline))
         self.deliver_presence(room_id, online, offline, payload, rev)
         header = {"o": "p", "on": list(online), "off": list(offline), "r": rev}
         self._publish([(self.keys.room_channel(room_id), envelope.encode(self.origin, header, [payload]))])
 
     async def publish_user(self, user_id: int, frame: dict[str, Any], exclude: str | None = None) -> None:
-        payload = protocol.encode_bytes(frame)
+        payload = server_frames.encode_bytes(frame)
         self.deliver_user(user_id, payload, exclude)
         header: dict[str, Any] = {"o": "f"} if exclude is None else {"o": "f", "x": exclude}
         self._publish([(self.keys.user_channel(user_id), envelope.encode(self.origin, header, [payload]))])
@@ -355,7 +355,7 @@ class Hub:
         """One frame to every device of each user (room events): local sockets, then one pipelined publish."""
         if not user_ids:
             return
-        payload = protocol.encode_bytes(frame)
+        payload = server_frames.encode_bytes(frame)
         for user_id in user_ids:
             self.deliver_user(user_id, payload, None)
         env = envelope.encode(self.origin, {"o": "f"}, [payload])
@@ -462,7 +462,7 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        event = Event(protocol.ws_text_frame(payload), seq)
+        event = Event(wsframe.ws_text_frame(payload), seq)
         if room.sequencer is None:
             if len(room.early) < self.settings.max_held_frames:  # beyond: read back once the room is set up
                 room.early.append(event)
@@ -472,7 +472,7 @@ class Hub:
     def deliver_frame(self, room_id: int, payload: bytes, exclude: str | None, stream: tuple[int, int] | None) -> None:
         room = self.rooms.get(room_id)
         if room is not None:
-            self.release(room_id, room, [Event(protocol.ws_text_frame(payload), None, exclude, stream)])
+            self.release(room_id, room, [Event(wsframe.ws_text_frame(payload), None, exclude, stream)])
 
     def deliver_change(self, room_id: int, rev: int, payload: bytes, message_id: int | None) -> None:
         room = self.rooms.get(room_id)
@@ -480,7 +480,7 @@ class Hub:
             return
         if message_id is not None and not room.latest.newer(message_id, rev):
             return  # a later change of this message was delivered already (an edit behind its delete)
-        self.release(room_id, room, [Event(protocol.ws_text_frame(payload))])
+        self.release(room_id, room, [Event(wsframe.ws_text_frame(payload))])
 
     def release_changes(self, room_id: int, room: RoomState, changes: list[tuple[int, int, Event]]) -> None:
         """Changes read back from Postgres ``(message id, rev, event)``, each unless a later one was delivered."""
@@ -495,7 +495,7 @@ class Hub:
         if not room.presence.offer(rev, online, offline):
             return  # the view has it already
         # Not held for joining sockets: their `joined` frame carries the view as it is then.
-        frame = protocol.ws_text_frame(payload)
+        frame = wsframe.ws_text_frame(payload)
         for conn in list(room.live):
             conn.write_frame(frame)
         metrics.hot.frames_delivered += len(room.live)
@@ -513,7 +513,7 @@ class Hub:
         diff = room.presence.heal(rev, online, asked_at)
         if diff is None or not (diff[0] or diff[1]):
             return False
-        frame = _framed(protocol.presence(room_id=room_id, online=diff[0], offline=diff[1]))
+        frame = _framed(server_frames.presence(room_id=room_id, online=diff[0], offline=diff[1]))
         for conn in list(room.live):
             conn.write_frame(frame)
         metrics.hot.frames_delivered += len(room.live)
@@ -552,7 +552,7 @@ class Hub:
         conns = self.users.get(user_id)
         if not conns:
             return
-        frame = protocol.ws_text_frame(payload)
+        frame = wsframe.ws_text_frame(payload)
         for conn in list(conns):
             if conn.connection_id != exclude:
                 conn.write_frame(frame)
@@ -562,7 +562,9 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        frame = _framed(protocol.resync_required(room_id=room_id, last_seq=last_seq, epoch=room.epoch, reply_to=None))
+        frame = _framed(
+            server_frames.resync_required(room_id=room_id, last_seq=last_seq, epoch=room.epoch, reply_to=None)
+        )
         metrics.resyncs.labels("seq_lost").inc(len(room.live))
         for conn in list(room.live):
             conn.write_frame(frame)
@@ -591,4 +593,4 @@ def mark_stream(marks: dict[int, int], message_id: int, index: int) -> None:
 
 
 def _framed(frame: dict[str, Any]) -> bytes:
-    return protocol.ws_text_frame(protocol.encode_bytes(frame))
+    return wsframe.ws_text_frame(server_frames.encode_bytes(frame))

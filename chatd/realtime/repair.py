@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from chatd.core import errors, protocol
+from chatd.core import errors, server_frames, wsframe
 from chatd.core.sequencing import Gap
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
@@ -106,11 +106,11 @@ class Repair:
             rows = await messages_db.messages_in_ranges(self.db, [(r, g.first, g.last) for r, g in chunk])
             by_room: dict[int, list[tuple[int, Event]]] = {}
             for row in rows:
-                frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(row)))
+                frame = wsframe.ws_text_frame(server_frames.encode_bytes(server_frames.message_from_row(row)))
                 if row["role"] == "assistant" and row["reply_to_id"] is not None:
                     # Its stream_end was probably lost with it: the frame carries both (clients ignore a
                     # second stream_end of the same answer).
-                    frame += protocol.ws_text_frame(protocol.encode_bytes(protocol.stream_end_from_row(row)))
+                    frame += wsframe.ws_text_frame(server_frames.encode_bytes(server_frames.stream_end_from_row(row)))
                 by_room.setdefault(row["room_id"], []).append((int(row["seq"]), Event(frame, int(row["seq"]))))
             now = self.clock()
             for room_id, gap in chunk:
@@ -138,7 +138,7 @@ class Repair:
             rows = await messages_db.changes_after(self.db, [(r, after) for r, (after, _) in chunk], _CHANGES_PER_ROOM)
             by_room: dict[int, list[tuple[int, tuple[int, int, Event]]]] = {}
             for row in rows:
-                frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.change_from_row(row)))
+                frame = wsframe.ws_text_frame(server_frames.encode_bytes(server_frames.change_from_row(row)))
                 rev = int(row["edit_rev"])
                 by_room.setdefault(row["room_id"], []).append((rev, (int(row["id"]), rev, Event(frame))))
             now = self.clock()

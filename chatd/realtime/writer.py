@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from chatd.core import errors, protocol
+from chatd.core import errors, server_frames
 from chatd.process import metrics
 from chatd.process.config import Settings
 from chatd.process.logs import app_log, fields
@@ -266,7 +266,9 @@ class MessageWriter:
                 q.future.set_result(result)
             row = result.row
             if row is not None and not result.duplicate and result.error is None:
-                fresh.append((row["room_id"], row["seq"], protocol.encode_bytes(protocol.message_from_row(row))))
+                fresh.append(
+                    (row["room_id"], row["seq"], server_frames.encode_bytes(server_frames.message_from_row(row)))
+                )
         self.committed += len(fresh)
         metrics.messages_committed.inc(len(fresh))
         if fresh:

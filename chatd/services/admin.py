@@ -9,7 +9,7 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from chatd.core import errors, protocol
+from chatd.core import errors, server_frames
 from chatd.process.config import Settings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.fanout import Hub
@@ -72,8 +72,8 @@ class Admin:
         except errors.Unavailable:
             live = None
         return {
-            "from": protocol.iso(start),
-            "to": protocol.iso(end),
+            "from": server_frames.iso(start),
+            "to": server_frames.iso(end),
             "users": {"total": row["users"], "active_accounts": row["users_active_accounts"]},
             "active_users": row["active_users"],
             "rooms": {"total": row["rooms"], "active": row["rooms_active"]},
@@ -121,15 +121,17 @@ class Admin:
         page = rows[:limit]
         out = []
         for r in page:
-            frame = protocol.message_from_row(r)
+            frame = server_frames.message_from_row(r)
             frame.pop("type", None)
-            out.append({"message": frame, "deleted_at": protocol.iso(r["deleted_at"]), "deleted_by": r["deleted_by"]})
+            out.append(
+                {"message": frame, "deleted_at": server_frames.iso(r["deleted_at"]), "deleted_by": r["deleted_by"]}
+            )
         return {"messages": out, "next_cursor": page[-1]["seq"] if len(rows) > limit else None}
 
     async def audit_page(self, cursor: int | None, limit: int) -> dict[str, Any]:
         rows = await admin_db.audit_page(self.db, cursor, limit + 1)
         page = rows[:limit]
-        entries = [r | {"created_at": protocol.iso(r["created_at"])} for r in page]
+        entries = [r | {"created_at": server_frames.iso(r["created_at"])} for r in page]
         return {"entries": entries, "next_cursor": page[-1]["id"] if len(rows) > limit else None}
 
     async def announce(self, admin_id: int, room_id: int, content: Any) -> dict[str, Any]:
@@ -138,7 +140,7 @@ class Admin:
         row = await self.rooms.system_message(
             room_id, announcement_text(content), {"event": "announcement", "by": admin_id}
         )
-        frame = protocol.message_from_row(row)
+        frame = server_frames.message_from_row(row)
         frame.pop("type", None)
         return frame
 
@@ -153,8 +155,8 @@ class Admin:
             return {"target": "rooms", "count": len(room_ids)}
         if target == "users":
             users = await admin_db.active_user_ids(self.db)
-            frame = protocol.announcement(
-                content=text, created_at=protocol.iso(dt.datetime.now(dt.UTC)) or "", by=admin_id
+            frame = server_frames.announcement(
+                content=text, created_at=server_frames.iso(dt.datetime.now(dt.UTC)) or "", by=admin_id
             )
             for i in range(0, len(users), 500):
                 await self.hub.publish_users(users[i : i + 500], frame)

@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from chatd.core.client_frames import MAX_TOKEN_CHARS
 from chatd.core.errors import BadRequest, ConfigError, Unauthorized
-from chatd.core.protocol import MAX_TOKEN_CHARS
 from chatd.process.config import AuthSettings
 
 __all__ = [

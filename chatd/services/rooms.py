@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chatd.assistant.context import mentions_assistant
-from chatd.core import errors, protocol
+from chatd.core import client_frames, errors, server_frames, wsframe
 from chatd.core.presence_view import UNKNOWN
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
@@ -44,7 +44,9 @@ class AssistantPort(Protocol):
 
     async def attach(self, room_id: int, prompt_id: int) -> tuple[list[dict[str, Any]], int] | None: ...
 
-    async def control(self, user_id: int, is_admin: bool, frame: protocol.Cancel | protocol.Regenerate) -> None: ...
+    async def control(
+        self, user_id: int, is_admin: bool, frame: client_frames.Cancel | client_frames.Regenerate
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +185,7 @@ class Rooms:
             foreign = since_seq is not None and ((epoch is not None and epoch != read.epoch) or since_seq > last_seq)
             if read.resync or foreign:
                 metrics.resyncs.labels("epoch" if foreign else "replay_limit").inc()
-                resync = protocol.resync_required(
+                resync = server_frames.resync_required(
                     room_id=room_id, last_seq=last_seq, epoch=read.epoch, reply_to=request_id
                 )
                 replay = []
@@ -191,12 +193,12 @@ class Rooms:
                 baseline_seq = since_seq
             history: list[tuple[int, Event]] = []
             for r in replay:
-                frame = protocol.ws_text_frame(protocol.encode_bytes(protocol.message_from_row(r)))
+                frame = wsframe.ws_text_frame(server_frames.encode_bytes(server_frames.message_from_row(r)))
                 history.append((int(r["seq"]), Event(frame, int(r["seq"]))))
             catch_up: list[tuple[int, int, list[bytes]]] = []
             if self.assistant is not None and self.assistant.answers_in(room):
                 for message_id, index, frames in await self.assistant.live_streams(room_id):
-                    encoded = [protocol.ws_text_frame(protocol.encode_bytes(f)) for f in frames]
+                    encoded = [wsframe.ws_text_frame(server_frames.encode_bytes(f)) for f in frames]
                     catch_up.append((message_id, index, encoded))
         except BaseException:
             await self.hub.leave_room(conn, room_id)
@@ -204,7 +206,7 @@ class Rooms:
         if not rejoin:
             self.presence.joined(room_id, conn.user_id)
         online = sorted(self.hub.online(room_id) | {conn.user_id})
-        joined = protocol.joined(
+        joined = server_frames.joined(
             room_id=room_id, last_seq=last_seq, epoch=read.epoch, online=online, reply_to=request_id
         )
         return JoinResult(joined, resync, history, baseline_seq, catch_up)
@@ -238,7 +240,7 @@ class Rooms:
         return set(online)
 
     async def created(self, room: dict[str, Any], member_ids: list[int]) -> None:
-        frame = protocol.room_added(room=protocol.room_object(room | {"read_seq": 0}))
+        frame = server_frames.room_added(room=server_frames.room_object(room | {"read_seq": 0}))
         await self.hub.publish_users(member_ids, frame)
 
     async def add_member(self, room: dict[str, Any], user_id: int, by: int) -> bool:
@@ -252,7 +254,7 @@ class Rooms:
         await rooms_db.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
         fresh = await rooms_db.room_for_member(self.db, room["id"], user_id)
         if fresh is not None:
-            await self.hub.publish_users([user_id], protocol.room_added(room=protocol.room_object(fresh)))
+            await self.hub.publish_users([user_id], server_frames.room_added(room=server_frames.room_object(fresh)))
         return True
 
     async def remove_member(self, room: dict[str, Any], user_id: int, by: int) -> None:
@@ -261,7 +263,7 @@ class Rooms:
             raise errors.NotFound("member not found")
         await self.kick(room["id"], user_id)
         reason = "left" if by == user_id else "removed"
-        await self.hub.publish_users([user_id], protocol.room_removed(room_id=room["id"], reason=reason))
+        await self.hub.publish_users([user_id], server_frames.room_removed(room_id=room["id"], reason=reason))
         name = (await users_db.user_names(self.db, [user_id])).get(user_id, "")
         await self.system_message(
             room["id"], f"{name} left", {"event": "member_left", "user_id": user_id, "name": name, "by": by}
@@ -270,7 +272,7 @@ class Rooms:
     async def updated(self, room: dict[str, Any]) -> None:
         """Renamed, reconfigured or archived: ``room_updated`` to every member's devices."""
         members = await rooms_db.room_member_ids(self.db, room["id"])
-        await self.hub.publish_users(members, protocol.room_updated(room=protocol.room_object(room)))
+        await self.hub.publish_users(members, server_frames.room_updated(room=server_frames.room_object(room)))
 
     # -- typing, read, edit, delete -------------------------------------------------
 
@@ -284,14 +286,14 @@ class Rooms:
                 relay = True  # without Redis, typing is relayed unthrottled rather than not at all
             if not relay:
                 return  # throttled: at most one per user per room per interval
-        frame = protocol.typing(room_id=room_id, user_id=conn.user_id, is_typing=is_typing)
+        frame = server_frames.typing(room_id=room_id, user_id=conn.user_id, is_typing=is_typing)
         await self.hub.publish_room(room_id, frame, exclude=conn.connection_id)
 
     async def read(self, conn: Conn, room_id: int, seq: int) -> int:
         stored = await rooms_db.set_read(self.db, room_id, conn.user_id, seq)
         if stored is None:
             raise errors.NotFound("room not found")
-        frame = protocol.read(room_id=room_id, user_id=conn.user_id, seq=stored)
+        frame = server_frames.read(room_id=room_id, user_id=conn.user_id, seq=stored)
         await self.hub.publish_user(conn.user_id, frame, exclude=conn.connection_id)
         return stored
 
@@ -312,7 +314,7 @@ class Rooms:
         row = await messages_db.edit_message(self.db, message_id, content)
         if row is None:
             raise errors.Conflict("message was deleted")
-        await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), protocol.change_from_row(row))
+        await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), server_frames.change_from_row(row))
         return row
 
     async def delete(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:
@@ -320,5 +322,5 @@ class Rooms:
         row = await messages_db.delete_message(self.db, message_id, user_id)
         if row is None:
             raise errors.Conflict("message was deleted")
-        await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), protocol.change_from_row(row))
+        await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), server_frames.change_from_row(row))
         return row

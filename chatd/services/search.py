@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from chatd.assistant.retrieval import _WORD, Retriever, like_pattern, query_terms, tsquery_text
-from chatd.core import errors, protocol
+from chatd.core import errors, server_frames
 from chatd.storage import search as search_db
 from chatd.storage.db import Database
 
@@ -121,7 +121,7 @@ class Search:
                     "sender_id": row["sender_id"],
                     "role": row["role"],
                     "kind": row["kind"],
-                    "created_at": protocol.iso(row["created_at"]),
+                    "created_at": server_frames.iso(row["created_at"]),
                     "score": round(float(row["score"]), 6),
                     "snippet": text,
                     "highlights": marks,

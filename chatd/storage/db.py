@@ -28,7 +28,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from chatd.core import errors, protocol
+from chatd.core import errors, server_frames
 from chatd.process import metrics
 from chatd.process.config import StorageSettings
 from chatd.process.logs import app_log, fields
@@ -172,4 +172,4 @@ def vector_sql(template: str, schema_name: str) -> sql.Composed:
 
 
 def iso(value: dt.datetime | None) -> str | None:
-    return protocol.iso(value)
+    return server_frames.iso(value)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from chatd.core import envelope, errors, protocol
+from chatd.core import envelope, errors, server_frames
 from chatd.core.keys import Keys
 from chatd.core.presence_view import UNKNOWN, PresenceView
 from chatd.process import metrics
@@ -94,7 +94,7 @@ def announce(hub: Hub, rev: int | None, online: list[int], offline: list[int]) -
     head: dict[str, Any] = {"o": "p", "on": online, "off": offline}
     if rev is not None:
         head["r"] = rev
-    payload = protocol.encode_bytes(protocol.presence(room_id=ROOM, online=online, offline=offline))
+    payload = server_frames.encode_bytes(server_frames.presence(room_id=ROOM, online=online, offline=offline))
     hub._on_message(Keys().room_channel(ROOM).encode(), envelope.encode(OTHER, head, [payload]))
 
 
