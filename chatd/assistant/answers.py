@@ -40,6 +40,7 @@ from typing import Any
 
 from chatd.assistant.context import Coalescer, build_context, recent_window
 from chatd.assistant.providers import Finished, GenerationRequest, Provider, ProviderError, TextDelta
+from chatd.assistant.streams import StreamRelay
 from chatd.core import client_frames, errors, server_frames
 from chatd.process import metrics
 from chatd.process.config import Settings
@@ -146,14 +147,7 @@ class Assistant:
         self.waiting: dict[str, tuple[int, int, int, int]] = {}  # job id -> (room, prompt, user, last position)
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
-        # Stream frames delivered locally, their Redis side (stream state, catch-up text, publish) waiting
-        # for the next round trip, which carries those of every stream of this worker.
-        self._begins: list[tuple[int, int, dict[str, Any], int]] = []
-        self._appends: list[tuple[int, str, int]] = []
-        self._publishes: list[tuple[str, bytes]] = []
-        self._chunks_task: asyncio.Task[None] | None = None
-        self._chunks_idle = asyncio.Event()
-        self._chunks_idle.set()
+        self.streams = StreamRelay(hub, kv)
         # Prompts to queue, sent to Redis together (one script call and one PUBLISH pipeline per turn).
         self._to_enqueue: list[tuple[Job, int, asyncio.Future[tuple[int | None, int | None]]]] = []
         self._enqueue_task: asyncio.Task[None] | None = None
@@ -450,9 +444,9 @@ class Assistant:
             latency_ms=int((time.monotonic() - run.started) * 1000),
         )
         with contextlib.suppress(Exception):  # local sockets get it even without Redis
-            await self._chunks_idle.wait()
+            await self.streams.idle()
             await self.hub.publish_room(run.room_id, end)
-        await self._clear_stream(run.room_id, run.message_id)
+        await self.streams.clear(run.room_id, run.message_id)
         metrics.generations.labels("error").inc()
 
     async def _retry_later(self, attempt: Attempt) -> None:
@@ -588,8 +582,7 @@ class Assistant:
             model=run.model,
             supersedes=run.supersedes,
         )
-        # The stream's state (catch-up, cancel permission) is written with the stream_start's publish.
-        self._stream_frame(run, start, -1, begin=(run.message_id, run.room_id, state, 3600))
+        self.streams.start(run.room_id, run.message_id, start, state)
 
         stop_reason = "end_turn"
         generation = asyncio.ensure_future(self._generate(run, request))
@@ -658,44 +651,7 @@ class Assistant:
             self._emit(run, chunk, run.coalescer.index - 1)
 
     def _emit(self, run: Run, content: str, index: int) -> None:
-        frame = server_frames.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
-        self._stream_frame(run, frame, index, append=(run.message_id, content, index))
-
-    def _stream_frame(
-        self,
-        run: Run,
-        frame: dict[str, Any],
-        index: int,
-        begin: tuple[int, int, dict[str, Any], int] | None = None,
-        append: tuple[int, str, int] | None = None,
-    ) -> None:
-        """Local sockets get the frame now; its Redis side (other workers, catch-up state) goes with the
-        next batch, in order."""
-        payload = server_frames.encode_bytes(frame)
-        stream = (run.message_id, index)
-        self.hub.deliver_frame(run.room_id, payload, None, stream)
-        if begin is not None:
-            self._begins.append(begin)
-        if append is not None:
-            self._appends.append(append)
-        self._publishes.append(self.hub.room_frame_envelope(run.room_id, payload, None, stream))
-        if self._chunks_task is None or self._chunks_task.done():
-            self._chunks_idle.clear()
-            self._chunks_task = asyncio.ensure_future(self._write_stream_batches())
-
-    async def _write_stream_batches(self) -> None:
-        """Everything streamed since the last round trip, of every stream, in ONE Redis round trip: with
-        hundreds of streams the per-chunk cost is a share of a pipeline, not two awaited commands."""
-        try:
-            while self._publishes:
-                begins, appends, publishes = self._begins, self._appends, self._publishes
-                self._begins, self._appends, self._publishes = [], [], []
-                try:
-                    await self.kv.stream_batch(begins, appends, publishes)
-                except errors.Unavailable:
-                    pass  # logged by kv: other workers' members and late joiners miss these; the message follows
-        finally:
-            self._chunks_idle.set()
+        self.streams.chunk(run.room_id, run.message_id, index, content)
 
     async def _finish(self, attempt: Attempt, stop_reason: str, retrieved: tuple[int, ...], supersede_id: Any) -> None:
         run = attempt.run
@@ -706,7 +662,7 @@ class Assistant:
         rest = run.coalescer.flush(time.monotonic())
         if rest is not None:
             self._emit(run, rest, run.coalescer.index - 1)
-        await self._chunks_idle.wait()  # elsewhere too, the chunks come before the message and stream_end
+        await self.streams.idle()  # elsewhere too, the chunks come before the message and stream_end
         latency_ms = int((time.monotonic() - run.started) * 1000)
         usage: dict[str, Any] = {
             "provider": self.provider.name,
@@ -747,7 +703,7 @@ class Assistant:
         )
         attempt.ended = True
         await self.hub.publish_room(run.room_id, end)
-        await self._clear_stream(run.room_id, run.message_id)
+        await self.streams.clear(run.room_id, run.message_id)
         # Stored: if Redis cannot take the ack now, the lease runs out and the retry finds the answer.
         with contextlib.suppress(errors.Unavailable):
             await self.queue.ack(run.job)
@@ -796,10 +752,6 @@ class Assistant:
         with contextlib.suppress(errors.Unavailable):
             await self.queue.ack(attempt.job)
 
-    async def _clear_stream(self, room_id: int, message_id: int) -> None:
-        with contextlib.suppress(errors.Unavailable):
-            await self.kv.stream_clear(room_id, message_id)
-
     async def _end_orphan(self, room_id: int, message_id: int) -> None:
         """The worker we took this job from died mid-stream: end its stream for the clients."""
         assistant_log.warning("generation_taken_over", extra=fields(room_id=room_id, orphan_message_id=message_id))
@@ -814,33 +766,13 @@ class Assistant:
             latency_ms=0,
         )
         await self.hub.publish_room(room_id, end)
-        await self._clear_stream(room_id, message_id)
+        await self.streams.clear(room_id, message_id)
 
     # -- catch-up for sockets joining mid-stream -----------------------------------------
 
     async def live_streams(self, room_id: int) -> list[tuple[int, int, list[dict[str, Any]]]]:
         """``(message_id, index, frames)`` to bring a joining socket up to date with running streams."""
-        out: list[tuple[int, int, list[dict[str, Any]]]] = []
-        try:
-            streams = await self.kv.room_streams(room_id)
-        except errors.Unavailable:
-            return out  # a late joiner misses the text so far; the final message comes anyway
-        for mid, st, text in streams:
-            index = int(st[b"index"])
-            frames = [
-                server_frames.stream_start(
-                    room_id=room_id,
-                    message_id=mid,
-                    reply_to_message_id=int(st[b"reply_to"]),
-                    model=st[b"model"].decode(),
-                )
-            ]
-            if index >= 0:
-                frames.append(
-                    server_frames.stream_chunk(room_id=room_id, message_id=mid, index=index, content=text.decode())
-                )
-            out.append((mid, index, frames))
-        return out
+        return await self.streams.live(room_id)
 
     async def attach(self, room_id: int, prompt_id: int) -> tuple[list[dict[str, Any]], int] | None:
         """Where the answer to ``prompt_id`` stands, for a retried SSE request: ``(frames, last chunk
