@@ -42,8 +42,6 @@ class FakeConn:
         self.connection_id = f"c{user_id}"
         self.user_id = user_id
         self.family: str | None = None
-        self.room_seq: dict[int, int] = {}
-        self.stream_marks: dict[int, int] = {}
         self.frames: list[bytes] = []
         self.closed: tuple[int, str] | None = None
 
