@@ -322,11 +322,21 @@ class RoomLog(Generic[C]):
             if not live:
                 continue
             targets: list[C] = []
-            seq = event.seq
-            if seq is not None and event.exclude is None:  # a message: the hot path
+            seq, exclude = event.seq, event.exclude
+            # The common shapes inline (this loop runs once per socket per event); the rest through ``admits``.
+            if seq is not None and exclude is None:  # a message
                 for sub in live.values():
                     if seq > sub.seq:
                         sub.seq = seq
+                        targets.append(sub.conn)
+            elif seq is None and event.stream is None:  # typing, queued...: all but the sender
+                if exclude is None:
+                    targets = [sub.conn for sub in live.values()]
+                else:
+                    targets = [sub.conn for sub in live.values() if sub.connection_id != exclude]
+            elif seq is None and exclude is None:  # a stream chunk: held back only by a catch-up's mark
+                for sub in live.values():
+                    if not sub.marks or sub.admits(event):
                         targets.append(sub.conn)
             else:
                 for sub in live.values():
