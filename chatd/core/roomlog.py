@@ -48,9 +48,12 @@ C = TypeVar("C")
 MAX_STREAM_MARKS = 64  # streams a socket joined mid-way and has not seen a new chunk of yet
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One frame of the room, built (serialized and framed) once for every socket."""
+    """One frame of the room, built (serialized and framed) once for every socket; never changed after.
+
+    Not ``frozen``: one is built per event on the fan-out's hot path, and a frozen dataclass's
+    ``__init__`` costs several times as much."""
 
     frame: bytes  # one or more complete WebSocket frames
     seq: int | None = None
