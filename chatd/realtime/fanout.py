@@ -1,19 +1,13 @@
 """The hub: routes each room's events to its ``RoomLog`` and makes the writes it returns.
 
-One ``Hub`` per worker.  The state of one room on this worker (sequencer, revisions, presence view,
-epoch, one subscription per socket: joining, live, left) and every decision about which socket gets
-which frame is the pure ``chatd.core.roomlog.RoomLog``.  The hub is the I/O around it:
-
-* it routes by room: this worker's commits and publishes (delivered locally at once, so Redis is not
-  between two sockets of one worker), the other workers' envelopes, repair's fills and probes
-  (``chatd.realtime.repair``) and presence's heals (``chatd.realtime.presence``);
-* it is the only code that writes a room's frames to sockets: each event is serialized and framed
-  (RFC 6455) once by its publisher, and the same bytes are written to every socket the log names;
-* it performs the log's needs: a kick (``Conn.kicked``), a ``resync_required``, an urgent probe;
-* it keeps the subscriptions (a room's outlives its last local socket by ``ws.room_linger_s``), the
-  sockets per user (the user channel: read sync, forced closes, kicks) and the transport: one
-  ``chatd.realtime.pubsub`` subscriber connection, and the ``chatd.realtime.outbox`` publish queue.
-  A worker skips its own publishes by their origin before parsing them.
+One ``Hub`` per worker.  A room's state on this worker and every decision of which socket gets which
+frame is the pure ``chatd.core.roomlog.RoomLog``; the hub is the I/O around it.  It routes by room
+(this worker's commits, delivered locally at once; the other workers' envelopes; repair's fills and
+probes; presence heals), is the only code that writes a room's frames to sockets (each framed once, the
+same bytes to every socket), performs the log's needs (kick, ``resync_required``, urgent probe), and
+keeps the subscriptions (a room's outlives its last local socket by ``ws.room_linger_s``), the sockets
+per user and the transport (``chatd.realtime.pubsub``, ``chatd.realtime.outbox``).  A worker skips its
+own publishes by their origin before parsing them.
 """
 
 from __future__ import annotations
