@@ -185,8 +185,6 @@ class SseListener:
         self.connection_id = "sse-" + secrets.token_hex(6)
         self.user_id = user_id
         self.family: str | None = None
-        self.room_seq: dict[int, int] = {}
-        self.stream_marks: dict[int, int] = {}
         self.prompt_id: int | None = None
         self.message_id: int | None = None
         self.mark = -1  # chunks up to this index were sent by a catch-up

@@ -72,8 +72,6 @@ class ChatSocket(StrictHandlerMixin):
         self.principal: Principal | None = None
         self.user_id = 0
         self.family: str | None = None
-        self.room_seq: dict[int, int] = {}
-        self.stream_marks: dict[int, int] = {}
         self.joined_rooms: set[int] = set()
         self._joining: int | None = None  # the room of the join in flight (frames are handled one at a time)
         self._kicked_while_joining = False
