@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd.api.base import LIMIT, NOT_BLANK, ApiHandler
+from chatd.api.base import LIMIT, ApiHandler
+from chatd.api.bodies import Announce, Broadcast, RoleChange
 from chatd.api.openapi import INT, Param, obj, op, page, ref
 from chatd.core import errors
 from chatd.services.accounts import Principal
-from chatd.services.admin import MAX_ANNOUNCEMENT_CHARS, Admin
+from chatd.services.admin import Admin
 
-ANNOUNCEMENT = {"type": "string", "maxLength": MAX_ANNOUNCEMENT_CHARS, "pattern": NOT_BLANK}  # announcement_text
 # from/to: a date or an RFC 3339 time (admin.parse_day)
 _DAY = {"anyOf": [{"format": "date"}, {"format": "date-time"}, {"const": ""}], "maxLength": 40}  # "": the default
 
@@ -98,14 +98,15 @@ class AdminRoleHandler(AdminHandler):
     @op(
         summary="Set a user's role",
         tag="admin",
-        body=obj({"role": {"enum": ["user", "admin"]}}, extra=True),
+        body=RoleChange,
         responses={200: ("User", ref("User"))},
     )
     async def post(self, user_id: str) -> None:
         await self.admin_auth()
         target = self.path_id(user_id, "user")
-        role = self.json_body().get("role")
-        self.audit_target, self.audit_details = f"user:{target}", {"role": role}
+        self.audit_target = f"user:{target}"
+        role = self.body(RoleChange).role
+        self.audit_details = {"role": role}
         self.send_json(await self.admin.set_role(target, role))
 
 
@@ -125,28 +126,28 @@ class AdminRoomMessagesHandler(AdminHandler):
     @op(
         summary="Announce in a room: a system message (kind system) with a seq",
         tag="admin",
-        body=obj({"content": ANNOUNCEMENT}, extra=True),
+        body=Announce,
         responses={201: ("The message", ref("Message"))},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.admin_auth()
         target = self.path_id(room_id, "room")
         self.audit_target = f"room:{target}"
-        self.send_json(await self.admin.announce(principal.user_id, target, self.json_body().get("content")), 201)
+        self.send_json(await self.admin.announce(principal.user_id, target, self.body(Announce).content), 201)
 
 
 class AdminBroadcastHandler(AdminHandler):
     @op(
         summary="Broadcast: a system message in every active room, or an announcement frame to every user",
         tag="admin",
-        body=obj({"target": {"enum": ["rooms", "users"]}, "content": ANNOUNCEMENT}, extra=True),
+        body=Broadcast,
         responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
     )
     async def post(self) -> None:
         principal = await self.admin_auth()
-        body = self.json_body()
-        self.audit_target = f"broadcast:{body.get('target')}"
-        self.send_json(await self.admin.broadcast(principal.user_id, body.get("target"), body.get("content")))
+        body = self.body(Broadcast)
+        self.audit_target = f"broadcast:{body.target}"
+        self.send_json(await self.admin.broadcast(principal.user_id, body.target, body.content))
 
 
 class AdminAuditHandler(AdminHandler):

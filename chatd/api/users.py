@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd.api.base import NAME, NON_EMPTY, PASSWORD, QUERY_TWO_CHARS, ApiHandler
+from chatd.api.base import QUERY_TWO_CHARS, ApiHandler
+from chatd.api.bodies import PasswordChange, Rename
 from chatd.api.openapi import Param, obj, op, ref
 from chatd.core import errors
 from chatd.services.accounts import user_json
@@ -21,10 +22,10 @@ class MeHandler(ApiHandler):
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))
 
-    @op(summary="Change your name", tag="account", body=obj({"name": NAME}), responses={200: ("User", ref("User"))})
+    @op(summary="Change your name", tag="account", body=Rename, responses={200: ("User", ref("User"))})
     async def patch(self) -> None:
         principal = await self.auth()
-        self.send_json(await self.accounts.rename(principal, self.json_body()))
+        self.send_json(await self.accounts.rename(principal, self.body(Rename).name))
 
     @op(
         summary="Delete your account (deactivate: sign-in refused, sockets closed, messages stay)",
@@ -42,12 +43,13 @@ class PasswordHandler(ApiHandler):
     @op(
         summary="Change your password; every other session is revoked",
         tag="account",
-        body=obj({"old_password": NON_EMPTY, "new_password": PASSWORD}, extra=True),
+        body=PasswordChange,
         responses={204: ("Changed", None)},
     )
     async def post(self) -> None:
         principal = await self.auth()
-        await self.accounts.change_password(principal, self.json_body())
+        body = self.body(PasswordChange)
+        await self.accounts.change_password(principal, body.old_password, body.new_password)
         self.set_status(204)
         self.finish()
 
