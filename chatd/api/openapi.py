@@ -5,8 +5,9 @@ Each handler method carries an ``Op`` (``@op(...)``): its query parameters
 is a declared one), its request body (a model of ``api.bodies``, which the
 handler decodes with: ``ApiHandler.body``) and its responses.  ``document``
 walks the very route list the application registers (``api.routes``), so a
-route cannot exist without being described; the models' schemas are generated
-from them (msgspec) into ``components``.  Pure: no I/O.
+route cannot exist without being described; the schemas of the body models and
+of the shared response models (``api.responses``, referenced by name) are
+generated from them (msgspec) into ``components``.  Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
+
+from chatd.api import responses
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -203,193 +206,16 @@ def document(routes: Iterable[tuple[str, type, Any]], version: str) -> dict[str,
             "content": {"application/json": {"schema": ref("Error")}},
         }
         paths.setdefault(path, {})[method] = item
-    generated = model_schemas(models)
-    if clash := SCHEMAS.keys() & generated.keys():
-        raise ValueError(f"component schemas declared twice: {sorted(clash)}")
+    names = [m.__name__ for m in {*responses.MODELS, *models}]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a component name: {sorted(names)}")
     return {
         "openapi": "3.1.0",
         "info": {"title": "chatd REST API", "version": version, "description": "See docs/API.md."},
         "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS | generated,
+            "schemas": model_schemas([*responses.MODELS, *models]),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     }
-
-
-# -- component schemas ------------------------------------------------------------------
-
-_ERROR_CODES = [
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "not_found",
-    "method_not_allowed",
-    "conflict",
-    "too_large",
-    "unsupported_type",
-    "range_not_satisfiable",
-    "rate_limited",
-    "quota_exceeded",
-    "busy",
-    "unavailable",
-    "llm_unavailable",
-    "internal",
-]
-
-SCHEMAS: dict[str, Any] = {
-    "Error": obj(
-        {
-            "error": obj(
-                {
-                    "code": {"type": "string", "enum": _ERROR_CODES},
-                    "message": STR,
-                    "retry_after_ms": INT,
-                    "details": {"type": "object"},
-                },
-                required=["code", "message"],
-            )
-        }
-    ),
-    "User": obj(
-        {
-            "id": ID,
-            "email": STR,
-            "name": STR,
-            "role": {"enum": ["user", "admin"]},
-            "status": {"enum": ["active", "banned", "deleted"]},
-            "created_at": TIME,
-        }
-    ),
-    "UserRef": obj({"id": ID, "name": STR}),
-    "Tokens": obj(
-        {
-            "user": ref("User"),
-            "access_token": STR,
-            "refresh_token": STR,
-            "token_type": {"const": "Bearer"},
-            "expires_in": INT,
-        }
-    ),
-    "Room": obj(
-        {
-            "id": ID,
-            "name": STR,
-            "kind": {"enum": ["group", "assistant"]},
-            "owner_id": ID,
-            "status": {"enum": ["active", "archived"]},
-            "assistant": nullable({"type": "object"}),
-            "last_seq": INT,
-            "created_at": TIME,
-            "updated_at": TIME,
-            "read_seq": INT,
-            "unread_count": INT,
-            "last_message": nullable({"type": "object"}),
-        },
-        required=["id", "name", "kind", "owner_id", "status", "assistant", "last_seq", "created_at", "updated_at"],
-    ),
-    "FileInfo": obj(
-        {
-            "file_id": ID,
-            "name": STR,
-            "content_type": STR,
-            "size": INT,
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "width": nullable(INT),
-            "height": nullable(INT),
-        }
-    ),
-    "Message": obj(
-        {
-            "room_id": ID,
-            "message_id": ID,
-            "seq": INT,
-            "sender_id": nullable(ID),
-            "role": {"enum": ["user", "assistant", "system"]},
-            "kind": {"enum": ["text", "file", "system"]},
-            "content": STR,
-            "client_msg_id": nullable(STR),
-            "created_at": TIME,
-            "edited_at": nullable(TIME),
-            "deleted": BOOL,
-            "reply_to_message_id": ID,
-            "status": {"enum": ["cancelled", "error"]},
-            "superseded": BOOL,
-            "data": {"type": "object", "description": "kind file: FileInfo; kind system: {event, user_id, ...}"},
-            "duplicate": BOOL,
-            "assistant": {"type": "object"},
-        },
-        required=[
-            "room_id",
-            "message_id",
-            "seq",
-            "sender_id",
-            "role",
-            "kind",
-            "content",
-            "client_msg_id",
-            "created_at",
-            "edited_at",
-            "deleted",
-        ],
-    ),
-    "Member": obj(
-        {
-            "id": ID,
-            "name": STR,
-            "status": {"enum": ["active", "banned", "deleted"]},
-            "role": {"enum": ["owner", "member"]},
-            "online": BOOL,
-            "read_seq": INT,
-            "joined_at": TIME,
-        }
-    ),
-    "SearchHit": obj(
-        {
-            "room_id": ID,
-            "message_id": ID,
-            "seq": INT,
-            "sender_id": nullable(ID),
-            "role": {"enum": ["user", "assistant", "system"]},
-            "kind": {"enum": ["text", "file", "system"]},
-            "created_at": TIME,
-            "score": {"type": "number"},
-            "snippet": STR,
-            "highlights": {
-                "type": "array",
-                "items": {"type": "array", "items": INT, "minItems": 2, "maxItems": 2},
-            },
-        }
-    ),
-    "AuditEntry": obj(
-        {
-            "id": ID,
-            "actor_id": ID,
-            "action": STR,
-            "target": nullable(STR),
-            "details": nullable({"type": "object"}),
-            "ip": nullable(STR),
-            "status": INT,
-            "created_at": TIME,
-        }
-    ),
-    "AdminMessage": obj(
-        {
-            "message": ref("Message"),
-            "deleted_at": nullable(TIME),
-            "deleted_by": nullable(ID),
-        }
-    ),
-    "Usage": obj(
-        {
-            "daily_token_budget": INT,
-            "tokens_today": INT,
-            "remaining_today": nullable(INT),
-            "days": {
-                "type": "array",
-                "items": obj({"day": STR, "answers": INT, "input_tokens": INT, "output_tokens": INT}),
-            },
-        }
-    ),
-}

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from chatd.api import bodies, openapi, routes
+from chatd.api import bodies, openapi, responses, routes
+from chatd.core import errors
 
 
 def _document() -> dict[str, Any]:
@@ -63,3 +64,27 @@ def test_each_handler_decodes_the_body_it_declares() -> None:
         fn = getattr(handler, method)
         declared = {decl.body.__name__} if decl.body is not None else set()
         assert _decoded_models(fn) == declared, (path, method)
+
+
+def _refs(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return {v for k, v in node.items() if k == "$ref"} | {r for v in node.values() for r in _refs(v)}
+    if isinstance(node, list):
+        return {r for v in node for r in _refs(v)}
+    return set()
+
+
+def test_every_reference_has_its_component() -> None:
+    spec = _document()
+    names = {r.rsplit("/", 1)[1] for r in _refs(spec)}
+    assert names <= set(spec["components"]["schemas"]), names - set(spec["components"]["schemas"])
+    # no response model left unused (FileInfo: what Message.data holds for kind file, named in its description)
+    assert {m.__name__ for m in responses.MODELS} - {"FileInfo"} <= names
+
+
+def test_the_error_schema_lists_every_error_code() -> None:
+    def codes(cls: type[errors.ChatdError]) -> set[str]:
+        return {cls.code} | {c for sub in cls.__subclasses__() for c in codes(sub)}
+
+    detail = _document()["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["properties"]["code"]["enum"]) == codes(errors.ChatdError)
