@@ -35,9 +35,12 @@ NOT_BLANK = rf"[^{WS}]"  # (unanchored) not only whitespace
 _DOMAIN_PART = rf"[^@.{WS}\x00-\x1f\x7f]+"
 
 
-EMAIL_PATTERN = rf"^[^@{WS}\x00-\x1f\x7f]+@{_DOMAIN_PART}(\.{_DOMAIN_PART})+{END}"
+# trimmed by the service: whitespace around it is allowed
+EMAIL_PATTERN = rf"^[{WS}]*[^@{WS}\x00-\x1f\x7f]+@{_DOMAIN_PART}(\.{_DOMAIN_PART})+[{WS}]*{END}"
 NAME_PATTERN = rf"^[^{CC}]*[^{WS}{CC}][^{CC}]*{END}"
-CONTENT_PATTERN = rf"^[^\x00]*[^{WS}\x00][^\x00]*{END}"
+# Linear time (a content has no length bound here: the send rule's comes after): the leading whitespace and the
+# first other character are disjoint classes, so nothing backtracks more than one step.
+CONTENT_PATTERN = rf"^[{WS}]*[^{WS}\x00][^\x00]*{END}"
 CLIENT_MSG_ID_PATTERN = rf"^[!-~]{{1,{client_frames.MAX_ID_CHARS}}}{END}"
 
 
