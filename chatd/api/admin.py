@@ -7,7 +7,8 @@ from typing import Any
 
 from chatd.api.base import LIMIT, ApiHandler
 from chatd.api.bodies import Announce, Broadcast, RoleChange
-from chatd.api.openapi import INT, Param, obj, op, page, ref
+from chatd.api.openapi import Param, op
+from chatd.api.responses import AdminMessagePage, AuditPage, BroadcastDone, Message, User, UserPage
 from chatd.core import errors
 from chatd.services.accounts import Principal
 from chatd.services.admin import Admin
@@ -78,7 +79,7 @@ class AdminUsersHandler(AdminHandler):
             LIMIT,
             Param("cursor", {"type": "integer", "minimum": 1}),
         ),
-        responses={200: ("Page of users", page("User", "users"))},
+        responses={200: ("Page of users", UserPage)},
     )
     async def get(self) -> None:
         await self.admin_auth()
@@ -86,7 +87,7 @@ class AdminUsersHandler(AdminHandler):
 
 
 class AdminUnbanHandler(AdminHandler):
-    @op(summary="Unban a user", tag="admin", responses={200: ("User", ref("User"))})
+    @op(summary="Unban a user", tag="admin", responses={200: ("User", User)})
     async def post(self, user_id: str) -> None:
         await self.admin_auth()
         target = self.path_id(user_id, "user")
@@ -99,7 +100,7 @@ class AdminRoleHandler(AdminHandler):
         summary="Set a user's role",
         tag="admin",
         body=RoleChange,
-        responses={200: ("User", ref("User"))},
+        responses={200: ("User", User)},
     )
     async def post(self, user_id: str) -> None:
         await self.admin_auth()
@@ -115,7 +116,7 @@ class AdminRoomMessagesHandler(AdminHandler):
         summary="Browse any room's log, deleted messages included (newest first)",
         tag="admin",
         query=(LIMIT, Param("cursor", {"type": "integer", "minimum": 1}, "before this seq")),
-        responses={200: ("Page", page("AdminMessage", "messages"))},
+        responses={200: ("Page", AdminMessagePage)},
     )
     async def get(self, room_id: str) -> None:
         await self.admin_auth()
@@ -127,7 +128,7 @@ class AdminRoomMessagesHandler(AdminHandler):
         summary="Announce in a room: a system message (kind system) with a seq",
         tag="admin",
         body=Announce,
-        responses={201: ("The message", ref("Message"))},
+        responses={201: ("The message", Message)},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.admin_auth()
@@ -141,7 +142,7 @@ class AdminBroadcastHandler(AdminHandler):
         summary="Broadcast: a system message in every active room, or an announcement frame to every user",
         tag="admin",
         body=Broadcast,
-        responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
+        responses={200: ("Done", BroadcastDone)},
     )
     async def post(self) -> None:
         principal = await self.admin_auth()
@@ -155,7 +156,7 @@ class AdminAuditHandler(AdminHandler):
         summary="The audit log, newest first",
         tag="admin",
         query=(LIMIT, Param("cursor", {"type": "integer", "minimum": 1})),
-        responses={200: ("Page", page("AuditEntry", "entries"))},
+        responses={200: ("Page", AuditPage)},
     )
     async def get(self) -> None:
         await self.admin_auth()

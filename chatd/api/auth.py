@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from chatd.api.base import ApiHandler
 from chatd.api.bodies import Login, Logout, Refresh, Register
-from chatd.api.openapi import op, ref
+from chatd.api.openapi import op
+from chatd.api.responses import Tokens
 
 
 class RegisterHandler(ApiHandler):
-    @op(summary="Create an account", tag="auth", auth=False, body=Register, responses={201: ("Tokens", ref("Tokens"))})
+    @op(summary="Create an account", tag="auth", auth=False, body=Register, responses={201: ("Tokens", Tokens)})
     async def post(self) -> None:
         body = self.body(Register)
         self.send_json(
@@ -17,7 +18,7 @@ class RegisterHandler(ApiHandler):
 
 
 class LoginHandler(ApiHandler):
-    @op(summary="Sign in", tag="auth", auth=False, body=Login, responses={200: ("Tokens", ref("Tokens"))})
+    @op(summary="Sign in", tag="auth", auth=False, body=Login, responses={200: ("Tokens", Tokens)})
     async def post(self) -> None:
         body = self.body(Login)
         self.send_json(await self.accounts.login(body.email, body.password, self.request.remote_ip or ""))
@@ -29,7 +30,7 @@ class RefreshHandler(ApiHandler):
         tag="auth",
         auth=False,
         body=Refresh,
-        responses={200: ("Tokens", ref("Tokens"))},
+        responses={200: ("Tokens", Tokens)},
     )
     async def post(self) -> None:
         self.send_json(await self.accounts.refresh(self.body(Refresh).refresh_token))

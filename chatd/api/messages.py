@@ -9,7 +9,8 @@ from typing import Any
 
 from chatd.api.base import LIMIT, RoomAccess, message_json
 from chatd.api.bodies import MessageSend
-from chatd.api.openapi import BOOL, Param, obj, op, ref
+from chatd.api.openapi import Param, obj, op
+from chatd.api.responses import Message, MessagePage
 from chatd.core import client_frames, wsframe
 from chatd.storage import messages as messages_db
 
@@ -37,7 +38,7 @@ class MessagesHandler(RoomAccess):
             Param("after_seq", {"type": "integer", "minimum": 0}),
             Param("before_seq", {"type": "integer", "minimum": 0}),
         ),
-        responses={200: ("Page", obj({"messages": {"type": "array", "items": ref("Message")}, "has_more": BOOL}))},
+        responses={200: ("Page", MessagePage)},
     )
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
@@ -51,7 +52,7 @@ class MessagesHandler(RoomAccess):
         summary="Send a message (idempotent by client_msg_id)",
         tag="messages",
         body=MessageSend,
-        responses={201: ("Stored", ref("Message")), 200: ("Duplicate of a stored message", ref("Message"))},
+        responses={201: ("Stored", Message), 200: ("Duplicate of a stored message", Message)},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.auth()

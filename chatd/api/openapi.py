@@ -50,17 +50,9 @@ def _schema_hook(kind: type) -> dict[str, Any]:
     return dict(schema)
 
 
-def nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
 MAX_SAFE_INT = 2**53 - 1
 MAX_QUERY_CHARS = 1000  # a string query parameter without its own maxLength
-INT = {"type": "integer"}
-ID = {"type": "integer", "minimum": 1, "maximum": MAX_SAFE_INT}
 STR = {"type": "string"}
-BOOL = {"type": "boolean"}
-TIME = {"type": "string", "format": "date-time"}
 
 
 def obj(props: Mapping[str, Any], required: Iterable[str] | None = None, extra: bool = False) -> dict[str, Any]:
@@ -71,13 +63,6 @@ def obj(props: Mapping[str, Any], required: Iterable[str] | None = None, extra: 
         "required": sorted(props if required is None else required),
         "additionalProperties": extra,
     }
-
-
-def page(item: str, key: str, cursor: bool = True) -> dict[str, Any]:
-    props: dict[str, Any] = {key: {"type": "array", "items": ref(item)}}
-    if cursor:
-        props["next_cursor"] = nullable(INT)
-    return obj(props)
 
 
 @dataclass(frozen=True)
@@ -92,7 +77,8 @@ class Param:
 class Op:
     summary: str
     tag: str
-    responses: Mapping[int, tuple[str, dict[str, Any] | None]]  # status -> (description, JSON schema or None)
+    # status -> (description, a model of api.responses, a JSON schema, or None: no body)
+    responses: Mapping[int, tuple[str, type[msgspec.Struct] | dict[str, Any] | None]]
     auth: bool = True
     query: tuple[Param, ...] = ()
     body: type[msgspec.Struct] | None = None  # JSON request body (a model of api.bodies)
@@ -197,6 +183,9 @@ def document(routes: Iterable[tuple[str, type, Any]], version: str) -> dict[str,
             item["security"] = [{"bearer": []}]
         for status, (description, schema) in decl.responses.items():
             response: dict[str, Any] = {"description": description}
+            if isinstance(schema, type):
+                models.append(schema)
+                schema = ref(schema.__name__)
             if schema is not None:
                 ctype = decl.content_type if 200 <= status < 300 else "application/json"
                 response["content"] = {ctype: {"schema": schema}}

@@ -1,5 +1,5 @@
-"""The REST response bodies shared by more than one route, declared as msgspec models for their OpenAPI schema
-(``components.schemas``, referenced by name from the ``@op`` responses: ``openapi.ref("Room")``).
+"""The REST response bodies, declared as msgspec models for their OpenAPI schema (``components.schemas``): the
+``@op`` declarations name them (``responses={200: ("Room", Room)}``) and ``openapi.document`` refers to them.
 
 The handlers and services build these objects as plain dicts (``server_frames.room_object``, ``message_from_row``,
 ``accounts.user_json`` ...) and do not validate them; the integration tests validate real responses against the
@@ -180,6 +180,60 @@ class Usage(Reply):
     tokens_today: int
     remaining_today: int | None
     days: list[UsageDay]
+
+
+# -- whole responses of one route ----------------------------------------------------------------------------
+
+
+class RoomPage(Reply):
+    rooms: list[Room]
+    next_cursor: int | None
+
+
+class MemberPage(Reply):
+    members: list[Member]
+    next_cursor: int | None
+
+
+class MessagePage(Reply):
+    messages: list[Message]
+    has_more: bool
+
+
+class MemberAdded(Reply):
+    room_id: Id
+    user_id: Id
+    added: bool
+
+
+class UserMatches(Reply):
+    users: list[UserRef]
+
+
+class SearchResults(Reply):
+    hits: list[SearchHit]
+    mode: Literal["text", "semantic", "hybrid"]  # services.search.MODES
+    next_cursor: int | None
+
+
+class UserPage(Reply):
+    users: list[User]
+    next_cursor: int | None
+
+
+class AdminMessagePage(Reply):
+    messages: list[AdminMessage]
+    next_cursor: int | None
+
+
+class AuditPage(Reply):
+    entries: list[AuditEntry]
+    next_cursor: int | None
+
+
+class BroadcastDone(Reply):
+    target: Literal["rooms", "users"]
+    count: int
 
 
 MODELS: tuple[type[Reply], ...] = (

@@ -8,7 +8,8 @@ from msgspec import UNSET
 
 from chatd.api.base import LIMIT, MAX_PAGE, ApiHandler, RoomAccess
 from chatd.api.bodies import AssistantSettings, MemberAdd, RoomChange, RoomCreate
-from chatd.api.openapi import BOOL, ID, Param, obj, op, page, ref
+from chatd.api.openapi import Param, op
+from chatd.api.responses import MemberAdded, MemberPage, Room, RoomPage
 from chatd.core import errors, server_frames
 from chatd.storage import rooms as rooms_db
 from chatd.storage.db import iso
@@ -26,7 +27,7 @@ class RoomsHandler(ApiHandler):
         summary="Create a room (room_added to every member)",
         tag="rooms",
         body=RoomCreate,
-        responses={201: ("Room", ref("Room"))},
+        responses={201: ("Room", Room)},
     )
     async def post(self) -> None:
         principal = await self.auth()
@@ -45,7 +46,7 @@ class RoomsHandler(ApiHandler):
             LIMIT,
             Param("cursor", {"type": "integer", "minimum": 1}, "next_cursor of the previous page"),
         ),
-        responses={200: ("Page of rooms", page("Room", "rooms"))},
+        responses={200: ("Page of rooms", RoomPage)},
     )
     async def get(self) -> None:
         principal = await self.auth()
@@ -59,7 +60,7 @@ class RoomsHandler(ApiHandler):
 
 
 class RoomHandler(RoomAccess):
-    @op(summary="A room of yours", tag="rooms", responses={200: ("Room", ref("Room"))})
+    @op(summary="A room of yours", tag="rooms", responses={200: ("Room", Room)})
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
         self.send_json(room_json(room))
@@ -68,7 +69,7 @@ class RoomHandler(RoomAccess):
         summary="Rename or reconfigure (owner/admin; room_updated to every member)",
         tag="rooms",
         body=RoomChange,
-        responses={200: ("Room", ref("Room"))},
+        responses={200: ("Room", Room)},
     )
     async def patch(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
@@ -86,7 +87,7 @@ class RoomHandler(RoomAccess):
     @op(
         summary="Archive (owner/admin; room_updated to every member)",
         tag="rooms",
-        responses={200: ("Room", ref("Room"))},
+        responses={200: ("Room", Room)},
     )
     async def delete(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
@@ -96,15 +97,12 @@ class RoomHandler(RoomAccess):
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
 
-_ADDED = obj({"room_id": ID, "user_id": ID, "added": BOOL})
-
-
 class MembersHandler(RoomAccess):
     @op(
         summary="Add a member (owner/admin): member_joined in the room, room_added to the new member",
         tag="rooms",
         body=MemberAdd,
-        responses={201: ("Added", _ADDED), 200: ("Already a member", _ADDED)},
+        responses={201: ("Added", MemberAdded), 200: ("Already a member", MemberAdded)},
     )
     async def post(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
@@ -120,7 +118,7 @@ class MembersHandler(RoomAccess):
             Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}),
             Param("cursor", {"type": "integer", "minimum": 1}, "next_cursor of the previous page"),
         ),
-        responses={200: ("Page of members", page("Member", "members"))},
+        responses={200: ("Page of members", MemberPage)},
     )
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)

@@ -6,7 +6,8 @@ from typing import Any
 
 from chatd.api.base import QUERY_TWO_CHARS, ApiHandler
 from chatd.api.bodies import PasswordChange, Rename
-from chatd.api.openapi import Param, obj, op, ref
+from chatd.api.openapi import Param, op
+from chatd.api.responses import Usage, User, UserMatches
 from chatd.core import errors
 from chatd.services.accounts import user_json
 from chatd.services.admin import Admin
@@ -14,7 +15,7 @@ from chatd.storage import users as users_db
 
 
 class MeHandler(ApiHandler):
-    @op(summary="The caller", tag="account", responses={200: ("User", ref("User"))})
+    @op(summary="The caller", tag="account", responses={200: ("User", User)})
     async def get(self) -> None:
         principal = await self.auth()
         user = await users_db.user_by_id(self.db, principal.user_id)
@@ -22,7 +23,7 @@ class MeHandler(ApiHandler):
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))
 
-    @op(summary="Change your name", tag="account", body=Rename, responses={200: ("User", ref("User"))})
+    @op(summary="Change your name", tag="account", body=Rename, responses={200: ("User", User)})
     async def patch(self) -> None:
         principal = await self.auth()
         self.send_json(await self.accounts.rename(principal, self.body(Rename).name))
@@ -66,7 +67,7 @@ class UsersHandler(ApiHandler):
                 True,
             ),
         ),
-        responses={200: ("Matches (at most 10)", obj({"users": {"type": "array", "items": ref("UserRef")}}))},
+        responses={200: ("Matches (at most 10)", UserMatches)},
     )
     async def get(self) -> None:
         principal = await self.auth()
@@ -74,7 +75,7 @@ class UsersHandler(ApiHandler):
 
 
 class BanHandler(ApiHandler):
-    @op(summary="Ban a user (sessions revoked, sockets closed)", tag="admin", responses={200: ("User", ref("User"))})
+    @op(summary="Ban a user (sessions revoked, sockets closed)", tag="admin", responses={200: ("User", User)})
     async def post(self, user_id: str) -> None:
         principal = await self.auth()
         if not principal.is_admin:
@@ -92,7 +93,7 @@ class UsageHandler(ApiHandler):
     @op(
         summary="Your token usage (30 days) and what is left of today's budget",
         tag="account",
-        responses={200: ("Usage", ref("Usage"))},
+        responses={200: ("Usage", Usage)},
     )
     async def get(self) -> None:
         principal = await self.auth()

@@ -88,3 +88,9 @@ def test_the_error_schema_lists_every_error_code() -> None:
 
     detail = _document()["components"]["schemas"]["ErrorDetail"]
     assert set(detail["properties"]["code"]["enum"]) == codes(errors.ChatdError)
+
+
+def test_the_search_modes_are_the_services() -> None:
+    from chatd.services.search import MODES
+
+    assert set(_document()["components"]["schemas"]["SearchResults"]["properties"]["mode"]["enum"]) == set(MODES)
