@@ -313,10 +313,10 @@ class ChatSocket(StrictHandlerMixin):
     async def _run(self, actions: Actions) -> None:
         """A frame's actions, in order, its I/O awaited; an I/O error drops the rest and answers the frame."""
         for action in actions:
-            if self._act(action):
-                continue
             frame = _frame_of(action)
             try:
+                if self._act(action):
+                    continue
                 more = await self._io(action)
             except errors.ChatdError as err:
                 if frame is None:
@@ -540,7 +540,7 @@ def frame_limiter(ws: WebSocketSettings) -> FrameLimiter:
 
 def _frame_of(action: Action) -> client_frames.ClientFrame | None:
     """The client frame an I/O action serves: its failure answers that frame."""
-    if isinstance(action, Submit | Join | Leave | RelayTyping | Perform | Authenticate):
+    if isinstance(action, Submit | Join | EnterRoom | Leave | RelayTyping | Perform | Authenticate):
         return action.frame
     return None
 

@@ -106,7 +106,11 @@ class Join:
 class EnterRoom:
     """The kept join result stands: write its ``joined`` (and ``resync_required``), hand its history to the hub."""
 
-    room_id: int
+    frame: client_frames.Join
+
+    @property
+    def room_id(self) -> int:
+        return self.frame.room_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +415,7 @@ class ServerSession:
                 out += self._error(frame, errors.NotFound("room not found"))
             return out
         self.joined.add(room_id)
-        return [EnterRoom(room_id)]
+        return [EnterRoom(frame)]
 
     def typing_relayed(self, frame: client_frames.Typing) -> Actions:
         return self._typing_timer(frame)

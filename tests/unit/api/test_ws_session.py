@@ -6,7 +6,7 @@ import json
 
 from chatd.api.ws import _frame_of, session_for
 from chatd.core import client_frames
-from chatd.core.session import Authenticate, Join, Leave, Perform, RelayTyping, Reply, ResumeReading, Submit
+from chatd.core.session import Authenticate, EnterRoom, Join, Leave, Perform, RelayTyping, Reply, ResumeReading, Submit
 from chatd.process import config
 
 
@@ -31,6 +31,7 @@ def test_an_io_action_names_the_frame_its_failure_answers() -> None:
     auth = client_frames.Auth("t")
     assert _frame_of(Submit(send)) is send
     assert _frame_of(Join(join, rejoin=False)) is join
+    assert _frame_of(EnterRoom(join)) is join  # the hub's merge failing answers the join `internal`
     assert _frame_of(RelayTyping(typing)) is typing
     assert _frame_of(Perform(read)) is read
     assert _frame_of(Authenticate(auth)) is auth
