@@ -243,7 +243,7 @@ class ServerSession:
 
     @property
     def paused(self) -> bool:
-        """Frames are not read (``PauseReading`` was the last of the two said)."""
+        """No frame is read: the last of ``PauseReading`` / ``ResumeReading`` given was a pause."""
         return self._paused
 
     # -- frames --------------------------------------------------------------------------------
