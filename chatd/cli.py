@@ -132,10 +132,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(config_load.as_dict(settings), indent=2))
         return _check_connections(settings) if args.connect else 0
     if args.command == "create-user":
-        from chatd.services import auth
+        from chatd.services import credentials
 
         try:  # before any database starts: a typo costs nothing
-            email, password = auth.validate_email(args.email), auth.validate_password(args.password)
+            email, password = credentials.validate_email(args.email), credentials.validate_password(args.password)
         except BadRequest as exc:
             return _fail(f"create-user: {exc.message}; fix --email / --password", 2)
 

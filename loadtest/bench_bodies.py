@@ -20,7 +20,7 @@ import pydantic
 from chatd.api import bodies
 from chatd.api.bodies import CLIENT_MSG_ID_PATTERN, CONTENT_PATTERN, EMAIL_PATTERN, NAME_PATTERN, NOT_BLANK
 from chatd.core import client_frames, errors
-from chatd.services import auth
+from chatd.services import credentials
 
 MAX = 2**53 - 1
 ROOM = b'{"name":"Team chat","kind":"assistant","members":[2,3,4.0],"assistant":{"mode":"always"}}'
@@ -82,8 +82,8 @@ def hand_register(raw: bytes) -> Any:
     body = json.loads(raw)
     if not isinstance(body, dict):
         raise errors.BadRequest("request body must be a JSON object")
-    email = auth.validate_email(body.get("email"))
-    return email, auth.validate_password(body.get("password")), auth.validate_name(body.get("name"))
+    email = credentials.validate_email(body.get("email"))
+    return email, credentials.validate_password(body.get("password")), credentials.validate_name(body.get("name"))
 
 
 # -- msgspec: chatd's own models (chatd/api/bodies.py), through the handlers' decode ------------------------------

@@ -5,7 +5,7 @@ Everything here talks to loopback or unix sockets only.
 * ``Services``: chatd's own embedded Postgres + Valkey (``chatd.embedded``) in a
   temporary directory, or the servers named by DATABASE_URL / REDIS_URL.
 * ``make_users`` / ``make_rooms``: thousands of users and rooms in seconds, by
-  SQL (one shared Argon2 hash, JWTs minted with ``chatd.services.auth.TokenService``),
+  SQL (one shared Argon2 hash, JWTs minted with ``chatd.services.tokens.TokenService``),
   as ``tests/users.py`` does.  Registering 20,000 users through the API would
   spend 20,000 Argon2 hashes (~70 ms of CPU each).
 * ``ServerProcess``: a server under test on its own port, optionally pinned
@@ -125,7 +125,7 @@ def create_database(admin_url: str, prefix: str = "lt") -> str:
 
 @cache
 def _password_hash() -> str:
-    from chatd.services.auth import hash_password
+    from chatd.services.credentials import hash_password
 
     return hash_password(PASSWORD)
 
@@ -139,7 +139,7 @@ class User:
 
 def mint_tokens(user_ids: Sequence[int], secret: str = JWT_SECRET, ttl_s: int = 4 * 3600) -> list[str]:
     from chatd.process.config import AuthSettings
-    from chatd.services.auth import TokenService
+    from chatd.services.tokens import TokenService
 
     service = TokenService(AuthSettings(jwt_secret=secret, access_ttl_s=ttl_s))
     return [service.mint(uid, "user", "access")[0] for uid in user_ids]

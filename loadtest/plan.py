@@ -11,7 +11,7 @@ Locust users read the plan and pick their index (``locustfile.py``), so any
 Two ways to create it:
 
 * ``sql`` (fast; needs the database and the JWT secret): rows inserted in
-  Postgres, access tokens minted with ``chatd.services.auth.TokenService``.  20,000 users
+  Postgres, access tokens minted with ``chatd.services.tokens.TokenService``.  20,000 users
   take seconds; registering them over REST would cost 20,000 Argon2 hashes.
 * ``rest`` (any reachable chatd, no database access): ``POST /auth/register``
   per user, then the owners create the rooms with their members.  The server

@@ -9,7 +9,8 @@ from functools import cache
 import psycopg
 
 from chatd.process.config import AuthSettings
-from chatd.services.auth import TokenService, hash_password
+from chatd.services.credentials import hash_password
+from chatd.services.tokens import TokenService
 from tests.support import JWT_SECRET
 
 PASSWORD = "password-123"

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from chatd.core import client_frames, errors
-from chatd.services import auth
+from chatd.services import credentials
 from chatd.services.admin import MAX_ANNOUNCEMENT_CHARS
 
 MAX_SAFE_INT = 2**53 - 1
@@ -49,22 +49,22 @@ def text(says: str, **constraints: Any) -> Meta:
     return Meta(**constraints, extra={"says": says})
 
 
-# What auth.validate_email / validate_password / validate_name accept (docs/API.md, register); they still
+# What credentials.validate_email / validate_password / validate_name accept (docs/API.md, register); they still
 # run in the service (the CLI's create-user has no body), and accept everything these accept.
 Email = Annotated[
     str,
     text(
         "must be an address like name@example.com",
-        max_length=auth.MAX_EMAIL_CHARS,
+        max_length=credentials.MAX_EMAIL_CHARS,
         pattern=EMAIL_PATTERN,
     ),
 ]
-Password = Annotated[str, Meta(min_length=auth.MIN_PASSWORD_CHARS, max_length=auth.MAX_PASSWORD_CHARS)]
+Password = Annotated[str, Meta(min_length=credentials.MIN_PASSWORD_CHARS, max_length=credentials.MAX_PASSWORD_CHARS)]
 Name = Annotated[  # trimmed, 1..100 characters, no control characters
     str,
     text(
         "must not be blank nor contain control characters",
-        max_length=auth.MAX_NAME_CHARS,
+        max_length=credentials.MAX_NAME_CHARS,
         pattern=NAME_PATTERN,
     ),
 ]

@@ -19,9 +19,9 @@ from chatd.process.config import Settings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.batching import Batched
 from chatd.realtime.fanout import Hub
-from chatd.services import auth
-from chatd.services.auth import Claims, TokenPair, TokenService
+from chatd.services import credentials
 from chatd.services.ratelimit import AuthLimiter
+from chatd.services.tokens import Claims, TokenPair, TokenService
 from chatd.storage import users as users_db
 from chatd.storage.db import Database, iso
 from chatd.storage.kv import KV
@@ -98,11 +98,11 @@ class Accounts:
     # -- flows ----------------------------------------------------------------
 
     async def register(self, email: str, password: str, name: str, ip: str) -> dict[str, Any]:
-        email = auth.validate_email(email)
+        email = credentials.validate_email(email)
         await self._limit(ip, email)
-        password = auth.validate_password(password)
-        name = auth.validate_name(name)
-        password_hash = await self._cpu(auth.hash_password, password)
+        password = credentials.validate_password(password)
+        name = credentials.validate_name(name)
+        password_hash = await self._cpu(credentials.hash_password, password)
         user = await users_db.create_user(self.db, email, name, password_hash, "user")
         app_log.info("user_registered", extra=fields(user_id=user["id"]))
         return await self._issue(user)
@@ -111,14 +111,14 @@ class Accounts:
         await self._limit(ip, email)
         user = await users_db.user_by_email(self.db, email.strip())
         if user is None or not user.get("password_hash"):
-            await self._cpu(auth.dummy_verify, password)  # same time as a wrong password
+            await self._cpu(credentials.dummy_verify, password)  # same time as a wrong password
             raise errors.Unauthorized("invalid email or password")
-        if not await self._cpu(auth.verify_password, user["password_hash"], password):
+        if not await self._cpu(credentials.verify_password, user["password_hash"], password):
             raise errors.Unauthorized("invalid email or password")
         if user["status"] != "active":
             raise errors.Unauthorized("invalid email or password")
-        if auth.needs_rehash(user["password_hash"]):
-            await users_db.set_password_hash(self.db, user["id"], await self._cpu(auth.hash_password, password))
+        if credentials.needs_rehash(user["password_hash"]):
+            await users_db.set_password_hash(self.db, user["id"], await self._cpu(credentials.hash_password, password))
         return await self._issue(user)
 
     async def refresh(self, token: str) -> dict[str, Any]:
@@ -160,18 +160,18 @@ class Accounts:
     # -- account basics and the directory (issue 11) ---------------------------------
 
     async def rename(self, principal: Principal, name: str) -> dict[str, Any]:
-        user = await users_db.update_user_name(self.db, principal.user_id, auth.validate_name(name))
+        user = await users_db.update_user_name(self.db, principal.user_id, credentials.validate_name(name))
         if user is None:
             raise errors.Unauthorized("account disabled")
         return user_json(user)
 
     async def change_password(self, principal: Principal, old: str, new: str) -> None:
         """Old + new password; every other session of the user is revoked (and its sockets closed)."""
-        new = auth.validate_password(new)
+        new = credentials.validate_password(new)
         current = await users_db.password_hash_of(self.db, principal.user_id)
-        if not current or not await self._cpu(auth.verify_password, current, old):
+        if not current or not await self._cpu(credentials.verify_password, current, old):
             raise errors.Forbidden("old_password is wrong")
-        await users_db.set_password_hash(self.db, principal.user_id, await self._cpu(auth.hash_password, new))
+        await users_db.set_password_hash(self.db, principal.user_id, await self._cpu(credentials.hash_password, new))
         keep = principal.claims.family
         for family in await users_db.revoke_families_except(self.db, principal.user_id, keep):
             await self._close_sockets(principal.user_id, family, 4001, "password changed")
@@ -286,8 +286,8 @@ def _refusal(row: dict[str, Any] | None) -> tuple[tuple[int, str], str] | None:
 
 def create_user_sync(settings: Settings, email: str, password: str, name: str, admin: bool) -> dict[str, Any]:
     """``chatd create-user``: create, or reset the password and role of an existing email."""
-    email = auth.validate_email(email)
-    password_hash = auth.hash_password(auth.validate_password(password))
+    email = credentials.validate_email(email)
+    password_hash = credentials.hash_password(credentials.validate_password(password))
     role = "admin" if admin else "user"
     row = users_db.upsert_user_sync(
         settings.storage.database_url, email, name or email.split("@")[0], password_hash, role

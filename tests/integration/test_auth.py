@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from chatd.services import auth
+from chatd.services import credentials
 from tests.conftest import Services
 from tests.support import JWT_SECRET, WS, Chatd, Response, request
 
@@ -208,7 +208,7 @@ async def make_admin(services: Services, user_id: int) -> None:
 
 async def create_user_in_db(services: Services, email: str, password: str) -> int:
     """A user made without the REST API (so no rate-limited attempt is spent)."""
-    password_hash = await asyncio.to_thread(auth.hash_password, password)
+    password_hash = await asyncio.to_thread(credentials.hash_password, password)
     async with await psycopg.AsyncConnection.connect(services.database_url, autocommit=True) as conn:
         cur = await conn.execute(
             "INSERT INTO users (email, name, password_hash, role) VALUES (%s, %s, %s, 'user') RETURNING id",

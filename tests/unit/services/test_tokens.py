@@ -1,6 +1,6 @@
-"""Unit tests for chatd.auth: passwords, register input, JWT mint/verify.
+"""tokens: JWT mint/verify and identity-provider keys; no network, no loop.
 
-No network, no loop; time comes from a fake clock and keys are generated here.
+Time comes from a fake clock and keys are generated here.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from typing import Any
 
 import jwt
 import pytest
-from argon2 import PasswordHasher
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from chatd.core.errors import BadRequest, ConfigError, Unauthorized
+from chatd.core.errors import ConfigError, Unauthorized
 from chatd.process.config import AuthSettings
-from chatd.services import auth
+from chatd.services import tokens
 
 SECRET = "x" * 40
 T0 = 1_700_000_000.0
@@ -60,7 +59,7 @@ def segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return unb64json(head), unb64json(body)
 
 
-def unauthorized(svc: auth.TokenService, token: Any, typ: auth.TokenType = "access") -> str:
+def unauthorized(svc: tokens.TokenService, token: Any, typ: tokens.TokenType = "access") -> str:
     with pytest.raises(Unauthorized) as info:
         svc.verify(token, typ)
     return info.value.message
@@ -141,8 +140,8 @@ def jwks_file(tmp_path: Path, *keys: dict[str, Any]) -> str:
     return write(tmp_path, "jwks.json", json.dumps({"keys": list(keys)}))
 
 
-def svc_with_key(path: str, clock: FakeClock | None = None) -> auth.TokenService:
-    return auth.TokenService(settings(jwt_public_key_file=path), clock or FakeClock())
+def svc_with_key(path: str, clock: FakeClock | None = None) -> tokens.TokenService:
+    return tokens.TokenService(settings(jwt_public_key_file=path), clock or FakeClock())
 
 
 @pytest.fixture
@@ -151,138 +150,15 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def svc(clock: FakeClock) -> auth.TokenService:
-    return auth.TokenService(settings(), clock)
-
-
-# -- passwords --------------------------------------------------------------
-
-
-def test_password_hash_verify_round_trip() -> None:
-    h = auth.hash_password("correct horse")
-    assert h.startswith("$argon2id$")
-    assert auth.verify_password(h, "correct horse") is True
-    assert auth.verify_password(h, "correct horsE") is False
-    assert auth.needs_rehash(h) is False
-    assert auth.hash_password("correct horse") != h  # salted
-
-
-@pytest.mark.parametrize("bad_hash", ["", "not-a-hash", "$argon2id$v=19$m=65536,t=3,p=4$garbage", "$2b$12$abcdefghijk"])
-def test_verify_password_malformed_hash_is_false(bad_hash: str) -> None:
-    assert auth.verify_password(bad_hash, "whatever1") is False
-
-
-def test_needs_rehash_for_other_parameters_and_malformed() -> None:
-    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash("pw123456")
-    assert auth.verify_password(weak, "pw123456") is True  # old hashes still verify
-    assert auth.needs_rehash(weak) is True
-    assert auth.needs_rehash("garbage") is True
-
-
-def test_dummy_hash_is_lazy_constant_and_never_matches() -> None:
-    first = auth.DUMMY_HASH
-    assert first.startswith("$argon2id$")
-    assert auth.DUMMY_HASH is first  # computed once
-    assert auth.needs_rehash(first) is False  # same cost as real hashes
-    assert auth.dummy_verify("anything at all") is False
-    with pytest.raises(AttributeError):
-        _ = auth.NO_SUCH_NAME
-
-
-# -- register input ---------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("  Ann@Example.com ", "Ann@Example.com"),
-        ("a@b.co", "a@b.co"),
-        ("x+tag@mail.example.org", "x+tag@mail.example.org"),
-    ],
-)
-def test_validate_email_ok(raw: str, expected: str) -> None:
-    assert auth.validate_email(raw) == expected
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (None, "email must be a string"),
-        ("   ", "email is required"),
-        ("a" * 250 + "@b.co", "email must be at most 254 characters"),
-        ("ann.example.com", "email must be an address like name@example.com"),
-        ("@example.com", "email must be an address like name@example.com"),
-        ("ann@", "email must be an address like name@example.com"),
-        ("ann@localhost", "email must be an address like name@example.com"),
-        ("a@b@example.com", "email must be an address like name@example.com"),
-        ("ann@.example.com", "email must be an address like name@example.com"),
-        ("ann@example.com.", "email must be an address like name@example.com"),
-        ("ann@example..com", "email must be an address like name@example.com"),
-        ("an n@example.com", "email must be an address like name@example.com"),
-        ("ann@exa\x00mple.com", "email must be an address like name@example.com"),
-    ],
-)
-def test_validate_email_rejects(raw: Any, message: str) -> None:
-    with pytest.raises(BadRequest) as info:
-        auth.validate_email(raw)
-    assert info.value.message == message
-
-
-def test_validate_email_length_boundary() -> None:
-    at_limit = "a" * 248 + "@b.com"
-    assert len(at_limit) == 254
-    assert auth.validate_email(at_limit) == at_limit
-
-
-@pytest.mark.parametrize("raw", ["12345678", " spaces  ", "é" * 8, "p" * 1024])
-def test_validate_password_ok_and_unstripped(raw: str) -> None:
-    assert auth.validate_password(raw) == raw
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (None, "password must be a string"),
-        (12345678, "password must be a string"),
-        ("1234567", "password must be at least 8 characters"),
-        ("", "password must be at least 8 characters"),
-        ("p" * 1025, "password must be at most 1024 characters"),
-    ],
-)
-def test_validate_password_rejects(raw: Any, message: str) -> None:
-    with pytest.raises(BadRequest) as info:
-        auth.validate_password(raw)
-    assert info.value.message == message
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"), [(" Ann ", "Ann"), ("x", "x"), ("n" * 100, "n" * 100), ("Zoë 🙂", "Zoë 🙂")]
-)
-def test_validate_name_ok(raw: str, expected: str) -> None:
-    assert auth.validate_name(raw) == expected
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (None, "name must be a string"),
-        ("", "name must not be empty"),
-        ("  \t ", "name must not be empty"),
-        ("n" * 101, "name must be at most 100 characters"),
-        ("Ann\nBob", "name must not contain control characters"),
-    ],
-)
-def test_validate_name_rejects(raw: Any, message: str) -> None:
-    with pytest.raises(BadRequest) as info:
-        auth.validate_name(raw)
-    assert info.value.message == message
+def svc(clock: FakeClock) -> tokens.TokenService:
+    return tokens.TokenService(settings(), clock)
 
 
 # -- minting and round trips --------------------------------------------------
 
 
 @pytest.mark.parametrize(("typ", "ttl"), [("access", 900), ("refresh", 604_800)])
-def test_mint_verify_round_trip(svc: auth.TokenService, typ: auth.TokenType, ttl: int) -> None:
+def test_mint_verify_round_trip(svc: tokens.TokenService, typ: tokens.TokenType, ttl: int) -> None:
     token, minted = svc.mint(7, "admin", typ)
     header, payload = segments(token)
     assert header == {"alg": "HS256", "typ": "JWT"}
@@ -293,7 +169,7 @@ def test_mint_verify_round_trip(svc: auth.TokenService, typ: auth.TokenType, ttl
     assert minted.sub == 7 and minted.role == "admin" and minted.typ == typ and minted.external is False
 
 
-def test_mint_family_rules(svc: auth.TokenService) -> None:
+def test_mint_family_rules(svc: tokens.TokenService) -> None:
     access_token, access = svc.mint(7, "user", "access")
     assert access.family is None and "fam" not in segments(access_token)[1]
     _, refresh = svc.mint(7, "user", "refresh")
@@ -304,12 +180,12 @@ def test_mint_family_rules(svc: auth.TokenService) -> None:
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, "7", 2**63])
-def test_mint_rejects_bad_user_id(svc: auth.TokenService, bad: Any) -> None:
+def test_mint_rejects_bad_user_id(svc: tokens.TokenService, bad: Any) -> None:
     with pytest.raises(ValueError):
         svc.mint(bad, "user", "access")
 
 
-def test_mint_pair_shares_family(svc: auth.TokenService) -> None:
+def test_mint_pair_shares_family(svc: tokens.TokenService) -> None:
     pair = svc.mint_pair(9, "user")
     assert pair.expires_in == 900
     assert pair.access.family is not None and pair.access.family == pair.refresh.family
@@ -321,7 +197,7 @@ def test_mint_pair_shares_family(svc: auth.TokenService) -> None:
 
 
 def test_other_hmac_algorithm_setting(clock: FakeClock) -> None:
-    svc = auth.TokenService(settings(jwt_algorithm="HS512", jwt_secret="y" * 64), clock)
+    svc = tokens.TokenService(settings(jwt_algorithm="HS512", jwt_secret="y" * 64), clock)
     token, minted = svc.mint(1, "user", "access")
     assert segments(token)[0]["alg"] == "HS512"
     assert svc.verify(token, "access") == minted
@@ -334,7 +210,7 @@ def test_other_hmac_algorithm_setting(clock: FakeClock) -> None:
     ("offset", "ok"),
     [(900 + 10 - 1, True), (900 + 10, False), (900 + 11, False), (899, True)],  # exp = T0+900, leeway 10
 )
-def test_expiry_with_leeway(svc: auth.TokenService, clock: FakeClock, offset: int, ok: bool) -> None:
+def test_expiry_with_leeway(svc: tokens.TokenService, clock: FakeClock, offset: int, ok: bool) -> None:
     token, minted = svc.mint(1, "user", "access")
     clock.now = T0 + offset
     if ok:
@@ -344,7 +220,7 @@ def test_expiry_with_leeway(svc: auth.TokenService, clock: FakeClock, offset: in
 
 
 @pytest.mark.parametrize(("offset", "ok"), [(899, True), (900, False), (905, False)])
-def test_expiry_without_leeway_for_sockets(svc: auth.TokenService, clock: FakeClock, offset: int, ok: bool) -> None:
+def test_expiry_without_leeway_for_sockets(svc: tokens.TokenService, clock: FakeClock, offset: int, ok: bool) -> None:
     """The socket handshake checks exp exactly: a socket closed at exp cannot reopen within the leeway."""
     token, minted = svc.mint(1, "user", "access")
     clock.now = T0 + offset
@@ -359,7 +235,7 @@ def test_expiry_without_leeway_for_sockets(svc: auth.TokenService, clock: FakeCl
 
 
 @pytest.mark.parametrize(("ahead", "ok"), [(10, True), (11, False), (3600, False)])
-def test_iat_in_the_future(svc: auth.TokenService, ahead: int, ok: bool) -> None:
+def test_iat_in_the_future(svc: tokens.TokenService, ahead: int, ok: bool) -> None:
     token = hs(claims(iat=int(T0) + ahead, exp=int(T0) + 9000))
     if ok:
         assert svc.verify(token, "access").iat == int(T0) + ahead
@@ -368,7 +244,7 @@ def test_iat_in_the_future(svc: auth.TokenService, ahead: int, ok: bool) -> None
 
 
 @pytest.mark.parametrize(("name", "value"), [("exp", "soon"), ("iat", "now"), ("exp", True), ("iat", None)])
-def test_non_numeric_dates(svc: auth.TokenService, name: str, value: Any) -> None:
+def test_non_numeric_dates(svc: tokens.TokenService, name: str, value: Any) -> None:
     message = unauthorized(svc, hs(claims(**{name: value})))
     assert message == (f"token missing claim '{name}'" if value is None else f"invalid claim '{name}'")
 
@@ -376,11 +252,11 @@ def test_non_numeric_dates(svc: auth.TokenService, name: str, value: Any) -> Non
 # -- signature and algorithm pinning -------------------------------------------
 
 
-def test_wrong_secret(svc: auth.TokenService) -> None:
+def test_wrong_secret(svc: tokens.TokenService) -> None:
     assert unauthorized(svc, hs(claims(), secret="z" * 40)) == "invalid token signature"
 
 
-def test_tampered_payload(svc: auth.TokenService) -> None:
+def test_tampered_payload(svc: tokens.TokenService) -> None:
     token, _ = svc.mint(42, "user", "access")
     head, _, sig = token.split(".")
     payload = segments(token)[1]
@@ -389,13 +265,13 @@ def test_tampered_payload(svc: auth.TokenService) -> None:
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE"])
-def test_alg_none_rejected(svc: auth.TokenService, alg: str) -> None:
+def test_alg_none_rejected(svc: tokens.TokenService, alg: str) -> None:
     token = f"{b64json({'alg': alg, 'typ': 'JWT'})}.{b64json(claims())}."
     assert unauthorized(svc, token) == "unsupported token algorithm"
 
 
 @pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
-def test_other_hmac_alg_with_right_secret_rejected(svc: auth.TokenService) -> None:
+def test_other_hmac_alg_with_right_secret_rejected(svc: tokens.TokenService) -> None:
     # The configured algorithm is pinned; the header cannot switch to another HS*.
     assert unauthorized(svc, hs(claims(), alg="HS512")) == "unsupported token algorithm"
 
@@ -412,11 +288,11 @@ def test_hs_rs_confusion_rejected(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) ->
 @pytest.mark.parametrize(
     "token", ["", "abc", "a.b.c", "a.b", "....", "x" * 9000, None, b"bytes.are.not", "e30.e30.", "W10.e30.sig"]
 )
-def test_garbage_tokens(svc: auth.TokenService, token: Any) -> None:
+def test_garbage_tokens(svc: tokens.TokenService, token: Any) -> None:
     assert unauthorized(svc, token) in ("invalid token", "unsupported token algorithm")
 
 
-def test_garbage_token_messages_are_specific(svc: auth.TokenService) -> None:
+def test_garbage_token_messages_are_specific(svc: tokens.TokenService) -> None:
     assert unauthorized(svc, "abc") == "invalid token"
     assert unauthorized(svc, "x" * 9000) == "invalid token"
     assert unauthorized(svc, "e30.e30.") == "invalid token"  # header {} has no alg
@@ -426,18 +302,18 @@ def test_garbage_token_messages_are_specific(svc: auth.TokenService) -> None:
 
 
 @pytest.mark.parametrize("typ", ["access", "refresh"])
-def test_wrong_token_type_both_ways(svc: auth.TokenService, typ: auth.TokenType) -> None:
+def test_wrong_token_type_both_ways(svc: tokens.TokenService, typ: tokens.TokenType) -> None:
     token, _ = svc.mint(1, "user", typ)
-    other: auth.TokenType = "refresh" if typ == "access" else "access"
+    other: tokens.TokenType = "refresh" if typ == "access" else "access"
     assert unauthorized(svc, token, other) == "wrong token type"
 
 
 @pytest.mark.parametrize(("typ", "message"), [("id", "invalid claim 'typ'"), (1, "invalid claim 'typ'")])
-def test_unknown_typ(svc: auth.TokenService, typ: Any, message: str) -> None:
+def test_unknown_typ(svc: tokens.TokenService, typ: Any, message: str) -> None:
     assert unauthorized(svc, hs(claims(typ=typ))) == message
 
 
-def test_refresh_without_family_rejected(svc: auth.TokenService) -> None:
+def test_refresh_without_family_rejected(svc: tokens.TokenService) -> None:
     assert unauthorized(svc, hs(claims(typ="refresh")), "refresh") == "token missing claim 'fam'"
     assert svc.verify(hs(claims(typ="refresh", fam="f1")), "refresh").family == "f1"
     assert unauthorized(svc, hs(claims(fam=5))) == "invalid claim 'fam'"
@@ -448,36 +324,36 @@ def test_refresh_without_family_rejected(svc: auth.TokenService) -> None:
     [({"jwt_audience": "other"}, "invalid audience"), ({"jwt_issuer": "evil"}, "invalid issuer")],
 )
 def test_wrong_audience_and_issuer(clock: FakeClock, minted_with: dict[str, str], message: str) -> None:
-    ours = auth.TokenService(settings(), clock)
-    token, _ = auth.TokenService(settings(**minted_with), clock).mint(1, "user", "access")
+    ours = tokens.TokenService(settings(), clock)
+    token, _ = tokens.TokenService(settings(**minted_with), clock).mint(1, "user", "access")
     assert unauthorized(ours, token) == message
 
 
-def test_audience_list_containing_ours_accepted(svc: auth.TokenService) -> None:
+def test_audience_list_containing_ours_accepted(svc: tokens.TokenService) -> None:
     assert svc.verify(hs(claims(aud=["other", "chatd"])), "access").sub == 42
     assert unauthorized(svc, hs(claims(aud=["other"]))) == "invalid audience"
 
 
 @pytest.mark.parametrize("name", ["jti", "sub", "exp", "iat", "typ", "role", "iss", "aud"])
-def test_missing_claim(svc: auth.TokenService, name: str) -> None:
+def test_missing_claim(svc: tokens.TokenService, name: str) -> None:
     assert unauthorized(svc, hs(claims(**{name: MISSING}))) == f"token missing claim '{name}'"
 
 
 @pytest.mark.parametrize("sub", ["abc", "0", "-1", "1.5", "042", " 42", "²", "9" * 20, "9223372036854775808", 42, ""])
-def test_bad_sub(svc: auth.TokenService, sub: Any) -> None:
+def test_bad_sub(svc: tokens.TokenService, sub: Any) -> None:
     assert unauthorized(svc, hs(claims(sub=sub))) == "invalid claim 'sub'"
 
 
-def test_largest_sub_accepted(svc: auth.TokenService) -> None:
+def test_largest_sub_accepted(svc: tokens.TokenService) -> None:
     assert svc.verify(hs(claims(sub=str(2**63 - 1))), "access").sub == 2**63 - 1
 
 
 @pytest.mark.parametrize(("name", "value"), [("jti", ""), ("jti", 7), ("role", ""), ("role", ["admin"])])
-def test_bad_jti_or_role(svc: auth.TokenService, name: str, value: Any) -> None:
+def test_bad_jti_or_role(svc: tokens.TokenService, name: str, value: Any) -> None:
     assert unauthorized(svc, hs(claims(**{name: value}))) == f"invalid claim '{name}'"
 
 
-def test_messages_never_contain_the_token(svc: auth.TokenService) -> None:
+def test_messages_never_contain_the_token(svc: tokens.TokenService) -> None:
     token = hs(claims(exp=int(T0) - 100))
     message = unauthorized(svc, token)
     assert message == "token expired"
@@ -493,19 +369,19 @@ def rs(key: Any, payload: dict[str, Any], alg: str = "RS256", kid: str | None = 
 
 
 @pytest.fixture
-def pem_svc(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> auth.TokenService:
+def pem_svc(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> tokens.TokenService:
     return svc_with_key(write(tmp_path, "idp.pem", public_pem(rsa_key)))
 
 
 @pytest.fixture
-def jwks_svc(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ed_key: ed25519.Ed25519PrivateKey) -> auth.TokenService:
+def jwks_svc(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ed_key: ed25519.Ed25519PrivateKey) -> tokens.TokenService:
     return svc_with_key(jwks_file(tmp_path, jwk(rsa_key, kid="r1", use="sig"), jwk(ed_key, kid="e1")))
 
 
-def test_rs256_with_pem_key(pem_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_rs256_with_pem_key(pem_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
     assert pem_svc.external_keys == ((None, "RS256"),)
     got = pem_svc.verify(rs(rsa_key, idp_claims(), kid="whatever"), "access")
-    assert got == auth.Claims(
+    assert got == tokens.Claims(
         sub=42, jti="j1", iat=int(T0), exp=int(T0) + 900, typ="access", role="user", family=None, external=True
     )
     # chatd's own tokens still verify next to the IdP key.
@@ -513,13 +389,13 @@ def test_rs256_with_pem_key(pem_svc: auth.TokenService, rsa_key: rsa.RSAPrivateK
     assert pem_svc.verify(token, "access") == minted
 
 
-def test_rs256_with_jwks(jwks_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_rs256_with_jwks(jwks_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
     assert set(jwks_svc.external_keys) == {("r1", "RS256"), ("e1", "EdDSA")}
     got = jwks_svc.verify(rs(rsa_key, idp_claims(role="moderator"), kid="r1"), "access")
     assert got.external is True and got.role == "moderator" and got.sub == 42
 
 
-def test_eddsa_with_jwks(jwks_svc: auth.TokenService, ed_key: ed25519.Ed25519PrivateKey) -> None:
+def test_eddsa_with_jwks(jwks_svc: tokens.TokenService, ed_key: ed25519.Ed25519PrivateKey) -> None:
     got = jwks_svc.verify(rs(ed_key, idp_claims(), alg="EdDSA", kid="e1"), "access")
     assert got.external is True and got.typ == "access"
     # One key per alg: a kid-less token still finds it.
@@ -549,17 +425,17 @@ def test_certificate_pem(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     assert svc.verify(rs(rsa_key, idp_claims()), "access").external is True
 
 
-def test_rs256_rejected_without_public_key(svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_rs256_rejected_without_public_key(svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
     assert unauthorized(svc, rs(rsa_key, idp_claims())) == "unsupported token algorithm"
 
 
-def test_rs256_from_other_key_rejected(pem_svc: auth.TokenService, other_rsa_key: rsa.RSAPrivateKey) -> None:
+def test_rs256_from_other_key_rejected(pem_svc: tokens.TokenService, other_rsa_key: rsa.RSAPrivateKey) -> None:
     assert unauthorized(pem_svc, rs(other_rsa_key, idp_claims())) == "invalid token signature"
 
 
 def test_alg_not_in_key_table_rejected(
-    pem_svc: auth.TokenService,
-    jwks_svc: auth.TokenService,
+    pem_svc: tokens.TokenService,
+    jwks_svc: tokens.TokenService,
     rsa_key: rsa.RSAPrivateKey,
     ec_key: ec.EllipticCurvePrivateKey,
 ) -> None:
@@ -569,7 +445,7 @@ def test_alg_not_in_key_table_rejected(
     assert unauthorized(jwks_svc, rs(ec_key, idp_claims(), alg="ES256")) == "unsupported token algorithm"
 
 
-def test_unknown_kid_rejected(jwks_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_unknown_kid_rejected(jwks_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
     assert unauthorized(jwks_svc, rs(rsa_key, idp_claims(), kid="nope")) == "unknown signing key"
 
 
@@ -585,7 +461,7 @@ def test_ambiguous_kidless_token_rejected(
 
 @pytest.mark.parametrize("typ", ["refresh", "id", 3])
 def test_external_token_cannot_claim_other_types(
-    pem_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey, typ: Any
+    pem_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey, typ: Any
 ) -> None:
     token = rs(rsa_key, idp_claims(typ=typ))
     assert unauthorized(pem_svc, token, "access") == "wrong token type"
@@ -593,14 +469,14 @@ def test_external_token_cannot_claim_other_types(
 
 @pytest.mark.parametrize("typ", [MISSING, "access", "Bearer"])
 def test_external_token_is_never_a_refresh_token(
-    pem_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey, typ: Any
+    pem_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey, typ: Any
 ) -> None:
     token = rs(rsa_key, idp_claims(typ=typ))
     assert pem_svc.verify(token, "access").typ == "access"
     assert unauthorized(pem_svc, token, "refresh") == "wrong token type"
 
 
-def test_external_refresh_with_family_still_rejected(pem_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_external_refresh_with_family_still_rejected(pem_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
     token = rs(rsa_key, idp_claims(typ="refresh", fam="f1"))
     assert unauthorized(pem_svc, token, "refresh") == "wrong token type"
 
@@ -618,12 +494,12 @@ def test_external_refresh_with_family_still_rejected(pem_svc: auth.TokenService,
     ],
 )
 def test_external_claim_checks(
-    pem_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey, changes: dict[str, Any], message: str
+    pem_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey, changes: dict[str, Any], message: str
 ) -> None:
     assert unauthorized(pem_svc, rs(rsa_key, idp_claims(**changes))) == message
 
 
-def test_external_family_is_ignored(pem_svc: auth.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_external_family_is_ignored(pem_svc: tokens.TokenService, rsa_key: rsa.RSAPrivateKey) -> None:
     # The IdP cannot name one of chatd's refresh families.
     assert pem_svc.verify(rs(rsa_key, idp_claims(fam="f1")), "access").family is None
 
@@ -697,7 +573,7 @@ def test_single_jwk_file(tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey) -> N
 
 def test_empty_secret_refused() -> None:
     with pytest.raises(ConfigError) as info:
-        auth.TokenService(AuthSettings(jwt_secret=""))
+        tokens.TokenService(AuthSettings(jwt_secret=""))
     assert info.value.key == "auth.jwt_secret"
 
 
@@ -710,12 +586,12 @@ def test_jwks_alg_must_match_curve(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
-def test_non_finite_exp_rejected(svc: auth.TokenService, value: float) -> None:
+def test_non_finite_exp_rejected(svc: tokens.TokenService, value: float) -> None:
     # Python's json reads Infinity/NaN; an infinite exp must not mean "never expires".
     assert unauthorized(svc, hs(claims(exp=value))) == "invalid claim 'exp'"
 
 
-def test_oversized_but_valid_token_rejected(svc: auth.TokenService) -> None:
+def test_oversized_but_valid_token_rejected(svc: tokens.TokenService) -> None:
     big = hs(claims(pad="p" * 8200))
     assert svc.verify(hs(claims(pad="p" * 100)), "access").sub == 42  # extra claims are fine
     assert unauthorized(svc, big) == "invalid token"
