@@ -22,9 +22,7 @@ import secrets
 import time
 from typing import Any
 
-import tornado.web
-import tornado.websocket
-from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.iostream import StreamClosedError
 
 from chatd.api.web import origin_allowed
 from chatd.core import client_frames, errors, server_frames, wsframe
@@ -35,8 +33,8 @@ from chatd.process.logs import app_log, fields
 from chatd.process.state import ServerState
 from chatd.realtime.batching import Batched
 from chatd.realtime.fanout import Hub
-from chatd.realtime.rfc6455 import StrictHandlerMixin, StrictProtocol
 from chatd.realtime.writer import MessageWriter
+from chatd.realtime.wsconn import BufferFull, WebSocket
 from chatd.services.accounts import Accounts, Principal
 from chatd.services.ratelimit import Decision, FrameLimiter, TypingDedup
 from chatd.services.rooms import Rooms
@@ -47,7 +45,7 @@ _ALLOWED = Decision(True)
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
 
 
-class ChatSocket(StrictHandlerMixin):
+class ChatSocket(WebSocket):
     def initialize(
         self,
         state: ServerState,
@@ -90,8 +88,6 @@ class ChatSocket(StrictHandlerMixin):
         self._closing = False
         self._close_sent = False  # counted in chatd_ws_closed_by_server_total
         self._counted = False
-        self._stream_obj: IOStream | None = None
-        self._protocol: tornado.websocket.WebSocketProtocol | None = None
         self._pending = 0  # sends read but not yet answered
         self._room_for_sends = asyncio.Event()
         self._room_for_sends.set()
@@ -108,9 +104,6 @@ class ChatSocket(StrictHandlerMixin):
         if not origin:
             return True  # non-browser clients send no Origin
         return origin_allowed(origin, self.request.host, self.config.server.allowed_origins)
-
-    def check_origin(self, origin: str) -> bool:
-        return True  # checked in get(), with a JSON 403
 
     def _token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
@@ -153,14 +146,8 @@ class ChatSocket(StrictHandlerMixin):
         return {"compression_level": ws.compression_level, "mem_level": ws.compression_mem_level}
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
-        self.set_nodelay(True)  # Tornado leaves Nagle on for WebSockets
         assert self.ws_connection is not None and self.principal is not None
-        stream = getattr(self.ws_connection, "stream", None)
-        if isinstance(stream, IOStream):
-            stream.max_write_buffer_size = self.config.ws.max_buffer_bytes
-            # Frames go straight to the socket (see write_frame) unless permessage-deflate needs Tornado's framing.
-            self._stream_obj = stream if self.get_compression_options() is None and type(stream) is IOStream else None
-        self._protocol = self.ws_connection  # kept: close() forgets ws_connection, shutdown may abort it
+        self.ws_connection.max_buffer = self.config.ws.max_buffer_bytes
         self.state.connections.add(self)
         metrics.ws_connections.inc()
         self._counted = True
@@ -229,62 +216,36 @@ class ChatSocket(StrictHandlerMixin):
         self.write_frame(wsframe.ws_text_frame(server_frames.encode_bytes(frame)))
 
     def write_frame(self, frame: bytes) -> None:
-        """Write prebuilt frame bytes (fan-out builds them once for every socket).
+        """Write prebuilt frame bytes (fan-out builds them once for every socket; with permessage-deflate
+        their payloads are compressed for this socket).
 
         A failure closes this socket only: fan-out goes on to the next one.
         """
         conn = self.ws_connection
-        if conn is None or self._closing or conn.is_closing():
+        if conn is None or self._closing or conn.server_terminated:
             return
         try:
-            stream = self._stream_obj
-            if stream is None:
-                self._write_framed(frame)
-                return
-            if not stream.writing():
-                # Nothing queued: one send(), without Tornado's per-write future and bookkeeping.
-                try:
-                    sent = stream.socket.send(frame)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(frame):
-                    return
-                frame = frame[sent:]
-            stream.write(frame)
-            if isinstance(conn, StrictProtocol):
-                conn.note_write()  # where this frame ends, should the rest have to be dropped
-        except StreamBufferFullError:
+            conn.write_frame(frame)
+        except BufferFull:
             self._overflow()
-        except (StreamClosedError, tornado.websocket.WebSocketClosedError, ConnectionError):
-            self._stream_obj = None  # closing: Tornado calls on_close
+        except (StreamClosedError, ConnectionError):
+            pass  # closing: on_close follows
         except Exception as exc:
             app_log.error("socket_write_failed", exc_info=exc, extra=fields(connection_id=self.connection_id))
             self.force_close(int(CloseCode.INTERNAL_ERROR), "write failed")
-
-    def _write_framed(self, frame: bytes) -> None:
-        # permessage-deflate frames per socket: take the payloads back out of our own frames.
-        for payload in wsframe.ws_frame_payloads(frame):
-            self.write_message(payload.decode())
 
     def _overflow(self) -> None:
         conn = self.ws_connection
         # The queued frames are useless to a client that must resume anyway: dropped, so the close frame is
         # next on the wire and a client that reads again within ws.close_timeout_s sees 1013.
-        dropped = conn.drop_unsent() if isinstance(conn, StrictProtocol) else 0
+        dropped = conn.drop_unsent() if conn is not None else 0
         app_log.warning(
             "slow_consumer_closed",
             extra=fields(user_id=self.user_id, connection_id=self.connection_id, dropped_bytes=dropped),
         )
-        stream = getattr(conn, "stream", None)
-        if isinstance(stream, IOStream):
-            stream.max_write_buffer_size = None  # room for the close frame
-        self._stream_obj = None
+        if conn is not None:
+            conn.max_buffer = None  # room for the close frame
         self.force_close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
-
-    def abort(self) -> None:
-        """Drop the TCP connection now (shutdown: the client did not answer the close frame in time)."""
-        if self._protocol is not None:
-            self._protocol._abort()
 
     def kicked(self, room_id: int) -> None:
         """Removed from the room by its owner: stop its frames and say so."""
@@ -311,7 +272,7 @@ class ChatSocket(StrictHandlerMixin):
         if self._close_sent:
             return
         self._close_sent = True
-        if code is None and reason == "ping timed out":  # Tornado's words: no pong within the timeout
+        if code is None and reason == "ping timed out":  # no pong within the timeout (wsconn.WsConnection)
             metrics.ws_ping_timeouts.inc()
         metrics.ws_closed.labels(str(code or (1000 if reason else 1005))).inc()
 
@@ -516,7 +477,6 @@ class ChatSocket(StrictHandlerMixin):
 
     def on_close(self) -> None:
         self._closing = True
-        self._stream_obj = None
         self._stopped.set()
         self._room_for_sends.set()
         for timer in [*self._timers, *self._typing_timers.values()]:
@@ -591,4 +551,4 @@ async def refresh_registrations(state: ServerState, kv: KV, origin: bytes = b"")
                 pass
 
 
-__all__ = ["ChatSocket", "refresh_registrations", "tornado"]
+__all__ = ["ChatSocket", "refresh_registrations"]
