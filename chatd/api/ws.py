@@ -4,8 +4,8 @@ Before the upgrade: a cross-site ``Origin`` gets 403 and a missing, invalid,
 expired or revoked token gets 401, both with the JSON error body and no 101.
 After it: the ``hello`` frame, then frames as in docs/PROTOCOL.md.
 
-Frames are handled in order per socket: Tornado reads the next frame only once
-``on_message`` returned, which is how backpressure works here.  A ``send`` is
+Frames are handled in order per socket: the read loop (``chatd/realtime/wsconn.py``) reads the next
+message only once ``on_message`` returned, which is how backpressure works here.  A ``send`` is
 queued for the group commit in frame order and acked from the commit's
 callback, so pipelined sends keep their order without waiting for each
 other's commit; at ``ws.max_pending_sends`` unacknowledged sends, or after a

@@ -210,6 +210,8 @@ class WsConnection:
         self._pong = False
         self._ping_at = 0.0
         self._loop = asyncio.get_running_loop()
+        if deflate is None:
+            self.write_frame = self._write  # type: ignore[method-assign,assignment]  # fan-out hot path: one call
 
     # -- reading --------------------------------------------------------------------
 
@@ -265,7 +267,8 @@ class WsConnection:
                 if state is ConnectionState.REMOTE_CLOSING or state is ConnectionState.CLOSED:
                     self._client_closed(event.code, event.reason)
                 elif state is ConnectionState.OPEN:  # wsproto could not parse what the client sent
-                    self.fail(int(event.code), event.reason or "protocol error")
+                    code, detail = int(event.code), event.reason or "protocol error"
+                    self.fail(code, "invalid UTF-8" if code == CloseCode.INVALID_PAYLOAD else detail[:100], detail)
                     if closes:  # a close frame is among these bytes: the client is done (or sent a bad one)
                         self._client_closed(None, None)
                 return
@@ -304,11 +307,15 @@ class WsConnection:
 
     # -- closing --------------------------------------------------------------------
 
-    def fail(self, code: int, reason: str) -> None:
-        """Close for a protocol violation of the client: logged, counted, then the usual close handshake."""
+    def fail(self, code: int, reason: str, detail: str | None = None) -> None:
+        """Close for a protocol violation of the client: logged (with wsproto's words), counted, then the
+        usual close handshake."""
         if self.server_terminated:
             return
-        app_log.warning("ws_protocol_error", extra=fields(code=int(code), reason=reason, connection_id=self._id()))
+        app_log.warning(
+            "ws_protocol_error",
+            extra=fields(code=int(code), reason=(detail or reason)[:200], connection_id=self._id()),
+        )
         self.close(int(code), reason)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
@@ -393,7 +400,8 @@ class WsConnection:
 
     def write_frame(self, frame: bytes) -> None:
         """Pre-framed server text frames (``wsframe.ws_text_frame``): the same bytes for every socket, or,
-        with permessage-deflate, their payloads compressed for this socket."""
+        with permessage-deflate, their payloads compressed for this socket.  (Without deflate ``__init__``
+        binds this name to ``_write`` itself: one call per delivery.)"""
         if self.deflate is None:
             self._write(frame)
         else:

@@ -19,11 +19,13 @@ from typing import Any
 import kosoku
 import pytest
 import websocket
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
-from tests.chat import connect, join, make_room, send_many
+from tests.chat import collect_messages, connect, join, make_room, send_many
 from tests.conftest import Services
 from tests.rawws import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, close_payload, frame
-from tests.support import Chatd, http_get
+from tests.support import WS, Chatd, http_get
 from tests.users import make_users
 
 pytestmark = pytest.mark.reliability
@@ -124,6 +126,29 @@ async def test_compressed_text_of_invalid_utf8_closes_1007(chatd_factory: Any, s
     await ws.send(frame(OP_TEXT, _deflate(b'{"type": "ping", "id": "\xed\xa0\x80"}'), rsv1=True))  # a surrogate
     assert await ws.close_code() == 1007
     ws.close()
+
+
+async def test_compressed_sockets_get_their_frames_and_fan_out(chatd_factory: Any, services: Services) -> None:
+    """permessage-deflate negotiated: hello, acks and fan-out frames (pre-framed once, compressed per socket)
+    reach Tornado's client, and what the client sends compressed is served."""
+    server: Chatd = chatd_factory(CHATD_WS_COMPRESSION="true")
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(server, alice, [bob])
+    sockets = []
+    for user in (alice, bob):
+        request = HTTPRequest(server.ws, headers={"Authorization": f"Bearer {user.token}"}, request_timeout=20)
+        conn = await websocket_connect(request, compression_options={})
+        assert "permessage-deflate" in conn.headers.get("Sec-WebSocket-Extensions", "")
+        ws = WS(conn)
+        assert (await ws.expect("hello"))["user_id"] == user.id
+        await join(ws, room)
+        sockets.append(ws)
+    a, b = sockets
+    contents = [f"compressed {i} " + "z" * (i * 100) for i in range(20)]
+    acks = await send_many(a, room, contents)
+    assert [ack["type"] for ack in acks] == ["ack"] * 20
+    got = await collect_messages(b, room, 20)
+    assert [m["content"] for m in got] == contents
 
 
 async def test_invalid_utf8_in_a_first_fragment_fails_fast(chatd: Chatd, services: Services) -> None:
