@@ -259,7 +259,12 @@ class WsConnection:
                         await handled
             elif isinstance(event, Ping):
                 if not self.server_terminated:
-                    self._write(proto.send(event.response()))
+                    try:
+                        self._write(proto.send(event.response()))
+                    except BufferFull:  # pings from a client that does not read
+                        self.drop_unsent()
+                        self.max_buffer = None
+                        self.close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
             elif isinstance(event, Pong):
                 self._pong = True
             elif isinstance(event, CloseConnection):
@@ -301,7 +306,13 @@ class WsConnection:
             self.close_reason = reason or None
             self.server_terminated = True  # an echo, not a close chatd starts: not counted
             if self.proto.state is ConnectionState.REMOTE_CLOSING:
-                self._write(self.proto.send(CloseConnection(code=code or 1005, reason=reason)))
+                echo = self.proto.send(CloseConnection(code=code or 1005, reason=reason))
+                try:
+                    self._write(echo)
+                except BufferFull:
+                    self.drop_unsent()
+                    self.max_buffer = None
+                    self._write(echo)
             self._arm_close_timer()
         self._end_when_flushed()
 
@@ -328,11 +339,14 @@ class WsConnection:
             code = 1000
         payload = b"" if code is None else struct.pack("!H", code) + (reason or "").encode()[:123]
         try:
-            self._write(bytes((0x88, len(payload))) + payload)
-        except BufferFull:  # the handler's _overflow drops the queue first; anyone else: make room
-            self.drop_unsent()
-            self.max_buffer = None
-            self._write(bytes((0x88, len(payload))) + payload)
+            try:
+                self._write(bytes((0x88, len(payload))) + payload)
+            except BufferFull:  # the handler's _overflow drops the queue first; anyone else: make room
+                self.drop_unsent()
+                self.max_buffer = None
+                self._write(bytes((0x88, len(payload))) + payload)
+        except StreamClosedError:
+            self.abort()  # gone already: on_close follows
         if self.proto.state is ConnectionState.OPEN:
             self.proto.send(CloseConnection(code=code or 1005))  # wsproto's state follows (LOCAL_CLOSING)
         self._arm_close_timer()
@@ -454,6 +468,9 @@ class WsConnection:
                 sent = sock.send(data)
             except BlockingIOError:
                 sent = 0
+            except OSError as exc:  # reset, broken pipe: the stream closes (on_close follows, scheduled)
+                stream.close()
+                raise StreamClosedError(real_error=exc) from exc
             if sent == len(data):
                 return
             if sent:
