@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from chatd.core.errors import ConfigError
 from chatd.process import config as config_mod
-from chatd.process import logs
+from chatd.process import config_load, logs
 from chatd.process.config import Settings
 
 
@@ -45,11 +45,11 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> Settings:
     # migrate and create-user never sign a token: no JWT secret needed for them.
     need_secret = args.command in ("serve", "check-config")
-    settings = config_mod.load(getattr(args, "config", None), need_jwt_secret=need_secret)
+    settings = config_load.load(getattr(args, "config", None), need_jwt_secret=need_secret)
     overrides = {k: getattr(args, k) for k in ("workers", "port", "host") if getattr(args, k, None) is not None}
     if overrides:
         settings = config_mod.replace(settings, "server", **overrides)
-        config_mod.validate(settings, need_jwt_secret=need_secret)
+        config_load.validate(settings, need_jwt_secret=need_secret)
     return settings
 
 
@@ -107,7 +107,7 @@ def _check_connections(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config-doc":
-        sys.stdout.write(config_mod.reference_markdown())
+        sys.stdout.write(config_load.reference_markdown())
         return 0
     if args.command == "chat":  # a client: no server settings
         from chatd.client.terminal import main as chat
@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     logs.setup(settings.log.level, settings.log.format, settings.log.access_log)
 
     if args.command == "check-config":
-        print(json.dumps(config_mod.as_dict(settings), indent=2))
+        print(json.dumps(config_load.as_dict(settings), indent=2))
         return _check_connections(settings) if args.connect else 0
     if args.command == "create-user":
         from chatd.services import auth

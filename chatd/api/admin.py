@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd.api.base import LIMIT, NOT_BLANK, ApiHandler
-from chatd.api.openapi import INT, Param, obj, op, page, ref
+from chatd.api.base import LIMIT, ApiHandler
+from chatd.api.bodies import Announce, Broadcast, RoleChange
+from chatd.api.openapi import Param, op
+from chatd.api.responses import AdminMessagePage, AuditPage, BroadcastDone, Message, User, UserPage
 from chatd.core import errors
 from chatd.services.accounts import Principal
-from chatd.services.admin import MAX_ANNOUNCEMENT_CHARS, Admin
+from chatd.services.admin import Admin
 
-ANNOUNCEMENT = {"type": "string", "maxLength": MAX_ANNOUNCEMENT_CHARS, "pattern": NOT_BLANK}  # announcement_text
 # from/to: a date or an RFC 3339 time (admin.parse_day)
 _DAY = {"anyOf": [{"format": "date"}, {"format": "date-time"}, {"const": ""}], "maxLength": 40}  # "": the default
 
@@ -78,7 +79,7 @@ class AdminUsersHandler(AdminHandler):
             LIMIT,
             Param("cursor", {"type": "integer", "minimum": 1}),
         ),
-        responses={200: ("Page of users", page("User", "users"))},
+        responses={200: ("Page of users", UserPage)},
     )
     async def get(self) -> None:
         await self.admin_auth()
@@ -86,7 +87,7 @@ class AdminUsersHandler(AdminHandler):
 
 
 class AdminUnbanHandler(AdminHandler):
-    @op(summary="Unban a user", tag="admin", responses={200: ("User", ref("User"))})
+    @op(summary="Unban a user", tag="admin", responses={200: ("User", User)})
     async def post(self, user_id: str) -> None:
         await self.admin_auth()
         target = self.path_id(user_id, "user")
@@ -98,14 +99,15 @@ class AdminRoleHandler(AdminHandler):
     @op(
         summary="Set a user's role",
         tag="admin",
-        body=obj({"role": {"enum": ["user", "admin"]}}, extra=True),
-        responses={200: ("User", ref("User"))},
+        body=RoleChange,
+        responses={200: ("User", User)},
     )
     async def post(self, user_id: str) -> None:
         await self.admin_auth()
         target = self.path_id(user_id, "user")
-        role = self.json_body().get("role")
-        self.audit_target, self.audit_details = f"user:{target}", {"role": role}
+        self.audit_target = f"user:{target}"
+        role = self.body(RoleChange).role
+        self.audit_details = {"role": role}
         self.send_json(await self.admin.set_role(target, role))
 
 
@@ -114,7 +116,7 @@ class AdminRoomMessagesHandler(AdminHandler):
         summary="Browse any room's log, deleted messages included (newest first)",
         tag="admin",
         query=(LIMIT, Param("cursor", {"type": "integer", "minimum": 1}, "before this seq")),
-        responses={200: ("Page", page("AdminMessage", "messages"))},
+        responses={200: ("Page", AdminMessagePage)},
     )
     async def get(self, room_id: str) -> None:
         await self.admin_auth()
@@ -125,28 +127,28 @@ class AdminRoomMessagesHandler(AdminHandler):
     @op(
         summary="Announce in a room: a system message (kind system) with a seq",
         tag="admin",
-        body=obj({"content": ANNOUNCEMENT}, extra=True),
-        responses={201: ("The message", ref("Message"))},
+        body=Announce,
+        responses={201: ("The message", Message)},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.admin_auth()
         target = self.path_id(room_id, "room")
         self.audit_target = f"room:{target}"
-        self.send_json(await self.admin.announce(principal.user_id, target, self.json_body().get("content")), 201)
+        self.send_json(await self.admin.announce(principal.user_id, target, self.body(Announce).content), 201)
 
 
 class AdminBroadcastHandler(AdminHandler):
     @op(
         summary="Broadcast: a system message in every active room, or an announcement frame to every user",
         tag="admin",
-        body=obj({"target": {"enum": ["rooms", "users"]}, "content": ANNOUNCEMENT}, extra=True),
-        responses={200: ("Done", obj({"target": {"enum": ["rooms", "users"]}, "count": INT}))},
+        body=Broadcast,
+        responses={200: ("Done", BroadcastDone)},
     )
     async def post(self) -> None:
         principal = await self.admin_auth()
-        body = self.json_body()
-        self.audit_target = f"broadcast:{body.get('target')}"
-        self.send_json(await self.admin.broadcast(principal.user_id, body.get("target"), body.get("content")))
+        body = self.body(Broadcast)
+        self.audit_target = f"broadcast:{body.target}"
+        self.send_json(await self.admin.broadcast(principal.user_id, body.target, body.content))
 
 
 class AdminAuditHandler(AdminHandler):
@@ -154,7 +156,7 @@ class AdminAuditHandler(AdminHandler):
         summary="The audit log, newest first",
         tag="admin",
         query=(LIMIT, Param("cursor", {"type": "integer", "minimum": 1})),
-        responses={200: ("Page", page("AuditEntry", "entries"))},
+        responses={200: ("Page", AuditPage)},
     )
     async def get(self) -> None:
         await self.admin_auth()

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from chatd.api.base import EMAIL, NAME, NON_EMPTY, PASSWORD, ApiHandler
-from chatd.api.openapi import BOOL, obj, op, ref
-from chatd.core import errors
-
-_REGISTER = obj({"email": EMAIL, "password": PASSWORD, "name": NAME}, extra=True)
-_LOGIN = obj({"email": NON_EMPTY, "password": NON_EMPTY}, extra=True)
-_REFRESH = obj({"refresh_token": NON_EMPTY}, extra=True)
+from chatd.api.base import ApiHandler
+from chatd.api.bodies import Login, Logout, Refresh, Register
+from chatd.api.openapi import op
+from chatd.api.responses import Tokens
 
 
 class RegisterHandler(ApiHandler):
-    @op(summary="Create an account", tag="auth", auth=False, body=_REGISTER, responses={201: ("Tokens", ref("Tokens"))})
+    @op(summary="Create an account", tag="auth", auth=False, body=Register, responses={201: ("Tokens", Tokens)})
     async def post(self) -> None:
-        self.send_json(await self.accounts.register(self.json_body(), self.request.remote_ip or ""), 201)
+        body = self.body(Register)
+        self.send_json(
+            await self.accounts.register(body.email, body.password, body.name, self.request.remote_ip or ""), 201
+        )
 
 
 class LoginHandler(ApiHandler):
-    @op(summary="Sign in", tag="auth", auth=False, body=_LOGIN, responses={200: ("Tokens", ref("Tokens"))})
+    @op(summary="Sign in", tag="auth", auth=False, body=Login, responses={200: ("Tokens", Tokens)})
     async def post(self) -> None:
-        self.send_json(await self.accounts.login(self.json_body(), self.request.remote_ip or ""))
+        body = self.body(Login)
+        self.send_json(await self.accounts.login(body.email, body.password, self.request.remote_ip or ""))
 
 
 class RefreshHandler(ApiHandler):
@@ -28,27 +29,23 @@ class RefreshHandler(ApiHandler):
         summary="Rotate the refresh token",
         tag="auth",
         auth=False,
-        body=_REFRESH,
-        responses={200: ("Tokens", ref("Tokens"))},
+        body=Refresh,
+        responses={200: ("Tokens", Tokens)},
     )
     async def post(self) -> None:
-        self.send_json(await self.accounts.refresh(self.json_body()))
+        self.send_json(await self.accounts.refresh(self.body(Refresh).refresh_token))
 
 
 class LogoutHandler(ApiHandler):
     @op(
         summary="Sign out (this session, or all with all=true)",
         tag="auth",
-        body=obj({"all": BOOL}, required=[], extra=True),
+        body=Logout,
         body_required=False,
         responses={204: ("Signed out", None)},
     )
     async def post(self) -> None:
         principal = await self.auth()
-        body = self.json_body() if self.request.body else {}
-        everywhere = body.get("all", False)
-        if not isinstance(everywhere, bool):
-            raise errors.BadRequest("all must be a boolean")
-        await self.accounts.logout(principal, everywhere)
+        await self.accounts.logout(principal, self.body(Logout).all)
         self.set_status(204)
         self.finish()

@@ -1,5 +1,5 @@
-"""What every ``/api/v1`` handler shares (docs/API.md): ``ApiHandler`` (auth, declared query parameters,
-path ids), ``RoomAccess``, ids in JSON bodies, the message JSON and the JSON-schema fragments of more than one
+"""What every ``/api/v1`` handler shares (docs/API.md): ``ApiHandler`` (auth, declared query parameters and
+body, path ids), ``RoomAccess``, the message JSON and the query parameters' schema fragments of more than one
 resource.  The handlers are thin: parse, call the service, render.
 """
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd.api.openapi import MAX_QUERY_CHARS, MAX_SAFE_INT, Param
+from chatd.api.bodies import WS, B, decode
+from chatd.api.openapi import MAX_QUERY_CHARS, MAX_SAFE_INT, Op, Param, op_of
 from chatd.api.web import BaseHandler
 from chatd.core import errors, server_frames
 from chatd.process.config import Settings
 from chatd.process.state import ServerState
-from chatd.services import auth
 from chatd.services.accounts import Accounts, Principal
 from chatd.services.rooms import Rooms
 from chatd.storage.db import Database
@@ -40,13 +40,29 @@ class ApiHandler(BaseHandler):
         self.principal = await self.accounts.authenticate(token)
         return self.principal
 
+    def _decl(self) -> Op:
+        method = getattr(type(self), (self.request.method or "get").lower())
+        decl = op_of(method)
+        if decl is None:
+            raise errors.Internal(f"{type(self).__name__} has no declaration")
+        return decl
+
+    def body(self, model: type[B]) -> B:
+        """The JSON body, decoded and checked by its model (``@op(body=model)``, ``api.bodies``): the handler
+        and the OpenAPI document read the same model.  An optional body (``body_required=False``) may be
+        absent: the model's defaults."""
+        decl = self._decl()
+        if decl.body is not model:
+            raise errors.Internal(f"{type(self).__name__} declares {decl.body!r}, not {model.__name__}")
+        raw = self.request.body
+        if not raw and not decl.body_required:
+            raw = b"{}"
+        return decode(model, raw)
+
     def arg(self, name: str) -> Any:
         """A query parameter, parsed and checked by its declaration (``@op(query=...)``): the handler and
         the OpenAPI document read the same ``Param``."""
-        method = getattr(type(self), (self.request.method or "get").lower())
-        decl = getattr(method, "__openapi__", None)
-        if decl is None:
-            raise errors.Internal(f"{type(self).__name__} has no declaration")
+        decl = self._decl()
         param = decl.param(name)
         schema = param.schema
         raw = self.get_query_argument(name, None)
@@ -72,34 +88,6 @@ class ApiHandler(BaseHandler):
         return int(raw)
 
 
-def body_id(value: Any) -> int | None:
-    """An id in a JSON body (1..2^53-1), or None. ``7.0`` counts: JSON Schema's integer is any number without a
-    fractional part, and some JSON encoders write every number as a float."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_INT:
-        return value
-    return None
-
-
-# Python's whitespace (str.strip, re's \s), spelled out: a pattern's \s is ECMA-262's, which differs (U+0085).
-WS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_CC = r"\x00-\x1f\x7f-\x9f"  # control characters (category Cc)
-# What auth.validate_email / validate_password / validate_name accept (docs/API.md, register).
-_DOMAIN_PART = rf"[^@.{WS}\x00-\x1f\x7f]+"
-EMAIL = {
-    "type": "string",
-    "maxLength": auth.MAX_EMAIL_CHARS,
-    "pattern": rf"^[^@{WS}\x00-\x1f\x7f]+@{_DOMAIN_PART}(\.{_DOMAIN_PART})+$",
-}
-PASSWORD = {"type": "string", "minLength": auth.MIN_PASSWORD_CHARS, "maxLength": auth.MAX_PASSWORD_CHARS}
-NAME = {  # trimmed, 1..100 characters, no control characters
-    "type": "string",
-    "maxLength": auth.MAX_NAME_CHARS,
-    "pattern": rf"^[^{_CC}]*[^{WS}{_CC}][^{_CC}]*$",
-}
-NON_EMPTY = {"type": "string", "minLength": 1}
-NOT_BLANK = rf"[^{WS}]"  # (unanchored) not only whitespace
 # A query argument reaches the handler with these control characters turned into spaces (Tornado's get_argument).
 _QUERY_WS = WS + r"\x00-\x08\x0e-\x1f"
 QUERY_NOT_BLANK = rf"[^{_QUERY_WS}]"

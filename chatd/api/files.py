@@ -10,7 +10,8 @@ from urllib.parse import quote
 import tornado.web
 
 from chatd.api.base import ApiHandler, RoomAccess, message_json
-from chatd.api.openapi import STR, obj, op, ref
+from chatd.api.openapi import STR, obj, op
+from chatd.api.responses import Message
 from chatd.core import errors
 from chatd.services.files import MAX_CAPTION_CHARS, Files, Upload
 
@@ -73,7 +74,7 @@ class FileUploadHandler(RoomAccess):
         ),
         description="The type is sniffed from the bytes: one outside files.allowed_types is 415 unsupported_type; "
         "a file over files.max_bytes is 413 too_large.",
-        responses={201: ("The file message", ref("Message"))},
+        responses={201: ("The file message", Message)},
     )
     async def post(self, room_id: str) -> None:
         principal = self.principal

@@ -7,21 +7,26 @@ import json
 import secrets
 from typing import Any
 
-from chatd.api.base import LIMIT, WS, RoomAccess, message_json
-from chatd.api.openapi import BOOL, Param, obj, op, ref
+from chatd.api.base import LIMIT, RoomAccess, message_json
+from chatd.api.bodies import MessageSend
+from chatd.api.openapi import Param, obj, op
+from chatd.api.responses import Message, MessagePage
 from chatd.core import client_frames, wsframe
 from chatd.storage import messages as messages_db
 
-# client_frames.parse_client_frame's send: content not blank, no NUL, at most ws.max_message_chars (default; longer:
-# 413 too_large); client_msg_id 1..64 printable ASCII characters without spaces.
-CONTENT = {
-    "type": "string",
-    "maxLength": 4000,
-    "pattern": rf"^[^\x00]*[^{WS}\x00][^\x00]*$",
-    "description": "at most ws.max_message_chars characters (default 4000), not blank, no NUL",
-}
-CLIENT_MSG_ID = {"type": "string", "pattern": f"^[!-~]{{1,{client_frames.MAX_ID_CHARS}}}$"}
-_SEND = obj({"content": CONTENT, "client_msg_id": CLIENT_MSG_ID}, extra=True)
+
+def send_frame(body: MessageSend, room_id: int, max_message_chars: int) -> client_frames.Send:
+    """The body as the socket's ``send`` frame, through the same rules (content over ``ws.max_message_chars``:
+    413 too_large, which no static schema can state)."""
+    try:
+        frame = client_frames.parse_client_frame(
+            {"type": "send", "room_id": room_id, "content": body.content, "client_msg_id": body.client_msg_id},
+            max_message_chars=max_message_chars,
+        )
+    except client_frames.FrameError as exc:
+        raise exc.error from None
+    assert isinstance(frame, client_frames.Send)
+    return frame
 
 
 class MessagesHandler(RoomAccess):
@@ -33,7 +38,7 @@ class MessagesHandler(RoomAccess):
             Param("after_seq", {"type": "integer", "minimum": 0}),
             Param("before_seq", {"type": "integer", "minimum": 0}),
         ),
-        responses={200: ("Page", obj({"messages": {"type": "array", "items": ref("Message")}, "has_more": BOOL}))},
+        responses={200: ("Page", MessagePage)},
     )
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
@@ -46,26 +51,12 @@ class MessagesHandler(RoomAccess):
     @op(
         summary="Send a message (idempotent by client_msg_id)",
         tag="messages",
-        body=_SEND,
-        responses={201: ("Stored", ref("Message")), 200: ("Duplicate of a stored message", ref("Message"))},
+        body=MessageSend,
+        responses={201: ("Stored", Message), 200: ("Duplicate of a stored message", Message)},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.auth()
-        body = self.json_body()
-        content, client_msg_id = body.get("content"), body.get("client_msg_id")
-        try:
-            frame = client_frames.parse_client_frame(
-                {
-                    "type": "send",
-                    "room_id": self.path_id(room_id, "room"),
-                    "content": content,
-                    "client_msg_id": client_msg_id,
-                },
-                max_message_chars=self.config.ws.max_message_chars,
-            )
-        except client_frames.FrameError as exc:
-            raise exc.error from None
-        assert isinstance(frame, client_frames.Send)
+        frame = send_frame(self.body(MessageSend), self.path_id(room_id, "room"), self.config.ws.max_message_chars)
         result = await self.rooms.send(principal.user_id, frame.room_id, frame.content, frame.client_msg_id)
         body = message_json(result.row) | {"duplicate": result.duplicate}
         if result.queued_position is not None:
@@ -99,27 +90,14 @@ class StreamingSendHandler(RoomAccess):
     @op(
         summary="Send, then the assistant's answer as Server-Sent Events",
         tag="messages",
-        body=_SEND,
+        body=MessageSend,
         content_type="text/event-stream",
         responses={200: ("message, queued, stream_start, stream_chunk, stream_end or error events", SSE_EVENT)},
     )
     async def post(self, room_id: str) -> None:
         principal = await self.auth()
         room = await self.rooms.member_room(self.path_id(room_id, "room"), principal.user_id)
-        body = self.json_body()
-        try:
-            frame = client_frames.parse_client_frame(
-                {
-                    "type": "send",
-                    "room_id": room["id"],
-                    "content": body.get("content"),
-                    "client_msg_id": body.get("client_msg_id"),
-                },
-                max_message_chars=self.config.ws.max_message_chars,
-            )
-        except client_frames.FrameError as exc:
-            raise exc.error from None
-        assert isinstance(frame, client_frames.Send)
+        frame = send_frame(self.body(MessageSend), room["id"], self.config.ws.max_message_chars)
         listener = self._listener = SseListener(self, principal.user_id, self.config.ws.max_held_frames)
         hub = self.rooms.hub
         await hub.join_room(listener, room["id"])  # listening before the message exists: nothing missed
@@ -185,8 +163,6 @@ class SseListener:
         self.connection_id = "sse-" + secrets.token_hex(6)
         self.user_id = user_id
         self.family: str | None = None
-        self.room_seq: dict[int, int] = {}
-        self.stream_marks: dict[int, int] = {}
         self.prompt_id: int | None = None
         self.message_id: int | None = None
         self.mark = -1  # chunks up to this index were sent by a catch-up

@@ -4,85 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd.api.base import LIMIT, MAX_PAGE, NOT_BLANK, ApiHandler, RoomAccess, body_id
-from chatd.api.openapi import BOOL, ID, Param, nullable, obj, op, page, ref
+from msgspec import UNSET
+
+from chatd.api.base import LIMIT, MAX_PAGE, ApiHandler, RoomAccess
+from chatd.api.bodies import AssistantSettings, MemberAdd, RoomChange, RoomCreate
+from chatd.api.openapi import Param, op
+from chatd.api.responses import MemberAdded, MemberPage, Room, RoomPage
 from chatd.core import errors, server_frames
-from chatd.services.rooms import ASSISTANT_MODES, ROOM_KINDS
 from chatd.storage import rooms as rooms_db
 from chatd.storage.db import iso
 
 room_json = server_frames.room_object
 
 
-def parse_assistant(value: Any, defaults: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is None:
-        return defaults
-    if not isinstance(value, dict):
-        raise errors.BadRequest("assistant must be an object")
-    out = dict(defaults or {})
-    for key in ("model", "system_prompt"):
-        if key in value:
-            if not isinstance(value[key], str) or len(value[key]) > 20_000:
-                raise errors.BadRequest(f"assistant.{key} must be a string")
-            out[key] = value[key]
-    if "mode" in value:
-        if value["mode"] not in ASSISTANT_MODES:
-            raise errors.BadRequest(f"assistant.mode must be one of {', '.join(ASSISTANT_MODES)}")
-        out["mode"] = value["mode"]
-    unknown = set(value) - {"model", "system_prompt", "mode"}
-    if unknown:
-        raise errors.BadRequest(f"unknown assistant settings: {', '.join(sorted(unknown))}")
-    return out
-
-
-def parse_name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 200:
-        raise errors.BadRequest("name must be a non-empty string of at most 200 characters")
-    return value.strip()
-
-
-ROOM_NAME = {"type": "string", "maxLength": 200, "pattern": NOT_BLANK}  # parse_name
-_SETTING = {"type": "string", "maxLength": 20_000}
-ASSISTANT = nullable(  # parse_assistant; null keeps the defaults (creation) or the current settings (PATCH)
-    obj({"model": _SETTING, "system_prompt": _SETTING, "mode": {"enum": list(ASSISTANT_MODES)}}, required=[])
-)
-_ROOM_CREATE = obj(
-    {
-        "name": ROOM_NAME,
-        "kind": {"enum": list(ROOM_KINDS)},
-        "members": {"type": "array", "items": ID, "maxItems": 1000},
-        "assistant": ASSISTANT,
-    },
-    required=["name"],
-    extra=True,
-)
+def assistant_settings(given: AssistantSettings | None, base: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``base`` (the kind's defaults, or the room's current settings) with what the body gives replacing it."""
+    return base if given is None else (base or {}) | given.given()
 
 
 class RoomsHandler(ApiHandler):
     @op(
         summary="Create a room (room_added to every member)",
         tag="rooms",
-        body=_ROOM_CREATE,
-        responses={201: ("Room", ref("Room"))},
+        body=RoomCreate,
+        responses={201: ("Room", Room)},
     )
     async def post(self) -> None:
         principal = await self.auth()
-        body = self.json_body()
-        kind = body.get("kind", "group")
-        if kind not in ROOM_KINDS:
-            raise errors.BadRequest(f"kind must be one of {', '.join(ROOM_KINDS)}")
-        listed = body.get("members", [])
-        ids = [body_id(m) for m in listed] if isinstance(listed, list) else [None]
-        members = [m for m in ids if m is not None]
-        if len(members) != len(ids):
-            raise errors.BadRequest("members must be a list of user ids")
-        if len(members) > 1000:
-            raise errors.BadRequest("at most 1000 members at creation")
-        default_mode = "always" if kind == "assistant" else "mention"
-        assistant = parse_assistant(body.get("assistant"), {"mode": default_mode} if kind == "assistant" else None)
-        room = await rooms_db.create_room(
-            self.db, parse_name(body.get("name")), kind, principal.user_id, members, assistant
-        )
+        body = self.body(RoomCreate)
+        members = [int(m) for m in body.members]
+        assistant = assistant_settings(body.assistant, {"mode": "always"} if body.kind == "assistant" else None)
+        room = await rooms_db.create_room(self.db, body.name.strip(), body.kind, principal.user_id, members, assistant)
         await self.rooms.created(room, sorted({principal.user_id, *members}))
         self.send_json(room_json(room | {"read_seq": 0}), 201)
 
@@ -94,7 +46,7 @@ class RoomsHandler(ApiHandler):
             LIMIT,
             Param("cursor", {"type": "integer", "minimum": 1}, "next_cursor of the previous page"),
         ),
-        responses={200: ("Page of rooms", page("Room", "rooms"))},
+        responses={200: ("Page of rooms", RoomPage)},
     )
     async def get(self) -> None:
         principal = await self.auth()
@@ -108,7 +60,7 @@ class RoomsHandler(ApiHandler):
 
 
 class RoomHandler(RoomAccess):
-    @op(summary="A room of yours", tag="rooms", responses={200: ("Room", ref("Room"))})
+    @op(summary="A room of yours", tag="rooms", responses={200: ("Room", Room)})
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)
         self.send_json(room_json(room))
@@ -116,21 +68,18 @@ class RoomHandler(RoomAccess):
     @op(
         summary="Rename or reconfigure (owner/admin; room_updated to every member)",
         tag="rooms",
-        body=obj({"name": ROOM_NAME, "assistant": ASSISTANT}, required=[]),
-        responses={200: ("Room", ref("Room"))},
+        body=RoomChange,
+        responses={200: ("Room", Room)},
     )
     async def patch(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
-        body = self.json_body()
+        body = self.body(RoomChange)
         changes: dict[str, Any] = {}
-        if "name" in body:
-            changes["name"] = parse_name(body["name"])
-        if "assistant" in body:
-            changes["assistant"] = parse_assistant(body["assistant"], room["assistant"] or {})
-        unknown = set(body) - {"name", "assistant"}
-        if unknown:
-            raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
+        if body.name is not UNSET:
+            changes["name"] = body.name.strip()
+        if body.assistant is not UNSET:
+            changes["assistant"] = assistant_settings(body.assistant, room["assistant"] or {})
         updated = await rooms_db.update_room(self.db, room["id"], changes)
         await self.rooms.updated(updated)
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
@@ -138,7 +87,7 @@ class RoomHandler(RoomAccess):
     @op(
         summary="Archive (owner/admin; room_updated to every member)",
         tag="rooms",
-        responses={200: ("Room", ref("Room"))},
+        responses={200: ("Room", Room)},
     )
     async def delete(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
@@ -148,22 +97,17 @@ class RoomHandler(RoomAccess):
         self.send_json(room_json(updated | {"read_seq": room["read_seq"]}))
 
 
-_ADDED = obj({"room_id": ID, "user_id": ID, "added": BOOL})
-
-
 class MembersHandler(RoomAccess):
     @op(
         summary="Add a member (owner/admin): member_joined in the room, room_added to the new member",
         tag="rooms",
-        body=obj({"user_id": ID}, extra=True),
-        responses={201: ("Added", _ADDED), 200: ("Already a member", _ADDED)},
+        body=MemberAdd,
+        responses={201: ("Added", MemberAdded), 200: ("Already a member", MemberAdded)},
     )
     async def post(self, room_id: str) -> None:
         principal, room = await self._room(room_id)
         self._manage(principal, room)
-        user_id = body_id(self.json_body().get("user_id"))
-        if user_id is None:
-            raise errors.BadRequest("user_id must be a positive integer")
+        user_id = int(self.body(MemberAdd).user_id)
         added = await self.rooms.add_member(room, user_id, principal.user_id)
         self.send_json({"room_id": room["id"], "user_id": user_id, "added": added}, 201 if added else 200)
 
@@ -174,7 +118,7 @@ class MembersHandler(RoomAccess):
             Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}),
             Param("cursor", {"type": "integer", "minimum": 1}, "next_cursor of the previous page"),
         ),
-        responses={200: ("Page of members", page("Member", "members"))},
+        responses={200: ("Page of members", MemberPage)},
     )
     async def get(self, room_id: str) -> None:
         _, room = await self._room(room_id)

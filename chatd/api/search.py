@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from chatd.api.base import QUERY_NOT_BLANK, ApiHandler
-from chatd.api.openapi import INT, Param, obj, op, ref
+from chatd.api.openapi import Param, op
+from chatd.api.responses import SearchResults
 from chatd.services.search import MODES, Search
 
 
@@ -28,18 +29,7 @@ class SearchHandler(ApiHandler):
             Param("limit", {"type": "integer", "minimum": 1, "maximum": 50, "default": 20}),
             Param("cursor", {"type": "integer", "minimum": 0, "maximum": 1000}, "next_cursor of the previous page"),
         ),
-        responses={
-            200: (
-                "Ranked hits",
-                obj(
-                    {
-                        "hits": {"type": "array", "items": ref("SearchHit")},
-                        "mode": {"enum": list(MODES)},
-                        "next_cursor": {"anyOf": [INT, {"type": "null"}]},
-                    }
-                ),
-            )
-        },
+        responses={200: ("Ranked hits", SearchResults)},
     )
     async def get(self) -> None:
         principal = await self.auth()

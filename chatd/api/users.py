@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd.api.base import NAME, NON_EMPTY, PASSWORD, QUERY_TWO_CHARS, ApiHandler
-from chatd.api.openapi import Param, obj, op, ref
+from chatd.api.base import QUERY_TWO_CHARS, ApiHandler
+from chatd.api.bodies import PasswordChange, Rename
+from chatd.api.openapi import Param, op
+from chatd.api.responses import Usage, User, UserMatches
 from chatd.core import errors
 from chatd.services.accounts import user_json
 from chatd.services.admin import Admin
@@ -13,7 +15,7 @@ from chatd.storage import users as users_db
 
 
 class MeHandler(ApiHandler):
-    @op(summary="The caller", tag="account", responses={200: ("User", ref("User"))})
+    @op(summary="The caller", tag="account", responses={200: ("User", User)})
     async def get(self) -> None:
         principal = await self.auth()
         user = await users_db.user_by_id(self.db, principal.user_id)
@@ -21,10 +23,10 @@ class MeHandler(ApiHandler):
             raise errors.Unauthorized("unknown user")
         self.send_json(user_json(user))
 
-    @op(summary="Change your name", tag="account", body=obj({"name": NAME}), responses={200: ("User", ref("User"))})
+    @op(summary="Change your name", tag="account", body=Rename, responses={200: ("User", User)})
     async def patch(self) -> None:
         principal = await self.auth()
-        self.send_json(await self.accounts.rename(principal, self.json_body()))
+        self.send_json(await self.accounts.rename(principal, self.body(Rename).name))
 
     @op(
         summary="Delete your account (deactivate: sign-in refused, sockets closed, messages stay)",
@@ -42,12 +44,13 @@ class PasswordHandler(ApiHandler):
     @op(
         summary="Change your password; every other session is revoked",
         tag="account",
-        body=obj({"old_password": NON_EMPTY, "new_password": PASSWORD}, extra=True),
+        body=PasswordChange,
         responses={204: ("Changed", None)},
     )
     async def post(self) -> None:
         principal = await self.auth()
-        await self.accounts.change_password(principal, self.json_body())
+        body = self.body(PasswordChange)
+        await self.accounts.change_password(principal, body.old_password, body.new_password)
         self.set_status(204)
         self.finish()
 
@@ -64,7 +67,7 @@ class UsersHandler(ApiHandler):
                 True,
             ),
         ),
-        responses={200: ("Matches (at most 10)", obj({"users": {"type": "array", "items": ref("UserRef")}}))},
+        responses={200: ("Matches (at most 10)", UserMatches)},
     )
     async def get(self) -> None:
         principal = await self.auth()
@@ -72,7 +75,7 @@ class UsersHandler(ApiHandler):
 
 
 class BanHandler(ApiHandler):
-    @op(summary="Ban a user (sessions revoked, sockets closed)", tag="admin", responses={200: ("User", ref("User"))})
+    @op(summary="Ban a user (sessions revoked, sockets closed)", tag="admin", responses={200: ("User", User)})
     async def post(self, user_id: str) -> None:
         principal = await self.auth()
         if not principal.is_admin:
@@ -90,7 +93,7 @@ class UsageHandler(ApiHandler):
     @op(
         summary="Your token usage (30 days) and what is left of today's budget",
         tag="account",
-        responses={200: ("Usage", ref("Usage"))},
+        responses={200: ("Usage", Usage)},
     )
     async def get(self) -> None:
         principal = await self.auth()

@@ -185,15 +185,6 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self._edge_headers()
 
-    def json_body(self) -> dict[str, Any]:
-        try:
-            body = json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise errors.BadRequest("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise errors.BadRequest("request body must be a JSON object")
-        return body
-
     def send_json(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=str))

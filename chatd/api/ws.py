@@ -4,12 +4,16 @@ Before the upgrade: a cross-site ``Origin`` gets 403 and a missing, invalid,
 expired or revoked token gets 401, both with the JSON error body and no 101.
 After it: the ``hello`` frame, then frames as in docs/PROTOCOL.md.
 
+The socket's protocol state is a sans-I/O ``ServerSession`` (``chatd/core/session.py``): this
+handler feeds it frames, the results of the I/O it asked for, kicks and timers, and performs the
+actions it returns (``_run``; ``_act`` for those that need no waiting, ``_io`` for the rest).
+
 Frames are handled in order per socket: the read loop (``chatd/realtime/wsconn.py``) reads the next
 message only once ``on_message`` returned, which is how backpressure works here.  A ``send`` is
 queued for the group commit in frame order and acked from the commit's
 callback, so pipelined sends keep their order without waiting for each
 other's commit; at ``ws.max_pending_sends`` unacknowledged sends, or after a
-``busy`` (the commit queue is full), the socket is not read until there is
+``busy`` (the commit queue is full), the session pauses reading until there is
 room again.  At shutdown the socket stops being read, its queued sends are
 committed and acked (or answered ``unavailable``), and only then is it closed.
 """
@@ -17,6 +21,7 @@ committed and acked (or answered ``unavailable``), and only then is it closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
@@ -27,6 +32,33 @@ from tornado.iostream import StreamClosedError
 from chatd.api.web import origin_allowed
 from chatd.core import client_frames, errors, server_frames, wsframe
 from chatd.core.errors import CloseCode
+from chatd.core.framelimits import FrameLimiter
+from chatd.core.session import (
+    FRAME_GROUPS,
+    TYPING,
+    Action,
+    Actions,
+    AdoptToken,
+    ArmTimer,
+    Authenticate,
+    CancelTimer,
+    Close,
+    Detach,
+    EnterRoom,
+    Join,
+    Leave,
+    PauseReading,
+    Perform,
+    Performed,
+    PublishTyping,
+    RelayTyping,
+    Reply,
+    ResumeReading,
+    ServerSession,
+    SessionConfig,
+    Submit,
+    TimerKey,
+)
 from chatd.process import metrics
 from chatd.process.config import Settings, WebSocketSettings
 from chatd.process.logs import app_log, fields
@@ -36,12 +68,10 @@ from chatd.realtime.fanout import Hub
 from chatd.realtime.writer import MessageWriter
 from chatd.realtime.wsconn import BufferFull, WebSocket
 from chatd.services.accounts import Accounts, Principal
-from chatd.services.ratelimit import Decision, FrameLimiter, TypingDedup
-from chatd.services.rooms import Rooms
+from chatd.services.rooms import JoinResult, Rooms
 from chatd.storage.kv import KV
 from chatd.storage.messages import Committed
 
-_ALLOWED = Decision(True)
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
 
 
@@ -70,27 +100,17 @@ class ChatSocket(WebSocket):
         self.principal: Principal | None = None
         self.user_id = 0
         self.family: str | None = None
-        self.room_seq: dict[int, int] = {}
-        self.stream_marks: dict[int, int] = {}
-        self.joined_rooms: set[int] = set()
-        self._joining: int | None = None  # the room of the join in flight (frames are handled one at a time)
-        self._kicked_while_joining = False
-        self._timers: list[asyncio.TimerHandle] = []
-        self._typing_timers: dict[int, asyncio.TimerHandle] = {}
-        self._decoder = client_frames.FrameDecoder(
-            max_frame_bytes=settings.ws.max_frame_bytes,
-            max_message_chars=settings.ws.max_message_chars,
-        )
-        self._limiter = frame_limiter(settings.ws)
-        self._typing = TypingDedup(settings.ws.typing_interval_s)
+        self.session = session_for(settings)  # the protocol state; its user is set once authenticated
+        self._timers: dict[TimerKey, asyncio.TimerHandle] = {}
+        self._entering: JoinResult | None = None  # the answer of the join in flight, until the session takes it
+        self._adopting: Principal | None = None  # the principal of an in-band `auth`, until the session takes it
         self._registered = False
         self._over_cap = False
         self._closing = False
         self._close_sent = False  # counted in chatd_ws_closed_by_server_total
         self._counted = False
-        self._pending = 0  # sends read but not yet answered
-        self._room_for_sends = asyncio.Event()
-        self._room_for_sends.set()
+        self._readable = asyncio.Event()  # cleared while the session pauses reading
+        self._readable.set()
         self._stopped = asyncio.Event()  # set when the socket closes: releases a parked reader
 
     # -- handshake ----------------------------------------------------------------
@@ -125,7 +145,7 @@ class ChatSocket(WebSocket):
         if registered == -1:
             return self._reject(errors.Unauthorized("token revoked"))
         self.principal = principal
-        self.user_id = principal.user_id
+        self.user_id = self.session.user_id = principal.user_id
         self.family = principal.claims.family
         self._over_cap = registered == 0
         await super().get(*args, **kwargs)
@@ -180,35 +200,7 @@ class ChatSocket(WebSocket):
                 heartbeat_ms=int(self.config.ws.heartbeat_interval_s * 1000),
             )
         )
-        self._schedule_expiry(principal.claims.exp)
-
-    def _schedule_expiry(self, exp: int) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
-        loop = asyncio.get_running_loop()
-        warning_ms = int(self.config.auth.token_expiring_warning_s * 1000)
-        # `exp` is wall-clock; the loop's timers are monotonic and may fire a millisecond early. So
-        # both callbacks read the wall clock again: the warning never announces more than it
-        # promises, and the close never comes before `exp`.
-
-        def warn() -> None:
-            left_ms = min(int((exp - time.time()) * 1000), warning_ms)
-            self.send_frame(server_frames.token_expiring(expires_in_ms=max(0, left_ms)))
-
-        def expire() -> None:
-            left_s = exp - time.time()
-            if left_s > 0:
-                self._timers.append(loop.call_later(left_s + 0.001, expire))
-            else:
-                self.force_close(int(CloseCode.AUTH_EXPIRED), "token expired")
-
-        remaining_s = exp - time.time()
-        if remaining_s * 1000 > warning_ms:
-            self._timers.append(loop.call_later(remaining_s - warning_ms / 1000, warn))
-        elif remaining_s > 0:
-            warn()
-        self._timers.append(loop.call_later(max(0.0, remaining_s), expire))
+        self._run_now(self.session.opened(principal.claims.exp, time.time()), "ws-open")
 
     # -- writing --------------------------------------------------------------------
 
@@ -248,17 +240,8 @@ class ChatSocket(WebSocket):
         self.force_close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
 
     def kicked(self, room_id: int) -> None:
-        """Removed from the room by its owner: stop its frames and say so."""
-        if room_id == self._joining:
-            self._kicked_while_joining = True
-        if room_id in self.joined_rooms:
-            self.joined_rooms.discard(room_id)
-            # Out of the room's delivery before `left` is written: the leave below runs as a task, and a room
-            # message read from pub/sub in the same loop iteration as the kick (a member_left notice right
-            # behind it) would otherwise still reach this socket after its `left`.
-            self.hub.detach(self, room_id)
-            self.send_frame(server_frames.left(room_id=room_id, reply_to=None))
-            self.state.tasks.spawn(self.rooms.leave(self, room_id, detached=True), "ws-kick")
+        """Removed from the room by its owner: stop its frames and say so (the session's rule)."""
+        self._run_now(self.session.kicked(room_id), "ws-kick")
 
     def force_close(self, code: int, reason: str) -> None:
         if not self._closing:
@@ -282,191 +265,169 @@ class ChatSocket(WebSocket):
         if self.state.draining:
             await self._stopped.wait()  # shutting down: read nothing more (unread sends are resent by the client)
             return
-        try:
-            frame = self._decoder.decode(message)
-        except errors.ProtocolViolation as exc:
-            metrics.hot.frames_received["invalid"] += 1
-            self.send_frame(server_frames.error(exc, reply_to=None))
-            app_log.warning(
-                "ws_protocol_error",
-                extra=fields(
-                    code=int(exc.close_code),
-                    reason=exc.message[:100],
-                    user_id=self.user_id,
-                    connection_id=self.connection_id,
-                ),
-            )
-            self.force_close(int(exc.close_code), exc.message[:100])
-            return
-        except client_frames.FrameError as exc:
-            metrics.hot.frames_received["invalid"] += 1
-            self.send_frame(server_frames.error(exc.error, reply_to=exc.request_id))
-            self._violated("invalid frames")
-            return
-        # Sends have their own quota per user (Rooms.submit) and the commit queue's backpressure.
-        decision = _ALLOWED if isinstance(frame, client_frames.Send) else self._limiter.hit(frame.TYPE)
-        if not decision.allowed:
-            metrics.hot.frames_received["limited"] += 1
-            err = errors.RateLimited(f"too many {frame.TYPE} frames", retry_after_ms=decision.retry_after_ms)
-            self.send_frame(server_frames.error(err, reply_to=frame.request_id))
-            self._violated(f"{frame.TYPE} flood")
-            return
-        metrics.hot.frames_received[frame.TYPE] += 1
-        try:
-            if isinstance(frame, client_frames.Send):
-                await self._send(frame)
-            else:
-                await self._dispatch(frame)
-        except errors.ChatdError as err:
-            self.send_frame(server_frames.error(err, reply_to=frame.request_id))
-            if isinstance(err, errors.RateLimited):
-                self._violated(f"{frame.TYPE} over its rate")
-        except Exception as exc:
-            app_log.error("frame_failed", exc_info=exc, extra=fields(type=type(frame).__name__))
-            self.send_frame(server_frames.error(errors.Internal(), reply_to=frame.request_id))
+        await self._run(self.session.receive(message, time.monotonic(), time.time()))
+        if not self._readable.is_set():
+            await self._readable.wait()  # set again by ResumeReading, or when the socket closes
 
-    def _violated(self, reason: str) -> None:
-        """A refused frame; a socket that keeps sending them is closed with 1008."""
-        if self._limiter.violation() and not self._closing:
-            app_log.warning(
-                "ws_policy_close",
-                extra=fields(code=1008, reason=reason, user_id=self.user_id, connection_id=self.connection_id),
-            )
-            self.force_close(int(CloseCode.POLICY_VIOLATION), f"too many refused frames ({reason})")
+    async def _run(self, actions: Actions) -> None:
+        """A frame's actions, in order, its I/O awaited; an I/O error drops the rest and answers the frame."""
+        for action in actions:
+            frame = _frame_of(action)
+            try:
+                if self._act(action):
+                    continue
+                more = await self._io(action)
+            except errors.ChatdError as err:
+                if frame is None:
+                    raise
+                await self._run(self.session.failed(frame, err, time.monotonic()))
+                return
+            except Exception as exc:
+                if frame is None:
+                    raise
+                app_log.error("frame_failed", exc_info=exc, extra=fields(type=type(frame).__name__))
+                await self._run(self.session.failed(frame, errors.Internal(), time.monotonic()))
+                return
+            await self._run(more)
 
-    async def _send(self, frame: client_frames.Send) -> None:
-        # Pipelined: queued in frame order now, acked when its batch commits, while the next frames
-        # are read (one socket is not limited to one commit round trip per send).
-        try:
-            durable = self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
-        except errors.Busy as err:
-            self.send_frame(server_frames.error(err, reply_to=frame.request_id))
-            # Backpressure: this socket is not read until the queue has room (or the retry time passed).
-            await self.writer.wait_capacity((err.retry_after_ms or 1000) / 1000)
-            return
-        self._pending += 1
-        durable.add_done_callback(lambda fut: self._on_durable(frame, fut))
-        if self._pending >= self.config.ws.max_pending_sends:
-            self._room_for_sends.clear()
-            await self._room_for_sends.wait()  # set again by an answer, or when the socket closes
+    def _run_now(self, actions: Actions, task_name: str) -> None:
+        """Actions from a callback (a kick, a timer, a commit): what needs no waiting now, the rest in a task."""
+        for i, action in enumerate(actions):
+            if not self._act(action):
+                self.state.tasks.spawn(self._run(actions[i:]), task_name)
+                return
 
-    async def _dispatch(self, frame: client_frames.ClientFrame) -> None:
-        rid = frame.request_id
-        match frame:
-            case client_frames.Join():
-                rejoin = frame.room_id in self.joined_rooms
-                self._joining = frame.room_id
-                self._kicked_while_joining = False
-                try:
-                    joined = await self.rooms.join(
-                        self, frame.room_id, frame.since_seq, rid, rejoin=rejoin, epoch=frame.epoch
+    def _act(self, action: Action) -> bool:
+        """Perform an action that needs no waiting; False: it is I/O (``_io``)."""
+        match action:
+            case Reply():
+                self.send_frame(action.frame)
+            case Close():
+                if action.log is not None:
+                    app_log.warning(
+                        action.log,
+                        extra=fields(
+                            code=action.code,
+                            reason=action.detail,
+                            user_id=self.user_id,
+                            connection_id=self.connection_id,
+                        ),
                     )
-                finally:
-                    self._joining = None
-                if self._kicked_while_joining:
-                    # Removed after the join read the membership: answered as if the join came after
-                    # the removal, so a removed member is never left receiving the room. On a rejoin,
-                    # `kicked` found the room joined and did the leave (presence included) already.
-                    if rejoin:
-                        await self.hub.leave_room(self, frame.room_id)
-                    else:
-                        await self.rooms.leave(self, frame.room_id)
-                    raise errors.NotFound("room not found")
-                self.joined_rooms.add(frame.room_id)
+                self.force_close(action.code, action.reason)
+            case ArmTimer():
+                self._cancel_timer(action.key)
+                loop = asyncio.get_running_loop()
+                self._timers[action.key] = loop.call_later(action.after_s, self._timer_fired, action.key)
+            case CancelTimer():
+                self._cancel_timer(action.key)
+            case PauseReading(capacity_s=None):
+                self._readable.clear()
+            case ResumeReading():
+                self._readable.set()
+            case Detach():
+                self.hub.detach(self, action.room_id)
+            case EnterRoom():
+                joined, self._entering = self._entering, None
+                assert joined is not None
                 self.send_frame(joined.joined)
                 if joined.resync is not None:
                     self.send_frame(joined.resync)
-                self.hub.finish_join(self, frame.room_id, joined.history, joined.baseline_seq, joined.catch_up)
-            case client_frames.Leave():
-                if frame.room_id not in self.joined_rooms:
-                    raise errors.NotFound("not joined to this room")
-                self.joined_rooms.discard(frame.room_id)
-                await self.rooms.leave(self, frame.room_id)
-                self.send_frame(server_frames.left(room_id=frame.room_id, reply_to=rid))
-            case client_frames.Typing():
-                if self._typing.should_relay(frame.room_id, frame.is_typing):
-                    try:
-                        await self.rooms.typing(self, frame.room_id, frame.is_typing)
-                    except errors.ChatdError:
-                        self._typing.expired(frame.room_id)  # not relayed: the next one is tried again
-                        raise
-                if frame.is_typing or frame.room_id in self._typing_timers:
-                    self._typing_expiry(frame.room_id, frame.is_typing)
+                self.hub.finish_join(self, action.room_id, joined.history, joined.baseline_seq, joined.catch_up)
+            case AdoptToken():
+                principal, self._adopting = self._adopting, None
+                assert principal is not None
+                self.principal, self.family = principal, principal.claims.family
+            case _:
+                return False
+        return True
+
+    async def _io(self, action: Action) -> Actions:
+        """Perform an action that waits (or may fail); what it returns is the session's answer to its result."""
+        match action:
+            case Submit(frame=frame):
+                # Pipelined: queued in frame order now, acked when its batch commits, while the next frames
+                # are read (one socket is not limited to one commit round trip per send).
+                try:
+                    durable = self.rooms.submit(self.user_id, frame.room_id, frame.content, frame.client_msg_id)
+                except errors.Busy as err:
+                    return self.session.busy(frame, err)
+                durable.add_done_callback(functools.partial(self._on_durable, frame))
+                return self.session.queued(frame)
+            case PauseReading(capacity_s=float(capacity_s)):
+                # Backpressure: this socket is not read until the commit queue has room (or the retry time passed).
+                self._readable.clear()
+                await self.writer.wait_capacity(capacity_s)
+                return self.session.capacity()
+            case Join(frame=frame):
+                self._entering = await self.rooms.join(
+                    self, frame.room_id, frame.since_seq, frame.request_id, rejoin=action.rejoin, epoch=frame.epoch
+                )
+                return self.session.join_answered(frame)
+            case Leave():
+                if action.presence:
+                    await self.rooms.leave(self, action.room_id, detached=action.detached)
+                else:
+                    await self.hub.leave_room(self, action.room_id)
+                return []
+            case RelayTyping(frame=frame):
+                await self.rooms.typing(self, frame.room_id, frame.is_typing)
+                return self.session.typing_relayed(frame)
+            case PublishTyping():
+                await self.hub.publish_room(action.room_id, action.frame, exclude=self.connection_id)
+                return []
+            case Authenticate(frame=frame):
+                principal = await self.accounts.authenticate(frame.token, exp_leeway=False)
+                self._adopting = principal
+                return self.session.authenticated(frame, principal.user_id, principal.claims.exp, time.time())
+            case Perform(frame=frame):
+                await self._perform(frame)
+                return []
+        raise AssertionError(f"not an I/O action: {action!r}")
+
+    async def _perform(self, frame: Performed) -> None:
+        assert self.principal is not None
+        match frame:
             case client_frames.Read():
                 await self.rooms.read(self, frame.room_id, frame.seq)
             case client_frames.Edit():
-                assert self.principal is not None
                 await self.rooms.edit(self.user_id, self.principal.is_admin, frame.message_id, frame.content)
             case client_frames.Delete():
-                assert self.principal is not None
                 await self.rooms.delete(self.user_id, self.principal.is_admin, frame.message_id)
-            case client_frames.Ping():
-                self.send_frame(server_frames.pong(server_time_ms=int(time.time() * 1000), reply_to=rid))
-            case client_frames.Auth():
-                principal = await self.accounts.authenticate(frame.token, exp_leeway=False)
-                if principal.user_id != self.user_id:
-                    raise errors.Forbidden("token belongs to another user")
-                self.principal, self.family = principal, principal.claims.family
-                self._schedule_expiry(principal.claims.exp)
-                self.send_frame(server_frames.authenticated(expires_at_ms=principal.claims.exp * 1000, reply_to=rid))
             case client_frames.Cancel() | client_frames.Regenerate():
                 assistant = self.rooms.assistant
                 if assistant is None:
                     raise errors.NotFound("no such generation")
-                assert self.principal is not None
                 await assistant.control(self.user_id, self.principal.is_admin, frame)
 
     def _on_durable(self, frame: client_frames.Send, fut: asyncio.Future[Committed]) -> None:
-        self._pending -= 1
-        if self._pending < self.config.ws.max_pending_sends:
-            self._room_for_sends.set()
-        rid = frame.request_id
         exc = fut.exception()
         if exc is not None:
             err = exc if isinstance(exc, errors.ChatdError) else errors.Internal()
-            self.send_frame(server_frames.error(err, reply_to=rid))
+            self._run_now(self.session.send_failed(frame, err), "ws-send")
             return
         committed = fut.result()
         if committed.error is not None:
-            self.send_frame(server_frames.error(committed.error, reply_to=rid))
+            self._run_now(self.session.send_failed(frame, committed.error), "ws-send")
             return
-        row = committed.row
-        assert row is not None
-        self.send_frame(
-            server_frames.ack(
-                room_id=row["room_id"],
-                client_msg_id=frame.client_msg_id,
-                message_id=row["id"],
-                seq=row["seq"],
-                created_at=server_frames.iso(row["created_at"]) or "",
-                reply_to=rid,
-                duplicate=committed.duplicate,
-            )
-        )
+        assert committed.row is not None
+        self._run_now(self.session.send_durable(frame, committed.row, committed.duplicate), "ws-send")
         if self.rooms.wants_answer(committed):  # checked here: no task per send in plain rooms
             self.state.tasks.spawn(self._queue_answer(frame, committed), "ws-assistant-enqueue")
 
     async def _queue_answer(self, frame: client_frames.Send, committed: Committed) -> None:
         result = await self.rooms.after_commit(self.user_id, frame.room_id, committed)
         if result.assistant_error is not None:  # stored and acked; no answer will come
-            self.send_frame(server_frames.error(result.assistant_error, reply_to=frame.request_id))
+            self._run_now(self.session.answer_refused(frame, result.assistant_error), "ws-send")
 
-    def _typing_expiry(self, room_id: int, is_typing: bool) -> None:
-        timer = self._typing_timers.pop(room_id, None)
+    def _timer_fired(self, key: TimerKey) -> None:
+        self._timers.pop(key, None)
+        actions = self.session.timer_fired(key, time.monotonic(), time.time())
+        self._run_now(actions, "typing-expiry" if key[0] == TYPING else "ws-token")
+
+    def _cancel_timer(self, key: TimerKey) -> None:
+        timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-        if is_typing:
-            ttl_s = self.config.ws.typing_ttl_s
-
-            def expire() -> None:
-                self._typing_timers.pop(room_id, None)
-                self._typing.expired(room_id)
-                frame = server_frames.typing(room_id=room_id, user_id=self.user_id, is_typing=False)
-                self.state.tasks.spawn(
-                    self.hub.publish_room(room_id, frame, exclude=self.connection_id), "typing-expiry"
-                )
-
-            self._typing_timers[room_id] = asyncio.get_running_loop().call_later(ttl_s, expire)
 
     # -- closing --------------------------------------------------------------------
 
@@ -478,9 +439,11 @@ class ChatSocket(WebSocket):
     def on_close(self) -> None:
         self._closing = True
         self._stopped.set()
-        self._room_for_sends.set()
-        for timer in [*self._timers, *self._typing_timers.values()]:
+        self._readable.set()
+        for timer in self._timers.values():
             timer.cancel()
+        self._timers.clear()
+        rooms = [action.room_id for action in self.session.connection_closed() if isinstance(action, Leave)]
         self.state.connections.discard(self)
         if self._counted:
             metrics.ws_connections.dec()
@@ -488,10 +451,10 @@ class ChatSocket(WebSocket):
             if not self._close_sent:  # the client closed first, or the connection dropped (no close code: 1006)
                 metrics.ws_closed_by_client.labels(metrics.client_close_label(self.close_code)).inc()
         if self.principal is not None:
-            self.state.tasks.spawn(self._cleanup(), "ws-cleanup")
+            self.state.tasks.spawn(self._cleanup(rooms), "ws-cleanup")
 
-    async def _cleanup(self) -> None:
-        for room_id in list(self.joined_rooms):
+    async def _cleanup(self, rooms: list[int]) -> None:
+        for room_id in rooms:
             try:
                 await self.rooms.leave(self, room_id)
             except Exception as exc:  # one room's cleanup must not stop the others
@@ -504,6 +467,19 @@ class ChatSocket(WebSocket):
                 pass  # the entry expires after CONNECTION_TTL_S
 
 
+def session_for(settings: Settings) -> ServerSession:
+    """A socket's protocol state with the limits of ``settings`` (its user is set once authenticated)."""
+    ws = settings.ws
+    config = SessionConfig(
+        max_pending_sends=ws.max_pending_sends,
+        typing_interval_s=ws.typing_interval_s,
+        typing_ttl_s=ws.typing_ttl_s,
+        token_warning_s=settings.auth.token_expiring_warning_s,
+    )
+    decoder = client_frames.FrameDecoder(max_frame_bytes=ws.max_frame_bytes, max_message_chars=ws.max_message_chars)
+    return ServerSession(0, config, decoder, frame_limiter(ws), metrics.hot.frames_received)
+
+
 def frame_limiter(ws: WebSocketSettings) -> FrameLimiter:
     """The per-socket frame limits of ``ws`` (sends also have their per-user quota, ``Rooms.submit``)."""
     return FrameLimiter(
@@ -514,16 +490,17 @@ def frame_limiter(ws: WebSocketSettings) -> FrameLimiter:
             "typing": (ws.typing_rate_per_s, ws.typing_burst),
             "control": (ws.control_rate_per_s, ws.control_burst),
         },
-        groups={
-            "join": "join",
-            "leave": "join",
-            "read": "read",
-            "typing": "typing",
-            **dict.fromkeys(("edit", "delete", "auth", "cancel", "regenerate"), "control"),
-        },
+        groups=dict(FRAME_GROUPS),
         max_violations=ws.max_violations,
         violation_window_s=ws.violation_window_s,
     )
+
+
+def _frame_of(action: Action) -> client_frames.ClientFrame | None:
+    """The client frame an I/O action serves: its failure answers that frame."""
+    if isinstance(action, Submit | Join | EnterRoom | Leave | RelayTyping | Perform | Authenticate):
+        return action.frame
+    return None
 
 
 async def refresh_registrations(state: ServerState, kv: KV, origin: bytes = b"") -> None:

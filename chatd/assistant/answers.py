@@ -1,6 +1,6 @@
 """The assistant: queued generations streamed into rooms.
 
-Flow of one answer (``Assistant._run``):
+Flow of one answer (this module queues, claims and retries; ``generation`` carries one claim through):
 
 1. A user message in an assistant room commits; ``enqueue`` puts a job on the
    fair Redis queue (``JobQueue``) or refuses with ``busy`` / ``quota_exceeded``.
@@ -35,11 +35,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from chatd.assistant.context import Coalescer, build_context, recent_window
-from chatd.assistant.providers import Finished, GenerationRequest, Provider, ProviderError, TextDelta
+from chatd.assistant.generation import HISTORY, Attempt, Generations
+from chatd.assistant.providers import Provider
+from chatd.assistant.streams import StreamRelay
 from chatd.core import client_frames, errors, server_frames
 from chatd.process import metrics
 from chatd.process.config import Settings
@@ -53,72 +53,13 @@ from chatd.storage.db import Database
 from chatd.storage.jobqueue import Job, JobQueue
 from chatd.storage.kv import KV
 
-_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 _CLAIM_BATCH = 128  # jobs claimed per queue round trip at most
-_HISTORY = 200  # newest messages read for a prompt's context (the budget picks from them)
 
 
 def answers_in(room: dict[str, Any]) -> bool:
     """Whether answers can stream in this room at all (a join checks for running ones only then)."""
     settings = room.get("assistant") or {}
     return room.get("kind") == "assistant" or settings.get("mode") == "mention"
-
-
-@dataclass(eq=False)
-class Run:
-    """One generation running on this worker."""
-
-    job: Job
-    room_id: int
-    prompt_id: int
-    message_id: int
-    requester_id: int | None
-    model: str
-    coalescer: Coalescer
-    started: float = field(default_factory=time.monotonic)
-    parts: list[str] = field(default_factory=list)
-    first_token_ms: int | None = None
-    finished: Finished | None = None
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    flush_timer: asyncio.TimerHandle | None = None  # buffered text goes out when due
-    supersedes: int | None = None  # the orphaned stream of a takeover, which this attempt replaces
-
-
-@dataclass(eq=False)
-class Attempt:
-    """One claim of a job, as far as it got: what the failure handling of ``_run_job`` must undo."""
-
-    job: Job
-    run: Run | None = None
-    ended: bool = False  # this attempt's stream_end went out
-    pending: dict[str, Any] | None = None  # a finished answer whose write failed: kept for the retry
-    claimed: float = field(default_factory=time.monotonic)
-    inputs: answers_db.AnswerInputs | None = None  # fetched with the other jobs of its claim
-    recorded: bool = False  # the job names inputs.reserved_id as its answer id already (for a takeover)
-
-
-async def _persist_answer(db: Database, answer: dict[str, Any]) -> dict[str, Any] | None:
-    usage = answer["usage"]
-    return await answers_db.persist_answer(
-        db,
-        message_id=answer["message_id"],
-        room_id=answer["room_id"],
-        prompt_id=answer["prompt_id"],
-        requester_id=answer["requester_id"],
-        content=answer["content"],
-        status=answer["status"],
-        supersede_id=answer["supersede_id"],
-        usage=answers_db.Usage(
-            provider=usage["provider"],
-            model=usage["model"],
-            stop_reason=usage["stop_reason"],
-            input_tokens=usage["input_tokens"],
-            output_tokens=usage["output_tokens"],
-            first_token_ms=usage["first_token_ms"],
-            latency_ms=usage["latency_ms"],
-            retrieved_ids=tuple(usage["retrieved_ids"]),
-        ),
-    )
 
 
 class Assistant:
@@ -141,19 +82,13 @@ class Assistant:
         self.retriever = retriever
         self.tasks = tasks
         self.queue = JobQueue(kv.client, kv.keys)
-        self.running: dict[int, Run] = {}  # by answer message id
         self.active = 0  # claimed jobs on this worker (a run registers under its message id a bit later)
         self.waiting: dict[str, tuple[int, int, int, int]] = {}  # job id -> (room, prompt, user, last position)
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
-        # Stream frames delivered locally, their Redis side (stream state, catch-up text, publish) waiting
-        # for the next round trip, which carries those of every stream of this worker.
-        self._begins: list[tuple[int, int, dict[str, Any], int]] = []
-        self._appends: list[tuple[int, str, int]] = []
-        self._publishes: list[tuple[str, bytes]] = []
-        self._chunks_task: asyncio.Task[None] | None = None
-        self._chunks_idle = asyncio.Event()
-        self._chunks_idle.set()
+        self.streams = StreamRelay(hub, kv)
+        self.generations = Generations(db, hub, provider, retriever, self.settings, self.queue, self.streams)
+        self.running = self.generations.running  # by answer message id: what cancel stops, what the lease keeps
         # Prompts to queue, sent to Redis together (one script call and one PUBLISH pipeline per turn).
         self._to_enqueue: list[tuple[Job, int, asyncio.Future[tuple[int | None, int | None]]]] = []
         self._enqueue_task: asyncio.Task[None] | None = None
@@ -364,7 +299,7 @@ class Assistant:
         fresh: set[str] = set()
         try:
             keys = [(int(job.data["prompt_id"]), int(job.data["room_id"])) for job in jobs]
-            inputs = list(await answers_db.answer_inputs(self.db, keys, _HISTORY))
+            inputs = list(await answers_db.answer_inputs(self.db, keys, HISTORY))
             # Fresh jobs name their answer id in one round trip (a taker ends that stream if we die).
             # Not a taken-over or retried job: its orphan id must stay in it until that stream is ended.
             updates = [
@@ -412,14 +347,14 @@ class Assistant:
     ) -> None:
         attempt = Attempt(job, inputs=inputs, recorded=recorded, claimed=claimed or time.monotonic())
         try:
-            await self._run(attempt)
+            await self.generations.run(attempt)
         except errors.Unavailable as exc:  # Postgres or Redis away: end what members see, retry later
             assistant_log.warning("generation_deferred", extra=fields(job=job.id, error=exc.message))
-            await self._end_failed(attempt)
+            await self.generations.end_failed(attempt)
             await self._retry_later(attempt)
         except Exception as exc:
             assistant_log.error("generation_crashed", exc_info=exc, extra=fields(job=job.id))
-            await self._end_failed(attempt)
+            await self.generations.end_failed(attempt)
             with contextlib.suppress(Exception):
                 await self.queue.ack(job)  # a poisoned job must not loop for ever
                 await answers_db.settle_answer(self.db, int(job.data["prompt_id"]))  # nor come back by the sweeper
@@ -429,31 +364,6 @@ class Assistant:
             self.active -= 1
             self._slot_free.set()
             self._wake.set()
-
-    async def _end_failed(self, attempt: Attempt) -> None:
-        """Members saw a stream_start: they get its stream_end (``error``, seq 0: nothing stored)."""
-        run = attempt.run
-        if run is None or attempt.ended:
-            return
-        attempt.ended = True
-        if run.flush_timer is not None:
-            run.flush_timer.cancel()
-            run.flush_timer = None
-        end = server_frames.stream_end(
-            room_id=run.room_id,
-            message_id=run.message_id,
-            seq=0,
-            stop_reason="error",
-            input_tokens=0,
-            output_tokens=len(run.parts),
-            first_token_ms=run.first_token_ms,
-            latency_ms=int((time.monotonic() - run.started) * 1000),
-        )
-        with contextlib.suppress(Exception):  # local sockets get it even without Redis
-            await self._chunks_idle.wait()
-            await self.hub.publish_room(run.room_id, end)
-        await self._clear_stream(run.room_id, run.message_id)
-        metrics.generations.labels("error").inc()
 
     async def _retry_later(self, attempt: Attempt) -> None:
         """Hand the job back with a backoff (never acked): the reaper requeues it when its lease ends."""
@@ -471,376 +381,11 @@ class Assistant:
             pass  # Redis away too: the lease runs out by itself and the reaper requeues the job as it was
         assistant_log.info("generation_retry_scheduled", extra=fields(job=job.id, tries=tries, delay_s=delay_s))
 
-    async def _run(self, attempt: Attempt) -> None:
-        job = attempt.job
-        data = job.data
-        room_id, prompt_id = int(data["room_id"]), int(data["prompt_id"])
-        supersede_id = data.get("supersede_id")
-        orphan = int(data["answer_id"]) if data.get("answer_id") else None  # a dead worker's stream
-        pg = self.db
-        inputs = attempt.inputs or (await answers_db.answer_inputs(pg, [(prompt_id, room_id)], _HISTORY))[0]
-        prompt, room = inputs.prompt, inputs.room
-        if prompt is None or room is None or prompt["deleted_at"] is not None:
-            if orphan is not None:
-                await self._end_orphan(room_id, orphan)
-            await answers_db.settle_answer(pg, prompt_id)
-            await self.queue.ack(job)
-            return
-        if supersede_id is None:
-            stored = inputs.answer
-            if stored is not None:  # answered already: a worker died after storing it, or a duplicate job
-                if orphan is not None and orphan != stored["id"]:
-                    await self._end_orphan(room_id, orphan)
-                await self.queue.ack(job)
-                return
-        if data.get("pending"):
-            await self._persist_pending(attempt, data["pending"])
-            return
-        if orphan is not None:
-            await self._end_orphan(room_id, orphan)  # taken over from a dead worker
-        cfg = room["assistant"] or {}
-        # The offline provider says so wherever a model name shows.
-        model = "offline" if self.provider.name == "offline" else (cfg.get("model") or self.settings.model)
-        history = [h for h in inputs.history if h["id"] != supersede_id]
-        retrieved: list[dict[str, Any]] = []
-        window = recent_window(history, self.settings.context_budget_tokens)
-        if self.retriever is not None and self.settings.retrieval_top_k and window[0]["seq"] > 1:
-            try:  # relevant messages older than what the recent window already carries
-                retrieved = await self.retriever.relevant(
-                    room_id, prompt["content"], window[0]["seq"], self.settings.retrieval_top_k
-                )
-            except Exception as exc:  # retrieval is an improvement, never a reason to fail
-                assistant_log.warning("retrieval_failed", extra=fields(error=str(exc)[:200]))
-        ctx = build_context(
-            cfg.get("system_prompt") or self.settings.system_prompt,
-            history,
-            retrieved,
-            self.settings.context_budget_tokens,
-        )
-        request = GenerationRequest(
-            model, ctx.system, ctx.messages, self.settings.max_tokens, self.settings.temperature
-        )
-        assistant_log.debug(
-            "assistant_request",
-            extra=fields(
-                room_id=room_id,
-                prompt_id=prompt_id,
-                model=model,
-                retrieved_ids=list(ctx.retrieved_ids),
-                recent_ids=list(ctx.recent_ids),
-                system=ctx.system,
-                estimated_tokens=ctx.estimated_tokens,
-            ),
-        )
-        message_id = inputs.reserved_id
-        if not attempt.recorded:
-            await self.queue.update(job, answer_id=message_id)
-        local = self.hub.rooms.get(room_id)
-        run = Run(
-            job,
-            room_id,
-            prompt_id,
-            message_id,
-            prompt["sender_id"],
-            model,
-            Coalescer(self.settings.chunk_interval_ms / 1000, local.sockets if local else 1),
-            supersedes=orphan,
-        )
-        attempt.run = run
-        self.running[message_id] = run
-        setup_ms = (time.monotonic() - attempt.claimed) * 1000
-        assistant_log.info(
-            "generation_started",
-            extra=fields(
-                message_id=message_id,
-                room_id=room_id,
-                prompt_id=prompt_id,
-                job=job.id,
-                # where a slow first token comes from: waiting for a claim, or the setup after it
-                queued_ms=round((time.time() - prompt["created_at"].timestamp()) * 1000 - setup_ms),
-                setup_ms=round(setup_ms),
-            ),
-        )
-        await self._stream(attempt, request, room["owner_id"], ctx.retrieved_ids, supersede_id)
-
-    async def _stream(
-        self,
-        attempt: Attempt,
-        request: GenerationRequest,
-        owner_id: int,
-        retrieved: tuple[int, ...],
-        supersede_id: Any,
-    ) -> None:
-        run = attempt.run
-        assert run is not None
-        state = {
-            "room": run.room_id,
-            "reply_to": run.prompt_id,
-            "model": run.model,
-            "requester": run.requester_id or 0,
-            "owner": owner_id,
-            "index": -1,
-        }
-        start = server_frames.stream_start(
-            room_id=run.room_id,
-            message_id=run.message_id,
-            reply_to_message_id=run.prompt_id,
-            model=run.model,
-            supersedes=run.supersedes,
-        )
-        # The stream's state (catch-up, cancel permission) is written with the stream_start's publish.
-        self._stream_frame(run, start, -1, begin=(run.message_id, run.room_id, state, 3600))
-
-        stop_reason = "end_turn"
-        generation = asyncio.ensure_future(self._generate(run, request))
-        cancel_wait = asyncio.ensure_future(run.cancelled.wait())
-        try:
-            done, _ = await asyncio.wait({generation, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if generation not in done:
-                generation.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ProviderError):
-                    await generation
-                stop_reason = "cancelled"
-            else:
-                generation.result()
-                stop_reason = run.finished.stop_reason if run.finished else "end_turn"
-        except ProviderError as exc:
-            stop_reason = "error"
-            # The provider's own words stay in the log: they can name keys, hosts, quotas or models.
-            assistant_log.warning(
-                "provider_failed", extra=fields(message_id=run.message_id, error=str(exc)[:300], status=exc.status)
-            )
-            if run.requester_id is not None:
-                err = errors.LLMUnavailable("the assistant could not answer this time; try again later")
-                await self.hub.publish_user(run.requester_id, server_frames.error(err, reply_to=None))
-        finally:
-            cancel_wait.cancel()
-            if not generation.done():  # cancelled from outside (shutdown): the provider call stops too
-                generation.cancel()
-        await self._finish(attempt, stop_reason, retrieved, supersede_id)
-
-    async def _generate(self, run: Run, request: GenerationRequest) -> None:
-        for attempt in range(self.settings.provider_retries + 1):
-            try:
-                async for event in self.provider.stream(request):
-                    if isinstance(event, TextDelta):
-                        if run.first_token_ms is None:
-                            run.first_token_ms = int((time.monotonic() - run.started) * 1000)
-                        run.parts.append(event.text)
-                        self._add(run, event.text)
-                    else:
-                        run.finished = event
-                return
-            except ProviderError as exc:
-                if run.parts or not exc.retryable or attempt >= self.settings.provider_retries:
-                    raise
-                backoff_s = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S) - 1)]
-                assistant_log.info(
-                    "provider_retry", extra=fields(message_id=run.message_id, attempt=attempt + 1, error=str(exc)[:200])
-                )
-                await asyncio.sleep(backoff_s)
-
-    def _add(self, run: Run, text: str) -> None:
-        """Synchronous, like everything from a token to its local delivery: no lock, no task per token."""
-        chunk = run.coalescer.add(text, time.monotonic())
-        if chunk is not None:
-            self._emit(run, chunk, run.coalescer.index - 1)
-            return
-        if run.flush_timer is None:
-            delay = run.coalescer.due_in(time.monotonic())
-            if delay is not None:
-                run.flush_timer = asyncio.get_running_loop().call_later(delay, self._flush_due, run)
-
-    def _flush_due(self, run: Run) -> None:
-        run.flush_timer = None
-        chunk = run.coalescer.flush(time.monotonic())
-        if chunk is not None:
-            self._emit(run, chunk, run.coalescer.index - 1)
-
-    def _emit(self, run: Run, content: str, index: int) -> None:
-        frame = server_frames.stream_chunk(room_id=run.room_id, message_id=run.message_id, index=index, content=content)
-        self._stream_frame(run, frame, index, append=(run.message_id, content, index))
-
-    def _stream_frame(
-        self,
-        run: Run,
-        frame: dict[str, Any],
-        index: int,
-        begin: tuple[int, int, dict[str, Any], int] | None = None,
-        append: tuple[int, str, int] | None = None,
-    ) -> None:
-        """Local sockets get the frame now; its Redis side (other workers, catch-up state) goes with the
-        next batch, in order."""
-        payload = server_frames.encode_bytes(frame)
-        stream = (run.message_id, index)
-        self.hub.deliver_frame(run.room_id, payload, None, stream)
-        if begin is not None:
-            self._begins.append(begin)
-        if append is not None:
-            self._appends.append(append)
-        self._publishes.append(self.hub.room_frame_envelope(run.room_id, payload, None, stream))
-        if self._chunks_task is None or self._chunks_task.done():
-            self._chunks_idle.clear()
-            self._chunks_task = asyncio.ensure_future(self._write_stream_batches())
-
-    async def _write_stream_batches(self) -> None:
-        """Everything streamed since the last round trip, of every stream, in ONE Redis round trip: with
-        hundreds of streams the per-chunk cost is a share of a pipeline, not two awaited commands."""
-        try:
-            while self._publishes:
-                begins, appends, publishes = self._begins, self._appends, self._publishes
-                self._begins, self._appends, self._publishes = [], [], []
-                try:
-                    await self.kv.stream_batch(begins, appends, publishes)
-                except errors.Unavailable:
-                    pass  # logged by kv: other workers' members and late joiners miss these; the message follows
-        finally:
-            self._chunks_idle.set()
-
-    async def _finish(self, attempt: Attempt, stop_reason: str, retrieved: tuple[int, ...], supersede_id: Any) -> None:
-        run = attempt.run
-        assert run is not None
-        if run.flush_timer is not None:
-            run.flush_timer.cancel()
-            run.flush_timer = None
-        rest = run.coalescer.flush(time.monotonic())
-        if rest is not None:
-            self._emit(run, rest, run.coalescer.index - 1)
-        await self._chunks_idle.wait()  # elsewhere too, the chunks come before the message and stream_end
-        latency_ms = int((time.monotonic() - run.started) * 1000)
-        usage: dict[str, Any] = {
-            "provider": self.provider.name,
-            "model": run.model,
-            "stop_reason": stop_reason,
-            "input_tokens": run.finished.input_tokens if run.finished else 0,
-            "output_tokens": run.finished.output_tokens if run.finished else len(run.parts),
-            "first_token_ms": run.first_token_ms,
-            "latency_ms": latency_ms,
-            "retrieved_ids": list(retrieved),
-        }
-        answer: dict[str, Any] = {  # JSON: kept in the job when the write fails
-            "message_id": run.message_id,
-            "room_id": run.room_id,
-            "prompt_id": run.prompt_id,
-            "requester_id": run.requester_id,
-            "content": "".join(run.parts),
-            "status": {"cancelled": "cancelled", "error": "error"}.get(stop_reason, "final"),
-            "supersede_id": int(supersede_id) if supersede_id else None,
-            "usage": usage,
-        }
-        row = await self._persist(attempt, answer)
-        seq = 0
-        if row is not None:
-            seq = int(row["seq"])
-            self.hub.publish_messages(
-                [(run.room_id, seq, server_frames.encode_bytes(server_frames.message_from_row(row)))]
-            )
-        end = server_frames.stream_end(
-            room_id=run.room_id,
-            message_id=run.message_id,
-            seq=seq,
-            stop_reason=stop_reason,  # type: ignore[arg-type]
-            input_tokens=usage["input_tokens"],
-            output_tokens=usage["output_tokens"],
-            first_token_ms=run.first_token_ms,
-            latency_ms=latency_ms,
-        )
-        attempt.ended = True
-        await self.hub.publish_room(run.room_id, end)
-        await self._clear_stream(run.room_id, run.message_id)
-        # Stored: if Redis cannot take the ack now, the lease runs out and the retry finds the answer.
-        with contextlib.suppress(errors.Unavailable):
-            await self.queue.ack(run.job)
-        metrics.generations.labels(stop_reason).inc()
-        metrics.count_tokens(run.model, usage["input_tokens"], usage["output_tokens"])
-        if run.first_token_ms is not None:
-            metrics.first_token.observe(run.first_token_ms / 1000)
-        assistant_log.info(
-            "generation_done",
-            extra=fields(
-                message_id=run.message_id,
-                room_id=run.room_id,
-                stop_reason=stop_reason,
-                first_token_ms=run.first_token_ms,
-                latency_ms=latency_ms,
-                output_tokens=usage["output_tokens"],
-            ),
-        )
-
-    async def _persist(self, attempt: Attempt, answer: dict[str, Any]) -> dict[str, Any] | None:
-        """Write the answer, retried for ``persist_retry_s`` while Postgres is away; then ``Unavailable``
-        with the answer kept in ``attempt.pending`` (the job's retry writes it)."""
-        deadline = time.monotonic() + self.settings.persist_retry_s
-        delay_s = 0.25
-        while True:
-            try:
-                return await _persist_answer(self.db, answer)
-            except errors.Unavailable:
-                if time.monotonic() + delay_s > deadline:
-                    attempt.pending = answer
-                    raise
-                assistant_log.info("persist_retry", extra=fields(message_id=answer["message_id"]))
-                await asyncio.sleep(delay_s)
-                delay_s = min(2.0, delay_s * 2)
-
-    async def _persist_pending(self, attempt: Attempt, answer: dict[str, Any]) -> None:
-        """A retried job whose answer was generated but not written: write it now, no new generation.
-
-        Its stream already ended (``error``, seq 0); the stored ``message`` now follows."""
-        attempt.pending = answer
-        row = await _persist_answer(self.db, answer)
-        if row is not None:
-            frame = server_frames.encode_bytes(server_frames.message_from_row(row))
-            self.hub.publish_messages([(int(row["room_id"]), int(row["seq"]), frame)])
-        assistant_log.info("generation_persisted_late", extra=fields(message_id=answer["message_id"]))
-        with contextlib.suppress(errors.Unavailable):
-            await self.queue.ack(attempt.job)
-
-    async def _clear_stream(self, room_id: int, message_id: int) -> None:
-        with contextlib.suppress(errors.Unavailable):
-            await self.kv.stream_clear(room_id, message_id)
-
-    async def _end_orphan(self, room_id: int, message_id: int) -> None:
-        """The worker we took this job from died mid-stream: end its stream for the clients."""
-        assistant_log.warning("generation_taken_over", extra=fields(room_id=room_id, orphan_message_id=message_id))
-        end = server_frames.stream_end(
-            room_id=room_id,
-            message_id=message_id,
-            seq=0,
-            stop_reason="error",
-            input_tokens=0,
-            output_tokens=0,
-            first_token_ms=None,
-            latency_ms=0,
-        )
-        await self.hub.publish_room(room_id, end)
-        await self._clear_stream(room_id, message_id)
-
     # -- catch-up for sockets joining mid-stream -----------------------------------------
 
     async def live_streams(self, room_id: int) -> list[tuple[int, int, list[dict[str, Any]]]]:
         """``(message_id, index, frames)`` to bring a joining socket up to date with running streams."""
-        out: list[tuple[int, int, list[dict[str, Any]]]] = []
-        try:
-            streams = await self.kv.room_streams(room_id)
-        except errors.Unavailable:
-            return out  # a late joiner misses the text so far; the final message comes anyway
-        for mid, st, text in streams:
-            index = int(st[b"index"])
-            frames = [
-                server_frames.stream_start(
-                    room_id=room_id,
-                    message_id=mid,
-                    reply_to_message_id=int(st[b"reply_to"]),
-                    model=st[b"model"].decode(),
-                )
-            ]
-            if index >= 0:
-                frames.append(
-                    server_frames.stream_chunk(room_id=room_id, message_id=mid, index=index, content=text.decode())
-                )
-            out.append((mid, index, frames))
-        return out
+        return await self.streams.live(room_id)
 
     async def attach(self, room_id: int, prompt_id: int) -> tuple[list[dict[str, Any]], int] | None:
         """Where the answer to ``prompt_id`` stands, for a retried SSE request: ``(frames, last chunk

@@ -21,8 +21,25 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+from chatd.client.model import (
+    PAGE,
+    Action,
+    FetchPage,
+    Message,
+    Notice,
+    Pending,
+    Redraw,
+    RefreshToken,
+    Reset,
+    Room,
+    RoomRemoved,
+    SendFrame,
+    Show,
+    ShowOlder,
+    Stream,
+)
 
 RESUME_ID = "resume"
 TYPING_TTL_S = 6.0  # ws.typing_ttl_s: a remote indicator expires without news
@@ -31,199 +48,7 @@ TYPING_IDLE_S = 4.0  # after this long without input, say we stopped
 GAP_GRACE_S = 1.5  # the server fills its own gaps within ~0.25 s; after this, fill over REST
 JOIN_RETRY_S = 2.0
 UNAVAILABLE_RETRY_S = 2.0
-PAGE = 50  # newest messages loaded when a room is opened
 FILL_PAGE = 200  # REST maximum, for catch-up
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-@dataclass
-class Message:
-    room_id: int
-    message_id: int
-    seq: int
-    role: str
-    content: str
-    sender_id: int | None = None
-    kind: str = "text"
-    client_msg_id: str | None = None
-    created_at: str = ""
-    edited_at: str | None = None
-    deleted: bool = False
-    reply_to_message_id: int | None = None
-    status: str | None = None  # "cancelled" / "error": a partial answer
-    superseded: bool = False
-    data: dict[str, Any] | None = None  # kind file: the attachment; kind system: the event
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Message:
-        return cls(
-            room_id=int(d["room_id"]),
-            message_id=int(d["message_id"]),
-            seq=int(d["seq"]),
-            role=str(d.get("role", "user")),
-            content=str(d.get("content", "")),
-            sender_id=d.get("sender_id"),
-            kind=str(d.get("kind", "text")),
-            client_msg_id=d.get("client_msg_id"),
-            created_at=str(d.get("created_at", "")),
-            edited_at=d.get("edited_at"),
-            deleted=bool(d.get("deleted", False)),
-            reply_to_message_id=d.get("reply_to_message_id"),
-            status=d.get("status"),
-            superseded=bool(d.get("superseded", False)),
-            data=d.get("data"),
-        )
-
-
-@dataclass
-class Pending:
-    """A send the server has not acknowledged yet (or acked, until its message is applied)."""
-
-    room_id: int
-    client_msg_id: str
-    content: str
-    state: str = "queued"  # queued (not on the wire) | sent | waiting (retry_at) | acked | failed
-    retry_at: float | None = None
-    seq: int | None = None
-    error: str | None = None
-
-
-@dataclass
-class Stream:
-    """An assistant answer while it streams (PROTOCOL.md §11)."""
-
-    room_id: int
-    message_id: int
-    reply_to_message_id: int
-    model: str = ""
-    text: str = ""
-    last_index: int = -1
-    ended: bool = False
-    stop_reason: str | None = None
-    interrupted: bool = False  # the socket dropped; dropped unless re-announced on resume
-
-
-@dataclass
-class Room:
-    id: int
-    name: str = ""
-    kind: str = "group"
-    owner_id: int | None = None
-    status: str = "active"  # or "archived"
-    read_seq: int = 0
-    latest_seq: int = 0  # highest seq known to exist (joined, message, ack, stream_end)
-    loaded: bool = False  # history is kept: last_seq is contiguous and messages are stored
-    last_seq: int = 0
-    epoch: str | None = None  # of the room's seqs (from `joined`): sent back with since_seq
-    first_seq: int = 0  # oldest loaded seq, for scrolling back
-    has_older: bool = False
-    messages: dict[int, Message] = field(default_factory=dict)  # by seq
-    buffer: dict[int, Message] = field(default_factory=dict)  # seq > last_seq + 1, waiting for the gap
-    joined: bool = False  # `joined` received on the current socket
-    join_retry_at: float | None = None
-    fetching: str | None = None  # purpose of the REST page in flight
-    gap_since: float | None = None
-    online: set[int] = field(default_factory=set)
-    typing: dict[int, float] = field(default_factory=dict)  # user id -> expiry
-    streams: dict[int, Stream] = field(default_factory=dict)  # by answer message_id
-    queued: dict[int, int] = field(default_factory=dict)  # prompt id -> position
-    notes: dict[int, str] = field(default_factory=dict)  # message id -> "the assistant did not answer: ..."
-
-    @property
-    def unread(self) -> int:
-        return max(0, self.latest_seq - self.read_seq)
-
-    def ordered(self) -> list[Message]:
-        return [self.messages[s] for s in sorted(self.messages)]
-
-
-# ---------------------------------------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class SendFrame:
-    frame: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class FetchPage:
-    """GET /api/v1/rooms/{room_id}/messages; feed the answer to ``ClientSession.page``."""
-
-    room_id: int
-    purpose: str  # latest | fill | older
-    after_seq: int | None = None
-    before_seq: int | None = None
-    limit: int = PAGE
-
-    def query(self) -> dict[str, int]:
-        q = {"limit": self.limit}
-        if self.after_seq is not None:
-            q["after_seq"] = self.after_seq
-        if self.before_seq is not None:
-            q["before_seq"] = self.before_seq
-        return q
-
-
-@dataclass(frozen=True)
-class RefreshToken:
-    """Refresh the access token over REST, then call ``ClientSession.token_refreshed``."""
-
-
-@dataclass(frozen=True)
-class Show:
-    """A message joined the room's contiguous history: render it (once per seq)."""
-
-    message: Message
-
-
-@dataclass(frozen=True)
-class ShowOlder:
-    """Older messages loaded by scrolling back, oldest first."""
-
-    room_id: int
-    messages: tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class Reset:
-    """The room's history was replaced by its newest page (a gap too large to replay)."""
-
-    room_id: int
-
-
-@dataclass(frozen=True)
-class Notice:
-    text: str
-    room_id: int | None = None
-
-
-@dataclass(frozen=True)
-class RoomRemoved:
-    room_id: int
-
-
-@dataclass(frozen=True)
-class Redraw:
-    """Live state changed (streams, typing, presence, pending, unread counts)."""
-
-
-Action = SendFrame | FetchPage | RefreshToken | Show | ShowOlder | Reset | Notice | RoomRemoved | Redraw
-
-
-def reconnect_delay(attempt: int, close_code: int | None, rand: float) -> float | None:
-    """Seconds before the next connection attempt (PROTOCOL.md §6); None: do not reconnect.
-
-    ``attempt`` counts failures since the last successful ``hello``; ``rand`` is uniform in [0, 1).
-    """
-    if close_code == 1008:  # banned
-        return None
-    if close_code == 1001:  # a worker stops: another one serves at once
-        return 0.05 + 0.5 * rand
-    if close_code == 4029:  # too many connections: a slot frees up slowly
-        return 10.0 + 20.0 * rand
-    return max(0.1, rand * min(30.0, 0.5 * 2.0 ** min(attempt, 10)))  # full jitter
 
 
 # ---------------------------------------------------------------------------------------------- session

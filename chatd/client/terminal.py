@@ -34,10 +34,8 @@ from prompt_toolkit.shortcuts import print_formatted_text
 from prompt_toolkit.styles import Style
 from websockets.asyncio.client import ClientConnection, connect
 
-from chatd.client.rest import Api, ApiError
-from chatd.client.session import (
+from chatd.client.model import (
     Action,
-    ClientSession,
     FetchPage,
     Message,
     Notice,
@@ -50,6 +48,10 @@ from chatd.client.session import (
     Show,
     ShowOlder,
     reconnect_delay,
+)
+from chatd.client.rest import Api, ApiError
+from chatd.client.session import (
+    ClientSession,
 )
 
 HELP = """commands:

@@ -3,9 +3,9 @@
 Seqs are gap-free by construction: ``storage.messages.commit_batch`` and
 ``storage.answers.persist_answer`` take ``rooms.last_seq + 1`` under the room's row
 lock, so a room's commits happen in seq order and every seq up to
-``rooms.last_seq`` is in Postgres.  Two places use that:
+``rooms.last_seq`` is in Postgres.
 
-* ``RoomSequencer``, one per room per worker.  Messages reach a worker from
+``RoomSequencer``, one per room per worker (in the room's log).  Messages reach a worker from
   Redis (commits of other workers and instances) and from its own group commit.
   Publishes can overtake each other and can be lost (a publisher crashed after
   its commit, Redis blinked).  The sequencer releases messages strictly in seq
@@ -18,11 +18,8 @@ lock, so a room's commits happen in seq order and every seq up to
   releases past a seq it has not released: a seq that Postgres cannot return
   although it must exist is an invariant breach, reported by ``fill``.
 
-* ``HoldLog``, one per room: the live frames that arrive while sockets join
-  it.  A joining socket is subscribed first, then reads its history; the frames
-  arriving meanwhile are held once for every joiner (each joiner is a start
-  position in one shared log, bounded), then history and held frames are merged
-  by seq: no gap (the subscription predates the read) and no duplicate.
+The live frames held while sockets join a room, and their merge with each joiner's history, are the
+room log's (``chatd.core.roomlog``), which holds a room's sequencer, revisions and latest changes.
 
 Frames without a seq (typing, edits, stream chunks) are not ordered against
 messages and pass straight through.  Time is an argument: nothing here reads
@@ -255,72 +252,3 @@ class LatestChange:
         if len(self._rev) > self.max_messages:
             self._rev.popitem(last=False)
         return True
-
-
-class HoldLog(Generic[T]):
-    """Live frames held while sockets join one room: one shared log, each joiner a start position in it.
-
-    A frame is held once however many sockets join (not once per joiner: a hot room with many joiners
-    would hold joiners x frames).  At most ``max_held`` frames: beyond, every joiner then holding is
-    marked overflowed (it must resync instead), and the log takes no more until it empties.
-    """
-
-    def __init__(self, max_held: int = 10_000) -> None:
-        self.max_held = max_held
-        self._items: list[tuple[int | None, T]] = []
-        self._base = 0  # absolute position of _items[0]
-        self._starts: dict[object, int] = {}  # joiner -> absolute position of its first held frame
-        self._overflowed: set[object] = set()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def joiners(self) -> int:
-        return len(self._starts)
-
-    def __contains__(self, joiner: object) -> bool:
-        return joiner in self._starts
-
-    def start(self, joiner: object) -> None:
-        """``joiner`` holds every frame from now on (a second start restarts it)."""
-        self._overflowed.discard(joiner)
-        self._starts[joiner] = self._base + len(self._items)
-        self._trim()
-
-    def hold(self, seq: int | None, item: T) -> None:
-        if not self._starts:
-            return
-        if len(self._items) >= self.max_held:
-            self._overflowed.update(self._starts)
-            return
-        self._items.append((seq, item))
-
-    def finish(self, joiner: object, history: list[tuple[int, T]], last_history_seq: int) -> tuple[list[T], bool]:
-        """History first, then the frames held since ``joiner`` started that history did not contain
-        (message frames with ``seq <= last_history_seq``; frames without a seq kept in arrival order);
-        and whether frames were dropped for it.  An unknown joiner gets its history alone."""
-        out = [item for _, item in sorted(history, key=lambda r: r[0])]
-        start = self._starts.pop(joiner, None)
-        overflowed = joiner in self._overflowed
-        self._overflowed.discard(joiner)
-        if start is not None:
-            for seq, item in self._items[start - self._base :]:
-                if seq is None or seq > last_history_seq:
-                    out.append(item)
-            self._trim()
-        return out, overflowed
-
-    def cancel(self, joiner: object) -> None:
-        """``joiner`` stopped joining (left, kicked, failed): its held frames go."""
-        if self._starts.pop(joiner, None) is not None:
-            self._overflowed.discard(joiner)
-            self._trim()
-
-    def _trim(self) -> None:
-        """Drop what no joiner needs any more: the frames before the earliest start."""
-        first = min(self._starts.values(), default=self._base + len(self._items))
-        drop = first - self._base
-        if drop > 0:
-            del self._items[:drop]
-            self._base = first

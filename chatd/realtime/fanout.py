@@ -1,22 +1,13 @@
-"""The hub: which local socket gets which frame, in order, once.
+"""The hub: routes each room's events to its ``RoomLog`` and makes the writes it returns.
 
-One ``Hub`` per worker.  It keeps the local registries (sockets per room,
-sockets per user) and delivers:
-
-* frames built once: each event is serialized and framed (RFC 6455) by its
-  publisher, and the same bytes are written to every local socket;
-* room messages in seq order, each once per socket: a ``RoomSequencer`` per
-  room is fed by this worker's own commits (delivered locally at once, so
-  Redis is not between two sockets of one worker) and by the other workers'
-  publishes; ``chatd.repair`` reads what is missing from Postgres;
-* edits and deletes once each (``Revisions``), presence as a per-room view
-  (``PresenceView``: announcements in revision order, healed from Redis by
-  ``chatd.realtime.presence`` when one was skipped).
-
-Transport is ``chatd.pubsub`` (one subscriber connection) and
-``chatd.storage.kv.publish_many`` (one PUBLISH per room per batch, see
-``chatd.envelope``); a worker skips its own publishes by their origin before
-parsing them.
+One ``Hub`` per worker.  A room's state on this worker and every decision of which socket gets which
+frame is the pure ``chatd.core.roomlog.RoomLog``; the hub is the I/O around it.  It routes by room
+(this worker's commits, delivered locally at once; the other workers' envelopes; repair's fills and
+probes; presence heals), is the only code that writes a room's frames to sockets (each framed once, the
+same bytes to every socket), performs the log's needs (kick, ``resync_required``, urgent probe), and
+keeps the subscriptions (a room's outlives its last local socket by ``ws.room_linger_s``), the sockets
+per user and the transport (``chatd.realtime.pubsub``, ``chatd.realtime.outbox``).  A worker skips its
+own publishes by their origin before parsing them.
 """
 
 from __future__ import annotations
@@ -25,13 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chatd.core import envelope, errors, server_frames, wsframe
 from chatd.core.keys import Keys
 from chatd.core.presence_view import UNKNOWN, PresenceView
-from chatd.core.sequencing import HoldLog, LatestChange, Revisions, RoomSequencer
+from chatd.core.roomlog import Event, Kick, Probe, Resync, RoomLog, Write, member_left_user
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
@@ -40,6 +30,8 @@ from chatd.realtime.pubsub import Subscriber
 from chatd.storage import messages as messages_db
 from chatd.storage.db import Database
 from chatd.storage.kv import KV
+
+__all__ = ["Conn", "Event", "Hub"]
 
 _BAD_LOG_INTERVAL_S = 60.0
 
@@ -50,40 +42,12 @@ class Conn(Protocol):
     connection_id: str
     user_id: int
     family: str | None
-    room_seq: dict[int, int]  # last message seq delivered to this socket, per joined room
-    stream_marks: dict[int, int]  # answer message id -> last chunk index it already has (caught up on join)
 
     def write_frame(self, frame: bytes) -> None: ...
 
     def force_close(self, code: int, reason: str) -> None: ...
 
     def kicked(self, room_id: int) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    frame: bytes  # one or more complete WebSocket frames, built once
-    seq: int | None = None
-    exclude: str | None = None  # connection id that must not receive it (its own echo)
-    stream: tuple[int, int] | None = None  # (answer message id, chunk index; -1 = stream_start)
-
-
-@dataclass(eq=False)
-class RoomState:
-    live: set[Conn] = field(default_factory=set)
-    holds: HoldLog[Event] = field(default_factory=HoldLog)  # joining sockets: their live frames held here
-    sequencer: RoomSequencer[Event] | None = None
-    revisions: Revisions | None = None
-    latest: LatestChange = field(default_factory=LatestChange)  # per message: the newest change delivered
-    presence: PresenceView | None = None  # members online anywhere, as this worker's sockets were told
-    early: list[Event] = field(default_factory=list)  # arrived before the sequencer was set up (bounded)
-    ready: asyncio.Future[None] | None = None
-    idle_since: float | None = None  # the last local socket left then: unsubscribed after ws.room_linger_s
-    epoch: str | None = None  # of the room's seqs, as the last join read it (for resync_required)
-
-    @property
-    def sockets(self) -> int:
-        return len(self.live) + self.holds.joiners
 
 
 class Hub:
@@ -102,11 +66,15 @@ class Hub:
         self.settings = settings
         self.clock = clock
         self.origin = envelope.new_origin()
-        self.rooms: dict[int, RoomState] = {}
+        self.rooms: dict[int, RoomLog[Conn]] = {}
+        self._ready: dict[int, asyncio.Future[None]] = {}  # the room's subscription and first read, once
+        self._idle: dict[int, float] = {}  # room -> when its last local socket left (unsubscribed after the linger)
         self.users: dict[int, set[Conn]] = {}
         self.control_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         # Called once pub/sub is back after a loss: what was published meanwhile is read back (repair, presence).
         self.resubscribed_hooks: list[Callable[[], None]] = []
+        # Called when a room log needs its last_seq and edit_rev read now (repair's urgent probe).
+        self.probe_hooks: list[Callable[[], None]] = []
         self.subscriber = subscriber_factory(self._on_message, self._resubscribed)
         self.outbox = PublishQueue(kv, settings.publish_queue_max, settings.publish_deadline_s, clock)
         self._gap_timeout_s = settings.gap_timeout_ms / 1000
@@ -119,51 +87,47 @@ class Hub:
 
     # -- rooms --------------------------------------------------------------------
 
-    async def join_room(self, conn: Conn, room_id: int) -> RoomState:
+    async def join_room(self, conn: Conn, room_id: int) -> RoomLog[Conn]:
         """Subscribe (first local socket of the room) and mark ``conn`` as joining: its live frames are held.
 
-        A rejoin on a socket already in the room starts over: the socket leaves the live set, so it gets
-        nothing of the room before its ``joined`` and, after it, each frame once (history, then held).
+        A rejoin on a socket already in the room starts over: it gets nothing of the room before its
+        ``joined`` and, after it, each frame once (history, then held).
         """
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = RoomState(holds=HoldLog(self.settings.max_held_frames))
-        room.idle_since = None
-        room.live.discard(conn)
-        room.holds.start(conn)
+            room = self.rooms[room_id] = RoomLog(room_id, self._gap_timeout_s, self.settings.max_held_frames)
+        self._idle.pop(room_id, None)
+        room.join(conn, conn.user_id, conn.connection_id)
         try:
-            if room.ready is None:
-                room.ready = asyncio.get_running_loop().create_future()
+            ready = self._ready.get(room_id)
+            if ready is None:
+                ready = self._ready[room_id] = asyncio.get_running_loop().create_future()
                 try:
                     await self._open_room(room_id, room)
-                    room.ready.set_result(None)
+                    ready.set_result(None)
                 except BaseException as exc:
-                    room.ready.set_exception(exc)
-                    room.ready.exception()  # retrieved: joiners waiting on it re-raise below
-                    room.ready = None
+                    ready.set_exception(exc)
+                    ready.exception()  # retrieved: joiners waiting on it re-raise below
+                    if self._ready.get(room_id) is ready:
+                        del self._ready[room_id]
                     raise
             else:
-                await asyncio.shield(room.ready)
+                await asyncio.shield(ready)
         except BaseException:
             await self.leave_room(conn, room_id)
             raise
         return room
 
-    async def _open_room(self, room_id: int, room: RoomState) -> None:
+    async def _open_room(self, room_id: int, room: RoomLog[Conn]) -> None:
         await self.subscriber.subscribe(self.keys.room_channel(room_id))
         # Subscribed (confirmed) before these reads: nothing falls between them and the live frames.
         last_seq, edit_rev = await messages_db.room_last_seq(self.db, room_id)
         try:
             rev, online = (await self.kv.presence_views([(room_id, UNKNOWN)]))[room_id]
-            room.presence = PresenceView(online, rev)
+            view = PresenceView(online, rev)
         except errors.Unavailable:
-            room.presence = PresenceView(stale=True)  # read whole by the next heal round
-        now = self.clock()
-        room.sequencer = RoomSequencer(last_seq + 1, self._gap_timeout_s, self.settings.max_held_frames)
-        room.revisions = Revisions(edit_rev, self._gap_timeout_s)
-        early, room.early = room.early, []
-        for event in early:
-            self.release(room_id, room, room.sequencer.offer(event.seq or 0, event, now))
+            view = PresenceView(stale=True)  # read whole by the next heal round
+        self.apply(room, room.open(last_seq, edit_rev, view, self.clock()))
 
     def finish_join(
         self,
@@ -179,42 +143,32 @@ class Hub:
         replaying, else the room's last_seq at join), so older copies are dropped.
         ``catch_up``: ``(answer id, chunk index, frames)`` of streams running in the room.
         """
-        room = self.rooms[room_id]
-        last_history_seq = history[-1][0] if history else baseline_seq
-        items, overflowed = room.holds.finish(conn, history, last_history_seq)
-        room.live.add(conn)
-        conn.room_seq[room_id] = baseline_seq
-        for message_id, index, frames in catch_up:
-            for frame in frames:
-                conn.write_frame(frame)
-            mark_stream(conn.stream_marks, message_id, index)  # held chunks up to here are in the catch-up
-        for event in items:
-            self._write(conn, room_id, event)
-        if overflowed:
-            metrics.resyncs.labels("held_overflow").inc()
-            last = room.sequencer.next_seq - 1 if room.sequencer else baseline_seq
-            resync = server_frames.resync_required(room_id=room_id, last_seq=last, epoch=room.epoch, reply_to=None)
-            conn.write_frame(_framed(resync))
+        room = self.rooms.get(room_id)
+        if room is not None:
+            self.apply(room, room.finish(conn, history, baseline_seq, catch_up))
 
     def detach(self, conn: Conn, room_id: int) -> None:
         """Stop delivering the room's frames to ``conn`` now (synchronously); ``leave_room`` does the rest."""
-        conn.room_seq.pop(room_id, None)
         room = self.rooms.get(room_id)
         if room is not None:
-            room.live.discard(conn)
-            room.holds.cancel(conn)
+            room.leave(conn)
 
     async def leave_room(self, conn: Conn, room_id: int) -> None:
         self.detach(conn, room_id)
         room = self.rooms.get(room_id)
-        if room is None:
+        if room is None or room.sockets:
             return
-        if not room.sockets:
-            if self.settings.room_linger_s > 0 and room.ready is not None and room.ready.done():
-                room.idle_since = self.clock()  # kept (still fed and repaired) for a socket coming back
-                return
-            del self.rooms[room_id]
-            await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
+        ready = self._ready.get(room_id)
+        if self.settings.room_linger_s > 0 and ready is not None and ready.done():
+            self._idle[room_id] = self.clock()  # kept (still fed and repaired) for a socket coming back
+            return
+        await self._close_room(room_id)
+
+    async def _close_room(self, room_id: int) -> None:
+        del self.rooms[room_id]
+        self._ready.pop(room_id, None)
+        self._idle.pop(room_id, None)
+        await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
 
     async def run_linger(self) -> None:
         """Unsubscribe the rooms whose last local socket left ``ws.room_linger_s`` ago (a supervised task)."""
@@ -222,25 +176,26 @@ class Hub:
         while True:
             await asyncio.sleep(min(1.0, linger_s / 2))
             now = self.clock()
-            idle = [
-                room_id
-                for room_id, room in self.rooms.items()
-                if room.idle_since is not None and not room.sockets and now - room.idle_since >= linger_s
-            ]
-            for room_id in idle:
+            for room_id in [r for r, since in self._idle.items() if now - since >= linger_s]:
                 room = self.rooms.get(room_id)
-                if room is not None and room.idle_since is not None and not room.sockets:  # no join meanwhile
-                    del self.rooms[room_id]
-                    await self.subscriber.unsubscribe(self.keys.room_channel(room_id))
+                if room is not None and room_id in self._idle and not room.sockets:  # no join meanwhile
+                    await self._close_room(room_id)
 
-    def set_epoch(self, room_id: int, epoch: str) -> None:
+    def set_epoch(self, room_id: int, epoch: str, last_seq: int) -> None:
+        """The epoch a join read (with the room's ``last_seq`` then): another one than before resyncs the room."""
         room = self.rooms.get(room_id)
         if room is not None:
-            room.epoch = epoch
+            room.set_epoch(epoch, last_seq, self.clock())
+            self.apply(room, [])
 
     def online(self, room_id: int) -> set[int]:
         room = self.rooms.get(room_id)
         return set(room.presence.online) if room is not None and room.presence is not None else set()
+
+    def delivered_seq(self, conn: Conn, room_id: int) -> int | None:
+        """The last seq of the room ``conn`` has; None unless it is live in the room on this worker."""
+        room = self.rooms.get(room_id)
+        return room.delivered(conn) if room is not None else None
 
     def _resubscribed(self) -> None:
         for hook in self.resubscribed_hooks:
@@ -460,45 +415,26 @@ class Hub:
 
     def deliver_message(self, room_id: int, seq: int, payload: bytes) -> None:
         room = self.rooms.get(room_id)
-        if room is None:
-            return
-        event = Event(wsframe.ws_text_frame(payload), seq)
-        if room.sequencer is None:
-            if len(room.early) < self.settings.max_held_frames:  # beyond: read back once the room is set up
-                room.early.append(event)
-            return
-        self.release(room_id, room, room.sequencer.offer(seq, event, self.clock()))
+        if room is not None:
+            event = Event(wsframe.ws_text_frame(payload), seq, removes=member_left_user(payload))
+            self.apply(room, room.message(event, self.clock()))
 
     def deliver_frame(self, room_id: int, payload: bytes, exclude: str | None, stream: tuple[int, int] | None) -> None:
         room = self.rooms.get(room_id)
         if room is not None:
-            self.release(room_id, room, [Event(wsframe.ws_text_frame(payload), None, exclude, stream)])
+            self.apply(room, room.frame(Event(wsframe.ws_text_frame(payload), None, exclude, stream)))
 
     def deliver_change(self, room_id: int, rev: int, payload: bytes, message_id: int | None) -> None:
         room = self.rooms.get(room_id)
-        if room is None or room.revisions is None or not room.revisions.offer(rev, self.clock()):
-            return
-        if message_id is not None and not room.latest.newer(message_id, rev):
-            return  # a later change of this message was delivered already (an edit behind its delete)
-        self.release(room_id, room, [Event(wsframe.ws_text_frame(payload))])
-
-    def release_changes(self, room_id: int, room: RoomState, changes: list[tuple[int, int, Event]]) -> None:
-        """Changes read back from Postgres ``(message id, rev, event)``, each unless a later one was delivered."""
-        self.release(room_id, room, [event for mid, rev, event in changes if room.latest.newer(mid, rev)])
+        if room is not None:
+            self.apply(room, room.change(rev, message_id, Event(wsframe.ws_text_frame(payload)), self.clock()))
 
     def deliver_presence(
         self, room_id: int, online: Sequence[int], offline: Sequence[int], payload: bytes, rev: int | None
     ) -> None:
         room = self.rooms.get(room_id)
-        if room is None or room.presence is None or room.ready is None or not room.ready.done():
-            return  # the view is read once the room is set up (a later revision than this, or healed)
-        if not room.presence.offer(rev, online, offline):
-            return  # the view has it already
-        # Not held for joining sockets: their `joined` frame carries the view as it is then.
-        frame = wsframe.ws_text_frame(payload)
-        for conn in list(room.live):
-            conn.write_frame(frame)
-        metrics.hot.frames_delivered += len(room.live)
+        if room is not None:
+            self.apply(room, room.presence_announced(rev, online, offline, wsframe.ws_text_frame(payload)))
 
     def heal_presence(self, room_id: int, rev: int, online: Sequence[int], asked_at: int) -> bool:
         """Redis' whole view of a room at revision ``rev`` (asked for when the view was at ``asked_at``):
@@ -508,45 +444,38 @@ class Hub:
         every worker heals its own view.
         """
         room = self.rooms.get(room_id)
-        if room is None or room.presence is None:
+        writes = room.presence_healed(rev, online, asked_at) if room is not None else None
+        if room is None or writes is None:
             return False
-        diff = room.presence.heal(rev, online, asked_at)
-        if diff is None or not (diff[0] or diff[1]):
-            return False
-        frame = _framed(server_frames.presence(room_id=room_id, online=diff[0], offline=diff[1]))
-        for conn in list(room.live):
-            conn.write_frame(frame)
-        metrics.hot.frames_delivered += len(room.live)
+        self.apply(room, writes)
         return True
 
-    def release(self, room_id: int, room: RoomState, events: list[Event]) -> None:
-        if not events:
-            return
-        written = 0
-        for event in events:
-            room.holds.hold(event.seq, event)
-            for conn in list(room.live):
-                if self._write(conn, room_id, event):
-                    written += 1
-        metrics.hot.frames_delivered += written
-
-    @staticmethod
-    def _write(conn: Conn, room_id: int, event: Event) -> bool:
-        if event.exclude is not None and event.exclude == conn.connection_id:
-            return False
-        seq = event.seq
-        if seq is not None:
-            if seq <= conn.room_seq.get(room_id, 0):
-                return False  # this socket already has it (history, or an earlier copy)
-            conn.room_seq[room_id] = seq
-        elif event.stream is not None and conn.stream_marks:
-            mark = conn.stream_marks.get(event.stream[0])
-            if mark is not None:
-                if event.stream[1] <= mark:
-                    return False  # part of the text this socket got when it joined mid-stream
-                del conn.stream_marks[event.stream[0]]  # past the catch-up: every later chunk is new
-        conn.write_frame(event.frame)
-        return True
+    def apply(self, room: RoomLog[Conn], writes: list[Write[Conn]]) -> None:
+        """Make a room log's writes, in order, then its needs.  Nothing else writes a room's frames."""
+        if writes:
+            written = 0
+            for frame, conns in writes:
+                for conn in conns:
+                    conn.write_frame(frame)
+                written += len(conns)
+            metrics.hot.frames_delivered += written
+        if room.needs:
+            needs, room.needs = room.needs, []
+            for need in needs:
+                if type(need) is Kick:
+                    need.conn.kicked(room.room_id)  # the socket says `left` and leaves (presence included)
+                elif type(need) is Resync:
+                    metrics.resyncs.labels(need.reason).inc(len(need.conns))
+                    frame = _framed(
+                        server_frames.resync_required(
+                            room_id=room.room_id, last_seq=need.last_seq, epoch=need.epoch, reply_to=None
+                        )
+                    )
+                    for conn in need.conns:
+                        conn.write_frame(frame)
+                elif type(need) is Probe:
+                    for hook in self.probe_hooks:
+                        hook()
 
     def deliver_user(self, user_id: int, payload: bytes, exclude: str | None) -> None:
         conns = self.users.get(user_id)
@@ -557,19 +486,6 @@ class Hub:
             if conn.connection_id != exclude:
                 conn.write_frame(frame)
 
-    def resync(self, room_id: int, last_seq: int) -> None:
-        """Tell the room's sockets they missed messages that cannot be delivered: refetch and rejoin."""
-        room = self.rooms.get(room_id)
-        if room is None:
-            return
-        frame = _framed(
-            server_frames.resync_required(room_id=room_id, last_seq=last_seq, epoch=room.epoch, reply_to=None)
-        )
-        metrics.resyncs.labels("seq_lost").inc(len(room.live))
-        for conn in list(room.live):
-            conn.write_frame(frame)
-            conn.room_seq[room_id] = max(conn.room_seq.get(room_id, 0), last_seq)
-
     def close_local(self, user_id: int, code: int, reason: str, family: str | None) -> None:
         for conn in list(self.users.get(user_id, ())):
             if family is None or conn.family == family:
@@ -578,18 +494,6 @@ class Hub:
     def kick_local(self, user_id: int, room_id: int) -> None:
         for conn in list(self.users.get(user_id, ())):
             conn.kicked(room_id)
-
-
-_MAX_STREAM_MARKS = 64  # streams a socket joined mid-way and has not seen a new chunk of yet
-
-
-def mark_stream(marks: dict[int, int], message_id: int, index: int) -> None:
-    """Remember the catch-up of a running stream; the oldest marks go first beyond ``_MAX_STREAM_MARKS``
-    (a stream that ended right at the join leaves its mark until then)."""
-    marks.pop(message_id, None)
-    marks[message_id] = index
-    while len(marks) > _MAX_STREAM_MARKS:
-        del marks[next(iter(marks))]
 
 
 def _framed(frame: dict[str, Any]) -> bytes:

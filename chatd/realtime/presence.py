@@ -164,7 +164,7 @@ class Presence:
         asks: list[tuple[int, int]] = []
         asked_at: dict[int, int] = {}
         for room_id, room in self.hub.rooms.items():
-            if room.presence is not None:
+            if room.presence is not None:  # None until the room's log is open
                 asks.append((room_id, UNKNOWN if whole else room.presence.known_rev))
                 asked_at[room_id] = room.presence.rev
         if not asks:

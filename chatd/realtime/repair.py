@@ -10,7 +10,7 @@ refused it).  Two things find the loss, and one query per round reads it back:
 
 Missing for ``ws.gap_timeout_ms`` (a publish merely in flight arrives
 sooner), the exact ranges of every room are read in one query and released
-through the rooms' sequencers.  After a Redis reconnect the subscriber calls
+through the rooms' logs (``chatd.core.roomlog``).  After a Redis reconnect the subscriber calls
 ``urgent``: probe and read at once, since publishes were surely lost.  A seq
 Postgres cannot return although it must exist is an invariant breach: logged
 as an error, counted, and the room's sockets get ``resync_required``.
@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 
 from chatd.core import errors, server_frames, wsframe
+from chatd.core.roomlog import Event, member_left_user
 from chatd.core.sequencing import Gap
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
-from chatd.realtime.fanout import Event, Hub
+from chatd.realtime.fanout import Hub
 from chatd.storage import messages as messages_db
 from chatd.storage.db import Database
 
@@ -46,6 +47,7 @@ class Repair:
         self.clock = clock
         self._urgent = asyncio.Event()
         hub.resubscribed_hooks.append(self.urgent)
+        hub.probe_hooks.append(self.urgent)
 
     def urgent(self) -> None:
         self._urgent.set()
@@ -71,29 +73,26 @@ class Repair:
                     await asyncio.sleep(self.tick_s)
 
     async def probe(self) -> None:
-        rooms = [room_id for room_id, room in self.hub.rooms.items() if room.sequencer is not None]
+        rooms = [room_id for room_id, room in self.hub.rooms.items() if room.opened]
         for i in range(0, len(rooms), _ROOMS_PER_QUERY * 5):
             rows = await messages_db.probe_rooms(self.db, rooms[i : i + _ROOMS_PER_QUERY * 5])
             now = self.clock()
             for room_id, last_seq, edit_rev in rows:
                 room = self.hub.rooms.get(room_id)
-                if room is not None and room.sequencer is not None and room.revisions is not None:
-                    room.sequencer.note_committed(last_seq, now)
-                    room.revisions.note_committed(edit_rev, now)
+                if room is not None:
+                    room.probed(last_seq, edit_rev, now)
 
     async def fill(self, urgent: bool = False) -> None:
         now = self.clock()
         gaps: dict[int, Gap] = {}
         changes: dict[int, tuple[int, int]] = {}  # room -> (after, committed when asked)
         for room_id, room in self.hub.rooms.items():
-            if room.sequencer is None or room.revisions is None:
-                continue
-            gap = room.sequencer.missing(now, urgent=urgent)
+            gap = room.missing_messages(now, urgent=urgent)
             if gap is not None:
                 gaps[room_id] = gap
-            after = room.revisions.missing(now, urgent=urgent)
+            after = room.missing_changes(now, urgent=urgent)
             if after is not None:
-                changes[room_id] = (after, room.revisions.committed)
+                changes[room_id] = after
         if gaps:
             await self._fill_messages(gaps)
         if changes:
@@ -106,30 +105,31 @@ class Repair:
             rows = await messages_db.messages_in_ranges(self.db, [(r, g.first, g.last) for r, g in chunk])
             by_room: dict[int, list[tuple[int, Event]]] = {}
             for row in rows:
-                frame = wsframe.ws_text_frame(server_frames.encode_bytes(server_frames.message_from_row(row)))
+                payload = server_frames.encode_bytes(server_frames.message_from_row(row))
+                frame = wsframe.ws_text_frame(payload)
                 if row["role"] == "assistant" and row["reply_to_id"] is not None:
                     # Its stream_end was probably lost with it: the frame carries both (clients ignore a
                     # second stream_end of the same answer).
                     frame += wsframe.ws_text_frame(server_frames.encode_bytes(server_frames.stream_end_from_row(row)))
-                by_room.setdefault(row["room_id"], []).append((int(row["seq"]), Event(frame, int(row["seq"]))))
+                seq = int(row["seq"])
+                event = Event(frame, seq, removes=member_left_user(payload))
+                by_room.setdefault(row["room_id"], []).append((seq, event))
             now = self.clock()
             for room_id, gap in chunk:
                 room = self.hub.rooms.get(room_id)
-                if room is None or room.sequencer is None:
+                if room is None:
                     continue  # the last socket left meanwhile
                 found = by_room.get(room_id, [])
-                filled = room.sequencer.fill(gap, found, now)
+                writes, filled = room.filled(gap, found, now)
                 if found:
                     metrics.gaps_filled.inc(len(found))
                     app_log.info("gap_filled", extra=fields(room_id=room_id, first=gap.first, count=len(found)))
-                self.hub.release(room_id, room, filled.released)
                 for lost in filled.lost:
                     metrics.seqs_lost.inc(lost.count)
                     app_log.error(
                         "seq_lost", extra=fields(room_id=room_id, first=lost.first, last=lost.last, action="resync")
                     )
-                if filled.lost:
-                    self.hub.resync(room_id, room.sequencer.next_seq - 1)
+                self.hub.apply(room, writes)
 
     async def _fill_changes(self, changes: dict[int, tuple[int, int]]) -> None:
         items = list(changes.items())
@@ -144,10 +144,10 @@ class Repair:
             now = self.clock()
             for room_id, (after, upto) in chunk:
                 room = self.hub.rooms.get(room_id)
-                if room is None or room.revisions is None:
+                if room is None:
                     continue
                 found = by_room.get(room_id, [])
-                read = room.revisions.fill(after, upto, found, len(found) < _CHANGES_PER_ROOM, now)
+                writes, read = room.changes_filled(after, upto, found, len(found) < _CHANGES_PER_ROOM, now)
                 if read:
-                    metrics.gaps_filled.inc(len(read))
-                self.hub.release_changes(room_id, room, read)
+                    metrics.gaps_filled.inc(read)
+                self.hub.apply(room, writes)

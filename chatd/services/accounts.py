@@ -97,20 +97,17 @@ class Accounts:
 
     # -- flows ----------------------------------------------------------------
 
-    async def register(self, body: dict[str, Any], ip: str) -> dict[str, Any]:
-        email = auth.validate_email(body.get("email"))
+    async def register(self, email: str, password: str, name: str, ip: str) -> dict[str, Any]:
+        email = auth.validate_email(email)
         await self._limit(ip, email)
-        password = auth.validate_password(body.get("password"))
-        name = auth.validate_name(body.get("name"))
+        password = auth.validate_password(password)
+        name = auth.validate_name(name)
         password_hash = await self._cpu(auth.hash_password, password)
         user = await users_db.create_user(self.db, email, name, password_hash, "user")
         app_log.info("user_registered", extra=fields(user_id=user["id"]))
         return await self._issue(user)
 
-    async def login(self, body: dict[str, Any], ip: str) -> dict[str, Any]:
-        email, password = body.get("email"), body.get("password")
-        if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
-            raise errors.BadRequest("email and password are required")
+    async def login(self, email: str, password: str, ip: str) -> dict[str, Any]:
         await self._limit(ip, email)
         user = await users_db.user_by_email(self.db, email.strip())
         if user is None or not user.get("password_hash"):
@@ -124,10 +121,7 @@ class Accounts:
             await users_db.set_password_hash(self.db, user["id"], await self._cpu(auth.hash_password, password))
         return await self._issue(user)
 
-    async def refresh(self, body: dict[str, Any]) -> dict[str, Any]:
-        token = body.get("refresh_token")
-        if not isinstance(token, str) or not token:
-            raise errors.BadRequest("refresh_token is required")
+    async def refresh(self, token: str) -> dict[str, Any]:
         claims = self.tokens.verify(token, "refresh")
         assert claims.family is not None  # verify() guarantees a family on refresh tokens
         use = await users_db.use_refresh(self.db, claims.jti, claims.family)
@@ -165,20 +159,15 @@ class Accounts:
 
     # -- account basics and the directory (issue 11) ---------------------------------
 
-    async def rename(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(body) - {"name"}
-        if unknown:
-            raise errors.BadRequest(f"cannot change: {', '.join(sorted(unknown))}")
-        user = await users_db.update_user_name(self.db, principal.user_id, auth.validate_name(body.get("name")))
+    async def rename(self, principal: Principal, name: str) -> dict[str, Any]:
+        user = await users_db.update_user_name(self.db, principal.user_id, auth.validate_name(name))
         if user is None:
             raise errors.Unauthorized("account disabled")
         return user_json(user)
 
-    async def change_password(self, principal: Principal, body: dict[str, Any]) -> None:
+    async def change_password(self, principal: Principal, old: str, new: str) -> None:
         """Old + new password; every other session of the user is revoked (and its sockets closed)."""
-        old, new = body.get("old_password"), auth.validate_password(body.get("new_password"))
-        if not isinstance(old, str) or not old:
-            raise errors.BadRequest("old_password is required")
+        new = auth.validate_password(new)
         current = await users_db.password_hash_of(self.db, principal.user_id)
         if not current or not await self._cpu(auth.verify_password, current, old):
             raise errors.Forbidden("old_password is wrong")

@@ -13,6 +13,8 @@
 * ``SendLimiter``: ``SharedQuota`` plus the sync loop.
 * ``AuthLimiter``: login/register attempts, exact in Redis (they are rare);
   falls back to a per-process window when Redis does not answer.
+
+The per-socket limits of client frames are ``chatd/core/framelimits.py`` (a socket's session holds them).
 """
 
 from __future__ import annotations
@@ -166,92 +168,3 @@ class AuthLimiter:
         except errors.Unavailable:
             return self._fallback.hit(subject)
         return Decision(allowed, retry_ms)
-
-
-class TokenBucket:
-    """``burst`` events at once, then ``rate_per_s``; pure (the caller passes the time)."""
-
-    __slots__ = ("burst", "rate_per_s", "stamp", "tokens")
-
-    def __init__(self, rate_per_s: float, burst: int) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp: float | None = None
-
-    def take(self, now: float) -> float:
-        """Take one token: 0.0 if there was one, else the seconds until there is."""
-        if self.stamp is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate_per_s)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate_per_s
-
-
-class FrameLimiter:
-    """Per-socket limits of client frames: one bucket for every frame (``"all"``), one per group of types.
-
-    A refused frame, or any frame the caller rejects, is a *violation*; the
-    ``max_violations``-th within ``violation_window_s`` tells the caller to
-    close the socket (1008).  Buckets are created on first use: a socket that
-    only sends and pings holds two.
-    """
-
-    def __init__(
-        self,
-        limits: dict[str, tuple[float, int]],
-        groups: dict[str, str],
-        max_violations: int,
-        violation_window_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._limits = limits
-        self._groups = groups
-        self._clock = clock
-        self._buckets: dict[str, TokenBucket] = {}
-        self._violations = SlidingWindow(max_violations - 1, violation_window_s, clock)
-
-    def _bucket(self, name: str) -> TokenBucket:
-        bucket = self._buckets.get(name)
-        if bucket is None:
-            bucket = self._buckets[name] = TokenBucket(*self._limits[name])
-        return bucket
-
-    def hit(self, frame_type: str) -> Decision:
-        now = self._clock()
-        wait_s = self._bucket("all").take(now)
-        group = self._groups.get(frame_type)
-        if not wait_s and group is not None:
-            wait_s = self._bucket(group).take(now)
-        if wait_s:
-            return Decision(False, max(1, math.ceil(wait_s * 1000)))
-        return Decision(True)
-
-    def violation(self) -> bool:
-        """Count one violation; True when the socket has had too many and must be closed."""
-        return not self._violations.hit("").allowed
-
-
-class TypingDedup:
-    """Which typing frames of one socket are worth relaying: changes, and a ``true`` refresh per ``refresh_s``."""
-
-    def __init__(self, refresh_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.refresh_s = refresh_s
-        self._clock = clock
-        self._typing_since: dict[int, float] = {}  # room -> when a `true` was last relayed
-
-    def should_relay(self, room_id: int, is_typing: bool) -> bool:
-        last = self._typing_since.get(room_id)
-        if not is_typing:
-            return self._typing_since.pop(room_id, None) is not None  # `false` while not typing: nothing to stop
-        now = self._clock()
-        if last is not None and now - last < self.refresh_s:
-            return False  # still typing: receivers keep it for typing_ttl_s
-        self._typing_since[room_id] = now
-        return True
-
-    def expired(self, room_id: int) -> None:
-        """The server relayed `false` itself (typing_ttl_s without a refresh), or the socket left the room."""
-        self._typing_since.pop(room_id, None)

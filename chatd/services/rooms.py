@@ -176,7 +176,7 @@ class Rooms:
                 raise errors.NotFound("room not found")
             room = read.room
             last_seq = int(room["last_seq"])
-            self.hub.set_epoch(room_id, read.epoch)
+            self.hub.set_epoch(room_id, read.epoch, last_seq)
             resync = None
             baseline_seq = last_seq
             replay = read.history
@@ -213,7 +213,7 @@ class Rooms:
 
     async def leave(self, conn: Conn, room_id: int, *, detached: bool = False) -> None:
         """``detached``: the socket was in the room and ``Hub.detach`` already took it out of the delivery."""
-        if detached or room_id in conn.room_seq or room_id in self.hub.rooms:
+        if detached or self.hub.delivered_seq(conn, room_id) is not None or room_id in self.hub.rooms:
             await self.hub.leave_room(conn, room_id)
             self.presence.left(room_id, conn.user_id)
 
@@ -277,7 +277,7 @@ class Rooms:
     # -- typing, read, edit, delete -------------------------------------------------
 
     async def typing(self, conn: Conn, room_id: int, is_typing: bool) -> None:
-        if room_id not in conn.room_seq:
+        if self.hub.delivered_seq(conn, room_id) is None:  # not live in the room on this worker
             await self.member_room(room_id, conn.user_id)
         if is_typing:
             try:

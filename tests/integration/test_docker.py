@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from chatd.process import config
+from chatd.process import config, config_load
 from tests.support import ROOT
 from tests.system_packages import ensure_binary
 
@@ -79,11 +79,11 @@ def test_dockerfile_in_step_with_pyproject() -> None:
 
 def test_dockerfile_runtime_contract() -> None:
     steps = instructions()
-    defaults = config.load(env={}, need_jwt_secret=False)
+    defaults = config_load.load(env={}, need_jwt_secret=False)
     env_line = " ".join(rest for word, rest in steps if word == "ENV")
     env = dict(re.findall(r"(\w+)=(\S+)", env_line))
     chatd_env = {k: v for k, v in env.items() if k.startswith("CHATD_")}
-    settings = config.load(env=chatd_env)  # every CHATD_ variable is a setting; no JWT_SECRET needed
+    settings = config_load.load(env=chatd_env)  # every CHATD_ variable is a setting; no JWT_SECRET needed
     assert settings.server.host == "0.0.0.0"  # reachable through -p 8080:8080
     assert settings.auth.jwt_secret_file.startswith(settings.storage.data_dir)  # generated into the volume
     assert ("EXPOSE", str(defaults.server.port)) in steps
@@ -121,7 +121,7 @@ def test_compose_in_step_with_chatd() -> None:
         svc = services[name]
         assert int(svc["stop_grace_period"].rstrip("s")) > grace
         env = {k: interpolate(str(v)) for k, v in svc["environment"].items()}
-        settings = config.load(env=env)  # every variable is a valid setting
+        settings = config_load.load(env=env)  # every variable is a valid setting
         nginx_ip = services["nginx"]["networks"]["chatd"]["ipv4_address"]
         assert settings.server.trusted_proxies == [nginx_ip]
         assert settings.storage.database_url.startswith("postgresql://") and "@postgres:5432/" in env["DATABASE_URL"]

@@ -65,3 +65,15 @@ def test_sql_lives_in_storage_only() -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL.match(node.value):
                 found.add((str(path.relative_to(CHATD)), node.value[:40]))
     assert found == set()
+
+
+def test_the_body_models_library_stays_in_the_api_layer() -> None:
+    """Request bodies are declared with msgspec in chatd/api/ (bodies.py): the layers below take plain values."""
+    wrong = {
+        (str(path.relative_to(CHATD)), name)
+        for path in CHATD.rglob("*.py")
+        if not path.is_relative_to(CHATD / "api")
+        for name in imports(path)
+        if name.split(".")[0] == "msgspec"
+    }
+    assert wrong == set()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd.client.session import (
-    GAP_GRACE_S,
-    RESUME_ID,
+from chatd.client.model import (
     Action,
-    ClientSession,
     FetchPage,
     Notice,
     Reset,
     SendFrame,
     Show,
     reconnect_delay,
+)
+from chatd.client.session import (
+    GAP_GRACE_S,
+    RESUME_ID,
+    ClientSession,
 )
 
 ME, BOB = 42, 57

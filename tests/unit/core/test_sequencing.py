@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatd.core.sequencing import Gap, HoldLog, LatestChange, Revisions, RoomSequencer
+from chatd.core.sequencing import Gap, LatestChange, Revisions, RoomSequencer
 
 
 @pytest.mark.parametrize(
@@ -237,66 +237,6 @@ def test_random_permutations_with_duplicates_deliver_each_once_in_order() -> Non
         for s in arrivals:
             out += sequencer.offer(s, s, now=0.0)
         assert out == seqs
-
-
-def test_hold_log_no_gap_no_duplicate() -> None:
-    log = HoldLog[str]()
-    log.start("a")
-    log.hold(9, "live9")  # committed between subscribe and history read: in both
-    log.hold(None, "typing")
-    log.hold(10, "live10")
-    history = [(8, "h8"), (9, "h9")]
-    assert log.finish("a", history, last_history_seq=9) == (["h8", "h9", "typing", "live10"], False)
-    assert len(log) == 0 and log.joiners == 0
-
-
-def test_hold_log_empty_history_and_unknown_joiner() -> None:
-    log = HoldLog[str]()
-    log.start("a")
-    log.hold(4, "live4")
-    assert log.finish("a", [], last_history_seq=3) == (["live4"], False)
-    assert log.finish("never-started", [(1, "h1")], last_history_seq=1) == (["h1"], False)
-
-
-def test_hold_log_holds_each_frame_once_for_all_joiners() -> None:
-    log = HoldLog[int]()
-    log.hold(1, 1)  # nobody joining: not held
-    log.start("a")
-    log.hold(2, 2)
-    log.start("b")
-    log.hold(3, 3)
-    assert len(log) == 2  # not 3 (one per joiner per frame)
-    assert log.finish("a", [], last_history_seq=1) == ([2, 3], False)
-    assert len(log) == 1  # what only b still needs
-    log.hold(4, 4)
-    assert log.finish("b", [], last_history_seq=2) == ([3, 4], False)
-    assert len(log) == 0
-
-
-def test_hold_log_restart_and_cancel_free_what_no_one_needs() -> None:
-    log = HoldLog[int]()
-    log.start("a")
-    log.hold(1, 1)
-    log.start("b")
-    log.hold(2, 2)
-    log.start("a")  # a rejoin starts over
-    assert len(log) == 1
-    log.cancel("b")
-    assert len(log) == 0 and log.joiners == 1 and "a" in log and "b" not in log
-
-
-def test_hold_log_is_bounded_and_says_so_to_every_joiner_it_failed() -> None:
-    log = HoldLog[int](max_held=2)
-    log.start("a")
-    for s in (5, 6, 7):
-        log.hold(s, s)
-    log.start("late")  # started while full: what it misses is dropped too
-    log.hold(8, 8)
-    assert log.finish("a", [], last_history_seq=4) == ([5, 6], True)
-    assert log.finish("late", [], last_history_seq=7) == ([], True)
-    log.start("fresh")  # the log emptied: a new joiner holds again
-    log.hold(9, 9)
-    assert log.finish("fresh", [], last_history_seq=8) == ([9], False)
 
 
 # -- Revisions: edits and deletes once each, missed ones found ------------------------------------------

@@ -7,14 +7,14 @@ import pytest
 
 from chatd.cli import main
 from chatd.core.errors import ConfigError
-from chatd.process import config
+from chatd.process import config, config_load
 
 SECRET = "s" * 40
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def load(env: dict[str, str] | None = None, file: Path | None = None) -> config.Settings:
-    return config.load(file, env={"JWT_SECRET": SECRET, **(env or {})})
+    return config_load.load(file, env={"JWT_SECRET": SECRET, **(env or {})})
 
 
 def test_defaults_file_matches_dataclass_defaults() -> None:
@@ -79,13 +79,13 @@ def test_invalid_files_name_the_key(tmp_path: Path, toml: str, key: str | None) 
 
 
 def test_short_secret_allowed_in_dev_mode() -> None:
-    s = config.load(None, env={"CHATD_SERVER_DEV_MODE": "true"})
+    s = config_load.load(None, env={"CHATD_SERVER_DEV_MODE": "true"})
     assert s.server.dev_mode and s.auth.jwt_secret == ""
 
 
 def test_secrets_are_masked() -> None:
     s = load({"DATABASE_URL": "postgresql://chatd:hunter2@db.internal:5432/chatd", "ANTHROPIC_API_KEY": "sk-ant-x"})
-    shown = config.as_dict(s)
+    shown = config_load.as_dict(s)
     assert shown["auth"]["jwt_secret"] == "***"
     assert shown["assistant"]["anthropic_api_key"] == "***"
     assert shown["storage"]["database_url"] == "postgresql://chatd:***@db.internal:5432/chatd"
@@ -105,7 +105,7 @@ def test_check_config_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
 
 def test_config_doc_is_current() -> None:
     # docs/CONFIG.md is generated: `make docs` rewrites it.
-    assert (ROOT / "docs" / "CONFIG.md").read_text() == config.reference_markdown()
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == config_load.reference_markdown()
 
 
 def test_every_setting_is_documented() -> None:
@@ -134,7 +134,7 @@ def test_env_example_loads() -> None:
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition("=")
             env[key] = value
-    settings = config.load(env=env)
+    settings = config_load.load(env=env)
     assert settings.server.trusted_proxies == ["127.0.0.1"]
 
 
@@ -176,5 +176,5 @@ def test_good_urls_pass() -> None:
 
 def test_one_shot_commands_need_no_secret() -> None:
     with pytest.raises(ConfigError, match="jwt_secret"):
-        config.load(env={})
-    assert config.load(env={}, need_jwt_secret=False).auth.jwt_secret == ""
+        config_load.load(env={})
+    assert config_load.load(env={}, need_jwt_secret=False).auth.jwt_secret == ""

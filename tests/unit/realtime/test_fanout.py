@@ -8,6 +8,7 @@ per reason.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,8 +16,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from chatd.core import envelope
+from chatd.core import envelope, wsframe
 from chatd.core.keys import Keys
+from chatd.core.presence_view import PresenceView
+from chatd.core.roomlog import RoomLog
 from chatd.process.config import WebSocketSettings
 from chatd.realtime.fanout import Hub
 from tests.unit.core.test_envelope import BAD
@@ -42,10 +45,9 @@ class FakeConn:
         self.connection_id = f"c{user_id}"
         self.user_id = user_id
         self.family: str | None = None
-        self.room_seq: dict[int, int] = {}
-        self.stream_marks: dict[int, int] = {}
         self.frames: list[bytes] = []
         self.closed: tuple[int, str] | None = None
+        self.kicks: list[int] = []
 
     def write_frame(self, frame: bytes) -> None:
         self.frames.append(frame)
@@ -54,7 +56,7 @@ class FakeConn:
         self.closed = (code, reason)
 
     def kicked(self, room_id: int) -> None:
-        pass
+        self.kicks.append(room_id)
 
 
 class Clock:
@@ -153,3 +155,39 @@ async def test_valid_envelopes_of_both_versions_are_delivered(hub: Hub) -> None:
     hub._on_message(USER, ORG + b' {"o":"close","code":4001,"reason":"logged out","fam":null}')
     assert conn.closed == (4001, "logged out")
     hub._on_message(USER, hub.origin + b" garbage that is ours")  # our own publishes are not even parsed
+
+
+def _opened_room(hub: Hub, *conns: FakeConn, last_seq: int = 0) -> None:
+    room = hub.rooms[7] = RoomLog(7)
+    room.open(last_seq, 0, PresenceView(), now=0.0)
+    for conn in conns:
+        room.join(conn, conn.user_id, conn.connection_id)  # type: ignore[arg-type]
+        hub.finish_join(conn, 7, [], last_seq)  # type: ignore[arg-type]
+
+
+def _message(seq: int, data: dict[str, Any] | None = None) -> bytes:
+    frame = {"type": "message", "room_id": 7, "seq": seq, "kind": "system" if data else "text", "data": data}
+    return envelope.encode(ORG, {"o": "m", "s": [seq]}, [json.dumps(frame).encode()])
+
+
+async def test_a_delivered_member_left_kicks_the_members_sockets_before_it_is_written(hub: Hub) -> None:
+    owner, member = FakeConn(1), FakeConn(2)
+    _opened_room(hub, owner, member)
+    hub._on_message(ROOM, _message(1))
+    hub._on_message(ROOM, _message(2, {"event": "member_left", "user_id": 2}))  # its kick's PUBLISH was lost
+    hub._on_message(ROOM, _message(3))
+    assert member.kicks == [7] and len(member.frames) == 1  # seq 1 only
+    assert owner.kicks == [] and len(owner.frames) == 3
+    assert hub.delivered_seq(member, 7) is None and hub.delivered_seq(owner, 7) == 3  # type: ignore[arg-type]
+
+
+async def test_another_epoch_read_by_a_join_resyncs_the_rooms_sockets(hub: Hub) -> None:
+    conn = FakeConn(1)
+    probes: list[int] = []
+    hub.probe_hooks.append(lambda: probes.append(1))
+    _opened_room(hub, conn, last_seq=500)
+    hub.set_epoch(7, "e1", 500)
+    hub.set_epoch(7, "e2", 300)
+    [frame] = [json.loads(p) for f in conn.frames for p in wsframe.ws_frame_payloads(f)]
+    assert frame == {"type": "resync_required", "room_id": 7, "last_seq": 300, "epoch": "e2"}
+    assert probes == [1]

@@ -12,9 +12,10 @@ import pytest
 from chatd.core import envelope, errors, server_frames
 from chatd.core.keys import Keys
 from chatd.core.presence_view import UNKNOWN, PresenceView
+from chatd.core.roomlog import RoomLog
 from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
-from chatd.realtime.fanout import Hub, RoomState
+from chatd.realtime.fanout import Hub
 from chatd.realtime.presence import Presence
 
 ROOM = 7
@@ -70,6 +71,7 @@ class FakeSubscriber:
 class Conn:
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
+        self.user_id, self.connection_id = 1, "c1"
 
     def write_frame(self, frame: bytes) -> None:
         self.frames.append(json.loads(frame[2:]))  # a short unmasked text frame: 2 header bytes
@@ -82,11 +84,10 @@ async def world() -> Any:
     hub = Hub(kv, None, Keys(), settings, lambda on_message, resub: FakeSubscriber(resub))  # type: ignore[arg-type]
     presence = Presence(kv, hub, settings, clock=lambda: 0.0)  # type: ignore[arg-type]
     conn = Conn()
-    room = hub.rooms[ROOM] = RoomState()
-    room.ready = asyncio.get_running_loop().create_future()
-    room.ready.set_result(None)
-    room.presence = PresenceView([1], rev=1)
-    room.live.add(conn)  # type: ignore[arg-type]
+    hub.rooms[ROOM] = RoomLog(ROOM)
+    hub.rooms[ROOM].join(conn, 1, "c1")  # type: ignore[arg-type]
+    hub.rooms[ROOM].open(0, 0, PresenceView([1], rev=1), now=0.0)
+    hub.finish_join(conn, ROOM, [], 0)  # type: ignore[arg-type]
     return kv, hub, presence, conn
 
 

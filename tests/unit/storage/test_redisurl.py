@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatd.core.errors import ConfigError
-from chatd.process import config
+from chatd.process import config_load
 from chatd.storage.redisurl import SentinelTarget, parse_sentinel, where
 
 
@@ -51,14 +51,14 @@ def test_bad_urls_say_why(url: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         parse_sentinel(url)
     with pytest.raises(ConfigError, match=r"storage\.redis_url: .*sentinel://"):
-        config.load(env={"REDIS_URL": url}, need_jwt_secret=False)
+        config_load.load(env={"REDIS_URL": url}, need_jwt_secret=False)
 
 
 def test_config_accepts_and_masks_a_sentinel_url() -> None:
     url = "sentinel://:secret@10.0.0.1:26379,10.0.0.2:26379/mymaster/1?sentinel_password=topsecret"
-    settings = config.load(env={"REDIS_URL": url}, need_jwt_secret=False)
+    settings = config_load.load(env={"REDIS_URL": url}, need_jwt_secret=False)
     assert settings.storage.redis_url == url
-    shown = config.as_dict(settings)["storage"]["redis_url"]
+    shown = config_load.as_dict(settings)["storage"]["redis_url"]
     assert "secret" not in shown.replace("sentinel_password", "")
     assert shown == "sentinel://:***@10.0.0.1:26379,10.0.0.2:26379/mymaster/1?sentinel_password=***"
 

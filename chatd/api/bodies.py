@@ -1,0 +1,338 @@
+"""The REST request bodies, each declared once as a msgspec ``Struct``: ``decode`` validates a body with it
+(``ApiHandler.body``) and ``openapi.document`` publishes its JSON schema, so the two cannot disagree.
+
+A body is decoded from the raw bytes in one pass (docs/BENCHMARKS.md, "Request bodies"); what the library
+reports is turned into one ``BadRequest("<field>: <what is wrong>")``.  Patterns are written so that Python's
+``re.search`` (msgspec) and ECMA-262 (the schema's readers) accept the same strings: whitespace spelled out
+(``\\s`` differs) and ``END`` instead of ``$`` (Python's ``$`` also matches before a final newline).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from chatd.core import client_frames, errors
+from chatd.services import auth
+from chatd.services.admin import MAX_ANNOUNCEMENT_CHARS
+
+MAX_SAFE_INT = 2**53 - 1
+MAX_ROOM_NAME_CHARS = 200
+MAX_SETTING_CHARS = 20_000
+MAX_MEMBERS_AT_CREATION = 1000
+# ws.max_message_chars' default: the schema's bound; the configured one is checked by the send rules (413).
+DEFAULT_MAX_MESSAGE_CHARS = 4000
+
+# Python's whitespace (str.strip, re's \s), spelled out: a pattern's \s is ECMA-262's, which differs (U+0085).
+WS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+CC = r"\x00-\x1f\x7f-\x9f"  # control characters (category Cc)
+END = r"(?![\s\S])"  # the end of the string in both dialects ($ in Python also matches before a final \n)
+NOT_BLANK = rf"[^{WS}]"  # (unanchored) not only whitespace
+_DOMAIN_PART = rf"[^@.{WS}\x00-\x1f\x7f]+"
+
+
+# trimmed by the service: whitespace around it is allowed
+EMAIL_PATTERN = rf"^[{WS}]*[^@{WS}\x00-\x1f\x7f]+@{_DOMAIN_PART}(\.{_DOMAIN_PART})+[{WS}]*{END}"
+NAME_PATTERN = rf"^[^{CC}]*[^{WS}{CC}][^{CC}]*{END}"
+# Linear time (a content has no length bound here: the send rule's comes after): the leading whitespace and the
+# first other character are disjoint classes, so nothing backtracks more than one step.
+CONTENT_PATTERN = rf"^[{WS}]*[^{WS}\x00][^\x00]*{END}"
+CLIENT_MSG_ID_PATTERN = rf"^[!-~]{{1,{client_frames.MAX_ID_CHARS}}}{END}"
+
+
+def text(says: str, **constraints: Any) -> Meta:
+    """A string's constraints, and what to say when a value breaks its pattern (a regex is no message)."""
+    return Meta(**constraints, extra={"says": says})
+
+
+# What auth.validate_email / validate_password / validate_name accept (docs/API.md, register); they still
+# run in the service (the CLI's create-user has no body), and accept everything these accept.
+Email = Annotated[
+    str,
+    text(
+        "must be an address like name@example.com",
+        max_length=auth.MAX_EMAIL_CHARS,
+        pattern=EMAIL_PATTERN,
+    ),
+]
+Password = Annotated[str, Meta(min_length=auth.MIN_PASSWORD_CHARS, max_length=auth.MAX_PASSWORD_CHARS)]
+Name = Annotated[  # trimmed, 1..100 characters, no control characters
+    str,
+    text(
+        "must not be blank nor contain control characters",
+        max_length=auth.MAX_NAME_CHARS,
+        pattern=NAME_PATTERN,
+    ),
+]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+RoomName = Annotated[str, text("must not be blank", max_length=MAX_ROOM_NAME_CHARS, pattern=NOT_BLANK)]
+Setting = Annotated[str, Meta(max_length=MAX_SETTING_CHARS)]
+Announcement = Annotated[str, text("must not be blank", max_length=MAX_ANNOUNCEMENT_CHARS, pattern=NOT_BLANK)]
+# client_frames.parse_client_frame's send: not blank, no NUL; its length is the send rule's (413 too_large).
+Content = Annotated[
+    str,
+    text(
+        "must not be blank nor contain NUL",
+        pattern=CONTENT_PATTERN,
+        description="at most ws.max_message_chars characters (default 4000; longer: 413 too_large), not blank, no NUL",
+        extra_json_schema={"maxLength": DEFAULT_MAX_MESSAGE_CHARS},
+    ),
+]
+ClientMsgId = Annotated[
+    str,
+    text(
+        f"must be 1..{client_frames.MAX_ID_CHARS} printable ASCII characters without spaces",
+        pattern=CLIENT_MSG_ID_PATTERN,
+    ),
+]
+
+
+class Id(int):
+    """An id in a body: 1..2^53-1.  ``7.0`` counts: JSON Schema's integer is any number without a fractional
+    part, and some JSON encoders write every number as a float (checked in ``_dec_hook``)."""
+
+    SCHEMA: ClassVar[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": MAX_SAFE_INT}
+
+
+def as_id(value: Any) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SAFE_INT:
+        return value
+    return None
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Id:
+        checked = as_id(value)
+        if checked is None:
+            raise ValueError(f"must be an integer from 1 to {MAX_SAFE_INT}")
+        return Id(checked)
+    raise NotImplementedError(kind)
+
+
+def schema_hook(kind: type) -> dict[str, Any]:
+    if kind is Id:
+        return dict(Id.SCHEMA)
+    raise NotImplementedError(kind)
+
+
+class Body(msgspec.Struct, kw_only=True):
+    """A request body; members it does not declare are ignored (``Closed``: refused)."""
+
+
+class Closed(Body, forbid_unknown_fields=True):
+    """A request body that refuses members it does not declare."""
+
+
+# -- auth -------------------------------------------------------------------------------------------------------
+
+
+class Register(Body):
+    email: Email
+    password: Password
+    name: Name
+
+
+class Login(Body):
+    email: NonEmpty
+    password: NonEmpty
+
+
+class Refresh(Body):
+    refresh_token: NonEmpty
+
+
+class Logout(Body):
+    all: bool = False
+
+
+# -- account ----------------------------------------------------------------------------------------------------
+
+
+class Rename(Closed):
+    name: Name
+
+
+class PasswordChange(Body):
+    old_password: NonEmpty
+    new_password: Password
+
+
+# -- rooms ------------------------------------------------------------------------------------------------------
+
+AssistantMode = Literal["always", "mention"]  # services.rooms.ASSISTANT_MODES
+RoomKind = Literal["group", "assistant"]  # services.rooms.ROOM_KINDS
+
+
+class AssistantSettings(Closed):
+    """The assistant's settings: each one given replaces the default (creation) or the current one."""
+
+    model: Setting | UnsetType = UNSET
+    system_prompt: Setting | UnsetType = UNSET
+    mode: AssistantMode | UnsetType = UNSET
+
+    def given(self) -> dict[str, str]:
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not UNSET}
+
+
+class RoomCreate(Body):
+    name: RoomName
+    kind: RoomKind = "group"
+    members: Annotated[list[Id], Meta(max_length=MAX_MEMBERS_AT_CREATION)] = []
+    assistant: AssistantSettings | None = None  # null: the kind's defaults
+
+
+class RoomChange(Closed):
+    """Only what is given changes; ``assistant: null`` keeps the current settings."""
+
+    name: RoomName | UnsetType = UNSET
+    assistant: AssistantSettings | UnsetType | None = UNSET
+
+
+class MemberAdd(Body):
+    user_id: Id
+
+
+# -- messages ---------------------------------------------------------------------------------------------------
+
+
+class MessageSend(Body):
+    content: Content
+    client_msg_id: ClientMsgId
+
+
+# -- admin ------------------------------------------------------------------------------------------------------
+
+
+class RoleChange(Body):
+    role: Literal["user", "admin"]
+
+
+class Announce(Body):
+    content: Announcement
+
+
+class Broadcast(Body):
+    target: Literal["rooms", "users"]
+    content: Announcement
+
+
+# -- decoding ---------------------------------------------------------------------------------------------------
+
+B = TypeVar("B", bound=Body)
+
+
+@cache
+def _decoder(model: type[B]) -> msgspec.json.Decoder[B]:
+    return msgspec.json.Decoder(model, dec_hook=_dec_hook)
+
+
+def decode(model: type[B], raw: bytes | None) -> B:
+    """``raw`` as a ``model``, or ``BadRequest`` naming the field and what is wrong with it."""
+    try:
+        body: B = _decoder(model).decode(raw or b"")
+        return body
+    except msgspec.ValidationError as exc:
+        raise errors.BadRequest(explain(model, str(exc))) from None
+    except msgspec.DecodeError:
+        if not (raw or b"").strip():
+            raise errors.BadRequest("request body must be a JSON object") from None
+        raise errors.BadRequest("request body is not valid JSON") from None
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_KINDS = {
+    "int": "an integer",
+    "str": "a string",
+    "bool": "a boolean",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+    "float": "a number",
+}
+
+
+def explain(model: type[Body], message: str) -> str:
+    """msgspec's error text (``Expected `int`, got `str` - at `$.members[1]```) as ``members[1]: must be ...``."""
+    m = _AT.match(message)
+    assert m is not None  # the pattern matches any text
+    what, path = m["what"], m["path"] or ""
+    where = path.lstrip(".")
+    if found := re.fullmatch(r"Object missing required field `(.+)`", what):
+        return f"{_join(where, found[1])}: required"
+    if found := re.fullmatch(r"Object contains unknown field `(.+)`", what):
+        return f"{_join(where, found[1])}: unknown field"
+    if not where and what.startswith("Expected `object`"):
+        return "request body must be a JSON object"
+    leaf, says = _leaf(msgspec.inspect.type_info(model), path)
+    if isinstance(leaf, msgspec.inspect.CustomType) and leaf.cls is Id:  # ours, or a number out of range
+        wrong = f"must be an integer from 1 to {MAX_SAFE_INT}"
+    elif isinstance(leaf, msgspec.inspect.LiteralType):
+        wrong = f"must be one of {', '.join(map(str, leaf.values))}"
+    elif what.startswith("Expected `str` matching regex") and says:
+        wrong = says
+    elif found := re.fullmatch(r"Expected `([\w |]+)`, got `(\w+)`", what):
+        wanted = " or ".join(_KINDS.get(k, k) for k in found[1].split(" | "))
+        wrong = f"must be {wanted}, not {_KINDS.get(found[2], found[2])}"
+    elif found := re.fullmatch(r"Expected `str` of length (<=|>=) (\d+)", what):
+        wrong = f"must be at {'most' if found[1] == '<=' else 'least'} {found[2]} characters"
+    elif found := re.fullmatch(r"Expected `array` of length (<=|>=) (\d+)", what):
+        wrong = f"must have at {'most' if found[1] == '<=' else 'least'} {found[2]} items"
+    else:  # our own (Id) and anything new: msgspec's words, lower-cased
+        wrong = what[:1].lower() + what[1:]
+    return f"{where}: {wrong}" if where else wrong
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _leaf(info: msgspec.inspect.Type, path: str) -> tuple[msgspec.inspect.Type, str | None]:
+    """The type at ``path`` (``.assistant.mode``, ``.members[3]``) and its ``says``."""
+    info, says = _unwrap(info)
+    for name, index in _PART.findall(path):
+        if name and isinstance(info, msgspec.inspect.StructType):
+            info = next((f.type for f in info.fields if f.encode_name == name), info)
+        elif index and isinstance(info, msgspec.inspect.ListType):
+            info = info.item_type
+        info, says = _unwrap(info)
+    return info, says
+
+
+def _unwrap(info: msgspec.inspect.Type) -> tuple[msgspec.inspect.Type, str | None]:
+    says = None
+    while True:
+        if isinstance(info, msgspec.inspect.Metadata):
+            says = (info.extra or {}).get("says", says)
+            info = info.type
+        elif isinstance(info, msgspec.inspect.UnionType):
+            rest = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]  # UNSET is left out
+            if len(rest) != 1:
+                return info, says
+            info = rest[0]
+        else:
+            return info, says
+
+
+MODELS: tuple[type[Body], ...] = (
+    Register,
+    Login,
+    Refresh,
+    Logout,
+    Rename,
+    PasswordChange,
+    AssistantSettings,
+    RoomCreate,
+    RoomChange,
+    MemberAdd,
+    MessageSend,
+    RoleChange,
+    Announce,
+    Broadcast,
+)

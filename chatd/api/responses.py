@@ -1,0 +1,252 @@
+"""The REST response bodies, declared as msgspec models for their OpenAPI schema (``components.schemas``): the
+``@op`` declarations name them (``responses={200: ("Room", Room)}``) and ``openapi.document`` refers to them.
+
+The handlers and services build these objects as plain dicts (``server_frames.room_object``, ``message_from_row``,
+``accounts.user_json`` ...) and do not validate them; the integration tests validate real responses against the
+published schema (``tests/openapi_check.py``).  A member with ``UNSET`` as its default is optional (absent when it
+does not apply); every object refuses members it does not declare, so the schema lists all of them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from chatd.api.bodies import Id
+
+
+class Reply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A response object (schema only)."""
+
+
+ErrorCode = Literal[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "too_large",
+    "unsupported_type",
+    "range_not_satisfiable",
+    "headers_too_large",
+    "rate_limited",
+    "quota_exceeded",
+    "busy",
+    "unavailable",
+    "llm_unavailable",
+    "internal",
+]
+UserStatus = Literal["active", "banned", "deleted"]
+Role = Literal["user", "assistant", "system"]
+MessageKind = Literal["text", "file", "system"]
+Time = Annotated[dt.datetime, Meta(tz=True)]  # RFC 3339 with its offset ("format": "date-time")
+
+
+class ErrorDetail(Reply):
+    code: ErrorCode
+    message: str
+    retry_after_ms: int | UnsetType = UNSET
+    details: dict[str, Any] | UnsetType = UNSET
+
+
+class Error(Reply):
+    """Every error (docs/API.md, error shape)."""
+
+    error: ErrorDetail
+
+
+class User(Reply):
+    id: Id
+    email: str
+    name: str
+    role: Literal["user", "admin"]
+    status: UserStatus
+    created_at: Time
+
+
+class UserRef(Reply):
+    id: Id
+    name: str
+
+
+class Tokens(Reply):
+    user: User
+    access_token: str
+    refresh_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+
+
+class Room(Reply):
+    id: Id
+    name: str
+    kind: Literal["group", "assistant"]
+    owner_id: Id
+    status: Literal["active", "archived"]
+    assistant: dict[str, Any] | None
+    last_seq: int
+    created_at: Time
+    updated_at: Time
+    read_seq: int | UnsetType = UNSET
+    unread_count: int | UnsetType = UNSET
+    last_message: dict[str, Any] | UnsetType | None = UNSET
+
+
+class FileInfo(Reply):
+    file_id: Id
+    name: str
+    content_type: str
+    size: int
+    sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    width: int | None
+    height: int | None
+
+
+class Message(Reply):
+    room_id: Id
+    message_id: Id
+    seq: int
+    sender_id: Id | None
+    role: Role
+    kind: MessageKind
+    content: str
+    client_msg_id: str | None
+    created_at: Time
+    edited_at: Time | None
+    deleted: bool
+    reply_to_message_id: Id | UnsetType = UNSET
+    status: Literal["cancelled", "error"] | UnsetType = UNSET
+    superseded: bool | UnsetType = UNSET
+    data: Annotated[dict[str, Any], Meta(description="kind file: FileInfo; kind system: {event, user_id, ...}")] | (
+        UnsetType
+    ) = UNSET
+    duplicate: bool | UnsetType = UNSET
+    assistant: dict[str, Any] | UnsetType = UNSET
+
+
+class Member(Reply):
+    id: Id
+    name: str
+    status: UserStatus
+    role: Literal["owner", "member"]
+    online: bool
+    read_seq: int
+    joined_at: Time
+
+
+class SearchHit(Reply):
+    room_id: Id
+    message_id: Id
+    seq: int
+    sender_id: Id | None
+    role: Role
+    kind: MessageKind
+    created_at: Time
+    score: float
+    snippet: str
+    highlights: list[tuple[int, int]]
+
+
+class AuditEntry(Reply):
+    id: Id
+    actor_id: Id
+    action: str
+    target: str | None
+    details: dict[str, Any] | None
+    ip: str | None
+    status: int
+    created_at: Time
+
+
+class AdminMessage(Reply):
+    message: Message
+    deleted_at: Time | None
+    deleted_by: Id | None
+
+
+class UsageDay(Reply):
+    day: str
+    answers: int
+    input_tokens: int
+    output_tokens: int
+
+
+class Usage(Reply):
+    daily_token_budget: int
+    tokens_today: int
+    remaining_today: int | None
+    days: list[UsageDay]
+
+
+# -- whole responses of one route ----------------------------------------------------------------------------
+
+
+class RoomPage(Reply):
+    rooms: list[Room]
+    next_cursor: int | None
+
+
+class MemberPage(Reply):
+    members: list[Member]
+    next_cursor: int | None
+
+
+class MessagePage(Reply):
+    messages: list[Message]
+    has_more: bool
+
+
+class MemberAdded(Reply):
+    room_id: Id
+    user_id: Id
+    added: bool
+
+
+class UserMatches(Reply):
+    users: list[UserRef]
+
+
+class SearchResults(Reply):
+    hits: list[SearchHit]
+    mode: Literal["text", "semantic", "hybrid"]  # services.search.MODES
+    next_cursor: int | None
+
+
+class UserPage(Reply):
+    users: list[User]
+    next_cursor: int | None
+
+
+class AdminMessagePage(Reply):
+    messages: list[AdminMessage]
+    next_cursor: int | None
+
+
+class AuditPage(Reply):
+    entries: list[AuditEntry]
+    next_cursor: int | None
+
+
+class BroadcastDone(Reply):
+    target: Literal["rooms", "users"]
+    count: int
+
+
+MODELS: tuple[type[Reply], ...] = (
+    Error,
+    User,
+    UserRef,
+    Tokens,
+    Room,
+    FileInfo,
+    Message,
+    Member,
+    SearchHit,
+    AuditEntry,
+    AdminMessage,
+    Usage,
+)
