@@ -17,15 +17,25 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 
 
 def frame(
-    opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True, length: int | None = None
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    mask: bool = True,
+    length: int | None = None,
+    rsv1: bool = False,
+    length_form: int | None = None,
 ) -> bytes:
-    """One client frame; ``length`` overrides the announced payload length (the payload may follow later)."""
+    """One client frame; ``length`` overrides the announced payload length (the payload may follow later);
+    ``length_form`` (7, 16 or 64) forces that encoding of the length, minimal or not; ``rsv1`` marks a
+    permessage-deflate compressed message."""
     n = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | opcode])
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
     bit = 0x80 if mask else 0
-    if n < 126:
+    form = length_form or (7 if n < 126 else 16 if n <= 0xFFFF else 64)
+    if form == 7:
         head += bytes([bit | n])
-    elif n <= 0xFFFF:
+    elif form == 16:
         head += bytes([bit | 126]) + struct.pack("!H", n)
     else:
         head += bytes([bit | 127]) + struct.pack("!Q", n)
@@ -57,10 +67,14 @@ class RawWS:
         self.response = response  # the handshake response head
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/ws", token: str | None = None) -> RawWS:
+    async def connect(
+        cls, port: int, path: str = "/ws", token: str | None = None, extensions: str | None = None
+    ) -> RawWS:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16)).decode()
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        if extensions:
+            auth += f"Sec-WebSocket-Extensions: {extensions}\r\n"
         writer.write(
             (
                 f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

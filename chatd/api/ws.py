@@ -8,8 +8,8 @@ The socket's protocol state is a sans-I/O ``ServerSession`` (``chatd/core/sessio
 handler feeds it frames, the results of the I/O it asked for, kicks and timers, and performs the
 actions it returns (``_run``; ``_act`` for those that need no waiting, ``_io`` for the rest).
 
-Frames are handled in order per socket: Tornado reads the next frame only once
-``on_message`` returned, which is how backpressure works here.  A ``send`` is
+Frames are handled in order per socket: the read loop (``chatd/realtime/wsconn.py``) reads the next
+message only once ``on_message`` returned, which is how backpressure works here.  A ``send`` is
 queued for the group commit in frame order and acked from the commit's
 callback, so pipelined sends keep their order without waiting for each
 other's commit; at ``ws.max_pending_sends`` unacknowledged sends, or after a
@@ -27,9 +27,7 @@ import secrets
 import time
 from typing import Any
 
-import tornado.web
-import tornado.websocket
-from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.iostream import StreamClosedError
 
 from chatd.api.web import origin_allowed
 from chatd.core import client_frames, errors, server_frames, wsframe
@@ -67,8 +65,8 @@ from chatd.process.logs import app_log, fields
 from chatd.process.state import ServerState
 from chatd.realtime.batching import Batched
 from chatd.realtime.fanout import Hub
-from chatd.realtime.rfc6455 import StrictHandlerMixin, StrictProtocol
 from chatd.realtime.writer import MessageWriter
+from chatd.realtime.wsconn import BufferFull, WebSocket
 from chatd.services.accounts import Accounts, Principal
 from chatd.services.rooms import JoinResult, Rooms
 from chatd.storage.kv import KV
@@ -77,7 +75,7 @@ from chatd.storage.messages import Committed
 CONNECTION_TTL_S = 90  # registry entry of a socket (per-user cap); refreshed every 30 s while it lives
 
 
-class ChatSocket(StrictHandlerMixin):
+class ChatSocket(WebSocket):
     def initialize(
         self,
         state: ServerState,
@@ -111,8 +109,6 @@ class ChatSocket(StrictHandlerMixin):
         self._closing = False
         self._close_sent = False  # counted in chatd_ws_closed_by_server_total
         self._counted = False
-        self._stream_obj: IOStream | None = None
-        self._protocol: tornado.websocket.WebSocketProtocol | None = None
         self._readable = asyncio.Event()  # cleared while the session pauses reading
         self._readable.set()
         self._stopped = asyncio.Event()  # set when the socket closes: releases a parked reader
@@ -128,9 +124,6 @@ class ChatSocket(StrictHandlerMixin):
         if not origin:
             return True  # non-browser clients send no Origin
         return origin_allowed(origin, self.request.host, self.config.server.allowed_origins)
-
-    def check_origin(self, origin: str) -> bool:
-        return True  # checked in get(), with a JSON 403
 
     def _token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
@@ -173,14 +166,8 @@ class ChatSocket(StrictHandlerMixin):
         return {"compression_level": ws.compression_level, "mem_level": ws.compression_mem_level}
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
-        self.set_nodelay(True)  # Tornado leaves Nagle on for WebSockets
         assert self.ws_connection is not None and self.principal is not None
-        stream = getattr(self.ws_connection, "stream", None)
-        if isinstance(stream, IOStream):
-            stream.max_write_buffer_size = self.config.ws.max_buffer_bytes
-            # Frames go straight to the socket (see write_frame) unless permessage-deflate needs Tornado's framing.
-            self._stream_obj = stream if self.get_compression_options() is None and type(stream) is IOStream else None
-        self._protocol = self.ws_connection  # kept: close() forgets ws_connection, shutdown may abort it
+        self.ws_connection.max_buffer = self.config.ws.max_buffer_bytes
         self.state.connections.add(self)
         metrics.ws_connections.inc()
         self._counted = True
@@ -221,62 +208,36 @@ class ChatSocket(StrictHandlerMixin):
         self.write_frame(wsframe.ws_text_frame(server_frames.encode_bytes(frame)))
 
     def write_frame(self, frame: bytes) -> None:
-        """Write prebuilt frame bytes (fan-out builds them once for every socket).
+        """Write prebuilt frame bytes (fan-out builds them once for every socket; with permessage-deflate
+        their payloads are compressed for this socket).
 
         A failure closes this socket only: fan-out goes on to the next one.
         """
         conn = self.ws_connection
-        if conn is None or self._closing or conn.is_closing():
+        if conn is None or self._closing or conn.server_terminated:
             return
         try:
-            stream = self._stream_obj
-            if stream is None:
-                self._write_framed(frame)
-                return
-            if not stream.writing():
-                # Nothing queued: one send(), without Tornado's per-write future and bookkeeping.
-                try:
-                    sent = stream.socket.send(frame)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(frame):
-                    return
-                frame = frame[sent:]
-            stream.write(frame)
-            if isinstance(conn, StrictProtocol):
-                conn.note_write()  # where this frame ends, should the rest have to be dropped
-        except StreamBufferFullError:
+            conn.write_frame(frame)
+        except BufferFull:
             self._overflow()
-        except (StreamClosedError, tornado.websocket.WebSocketClosedError, ConnectionError):
-            self._stream_obj = None  # closing: Tornado calls on_close
+        except (StreamClosedError, ConnectionError):
+            pass  # closing: on_close follows
         except Exception as exc:
             app_log.error("socket_write_failed", exc_info=exc, extra=fields(connection_id=self.connection_id))
             self.force_close(int(CloseCode.INTERNAL_ERROR), "write failed")
-
-    def _write_framed(self, frame: bytes) -> None:
-        # permessage-deflate frames per socket: take the payloads back out of our own frames.
-        for payload in wsframe.ws_frame_payloads(frame):
-            self.write_message(payload.decode())
 
     def _overflow(self) -> None:
         conn = self.ws_connection
         # The queued frames are useless to a client that must resume anyway: dropped, so the close frame is
         # next on the wire and a client that reads again within ws.close_timeout_s sees 1013.
-        dropped = conn.drop_unsent() if isinstance(conn, StrictProtocol) else 0
+        dropped = conn.drop_unsent() if conn is not None else 0
         app_log.warning(
             "slow_consumer_closed",
             extra=fields(user_id=self.user_id, connection_id=self.connection_id, dropped_bytes=dropped),
         )
-        stream = getattr(conn, "stream", None)
-        if isinstance(stream, IOStream):
-            stream.max_write_buffer_size = None  # room for the close frame
-        self._stream_obj = None
+        if conn is not None:
+            conn.max_buffer = None  # room for the close frame
         self.force_close(int(CloseCode.TRY_AGAIN_LATER), "too slow: send buffer full")
-
-    def abort(self) -> None:
-        """Drop the TCP connection now (shutdown: the client did not answer the close frame in time)."""
-        if self._protocol is not None:
-            self._protocol._abort()
 
     def kicked(self, room_id: int) -> None:
         """Removed from the room by its owner: stop its frames and say so (the session's rule)."""
@@ -294,7 +255,7 @@ class ChatSocket(StrictHandlerMixin):
         if self._close_sent:
             return
         self._close_sent = True
-        if code is None and reason == "ping timed out":  # Tornado's words: no pong within the timeout
+        if code is None and reason == "ping timed out":  # no pong within the timeout (wsconn.WsConnection)
             metrics.ws_ping_timeouts.inc()
         metrics.ws_closed.labels(str(code or (1000 if reason else 1005))).inc()
 
@@ -477,7 +438,6 @@ class ChatSocket(StrictHandlerMixin):
 
     def on_close(self) -> None:
         self._closing = True
-        self._stream_obj = None
         self._stopped.set()
         self._readable.set()
         for timer in self._timers.values():
@@ -568,4 +528,4 @@ async def refresh_registrations(state: ServerState, kv: KV, origin: bytes = b"")
                 pass
 
 
-__all__ = ["ChatSocket", "refresh_registrations", "tornado"]
+__all__ = ["ChatSocket", "refresh_registrations"]

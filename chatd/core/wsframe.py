@@ -8,6 +8,16 @@ from typing import Final
 _MAX_WS_PAYLOAD_BYTES: Final = 2**63 - 1  # RFC 6455: the 64-bit length's MSB must be 0
 
 
+def ws_frame(first: int, payload: bytes) -> bytes:
+    """One unmasked frame: ``first`` is the header's first byte (FIN, RSV1, opcode), then the minimal length."""
+    length = len(payload)
+    if length < 126:
+        return bytes((first, length)) + payload
+    if length <= 0xFFFF:
+        return struct.pack("!BBH", first, 126, length) + payload
+    return struct.pack("!BBQ", first, 127, length) + payload
+
+
 def ws_text_frame(payload: bytes) -> bytes:
     """One complete, unmasked, FIN=1 text frame (RFC 6455 section 5.2).
 

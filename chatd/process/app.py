@@ -37,8 +37,8 @@ from chatd.realtime.fanout import Hub
 from chatd.realtime.presence import Presence
 from chatd.realtime.pubsub import Subscriber
 from chatd.realtime.repair import Repair
-from chatd.realtime.rfc6455 import EchoSocket
 from chatd.realtime.writer import MessageWriter
+from chatd.realtime.wsconn import EchoSocket
 from chatd.services.accounts import Accounts
 from chatd.services.admin import Admin
 from chatd.services.files import Files, make_storage

@@ -18,7 +18,7 @@ from chatd.process import metrics
 from chatd.process.logs import app_log, fields
 
 if TYPE_CHECKING:
-    from tornado.websocket import WebSocketHandler
+    from chatd.realtime.wsconn import WebSocket
 
 _RESTART_MAX_BACKOFF_S = 5.0
 
@@ -87,7 +87,7 @@ class Tasks:
 class ServerState:
     worker_id: int
     tasks: Tasks = field(default_factory=Tasks)
-    connections: set[WebSocketHandler] = field(default_factory=set)
+    connections: set[WebSocket] = field(default_factory=set)
     in_flight_requests: int = 0
     draining: bool = False
     started_at: float = field(default_factory=time.time)

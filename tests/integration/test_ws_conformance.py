@@ -12,17 +12,20 @@ import contextlib
 import json
 import threading
 import time
+import zlib
 from collections import Counter
 from typing import Any
 
 import kosoku
 import pytest
 import websocket
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
-from tests.chat import connect, join, make_room, send_many
+from tests.chat import collect_messages, connect, join, make_room, send_many
 from tests.conftest import Services
-from tests.rawws import OP_CLOSE, OP_CONT, OP_TEXT, RawWS, close_payload, frame
-from tests.support import Chatd, http_get
+from tests.rawws import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, close_payload, frame
+from tests.support import WS, Chatd, http_get
 from tests.users import make_users
 
 pytestmark = pytest.mark.reliability
@@ -71,6 +74,81 @@ async def test_unmasked_client_frame_closes_1002(chatd: Chatd, services: Service
     assert got is not None and got.opcode == OP_CLOSE, got  # not a pong
     assert got.close_code == 1002
     ws.close()
+
+
+_PING = json.dumps({"type": "ping", "id": "p"}).encode()
+_LONG = json.dumps({"type": "ping", "id": "p", "pad": "x" * 300}).encode()  # 300 < 65536: the 16-bit form fits
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(frame(OP_TEXT, _PING, length_form=16), id="text-len26-in-16bit-form"),
+        pytest.param(frame(OP_TEXT, _PING, length_form=64), id="text-len26-in-64bit-form"),
+        pytest.param(frame(OP_TEXT, _LONG, length_form=64), id="text-len300-in-64bit-form"),
+        pytest.param(frame(OP_PING, b"hello", length_form=16), id="ping-in-16bit-form"),
+        pytest.param(frame(OP_PONG, b"hello", length_form=16), id="pong-in-16bit-form"),
+        pytest.param(frame(OP_CLOSE, close_payload(1000), length_form=16), id="close-in-16bit-form"),
+    ],
+)
+async def test_non_minimal_length_encodings_close_1002(chatd: Chatd, services: Services, wire: bytes) -> None:
+    """RFC 6455 5.2: "the minimal number of bytes MUST be used to encode the length"; a control frame's
+    payload is at most 125 bytes, so it never uses the 16- or 64-bit form."""
+    (alice,) = make_users(services.database_url, 1)
+    ws = await _hello(chatd.port, alice.token)
+    await ws.send(wire)
+    got = await ws.recv()
+    assert got is not None and got.opcode == OP_CLOSE, got  # not a pong, an error frame or an echoed close
+    assert got.close_code == 1002
+    ws.close()
+
+
+def _deflate(payload: bytes) -> bytes:
+    """One permessage-deflate message body (RFC 7692 7.2.1: the trailing 00 00 ff ff removed)."""
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return data[:-4]
+
+
+async def test_compressed_text_of_invalid_utf8_closes_1007(chatd_factory: Any, services: Services) -> None:
+    """With permessage-deflate, a text message that inflates to invalid UTF-8 gets 1007, not a dropped TCP
+    connection (it was: Tornado aborts on a decode error after decompression)."""
+    server: Chatd = chatd_factory(CHATD_WS_COMPRESSION="true")
+    (alice,) = make_users(services.database_url, 1)
+    ws = await RawWS.connect(server.port, token=alice.token, extensions="permessage-deflate")
+    assert b"permessage-deflate" in ws.response.lower(), ws.response
+    got = await ws.recv()  # hello (maybe compressed: not parsed)
+    assert got is not None and got.opcode == OP_TEXT
+    await ws.send(frame(OP_TEXT, _deflate(_PING), rsv1=True))  # a valid compressed frame is served
+    got = await ws.recv()
+    assert got is not None and got.opcode == OP_TEXT, got
+    await ws.send(frame(OP_TEXT, _deflate(b'{"type": "ping", "id": "\xed\xa0\x80"}'), rsv1=True))  # a surrogate
+    assert await ws.close_code() == 1007
+    ws.close()
+
+
+async def test_compressed_sockets_get_their_frames_and_fan_out(chatd_factory: Any, services: Services) -> None:
+    """permessage-deflate negotiated: hello, acks and fan-out frames (pre-framed once, compressed per socket)
+    reach Tornado's client, and what the client sends compressed is served."""
+    server: Chatd = chatd_factory(CHATD_WS_COMPRESSION="true")
+    alice, bob = make_users(services.database_url, 2)
+    room = await make_room(server, alice, [bob])
+    sockets = []
+    for user in (alice, bob):
+        request = HTTPRequest(server.ws, headers={"Authorization": f"Bearer {user.token}"}, request_timeout=20)
+        conn = await websocket_connect(request, compression_options={})
+        assert "permessage-deflate" in conn.headers.get("Sec-WebSocket-Extensions", "")
+        ws = WS(conn)
+        assert (await ws.expect("hello"))["user_id"] == user.id
+        await join(ws, room)
+        sockets.append(ws)
+    a, b = sockets
+    contents = [f"compressed {i} " + "z" * (i * 100) for i in range(20)]
+    acks = await send_many(a, room, contents)
+    assert [ack["type"] for ack in acks] == ["ack"] * 20
+    got = await collect_messages(b, room, 20)
+    assert [m["content"] for m in got] == contents
 
 
 async def test_invalid_utf8_in_a_first_fragment_fails_fast(chatd: Chatd, services: Services) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatd.process.metrics import CLIENT_CLOSE_LABELS, client_close_label
-from chatd.realtime.rfc6455 import valid_close_code
+from chatd.realtime.wsconn import valid_close_code
 
 
 @pytest.mark.parametrize(
