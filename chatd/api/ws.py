@@ -66,7 +66,8 @@ from chatd.process.state import ServerState
 from chatd.realtime.batching import Batched
 from chatd.realtime.fanout import Hub
 from chatd.realtime.writer import MessageWriter
-from chatd.realtime.wsconn import BufferFull, WebSocket
+from chatd.realtime.wsconn import BufferFull
+from chatd.realtime.wshandler import WebSocket
 from chatd.services.accounts import Accounts, Principal
 from chatd.services.rooms import JoinResult, Rooms
 from chatd.storage.kv import KV

@@ -38,7 +38,7 @@ from chatd.realtime.presence import Presence
 from chatd.realtime.pubsub import Subscriber
 from chatd.realtime.repair import Repair
 from chatd.realtime.writer import MessageWriter
-from chatd.realtime.wsconn import EchoSocket
+from chatd.realtime.wshandler import EchoSocket
 from chatd.services.accounts import Accounts
 from chatd.services.admin import Admin
 from chatd.services.files import Files, make_storage

@@ -18,7 +18,7 @@ from chatd.process import metrics
 from chatd.process.logs import app_log, fields
 
 if TYPE_CHECKING:
-    from chatd.realtime.wsconn import WebSocket
+    from chatd.realtime.wshandler import WebSocket
 
 _RESTART_MAX_BACKOFF_S = 5.0
 
