@@ -15,9 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import anthropic
 import httpx2
-from anthropic.types import AssistantMessageParam, Message, MessageParam, UserMessageParam
 
 from chatd.core.errors import ConfigError
 from chatd.process.config import AssistantSettings
@@ -100,119 +98,25 @@ def alternating_turns(messages: Iterable[ChatMessage]) -> list[ChatMessage]:
     return turns
 
 
-def _is_retryable_status(status: int) -> bool:
+def is_retryable_status(status: int) -> bool:
     # The statuses the official SDKs retry: 409 is Anthropic's lock timeout, 529 is "overloaded".
     return status in (408, 409, 429) or status >= 500
 
 
-def _transport_error(provider: str, exc: httpx2.HTTPError) -> ProviderError:
+def transport_error(provider: str, exc: httpx2.HTTPError) -> ProviderError:
     """Network trouble: a new attempt on a new connection may succeed; a bad URL or protocol will not."""
     retryable = isinstance(exc, httpx2.TimeoutException | httpx2.NetworkError | httpx2.RemoteProtocolError)
     detail = f": {exc}" if str(exc) else ""
     return ProviderError(f"{provider}: {type(exc).__name__}{detail}", retryable=retryable)
 
 
-def _log_failure(provider: str, error: ProviderError) -> ProviderError:
+def log_failure(provider: str, error: ProviderError) -> ProviderError:
     # Debug only: the orchestrator logs each retry and the final failure with this message.
     assistant_log.debug(
         "provider_error",
         extra=fields(provider=provider, status=error.status, retryable=error.retryable, error=error.message),
     )
     return error
-
-
-# ---------------------------------------------------------------------------------------------- anthropic
-
-# HTTP status equivalent of the ``error.type`` of an SSE ``error`` event (sent with status 200 mid-stream).
-_ANTHROPIC_ERROR_STATUS = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-}
-_ANTHROPIC_MAX_TEMPERATURE = 1.0  # the setting allows OpenAI's 0..2; Anthropic answers 400 above 1
-
-
-class AnthropicProvider:
-    """The Messages API through the official SDK, streamed."""
-
-    name = "anthropic"
-
-    def __init__(self, settings: AssistantSettings) -> None:
-        self._client = anthropic.AsyncAnthropic(
-            api_key=settings.anthropic_api_key or None,
-            base_url=settings.anthropic_base_url or None,
-            max_retries=0,  # the orchestrator retries, and only before the first token
-            timeout=settings.provider_timeout_s,  # connect, and between two reads of the stream
-        )
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        messages: list[MessageParam] = [
-            UserMessageParam(role="user", content=t.content)
-            if t.role == "user"
-            else AssistantMessageParam(role="assistant", content=t.content)
-            for t in alternating_turns(request.messages)
-        ]
-        final: Message | None = None
-        try:
-            async with self._client.messages.stream(
-                model=request.model,
-                system=request.system,
-                messages=messages,
-                max_tokens=request.max_tokens,
-                # SDK 1.0 dropped the sampling parameters from the signature; the API still takes them.
-                # 1.0 is the API's default; newer models refuse an explicit temperature, so send none then.
-                extra_body=(
-                    {}
-                    if request.temperature == 1.0
-                    else {"temperature": min(request.temperature, _ANTHROPIC_MAX_TEMPERATURE)}
-                ),
-            ) as events:
-                async for event in events:
-                    if event.type == "text":
-                        yield TextDelta(event.text)
-                    elif event.type == "message_stop":
-                        final = event.message  # the accumulated message, with the usage of message_delta
-        except anthropic.APIStatusError as exc:
-            raise _log_failure(self.name, _anthropic_status_error(exc)) from exc
-        except anthropic.APIConnectionError as exc:  # raised before the response; the cause is the httpx2 error
-            kind = "timed out" if isinstance(exc, anthropic.APITimeoutError) else "connection failed"
-            error = ProviderError(f"anthropic: {kind}: {exc.__cause__ or exc.message}", retryable=True)
-            raise _log_failure(self.name, error) from exc
-        except httpx2.HTTPError as exc:  # the SDK does not wrap errors while reading the stream
-            raise _log_failure(self.name, _transport_error(self.name, exc)) from exc
-        except (anthropic.AnthropicError, ValueError) as exc:  # schema or JSON errors: a broken server
-            error = ProviderError(f"anthropic: malformed response: {exc}", retryable=False)
-            raise _log_failure(self.name, error) from exc
-        if final is None:
-            error = ProviderError("anthropic: stream ended before message_stop", retryable=True)
-            raise _log_failure(self.name, error)
-        yield Finished(
-            stop_reason="max_tokens" if final.stop_reason == "max_tokens" else "end_turn",
-            input_tokens=final.usage.input_tokens,
-            output_tokens=final.usage.output_tokens,
-        )
-
-    async def aclose(self) -> None:
-        await self._client.close()
-
-
-def _anthropic_status_error(exc: anthropic.APIStatusError) -> ProviderError:
-    kind = exc.type or "error"
-    status = exc.status_code
-    if status < 400:  # an SSE error event inside a 200 stream
-        status = _ANTHROPIC_ERROR_STATUS.get(kind, 500)
-    return ProviderError(
-        f"anthropic: {status} {kind}: {exc.api_message or exc.message}",
-        retryable=_is_retryable_status(status),
-        status=status,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- openai
@@ -272,18 +176,18 @@ class OpenAIProvider:
                         finish_reason = choice.get("finish_reason") or finish_reason
                     usage = chunk.get("usage") or usage
         except ProviderError as exc:
-            raise _log_failure(self.name, exc) from None
+            raise log_failure(self.name, exc) from None
         except httpx2.SSEError as exc:  # not an event stream at all
             error = ProviderError(f"openai: {exc}", retryable=False)
-            raise _log_failure(self.name, error) from exc
+            raise log_failure(self.name, error) from exc
         except httpx2.HTTPError as exc:
-            raise _log_failure(self.name, _transport_error(self.name, exc)) from exc
+            raise log_failure(self.name, transport_error(self.name, exc)) from exc
         except (ValueError, AttributeError, TypeError) as exc:  # JSON that is not a chat.completion.chunk
             error = ProviderError(f"openai: malformed response: {exc}", retryable=False)
-            raise _log_failure(self.name, error) from exc
+            raise log_failure(self.name, error) from exc
         if finish_reason is None:
             error = ProviderError("openai: stream ended without a finish_reason", retryable=True)
-            raise _log_failure(self.name, error)
+            raise log_failure(self.name, error)
         if usage is None:  # servers that ignore stream_options
             prompt = " ".join([request.system, *(t.content for t in turns)])
             usage = {"prompt_tokens": word_count(prompt), "completion_tokens": word_count("".join(output))}
@@ -298,7 +202,7 @@ class OpenAIProvider:
 
 
 def _openai_status_error(status: int, body: str) -> ProviderError:
-    return ProviderError(f"openai: {status}: {body[:500]}", retryable=_is_retryable_status(status), status=status)
+    return ProviderError(f"openai: {status}: {body[:500]}", retryable=is_retryable_status(status), status=status)
 
 
 # ---------------------------------------------------------------------------------------------- offline
@@ -374,6 +278,8 @@ def make_provider(settings: AssistantSettings) -> Provider:
     if choice == "anthropic":
         if not settings.anthropic_api_key:
             raise ConfigError("assistant.anthropic_api_key", "required with assistant.provider = anthropic")
+        from chatd.assistant.anthropic_provider import AnthropicProvider  # the SDK costs ~2 s of imports
+
         provider = AnthropicProvider(settings)
         base_url = settings.anthropic_base_url or "default"
     elif choice == "openai":

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from chatd.assistant.anthropic_provider import AnthropicProvider
 from chatd.assistant.providers import (
     ELIDED_TURN,
     OFFLINE_PREFIX,
-    AnthropicProvider,
     ChatMessage,
     Finished,
     GenerationRequest,
