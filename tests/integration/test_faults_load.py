@@ -174,11 +174,15 @@ def _record(report: Report) -> None:
             out.write(report.json() + "\n")
 
 
+RECOVER_BOUND_S = 5.0  # RELIABILITY.md: every late delivery, error and reconnect ends within this after the fault
+
+
 def assert_clean(report: Report) -> None:
     assert report.acked > 0 and report.acked == report.sent == report.stored, report.line()
     assert (report.lost, report.never_delivered, report.duplicated) == (0, 0, 0), report.line()
     assert report.missed_while_connected == 0, report.line()
     assert (report.early, report.out_of_order) == (0, 0), report.line()
+    assert report.recover_s <= RECOVER_BOUND_S, report.line()
 
 
 # -- Valkey ---------------------------------------------------------------------------------------
