@@ -90,7 +90,10 @@ class ServerSettings:
         20.0, "A worker whose event loop has not answered the master this long is killed and replaced.", min=2
     )
     allowed_origins: list[str] = _f(
-        [], "Origins allowed to open /ws from a browser. Empty: same host only. Clients without Origin are allowed."
+        [],
+        "Origins allowed to open /ws and call the REST API from a browser (CORS), each scheme://host[:port] as"
+        " browsers send it (e.g. https://chat.example.com), or * for any. Empty: same host only. Clients without"
+        " Origin are allowed.",
     )
     dev_mode: bool = _f(False, "Development mode: allows a short or generated JWT secret.")
     hsts_max_age_s: int = _f(

@@ -178,3 +178,66 @@ def test_one_shot_commands_need_no_secret() -> None:
     with pytest.raises(ConfigError, match="jwt_secret"):
         config_load.load(env={})
     assert config_load.load(env={}, need_jwt_secret=False).auth.jwt_secret == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("CHATD_SERVER_ALLOWED_ORIGINS", '["https://a.example"]', ["https://a.example"]),
+        ("CHATD_SERVER_ALLOWED_ORIGINS", ' ["https://a.example", "http://b.example:8080"] ', None),
+        ("CHATD_SERVER_ALLOWED_ORIGINS", "https://a.example,http://b.example:8080", None),
+        ("CHATD_SERVER_ALLOWED_ORIGINS", "[]", []),
+        ("CHATD_SERVER_TRUSTED_PROXIES", '["127.0.0.1", "10.0.0.0/8"]', ["127.0.0.1", "10.0.0.0/8"]),
+        ("CHATD_FILES_INLINE_TYPES", '["image/png"]', ["image/png"]),
+        ("CHATD_FILES_INLINE_TYPES", "image/png, image/gif", ["image/png", "image/gif"]),
+    ],
+)
+def test_env_lists_are_json_or_commas(name: str, raw: str, expected: list[str] | None) -> None:
+    """The pydantic-settings convention (a JSON list) and plain commas give the same list, for every list setting."""
+    section, _, key = name.removeprefix("CHATD_").lower().partition("_")
+    value = getattr(getattr(load({name: raw}), section), key)
+    assert value == (expected if expected is not None else ["https://a.example", "http://b.example:8080"])
+
+
+@pytest.mark.parametrize("raw", ['["https://a.example"', "[1, 2]", "['https://a.example']", '["a", ["b"]]'])
+def test_env_list_that_is_not_a_json_list_of_strings_names_the_key(raw: str) -> None:
+    with pytest.raises(ConfigError, match="JSON list") as exc:
+        load({"CHATD_SERVER_ALLOWED_ORIGINS": raw})
+    assert exc.value.key == "server.allowed_origins"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '["https://a.example"]',  # what a JSON list becomes when split on commas
+        "chat.example.com",
+        "https://",
+        "https://a.example/app",
+        "https://a.example/?x=1",
+        "https://user@a.example",
+        "https://a.example:99999",
+        "https://a.example:http",
+        "https://A.example",  # browsers send lower case: it would never match
+        "https:/a.example",
+        "https://a example",
+    ],
+)
+def test_origins_must_be_scheme_host_port(bad: str) -> None:
+    with pytest.raises(ConfigError, match="scheme://host") as exc:
+        load({"CHATD_SERVER_ALLOWED_ORIGINS": f"https://ok.example,{bad}"})
+    assert exc.value.key == "server.allowed_origins"
+    assert repr(bad) in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "good", ["*", "https://a.example", "http://127.0.0.1:8080", "https://a.example/", "http://[::1]:8080", "app://x"]
+)
+def test_good_origins_pass(good: str) -> None:
+    assert load({"CHATD_SERVER_ALLOWED_ORIGINS": good}).server.allowed_origins == [good]
+
+
+def test_origins_in_the_file_are_checked_too(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[server]\nallowed_origins = ["https://a.example/app"]\n')
+    with pytest.raises(ConfigError, match="scheme://host"):
+        load(file=f)
