@@ -130,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "check-config":
         print(json.dumps(config_load.as_dict(settings), indent=2))
+        for warning in config_load.warnings(settings):
+            print(f"warning: {warning}", file=sys.stderr)
         return _check_connections(settings) if args.connect else 0
     if args.command == "create-user":
         from chatd.services import credentials

@@ -252,6 +252,27 @@ def _check_origin(origin: str) -> None:
         )
 
 
+def secret_warning(secret: str, dev_mode: bool) -> str | None:
+    """A short JWT secret is accepted in dev_mode only (``validate`` refuses it elsewhere), never silently."""
+    size = len(secret.encode())
+    if not dev_mode or not secret or size >= MIN_SECRET_BYTES:
+        return None
+    return (
+        f"the JWT secret is {size} bytes, accepted only because server.dev_mode is on: anyone who guesses it can"
+        f" sign tokens; use at least {MIN_SECRET_BYTES} random bytes (openssl rand -base64 48), or leave JWT_SECRET"
+        " empty in development to have one generated"
+    )
+
+
+def warnings(settings: Settings) -> list[str]:
+    """Settings that are allowed but probably a mistake, as ``key: problem`` lines (``check-config``)."""
+    out = []
+    secret = secret_warning(settings.auth.jwt_secret, settings.server.dev_mode)
+    if secret:
+        out.append(f"auth.jwt_secret: {secret}")
+    return out
+
+
 _DATABASE_URL_HINT = (
     "set DATABASE_URL to postgresql://user:password@host:5432/dbname (or a key=value conninfo),"
     " or leave it empty for the embedded PostgreSQL"

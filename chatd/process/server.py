@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from chatd.process import config as config_mod
-from chatd.process import logs
+from chatd.process import config_load, logs
 from chatd.process.config import Settings
 from chatd.process.embedded import DataDirInUse, EmbeddedServices
 from chatd.process.logs import fields, server_log
@@ -152,7 +152,18 @@ def check_postgres(url: str, timeout_s: float = 5) -> str:
 
 
 def _with_secret(settings: Settings) -> Settings:
-    """The JWT secret from auth.jwt_secret_file, or dev_mode's generated one, when JWT_SECRET is empty."""
+    """The JWT secret from auth.jwt_secret_file, or dev_mode's generated one, when JWT_SECRET is empty.
+
+    A short secret (dev_mode only: refused elsewhere) is logged as a warning.
+    """
+    settings = _read_secret(settings)
+    warning = config_load.secret_warning(settings.auth.jwt_secret, settings.server.dev_mode)
+    if warning:
+        server_log.warning("jwt_secret_short", extra=fields(problem=warning))
+    return settings
+
+
+def _read_secret(settings: Settings) -> Settings:
     auth = settings.auth
     if auth.jwt_secret:
         return settings

@@ -241,3 +241,49 @@ def test_origins_in_the_file_are_checked_too(tmp_path: Path) -> None:
     f.write_text('[server]\nallowed_origins = ["https://a.example/app"]\n')
     with pytest.raises(ConfigError, match="scheme://host"):
         load(file=f)
+
+
+def test_short_secret_in_dev_mode_is_warned_about(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = {"CHATD_SERVER_DEV_MODE": "true"}
+    assert config_load.warnings(config_load.load(env={**dev, "JWT_SECRET": SECRET})) == []
+    assert config_load.warnings(config_load.load(env=dev)) == []  # none: a long one is generated at start
+    (warning,) = config_load.warnings(config_load.load(env={**dev, "JWT_SECRET": "dev"}))
+    assert warning.startswith("auth.jwt_secret: ") and "3 bytes" in warning and "dev_mode" in warning
+    for name, value in {**dev, "JWT_SECRET": "dev"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config"]) == 0
+    assert "warning: auth.jwt_secret: " in capsys.readouterr().err
+
+
+def test_serve_warns_about_a_short_dev_secret_from_env_or_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from chatd.process.server import _with_secret
+
+    dev = config_load.load(env={"CHATD_SERVER_DEV_MODE": "true", "JWT_SECRET": "dev"})
+    with caplog.at_level("WARNING", logger="chatd.server"):
+        assert _with_secret(dev).auth.jwt_secret == "dev"
+    assert [r.getMessage() for r in caplog.records] == ["jwt_secret_short"]
+    caplog.clear()
+    short = tmp_path / "secret"
+    short.write_text("tiny\n")
+    from_file = config_load.load(env={"CHATD_SERVER_DEV_MODE": "true", "CHATD_AUTH_JWT_SECRET_FILE": str(short)})
+    with caplog.at_level("WARNING", logger="chatd.server"):
+        assert _with_secret(from_file).auth.jwt_secret == "tiny"
+    assert [r.getMessage() for r in caplog.records] == ["jwt_secret_short"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chatd.server"):
+        _with_secret(config_load.load(env={"CHATD_SERVER_DEV_MODE": "true", "JWT_SECRET": SECRET}))
+    assert caplog.records == []
+
+
+def test_a_json_list_reaches_check_config(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("CHATD_SERVER_ALLOWED_ORIGINS", '["https://a.example", "https://b.example"]')
+    assert main(["check-config"]) == 0
+    assert '"https://a.example",\n      "https://b.example"' in capsys.readouterr().out
+    monkeypatch.setenv("CHATD_SERVER_ALLOWED_ORIGINS", '["https://a.example/"], https://b.example')
+    assert main(["check-config"]) == 2
+    assert "server.allowed_origins" in capsys.readouterr().err
