@@ -126,7 +126,10 @@ def _run(args: argparse.Namespace) -> int:
         settings = _load(args)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    logs.setup(settings.log.level, settings.log.format, settings.log.access_log)
+    level = settings.log.level
+    if args.command != "serve" and level == "info":
+        level = "warning"  # one-shot commands: their answer, not the steps to it (log.level = debug shows them)
+    logs.setup(level, settings.log.format, settings.log.access_log)
 
     if args.command == "check-config":
         print(json.dumps(config_load.as_dict(settings), indent=2))

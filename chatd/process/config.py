@@ -382,7 +382,12 @@ class FileSettings:
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = _f("info", "Log level.", choices=("debug", "info", "warning", "error"))
-    format: str = _f("json", "json (one event per line) or text.", choices=("json", "text"))
+    format: str = _f(
+        "auto",
+        "auto (text when stderr is a terminal, json otherwise: systemd, Docker, files, pipes), json (one event"
+        " per line) or text (for people).",
+        choices=("auto", "json", "text"),
+    )
     access_log: bool = _f(True, "One line per HTTP request.")
 
 

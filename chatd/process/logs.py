@@ -1,4 +1,4 @@
-"""Logging: a few named loggers, one JSON event per line, secrets redacted.
+"""Logging: a few named loggers, one JSON event per line (or a text line on a terminal), secrets redacted.
 
 Loggers: ``chatd.server`` (process tree), ``chatd.access`` (one line per
 HTTP request), ``chatd.app`` (handlers, fan-out, storage), ``chatd.assistant``.
@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 server_log = logging.getLogger("chatd.server")
 access_log = logging.getLogger("chatd.access")
@@ -73,9 +73,21 @@ class TextFormatter(logging.Formatter):
         return redact(line.rstrip())
 
 
-def setup(level: str = "info", fmt: str = "json", access: bool = True) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """``auto``: text for a person at a terminal, JSON for everything else (systemd, Docker, files, pipes)."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # closed or not a file
+        return "json"
+
+
+def setup(level: str = "info", fmt: str = "auto", access: bool = True, stream: TextIO | None = None) -> None:
+    """Log to ``stream`` (stderr) in ``fmt``: json, text, or auto (text when ``stream`` is a terminal)."""
+    stream = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if resolve_format(fmt, stream) == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

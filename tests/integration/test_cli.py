@@ -125,9 +125,10 @@ def test_migrate_needs_no_jwt_secret_and_says_what_it_did(services: Services) ->
     first = chatd_cli("migrate", env={"DATABASE_URL": url})
     assert first.returncode == 0, first.stderr
     assert re.match(r"applied \d+ migration\(s\): 0001_init\.sql, ", first.stdout), first.stdout
+    assert first.stderr == ""  # the answer only: no log line before it
     again = chatd_cli("migrate", env={"DATABASE_URL": url})
     assert again.returncode == 0, again.stderr
-    assert "up to date" in again.stdout
+    assert "up to date" in again.stdout and again.stderr == ""
 
 
 def test_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path) -> None:

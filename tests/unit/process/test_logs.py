@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -32,3 +33,39 @@ def test_json_line_has_fields_and_redacts() -> None:
     assert event["status"] == 101
     assert event["level"] == "info" and event["logger"] == "chatd.access"
     assert "SECRET123" not in line
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(
+    ("fmt", "tty", "json_lines"),
+    [("auto", True, False), ("auto", False, True), ("json", True, True), ("text", False, False)],
+)
+def test_auto_format_is_text_on_a_terminal_and_json_elsewhere(fmt: str, tty: bool, json_lines: bool) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = _Stream(tty)
+    try:
+        logs.setup("info", fmt, stream=stream)
+        logs.server_log.info("chatd_listening", extra=logs.fields(port=8080))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = stream.getvalue().strip()
+    if json_lines:
+        assert json.loads(line)["event"] == "chatd_listening"
+    else:
+        assert not line.startswith("{") and "chatd_listening port=8080" in line
+
+
+def test_default_format_is_auto() -> None:
+    from chatd.process.config import LogSettings
+
+    assert LogSettings().format == "auto"
