@@ -21,6 +21,7 @@ cancel the rest of the background tasks, close the pools.
 
 from __future__ import annotations
 
+import getpass
 import os
 import secrets
 import signal
@@ -78,6 +79,23 @@ def _where(url: str) -> str:
         return "(unparsable URL)"
     host, port, db = params.get("host") or "localhost", params.get("port") or "5432", params.get("dbname") or ""
     return f"{host}:{port}/{db}" if not str(host).startswith("/") else f"{host}/{db}"
+
+
+def postgres_where(url: str) -> str:
+    """A Postgres URL (or conninfo) as a URL without its password: what ``check-config --connect`` reached."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:
+        return "(unparsable URL)"
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()  # libpq's default
+    db = params.get("dbname") or user
+    host, port = str(params.get("host") or "localhost"), params.get("port")
+    if host.startswith("/"):  # a unix socket directory
+        return f"postgresql://{user}@/{db}?host={host}" + (f"&port={port}" if port else "")
+    host = f"[{host}]" if ":" in host else host
+    return f"postgresql://{user}@{host}:{port or 5432}/{db}"
 
 
 def check_redis(url: str, timeout_s: float) -> str:

@@ -18,14 +18,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
+from chatd.storage import redisurl
 from tests.conftest import Services
 from tests.support import JWT_SECRET, ROOT, Chatd, create_database, free_port, http_get
 
 
 def chatd_cli(
-    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 90
+    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 90, merged: bool = False
 ) -> subprocess.CompletedProcess[str]:
+    """``chatd ARGS``; ``merged``: stdout and stderr into one pipe (``2>&1 | less``), in ``stdout``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
     for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET"):
         base.pop(name, None)
@@ -34,7 +37,8 @@ def chatd_cli(
         [sys.executable, "-m", "chatd", *args],
         cwd=ROOT,
         env=base,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
         timeout=timeout_s,
         check=False,
@@ -169,6 +173,13 @@ def test_unreachable_services_fail_fast_without_orphans(tmp_path: Path, services
     pg = {**base, "DATABASE_URL": f"postgresql://chatd@127.0.0.1:{dead_port}/chatd", "REDIS_URL": services.redis_url}
     check = chatd_cli("check-config", "--connect", env=pg)
     assert check.returncode == 1 and "DATABASE_URL" in one_line_error(check)
+    # In one pipe (`2>&1 | tail`): the config, then what answered, the error last.
+    seen = chatd_cli("check-config", "--connect", env=pg, merged=True)
+    lines = seen.stdout.strip().splitlines()
+    assert lines[0] == "{" and lines[-1].startswith("chatd: cannot connect to PostgreSQL at "), seen.stdout
+    assert "DATABASE_URL" in lines[-1]
+    assert [line for line in lines if line.startswith("chatd: ")] == lines[-1:], seen.stdout
+    assert f"redis: ok, connected to {redisurl.where(services.redis_url)}\n" in seen.stdout
     serve = chatd_cli("serve", "--port", str(free_port()), env=pg)
     line = one_line_error(serve)
     assert serve.returncode == 1 and f"127.0.0.1:{dead_port}" in line and "DATABASE_URL" in line
@@ -187,7 +198,12 @@ def test_unreachable_services_fail_fast_without_orphans(tmp_path: Path, services
         env={**base, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url},
     )
     assert ok.returncode == 0, ok.stderr
-    assert "postgres: ok (PostgreSQL " in ok.stderr and "redis: ok" in ok.stderr
+    where = re.search(r"^postgres: ok, connected to (postgresql://\S+) \(PostgreSQL \d+", ok.stderr, re.M)
+    assert where is not None, ok.stderr
+    params = conninfo_to_dict(services.database_url)
+    assert f"//{params.get('user', '')}@" in where[1] and f"/{params['dbname']}" in where[1], where[1]
+    assert not params.get("password") or str(params["password"]) not in ok.stderr
+    assert f"redis: ok, connected to {redisurl.where(services.redis_url)}\n" in ok.stderr
 
 
 @pytest.mark.parametrize("workers", [2, 1])
