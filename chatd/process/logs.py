@@ -83,11 +83,17 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
         return "json"
 
 
+_plain: TextIO | None = None  # text logs: where sentences for a person go too
+
+
 def setup(level: str = "info", fmt: str = "auto", access: bool = True, stream: TextIO | None = None) -> None:
     """Log to ``stream`` (stderr) in ``fmt``: json, text, or auto (text when ``stream`` is a terminal)."""
+    global _plain
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if resolve_format(fmt, stream) == "json" else TextFormatter())
+    text = resolve_format(fmt, stream) == "text"
+    handler.setFormatter(TextFormatter() if text else JsonFormatter())
+    _plain = stream if text else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -97,6 +103,15 @@ def setup(level: str = "info", fmt: str = "auto", access: bool = True, stream: T
     for noisy in ("httpx", "httpcore", "anthropic", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def ready(url: str) -> None:
+    """Every worker serves: where to open the app and how to stop it, in plain words on a terminal."""
+    if _plain is None:
+        server_log.info("chatd_ready", extra=fields(url=url))
+        return
+    _plain.write(f"\nchatd is running: open {url} in your browser.\nStop it with Ctrl-C.\n\n")
+    _plain.flush()
 
 
 def fields(**kwargs: Any) -> dict[str, Any]:

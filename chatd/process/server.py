@@ -268,6 +268,16 @@ def _bind(settings: Settings) -> list[socket.socket]:
         raise StartupError(f"cannot listen on {srv.host}: {exc}; check --host or server.host") from None
 
 
+def app_url(settings: Settings, sockets: list[socket.socket]) -> str:
+    """Where a browser on this machine opens the web app (a wildcard address is reached on loopback)."""
+    host, port = settings.server.host, settings.server.port
+    name = sockets[0].getsockname() if sockets else None
+    if isinstance(name, tuple):  # the bound (or systemd's) socket: its real port, also for --port 0
+        host, port = str(name[0]), int(name[1])
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through prepare(): what it started is stopped on the way out
 
@@ -293,10 +303,11 @@ def serve(settings: Settings) -> int:
             "chatd_listening",
             extra=fields(host=settings.server.host, port=settings.server.port, workers=n),
         )
+        url = app_url(settings, sockets)
         if settings.server.workers == 1:  # in-process only when asked for: no master to supervise anything
             logs.set_worker("w0")
-            return run_worker(settings, sockets, 0, notifier=notifier)
-        return Master(settings, sockets, n, services, notifier).run()
+            return run_worker(settings, sockets, 0, notifier=notifier, url=url)
+        return Master(settings, sockets, n, services, notifier, url=url).run()
     finally:
         logs.set_worker("master")
         services.stop()

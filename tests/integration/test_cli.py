@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,15 +85,67 @@ def readme_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_readme_commands_work_as_written_after_make_run(tmp_path: Path) -> None:
+def make_run_args() -> list[str]:
+    """What `make run` runs, after installing: the arguments of its `$(BIN)/chatd` line in the Makefile."""
+    recipe = (ROOT / "Makefile").read_text().split("\nrun:", 1)[1].splitlines()[1].strip()
+    assert recipe.startswith("$(BIN)/chatd "), recipe
+    return shlex.split(recipe)[1:]
+
+
+class OnTerminal:
+    """A command in a pseudo-terminal, as a person runs it; its output read all along (a full pty would block it)."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
+        import pexpect
+
+        self.child = pexpect.spawn(sys.executable, ["-m", "chatd", *args], cwd=str(ROOT), env=dict(env))
+        self._out = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import pexpect
+
+        while True:
+            try:
+                self._out += self.child.read_nonblocking(65536, timeout=0.2)
+            except pexpect.TIMEOUT:
+                continue
+            except (pexpect.EOF, OSError):
+                return
+
+    def text(self) -> str:
+        return self._out.decode(errors="replace").replace("\r\n", "\n")
+
+    def wait_for(self, pattern: str, timeout_s: float = 90) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while (found := re.search(pattern, self.text(), re.M)) is None:
+            assert self.child.isalive() and time.monotonic() < deadline, f"no {pattern!r} in:\n{self.text()[-4000:]}"
+            time.sleep(0.05)
+        return found
+
+    def wait_exit(self, timeout_s: float = 40) -> int | None:
+        self._reader.join(timeout_s)
+        self.child.close()
+        return self.child.exitstatus
+
+
+def test_make_run_says_where_to_open_it_then_the_readme_commands_then_ctrl_c(tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
-    env = {"CHATD_STORAGE_DATA_DIR": str(data_dir), "CHATD_SERVER_PORT": str(free_port())}
-    # What `make run` runs (config/dev.toml, embedded databases), in a private data dir and port.
-    server = Chatd("", "", tmp_path / "serve.log", workers=2, data_dir=data_dir)
-    server.port = int(env["CHATD_SERVER_PORT"])
-    server.env = {"DATABASE_URL": "", "REDIS_URL": "", "JWT_SECRET": "", "CHATD_CONFIG": "config/dev.toml"}
-    server.start()
+    port = free_port()
+    env = {"CHATD_STORAGE_DATA_DIR": str(data_dir), "CHATD_SERVER_PORT": str(port)}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET"):
+        base.pop(name, None)
+    # `make run` in a terminal (config/dev.toml, embedded databases), in a private data dir and port.
+    server = OnTerminal(make_run_args(), {**base, **env, "TERM": "xterm"})
     try:
+        banner = server.wait_for(r"^chatd is running: open (\S+) in your browser\.\nStop it with Ctrl-C\.$")
+        assert banner[1] == f"http://127.0.0.1:{port}/"
+        assert http_get(banner[1] + "health/ready")[0] == 200  # said once it serves, not before
+        shown = server.text()
+        assert "chatd_listening" in shown and not re.search(r"^\{", shown, re.M), shown  # text logs, not JSON
+
         commands = readme_commands()
         assert len(commands) == 3 and all(c.startswith(".venv/bin/chatd ") for c in commands)
         for line in commands:
@@ -100,11 +153,23 @@ def test_readme_commands_work_as_written_after_make_run(tmp_path: Path) -> None:
             result = chatd_cli(*args, env=env)
             assert result.returncode == 0, f"{line}\n{result.stderr}"
             assert "Traceback" not in result.stderr
+            assert not re.search(r"^\{", result.stderr, re.M), result.stderr  # no JSON log line before the answer
+            if args[0] == "check-config":  # the embedded servers of the running `make run`
+                assert "postgres: ok, connected to the embedded PostgreSQL in " in result.stderr, result.stderr
+                assert "redis: ok, connected to the embedded Valkey at unix://" in result.stderr, result.stderr
+            else:
+                assert result.stderr == "", result.stderr
         created = chatd_cli(*shlex.split(commands[2])[1:], env=env)
-        assert '"role": "admin"' in created.stdout
-        assert http_get(server.http + "/health/ready")[0] == 200  # the live server kept its databases
+        assert '"role": "admin"' in created.stdout and created.stderr == ""
+        assert http_get(banner[1] + "health/ready")[0] == 200  # the live server kept its databases
+
+        server.child.sendcontrol("c")
+        assert server.wait_exit() == 0
+        assert "chatd_stopped" in server.text()
     finally:
-        assert server.stop() == 0
+        if server.child.isalive():
+            server.child.terminate(force=True)
+    assert not wait_gone(data_dir)
 
 
 @pytest.mark.parametrize(
