@@ -81,27 +81,44 @@ def _fail(message: str, code: int) -> int:
 
 
 def _check_connections(settings: Settings) -> int:
-    from chatd.process.server import StartupError, check_postgres, check_redis
+    """Connect to Postgres and Redis (the embedded ones if a ``chatd serve`` runs them); say where, errors last."""
+    from chatd.process.embedded import EmbeddedPostgres, EmbeddedValkey
+    from chatd.process.server import StartupError, check_postgres, check_redis, postgres_where
+    from chatd.storage import redisurl
 
+    sys.stdout.flush()  # the config first, also when stdout and stderr share a pipe
     storage = settings.storage
-    failed = 0
-    if storage.database_url:
+    errors: list[str] = []
+    pg_url, pg_what = storage.database_url, ""
+    if not pg_url:
+        pg = EmbeddedPostgres(storage.data_dir)
+        if pg.running_pid() is None:
+            print(f"postgres: embedded, not running (chatd serve starts it in {pg.pgdata})", file=sys.stderr)
+        else:
+            pg_url, pg_what = pg.url, f"the embedded PostgreSQL in {pg.pgdata}"
+    if pg_url:
         try:
-            version = check_postgres(storage.database_url, storage.pg_timeout_s)
-            print(f"postgres: ok (PostgreSQL {version})", file=sys.stderr)
+            version = check_postgres(pg_url, storage.pg_timeout_s)
+            where = pg_what or postgres_where(pg_url)
+            print(f"postgres: ok, connected to {where} (PostgreSQL {version})", file=sys.stderr)
         except StartupError as exc:
-            failed = _fail(str(exc), 1)
-    else:
-        print(f"postgres: embedded (started by chatd serve in {storage.data_dir})", file=sys.stderr)
-    if storage.redis_url:
+            errors.append(str(exc))
+    redis_url, redis_what = storage.redis_url, ""
+    if not redis_url:
+        valkey = EmbeddedValkey(storage.data_dir)
+        if valkey.running_pid() is None:
+            print(f"redis: embedded, not running (chatd serve starts Valkey in {valkey.dir})", file=sys.stderr)
+        else:
+            redis_url, redis_what = valkey.url, f"the embedded Valkey at {redisurl.where(valkey.url)}"
+    if redis_url:
         try:
-            where = check_redis(storage.redis_url, storage.redis_timeout_s)
-            print(f"redis: ok ({where})", file=sys.stderr)
+            where = check_redis(redis_url, storage.redis_timeout_s)
+            print(f"redis: ok, connected to {redis_what or where}", file=sys.stderr)
         except StartupError as exc:
-            failed = _fail(str(exc), 1)
-    else:
-        print(f"redis: embedded (started by chatd serve in {storage.data_dir})", file=sys.stderr)
-    return failed
+            errors.append(str(exc))
+    for error in errors:  # last: what to fix is the end of the output
+        _fail(error, 1)
+    return 1 if errors else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,10 +143,15 @@ def _run(args: argparse.Namespace) -> int:
         settings = _load(args)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    logs.setup(settings.log.level, settings.log.format, settings.log.access_log)
+    level = settings.log.level
+    if args.command != "serve" and level == "info":
+        level = "warning"  # one-shot commands: their answer, not the steps to it (log.level = debug shows them)
+    logs.setup(level, settings.log.format, settings.log.access_log)
 
     if args.command == "check-config":
         print(json.dumps(config_load.as_dict(settings), indent=2))
+        for warning in config_load.warnings(settings):
+            print(f"warning: {warning}", file=sys.stderr)
         return _check_connections(settings) if args.connect else 0
     if args.command == "create-user":
         from chatd.services import credentials

@@ -153,7 +153,7 @@ class Terminal:
             self.child.terminate(force=True)
 
 
-_MESSAGE = re.compile(r"^\d\d:\d\d (you|user \d+|assistant): (.*)$")
+_MESSAGE = re.compile(r"^\d\d:\d\d ([^:]+): (.*)$")  # you, a name, "user 7" (unknown), assistant, system
 
 
 def chat_lines(screen_text: str) -> list[tuple[str, str]]:

@@ -57,7 +57,7 @@ from chatd.client.session import (
 HELP = """commands:
   /rooms                 rooms with unread counts      /join NAME|ID   switch room
   /create NAME [assistant]  new room (assistant: every message answered)
-  /add USER_ID           add a member (owner)          /me             your user id
+  /add NAME|EMAIL|ID     add a member (owner)          /me             your user id
   /more                  older messages                /who            who is online
   /stop                  stop the assistant's answer   /regen          answer again
   /quit                  leave (also Ctrl-D)"""
@@ -120,11 +120,12 @@ class TerminalChat:
         return Application(layout=Layout(body), key_bindings=keys, style=STYLE, full_screen=False)
 
     def _name(self, user_id: int | None, role: str = "user") -> str:
+        """The sender as people know them: the name from the room's roster (or its member events)."""
         if role == "assistant":
             return "assistant"
         if user_id is None:
             return role
-        return "you" if user_id == self.session.user_id else f"user {user_id}"
+        return "you" if user_id == self.session.user_id else self.session.name_of(user_id)
 
     def _format(self, m: Message) -> StyleAndTextTuples:
         who = self._name(m.sender_id, m.role)
@@ -245,6 +246,34 @@ class TerminalChat:
             return
         self.do(self.session.token_refreshed(token))
 
+    async def _load_members(self, room_id: int) -> None:
+        """The room's roster: the names its messages, typing and presence are shown with."""
+        cursor = None
+        try:
+            while True:
+                query: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor is not None else {})}
+                body = await self.api.call("GET", f"/rooms/{room_id}/members", params=query)
+                self.do(self.session.set_members(body["members"]))
+                cursor = body.get("next_cursor")
+                if cursor is None:
+                    return
+        except (ApiError, OSError, httpx2.HTTPError) as exc:
+            self._notice(f"could not load the members' names ({exc}): shown as user ids")
+
+    async def _find_user(self, who: str) -> tuple[int, str]:
+        """A user id and name from an id, an email or a name (prefix), as the web app does (GET /users?q=)."""
+        if who.isdigit():
+            return int(who), self.session.name_of(int(who))
+        users = (await self.api.call("GET", "/users", params={"q": who}))["users"]
+        exact = [u for u in users if str(u["name"]).lower() == who.lower()]
+        if len(users) == 1 or len(exact) == 1:
+            user = users[0] if len(users) == 1 else exact[0]
+            return int(user["id"]), str(user["name"])
+        if not users:
+            raise LookupError(f'no one found for "{who}"')
+        found = ", ".join(f"{u['name']} (#{u['id']})" for u in users)
+        raise LookupError(f"several people match: {found}; use the email or id")
+
     async def _reload_rooms(self) -> None:
         body = await self.api.call("GET", "/rooms", params={"limit": 200})
         self.do(self.session.set_rooms(body["rooms"]))
@@ -273,6 +302,8 @@ class TerminalChat:
             await self._run_command(cmd, arg)
         except ApiError as exc:
             self._notice(f"{cmd}: {exc.message}")
+        except LookupError as exc:
+            self._notice(f"{cmd}: {exc}")
         except (OSError, httpx2.HTTPError) as exc:
             self._notice(f"{cmd}: {exc}")
 
@@ -295,18 +326,22 @@ class TerminalChat:
             self._notice("rooms:\n" + ("\n".join(rows) or "  none yet: /create NAME"))
         elif cmd == "/join":
             await self._reload_rooms()
-            self._open(arg)
+            await self._open(arg)
         elif cmd == "/create":
             name, _, kind = arg.rpartition(" ") if arg.endswith(" assistant") else (arg, "", "group")
             room = await self.api.call("POST", "/rooms", {"name": name, "kind": kind})
             await self._reload_rooms()
-            self._open(str(room["id"]))
+            await self._open(str(room["id"]))
         elif cmd == "/add":
-            if self.current is None or not arg.isdigit():
-                self._notice("usage: /add USER_ID (in a room you own)")
+            room_id = self.current
+            if room_id is None or (len(arg) < 2 and not arg.isdigit()):
+                self._notice("usage: /add NAME, EMAIL or USER_ID (in a room you own)")
                 return
-            res = await self.api.call("POST", f"/rooms/{self.current}/members", {"user_id": int(arg)})
-            self._notice(f"user {arg} {'added' if res['added'] else 'was already a member'}")
+            user_id, name = await self._find_user(arg)
+            res = await self.api.call("POST", f"/rooms/{room_id}/members", {"user_id": user_id})
+            if not arg.isdigit():
+                s.names[user_id] = name  # found by name or email: its name is known (an id's comes with member_joined)
+            self._notice(f"{name} {'added' if res['added'] else 'is already a member'}")
         elif cmd == "/who":
             room = self._room()
             if room is not None:
@@ -320,7 +355,7 @@ class TerminalChat:
         else:
             self._notice(f"unknown command {cmd} (/help)")
 
-    def _open(self, name_or_id: str) -> None:
+    async def _open(self, name_or_id: str) -> None:
         rooms = self.session.rooms.values()
         room = next((r for r in rooms if r.name == name_or_id), None) or next(
             (r for r in rooms if str(r.id) == name_or_id), None
@@ -328,6 +363,7 @@ class TerminalChat:
         if room is None:
             self._notice(f"no room {name_or_id!r} (/rooms lists yours, /create NAME makes one)")
             return
+        await self._load_members(room.id)  # before the history: printed lines are not redrawn
         self.current = room.id
         self._notice(f"── #{room.name} (room {room.id}) ──")
         if room.loaded:
@@ -424,7 +460,7 @@ class TerminalChat:
             return 1
         print(f"signed in as {user.get('name')} <{user.get('email')}>, user {user.get('id')}. /help for commands.")
         if self.wanted_room:
-            self._open(self.wanted_room)
+            await self._open(self.wanted_room)
         elif self.session.rooms:
             self._notice("your rooms: " + ", ".join(r.name for r in self.session.rooms.values()) + " (/join NAME)")
         else:

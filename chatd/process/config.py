@@ -90,7 +90,10 @@ class ServerSettings:
         20.0, "A worker whose event loop has not answered the master this long is killed and replaced.", min=2
     )
     allowed_origins: list[str] = _f(
-        [], "Origins allowed to open /ws from a browser. Empty: same host only. Clients without Origin are allowed."
+        [],
+        "Origins allowed to open /ws and call the REST API from a browser (CORS), each scheme://host[:port] as"
+        " browsers send it (e.g. https://chat.example.com), or * for any. Empty: same host only. Clients without"
+        " Origin are allowed.",
     )
     dev_mode: bool = _f(False, "Development mode: allows a short or generated JWT secret.")
     hsts_max_age_s: int = _f(
@@ -379,7 +382,12 @@ class FileSettings:
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = _f("info", "Log level.", choices=("debug", "info", "warning", "error"))
-    format: str = _f("json", "json (one event per line) or text.", choices=("json", "text"))
+    format: str = _f(
+        "auto",
+        "auto (text when stderr is a terminal, json otherwise: systemd, Docker, files, pipes), json (one event"
+        " per line) or text (for people).",
+        choices=("auto", "json", "text"),
+    )
     access_log: bool = _f(True, "One line per HTTP request.")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -86,11 +87,27 @@ def _coerce(key: str, raw: Any, typ: Any, from_env: bool) -> Any:
         raise ConfigError(key, f"expected a string, got {raw!r}")
     if origin is list:
         if from_env and isinstance(raw, str):
-            raw = [part.strip() for part in raw.split(",") if part.strip()]
+            raw = _env_list(key, raw)
         if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
             return list(raw)
         raise ConfigError(key, f"expected a list of strings, got {raw!r}")
     raise ConfigError(key, f"unsupported type {typ!r}")  # pragma: no cover - programming error
+
+
+def _env_list(key: str, raw: str) -> list[str]:
+    """A list from one environment variable: a JSON list (the pydantic-settings convention) or commas."""
+    text = raw.strip()
+    if not text.startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    hint = 'write a JSON list of strings like ["a", "b"], or a,b'
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        problem = getattr(exc, "msg", str(exc))
+        raise ConfigError(key, f"starts with [ but is not a JSON list ({problem}): {raw!r}; {hint}") from None
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ConfigError(key, f"expected a JSON list of strings, got {raw!r}; {hint}")
+    return [x.strip() for x in value if x.strip()]
 
 
 def _check(key: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -215,8 +232,45 @@ def validate(settings: Settings, *, need_jwt_secret: bool = True) -> None:
     if settings.ws.typing_ttl_s <= settings.ws.typing_interval_s:
         raise ConfigError("ws.typing_ttl_s", "must be greater than ws.typing_interval_s")
     for origin in settings.server.allowed_origins:
-        if "://" not in origin and origin != "*":
-            raise ConfigError("server.allowed_origins", f"{origin!r} is not an origin like https://chat.example.com")
+        _check_origin(origin)
+
+
+# What a browser sends in Origin: scheme://host[:port], lower case, nothing else (a trailing / is tolerated).
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_ORIGIN = re.compile(rf"[a-z][a-z0-9+.-]*://(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{{1,5}}))?/?")
+
+
+def _check_origin(origin: str) -> None:
+    if origin == "*":
+        return
+    match = _ORIGIN.fullmatch(origin)
+    if match is None or not 0 < int(match["port"] or 1) <= 65535:
+        raise ConfigError(
+            "server.allowed_origins",
+            f"{origin!r} is not an origin: write scheme://host[:port] in lower case, without path or user, as"
+            " browsers send it (e.g. https://chat.example.com); several: a JSON list or commas",
+        )
+
+
+def secret_warning(secret: str, dev_mode: bool) -> str | None:
+    """A short JWT secret is accepted in dev_mode only (``validate`` refuses it elsewhere), never silently."""
+    size = len(secret.encode())
+    if not dev_mode or not secret or size >= MIN_SECRET_BYTES:
+        return None
+    return (
+        f"the JWT secret is {size} bytes, accepted only because server.dev_mode is on: anyone who guesses it can"
+        f" sign tokens; use at least {MIN_SECRET_BYTES} random bytes (openssl rand -base64 48), or leave JWT_SECRET"
+        " empty in development to have one generated"
+    )
+
+
+def warnings(settings: Settings) -> list[str]:
+    """Settings that are allowed but probably a mistake, as ``key: problem`` lines (``check-config``)."""
+    out = []
+    secret = secret_warning(settings.auth.jwt_secret, settings.server.dev_mode)
+    if secret:
+        out.append(f"auth.jwt_secret: {secret}")
+    return out
 
 
 _DATABASE_URL_HINT = (
@@ -301,7 +355,9 @@ def reference_markdown() -> str:
         "Settings come from `config/chatd.toml` (defaults), then the file given with `--config`"
         " (or `CHATD_CONFIG`), then environment variables. Every setting has an environment"
         " variable `CHATD_<SECTION>_<KEY>`; the conventional `DATABASE_URL`, `REDIS_URL`,"
-        " `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL` and `JWT_SECRET` are read too."
+        " `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL` and `JWT_SECRET` are read too. A list in the environment is"
+        ' a JSON list (`CHATD_SERVER_ALLOWED_ORIGINS=\'["https://a.example", "https://b.example"]\'`) or'
+        " comma-separated (`https://a.example,https://b.example`)."
         " An unknown key or `CHATD_*` variable, or a value of the wrong type or out of range,"
         " stops chatd at start with a message naming the key.",
         "",

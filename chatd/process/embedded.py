@@ -333,7 +333,8 @@ class EmbeddedValkey:
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
-    def _stale_pid(self) -> int | None:
+    def running_pid(self) -> int | None:
+        """The valkey-server of this data directory, if one is alive."""
         try:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
@@ -344,7 +345,7 @@ class EmbeddedValkey:
 
     def start(self, timeout_s: float = 15) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        stale = self._stale_pid()
+        stale = self.running_pid()
         if stale is not None:
             # Left behind by an old chatd: stop it so we own the one we talk to.
             server_log.warning("embedded_valkey_stale", extra=fields(valkey_pid=stale))
@@ -428,7 +429,7 @@ class EmbeddedValkey:
             self._process = None
             server_log.info("embedded_valkey_stopped")
         else:
-            pid = self._stale_pid()
+            pid = self.running_pid()
             if pid is not None:
                 self._kill(pid, timeout_s)
 

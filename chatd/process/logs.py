@@ -1,4 +1,4 @@
-"""Logging: a few named loggers, one JSON event per line, secrets redacted.
+"""Logging: a few named loggers, one JSON event per line (or a text line on a terminal), secrets redacted.
 
 Loggers: ``chatd.server`` (process tree), ``chatd.access`` (one line per
 HTTP request), ``chatd.app`` (handlers, fan-out, storage), ``chatd.assistant``.
@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 server_log = logging.getLogger("chatd.server")
 access_log = logging.getLogger("chatd.access")
@@ -73,9 +73,27 @@ class TextFormatter(logging.Formatter):
         return redact(line.rstrip())
 
 
-def setup(level: str = "info", fmt: str = "json", access: bool = True) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """``auto``: text for a person at a terminal, JSON for everything else (systemd, Docker, files, pipes)."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # closed or not a file
+        return "json"
+
+
+_plain: TextIO | None = None  # text logs: where sentences for a person go too
+
+
+def setup(level: str = "info", fmt: str = "auto", access: bool = True, stream: TextIO | None = None) -> None:
+    """Log to ``stream`` (stderr) in ``fmt``: json, text, or auto (text when ``stream`` is a terminal)."""
+    global _plain
+    stream = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(stream)
+    text = resolve_format(fmt, stream) == "text"
+    handler.setFormatter(TextFormatter() if text else JsonFormatter())
+    _plain = stream if text else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -85,6 +103,15 @@ def setup(level: str = "info", fmt: str = "json", access: bool = True) -> None:
     for noisy in ("httpx", "httpcore", "anthropic", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def ready(url: str) -> None:
+    """Every worker serves: where to open the app and how to stop it, in plain words on a terminal."""
+    if _plain is None:
+        server_log.info("chatd_ready", extra=fields(url=url))
+        return
+    _plain.write(f"\nchatd is running: open {url} in your browser.\nStop it with Ctrl-C.\n\n")
+    _plain.flush()
 
 
 def fields(**kwargs: Any) -> dict[str, Any]:

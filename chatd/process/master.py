@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from chatd.process import metrics
+from chatd.process import logs, metrics
 from chatd.process.config import Settings
 from chatd.process.embedded import EmbeddedServices, die_with_parent
 from chatd.process.logs import fields, server_log
@@ -64,6 +64,8 @@ class Master:
     stopping: bool = False
     reload_requested: bool = False
     announced_ready: bool = False
+    url: str = ""  # where the app is served, said once every worker serves (``logs.ready``)
+    greeted: bool = False
     _next_status: float = 0.0
     _pipes: set[int] = field(default_factory=set)  # the master's read ends: no worker inherits them
 
@@ -307,6 +309,9 @@ class Master:
                     self._fork(slot)
             if not self.announced_ready and self._serving() == self.n_workers:
                 self._report_status()
+            if not self.greeted and self._serving() == self.n_workers:
+                self.greeted = True
+                logs.ready(self.url)
             self._tick(_TICK_S)
         self._terminate_all()
         return 0

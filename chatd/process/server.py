@@ -21,6 +21,7 @@ cancel the rest of the background tasks, close the pools.
 
 from __future__ import annotations
 
+import getpass
 import os
 import secrets
 import signal
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 
 from chatd.process import config as config_mod
-from chatd.process import logs
+from chatd.process import config_load, logs
 from chatd.process.config import Settings
 from chatd.process.embedded import DataDirInUse, EmbeddedServices
 from chatd.process.logs import fields, server_log
@@ -78,6 +79,23 @@ def _where(url: str) -> str:
         return "(unparsable URL)"
     host, port, db = params.get("host") or "localhost", params.get("port") or "5432", params.get("dbname") or ""
     return f"{host}:{port}/{db}" if not str(host).startswith("/") else f"{host}/{db}"
+
+
+def postgres_where(url: str) -> str:
+    """A Postgres URL (or conninfo) as a URL without its password: what ``check-config --connect`` reached."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:
+        return "(unparsable URL)"
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()  # libpq's default
+    db = params.get("dbname") or user
+    host, port = str(params.get("host") or "localhost"), params.get("port")
+    if host.startswith("/"):  # a unix socket directory
+        return f"postgresql://{user}@/{db}?host={host}" + (f"&port={port}" if port else "")
+    host = f"[{host}]" if ":" in host else host
+    return f"postgresql://{user}@{host}:{port or 5432}/{db}"
 
 
 def check_redis(url: str, timeout_s: float) -> str:
@@ -152,7 +170,18 @@ def check_postgres(url: str, timeout_s: float = 5) -> str:
 
 
 def _with_secret(settings: Settings) -> Settings:
-    """The JWT secret from auth.jwt_secret_file, or dev_mode's generated one, when JWT_SECRET is empty."""
+    """The JWT secret from auth.jwt_secret_file, or dev_mode's generated one, when JWT_SECRET is empty.
+
+    A short secret (dev_mode only: refused elsewhere) is logged as a warning.
+    """
+    settings = _read_secret(settings)
+    warning = config_load.secret_warning(settings.auth.jwt_secret, settings.server.dev_mode)
+    if warning:
+        server_log.warning("jwt_secret_short", extra=fields(problem=warning))
+    return settings
+
+
+def _read_secret(settings: Settings) -> Settings:
     auth = settings.auth
     if auth.jwt_secret:
         return settings
@@ -239,6 +268,16 @@ def _bind(settings: Settings) -> list[socket.socket]:
         raise StartupError(f"cannot listen on {srv.host}: {exc}; check --host or server.host") from None
 
 
+def app_url(settings: Settings, sockets: list[socket.socket]) -> str:
+    """Where a browser on this machine opens the web app (a wildcard address is reached on loopback)."""
+    host, port = settings.server.host, settings.server.port
+    name = sockets[0].getsockname() if sockets else None
+    if isinstance(name, tuple):  # the bound (or systemd's) socket: its real port, also for --port 0
+        host, port = str(name[0]), int(name[1])
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through prepare(): what it started is stopped on the way out
 
@@ -264,10 +303,11 @@ def serve(settings: Settings) -> int:
             "chatd_listening",
             extra=fields(host=settings.server.host, port=settings.server.port, workers=n),
         )
+        url = app_url(settings, sockets)
         if settings.server.workers == 1:  # in-process only when asked for: no master to supervise anything
             logs.set_worker("w0")
-            return run_worker(settings, sockets, 0, notifier=notifier)
-        return Master(settings, sockets, n, services, notifier).run()
+            return run_worker(settings, sockets, 0, notifier=notifier, url=url)
+        return Master(settings, sockets, n, services, notifier, url=url).run()
     finally:
         logs.set_worker("master")
         services.stop()

@@ -27,7 +27,12 @@ def bind(settings: Settings, reuse_port: bool = False) -> list[socket.socket]:
 
 
 async def _serve(
-    settings: Settings, sockets: list[socket.socket], worker_id: int, ready_fd: int | None, notifier: Notifier
+    settings: Settings,
+    sockets: list[socket.socket],
+    worker_id: int,
+    ready_fd: int | None,
+    notifier: Notifier,
+    url: str = "",
 ) -> None:
     from tornado.httpserver import HTTPServer
 
@@ -60,6 +65,7 @@ async def _serve(
         heartbeat(loop, ready_fd)
     else:
         _in_process_notify(loop, notifier)
+        logs.ready(url)
 
     await stop.wait()
     if ready_fd is None:
@@ -73,14 +79,15 @@ def run_worker(
     worker_id: int,
     ready_fd: int | None = None,
     notifier: Notifier | None = None,
+    url: str = "",
 ) -> int:
     """Run one worker to its end; ``ready_fd``: the heartbeat pipe to the master, or None in-process, where
-    ``notifier`` speaks to systemd."""
+    ``notifier`` speaks to systemd and ``url`` is announced once it serves."""
     import uvloop
 
     logs.set_worker(f"w{worker_id}")
     try:
-        uvloop.run(_serve(settings, sockets, worker_id, ready_fd, notifier or Notifier({})))
+        uvloop.run(_serve(settings, sockets, worker_id, ready_fd, notifier or Notifier({}), url))
     except Exception:
         server_log.exception("worker_crashed", extra=fields(worker_id=worker_id))
         return 1

@@ -13,19 +13,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
+from chatd.storage import redisurl
 from tests.conftest import Services
 from tests.support import JWT_SECRET, ROOT, Chatd, create_database, free_port, http_get
 
 
 def chatd_cli(
-    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 90
+    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 90, merged: bool = False
 ) -> subprocess.CompletedProcess[str]:
+    """``chatd ARGS``; ``merged``: stdout and stderr into one pipe (``2>&1 | less``), in ``stdout``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
     for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET"):
         base.pop(name, None)
@@ -34,7 +38,8 @@ def chatd_cli(
         [sys.executable, "-m", "chatd", *args],
         cwd=ROOT,
         env=base,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
         timeout=timeout_s,
         check=False,
@@ -80,15 +85,67 @@ def readme_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_readme_commands_work_as_written_after_make_run(tmp_path: Path) -> None:
+def make_run_args() -> list[str]:
+    """What `make run` runs, after installing: the arguments of its `$(BIN)/chatd` line in the Makefile."""
+    recipe = (ROOT / "Makefile").read_text().split("\nrun:", 1)[1].splitlines()[1].strip()
+    assert recipe.startswith("$(BIN)/chatd "), recipe
+    return shlex.split(recipe)[1:]
+
+
+class OnTerminal:
+    """A command in a pseudo-terminal, as a person runs it; its output read all along (a full pty would block it)."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
+        import pexpect
+
+        self.child = pexpect.spawn(sys.executable, ["-m", "chatd", *args], cwd=str(ROOT), env=dict(env))
+        self._out = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import pexpect
+
+        while True:
+            try:
+                self._out += self.child.read_nonblocking(65536, timeout=0.2)
+            except pexpect.TIMEOUT:
+                continue
+            except (pexpect.EOF, OSError):
+                return
+
+    def text(self) -> str:
+        return self._out.decode(errors="replace").replace("\r\n", "\n")
+
+    def wait_for(self, pattern: str, timeout_s: float = 90) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while (found := re.search(pattern, self.text(), re.M)) is None:
+            assert self.child.isalive() and time.monotonic() < deadline, f"no {pattern!r} in:\n{self.text()[-4000:]}"
+            time.sleep(0.05)
+        return found
+
+    def wait_exit(self, timeout_s: float = 40) -> int | None:
+        self._reader.join(timeout_s)
+        self.child.close()
+        return self.child.exitstatus
+
+
+def test_make_run_says_where_to_open_it_then_the_readme_commands_then_ctrl_c(tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
-    env = {"CHATD_STORAGE_DATA_DIR": str(data_dir), "CHATD_SERVER_PORT": str(free_port())}
-    # What `make run` runs (config/dev.toml, embedded databases), in a private data dir and port.
-    server = Chatd("", "", tmp_path / "serve.log", workers=2, data_dir=data_dir)
-    server.port = int(env["CHATD_SERVER_PORT"])
-    server.env = {"DATABASE_URL": "", "REDIS_URL": "", "JWT_SECRET": "", "CHATD_CONFIG": "config/dev.toml"}
-    server.start()
+    port = free_port()
+    env = {"CHATD_STORAGE_DATA_DIR": str(data_dir), "CHATD_SERVER_PORT": str(port)}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET"):
+        base.pop(name, None)
+    # `make run` in a terminal (config/dev.toml, embedded databases), in a private data dir and port.
+    server = OnTerminal(make_run_args(), {**base, **env, "TERM": "xterm"})
     try:
+        banner = server.wait_for(r"^chatd is running: open (\S+) in your browser\.\nStop it with Ctrl-C\.$")
+        assert banner[1] == f"http://127.0.0.1:{port}/"
+        assert http_get(banner[1] + "health/ready")[0] == 200  # said once it serves, not before
+        shown = server.text()
+        assert "chatd_listening" in shown and not re.search(r"^\{", shown, re.M), shown  # text logs, not JSON
+
         commands = readme_commands()
         assert len(commands) == 3 and all(c.startswith(".venv/bin/chatd ") for c in commands)
         for line in commands:
@@ -96,11 +153,23 @@ def test_readme_commands_work_as_written_after_make_run(tmp_path: Path) -> None:
             result = chatd_cli(*args, env=env)
             assert result.returncode == 0, f"{line}\n{result.stderr}"
             assert "Traceback" not in result.stderr
+            assert not re.search(r"^\{", result.stderr, re.M), result.stderr  # no JSON log line before the answer
+            if args[0] == "check-config":  # the embedded servers of the running `make run`
+                assert "postgres: ok, connected to the embedded PostgreSQL in " in result.stderr, result.stderr
+                assert "redis: ok, connected to the embedded Valkey at unix://" in result.stderr, result.stderr
+            else:
+                assert result.stderr == "", result.stderr
         created = chatd_cli(*shlex.split(commands[2])[1:], env=env)
-        assert '"role": "admin"' in created.stdout
-        assert http_get(server.http + "/health/ready")[0] == 200  # the live server kept its databases
+        assert '"role": "admin"' in created.stdout and created.stderr == ""
+        assert http_get(banner[1] + "health/ready")[0] == 200  # the live server kept its databases
+
+        server.child.sendcontrol("c")
+        assert server.wait_exit() == 0
+        assert "chatd_stopped" in server.text()
     finally:
-        assert server.stop() == 0
+        if server.child.isalive():
+            server.child.terminate(force=True)
+    assert not wait_gone(data_dir)
 
 
 @pytest.mark.parametrize(
@@ -125,9 +194,10 @@ def test_migrate_needs_no_jwt_secret_and_says_what_it_did(services: Services) ->
     first = chatd_cli("migrate", env={"DATABASE_URL": url})
     assert first.returncode == 0, first.stderr
     assert re.match(r"applied \d+ migration\(s\): 0001_init\.sql, ", first.stdout), first.stdout
+    assert first.stderr == ""  # the answer only: no log line before it
     again = chatd_cli("migrate", env={"DATABASE_URL": url})
     assert again.returncode == 0, again.stderr
-    assert "up to date" in again.stdout
+    assert "up to date" in again.stdout and again.stderr == ""
 
 
 def test_port_in_use_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
@@ -168,6 +238,13 @@ def test_unreachable_services_fail_fast_without_orphans(tmp_path: Path, services
     pg = {**base, "DATABASE_URL": f"postgresql://chatd@127.0.0.1:{dead_port}/chatd", "REDIS_URL": services.redis_url}
     check = chatd_cli("check-config", "--connect", env=pg)
     assert check.returncode == 1 and "DATABASE_URL" in one_line_error(check)
+    # In one pipe (`2>&1 | tail`): the config, then what answered, the error last.
+    seen = chatd_cli("check-config", "--connect", env=pg, merged=True)
+    lines = seen.stdout.strip().splitlines()
+    assert lines[0] == "{" and lines[-1].startswith("chatd: cannot connect to PostgreSQL at "), seen.stdout
+    assert "DATABASE_URL" in lines[-1]
+    assert [line for line in lines if line.startswith("chatd: ")] == lines[-1:], seen.stdout
+    assert f"redis: ok, connected to {redisurl.where(services.redis_url)}\n" in seen.stdout
     serve = chatd_cli("serve", "--port", str(free_port()), env=pg)
     line = one_line_error(serve)
     assert serve.returncode == 1 and f"127.0.0.1:{dead_port}" in line and "DATABASE_URL" in line
@@ -186,7 +263,12 @@ def test_unreachable_services_fail_fast_without_orphans(tmp_path: Path, services
         env={**base, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url},
     )
     assert ok.returncode == 0, ok.stderr
-    assert "postgres: ok (PostgreSQL " in ok.stderr and "redis: ok" in ok.stderr
+    where = re.search(r"^postgres: ok, connected to (postgresql://\S+) \(PostgreSQL \d+", ok.stderr, re.M)
+    assert where is not None, ok.stderr
+    params = conninfo_to_dict(services.database_url)
+    assert f"//{params.get('user', '')}@" in where[1] and f"/{params['dbname']}" in where[1], where[1]
+    assert not params.get("password") or str(params["password"]) not in ok.stderr
+    assert f"redis: ok, connected to {redisurl.where(services.redis_url)}\n" in ok.stderr
 
 
 @pytest.mark.parametrize("workers", [2, 1])

@@ -22,7 +22,7 @@ async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_
 ) -> None:
     # 10 tokens/s: the answer streams ~4 s, the window in which the live area must be seen on the screen.
     server: Chatd = chatd_factory(CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="10", **SHORT_TOKENS)
-    alice, bob = make_users(services.database_url, 2)
+    alice, bob, carol, dave = make_users(services.database_url, 4)
     name = f"ops-{uuid.uuid4().hex[:6]}"
     created = await request(
         "POST",
@@ -44,9 +44,10 @@ async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_
     term = Terminal(
         ["chat", "--url", proxy.url, "--room", name], {"CHATD_EMAIL": alice.email, "CHATD_PASSWORD": PASSWORD}
     )
-    bob_label = f"user {bob.id}"
+    bob_label = bob.email.partition("@")[0]  # his name (make_users names users after their email)
     try:
         await term.wait_for(lambda t: "history 3" in t and "connected" in t)
+        assert f"{bob_label}: history 1" in term.text()  # senders by name, already in the history
         term.line("/rooms")
         await term.wait_for(lambda t: re.search(rf"^ +{room}  {name}$", t, re.M) is not None)
 
@@ -111,6 +112,20 @@ async def test_terminal_client_resumes_after_a_cut_without_losing_or_doubling_a_
         used, revoked = refresh_counts(services.database_url, alice.id)
         assert used >= 1 and revoked == 0, (used, revoked)
         await term.wait_for("connected")
+
+        # /add takes a name or an email, as the web app does (GET /users?q=), or an id.
+        carol_name = carol.email.partition("@")[0]
+        term.line(f"/add {carol_name}")
+        await term.wait_for(f"{carol_name} added")
+        await term.wait_for(f"system: {carol_name} joined")
+        term.line(f"/add {dave.email.upper()}")
+        await term.wait_for(f"{dave.email.partition('@')[0]} added")
+        term.line(f"/add {carol_name}")
+        await term.wait_for(f"{carol_name} is already a member")
+        term.line("/add nobody-like-this")
+        await term.wait_for('/add: no one found for "nobody-like-this"')
+        roster = await request("GET", f"{server.http}/api/v1/rooms/{room}/members", token=alice.token)
+        assert {m["id"] for m in roster.body["members"]} == {alice.id, bob.id, carol.id, dave.id}
 
         term.child.sendcontrol("d")
         term.child.expect(pexpect.EOF, timeout=10)

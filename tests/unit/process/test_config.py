@@ -178,3 +178,112 @@ def test_one_shot_commands_need_no_secret() -> None:
     with pytest.raises(ConfigError, match="jwt_secret"):
         config_load.load(env={})
     assert config_load.load(env={}, need_jwt_secret=False).auth.jwt_secret == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("CHATD_SERVER_ALLOWED_ORIGINS", '["https://a.example"]', ["https://a.example"]),
+        ("CHATD_SERVER_ALLOWED_ORIGINS", ' ["https://a.example", "http://b.example:8080"] ', None),
+        ("CHATD_SERVER_ALLOWED_ORIGINS", "https://a.example,http://b.example:8080", None),
+        ("CHATD_SERVER_ALLOWED_ORIGINS", "[]", []),
+        ("CHATD_SERVER_TRUSTED_PROXIES", '["127.0.0.1", "10.0.0.0/8"]', ["127.0.0.1", "10.0.0.0/8"]),
+        ("CHATD_FILES_INLINE_TYPES", '["image/png"]', ["image/png"]),
+        ("CHATD_FILES_INLINE_TYPES", "image/png, image/gif", ["image/png", "image/gif"]),
+    ],
+)
+def test_env_lists_are_json_or_commas(name: str, raw: str, expected: list[str] | None) -> None:
+    """The pydantic-settings convention (a JSON list) and plain commas give the same list, for every list setting."""
+    section, _, key = name.removeprefix("CHATD_").lower().partition("_")
+    value = getattr(getattr(load({name: raw}), section), key)
+    assert value == (expected if expected is not None else ["https://a.example", "http://b.example:8080"])
+
+
+@pytest.mark.parametrize("raw", ['["https://a.example"', "[1, 2]", "['https://a.example']", '["a", ["b"]]'])
+def test_env_list_that_is_not_a_json_list_of_strings_names_the_key(raw: str) -> None:
+    with pytest.raises(ConfigError, match="JSON list") as exc:
+        load({"CHATD_SERVER_ALLOWED_ORIGINS": raw})
+    assert exc.value.key == "server.allowed_origins"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '["https://a.example"]',  # what a JSON list becomes when split on commas
+        "chat.example.com",
+        "https://",
+        "https://a.example/app",
+        "https://a.example/?x=1",
+        "https://user@a.example",
+        "https://a.example:99999",
+        "https://a.example:http",
+        "https://A.example",  # browsers send lower case: it would never match
+        "https:/a.example",
+        "https://a example",
+    ],
+)
+def test_origins_must_be_scheme_host_port(bad: str) -> None:
+    with pytest.raises(ConfigError, match="scheme://host") as exc:
+        load({"CHATD_SERVER_ALLOWED_ORIGINS": f"https://ok.example,{bad}"})
+    assert exc.value.key == "server.allowed_origins"
+    assert repr(bad) in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "good", ["*", "https://a.example", "http://127.0.0.1:8080", "https://a.example/", "http://[::1]:8080", "app://x"]
+)
+def test_good_origins_pass(good: str) -> None:
+    assert load({"CHATD_SERVER_ALLOWED_ORIGINS": good}).server.allowed_origins == [good]
+
+
+def test_origins_in_the_file_are_checked_too(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[server]\nallowed_origins = ["https://a.example/app"]\n')
+    with pytest.raises(ConfigError, match="scheme://host"):
+        load(file=f)
+
+
+def test_short_secret_in_dev_mode_is_warned_about(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = {"CHATD_SERVER_DEV_MODE": "true"}
+    assert config_load.warnings(config_load.load(env={**dev, "JWT_SECRET": SECRET})) == []
+    assert config_load.warnings(config_load.load(env=dev)) == []  # none: a long one is generated at start
+    (warning,) = config_load.warnings(config_load.load(env={**dev, "JWT_SECRET": "dev"}))
+    assert warning.startswith("auth.jwt_secret: ") and "3 bytes" in warning and "dev_mode" in warning
+    for name, value in {**dev, "JWT_SECRET": "dev"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config"]) == 0
+    assert "warning: auth.jwt_secret: " in capsys.readouterr().err
+
+
+def test_serve_warns_about_a_short_dev_secret_from_env_or_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from chatd.process.server import _with_secret
+
+    dev = config_load.load(env={"CHATD_SERVER_DEV_MODE": "true", "JWT_SECRET": "dev"})
+    with caplog.at_level("WARNING", logger="chatd.server"):
+        assert _with_secret(dev).auth.jwt_secret == "dev"
+    assert [r.getMessage() for r in caplog.records] == ["jwt_secret_short"]
+    caplog.clear()
+    short = tmp_path / "secret"
+    short.write_text("tiny\n")
+    from_file = config_load.load(env={"CHATD_SERVER_DEV_MODE": "true", "CHATD_AUTH_JWT_SECRET_FILE": str(short)})
+    with caplog.at_level("WARNING", logger="chatd.server"):
+        assert _with_secret(from_file).auth.jwt_secret == "tiny"
+    assert [r.getMessage() for r in caplog.records] == ["jwt_secret_short"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chatd.server"):
+        _with_secret(config_load.load(env={"CHATD_SERVER_DEV_MODE": "true", "JWT_SECRET": SECRET}))
+    assert caplog.records == []
+
+
+def test_a_json_list_reaches_check_config(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("CHATD_SERVER_ALLOWED_ORIGINS", '["https://a.example", "https://b.example"]')
+    assert main(["check-config"]) == 0
+    assert '"https://a.example",\n      "https://b.example"' in capsys.readouterr().out
+    monkeypatch.setenv("CHATD_SERVER_ALLOWED_ORIGINS", '["https://a.example/"], https://b.example')
+    assert main(["check-config"]) == 2
+    assert "server.allowed_origins" in capsys.readouterr().err
