@@ -129,7 +129,9 @@ def test_migrate_command_and_unknown_route(services: Services, tmp_path: Any) ->
         [sys.executable, "-m", "chatd", "migrate"], env=env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert "migration_applied" in out.stderr
+    # The answer on stdout, and no log line before it (issue 22: one-shot commands log only warnings).
+    assert out.stdout.startswith("applied ") and "0001_" in out.stdout, out.stdout
+    assert out.stderr == "", out.stderr
     import psycopg
 
     with psycopg.connect(with_database(url, url.rsplit("dbname=", 1)[-1].split()[0])) as conn:

@@ -48,7 +48,7 @@ def test_check_config_connects_through_sentinel(sentinels: SentinelSet, services
     env = {"JWT_SECRET": JWT_SECRET, "DATABASE_URL": services.database_url, "REDIS_URL": sentinels.url}
     ok = chatd_cli("check-config", "--connect", env=env)
     assert ok.returncode == 0, ok.stderr
-    assert f"redis: ok ({sentinels.url}/0, primary 127.0.0.1:{sentinels.nodes[0].port})" in ok.stderr
+    assert f"redis: ok, connected to {sentinels.url}/0, primary 127.0.0.1:{sentinels.nodes[0].port}" in ok.stderr
 
     wrong_name = sentinels.url.replace(f"/{MASTER}", "/nosuchmaster")
     bad = chatd_cli("check-config", "--connect", env={**env, "REDIS_URL": wrong_name})
