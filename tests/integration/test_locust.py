@@ -73,6 +73,31 @@ def test_plain_run_creates_its_users_through_the_api(chatd_factory: Any, tmp_pat
     assert len([e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]) == 5
 
 
+def stats_row(stats_csv: Path, name: str) -> list[str]:
+    """One row of Locust's ``--csv`` stats: type, name, requests, failures, ..."""
+    return next(line for line in stats_csv.read_text().splitlines() if f",{name}," in line).split(",")
+
+
+def test_plain_run_against_make_run_has_more_users_than_registrations_allowed(
+    chatd_factory: Any, tmp_path: Path
+) -> None:
+    """`make run` (dev mode, every limit at its default), then the README's plain Locust line in a second shell:
+    more users than the 10 registrations per minute per IP that ``auth.auth_attempts_per_min`` allows."""
+    server: Chatd = chatd_factory(CHATD_SERVER_DEV_MODE="true")
+    result = locust(
+        *("-u", "50", "-r", "50", "-t", "5s", "--host", server.http, "--only-summary"),
+        *("--csv", str(tmp_path / "stats"), "--lt-plan", str(tmp_path / "plan.json")),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    stats = tmp_path / "stats_stats.csv"
+    assert stats_row(stats, "ws connect")[2:4] == ["50", "0"]  # requests, failures
+    acks = stats_row(stats, "send->ack")
+    assert int(acks[2]) >= 50 and acks[3] == "0"
+    assert stats_row(stats, "Aggregated")[3] == "0"
+
+
 def test_plan_with_tokens_expiring_during_the_run_is_not_reused(chatd_factory: Any, tmp_path: Path) -> None:
     server: Chatd = chatd_factory(CHATD_AUTH_ACCESS_TTL_S="30")  # tokens end before run + margin
     for _ in range(2):
