@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,28 @@ def test_plain_run_against_make_run_has_more_users_than_registrations_allowed(
     acks = stats_row(stats, "send->ack")
     assert int(acks[2]) >= 50 and acks[3] == "0"
     assert stats_row(stats, "Aggregated")[3] == "0"
+    # The users came from the dev-mode bulk endpoint, not from 50 registrations.
+    assert "plan: 50 users, 10 rooms via bulk" in result.stderr, result.stderr[-3000:]
+    assert not [e for e in server.events("http_request") if e.get("route") == "RegisterHandler"]
+
+    # A plan for this address whose tokens the server no longer accepts (a new data_dir, another JWT secret
+    # after `make clean`) is not reused: the run makes new users instead of failing every connect.
+    from chatd.process.config import AuthSettings
+    from chatd.services.tokens import TokenService
+
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    stranger = TokenService(AuthSettings(jwt_secret="another-secret-0123456789-0123456789", access_ttl_s=86_400))
+    for user in plan["users"]:
+        user["token"] = stranger.mint(user["id"], "user", "access")[0]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    again = locust(
+        *("-u", "5", "-r", "5", "-t", "2s", "--host", server.http, "--only-summary"),
+        *("--lt-plan", str(tmp_path / "plan.json")),
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "plan: reusing" not in again.stderr, again.stderr[-3000:]
+    assert "plan: 5 users, 2 rooms via bulk" in again.stderr, again.stderr[-3000:]
 
 
 def test_plan_with_tokens_expiring_during_the_run_is_not_reused(chatd_factory: Any, tmp_path: Path) -> None:
