@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -79,16 +80,35 @@ def stats_row(stats_csv: Path, name: str) -> list[str]:
     return next(line for line in stats_csv.read_text().splitlines() if f",{name}," in line).split(",")
 
 
-def test_plain_run_against_make_run_has_more_users_than_registrations_allowed(
+def readme_locust_args() -> list[str]:
+    """The Locust command line of the README's "Load test (Locust)" section, without ``.venv/bin/locust``."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Load test (Locust)", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    [line] = [line for line in block.splitlines() if line.startswith(".venv/bin/locust ")]
+    return shlex.split(line)[1:]
+
+
+def test_readme_run_against_make_run_has_more_users_than_registrations_allowed(
     chatd_factory: Any, tmp_path: Path
 ) -> None:
-    """`make run` (dev mode, every limit at its default), then the README's plain Locust line in a second shell:
-    more users than the 10 registrations per minute per IP that ``auth.auth_attempts_per_min`` allows."""
-    server: Chatd = chatd_factory(CHATD_SERVER_DEV_MODE="true")
-    result = locust(
-        *("-u", "50", "-r", "50", "-t", "5s", "--host", server.http, "--only-summary"),
-        *("--csv", str(tmp_path / "stats"), "--lt-plan", str(tmp_path / "plan.json")),
+    """`make run` (config/dev.toml: dev mode, every limit at its default), then the README's Locust line in a
+    second shell, smaller and shorter: 50 users, more than the 10 registrations per minute per IP that
+    ``auth.auth_attempts_per_min`` allows, and no other option or environment."""
+    server: Chatd = chatd_factory(CHATD_CONFIG="config/dev.toml")
+    args = readme_locust_args()
+    assert args == ["-f", "loadtest/locustfile.py", "--headless", "-u", "1000", "-r", "200", "-t", "60s",
+                    "--host", "http://127.0.0.1:8080"]  # the issue's line, as a new user types it
+    scaled = {"-f": str(ROOT / "loadtest" / "locustfile.py"), "-u": "50", "-r": "50", "-t": "5s", "--host": server.http}
+    args = [scaled.get(option, arg) for option, arg in zip(["", *args], args, strict=False)]
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", *args, "--only-summary", "--csv", str(tmp_path / "stats"),
+         "--lt-plan", str(tmp_path / "plan.json")],
         cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
