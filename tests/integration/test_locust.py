@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import ROOT, Chatd, free_port
+from tests.users import make_users
 
 
 def locust(*args: str, cwd: Path, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -139,6 +140,29 @@ def test_readme_run_against_make_run_has_more_users_than_registrations_allowed(
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "plan: reusing" not in again.stderr, again.stderr[-3000:]
     assert "plan: 5 users, 2 rooms via bulk" in again.stderr, again.stderr[-3000:]
+
+
+def test_server_not_in_dev_mode_makes_load_test_users_for_an_admin_token(
+    chatd_factory: Any, services: Any, tmp_path: Path
+) -> None:
+    """Outside dev mode the bulk route wants an admin: with --lt-admin-token, more users than registrations allow."""
+    server: Chatd = chatd_factory()
+    [admin] = make_users(services.database_url, 1, role="admin")
+    result = locust(
+        *("-u", "12", "-r", "12", "-t", "2s", "--host", server.http, "--only-summary"),
+        *("--lt-plan", str(tmp_path / "plan.json"), "--lt-prepare", "bulk", "--lt-admin-token", admin.token),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "plan: 12 users, 4 rooms via bulk" in result.stderr, result.stderr[-3000:]
+    refused = locust(
+        *("-u", "12", "-t", "2s", "--host", server.http, "--lt-plan", str(tmp_path / "other.json")),
+        *("--lt-prepare", "bulk"),
+        cwd=tmp_path,
+    )
+    reasons = [line for line in refused.stderr.splitlines() if line.startswith("loadtest: ")]
+    assert refused.returncode == 2 and len(reasons) == 1, refused.stderr[-3000:]
+    assert "HTTP 401" in reasons[0] and "--lt-admin-token" in reasons[0]
 
 
 def test_plan_with_tokens_expiring_during_the_run_is_not_reused(chatd_factory: Any, tmp_path: Path) -> None:
