@@ -1,7 +1,11 @@
 """Locust load test of chatd: WebSocket chat users (websocket-client under gevent) and REST users.
 
-    locust -f loadtest/locustfile.py --headless -u 5 -t 30s --host http://127.0.0.1:8080
-        (no plan: the users register through the API, as any client would; -u is the total)
+    locust -f loadtest/locustfile.py --headless -u 1000 -r 200 -t 60s --host http://127.0.0.1:8080
+        (against `make run`: no plan yet, so the users come from POST /api/v1/admin/load-test-users,
+        which a dev-mode server answers without a token; -u is the total)
+
+    locust -f loadtest/locustfile.py --headless -u 1000 -r 200 -t 60s --host https://staging.example \
+        --lt-admin-token "$ADMIN_TOKEN"          (a server not in dev mode: an admin's access token)
 
     locust -f loadtest/locustfile.py --headless -u 1000 -r 200 -t 60s --host http://127.0.0.1:8080 \
         --lt-prepare sql --lt-database-url "$DATABASE_URL" --lt-jwt-secret "$JWT_SECRET"
@@ -57,10 +61,14 @@ DEFAULT_PLAN = str(Path(__file__).resolve().parent / "results" / "plan.json")
 def _options(parser: Any) -> None:
     g = parser  # locust's own parser: its extra keywords (is_secret) do not work on argument groups
     g.add_argument("--lt-plan", default=DEFAULT_PLAN, help="plan JSON (users, tokens, rooms; see loadtest/plan.py)")
-    g.add_argument("--lt-prepare", choices=("auto", "none", "sql", "rest"), default="auto",
-                   help="create the plan at test start: sql (needs --lt-database-url, --lt-jwt-secret), rest"
-                        " (register through the API), none (use --lt-plan as it is), auto (--lt-plan if it was"
-                        " made for this --host and is large enough, else rest)")
+    g.add_argument("--lt-prepare", choices=("auto", "none", "bulk", "sql", "rest"), default="auto",
+                   help="create the plan at test start: bulk (POST /api/v1/admin/load-test-users: a dev-mode"
+                        " server such as make run, or --lt-admin-token), sql (needs --lt-database-url,"
+                        " --lt-jwt-secret), rest (register through the API), none (use --lt-plan as it is), auto"
+                        " (--lt-plan if it was made for this --host, is large enough and its tokens are accepted,"
+                        " else bulk, else rest)")
+    g.add_argument("--lt-admin-token", default="", is_secret=True,
+                   help="an admin's access token, for bulk on a server not in dev mode")
     g.add_argument("--lt-plan-users", type=int, default=0, help="users in a prepared plan (default: -u)")
     g.add_argument("--lt-room-size", type=int, default=10, help="members per group room (prepared plans)")
     g.add_argument("--lt-assistant-share", type=float, default=0.1, help="share of users with an assistant room")
@@ -149,7 +157,22 @@ def _reusable_plan(path: Path, host: str, n: int, run_time_s: float) -> dict[str
     token = users[0].get("token") if users else None
     if token and _token_expiry(token) < time.time() + run_time_s + 60:
         return None  # REST plans hold access tokens of minutes: register anew
+    if token and not _token_accepted(host, token):
+        return None  # another server on that address now (a new data_dir, another JWT secret): make a new plan
     return plan
+
+
+def _token_accepted(host: str, token: str) -> bool:
+    """GET /api/v1/me with a plan's token answers 200."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(host.rstrip("/") + "/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return bool(resp.status == 200)
+    except (OSError, ValueError):  # urllib.error.HTTPError is an OSError
+        return False
 
 
 @events.init.add_listener
@@ -165,6 +188,21 @@ def _on_init(environment: Any, **_: Any) -> None:
                     cls.weight = 0
 
 
+def _run_time_s(opts: Any) -> float:
+    run_time = opts.run_time
+    if isinstance(run_time, str):
+        from locust.util.timespan import parse_timespan
+
+        run_time = parse_timespan(run_time)
+    return float(run_time or 0)
+
+
+def _token_ttl(opts: Any) -> int:
+    """Lifetime of bulk users' tokens: the run and a margin, at least 4 hours (so the plan can be reused), at most
+    the endpoint's 24 hours."""
+    return int(min(86_400, max(4 * 3600, _run_time_s(opts) + 600)))
+
+
 @events.test_start.add_listener
 def _on_test_start(environment: Any, **_: Any) -> None:
     runner = environment.runner
@@ -177,36 +215,42 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     host = environment.host or ""
     via = opts.lt_prepare
     if via == "auto":
-        run_time = opts.run_time
-        if isinstance(run_time, str):
-            from locust.util.timespan import parse_timespan
-
-            run_time = parse_timespan(run_time)
-        reused = _reusable_plan(Path(opts.lt_plan), host, n, float(run_time or 600))
+        reused = _reusable_plan(Path(opts.lt_plan), host, n, _run_time_s(opts) or 600)
         if reused is not None:
             print(f"plan: reusing {opts.lt_plan} ({len(reused['users'])} users made for {host})", file=sys.stderr)
             if isinstance(runner, MasterRunner):
                 runner.send_message("lt_plan", reused)
             _set_plan(reused)
             return
-        via = "rest"
+        via = "bulk"
     t0 = time.perf_counter()
     try:
+        if via == "bulk":
+            try:
+                plan = plan_mod.create_bulk(n, opts.lt_room_size, opts.lt_assistant_share, host,
+                                            opts.lt_admin_token, _token_ttl(opts))
+            except plan_mod.BulkRefused as exc:
+                if opts.lt_prepare == "bulk":
+                    raise RuntimeError(f"{exc}: the server is not in dev mode; pass --lt-admin-token") from None
+                print(f"plan: {exc} (not a dev-mode server, no --lt-admin-token): registering the users through"
+                      " the API", file=sys.stderr)
+                via = "rest"
         if via == "sql":
             if not (opts.lt_database_url and opts.lt_jwt_secret):
                 raise RuntimeError("--lt-prepare sql needs --lt-database-url and --lt-jwt-secret")
             plan = plan_mod.create_sql(n, opts.lt_room_size, opts.lt_assistant_share, opts.lt_database_url,
                                        opts.lt_jwt_secret, host)
-        else:
+        elif via == "rest":
             plan = plan_mod.create_rest(n, opts.lt_room_size, opts.lt_assistant_share, host)
     except Exception as exc:
-        hint = ("; chatd limits registrations per client IP: start it with CHATD_AUTH_AUTH_ATTEMPTS_PER_MIN above"
-                " the user count, or use --lt-prepare sql" if via == "rest" and "429" in str(exc) else "")
+        hint = ("; chatd limits registrations per client IP: run it in dev mode (make run), pass an admin's"
+                " --lt-admin-token, start it with CHATD_AUTH_AUTH_ATTEMPTS_PER_MIN above the user count, or use"
+                " --lt-prepare sql" if via == "rest" and "429" in str(exc) else "")
         fail_run(environment, f"cannot create {n} users via {via} on {host}: {exc}{hint}")
         return
     Path(opts.lt_plan).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.lt_plan).write_text(json.dumps(plan))
-    print(f"plan: {n} users, {len(plan['rooms'])} rooms via {opts.lt_prepare} in {time.perf_counter() - t0:.1f}s",
+    print(f"plan: {n} users, {len(plan['rooms'])} rooms via {via} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     if isinstance(runner, MasterRunner):
         runner.send_message("lt_plan", plan)

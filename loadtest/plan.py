@@ -8,16 +8,21 @@ Deterministic room assignment: user ``i`` (0-based) is in group room ``i // room
 Locust users read the plan and pick their index (``locustfile.py``), so any
 ``-u`` up to the plan size works, across any number of workers.
 
-Two ways to create it:
+Three ways to create it:
 
-* ``sql`` (fast; needs the database and the JWT secret): rows inserted in
+* ``bulk`` (a dev-mode chatd such as ``make run``, or any chatd with an admin's token): the users from
+  ``POST /api/v1/admin/load-test-users`` (up to 1,000 a call, with access tokens, one Argon2 hash a call,
+  no registration limit), then the owners create the rooms with their members (``POST /api/v1/rooms``).
+  1,000 users and their 200 rooms take a second or two.
+* ``sql`` (needs the database and the JWT secret): rows inserted in
   Postgres, access tokens minted with ``chatd.services.tokens.TokenService``.  20,000 users
   take seconds; registering them over REST would cost 20,000 Argon2 hashes.
 * ``rest`` (any reachable chatd, no database access): ``POST /auth/register``
-  per user, then the owners create the rooms with their members.  The server
+  per user, then the rooms as with ``bulk``.  The server
   must allow it: ``CHATD_AUTH_AUTH_ATTEMPTS_PER_MIN`` well above the user count
   (the limit is per client IP).
 
+    python loadtest/plan.py --users 1000 --via bulk --host http://127.0.0.1:8080       # make run (dev mode)
     python loadtest/plan.py --users 1000 --via sql --database-url "$DATABASE_URL" --out loadtest/results/plan.json
     python loadtest/plan.py --users 200 --via rest --host http://127.0.0.1:8080 --out plan.json
 """
@@ -78,6 +83,16 @@ def create_sql(n: int, room_size: int, share: float, database_url: str, jwt_secr
     return _plan(users, groups, group_ids, assistant_users, assistant_ids, room_size, share, host, "sql")
 
 
+PASSWORD = "loadtest-password-1"
+BULK_PATH = "/api/v1/admin/load-test-users"
+BULK_MAX = 1000  # users per call (the endpoint's bound)
+
+
+class BulkRefused(Exception):
+    """The server does not make load-test users for this caller: not in dev mode and no admin token (401/403),
+    or a chatd without the endpoint (404)."""
+
+
 def _post(url: str, body: dict[str, Any], token: str | None = None, timeout_s: float = 60) -> tuple[int, Any]:
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
@@ -98,7 +113,7 @@ def create_rest(n: int, room_size: int, share: float, host: str, concurrency: in
     """Register ``n`` users and create their rooms through the public API only."""
     host = host.rstrip("/")
     tag = uuid.uuid4().hex[:8]
-    password = "loadtest-password-1"
+    password = PASSWORD
 
     def register(i: int) -> dict[str, Any]:
         email = f"lt{i}-{tag}@example.com"
@@ -116,6 +131,33 @@ def create_rest(n: int, room_size: int, share: float, host: str, concurrency: in
 
     with ThreadPoolExecutor(concurrency) as pool:
         users = list(pool.map(register, range(n)))
+    return _with_rooms(users, room_size, share, host, "rest", concurrency)
+
+
+def create_bulk(n: int, room_size: int, share: float, host: str, admin_token: str = "", ttl_s: int = 4 * 3600,
+                concurrency: int = 16) -> dict[str, Any]:
+    """``n`` users from ``POST /api/v1/admin/load-test-users`` (dev mode, or ``admin_token``), then their rooms
+    through the API; ``BulkRefused`` when the server does not allow it."""
+    host = host.rstrip("/")
+    users: list[dict[str, Any]] = []
+    while len(users) < n:
+        count = min(BULK_MAX, n - len(users))
+        status, body = _post(host + BULK_PATH, {"count": count, "password": PASSWORD, "access_ttl_s": ttl_s},
+                             admin_token or None)
+        if status in (401, 403, 404):
+            reason = (body or {}).get("error", {}).get("message", "") if isinstance(body, dict) else ""
+            raise BulkRefused(f"POST {BULK_PATH}: HTTP {status} {reason}".rstrip())
+        if status != 201:
+            raise RuntimeError(f"POST {BULK_PATH}: HTTP {status} {body}")
+        users += [{"i": len(users) + k, "id": u["user"]["id"], "email": u["user"]["email"], "password": PASSWORD,
+                   "token": u["access_token"]} for k, u in enumerate(body["users"])]
+    return _with_rooms(users, room_size, share, host, "bulk", concurrency)
+
+
+def _with_rooms(users: list[dict[str, Any]], room_size: int, share: float, host: str, via: str,
+                concurrency: int) -> dict[str, Any]:
+    """The plan of ``users``: their rooms created by their owners through the API."""
+    n = len(users)
     groups, assistant_users = layout(n, room_size, share)
 
     def room(spec: tuple[list[int], str]) -> int:
@@ -130,7 +172,7 @@ def create_rest(n: int, room_size: int, share: float, host: str, concurrency: in
     with ThreadPoolExecutor(concurrency) as pool:
         group_ids = list(pool.map(room, [(g, "group") for g in groups]))
         assistant_ids = list(pool.map(room, [([i], "assistant") for i in assistant_users]))
-    return _plan(users, groups, group_ids, assistant_users, assistant_ids, room_size, share, host, "rest")
+    return _plan(users, groups, group_ids, assistant_users, assistant_ids, room_size, share, host, via)
 
 
 def main() -> int:
@@ -138,7 +180,9 @@ def main() -> int:
     p.add_argument("--users", type=int, required=True)
     p.add_argument("--room-size", type=int, default=10)
     p.add_argument("--assistant-share", type=float, default=0.1, help="share of users with an assistant room")
-    p.add_argument("--via", choices=("sql", "rest"), default="sql")
+    p.add_argument("--via", choices=("bulk", "sql", "rest"), default="sql")
+    p.add_argument("--admin-token", default=os.environ.get("CHATD_ADMIN_TOKEN", ""),
+                   help="for --via bulk on a server not in dev mode (or CHATD_ADMIN_TOKEN)")
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
     p.add_argument("--jwt-secret", default=os.environ.get("JWT_SECRET", ""))
     p.add_argument("--token-ttl-s", type=int, default=4 * 3600)
@@ -151,6 +195,11 @@ def main() -> int:
             p.error("--via sql needs --database-url (or DATABASE_URL) and --jwt-secret (or JWT_SECRET)")
         plan = create_sql(a.users, a.room_size, a.assistant_share, a.database_url, a.jwt_secret, a.host,
                           a.token_ttl_s)
+    elif a.via == "bulk":
+        try:
+            plan = create_bulk(a.users, a.room_size, a.assistant_share, a.host, a.admin_token, a.token_ttl_s)
+        except BulkRefused as exc:
+            p.error(f"{exc}: --via bulk needs a server in dev mode (make run) or --admin-token")
     else:
         plan = create_rest(a.users, a.room_size, a.assistant_share, a.host)
     out = Path(a.out)

@@ -5,10 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from msgspec import UNSET
+
 from chatd.api.base import LIMIT, ApiHandler
-from chatd.api.bodies import Announce, Broadcast, RoleChange
+from chatd.api.bodies import Announce, Broadcast, LoadTestUsers, RoleChange
 from chatd.api.openapi import Param, op
-from chatd.api.responses import AdminMessagePage, AuditPage, BroadcastDone, Message, User, UserPage
+from chatd.api.responses import (
+    AdminMessagePage,
+    AuditPage,
+    BroadcastDone,
+    LoadTestUsersMade,
+    Message,
+    User,
+    UserPage,
+)
 from chatd.core import errors
 from chatd.services.accounts import Principal
 from chatd.services.admin import Admin
@@ -161,3 +171,31 @@ class AdminAuditHandler(AdminHandler):
     async def get(self) -> None:
         await self.admin_auth()
         self.send_json(await self.admin.audit_page(self.arg("cursor"), self.arg("limit")))
+
+
+class LoadTestUsersHandler(AdminHandler):
+    """The users of a load test (loadtest/locustfile.py), past the registration limit of
+    ``auth.auth_attempts_per_min`` per IP: an admin's call, or anyone's on a dev-mode server (``make run``)."""
+
+    @op(
+        summary="Users with access tokens in bulk, for load tests (admin; no token needed in dev mode)",
+        tag="admin",
+        body=LoadTestUsers,
+        responses={201: ("The users, in order, each with an access token", LoadTestUsersMade)},
+        description="Without server.dev_mode, admin only (401 without a token, 403 for a user) and audited."
+        " In dev mode (`make run`) anyone who can reach the server may call it, so `locust -f"
+        " loadtest/locustfile.py` gets its users without CHATD_AUTH_AUTH_ATTEMPTS_PER_MIN or database access."
+        " The users are role user, named lt<i>-<tag>, with emails lt<i>-<tag>@example.com; with `password` they"
+        " can also sign in. The access tokens are not tied to a session (no refresh token).",
+    )
+    async def post(self) -> None:
+        if not self.config.server.dev_mode:
+            await self.admin_auth()
+        body = self.body(LoadTestUsers)
+        self.audit_details = {"count": body.count}
+        made = await self.accounts.load_test_users(
+            body.count,
+            None if body.password is UNSET else body.password,
+            None if body.access_ttl_s is UNSET else body.access_ttl_s,
+        )
+        self.send_json(made, 201)

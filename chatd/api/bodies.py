@@ -24,6 +24,8 @@ MAX_SAFE_INT = 2**53 - 1
 MAX_ROOM_NAME_CHARS = 200
 MAX_SETTING_CHARS = 20_000
 MAX_MEMBERS_AT_CREATION = 1000
+MAX_LOAD_TEST_USERS = 1000  # per POST /admin/load-test-users
+MAX_LOAD_TEST_TTL_S = 86_400
 # ws.max_message_chars' default: the schema's bound; the configured one is checked by the send rules (413).
 DEFAULT_MAX_MESSAGE_CHARS = 4000
 
@@ -209,6 +211,12 @@ class MessageSend(Body):
 # -- admin ------------------------------------------------------------------------------------------------------
 
 
+class LoadTestUsers(Closed):
+    count: Annotated[int, Meta(ge=1, le=MAX_LOAD_TEST_USERS)]
+    password: Password | UnsetType = UNSET  # absent: the users cannot sign in with a password (tokens only)
+    access_ttl_s: Annotated[int, Meta(ge=60, le=MAX_LOAD_TEST_TTL_S)] | UnsetType = UNSET  # absent: auth.access_ttl_s
+
+
 class RoleChange(Body):
     role: Literal["user", "admin"]
 
@@ -332,6 +340,7 @@ MODELS: tuple[type[Body], ...] = (
     RoomChange,
     MemberAdd,
     MessageSend,
+    LoadTestUsers,
     RoleChange,
     Announce,
     Broadcast,

@@ -231,6 +231,17 @@ class AuditPage(Reply):
     next_cursor: int | None
 
 
+class LoadTestUser(Reply):
+    user: User
+    access_token: str
+
+
+class LoadTestUsersMade(Reply):
+    users: list[LoadTestUser]
+    token_type: Literal["Bearer"]
+    expires_in: int
+
+
 class BroadcastDone(Reply):
     target: Literal["rooms", "users"]
     count: int

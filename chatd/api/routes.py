@@ -12,6 +12,7 @@ from chatd.api.admin import (
     AdminStatsHandler,
     AdminUnbanHandler,
     AdminUsersHandler,
+    LoadTestUsersHandler,
 )
 from chatd.api.auth import LoginHandler, LogoutHandler, RefreshHandler, RegisterHandler
 from chatd.api.base import ApiHandler
@@ -72,6 +73,7 @@ def routes(
         (prefix + r"/admin/rooms/([^/]+)/messages", AdminRoomMessagesHandler, {**deps, "admin": admin}),
         (prefix + r"/admin/broadcast", AdminBroadcastHandler, {**deps, "admin": admin}),
         (prefix + r"/admin/audit", AdminAuditHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/load-test-users", LoadTestUsersHandler, {**deps, "admin": admin}),
         (prefix + r"/rooms", RoomsHandler, deps),
         (prefix + r"/rooms/([^/]+)", RoomHandler, deps),
         (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),

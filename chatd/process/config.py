@@ -95,7 +95,11 @@ class ServerSettings:
         " browsers send it (e.g. https://chat.example.com), or * for any. Empty: same host only. Clients without"
         " Origin are allowed.",
     )
-    dev_mode: bool = _f(False, "Development mode: allows a short or generated JWT secret.")
+    dev_mode: bool = _f(
+        False,
+        "Development mode (make run; never on a server others can reach): allows a short or generated JWT secret,"
+        " and POST /api/v1/admin/load-test-users without an admin token (Locust's users).",
+    )
     hsts_max_age_s: int = _f(
         0,
         "Strict-Transport-Security max-age sent on responses to HTTPS requests (behind a TLS proxy: with"

@@ -9,6 +9,8 @@ same query as the user's status.  So a logout holds even while Redis blinks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +108,25 @@ class Accounts:
         user = await users_db.create_user(self.db, email, name, password_hash, "user")
         app_log.info("user_registered", extra=fields(user_id=user["id"]))
         return await self._issue(user)
+
+    async def load_test_users(self, count: int, password: str | None, access_ttl_s: int | None) -> dict[str, Any]:
+        """``count`` new users with access tokens, without the registration limit: the users of a load test
+        (``POST /admin/load-test-users``: dev mode or an admin).  One Argon2 hash for all of them (none without
+        ``password``: they cannot sign in with one); session-less access tokens of ``access_ttl_s``."""
+        password_hash = None
+        if password is not None:
+            password_hash = await self._cpu(credentials.hash_password, credentials.validate_password(password))
+        tag = secrets.token_hex(4)
+        names = [f"lt{i}-{tag}" for i in range(count)]
+        rows = await users_db.create_users(self.db, [f"{n}@example.com" for n in names], names, password_hash)
+        ttl = access_ttl_s or self.settings.auth.access_ttl_s
+        tokens = TokenService(dataclasses.replace(self.settings.auth, access_ttl_s=ttl))
+        app_log.info("load_test_users_created", extra=fields(count=count, first_user_id=rows[0]["id"]))
+        return {
+            "users": [{"user": user_json(r), "access_token": tokens.mint(r["id"], "user", "access")[0]} for r in rows],
+            "token_type": "Bearer",
+            "expires_in": ttl,
+        }
 
     async def login(self, email: str, password: str, ip: str) -> dict[str, Any]:
         await self._limit(ip, email)

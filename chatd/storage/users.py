@@ -36,6 +36,22 @@ async def create_user(pool: Database, email: str, name: str, password_hash: str 
 
 
 @bounded
+async def create_users(
+    pool: Database, emails: Sequence[str], names: Sequence[str], password_hash: str | None
+) -> list[Row]:
+    """Many users (role ``user``) in one INSERT, in the order of ``emails`` (``Accounts.load_test_users``)."""
+    rows = await fetch_all(
+        pool,
+        "INSERT INTO users (email, name, password_hash)"
+        " SELECT e, n, %s FROM unnest(%s::text[], %s::text[]) AS t (e, n)"
+        f" RETURNING {USER_COLUMNS}",
+        (password_hash, list(emails), list(names)),
+    )
+    by_email = {r["email"]: r for r in rows}
+    return [by_email[e] for e in emails]
+
+
+@bounded
 async def auth_statuses(pool: Database, holders: Sequence[tuple[int, str | None]]) -> list[Row | None]:
     """For each token holder ``(user id, session family)``: ``status``, ``role`` and whether the session
     was revoked; None for an unknown user.  One query for many (connect storms go through ``Batched``)."""

@@ -139,3 +139,34 @@ async def test_own_usage(chatd_factory: Any, services: Any) -> None:
     assert usage.body["daily_token_budget"] == 100000 and usage.body["tokens_today"] > 0
     assert usage.body["remaining_today"] == 100000 - usage.body["tokens_today"]
     assert usage.body["days"][0]["answers"] == 1
+
+
+async def test_load_test_users_need_dev_mode_or_an_admin(chatd_factory: Any, services: Any) -> None:
+    """POST /admin/load-test-users: users with access tokens in bulk, no registration limit; outside dev mode
+    only for an admin (audited), in dev mode (``make run``) for anyone who can reach the server."""
+    path = f"{API}/admin/load-test-users"
+    server = chatd_factory()  # not dev mode
+    call = Api(server.http, await contract_for(server.http))
+    [admin] = make_users(services.database_url, 1, role="admin")
+    [user] = make_users(services.database_url, 1)
+    assert (await call("POST", path, {"count": 3})).status == 401
+    assert (await call("POST", path, {"count": 3}, user.token)).status == 403
+    made = await call("POST", path, {"count": 3}, admin.token)
+    assert made.status == 201, made.body
+    assert made.body["expires_in"] == 900 and len(made.body["users"]) == 3
+    assert len({u["user"]["email"] for u in made.body["users"]}) == 3
+    for u in made.body["users"]:
+        me = await call("GET", f"{API}/me", token=u["access_token"])
+        assert me.status == 200 and me.body["id"] == u["user"]["id"] and me.body["role"] == "user"
+    rows = await wait_audit(services.database_url, admin.id, 1)
+    assert [(a, s, d) for a, _, s, _, d in rows] == [("POST /api/v1/admin/load-test-users", 201, {"count": 3})]
+    for bad in ({"count": 0}, {"count": 1001}, {"count": 1, "access_ttl_s": 10}):
+        assert (await call("POST", path, bad, admin.token)).status == 400, bad
+
+    dev = chatd_factory(CHATD_SERVER_DEV_MODE="true")
+    call = Api(dev.http, await contract_for(dev.http))
+    made = await call("POST", path, {"count": 2, "password": "load-test-password", "access_ttl_s": 7200})
+    assert made.status == 201 and made.body["expires_in"] == 7200 and len(made.body["users"]) == 2
+    email = made.body["users"][1]["user"]["email"]
+    login = await call("POST", f"{API}/auth/login", {"email": email, "password": "load-test-password"})
+    assert login.status == 200 and login.body["user"]["id"] == made.body["users"][1]["user"]["id"]
