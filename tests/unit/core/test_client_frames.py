@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -449,8 +450,14 @@ def test_the_fast_path_agrees_with_json_and_parse_client_frame(obj: dict[str, An
 
 
 # --------------------------------------------------------------------------
-# The schema generated from the models
+# The published schema, generated from the models (docs/client-frames.schema.json)
 # --------------------------------------------------------------------------
+
+
+def test_the_schema_doc_is_current() -> None:
+    # generated: `make docs` rewrites it
+    doc = Path(__file__).resolve().parents[3] / "docs" / "client-frames.schema.json"
+    assert doc.read_text() == client_frames.json_schema_text()
 
 
 def test_the_schema_is_valid_json_schema_with_a_definition_per_frame_type() -> None:
