@@ -13,7 +13,7 @@ Each frame is declared once as a msgspec ``Struct`` (a tagged union on
 (``json_schema``, docs/client-frames.schema.json), as ``chatd/api/bodies.py``
 does for the REST bodies.  Two paths use them:
 
-* fast: msgspec decodes the UTF-8 bytes straight into a frame.  The models
+* fast: msgspec decodes the text straight into a frame.  The models
   refuse members they do not declare, so this path only accepts frames whose
   every member it validated itself (a scalar of the declared type).
 * on any complaint from it: the frame is parsed with ``json`` (the strike
@@ -133,6 +133,7 @@ class BaseFrame(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """
 
     TYPE: ClassVar[str]  # the tag, set below
+    # gc=False: a frame holds only str, int, bool and None, so it can be in no reference cycle.
     request_id: WireRequestId = msgspec.field(default=None, name="id")
 
 
@@ -424,7 +425,7 @@ def _contains_surrogate(value: object) -> bool:
 
 # Shared: json.loads with hooks builds a decoder per call.
 _JSON_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_finite_float)
-# The fast path: UTF-8 straight into a frame.  It accepts only frames whose members are all declared scalars it
+# The fast path: text straight into a frame.  It accepts only frames whose members are all declared scalars it
 # checked itself (strict UTF-8, no lone surrogate, no control character in a string, integers only where the
 # model has one), so everything the strike rules below would refuse, it refuses too.
 _FRAME_DECODER: Final = msgspec.json.Decoder(ClientFrame)
@@ -477,19 +478,16 @@ class FrameDecoder:
             raise ProtocolViolation(self._fatal.message, self._fatal.close_code)
         if isinstance(data, bytes):
             self._fail("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
-        # Each char is >= 1 UTF-8 byte, so long text is oversize without encoding.
-        if len(data) > self.max_frame_bytes:
-            self._oversize()
+        # Each char is >= 1 UTF-8 byte, so long text is oversize without encoding; ASCII text is 1 byte a char.
+        # surrogatepass: only measure here; lone surrogates are judged by _load.
+        limit = self.max_frame_bytes
+        if len(data) > limit or (not data.isascii() and len(data.encode("utf-8", "surrogatepass")) > limit):
+            self._fail(f"frame exceeds {limit} bytes", CloseCode.MESSAGE_TOO_BIG)
         try:
-            raw = data.encode()
-        except UnicodeEncodeError:  # a lone surrogate: measured with it here, judged by _load (a strike)
-            raw = data.encode("utf-8", "surrogatepass")
-        if len(raw) > self.max_frame_bytes:
-            self._oversize()
-        try:
-            frame: ClientFrame = _FRAME_DECODER.decode(raw)
-        # ValidationError is a DecodeError; RecursionError: deep nesting skipped while looking for a later "type".
-        except (msgspec.DecodeError, RecursionError):  # judged, and worded, by the slow path
+            frame: ClientFrame = _FRAME_DECODER.decode(data)
+        except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+            # ValidationError is a DecodeError; RecursionError: deep nesting skipped while looking for a late
+            # "type"; UnicodeEncodeError: a lone surrogate.  Judged, and worded, by the slow path.
             return parse_client_frame(self._load(data), max_message_chars=self.max_message_chars)
         return _within_limit(frame, self.max_message_chars)
 
@@ -513,9 +511,6 @@ class FrameDecoder:
         if self._strikes >= self.max_invalid_strikes:
             self._fail(f"too many invalid frames (last: {reason})", CloseCode.INVALID_PAYLOAD)
         raise FrameError(BadRequest(f"invalid JSON: {reason}"), None)
-
-    def _oversize(self) -> NoReturn:
-        self._fail(f"frame exceeds {self.max_frame_bytes} bytes", CloseCode.MESSAGE_TOO_BIG)
 
     def _fail(self, reason: str, close_code: CloseCode) -> NoReturn:
         self._fatal = ProtocolViolation(reason, close_code)
