@@ -36,6 +36,7 @@ typecheck: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/chatd config-doc > docs/CONFIG.md
+	$(BIN)/chatd frames-schema > docs/client-frames.schema.json
 
 clean:
 	rm -rf $(VENV) var

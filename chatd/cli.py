@@ -1,4 +1,4 @@
-"""``chatd`` command line: serve, migrate, check-config, create-user, config-doc, chat."""
+"""``chatd`` command line: serve, migrate, check-config, create-user, config-doc, frames-schema, chat."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     user.add_argument("--name", default="")
     user.add_argument("--admin", action="store_true")
     sub.add_parser("config-doc", help="print docs/CONFIG.md generated from the settings")
+    sub.add_parser("frames-schema", help="print docs/client-frames.schema.json generated from the client frames")
     chat = sub.add_parser("chat", help="terminal client (CHATD_EMAIL / CHATD_PASSWORD, else prompts)")
     chat.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
     chat.add_argument("--room", help="room to open (name or id)")
@@ -125,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config-doc":
         sys.stdout.write(config_load.reference_markdown())
+        return 0
+    if args.command == "frames-schema":
+        from chatd.core import client_frames
+
+        sys.stdout.write(client_frames.json_schema_text())
         return 0
     if args.command == "chat":  # a client: no server settings
         from chatd.client.terminal import main as chat

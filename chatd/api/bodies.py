@@ -17,6 +17,11 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from chatd.core import client_frames, errors
+from chatd.core.client_frames import CLIENT_MSG_ID_PATTERN as CLIENT_MSG_ID_PATTERN  # re-exported: the socket's rules
+from chatd.core.client_frames import CONTENT_PATTERN as CONTENT_PATTERN
+from chatd.core.client_frames import DEFAULT_MAX_MESSAGE_CHARS as DEFAULT_MAX_MESSAGE_CHARS
+from chatd.core.client_frames import END as END
+from chatd.core.client_frames import WS as WS
 from chatd.services import credentials
 from chatd.services.admin import MAX_ANNOUNCEMENT_CHARS
 
@@ -26,13 +31,10 @@ MAX_SETTING_CHARS = 20_000
 MAX_MEMBERS_AT_CREATION = 1000
 MAX_LOAD_TEST_USERS = 1000  # per POST /admin/load-test-users
 MAX_LOAD_TEST_TTL_S = 86_400
-# ws.max_message_chars' default: the schema's bound; the configured one is checked by the send rules (413).
-DEFAULT_MAX_MESSAGE_CHARS = 4000
-
-# Python's whitespace (str.strip, re's \s), spelled out: a pattern's \s is ECMA-262's, which differs (U+0085).
-WS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# DEFAULT_MAX_MESSAGE_CHARS (ws.max_message_chars' default) is the schema's bound for a content; the configured
+# one is checked by the send rules (413).  WS (Python's whitespace) and END are the client frames' (core), as are
+# the content and client_msg_id patterns: a REST send and a socket send follow the same rules.
 CC = r"\x00-\x1f\x7f-\x9f"  # control characters (category Cc)
-END = r"(?![\s\S])"  # the end of the string in both dialects ($ in Python also matches before a final \n)
 NOT_BLANK = rf"[^{WS}]"  # (unanchored) not only whitespace
 _DOMAIN_PART = rf"[^@.{WS}\x00-\x1f\x7f]+"
 
@@ -40,10 +42,6 @@ _DOMAIN_PART = rf"[^@.{WS}\x00-\x1f\x7f]+"
 # trimmed by the service: whitespace around it is allowed
 EMAIL_PATTERN = rf"^[{WS}]*[^@{WS}\x00-\x1f\x7f]+@{_DOMAIN_PART}(\.{_DOMAIN_PART})+[{WS}]*{END}"
 NAME_PATTERN = rf"^[^{CC}]*[^{WS}{CC}][^{CC}]*{END}"
-# Linear time (a content has no length bound here: the send rule's comes after): the leading whitespace and the
-# first other character are disjoint classes, so nothing backtracks more than one step.
-CONTENT_PATTERN = rf"^[{WS}]*[^{WS}\x00][^\x00]*{END}"
-CLIENT_MSG_ID_PATTERN = rf"^[!-~]{{1,{client_frames.MAX_ID_CHARS}}}{END}"
 
 
 def text(says: str, **constraints: Any) -> Meta:

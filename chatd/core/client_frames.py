@@ -1,10 +1,28 @@
-"""Client frames, sans-I/O: text in, one frozen dataclass per ``type`` out.
+"""Client frames, sans-I/O: text in, one frozen msgspec model per ``type`` out.
 
 Pure (no asyncio, sockets, Tornado or clock reads), in the style of
 python-websockets' sans-I/O core; the server frames are ``server_frames``.
 
-1. ID rules and the client frame dataclasses; ``parse_client_frame``.
+1. ID rules and the client frame models; ``parse_client_frame``.
 2. ``FrameDecoder``: the per-connection state machine (size cap, strikes).
+
+Models
+------
+Each frame is declared once as a msgspec ``Struct`` (a tagged union on
+``type``): its constraints validate the frame and generate its JSON Schema
+(``json_schema``, docs/client-frames.schema.json), as ``chatd/api/bodies.py``
+does for the REST bodies.  Two paths use them:
+
+* fast: msgspec decodes the text straight into a frame.  The models
+  refuse members they do not declare, so this path only accepts frames whose
+  every member it validated itself (a scalar of the declared type).
+* on any complaint from it: the frame is parsed with ``json`` (the strike
+  rules: NaN, numbers out of range, lone surrogates, nesting) and validated by
+  ``parse_client_frame``: unknown members are dropped (the protocol ignores
+  them) and the rest converted to the type's model.  If that fails, the
+  error is found as before: the request id first (so that it can be echoed),
+  the type, then each member alone in a fixed order, what msgspec says worded
+  as before (``_wrong``), e.g. ``send.room_id must be a positive integer``.
 
 Error design
 ------------
@@ -31,12 +49,16 @@ error because it is visible to mypy and cannot be forgotten by a raiser.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, NoReturn, TypeAlias
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Final, NoReturn, TypeAlias
+
+import msgspec
+from msgspec import Meta
 
 from chatd.core.errors import BadRequest, ChatdError, CloseCode, ProtocolViolation, TooLarge
 
@@ -46,104 +68,155 @@ MAX_SAFE_INT: Final = 2**53 - 1
 MAX_ID_CHARS: Final = 64  # request ``id`` and ``client_msg_id``
 MAX_EPOCH_CHARS: Final = 64  # a room epoch echoed back in `join`
 MAX_TOKEN_CHARS: Final = 8192
+DEFAULT_MAX_MESSAGE_CHARS: Final = 4000  # ws.max_message_chars' default: the schema's bound for a content
 
 RequestId: TypeAlias = str | int | None
 
+# Patterns are written so that Python's ``re.search`` (msgspec) and ECMA-262 (the schema's readers) accept the
+# same strings: whitespace spelled out (``\s`` differs) and ``END`` instead of ``$`` (Python's ``$`` also matches
+# before a final newline).  chatd/api/bodies.py uses them too.
+# Python's whitespace (str.strip, re's \s), spelled out: a pattern's \s is ECMA-262's, which differs (U+0085).
+WS: Final = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+END: Final = r"(?![\s\S])"  # the end of the string in both dialects ($ in Python also matches before a final \n)
+# Not blank, no NUL (Postgres text cannot store it).  Linear time (a content has no length bound in the model:
+# ws.max_message_chars is checked after): the leading whitespace and the first other character are disjoint
+# classes, so nothing backtracks more than one step.
+CONTENT_PATTERN: Final = rf"^[{WS}]*[^{WS}\x00][^\x00]*{END}"
+CLIENT_MSG_ID_PATTERN: Final = rf"^[!-~]{{1,{MAX_ID_CHARS}}}{END}"
+
+
+# -- Member types: the constraints, and what a refused value is told (after ``<type>.<member> ``)
+
+
+def _says(says: str, **constraints: Any) -> Meta:
+    return Meta(**constraints, extra={"says": says})
+
+
+PositiveId = Annotated[int, _says("must be a positive integer", ge=1, le=MAX_SAFE_INT)]
+Seq = Annotated[int, _says("must be a non-negative integer", ge=0, le=MAX_SAFE_INT)]
+Content = Annotated[  # kept verbatim: leading spaces matter in code blocks
+    str,
+    _says(
+        "must be a string",  # a string breaking the pattern: see _wrong
+        pattern=CONTENT_PATTERN,
+        description="at most ws.max_message_chars characters (default 4000; longer: too_large), not blank, no NUL",
+        extra_json_schema={"maxLength": DEFAULT_MAX_MESSAGE_CHARS},
+    ),
+]
+ClientMsgId = Annotated[
+    str, _says(f"must be 1..{MAX_ID_CHARS} printable ASCII characters without spaces", pattern=CLIENT_MSG_ID_PATTERN)
+]
+Epoch = Annotated[
+    str, _says(f"must be a string of 1..{MAX_EPOCH_CHARS} characters", min_length=1, max_length=MAX_EPOCH_CHARS)
+]
+Token = Annotated[
+    str, _says(f"must be a string of 1..{MAX_TOKEN_CHARS} characters", min_length=1, max_length=MAX_TOKEN_CHARS)
+]
+Flag = Annotated[bool, _says("must be a boolean")]
+# A bool is not an int here (msgspec is strict): ``true`` must not become room 1.
+WireRequestId = (
+    Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    | Annotated[int, Meta(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)]
+    | None
+)
+_REQUEST_ID_SAYS: Final = f"id must be a string of 1..{MAX_ID_CHARS} characters or an integer"
+
 
 # -- Client frames
-# ``request_id`` is keyword-only so positional fields read like the wire frame.
+# ``request_id`` (``id`` on the wire) is keyword-only so positional fields read like the wire frame.
 
 
-@dataclass(frozen=True, slots=True)
-class Join:
-    TYPE: ClassVar[str] = "join"
-    room_id: int
-    since_seq: int | None = None  # None: no backfill wanted
-    epoch: str | None = None  # the epoch since_seq belongs to (from `joined`); None: not known
-    request_id: RequestId = field(default=None, kw_only=True)
+class BaseFrame(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", gc=False):
+    """A client frame: its ``type`` (``TYPE``) is the tag.
+
+    Members it does not declare are refused by the model, which only sends such a frame down the slow path;
+    ``parse_client_frame`` ignores them (forward compatibility) and the published schema allows them.
+    """
+
+    TYPE: ClassVar[str]  # the tag, set below
+    # gc=False: a frame holds only str, int, bool and None, so it can be in no reference cycle.
+    request_id: WireRequestId = msgspec.field(default=None, name="id")
 
 
-@dataclass(frozen=True, slots=True)
-class Leave:
-    TYPE: ClassVar[str] = "leave"
-    room_id: int
-    request_id: RequestId = field(default=None, kw_only=True)
+class Join(BaseFrame, tag="join", frozen=True):
+    room_id: PositiveId
+    since_seq: Seq | None = None  # None: no backfill wanted
+    epoch: Epoch | None = None  # the epoch since_seq belongs to (from `joined`); None: not known
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    TYPE: ClassVar[str] = "send"
-    room_id: int
-    content: str
-    client_msg_id: str  # idempotency key: a retried send yields ack(duplicate=True)
-    request_id: RequestId = field(default=None, kw_only=True)
+class Leave(BaseFrame, tag="leave", frozen=True):
+    room_id: PositiveId
 
 
-@dataclass(frozen=True, slots=True)
-class Typing:
-    TYPE: ClassVar[str] = "typing"
-    room_id: int
-    is_typing: bool
-    request_id: RequestId = field(default=None, kw_only=True)
+class Send(BaseFrame, tag="send", frozen=True):
+    room_id: PositiveId
+    content: Content
+    client_msg_id: ClientMsgId  # idempotency key: a retried send yields ack(duplicate=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Read:
-    TYPE: ClassVar[str] = "read"
-    room_id: int
-    seq: int
-    request_id: RequestId = field(default=None, kw_only=True)
+class Typing(BaseFrame, tag="typing", frozen=True):
+    room_id: PositiveId
+    is_typing: Flag
 
 
-@dataclass(frozen=True, slots=True)
-class Edit:
-    TYPE: ClassVar[str] = "edit"
-    message_id: int
-    content: str
-    request_id: RequestId = field(default=None, kw_only=True)
+class Read(BaseFrame, tag="read", frozen=True):
+    room_id: PositiveId
+    seq: Seq
 
 
-@dataclass(frozen=True, slots=True)
-class Delete:
-    TYPE: ClassVar[str] = "delete"
-    message_id: int
-    request_id: RequestId = field(default=None, kw_only=True)
+class Edit(BaseFrame, tag="edit", frozen=True):
+    message_id: PositiveId
+    content: Content
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
-    TYPE: ClassVar[str] = "ping"
-    request_id: RequestId = field(default=None, kw_only=True)
+class Delete(BaseFrame, tag="delete", frozen=True):
+    message_id: PositiveId
 
 
-@dataclass(frozen=True, slots=True)
-class Auth:
+class Ping(BaseFrame, tag="ping", frozen=True):
+    pass
+
+
+class Auth(BaseFrame, tag="auth", frozen=True):
     """In-band token refresh, so a long-lived socket survives token rotation."""
 
-    TYPE: ClassVar[str] = "auth"
-    token: str
-    request_id: RequestId = field(default=None, kw_only=True)
+    token: Token
 
 
-@dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(BaseFrame, tag="cancel", frozen=True):
     """Cancel the assistant generation producing ``message_id``."""
 
-    TYPE: ClassVar[str] = "cancel"
-    message_id: int
-    request_id: RequestId = field(default=None, kw_only=True)
+    message_id: PositiveId
 
 
-@dataclass(frozen=True, slots=True)
-class Regenerate:
+class Regenerate(BaseFrame, tag="regenerate", frozen=True):
     """Ask the assistant to answer the user message ``message_id`` again."""
 
-    TYPE: ClassVar[str] = "regenerate"
-    message_id: int
-    request_id: RequestId = field(default=None, kw_only=True)
+    message_id: PositiveId
 
 
 ClientFrame: TypeAlias = Join | Leave | Send | Typing | Read | Edit | Delete | Ping | Auth | Cancel | Regenerate
+FRAME_MODELS: Final[tuple[type[ClientFrame], ...]] = typing.get_args(ClientFrame)
+
+
+def _refuse_assignment(self: object, name: str, value: object) -> NoReturn:
+    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+def _refuse_deletion(self: object, name: str) -> NoReturn:
+    raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+for _model in FRAME_MODELS:
+    _model.TYPE = str(_model.__struct_config__.tag)
+    # msgspec's frozen models refuse assignment with a bare AttributeError; the frozen dataclasses they replaced
+    # raised dataclasses.FrozenInstanceError (an AttributeError too), and still do.  Set after the class exists:
+    # msgspec installs its own attribute slot when it builds the class (setattr: mypy refuses assigning a method).
+    setattr(_model, "__setattr__", _refuse_assignment)  # noqa: B010
+    setattr(_model, "__delattr__", _refuse_deletion)  # noqa: B010
+
+CLIENT_FRAME_TYPES: Final = frozenset(model.TYPE for model in FRAME_MODELS)
+_MODEL_OF_TYPE: Final[Mapping[str, type[ClientFrame]]] = {model.TYPE: model for model in FRAME_MODELS}
 
 
 class FrameError(Exception):
@@ -160,180 +233,176 @@ class FrameError(Exception):
         self.request_id = request_id
 
 
+def json_schema() -> dict[str, Any]:
+    """The client frames' JSON Schema (2020-12), generated from the models.
+
+    Unknown members are allowed (the protocol ignores them; the models refuse them only to leave such frames to
+    the slow path), and a content's ``maxLength`` is ws.max_message_chars' default.  JSON Schema's ``integer``
+    also matches ``1.0``, which a frame may not use.
+    """
+    schema = msgspec.json.schema(ClientFrame)
+    for model in schema["$defs"].values():
+        model.pop("additionalProperties", None)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "chatd client frame",
+        "description": (
+            "A WebSocket text frame from a client (docs/PROTOCOL.md): one of these, chosen by `type`. Members not"
+            " listed are ignored. Integers are written as integers: `1`, not `1.0` (which `integer` also matches)."
+        ),
+        **schema,
+    }
+
+
+def json_schema_text() -> str:
+    """``json_schema()`` as docs/client-frames.schema.json holds it (``make docs`` / ``chatd frames-schema``)."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+# -- Validation of a decoded object, member by member
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Member:
+    name: str  # the attribute
+    wire: str  # its name in the frame
+    kind: Any  # its annotation
+    required: bool
+    says: str  # what a refused value is told
+    # A model of this member alone, to check a lone value: msgspec keeps what it learns about a model, but reads a
+    # bare annotation again on every convert (0.5-10 µs).
+    alone: type[msgspec.Struct]
+
+
+def _says_of(kind: Any) -> str:
+    arms = typing.get_args(kind) if typing.get_origin(kind) is typing.Union else (kind,)
+    for arm in arms:
+        for meta in getattr(arm, "__metadata__", ()):
+            if isinstance(meta, Meta) and meta.extra and "says" in meta.extra:
+                return str(meta.extra["says"])
+    raise TypeError(f"{kind} says nothing about a value it refuses")
+
+
+# The order the members are checked in (the first wrong one is reported): declaration order, except that a
+# join's optional members come before its room_id, as they always have.
+_CHECKED_FIRST: Final[Mapping[type[ClientFrame], tuple[str, ...]]] = {Join: ("since_seq", "epoch")}
+
+
+def _members(model: type[ClientFrame]) -> tuple[_Member, ...]:
+    members = [
+        _Member(
+            f.name,
+            f.encode_name,
+            f.type,
+            f.required,
+            _says_of(f.type),
+            msgspec.defstruct(f"{model.__name__}_{f.name}", [(f.encode_name, f.type)]),
+        )
+        for f in msgspec.structs.fields(model)
+        if f.name != "request_id"
+    ]
+    first = _CHECKED_FIRST.get(model, ())
+    return tuple(sorted(members, key=lambda m: 0 if m.name in first else 1))  # stable: otherwise as declared
+
+
+_MEMBERS: Final[Mapping[type[ClientFrame], tuple[_Member, ...]]] = {model: _members(model) for model in FRAME_MODELS}
+_WIRE_NAMES: Final[Mapping[type[ClientFrame], tuple[str, ...]]] = {
+    model: model.__struct_encode_fields__ for model in FRAME_MODELS  # its members' names in a frame, with "id"
+}
 _MISSING: Final = object()
 
 
-def _get(obj: Mapping[str, Any], frame_type: str, name: str) -> Any:
-    value = obj.get(name, _MISSING)
-    if value is _MISSING:
-        raise BadRequest(f"{frame_type}.{name} is required")
-    return value
-
-
-def _int(obj: Mapping[str, Any], frame_type: str, name: str, minimum: int) -> int:
-    return _check_int(_get(obj, frame_type, name), frame_type, name, minimum)
-
-
-def _check_int(value: Any, frame_type: str, name: str, minimum: int) -> int:
-    # bool is an int subclass: ``true`` must not become room 1.
-    if type(value) is not int or value < minimum:
-        adjective = "positive" if minimum >= 1 else "non-negative"
-        raise BadRequest(f"{frame_type}.{name} must be a {adjective} integer")
-    if value > MAX_SAFE_INT:
-        raise BadRequest(f"{frame_type}.{name} must be at most {MAX_SAFE_INT}")
-    return value
-
-
-def _room_id(obj: Mapping[str, Any], frame_type: str) -> int:
-    return _int(obj, frame_type, "room_id", 1)
-
-
-def _message_id(obj: Mapping[str, Any], frame_type: str) -> int:
-    return _int(obj, frame_type, "message_id", 1)
-
-
-def _content(obj: Mapping[str, Any], frame_type: str, max_message_chars: int) -> str:
-    value = _get(obj, frame_type, "content")
-    if not isinstance(value, str):
-        raise BadRequest(f"{frame_type}.content must be a string")
-    # Length first: it is the cheapest check and the most useful answer.
-    if len(value) > max_message_chars:
-        raise TooLarge(f"{frame_type}.content exceeds {max_message_chars} characters")
-    if "\x00" in value:  # Postgres text cannot store NUL
-        raise BadRequest(f"{frame_type}.content must not contain NUL characters")
-    if not value.strip():
-        raise BadRequest(f"{frame_type}.content must not be empty")
-    return value  # kept verbatim: leading spaces matter in code blocks
-
-
-def _is_printable_ascii_id(value: str) -> bool:
-    return 1 <= len(value) <= MAX_ID_CHARS and all("!" <= ch <= "~" for ch in value)
-
-
-def _client_msg_id(obj: Mapping[str, Any], frame_type: str) -> str:
-    value = _get(obj, frame_type, "client_msg_id")
-    if not isinstance(value, str) or not _is_printable_ascii_id(value):
-        raise BadRequest(
-            f"{frame_type}.client_msg_id must be 1..{MAX_ID_CHARS} printable ASCII characters without spaces"
-        )
-    return value
+def _wrong(member: _Member, value: Any, what: str) -> str:
+    """msgspec's complaint ``what`` about a member's ``value``, in the words clients have always been given."""
+    if what.startswith("Expected `int` <="):  # within the type, above 2**53-1
+        return f"must be at most {MAX_SAFE_INT}"
+    if member.kind == Content and isinstance(value, str):  # a string breaking the pattern
+        return "must not contain NUL characters" if "\x00" in value else "must not be empty"
+    return member.says
 
 
 def _request_id(obj: Mapping[str, Any]) -> RequestId:
     value = obj.get("id")
     if value is None:
         return None
-    if isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS:
-        return value
-    if type(value) is int and -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
-        return value
-    raise BadRequest(f"id must be a string of 1..{MAX_ID_CHARS} characters or an integer")
+    try:  # the member every frame has: BaseFrame's
+        request_id: RequestId = msgspec.convert({"id": value}, BaseFrame).request_id
+    except msgspec.ValidationError:
+        raise BadRequest(_REQUEST_ID_SAYS) from None
+    return request_id
 
 
-_Parser: TypeAlias = Callable[[Mapping[str, Any], RequestId, int], ClientFrame]
+def _model_of(obj: Mapping[str, Any]) -> type[ClientFrame]:
+    frame_type = obj.get("type", _MISSING)
+    if frame_type is _MISSING:
+        raise BadRequest("frame.type is required")
+    if not isinstance(frame_type, str):
+        raise BadRequest("frame.type must be a string")
+    model = _MODEL_OF_TYPE.get(frame_type)
+    if model is None:
+        # Truncated: the reply must not echo a 60 KB attacker string.
+        raise BadRequest(f"unknown frame type {frame_type[:32]!r}")
+    return model
 
 
-def _parse_join(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    since = obj.get("since_seq")
-    since_seq = None if since is None else _check_int(since, "join", "since_seq", 0)
-    epoch = obj.get("epoch")
-    if epoch is not None and (not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_CHARS):
-        raise BadRequest(f"join.epoch must be a string of 1..{MAX_EPOCH_CHARS} characters")
-    return Join(_room_id(obj, "join"), since_seq, epoch, request_id=rid)
+def _first_wrong(model: type[ClientFrame], obj: Mapping[str, Any], max_message_chars: int) -> ChatdError:
+    """The first member of ``obj`` that ``model`` refuses, as the error a client is given."""
+    for member in _MEMBERS[model]:
+        value = obj.get(member.wire, _MISSING)
+        if value is _MISSING:
+            if member.required:
+                return BadRequest(f"{model.TYPE}.{member.wire} is required")
+            continue
+        # Length first: it is the cheapest check and the most useful answer.
+        if member.kind == Content and isinstance(value, str) and len(value) > max_message_chars:
+            return TooLarge(f"{model.TYPE}.content exceeds {max_message_chars} characters")
+        try:
+            msgspec.convert({member.wire: value}, member.alone)
+        except msgspec.ValidationError as exc:
+            return BadRequest(f"{model.TYPE}.{member.wire} {_wrong(member, value, str(exc))}")
+    return BadRequest(f"{model.TYPE} is not a valid frame")  # not reached: each member alone is as together
 
 
-def _parse_leave(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    return Leave(_room_id(obj, "leave"), request_id=rid)
+def _refusal(obj: Mapping[str, Any], max_message_chars: int) -> FrameError:
+    """Why ``obj`` is not a frame, in today's order: the request id (echoed as ``reply_to`` by every later
+    error), the type, then the members one at a time."""
+    try:
+        request_id = _request_id(obj)
+    except BadRequest as exc:
+        return FrameError(exc, None)
+    try:
+        model = _model_of(obj)
+    except BadRequest as exc:
+        return FrameError(exc, request_id)
+    return FrameError(_first_wrong(model, obj, max_message_chars), request_id)
 
 
-def _parse_send(obj: Mapping[str, Any], rid: RequestId, max_chars: int) -> ClientFrame:
-    return Send(
-        _room_id(obj, "send"),
-        _content(obj, "send", max_chars),
-        _client_msg_id(obj, "send"),
-        request_id=rid,
-    )
+def _within_limit(frame: ClientFrame, max_message_chars: int) -> ClientFrame:
+    """``frame``, unless its content is longer than this server takes (a setting: no static schema states it)."""
+    if isinstance(frame, (Send, Edit)) and len(frame.content) > max_message_chars:
+        raise FrameError(TooLarge(f"{frame.TYPE}.content exceeds {max_message_chars} characters"), frame.request_id)
+    return frame
 
 
-def _parse_typing(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    room_id = _room_id(obj, "typing")
-    is_typing = _get(obj, "typing", "is_typing")
-    if not isinstance(is_typing, bool):
-        raise BadRequest("typing.is_typing must be a boolean")
-    return Typing(room_id, is_typing, request_id=rid)
-
-
-def _parse_read(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    return Read(_room_id(obj, "read"), _int(obj, "read", "seq", 0), request_id=rid)
-
-
-def _parse_edit(obj: Mapping[str, Any], rid: RequestId, max_chars: int) -> ClientFrame:
-    return Edit(_message_id(obj, "edit"), _content(obj, "edit", max_chars), request_id=rid)
-
-
-def _parse_delete(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    return Delete(_message_id(obj, "delete"), request_id=rid)
-
-
-def _parse_ping(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    return Ping(request_id=rid)
-
-
-def _parse_auth(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    token = _get(obj, "auth", "token")
-    if not isinstance(token, str) or not 1 <= len(token) <= MAX_TOKEN_CHARS:
-        raise BadRequest(f"auth.token must be a string of 1..{MAX_TOKEN_CHARS} characters")
-    return Auth(token, request_id=rid)
-
-
-def _parse_cancel(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    return Cancel(_message_id(obj, "cancel"), request_id=rid)
-
-
-def _parse_regenerate(obj: Mapping[str, Any], rid: RequestId, _max_chars: int) -> ClientFrame:
-    return Regenerate(_message_id(obj, "regenerate"), request_id=rid)
-
-
-_PARSERS: Final[Mapping[str, _Parser]] = {
-    "join": _parse_join,
-    "leave": _parse_leave,
-    "send": _parse_send,
-    "typing": _parse_typing,
-    "read": _parse_read,
-    "edit": _parse_edit,
-    "delete": _parse_delete,
-    "ping": _parse_ping,
-    "auth": _parse_auth,
-    "cancel": _parse_cancel,
-    "regenerate": _parse_regenerate,
-}
-CLIENT_FRAME_TYPES: Final = frozenset(_PARSERS)
-
-
-def parse_client_frame(obj: Mapping[str, Any], *, max_message_chars: int = 4000) -> ClientFrame:
+def parse_client_frame(obj: Mapping[str, Any], *, max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS) -> ClientFrame:
     """Validate an already-decoded JSON object into a ``ClientFrame``.
 
     Unknown members are ignored (forward compatibility).  Raises ``FrameError``
     wrapping ``BadRequest`` (message names the field) or ``TooLarge``; the
     request id is read first so it survives any later failure.
     """
-    try:
-        request_id = _request_id(obj)
-    except BadRequest as exc:
-        raise FrameError(exc, None) from None
-    try:
-        frame_type = obj.get("type", _MISSING)
-        if frame_type is _MISSING:
-            raise BadRequest("frame.type is required")
-        if not isinstance(frame_type, str):
-            raise BadRequest("frame.type must be a string")
-        parser = _PARSERS.get(frame_type)
-        if parser is None:
-            # Truncated: the reply must not echo a 60 KB attacker string.
-            raise BadRequest(f"unknown frame type {frame_type[:32]!r}")
-        return parser(obj, request_id, max_message_chars)
-    except (BadRequest, TooLarge) as exc:
-        raise FrameError(exc, request_id) from None
+    frame_type = obj.get("type")
+    model = _MODEL_OF_TYPE.get(frame_type) if isinstance(frame_type, str) else None
+    if model is not None:
+        # Converted to its type's model, not to the union: msgspec reads a union's annotation on every call.
+        known = {name: obj[name] for name in _WIRE_NAMES[model] if name in obj}
+        try:
+            frame: ClientFrame = msgspec.convert(known, model)
+        except msgspec.ValidationError:
+            pass
+        else:
+            return _within_limit(frame, max_message_chars)
+    raise _refusal(obj, max_message_chars)
 
 
 # -- Decoder state machine
@@ -372,7 +441,11 @@ def _contains_surrogate(value: object) -> bool:
 
 
 # Shared: json.loads with hooks builds a decoder per call.
-_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_finite_float)
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_finite_float)
+# The fast path: text straight into a frame.  It accepts only frames whose members are all declared scalars it
+# checked itself (strict UTF-8, no lone surrogate, no control character in a string, integers only where the
+# model has one), so everything the strike rules below would refuse, it refuses too.
+_FRAME_DECODER: Final = msgspec.json.Decoder(ClientFrame)
 
 
 class FrameDecoder:
@@ -395,7 +468,7 @@ class FrameDecoder:
     def __init__(
         self,
         max_frame_bytes: int = 65536,
-        max_message_chars: int = 4000,
+        max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
         max_invalid_strikes: int = 3,
     ) -> None:
         if max_frame_bytes < 1 or max_message_chars < 1 or max_invalid_strikes < 1:
@@ -422,18 +495,24 @@ class FrameDecoder:
             raise ProtocolViolation(self._fatal.message, self._fatal.close_code)
         if isinstance(data, bytes):
             self._fail("binary frames are not supported", CloseCode.UNSUPPORTED_DATA)
-        # Each char is >= 1 UTF-8 byte, so long text is oversize without encoding.
-        # surrogatepass: only measure here; lone surrogates are judged below.
-        if len(data) > self.max_frame_bytes or len(data.encode("utf-8", "surrogatepass")) > self.max_frame_bytes:
-            self._fail(f"frame exceeds {self.max_frame_bytes} bytes", CloseCode.MESSAGE_TOO_BIG)
-        obj = self._load(data)
-        return parse_client_frame(obj, max_message_chars=self.max_message_chars)
+        # Each char is >= 1 UTF-8 byte, so long text is oversize without encoding; ASCII text is 1 byte a char.
+        # surrogatepass: only measure here; lone surrogates are judged by _load.
+        limit = self.max_frame_bytes
+        if len(data) > limit or (not data.isascii() and len(data.encode("utf-8", "surrogatepass")) > limit):
+            self._fail(f"frame exceeds {limit} bytes", CloseCode.MESSAGE_TOO_BIG)
+        try:
+            frame: ClientFrame = _FRAME_DECODER.decode(data)
+        except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+            # ValidationError is a DecodeError; RecursionError: deep nesting skipped while looking for a late
+            # "type"; UnicodeEncodeError: a lone surrogate.  Judged, and worded, by the slow path.
+            return parse_client_frame(self._load(data), max_message_chars=self.max_message_chars)
+        return _within_limit(frame, self.max_message_chars)
 
     def _load(self, text: str) -> dict[str, Any]:
         if _SURROGATE_RE.search(text):
             self._strike("invalid UTF-8 in frame")
         try:
-            obj = _DECODER.decode(text)
+            obj = _JSON_DECODER.decode(text)
         except RecursionError:
             self._strike("nesting too deep")
         except ValueError as exc:  # JSONDecodeError, NaN, huge ints
