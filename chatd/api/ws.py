@@ -199,6 +199,7 @@ class ChatSocket(WebSocket):
                 connection_id=self.connection_id,
                 server_time_ms=int(time.time() * 1000),
                 heartbeat_ms=int(self.config.ws.heartbeat_interval_s * 1000),
+                limits=client_limits(self.config.ws),
             )
         )
         self._run_now(self.session.opened(principal.claims.exp, time.time()), "ws-open")
@@ -481,16 +482,28 @@ def session_for(settings: Settings) -> ServerSession:
     return ServerSession(0, config, decoder, frame_limiter(ws), metrics.hot.frames_received)
 
 
+def _buckets(ws: WebSocketSettings) -> dict[str, tuple[float, int]]:
+    return {
+        "all": (ws.frame_rate_per_s, ws.frame_burst),
+        "join": (ws.join_rate_per_s, ws.join_burst),
+        "read": (ws.read_rate_per_s, ws.read_burst),
+        "typing": (ws.typing_rate_per_s, ws.typing_burst),
+        "control": (ws.control_rate_per_s, ws.control_burst),
+    }
+
+
+def client_limits(ws: WebSocketSettings) -> dict[str, Any]:
+    """``hello.limits``: what a client keeps to so that none of its frames is refused (PROTOCOL.md §5)."""
+    limits: dict[str, Any] = {"send": {"count": ws.send_rate_count, "window_ms": int(ws.send_rate_window_s * 1000)}}
+    for name, (rate, burst) in _buckets(ws).items():
+        limits[name] = {"per_s": rate, "burst": burst}
+    return limits
+
+
 def frame_limiter(ws: WebSocketSettings) -> FrameLimiter:
     """The per-socket frame limits of ``ws`` (sends also have their per-user quota, ``Rooms.submit``)."""
     return FrameLimiter(
-        limits={
-            "all": (ws.frame_rate_per_s, ws.frame_burst),
-            "join": (ws.join_rate_per_s, ws.join_burst),
-            "read": (ws.read_rate_per_s, ws.read_burst),
-            "typing": (ws.typing_rate_per_s, ws.typing_burst),
-            "control": (ws.control_rate_per_s, ws.control_burst),
-        },
+        limits=_buckets(ws),
         groups=dict(FRAME_GROUPS),
         max_violations=ws.max_violations,
         violation_window_s=ws.violation_window_s,

@@ -49,8 +49,11 @@ def encode_bytes(frame: Mapping[str, Any]) -> bytes:
 # None values are dropped by ``encode``.
 
 
-def hello(*, user_id: int, connection_id: str, server_time_ms: int, heartbeat_ms: int) -> dict[str, Any]:
-    return {
+def hello(
+    *, user_id: int, connection_id: str, server_time_ms: int, heartbeat_ms: int, limits: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``limits``: the send quota and per-socket frame limits a client keeps to (PROTOCOL.md, hello)."""
+    frame: dict[str, Any] = {
         "type": "hello",
         "user_id": user_id,
         "connection_id": connection_id,
@@ -58,6 +61,9 @@ def hello(*, user_id: int, connection_id: str, server_time_ms: int, heartbeat_ms
         "heartbeat_ms": heartbeat_ms,
         "protocol": PROTOCOL_VERSION,
     }
+    if limits is not None:
+        frame["limits"] = limits
+    return frame
 
 
 def token_expiring(*, expires_in_ms: int) -> dict[str, Any]:

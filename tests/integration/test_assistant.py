@@ -125,6 +125,10 @@ async def test_cancel_while_queued(chatd_factory: Any, services: Services) -> No
     await send(a, room, "first")
     second = await send(a, room, "second")
     await b.expect("queued", room_id=room, reply_to_message_id=second["message_id"])
+    # Only the prompt's author, the room owner (Alice is both) or an admin may cancel it: Bob's cancel finds
+    # nothing to cancel (not_found, PROTOCOL.md §3), and the answer stays queued.
+    await b.send({"type": "cancel", "message_id": second["message_id"], "id": "not-mine"})
+    assert (await b.expect("error", reply_to="not-mine"))["code"] == "not_found"
     await a.send({"type": "cancel", "message_id": second["message_id"], "id": "c"})
     # Every member, on every instance, learns that the queued answer will not come.
     for ws in (a, b):

@@ -594,6 +594,10 @@ async def test_ws_first_frame_is_hello(server: Chatd) -> None:
         assert isinstance(hello["server_time"], int) and abs(hello["server_time"] - time.time() * 1000) < 60_000
         assert hello["heartbeat_ms"] == 25_000
         assert hello["protocol"] == 1
+        # The limits a client keeps to (ws.* defaults): the web app paces its frames with them.
+        assert hello["limits"]["send"] == {"count": 20, "window_ms": 10_000}
+        assert hello["limits"]["typing"] == {"per_s": 3.0, "burst": 10}
+        assert set(hello["limits"]) == {"send", "all", "join", "read", "typing", "control"}
         other = await WS.connect(server.ws, pair["access_token"])
         try:
             assert (await other.expect("hello"))["connection_id"] != hello["connection_id"]

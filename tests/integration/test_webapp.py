@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -38,6 +39,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = ROOT / "test-artifacts"
 TIMEOUT_MS = 20_000
+SEND_WINDOW_S = 6  # the module server's ws.send_rate_window_s (20 sends per window)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,28 @@ def browser() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chatd]:
+    """One chatd for the tests of this module that need no settings of their own (a server costs ~2 s to
+    start). Its assistant writes 8 tokens/s: an answer streams ~5 s, long enough to look at. Its send quota
+    is 20 per 6 s (not 10 s): the web app paces its sends to what `hello.limits` says."""
+    chatd = Chatd(
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        log_path=tmp_path_factory.mktemp("webapp") / "chatd.log",
+        env={
+            "CHATD_STORAGE_REDIS_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
+            "CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S": "8",
+            "CHATD_WS_SEND_RATE_WINDOW_S": str(SEND_WINDOW_S),
+        },
+    )
+    chatd.start()
+    try:
+        yield chatd
+    finally:
+        chatd.stop()
 
 
 class Person:
@@ -110,19 +134,19 @@ def rest(base: str, path: str, token: str, body: Any = None) -> Any:
         return json.loads(resp.read())
 
 
-def test_static_files_have_a_strict_csp_and_javascript_types(chatd: Chatd) -> None:
-    with urllib.request.urlopen(chatd.http + "/", timeout=10) as resp:
+def test_static_files_have_a_strict_csp_and_javascript_types(server: Chatd) -> None:
+    with urllib.request.urlopen(server.http + "/", timeout=10) as resp:
         csp = resp.headers["Content-Security-Policy"]
         assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
         assert b'<script type="module" src="/static/js/main.js">' in resp.read()
     assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
     assert "require-trusted-types-for 'script'" in csp
     for path in ("/static/js/main.js", "/static/vendor/purify.es.mjs"):
-        with urllib.request.urlopen(chatd.http + path, timeout=10) as resp:
+        with urllib.request.urlopen(server.http + path, timeout=10) as resp:
             assert resp.headers["Content-Type"] == "text/javascript; charset=utf-8"
             assert resp.headers["Cache-Control"] == "no-cache"
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(chatd.http + "/static/../app.py", timeout=10)
+        urllib.request.urlopen(server.http + "/static/../app.py", timeout=10)
     assert err.value.code in (403, 404)
 
 
@@ -292,7 +316,7 @@ def test_room_added_member_by_email_and_an_attachment_round_trip(
         # A file whose bytes are not what its name says is refused, and Alice is told why.
         spoof = {"name": "evil.png", "mimeType": "image/png", "buffer": b"<html><script>alert(1)</script></html>"}
         a.locator("#attach-input").set_input_files(spoof)
-        expect(a.locator("#notice")).to_contain_text("Could not send evil.png: content type text/html is not allowed")
+        expect(a.locator("#alerts")).to_contain_text("Could not send evil.png: content type text/html is not allowed")
 
         # Removed from the room: it leaves Bob's list at once (room_removed / left).
         req = urllib.request.Request(
@@ -317,10 +341,10 @@ def _png(width: int, height: int) -> bytes:
     return png(width, height)
 
 
-def test_phone_sized_dark_screen(chatd: Chatd, browser: Browser) -> None:
+def test_phone_sized_dark_screen(server: Chatd, browser: Browser) -> None:
     phone = Person(
         browser,
-        chatd.http,
+        server.http,
         "Pat",
         viewport={"width": 390, "height": 844},
         color_scheme="dark",
@@ -380,6 +404,165 @@ def test_history_pages_back_through_rest(chatd_factory: Any, browser: Browser, s
         assert person.errors == []
     finally:
         person.context.close()
+
+
+# Every WebSocket the page opens, for a test to write on the app's own socket.
+SOCKET_TAP = """
+(() => {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      window.__sockets.push(this);
+    }
+  };
+})();
+"""
+RAW_CODES = re.compile(r"\b(rate_limited|busy|unavailable|forbidden|not_found|conflict|bad_request|quota_exceeded)\b")
+
+
+def create_room(person: Person, name: str) -> int:
+    page = person.page
+    page.get_by_label("Name", exact=True).fill(name)
+    page.get_by_role("button", name="Create room").click()
+    expect(page.locator("#room-title")).to_have_text(name)
+    return int(page.evaluate("new URLSearchParams(location.hash.slice(1)).get('room')"))
+
+
+def test_fast_sending_is_paced_kept_over_a_reload_and_a_policy_close_reconnects(
+    server: Chatd, browser: Browser
+) -> None:
+    # Issue 22: 25 messages typed within a second went over the send rate (20 per window) and the typing limit
+    # (3/s: the app sent `true` and `false` for every message); the server closed with 1008, the app signed out,
+    # and the messages still waiting were lost.
+    ann = Person(browser, server.http, "Ann")
+    ann.context.add_init_script(SOCKET_TAP)
+    sent: list[dict[str, Any]] = []
+    sent_at: list[float] = []
+
+    def on_frame(data: str | bytes) -> None:
+        sent.append(json.loads(data))
+        sent_at.append(time.monotonic())
+
+    ann.page.on("websocket", lambda ws: ws.on("framesent", on_frame))
+    try:
+        ann.register()
+        a = ann.page
+        room_id = create_room(ann, f"burst-{uuid.uuid4().hex[:6]}")
+        for i in range(1, 26):
+            ann.composer().fill(f"burst {i}")
+            ann.composer().press("Enter")
+
+        # 20 go at once (the server's send quota); the other 5 wait in the outbox, which a reload keeps.
+        expect(a.locator("#messages > li.msg:not(.pending)")).to_have_count(20)
+        outbox = f"JSON.parse(localStorage.getItem('chatd.outbox.{ann.id}') ?? 'null')?.entries ?? []"
+        a.wait_for_function(f"() => {outbox}.length === 5")
+        waiting = {e["content"]: e["clientMsgId"] for e in a.evaluate(f"() => {outbox}")}
+        assert sorted(waiting) == sorted(f"burst {i}" for i in range(21, 26))
+        sends = [f for f in sent if f["type"] == "send"]
+        assert len(sends) == 20 and not {f["client_msg_id"] for f in sends} & set(waiting.values())
+        typing = [f for f in sent if f["type"] == "typing"]
+        assert len(typing) <= 2, typing  # one `true` while typing, one `false`: not one of each per message
+        a.reload()
+        expect(a.locator("#conn")).to_have_text("connected")
+        expect(a.locator("#messages > li.pending")).to_have_count(5)  # shown as waiting after the reload too
+        expect(a.locator("#messages > li.msg:not(.pending)")).to_have_count(25, timeout=30_000)
+
+        # Each message stored once; the waiting ones with the client_msg_id they had before the reload, each
+        # sent once: nothing was refused (a refusal would have been retried).
+        stored = rest(server.http, f"/rooms/{room_id}/messages?limit=200", ann.token())["messages"]
+        assert sorted(m["content"] for m in stored) == sorted(f"burst {i}" for i in range(1, 26))
+        assert {m["content"]: m["client_msg_id"] for m in stored if m["content"] in waiting} == waiting
+        ids = [f["client_msg_id"] for f in sent if f["type"] == "send"]
+        assert len(ids) == 25 == len(set(ids))
+        # The 21st went once the first had left the server's window (its `hello.limits`), not before.
+        send_times = [at for at, f in zip(sent_at, sent, strict=True) if f["type"] == "send"]
+        assert SEND_WINDOW_S <= send_times[20] - send_times[0] < SEND_WINDOW_S * 1.1 + 3
+        a.wait_for_function(f"() => {outbox}.length === 0")
+
+        # A policy close (here: the socket made to send 60 typing frames at once, 50 of them refused) is
+        # explained in words and followed by a reconnect, not a sign-out.
+        a.evaluate(
+            "(room) => { const ws = window.__sockets.at(-1);"
+            " const frame = JSON.stringify({type: 'typing', room_id: room, is_typing: true});"
+            " for (let i = 0; i < 60; i++) ws.send(frame); }",
+            room_id,
+        )
+        alert = a.locator("#alerts .notice.error")
+        expect(alert).to_contain_text("closed the connection")
+        expect(a.locator("#conn")).to_have_text("connected")
+        expect(a.locator("#signin")).to_be_hidden()
+        ann.say("still here")
+        expect(ann.bodies("still here")).to_have_count(1)
+        assert not RAW_CODES.search(a.locator("#app").inner_text())
+        assert ann.errors == []
+    finally:
+        ann.context.close()
+
+
+def test_members_see_only_the_controls_the_server_allows_and_notices_and_hints_guide_them(
+    server: Chatd, browser: Browser
+) -> None:
+    alice = Person(browser, server.http, "Alice")
+    bob = Person(browser, server.http, "Bob")
+    try:
+        alice.register()
+        bob.register()
+        a, b = alice.page, bob.page
+
+        # Empty states say what to do.
+        expect(a.locator("#rooms-empty")).to_have_text("No rooms yet: create one below.")
+        expect(a.locator("#room-hint")).to_contain_text("Create a room on the left")
+        room_name = f"group-{uuid.uuid4().hex[:6]}"
+        create_room(alice, room_name)
+        expect(a.locator("#rooms-empty")).to_be_hidden()
+        expect(a.locator("#room-hint")).to_have_text("No messages yet — say hello.")
+
+        # Notices: an error is announced assertively and stays; a success politely, and goes by itself.
+        a.get_by_label("Add member").fill("nobody-such")
+        a.get_by_role("button", name="Add", exact=True).click()
+        error = a.locator("#alerts .notice.error")
+        expect(error).to_have_text('Could not add the member: No one found for "nobody-such".')
+        expect(a.locator("#alerts")).to_have_attribute("aria-live", "assertive")
+        a.get_by_label("Add member").fill(bob.email)
+        a.get_by_role("button", name="Add", exact=True).click()
+        success = a.locator("#notice")
+        expect(success).to_have_text("Bob added.")
+        expect(success).to_have_class(re.compile(r"\bsuccess\b"))
+        expect(success).to_have_attribute("aria-live", "polite")
+
+        # Bob opens the room; Alice asks the assistant. Only she (the prompt's author, here also the owner)
+        # may stop the answer (PROTOCOL.md §3 cancel): Bob sees it stream without a Stop button.
+        b.get_by_role("button", name=re.compile(f"^{room_name}")).click()
+        expect(b.locator("#room-title")).to_have_text(room_name)
+        alice.say("@assistant say something to Bob")
+        expect(bob.bodies("@assistant say something to Bob")).to_have_count(1)
+        expect(b.locator("#room-hint")).to_be_hidden()
+        # Read at one instant: a streaming answer with text so far, and its buttons.
+        seen = b.wait_for_function(
+            "() => { const li = document.querySelector('#messages > li.streaming');"
+            " return li?.querySelector('.body').textContent ? {buttons: li.querySelectorAll('button').length} : null; }"
+        ).json_value()
+        assert seen == {"buttons": 0}
+        stop = a.locator("#messages > li.streaming").get_by_role("button", name="Stop")
+        expect(stop).to_be_visible()
+        stop.click()
+        partial = b.locator("#messages > li.assistant.partial")
+        expect(partial).to_have_count(1)
+        # Any member may regenerate an answer (PROTOCOL.md §3 regenerate): Bob has that button.
+        expect(partial.get_by_role("button", name="Regenerate")).to_be_visible()
+
+        expect(success).to_have_text("", timeout=10_000)  # gone by itself
+        expect(error).to_be_visible()  # still there
+        error.get_by_role("button", name="Dismiss").click()
+        expect(error).to_have_count(0)
+        for page in (a, b):
+            assert not RAW_CODES.search(page.locator("#app").inner_text())
+        assert alice.errors == [] and bob.errors == []
+    finally:
+        alice.context.close()
+        bob.context.close()
 
 
 # The web app's session.js is the twin of chatd/client/session.py: the same scenarios as
@@ -485,11 +668,11 @@ async () => {
 """
 
 
-def test_the_web_apps_session_module_follows_the_resume_rules(chatd: Chatd, browser: Browser) -> None:
+def test_the_web_apps_session_module_follows_the_resume_rules(server: Chatd, browser: Browser) -> None:
     context = browser.new_context()
     try:
         page = context.new_page()
-        page.goto(chatd.http + "/")
+        page.goto(server.http + "/")
         out = page.evaluate(JS_SCENARIOS)
     finally:
         context.close()

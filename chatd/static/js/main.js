@@ -8,6 +8,9 @@ import { Session, ordered, unread } from "./session.js";
 
 const $ = (id) => document.getElementById(id);
 const ROOMS_POLL_MS = 120000; // a safety net: the server announces rooms itself (room_added / room_removed)
+const NOTICE_MS = 5000; // info and success notices go after this long; errors stay until dismissed
+const MAX_ALERTS = 3;
+const OUTBOX_PREFIX = "chatd.outbox."; // + user id: the sends not stored yet, kept over a reload
 
 const api = new Api(() => showSignIn());
 let session = null;
@@ -16,6 +19,9 @@ let current = null; // open room id
 let timers = [];
 let renderQueued = false;
 let keepScroll = null; // {height, top} while older messages are prepended
+let signOutReason = ""; // shown on the sign-in form after a sign-out the user did not ask for
+let outboxSig = ""; // what was last written to the outbox
+let outboxKnown = new Set(); // client_msg_ids this page holds (or held): the rest of the kept outbox is another tab's
 
 // -- helpers -------------------------------------------------------------------------------
 
@@ -67,11 +73,33 @@ function clock(iso) {
   return Number.isNaN(d.getTime()) ? "" : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
+// Notices: info and success in #notice (a polite live region; the next replaces it, and it goes after
+// NOTICE_MS), errors in #alerts (assertive), each until its Dismiss button (the newest MAX_ALERTS).
 let noticeTimer = null;
-function showNotice(text) {
-  $("notice").textContent = text;
+function showNotice(text, level = "info") {
+  if (level === "error") {
+    const alerts = $("alerts");
+    for (const old of [...alerts.children]) if (old.dataset.text === text) old.remove();
+    const item = el(
+      "p",
+      { class: "notice error", dataset: { text } },
+      el("span", { text }),
+      el("button", { type: "button", class: "dismiss", "aria-label": "Dismiss", onclick: () => item.remove() }),
+    );
+    alerts.append(item);
+    while (alerts.children.length > MAX_ALERTS) alerts.firstElementChild.remove();
+    return;
+  }
+  const node = $("notice");
+  node.textContent = text;
+  node.className = `notice ${level}`;
   clearTimeout(noticeTimer);
-  noticeTimer = setTimeout(() => ($("notice").textContent = ""), 8000);
+  noticeTimer = setTimeout(clearNotice, NOTICE_MS);
+}
+
+function clearNotice() {
+  $("notice").textContent = "";
+  $("notice").className = "notice";
 }
 
 function errorText(err) {
@@ -95,6 +123,8 @@ function showSignIn() {
   stop();
   $("app").hidden = true;
   $("signin").hidden = false;
+  $("signin-error").textContent = signOutReason;
+  signOutReason = "";
   $("signin-email").focus();
 }
 
@@ -134,12 +164,14 @@ async function start() {
   $("me-name").textContent = user?.name ?? "";
   $("me-id").textContent = user ? `(user id ${user.id})` : "";
   session = new Session(randomId());
-  conn = new Connection(api, session, run, setStatus);
+  session.isAdmin = user?.role === "admin";
+  conn = new Connection(api, session, run, setStatus, showNotice);
+  restoreOutbox(); // before anything is written back to it
   try {
     await loadRooms();
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) return showSignIn();
-    showNotice(errorText(err));
+    showNotice(errorText(err), "error");
   }
   conn.start();
   timers = [
@@ -160,6 +192,61 @@ function stop() {
   conn = null;
   session = null;
   current = null;
+  outboxSig = "";
+  outboxKnown = new Set();
+  clearTimeout(noticeTimer);
+  clearNotice();
+  $("alerts").replaceChildren();
+}
+
+// -- the outbox: unsent messages survive a reload ---------------------------------------------
+// The Session counts time from the page's start (performance.now()); what is kept is in wall-clock ms.
+
+const toWall = (t) => Date.now() - (performance.now() - t);
+const fromWall = (w) => performance.now() - (Date.now() - w);
+
+function outboxKey() {
+  return api.user ? OUTBOX_PREFIX + api.user.id : null;
+}
+
+function readOutbox(key) {
+  try {
+    const kept = JSON.parse(localStorage.getItem(key) ?? "null");
+    return kept && Array.isArray(kept.entries) ? kept : null;
+  } catch {
+    return null;
+  }
+}
+
+function restoreOutbox() {
+  const kept = readOutbox(outboxKey());
+  if (!kept || !session) return;
+  for (const e of kept.entries) outboxKnown.add(e.clientMsgId);
+  const hold = kept.holdUntil ? fromWall(kept.holdUntil) : 0;
+  run(session.restore(kept.entries, (kept.sent ?? []).map(fromWall), hold));
+}
+
+function saveOutbox() {
+  const key = outboxKey();
+  if (!session || !key) return;
+  const mine = session.outbox();
+  const log = session.sendLog;
+  const sig = `${mine.map((e) => e.clientMsgId).join(",")}|${log.length}|${log.at(-1)}|${session.holdUntil}`;
+  if (sig === outboxSig) return;
+  outboxSig = sig;
+  for (const e of mine) outboxKnown.add(e.clientMsgId);
+  // Another tab of the same user keeps its own entries here: those stay as they are.
+  const others = (readOutbox(key)?.entries ?? []).filter((e) => !outboxKnown.has(e.clientMsgId));
+  const kept = {
+    entries: [...others, ...mine],
+    sent: log.map(toWall), // the quota counts these: a reload does not start from zero
+    holdUntil: session.holdUntil ? toWall(session.holdUntil) : 0,
+  };
+  try {
+    localStorage.setItem(key, JSON.stringify(kept));
+  } catch {
+    // storage full or disabled: the outbox lasts as long as the page
+  }
 }
 
 async function loadRooms() {
@@ -182,7 +269,7 @@ function run(actions) {
         api.refresh().then((token) => session && run(session.tokenRefreshed(token)), () => {});
         break;
       case "notice":
-        if (a.roomId === null || a.roomId === current || a.roomId === closed) showNotice(a.text);
+        if (a.roomId === null || a.roomId === current || a.roomId === closed) showNotice(a.text, a.level);
         break;
       case "removed":
         if (a.roomId === current) {
@@ -199,6 +286,7 @@ function run(actions) {
     }
   }
   if (redraw) scheduleRender();
+  saveOutbox();
 }
 
 async function fetchPage(a) {
@@ -208,16 +296,20 @@ async function fetchPage(a) {
     if (s === session) run(s.page(a.roomId, a.purpose, page.messages, page.has_more));
   } catch (err) {
     if (s !== session) return;
-    showNotice(`Could not load messages: ${errorText(err)}`);
+    showNotice(`Could not load messages: ${errorText(err)}`, "error");
     setTimeout(() => s === session && run(s.pageFailed(a.roomId)), 1000);
   }
 }
 
-function setStatus(text) {
+function setStatus(text, why = "") {
   const node = $("conn");
   node.textContent = text;
   node.dataset.state = text.split(" ")[0];
-  if (text === "signed out") api.clear();
+  if (text === "signed out") {
+    // Only when the server refused the session for good (a refresh answered 401).
+    signOutReason = why ? `You were signed out (${why}). Sign in again.` : "You were signed out. Sign in again.";
+    api.clear();
+  }
 }
 
 // -- rooms -----------------------------------------------------------------------------------
@@ -281,7 +373,7 @@ async function onCreateRoom(ev) {
     await loadRooms();
     openRoom(room.id);
   } catch (err) {
-    showNotice(`Could not create the room: ${errorText(err)}`);
+    showNotice(`Could not create the room: ${errorText(err)}`, "error");
   }
 }
 
@@ -300,7 +392,7 @@ async function onAddMember(ev) {
   ev.preventDefault();
   const who = $("add-member-id").value.trim();
   if (who.length < 2 && !/^[0-9]+$/.test(who)) {
-    showNotice("Enter the email, name or user id of the person to add.");
+    showNotice("Enter the email, name or user id of the person to add.", "error");
     return;
   }
   if (current === null) return;
@@ -308,10 +400,11 @@ async function onAddMember(ev) {
     const user = await findUser(who);
     const res = await api.call("POST", `/rooms/${current}/members`, { user_id: user.id });
     if (!/^[0-9]+$/.test(who)) session?.names.set(user.id, user.name);
-    showNotice(res.added ? `${user.name} added.` : `${user.name} is already a member.`);
+    showNotice(res.added ? `${user.name} added.` : `${user.name} is already a member.`, res.added ? "success" : "info");
     $("add-member-id").value = "";
   } catch (err) {
-    showNotice(`Could not add the member: ${err instanceof ApiError || !(err instanceof Error) ? errorText(err) : err.message}`);
+    const why = err instanceof ApiError || !(err instanceof Error) ? errorText(err) : err.message;
+    showNotice(`Could not add the member: ${why}`, "error");
   }
 }
 
@@ -344,10 +437,10 @@ async function onAttach() {
       $("composer-input").value = "";
       autosize();
     }
-    showNotice(`${file.name} sent.`);
+    showNotice(`${file.name} sent.`, "success");
     scrollToBottom();
   } catch (err) {
-    showNotice(`Could not send ${file.name}: ${errorText(err)}`);
+    showNotice(`Could not send ${file.name}: ${errorText(err)}`, "error");
   } finally {
     $("attach").disabled = current === null;
   }
@@ -360,7 +453,7 @@ async function onDownload(data) {
     link.click();
     link.remove();
   } catch (err) {
-    showNotice(`Could not download ${data.name}: ${errorText(err)}`);
+    showNotice(`Could not download ${data.name}: ${errorText(err)}`, "error");
   }
 }
 
@@ -389,7 +482,7 @@ function onSend(ev) {
   ev.preventDefault();
   const box = $("composer-input");
   if (current === null || !box.value.trim()) return;
-  run(session.sendText(current, box.value));
+  run(session.sendText(current, box.value, performance.now()));
   box.value = "";
   autosize();
   scrollToBottom();
@@ -436,6 +529,8 @@ function render() {
   $("room-title").textContent = room ? room.name : "No room open";
   $("add-member").hidden = !room || room.ownerId !== session.userId;
   $("older").hidden = !room?.loaded || !room.hasOlder;
+  $("rooms-empty").hidden = session.rooms.size > 0;
+  renderHint(room);
   if (!room) {
     $("room-online").textContent = "";
     $("typing").textContent = "";
@@ -456,6 +551,20 @@ function render() {
     scrollToBottom();
   }
   if (atBottom && document.visibilityState === "visible") run(session.markRead(room.id));
+}
+
+function renderHint(room) {
+  // What to do next where there is nothing to show: no room open, or a room without messages.
+  let text = "";
+  if (!room) {
+    const where = matchMedia("(max-width: 720px)").matches ? "under Rooms" : "on the left";
+    text = session.rooms.size ? `Pick a room ${where}, or create one.` : `Create a room ${where} to start chatting.`;
+  } else if (room.loaded && !room.hasOlder && !room.messages.size && !room.streams.size && !room.queued.size) {
+    const pending = [...session.pending.values()].some((p) => p.roomId === room.id);
+    if (!pending) text = "No messages yet — say hello.";
+  }
+  $("room-hint").textContent = text;
+  $("room-hint").hidden = !text;
 }
 
 function renderRoomList() {
@@ -544,37 +653,41 @@ function updateMessage(li, m, room, streaming) {
   li.replaceChildren(...children);
 }
 
+// Stop only for whom the server lets stop the answer (Session.canStop); Regenerate for every member.
+
 function updateQueued(li, { prompt, position }) {
-  const sig = `q|${position}`;
+  const stoppable = session.canStop(current, prompt, false);
+  const sig = `q|${position}|${stoppable}`;
   if (li.dataset.sig === sig) return;
   li.dataset.sig = sig;
   li.className = "msg assistant queued";
   const stop = () => run(session.cancel(current, prompt));
-  li.replaceChildren(
-    meta("Assistant", null, false, ""),
-    el("div", { class: "body", text: `Waiting (position ${position})…` }),
-    el("div", { class: "actions" }, el("button", { type: "button", onclick: stop, text: "Stop" })),
-  );
+  const children = [meta("Assistant", null, false, ""), el("div", { class: "body", text: `Waiting (position ${position})…` })];
+  if (stoppable) children.push(el("div", { class: "actions" }, el("button", { type: "button", onclick: stop, text: "Stop" })));
+  li.replaceChildren(...children);
 }
 
 function updateStream(li, s) {
-  const sig = `s|${s.text}|${s.ended}|${s.interrupted}`;
+  const stoppable = session.canStop(current, s.replyTo, true);
+  const sig = `s|${s.text}|${s.ended}|${s.interrupted}|${stoppable}`;
   if (li.dataset.sig === sig) return;
-  const first = !li.dataset.sig;
+  const rebuild = li.dataset.stoppable !== String(stoppable);
   li.dataset.sig = sig;
+  li.dataset.stoppable = String(stoppable);
   li.className = "msg assistant streaming";
   li.setAttribute("aria-busy", String(!s.ended));
-  if (first) {
+  if (rebuild) {
     const stop = () => run(session.cancel(current, s.messageId));
-    li.replaceChildren(
-      meta("Assistant", null, true, "writing…"),
-      el("div", { class: "body" }),
-      el("div", { class: "actions" }, el("button", { type: "button", class: "stop", onclick: stop, text: "Stop" })),
-    );
+    const children = [meta("Assistant", null, true, "writing…"), el("div", { class: "body" })];
+    if (stoppable) {
+      children.push(el("div", { class: "actions" }, el("button", { type: "button", class: "stop", onclick: stop, text: "Stop" })));
+    }
+    li.replaceChildren(...children);
   }
   renderMarkdown(li.querySelector(".body"), s.text);
   li.querySelector(".state").textContent = s.interrupted ? "reconnecting…" : s.ended ? "finishing…" : "writing…";
-  li.querySelector(".stop").hidden = s.ended;
+  const stopButton = li.querySelector(".stop");
+  if (stopButton) stopButton.hidden = s.ended;
 }
 
 function updatePending(li, p) {
@@ -583,7 +696,13 @@ function updatePending(li, p) {
   li.dataset.sig = sig;
   li.className = `msg mine pending ${p.state}`;
   li.dataset.state = p.state === "acked" ? "acked" : p.state === "failed" ? "failed" : "pending";
-  const label = { queued: "sending…", sent: "sending…", waiting: "retrying soon…", acked: "✓ sent", failed: `not sent: ${p.error}` }[p.state];
+  const label = {
+    queued: "waiting to send…",
+    sent: "sending…",
+    waiting: "retrying soon…",
+    acked: "✓ sent",
+    failed: `not sent: ${p.error}`,
+  }[p.state];
   li.replaceChildren(meta("You", null, true, label), el("div", { class: "body", text: p.content }));
 }
 
@@ -593,13 +712,16 @@ function init() {
   $("signin-form").addEventListener("submit", onSignIn);
   $("signin-toggle").addEventListener("click", () => setRegistering(!registering));
   $("signout").addEventListener("click", async () => {
+    const key = outboxKey();
+    stop();
+    if (key) localStorage.removeItem(key); // asked to sign out: nothing of this user is sent later
     await api.signOut();
   });
   $("create-room").addEventListener("submit", onCreateRoom);
   $("add-member").addEventListener("submit", onAddMember);
   $("attach").addEventListener("click", () => $("attach-input").click());
   $("attach-input").addEventListener("change", onAttach);
-  $("rooms-refresh").addEventListener("click", () => loadRooms().catch((err) => showNotice(errorText(err))));
+  $("rooms-refresh").addEventListener("click", () => loadRooms().catch((err) => showNotice(errorText(err), "error")));
   $("composer").addEventListener("submit", onSend);
   $("composer-input").addEventListener("keydown", onKey);
   $("composer-input").addEventListener("input", onInput);

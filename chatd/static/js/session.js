@@ -1,12 +1,23 @@
 // Sans-I/O client state of docs/PROTOCOL.md: frames, REST pages and user intents in, actions out.
 // The same machine as chatd/client/session.py (its docstring states the invariants); keep them in step.
 // Actions: {kind: "send", frame} | {kind: "fetch", roomId, purpose, query} | {kind: "refresh"} |
-//          {kind: "notice", text, roomId} | {kind: "removed", roomId} | {kind: "redraw"}
+//          {kind: "notice", text, roomId, level: "info" | "error"} | {kind: "removed", roomId} | {kind: "redraw"}
+//
+// Limits (issue 22): the Session never sends over the server's send quota by itself (`hello.limits.send`:
+// at most `count` sends per `window_ms`, as the server counts them), and stops sending on `busy` /
+// `rate_limited` / `unavailable` until their `retry_after_ms` passed. Typing says `true` at most once per
+// TYPING_RESEND_MS and `false` only after a `true`. Per-socket frame limits: see limits.js.
 
 export const RESUME_ID = "resume";
 const TYPING_TTL_MS = 6000; // ws.typing_ttl_s
-const TYPING_RESEND_MS = 2000; // ws.typing_interval_s
+// At most one `true` per 3 s: the server relays one per ws.typing_interval_s (2 s) anyway, and a remote
+// indicator lasts ws.typing_ttl_s (6 s). Against ws.typing_rate_per_s = 3 with `false` after each `true`.
+const TYPING_RESEND_MS = 3000;
 const TYPING_IDLE_MS = 4000;
+export const SEND_LIMIT = 20; // ws.send_rate_count, until `hello.limits.send` says
+export const SEND_WINDOW_MS = 10000; // ws.send_rate_window_s, likewise
+// Plus one slice (a tenth) of the window, in which the server counts sends across its workers.
+const WINDOW_SLACK = 1.1;
 const GAP_GRACE_MS = 1500; // the server fills its own gaps within ~0.25 s
 const JOIN_RETRY_MS = 2000;
 const UNAVAILABLE_RETRY_MS = 2000;
@@ -16,10 +27,50 @@ const FILL_PAGE = 200;
 const REDRAW = Object.freeze({ kind: "redraw" });
 const send = (frame) => ({ kind: "send", frame });
 const fetchPage = (roomId, purpose, query) => ({ kind: "fetch", roomId, purpose, query });
-const notice = (text, roomId = null) => ({ kind: "notice", text, roomId });
+const notice = (text, roomId = null, level = "info") => ({ kind: "notice", text, roomId, level });
+
+// Plain words for the error codes of PROTOCOL.md §5 (the UI shows no codes); `action` picks the words of
+// one request where the general ones would mislead.
+const WORDS = {
+  rate_limited: "Too many requests at once: the app slows down and tries again.",
+  busy: "The server is busy. Try again in a moment.",
+  unavailable: "The server is having trouble. Try again in a moment.",
+  forbidden: "You are not allowed to do that.",
+  not_found: "That is no longer there.",
+  conflict: "That was already done.",
+  too_large: "That is too long.",
+  bad_request: "The server did not accept that.",
+  quota_exceeded: "You have used up today's assistant allowance. It renews at midnight (UTC).",
+  unauthorized: "Your session has ended. Sign in again.",
+  internal: "Something went wrong on the server. Try again.",
+  llm_unavailable: "The assistant cannot answer right now.",
+};
+const ACTION_WORDS = {
+  send: {
+    not_found: "You are no longer a member of this room.",
+    conflict: "This room is archived: nothing more can be sent to it.",
+    too_large: "This message is too long.",
+    bad_request: "The server did not accept this message.",
+  },
+  cancel: {
+    forbidden: "Only the person who asked, the room owner or an admin can stop this answer.",
+    not_found: "This answer can no longer be stopped.",
+  },
+  regenerate: {
+    not_found: "This answer cannot be regenerated now: it is still being written, or it is gone.",
+    conflict: "This answer was already regenerated.",
+    bad_request: "Only an answer of the assistant can be regenerated.",
+    busy: "The assistant is busy. Try again in a moment.",
+  },
+};
+
+export function describeError(code, action = null) {
+  return ACTION_WORDS[action]?.[code] ?? WORDS[code] ?? "Something went wrong. Try again.";
+}
 
 export function reconnectDelay(attempt, closeCode, rand) {
-  if (closeCode === 1008) return null; // banned
+  // 1008: too many refused frames (reconnect, not at once) or a ban (the Connection's refresh tells).
+  if (closeCode === 1008) return 2000 + rand * Math.min(30000, 1000 * 2 ** Math.min(attempt, 10));
   if (closeCode === 1001) return 50 + 500 * rand; // a worker stops: another serves at once
   if (closeCode === 4029) return 10000 + 20000 * rand; // too many connections
   return Math.max(100, rand * Math.min(30000, 500 * 2 ** Math.min(attempt, 10))); // full jitter
@@ -73,6 +124,11 @@ function newRoom(id) {
   };
 }
 
+function findMessage(room, messageId) {
+  for (const m of room.messages.values()) if (m.messageId === messageId) return m;
+  return null;
+}
+
 export function unread(room) {
   return Math.max(0, room.latestSeq - room.readSeq);
 }
@@ -91,8 +147,16 @@ export class Session {
     this.pending = new Map(); // client_msg_id -> {roomId, clientMsgId, content, state, retryAt, seq, error}
     this.counter = 0;
     this.acked = new Map(); // client_msg_id -> [roomId, seq]
-    this.typingState = null; // {roomId, sentAt, inputAt}
+    this.typingState = null; // {roomId, inputAt, shown}: shown = a `true` went out and no `false` since
+    this.typingSentAt = -Infinity; // the last `true`, whatever its room
+    this.sendLog = []; // times of the sends written, ascending: pacing to sendLimit per sendWindowMs
+    this.sendLimit = SEND_LIMIT;
+    this.sendWindowMs = SEND_WINDOW_MS * WINDOW_SLACK;
+    this.holdUntil = 0; // after busy / rate_limited / unavailable: no send before
+    this.probeUntil = 0; // and until then one send at a time: the server counts sends this client cannot see
     this.names = new Map(); // user id -> display name (roster pages, member events)
+    this.isAdmin = false; // set by the app from the signed-in user's role
+    this.regenerating = new Set(); // prompt ids this client asked a new answer for (it is its requester)
   }
 
   // -- rooms ------------------------------------------------------------------------------
@@ -228,14 +292,34 @@ export class Session {
     return this.connected ? [send({ type: "auth", id: "auth", token: accessToken })] : [];
   }
 
+  // -- the outbox ---------------------------------------------------------------------------
+  outbox() {
+    // The sends not stored yet, in order, for the app to keep over a reload (resent with the same ids).
+    return [...this.pending.values()]
+      .filter((p) => p.state !== "acked" && p.state !== "failed")
+      .map((p) => ({ roomId: p.roomId, clientMsgId: p.clientMsgId, content: p.content }));
+  }
+
+  restore(entries, sendLog = [], holdUntil = 0) {
+    // A kept outbox (and the times of the sends that count against the quota) back after a reload.
+    for (const e of entries) {
+      if (this.pending.has(e.clientMsgId)) continue;
+      const p = { roomId: e.roomId, clientMsgId: e.clientMsgId, content: e.content, state: "queued", retryAt: null, seq: null, error: null };
+      this.pending.set(e.clientMsgId, p);
+    }
+    this.sendLog = [...sendLog, ...this.sendLog].sort((a, b) => a - b);
+    this.holdUntil = Math.max(this.holdUntil, holdUntil);
+    return [REDRAW];
+  }
+
   // -- user intents ------------------------------------------------------------------------
-  sendText(roomId, content) {
+  sendText(roomId, content, now = 0) {
     this.counter += 1;
     const clientMsgId = `${this.clientId}-${this.counter}`;
     const p = { roomId, clientMsgId, content, state: "queued", retryAt: null, seq: null, error: null };
     this.pending.set(clientMsgId, p);
     const out = this.stopTyping();
-    if (this.live) out.push(this.sendPending(p));
+    out.push(...this.flush(now));
     out.push(REDRAW);
     return out;
   }
@@ -243,13 +327,9 @@ export class Session {
   inputChanged(roomId, empty, now) {
     if (empty) return this.stopTyping();
     const out = this.typingState && this.typingState.roomId !== roomId ? this.stopTyping() : [];
-    if (!this.live) return out;
-    if (!this.typingState || now - this.typingState.sentAt >= TYPING_RESEND_MS) {
-      this.typingState = { roomId, sentAt: now, inputAt: now };
-      out.push(send({ type: "typing", room_id: roomId, is_typing: true }));
-    } else {
-      this.typingState.inputAt = now;
-    }
+    if (!this.typingState) this.typingState = { roomId, inputAt: now, shown: false };
+    this.typingState.inputAt = now;
+    if (this.live && now - this.typingSentAt >= TYPING_RESEND_MS) out.push(this.typingOn(now));
     return out;
   }
 
@@ -270,7 +350,25 @@ export class Session {
 
   regenerate(messageId) {
     if (!this.connected) return [];
+    for (const room of this.rooms.values()) {
+      const answer = findMessage(room, messageId);
+      if (answer?.replyTo != null) this.regenerating.add(answer.replyTo);
+    }
     return [send({ type: "regenerate", id: `r:${messageId}`, message_id: messageId })];
+  }
+
+  // Whether the server lets this user stop the answer to `promptId` (PROTOCOL.md §3 cancel): while it
+  // streams, its requester (the prompt's author; for a regenerated answer, who asked again), the room
+  // owner or an admin; while queued, the prompt's author, the owner or an admin, and never a queued
+  // regeneration.
+  canStop(roomId, promptId, streaming) {
+    const room = this.rooms.get(roomId);
+    if (!room || this.userId === null) return false;
+    const regeneration = [...room.messages.values()].some((m) => m.role === "assistant" && m.replyTo === promptId);
+    if (regeneration && !streaming) return false;
+    if (this.isAdmin || room.ownerId === this.userId) return true;
+    if (regeneration) return this.regenerating.has(promptId);
+    return findMessage(room, promptId)?.senderId === this.userId;
   }
 
   // -- time --------------------------------------------------------------------------------
@@ -279,10 +377,9 @@ export class Session {
     let changed = false;
     const t = this.typingState;
     if (t && now - t.inputAt >= TYPING_IDLE_MS) out.push(...this.stopTyping());
-    else if (t && this.live && t.inputAt > t.sentAt && now - t.sentAt >= TYPING_RESEND_MS) {
-      // Still typing since the last `true` (which the server may have throttled away): say it again.
-      t.sentAt = now;
-      out.push(send({ type: "typing", room_id: t.roomId, is_typing: true }));
+    else if (t && this.live && t.inputAt > this.typingSentAt && now - this.typingSentAt >= TYPING_RESEND_MS) {
+      // Typed since the last `true` (held back by the throttle, or the indicator is about to expire): say it.
+      out.push(this.typingOn(now));
     }
     for (const room of this.rooms.values()) {
       for (const [uid, exp] of [...room.typing]) {
@@ -304,13 +401,10 @@ export class Session {
         room.gapSince = null;
       }
     }
-    if (this.live) {
-      for (const p of this.pending.values()) {
-        if (p.state === "waiting" && p.retryAt !== null && p.retryAt <= now) {
-          out.push(this.sendPending(p));
-          changed = true;
-        }
-      }
+    const sent = this.flush(now);
+    if (sent.length) {
+      out.push(...sent);
+      changed = true;
     }
     if (changed) out.push(REDRAW);
     return out;
@@ -324,6 +418,11 @@ export class Session {
 
   onHello(f) {
     this.userId = f.user_id;
+    const quota = f.limits?.send;
+    if (Number.isInteger(quota?.count) && quota.count > 0 && quota.window_ms > 0) {
+      this.sendLimit = quota.count;
+      this.sendWindowMs = quota.window_ms * WINDOW_SLACK;
+    }
     const out = [...this.rooms.values()].map((room) => this.join(room));
     out.push(send({ type: "ping", id: RESUME_ID })); // barrier (§10 step 4)
     return out;
@@ -476,11 +575,7 @@ export class Session {
         out.push(fetchPage(room.id, "fill", { after_seq: room.lastSeq, limit: FILL_PAGE }));
       }
     }
-    for (const p of this.pending.values()) {
-      if (p.state === "queued" || (p.state === "waiting" && p.retryAt !== null && p.retryAt <= now)) {
-        out.push(this.sendPending(p));
-      }
-    }
+    out.push(...this.flush(now));
     out.push(REDRAW);
     return out;
   }
@@ -501,8 +596,12 @@ export class Session {
       if (room) room.joinRetryAt = now + JOIN_RETRY_MS;
       return [];
     }
-    if (f.code === "llm_unavailable") return [notice(`The assistant could not answer: ${f.message}`)];
-    return [notice(`${f.code}: ${f.message}`)];
+    if (replyTo.startsWith("x:")) return [notice(describeError(f.code, "cancel"), null, "error")];
+    if (replyTo.startsWith("r:")) return [notice(describeError(f.code, "regenerate"), null, "error")];
+    // A typing or read frame refused as too soon: nothing the user can act on (and the app paces them).
+    if (f.code === "rate_limited") return [];
+    if (f.code === "llm_unavailable") return [notice(`The assistant could not answer: ${f.message}`, null, "error")];
+    return [notice(describeError(f.code), null, "error")];
   }
 
   sendError(clientMsgId, f, now) {
@@ -513,17 +612,20 @@ export class Session {
       const msg = this.rooms.get(roomId)?.messages.get(seq);
       const text = `The assistant did not answer: ${f.message}`;
       if (msg) this.rooms.get(roomId).notes.set(msg.messageId, text);
-      return [notice(text, roomId), REDRAW];
+      return [notice(text, roomId, "error"), REDRAW];
     }
     if (["rate_limited", "busy", "unavailable"].includes(f.code)) {
-      // Overloaded or Postgres down: nothing stored; resend the same client_msg_id later.
+      // Over the quota, overloaded or Postgres down: nothing stored (or maybe, for unavailable); no send
+      // goes out before retry_after_ms, then this one again with the same client_msg_id, in its place.
       p.state = "waiting";
       p.retryAt = now + (Number.isInteger(f.retry_after_ms) ? f.retry_after_ms : UNAVAILABLE_RETRY_MS);
+      this.holdUntil = Math.max(this.holdUntil, p.retryAt);
+      this.probeUntil = this.holdUntil + this.sendWindowMs;
       return [REDRAW];
     }
     p.state = "failed";
-    p.error = f.message;
-    return [notice(`Not sent: ${f.message}`, p.roomId), REDRAW];
+    p.error = describeError(f.code, "send");
+    return [notice(`Not sent: ${p.error}`, p.roomId, "error"), REDRAW];
   }
 
   onQueued(f) {
@@ -591,17 +693,44 @@ export class Session {
     return send(frame);
   }
 
-  sendPending(p) {
+  flush(now) {
+    // Sends due, in order, as many as the quota allows now; the rest go from a later tick.
+    if (!this.live) return [];
+    const probing = now < this.probeUntil; // after a refusal: the next send waits for the answer to this one
+    if (probing && [...this.pending.values()].some((p) => p.state === "sent")) return [];
+    const out = [];
+    for (const p of this.pending.values()) {
+      if (p.state !== "queued" && !(p.state === "waiting" && p.retryAt <= now)) continue;
+      if (!this.maySend(now)) break;
+      out.push(this.sendPending(p, now));
+      if (probing) break;
+    }
+    return out;
+  }
+
+  maySend(now) {
+    if (now < this.holdUntil) return false;
+    while (this.sendLog.length && this.sendLog[0] <= now - this.sendWindowMs) this.sendLog.shift();
+    return this.sendLog.length < this.sendLimit;
+  }
+
+  sendPending(p, now) {
     p.state = "sent";
     p.retryAt = null;
+    this.sendLog.push(now);
     return send({ type: "send", id: `s:${p.clientMsgId}`, room_id: p.roomId, content: p.content, client_msg_id: p.clientMsgId });
   }
 
+  typingOn(now) {
+    this.typingSentAt = now;
+    this.typingState.shown = true;
+    return send({ type: "typing", room_id: this.typingState.roomId, is_typing: true });
+  }
+
   stopTyping() {
-    if (!this.typingState) return [];
-    const roomId = this.typingState.roomId;
+    const t = this.typingState;
     this.typingState = null;
-    return this.connected ? [send({ type: "typing", room_id: roomId, is_typing: false })] : [];
+    return t?.shown && this.connected ? [send({ type: "typing", room_id: t.roomId, is_typing: false })] : [];
   }
 
   settlePending(msg) {
@@ -630,6 +759,7 @@ export class Session {
     let next = msg;
     while (next) {
       room.messages.set(next.seq, next);
+      if (next.senderId !== null) room.typing.delete(next.senderId); // sent: no longer typing it
       room.lastSeq = next.seq;
       room.gapSince = null;
       this.settlePending(next);

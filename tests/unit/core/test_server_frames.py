@@ -59,7 +59,13 @@ def test_encode_refuses_nan() -> None:
 BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     (
         "hello",
-        server_frames.hello(user_id=1, connection_id="c-1", server_time_ms=1700000000000, heartbeat_ms=25000),
+        server_frames.hello(
+            user_id=1,
+            connection_id="c-1",
+            server_time_ms=1700000000000,
+            heartbeat_ms=25000,
+            limits={"send": {"count": 20, "window_ms": 10000}, "typing": {"per_s": 3.0, "burst": 10}},
+        ),
         {
             "type": "hello",
             "user_id": 1,
@@ -67,6 +73,7 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "server_time": 1700000000000,
             "heartbeat_ms": 25000,
             "protocol": 1,
+            "limits": {"send": {"count": 20, "window_ms": 10000}, "typing": {"per_s": 3.0, "burst": 10}},
         },
     ),
     (
