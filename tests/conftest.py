@@ -18,12 +18,21 @@ from chatd.process.embedded import EmbeddedPostgres, EmbeddedServices, EmbeddedV
 from chatd.storage import migrations
 from tests.support import WS, Chatd, create_database
 
+UNIT = Path(__file__).parent / "unit"
+
 
 @dataclass(frozen=True)
 class Services:
     database_url: str  # a migrated database shared by most tests
     redis_url: str
     admin_url: str  # same server, for creating more databases
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every unit test belongs to the smoke set (`make test-fast`): they take seconds, without I/O."""
+    for item in items:
+        if item.path.is_relative_to(UNIT):
+            item.add_marker(pytest.mark.smoke)
 
 
 @pytest.fixture(scope="session")

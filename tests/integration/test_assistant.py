@@ -46,6 +46,7 @@ def answers(database_url: str, prompt_id: int) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+@pytest.mark.smoke
 async def test_answer_streams_to_members_on_two_instances(chatd_factory: Any, services: Services) -> None:
     a_srv: Chatd = chatd_factory()
     b_srv: Chatd = chatd_factory(workers=2)
@@ -90,6 +91,7 @@ async def test_late_joiner_gets_text_so_far_then_live(chatd_factory: Any, servic
     assert end["stop_reason"] == "end_turn" and start["message_id"] == end["message_id"]
 
 
+@pytest.mark.smoke
 async def test_cancel_keeps_partial_text(chatd_factory: Any, services: Services) -> None:
     server: Chatd = chatd_factory(workers=2, **SLOW)
     alice, bob = make_users(services.database_url, 2)

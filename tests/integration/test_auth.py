@@ -291,6 +291,7 @@ async def test_register_rejects_bad_input(server: Chatd, body: dict[str, Any]) -
         await register(server, body["email"])
 
 
+@pytest.mark.smoke
 async def test_login_returns_a_working_pair(server: Chatd) -> None:
     email = new_email()
     user = (await register(server, email))["user"]
@@ -316,6 +317,7 @@ async def test_login_wrong_password_and_unknown_email_look_the_same(server: Chat
 # -- REST: refresh, logout, /me --------------------------------------------------------
 
 
+@pytest.mark.smoke
 async def test_refresh_rotates_and_reuse_revokes_the_family(server: Chatd) -> None:
     email = new_email()
     first = await register(server, email)
@@ -438,6 +440,7 @@ async def test_forged_token_with_the_right_key_is_accepted(server: Chatd) -> Non
     await assert_token_accepted(server, forge(user_id), user_id)
 
 
+@pytest.mark.smoke
 async def test_token_signed_with_another_key_is_refused(server: Chatd) -> None:
     user_id = (await register(server))["user"]["id"]
     await assert_token_refused(server, forge(user_id, key="another-secret-0123456789-0123456789-0123"))
@@ -583,6 +586,7 @@ async def test_ws_allowed_origins(chatd_factory: Any) -> None:
         ws.close()
 
 
+@pytest.mark.smoke
 async def test_ws_first_frame_is_hello(server: Chatd) -> None:
     pair = await register(server)
     ws = await WS.connect(server.ws, pair["access_token"])

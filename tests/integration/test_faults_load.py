@@ -41,7 +41,7 @@ from tests.loadharness import SAME_WORKER, ChatLoad, Member, Report
 from tests.support import Chatd, request
 from tests.users import PASSWORD, make_users
 
-pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.serial]
 
 SOCKETS = int(os.environ.get("RELIABILITY_SOCKETS", "200"))
 ROOM_SIZE = 10

@@ -134,6 +134,7 @@ async def round_trip(server: Any, services: Any, blobs: Any) -> None:
     assert purged_at() is not None
 
 
+@pytest.mark.smoke
 async def test_local_storage_round_trip(chatd_factory: Any, services: Any, tmp_path: Path) -> None:
     root = tmp_path / "files"
     server = chatd_factory(

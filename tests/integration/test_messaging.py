@@ -23,6 +23,7 @@ def two_instances(chatd_factory: Any) -> tuple[Chatd, Chatd]:
     return chatd_factory(), chatd_factory(workers=2)
 
 
+@pytest.mark.smoke
 async def test_message_crosses_instances(two_instances: tuple[Chatd, Chatd], services: Services) -> None:
     a_srv, b_srv = two_instances
     alice, bob = make_users(services.database_url, 2)
@@ -64,6 +65,7 @@ async def test_fifty_senders_everyone_sees_everything_in_order(
     assert sorted(a["seq"] for batch in acks for a in batch) == list(range(1, total + 1))
 
 
+@pytest.mark.smoke
 async def test_cut_connection_then_resume_without_loss_or_duplicate(chatd: Chatd, services: Services) -> None:
     alice, bob = make_users(services.database_url, 2)
     room = await make_room(chatd, alice, [bob])
@@ -107,6 +109,7 @@ async def test_resync_required_when_replay_too_long(chatd_factory: Any, services
     assert [m["seq"] for m in r.body["messages"]] == [1, 2, 3] and r.body["has_more"] is True
 
 
+@pytest.mark.smoke
 async def test_duplicate_client_msg_id_returns_original_ack(chatd: Chatd, services: Services) -> None:
     (alice,) = make_users(services.database_url, 1)
     room = await make_room(chatd, alice, [])
@@ -123,6 +126,7 @@ async def test_duplicate_client_msg_id_returns_original_ack(chatd: Chatd, servic
     assert len(page.body["messages"]) == 1
 
 
+@pytest.mark.smoke
 async def test_rest_send_reaches_sockets(chatd: Chatd, services: Services) -> None:
     alice, bob = make_users(services.database_url, 2)
     room = await make_room(chatd, alice, [bob])
@@ -245,6 +249,7 @@ async def test_send_gets_unavailable_when_postgres_is_down(
     assert again["type"] == "ack" and again["seq"] == 2  # the refused one burned no seq
 
 
+@pytest.mark.smoke
 async def test_typing_read_edit_delete_presence(chatd_factory: Any, services: Services) -> None:
     # The second typing frame below is throttled only if chatd handles it within typing_interval_s of the
     # first: 2 s (not 0.5 s) so that a loaded machine's stall between two back-to-back frames cannot relay it.

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from chatd.process.embedded import EmbeddedPostgres
 from tests.conftest import Services
 from tests.support import Chatd, create_database, http_get, with_database
@@ -23,6 +25,7 @@ def wait_for(predicate: Any, timeout_s: float = 30, interval_s: float = 0.1) -> 
     raise AssertionError("condition not met in time")
 
 
+@pytest.mark.smoke
 def test_two_workers_answer_ready(chatd_factory: Any) -> None:
     # SO_REUSEPORT lets the kernel spread connections by address; with one shared socket, a busy
     # machine may hand every connection to the same worker, which says nothing about the other.
@@ -83,6 +86,7 @@ def test_sighup_rolls_workers_without_refusing_connections(chatd_factory: Any) -
     assert failures == []
 
 
+@pytest.mark.smoke
 def test_sigterm_stops_the_tree(chatd_factory: Any) -> None:
     server: Chatd = chatd_factory(workers=2)
     pids = server.worker_pids()

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 
 from chatd.api import openapi
 from chatd.api import routes as api
@@ -108,6 +109,7 @@ async def test_user_directory(chatd_factory: Any, services: Any) -> None:
     assert statuses[-1] == 429  # 5 per minute: 4 above + these
 
 
+@pytest.mark.smoke
 async def test_account_basics(chatd_factory: Any, services: Any) -> None:
     server = chatd_factory()
     call = Api(server.http, await contract_for(server.http))
@@ -152,6 +154,7 @@ async def test_account_basics(chatd_factory: Any, services: Any) -> None:
     assert {m["id"]: m["status"] for m in roster.body["members"]}[user.id] == "deleted"
 
 
+@pytest.mark.smoke
 async def test_openapi_covers_every_route(chatd: Any) -> None:
     r = await request("GET", chatd.http + f"{API}/openapi.json")
     assert r.status == 200 and r.body["openapi"].startswith("3.1")

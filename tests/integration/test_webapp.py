@@ -271,6 +271,7 @@ def test_two_people_chat_with_the_assistant_and_resume_after_going_offline(
         bob.context.close()
 
 
+@pytest.mark.smoke
 def test_room_added_member_by_email_and_an_attachment_round_trip(
     chatd_factory: Any, browser: Browser, tmp_path: Path
 ) -> None:
