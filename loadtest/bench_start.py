@@ -3,7 +3,8 @@
 "after" is this tree, "before" another checkout (e.g. ``git worktree add --detach /work/before 8f8906c``: the
 Anthropic SDK imported by every worker).  Each run starts ``chatd serve --workers 1`` against one embedded
 Postgres + Valkey (offline assistant, no key; one process, which serves: what each forked worker imports),
-waits for ``/health/ready`` and reads its RSS and CPU time; runs alternate before, after, ...; the table gives the median and range (docs/BENCHMARKS.md, "worker start").
+waits for ``/health/ready`` and reads its RSS and CPU time; runs alternate before, after, ...; the table gives
+the median and range (docs/BENCHMARKS.md, "worker start").
 
 Run: .venv/bin/python loadtest/bench_start.py --before /work/before [--runs 5]
 """
