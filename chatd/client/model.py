@@ -174,6 +174,7 @@ class Reset:
 class Notice:
     text: str
     room_id: int | None = None
+    level: str = "info"  # or "error"
 
 
 @dataclass(frozen=True)
@@ -189,15 +190,31 @@ class Redraw:
 Action = SendFrame | FetchPage | RefreshToken | Show | ShowOlder | Reset | Notice | RoomRemoved | Redraw
 
 
-def reconnect_delay(attempt: int, close_code: int | None, rand: float) -> float | None:
-    """Seconds before the next connection attempt (PROTOCOL.md §6); None: do not reconnect.
+def reconnect_delay(attempt: int, close_code: int | None, rand: float) -> float:
+    """Seconds before the next connection attempt (PROTOCOL.md §6).
 
     ``attempt`` counts failures since the last successful ``hello``; ``rand`` is uniform in [0, 1).
     """
-    if close_code == 1008:  # banned
-        return None
+    if close_code == 1008:  # too many refused frames: reconnect, not at once (a ban: see ``after_close``)
+        return 2.0 + rand * min(30.0, 1.0 * 2.0 ** min(attempt, 10))
     if close_code == 1001:  # a worker stops: another one serves at once
         return 0.05 + 0.5 * rand
     if close_code == 4029:  # too many connections: a slot frees up slowly
         return 10.0 + 20.0 * rand
     return max(0.1, rand * min(30.0, 0.5 * 2.0 ** min(attempt, 10)))  # full jitter
+
+
+@dataclass(frozen=True)
+class AfterClose:
+    """What a client does when its socket closed (PROTOCOL.md §6, §10 step 1)."""
+
+    refresh_first: bool  # refresh the token before reconnecting; a refresh answered 401 signs out
+    policy: bool  # closed for refused frames: say so in words (then reconnect, not a sign-out)
+    delay: float  # seconds before the next connection attempt
+
+
+def after_close(code: int | None, reason: str, attempt: int, rand: float) -> AfterClose:
+    """4001 (token expired, session revoked, ...) and 1008 ``account banned``: a refresh tells whether the
+    session goes on (the ban's answers 401); any other 1008 is a policy close: reconnect after a pause."""
+    banned = code == 1008 and "banned" in reason
+    return AfterClose(code == 4001 or banned, code == 1008 and not banned, reconnect_delay(attempt, code, rand))

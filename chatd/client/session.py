@@ -16,11 +16,22 @@ Invariants:
   reconnect, or after ``retry_after_ms`` on ``busy`` / ``rate_limited``) until its ``ack``
   arrives or its message is applied, whichever comes first: the server dedupes by
   ``client_msg_id``, so a resend never doubles a line.
+- Limits (issue 22): sends go out in order, never over the server's send quota by themselves
+  (``hello.limits.send``: ``count`` per ``window_ms``, plus a tenth of the window of slack), and
+  none before a ``busy`` / ``rate_limited`` / ``unavailable``'s ``retry_after_ms`` passed (then one
+  at a time for a window).  Typing says ``true`` at most once per TYPING_RESEND_S, and ``false``
+  only after a ``true``.
+
+tests/vectors/session/*.json are run against both twins (tests/unit/client/test_vectors.py,
+tests/js/vectors.test.mjs): a change of behaviour here goes there, and into session.js.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from chatd.client.model import (
@@ -43,8 +54,13 @@ from chatd.client.model import (
 
 RESUME_ID = "resume"
 TYPING_TTL_S = 6.0  # ws.typing_ttl_s: a remote indicator expires without news
-TYPING_RESEND_S = 2.0  # ws.typing_interval_s: the server relays one `true` per interval
+# At most one `true` per 3 s: the server relays one per ws.typing_interval_s (2 s) anyway, and a remote
+# indicator lasts ws.typing_ttl_s (6 s). Against ws.typing_rate_per_s = 3 with `false` after each `true`.
+TYPING_RESEND_S = 3.0
 TYPING_IDLE_S = 4.0  # after this long without input, say we stopped
+SEND_LIMIT = 20  # ws.send_rate_count, until `hello.limits.send` says
+SEND_WINDOW_S = 10.0  # ws.send_rate_window_s, likewise
+WINDOW_SLACK = 1.1  # plus a tenth of the window, in which the server counts sends across its workers
 GAP_GRACE_S = 1.5  # the server fills its own gaps within ~0.25 s; after this, fill over REST
 JOIN_RETRY_S = 2.0
 UNAVAILABLE_RETRY_S = 2.0
@@ -52,6 +68,13 @@ FILL_PAGE = 200  # REST maximum, for catch-up
 
 
 # ---------------------------------------------------------------------------------------------- session
+
+
+@dataclass
+class _Typing:
+    room_id: int
+    input_at: float  # the last change of the composer
+    shown: bool = False  # a `true` went out and no `false` since
 
 
 class ClientSession:
@@ -66,7 +89,13 @@ class ClientSession:
         self.pending: dict[str, Pending] = {}  # insertion order = send order
         self._counter = 0
         self._acked: dict[str, tuple[int, int]] = {}  # client_msg_id -> (room, seq): recent acks
-        self._typing: tuple[int, float, float] | None = None  # (room, last `true` sent, last input)
+        self._typing: _Typing | None = None  # the composer of one room, while it has text
+        self._typing_sent_at = -math.inf  # the last `true`, whatever its room
+        self._send_log: deque[float] = deque()  # times of the sends written: pacing to the quota
+        self.send_limit = SEND_LIMIT
+        self.send_window_s = SEND_WINDOW_S * WINDOW_SLACK
+        self._hold_until = 0.0  # after busy / rate_limited / unavailable: no send before
+        self._probe_until = 0.0  # and until then one send at a time: the server counts sends we cannot see
         self.names: dict[int, str] = {}  # user id -> display name (roster pages, member events)
 
     # -- rooms ----------------------------------------------------------------------------
@@ -207,13 +236,12 @@ class ClientSession:
 
     # -- user intents ----------------------------------------------------------------------
 
-    def send_text(self, room_id: int, content: str) -> list[Action]:
+    def send_text(self, room_id: int, content: str, now: float = 0.0) -> list[Action]:
         self._counter += 1
         cmid = f"{self.client_id}-{self._counter}"
-        p = self.pending[cmid] = Pending(room_id, cmid, content)
+        self.pending[cmid] = Pending(room_id, cmid, content)
         out: list[Action] = self._stop_typing()
-        if self.live:
-            out.append(self._send(p))
+        out += self._flush(now)
         out.append(Redraw())
         return out
 
@@ -221,17 +249,12 @@ class ClientSession:
         """The composer changed: `typing` true at most every TYPING_RESEND_S, false when cleared."""
         if empty:
             return self._stop_typing()
-        if self._typing is not None and self._typing[0] != room_id:
-            out = self._stop_typing()
-        else:
-            out = []
-        if not self.live:
-            return out
-        if self._typing is None or now - self._typing[1] >= TYPING_RESEND_S:
-            self._typing = (room_id, now, now)
-            out.append(SendFrame({"type": "typing", "room_id": room_id, "is_typing": True}))
-        else:
-            self._typing = (room_id, self._typing[1], now)
+        out = self._stop_typing() if self._typing is not None and self._typing.room_id != room_id else []
+        if self._typing is None:
+            self._typing = _Typing(room_id, now)
+        self._typing.input_at = now
+        if self.live and now - self._typing_sent_at >= TYPING_RESEND_S:
+            out.append(self._typing_on(now))
         return out
 
     def mark_read(self, room_id: int) -> list[Action]:
@@ -276,14 +299,17 @@ class ClientSession:
         """Call about every 0.25 s: expiries, send retries, join retries, gap fills."""
         out: list[Action] = []
         changed = False
-        if self._typing is not None and now - self._typing[2] >= TYPING_IDLE_S:
+        t = self._typing
+        if t is not None and now - t.input_at >= TYPING_IDLE_S:
             out += self._stop_typing()
-        elif self._typing is not None and self.live:
-            room_id, sent, last_input = self._typing
-            if last_input > sent and now - sent >= TYPING_RESEND_S:
-                # Still typing since the last `true` (which the server may have throttled away): say it again.
-                self._typing = (room_id, now, last_input)
-                out.append(SendFrame({"type": "typing", "room_id": room_id, "is_typing": True}))
+        elif (
+            t is not None
+            and self.live
+            and t.input_at > self._typing_sent_at
+            and now - self._typing_sent_at >= TYPING_RESEND_S
+        ):
+            # Typed since the last `true` (held back by the throttle, or the indicator is about to expire): say it.
+            out.append(self._typing_on(now))
         for room in self.rooms.values():
             for uid in [u for u, exp in room.typing.items() if exp <= now]:
                 del room.typing[uid]
@@ -301,11 +327,10 @@ class ClientSession:
                     out.append(FetchPage(room.id, "fill", after_seq=room.last_seq, limit=FILL_PAGE))
             else:
                 room.gap_since = None
-        if self.live:
-            for p in self.pending.values():
-                if p.state == "waiting" and p.retry_at is not None and p.retry_at <= now:
-                    out.append(self._send(p))
-                    changed = True
+        sent = self._flush(now)
+        if sent:
+            out += sent
+            changed = True
         if changed:
             out.append(Redraw())
         return out
@@ -320,6 +345,11 @@ class ClientSession:
 
     def _on_hello(self, f: Mapping[str, Any], now: float) -> list[Action]:
         self.user_id = int(f["user_id"])
+        quota = (f.get("limits") or {}).get("send") or {}
+        count, window_ms = quota.get("count"), quota.get("window_ms")
+        if isinstance(count, int) and count > 0 and isinstance(window_ms, (int, float)) and window_ms > 0:
+            self.send_limit = count
+            self.send_window_s = window_ms / 1000 * WINDOW_SLACK
         out: list[Action] = [self._join(room) for room in self.rooms.values()]
         out.append(SendFrame({"type": "ping", "id": RESUME_ID}))  # barrier (§10 step 4)
         return out
@@ -475,9 +505,7 @@ class ClientSession:
             if room.loaded and room.joined and not room.fetching and room.last_seq < room.latest_seq:
                 room.fetching = "fill"  # defensive (§10 step 6); the replay normally covered it
                 out.append(FetchPage(room.id, "fill", after_seq=room.last_seq, limit=FILL_PAGE))
-        for p in self.pending.values():
-            if p.state == "queued" or (p.state == "waiting" and p.retry_at is not None and p.retry_at <= now):
-                out.append(self._send(p))
+        out += self._flush(now)
         out.append(Redraw())
         return out
 
@@ -499,9 +527,13 @@ class ClientSession:
             if room is not None:
                 room.join_retry_at = now + JOIN_RETRY_S
             return []
+        if isinstance(reply_to, str) and reply_to[:2] in ("x:", "r:"):
+            return [Notice(f"{code}: {text}", level="error")]
+        if code == "rate_limited":
+            return []  # a typing or read frame refused as too soon: nothing the user can act on
         if code == "llm_unavailable":
-            return [Notice(f"the assistant could not answer: {text}")]
-        return [Notice(f"{code}: {text}")]
+            return [Notice(f"the assistant could not answer: {text}", level="error")]
+        return [Notice(f"{code}: {text}", level="error")]
 
     def _send_error(self, cmid: str, code: str, text: str, retry_after_ms: Any, now: float) -> list[Action]:
         p = self.pending.get(cmid)
@@ -512,14 +544,17 @@ class ClientSession:
             msg = room.messages.get(seq) if room is not None and seq is not None else None
             if room is not None and msg is not None:
                 room.notes[msg.message_id] = f"the assistant did not answer: {text}"
-            return [Notice(f"the assistant did not answer: {text}", room_id), Redraw()]
+            return [Notice(f"the assistant did not answer: {text}", room_id, "error"), Redraw()]
         if code in ("rate_limited", "busy", "unavailable"):
-            # Overloaded or Postgres down: nothing stored; resend the same client_msg_id later.
-            delay = int(retry_after_ms) / 1000 if isinstance(retry_after_ms, int) else UNAVAILABLE_RETRY_S
+            # Over the quota, overloaded or Postgres down: nothing stored; no send goes out before
+            # retry_after_ms, then this one again with the same client_msg_id, in its place.
+            delay = retry_after_ms / 1000 if isinstance(retry_after_ms, int) else UNAVAILABLE_RETRY_S
             p.state, p.retry_at = "waiting", now + delay
+            self._hold_until = max(self._hold_until, p.retry_at)
+            self._probe_until = self._hold_until + self.send_window_s
             return [Redraw()]
         p.state, p.error = "failed", text
-        return [Notice(f"not sent: {text}", p.room_id), Redraw()]
+        return [Notice(f"not sent: {text}", p.room_id, "error"), Redraw()]
 
     def _on_queued(self, f: Mapping[str, Any], now: float) -> list[Action]:
         room = self.rooms.get(int(f["room_id"]))
@@ -582,8 +617,34 @@ class ClientSession:
                 frame["epoch"] = room.epoch
         return SendFrame(frame)
 
-    def _send(self, p: Pending) -> SendFrame:
+    def _flush(self, now: float) -> list[Action]:
+        """Sends due, in order, as many as the quota allows now; the rest go from a later tick."""
+        if not self.live:
+            return []
+        probing = now < self._probe_until  # after a refusal: the next send waits for the answer to this one
+        if probing and any(p.state == "sent" for p in self.pending.values()):
+            return []
+        out: list[Action] = []
+        for p in self.pending.values():
+            if p.state != "queued" and not (p.state == "waiting" and p.retry_at is not None and p.retry_at <= now):
+                continue
+            if not self._may_send(now):
+                break
+            out.append(self._send(p, now))
+            if probing:
+                break
+        return out
+
+    def _may_send(self, now: float) -> bool:
+        if now < self._hold_until:
+            return False
+        while self._send_log and self._send_log[0] <= now - self.send_window_s:
+            self._send_log.popleft()
+        return len(self._send_log) < self.send_limit
+
+    def _send(self, p: Pending, now: float) -> SendFrame:
         p.state, p.retry_at = "sent", None
+        self._send_log.append(now)
         return SendFrame(
             {
                 "type": "send",
@@ -594,14 +655,17 @@ class ClientSession:
             }
         )
 
+    def _typing_on(self, now: float) -> SendFrame:
+        assert self._typing is not None
+        self._typing_sent_at = now
+        self._typing.shown = True
+        return SendFrame({"type": "typing", "room_id": self._typing.room_id, "is_typing": True})
+
     def _stop_typing(self) -> list[Action]:
-        if self._typing is None:
+        t, self._typing = self._typing, None
+        if t is None or not t.shown or not self.connected:
             return []
-        room_id = self._typing[0]
-        self._typing = None
-        if not self.connected:
-            return []
-        return [SendFrame({"type": "typing", "room_id": room_id, "is_typing": False})]
+        return [SendFrame({"type": "typing", "room_id": t.room_id, "is_typing": False})]
 
     def _settle_pending(self, msg: Message) -> None:
         if msg.client_msg_id is not None and msg.sender_id is not None and msg.sender_id == self.user_id:
@@ -625,6 +689,8 @@ class ClientSession:
         nxt: Message | None = msg
         while nxt is not None:
             room.messages[nxt.seq] = nxt
+            if nxt.sender_id is not None:
+                room.typing.pop(nxt.sender_id, None)  # sent: no longer typing it
             room.last_seq = nxt.seq
             room.gap_since = None
             self._settle_pending(nxt)

@@ -47,7 +47,7 @@ from chatd.client.model import (
     SendFrame,
     Show,
     ShowOlder,
-    reconnect_delay,
+    after_close,
 )
 from chatd.client.rest import Api, ApiError
 from chatd.client.session import (
@@ -288,7 +288,7 @@ class TerminalChat:
             if self.current is None:
                 self._notice("join a room first: /rooms, /join NAME")
             else:
-                self.do(self.session.send_text(self.current, buf.text))
+                self.do(self.session.send_text(self.current, buf.text, time.monotonic()))
         return False  # clear the line
 
     def _typed(self, buf: Buffer) -> None:
@@ -378,6 +378,7 @@ class TerminalChat:
         failures = 0
         while not self._stop.is_set():
             code: int | None = None
+            reason = ""
             try:
                 token = await self.api.token()
                 async with connect(
@@ -387,7 +388,7 @@ class TerminalChat:
                     open_timeout=10,
                     max_size=2**20,
                 ) as ws:
-                    code = await self._serve(ws)
+                    code, reason = await self._serve(ws)
                     if self.session.user_id is not None:
                         failures = 0
             except ApiError as exc:
@@ -403,14 +404,22 @@ class TerminalChat:
                 self.do(self.session.connection_lost())
             if self._stop.is_set():
                 return
-            if code == 4001:
-                with contextlib.suppress(ApiError, OSError, httpx2.HTTPError):
+            nxt = after_close(code, reason, failures, random.random())
+            if nxt.refresh_first:  # token expired, session revoked, account banned: a refresh tells which
+                try:
                     await self.api.refresh()
-            delay = reconnect_delay(failures, code, random.random())
+                except ApiError as exc:
+                    if exc.status == 401:
+                        self._notice(f"your session ended ({reason or exc.message}): sign in again")
+                        self._stop.set()
+                        self.app.exit()
+                        return
+                except (OSError, httpx2.HTTPError):
+                    pass
+            if nxt.policy:
+                self._notice("the server closed the connection: it refused too many requests from this client")
+            delay = nxt.delay
             failures += 1
-            if delay is None:
-                self._notice("the server closed the connection for good (account banned?)")
-                return
             self.conn_state = f"reconnecting in {delay:.1f}s"
             self.app.invalidate()
             with contextlib.suppress(TimeoutError):
@@ -418,7 +427,7 @@ class TerminalChat:
             self.conn_state = "connecting"
             self.app.invalidate()
 
-    async def _serve(self, ws: ClientConnection) -> int | None:
+    async def _serve(self, ws: ClientConnection) -> tuple[int | None, str]:
         outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._ws, self._outbox = ws, outbox
         writer = asyncio.get_running_loop().create_task(self._write(ws, outbox))
@@ -432,7 +441,7 @@ class TerminalChat:
             pass
         finally:
             writer.cancel()
-        return ws.close_code
+        return ws.close_code, ws.close_reason or ""
 
     async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[dict[str, Any]]) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):

@@ -6,7 +6,7 @@
 // is explained (onNotice) and followed by a reconnect.
 
 import { FrameGate, frameLimits } from "./limits.js";
-import { reconnectDelay } from "./session.js";
+import { afterClose } from "./session.js";
 
 const PROBE_AFTER_MS = 30000;
 const PROBE_TIMEOUT_MS = 10000;
@@ -126,20 +126,21 @@ export class Connection {
 
   async retry(code, reason) {
     if (this.stopped) return;
-    if (code === 4001 || (code === 1008 && /banned/.test(reason))) {
+    const next = afterClose(code, reason, this.failures, Math.random());
+    if (next.refreshFirst) {
       try {
         await this.api.refresh(); // token expired, session revoked, account banned: a refresh tells which
       } catch (err) {
         if (err.status === 401) return this.onStatus("signed out", err.message || reason);
       }
     }
-    if (code === 1008 && !/banned/.test(reason)) {
+    if (next.policy) {
       this.onNotice(
         "The server closed the connection because it refused too many requests from this app in a short time. Reconnecting…",
         "error",
       );
     }
-    const delay = reconnectDelay(this.failures, code, Math.random());
+    const delay = next.delayMs;
     this.failures += 1;
     if (!navigator.onLine) return this.onStatus("offline");
     this.onStatus(`reconnecting in ${Math.ceil(delay / 1000)}s`);

@@ -76,6 +76,14 @@ export function reconnectDelay(attempt, closeCode, rand) {
   return Math.max(100, rand * Math.min(30000, 500 * 2 ** Math.min(attempt, 10))); // full jitter
 }
 
+// What a client does when its socket closed (PROTOCOL.md §6, §10 step 1): 4001 (token expired, session
+// revoked, ...) and 1008 "account banned" refresh first (a refresh answered 401 signs out: the ban's does);
+// any other 1008 is a policy close (too many refused frames): explain it and reconnect after a pause.
+export function afterClose(code, reason, attempt, rand) {
+  const banned = code === 1008 && /banned/.test(reason ?? "");
+  return { refreshFirst: code === 4001 || banned, policy: code === 1008 && !banned, delayMs: reconnectDelay(attempt, code, rand) };
+}
+
 function toMessage(d) {
   return {
     roomId: d.room_id,
