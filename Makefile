@@ -28,7 +28,7 @@ $(CHROMIUM):
 XDIST = -n 3 --dist loadfile
 
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/ruff check chatd tests
+	$(BIN)/ruff check chatd tests loadtest
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(XDIST) -m "not long and not serial" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -m "serial and not long" $(PYTEST_ARGS)

@@ -46,6 +46,7 @@ import time
 import traceback
 import urllib.request
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -692,6 +693,7 @@ def _get(d: Any, *path: Any) -> Any:
 
 
 def _level(res: dict[str, Any], conns: int) -> dict[str, Any] | None:
+    row: dict[str, Any]
     for row in _get(res, "connections", "levels") or []:
         if row.get("conns") == conns and "skipped" not in row:
             return row
@@ -700,7 +702,7 @@ def _level(res: dict[str, Any], conns: int) -> dict[str, Any] | None:
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """chatd / baseline and chatd / peer for the headline metrics."""
-    metrics = {
+    metrics: dict[str, Callable[[dict[str, Any]], Any]] = {
         "fanout_delivered_per_s": lambda r: _get(r, "fanout", "delivered_per_s"),
         "fanout_echo_p99_ms": lambda r: _get(r, "fanout", "echo_ms", "p99"),
         "fanout_cpu_s_per_1m_msgs": lambda r: _get(r, "fanout", "server_cpu_s_per_1m_msgs"),
@@ -874,8 +876,8 @@ def markdown(rep: dict[str, Any]) -> str:
         cols = list(next(iter(rep["ratios"].values())).keys())
         lines += ["## Ratios (chatd / reference)", "", "| ratio | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(cols)]
-        for k, row in rep["ratios"].items():
-            lines.append(f"| {k} | " + " | ".join(fmt(row[c], 3) for c in cols) + " |")
+        for k, ratio_row in rep["ratios"].items():
+            lines.append(f"| {k} | " + " | ".join(fmt(ratio_row[c], 3) for c in cols) + " |")
         lines.append("")
     errors = [(n, wl, body["error"]) for n in names for wl, body in res[n].items()
               if isinstance(body, dict) and "error" in body]

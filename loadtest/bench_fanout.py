@@ -30,6 +30,7 @@ import socket
 import statistics
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,11 @@ def drainer(pipe: Any, port: int, n: int, cpu: int | None) -> None:
 # -- server -----------------------------------------------------------------------------------
 
 
+def _poll_recv(pipe: Connection, timeout_s: float) -> object:
+    """The drainer's next message, or False if none comes within ``timeout_s``."""
+    return pipe.poll(timeout_s) and pipe.recv()
+
+
 async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int | None) -> list[dict[str, Any]]:
     import multiprocessing as mp
 
@@ -170,7 +176,7 @@ async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int
         proc = ctx.Process(target=drainer, args=(child, port, n, client_cpu), daemon=True)
         proc.start()
         loop = asyncio.get_running_loop()
-        ready = await loop.run_in_executor(None, lambda pipe=parent: pipe.poll(300) and pipe.recv())
+        ready = await loop.run_in_executor(None, _poll_recv, parent, 300)
         if not ready:
             raise RuntimeError("drainer did not connect")
         deadline = time.monotonic() + 30
@@ -178,7 +184,7 @@ async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int
             await asyncio.sleep(0.01)
         socks = list(handlers)
         assert len(socks) == n, f"{len(socks)} of {n} sockets open"
-        streams = [h.ws_connection.stream for h in socks if h.ws_connection is not None]  # type: ignore[attr-defined]
+        streams = [st for h in socks if h.ws_connection is not None and (st := h.ws_connection.stream) is not None]
 
         def method_a(socks: list[Any] = socks) -> float:
             t0 = time.perf_counter()
@@ -212,7 +218,7 @@ async def run(conns: list[int], rounds: int, payload_bytes: int, client_cpu: int
         received = await loop.run_in_executor(None, parent.recv)
         expected = rounds * n * len(frame) * len(methods)
         parent.send("stop")
-        await loop.run_in_executor(None, lambda pipe=parent: pipe.poll(30) and pipe.recv())
+        await loop.run_in_executor(None, _poll_recv, parent, 30)
         proc.join(10)
         deadline = time.monotonic() + 10
         while handlers and time.monotonic() < deadline:  # noqa: ASYNC110  # bounded wait for closes

@@ -103,7 +103,7 @@ def with_database(url: str, dbname: str) -> str:
 
     params = conninfo_to_dict(url)
     params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def create_database(admin_url: str, prefix: str = "lt") -> str:

@@ -377,7 +377,7 @@ async def cmd_connect(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     host, port, proto = t["host"], t["port"], t["proto"]
     path = t.get("path") or ("/socket.io/?EIO=4&transport=websocket" if proto == "sio" else "/ws")
     cls: type[Conn] = SioConn if proto == "sio" else Conn
-    ips: list[str] = cmd.get("local_ips") or [None]  # type: ignore[list-item]
+    ips: list[str | None] = cmd.get("local_ips") or [None]
     sem = asyncio.Semaphore(cmd.get("concurrency", 200))
     timeout_s = cmd.get("timeout_s", 30.0)
     light_keys = set(cmd.get("light", []))
@@ -564,8 +564,8 @@ async def cmd_assistant(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     cpu0 = time.process_time()
     t0 = loop.time()
     for conn, room in prompts:
-        run = conn.asst = AsstRun(perf())
-        run.rid = conn.send_chat(room, cmd.get("text", "please summarize what we said about the benchmark"), "prompt")
+        asst = conn.asst = AsstRun(perf())
+        asst.rid = conn.send_chat(room, cmd.get("text", "please summarize what we said about the benchmark"), "prompt")
     deadline = perf() + cmd.get("timeout_s", 120)
     while gen.asst_done < len(prompts) and perf() < deadline:  # noqa: ASYNC110  # polled counter, bounded
         await asyncio.sleep(0.05)

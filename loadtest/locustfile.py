@@ -41,23 +41,33 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import websocket
 from gevent.event import AsyncResult, Event
 from locust import FastHttpUser, events, task
+from locust.event import EventHook
 from locust.runners import MasterRunner, WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DEFAULT_PLAN = str(Path(__file__).resolve().parent / "results" / "plan.json")
 
+_Listener = TypeVar("_Listener", bound=Callable[..., None])
+
+
+def listener(hook: EventHook) -> Callable[[_Listener], _Listener]:
+    """``@hook.add_listener`` with a type: locust's EventHook has no annotations (it returns the handler)."""
+    add: Callable[[_Listener], _Listener] = hook.add_listener
+    return add
+
 # -- options -----------------------------------------------------------------------------------
 
 
-@events.init_command_line_parser.add_listener
+@listener(events.init_command_line_parser)
 def _options(parser: Any) -> None:
     g = parser  # locust's own parser: its extra keywords (is_secret) do not work on argument groups
     g.add_argument("--lt-plan", default=DEFAULT_PLAN, help="plan JSON (users, tokens, rooms; see loadtest/plan.py)")
@@ -175,7 +185,7 @@ def _token_accepted(host: str, token: str) -> bool:
         return False
 
 
-@events.init.add_listener
+@listener(events.init)
 def _on_init(environment: Any, **_: Any) -> None:
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
@@ -203,7 +213,7 @@ def _token_ttl(opts: Any) -> int:
     return int(min(86_400, max(4 * 3600, _run_time_s(opts) + 600)))
 
 
-@events.test_start.add_listener
+@listener(events.test_start)
 def _on_test_start(environment: Any, **_: Any) -> None:
     runner = environment.runner
     opts = environment.parsed_options
@@ -257,7 +267,7 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     _set_plan(plan)
 
 
-@events.quitting.add_listener
+@listener(events.quitting)
 def _on_quitting(environment: Any, **_: Any) -> None:
     # A run in which nothing was even tried measured nothing: that is a failure, not a green 0.
     if environment.process_exit_code is None and environment.stats.total.num_requests == 0 \
@@ -316,7 +326,7 @@ class ChatUser(FastHttpUser):
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.opts = opts
-        self.send_interval = opts.lt_send_interval
+        self.send_interval: float = opts.lt_send_interval
         self.ws: websocket.WebSocket | None = None
         self.reader: gevent.Greenlet | None = None
         self.tracks: dict[int, RoomTrack] = {}
@@ -357,6 +367,7 @@ class ChatUser(FastHttpUser):
             return str(resp.json()["access_token"])
 
     def connect(self, token: str) -> None:
+        assert self.host is not None  # FastHttpUser does not start without one
         url = self.host.replace("http://", "ws://").replace("https://", "wss://").rstrip("/") + "/ws"
         t0 = time.perf_counter()
         try:
@@ -440,13 +451,14 @@ class ChatUser(FastHttpUser):
         elif kind == "joined":
             # The track starts here, in the reading greenlet: live frames right behind `joined` must find it.
             self.tracks.setdefault(int(f["room_id"]), RoomTrack(int(f.get("last_seq", 0))))
-            waiter = self.waiters.get(f.get("reply_to"))
+            rid = f.get("reply_to")
+            waiter = self.waiters.get(rid) if rid is not None else None
             if waiter is not None:
                 waiter.set(f)
 
     def on_message(self, f: dict[str, Any], now: float) -> None:
         self.check_seq(int(f["room_id"]), int(f["seq"]))
-        cmid = f.get("client_msg_id")
+        cmid: str = f.get("client_msg_id") or ""
         mine = self.sent.get(cmid) if cmid else None
         if mine is not None and not mine[3]:
             mine[3] = True
@@ -493,10 +505,11 @@ class ChatUser(FastHttpUser):
                  SeqError(f"room {room}: {len(lost)} seq(s) lost ({lost[0]}..{lost[-1]})"))
 
     def on_ack(self, f: dict[str, Any], now: float) -> None:
-        waiter = self.waiters.get(f.get("reply_to"))
+        rid = f.get("reply_to")
+        waiter = self.waiters.get(rid) if rid is not None else None
         if waiter is not None:
             waiter.set(f)
-        cmid = f.get("client_msg_id")
+        cmid: str = f.get("client_msg_id") or ""
         entry = self.sent.get(cmid) if cmid else None
         if entry is None or entry[2]:
             return

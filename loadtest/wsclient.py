@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import cast
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
@@ -85,8 +86,9 @@ class WSProtocol(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
-        transport.write(self._request)
+        # A stream connection's transport: uvloop's implements asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self._request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -230,7 +232,7 @@ async def open_socket(
 
 
 async def connect(
-    factory: type[WSProtocol] | object,
+    factory: Callable[[], WSProtocol],
     host: str,
     port: int,
     *,
@@ -241,7 +243,7 @@ async def connect(
     loop = asyncio.get_running_loop()
     sock = await open_socket(host, port, local_ip, timeout_s)
     try:
-        _, proto = await loop.create_connection(factory, sock=sock)  # type: ignore[arg-type]
+        _, proto = await loop.create_connection(factory, sock=sock)
     except BaseException:
         sock.close()
         raise

@@ -29,11 +29,11 @@ def refused(redis_url: str, what: str) -> Iterator[None]:
     """Valkey refuses a command or a category (``publish``, ``@scripting``) to everyone (an operator's
     ACL change) until the block ends; every other command goes through."""
     client = redis.Redis.from_url(redis_url)
-    client.execute_command("ACL", "SETUSER", "default", f"-{what}")
+    client.execute_command("ACL", "SETUSER", "default", f"-{what}")  # type: ignore[no-untyped-call]  # redis-py
     try:
         yield
     finally:
-        client.execute_command("ACL", "SETUSER", "default", f"+{what}")
+        client.execute_command("ACL", "SETUSER", "default", f"+{what}")  # type: ignore[no-untyped-call]  # redis-py
         client.close()
 
 
@@ -94,7 +94,7 @@ class _Proxy:
     name = "proxy"
 
     def __init__(self, redis_url: str) -> None:
-        self._target = parse_url(redis_url)
+        self._target = parse_url(redis_url)  # type: ignore[no-untyped-call]  # redis-py has no annotation here
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=self.name, daemon=True)
         self._server: asyncio.Server | None = None

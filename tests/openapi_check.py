@@ -17,7 +17,7 @@ class Contract:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.registry = Registry().with_resource("urn:chatd", DRAFT202012.create_resource(spec))
-        self.paths = [
+        self.paths: list[tuple[re.Pattern[str], str]] = [
             (re.compile("^" + re.sub(r"\{\w+\}", "[^/]+", p) + "$"), p) for p in sorted(spec["paths"], key=len)
         ]
         self.checked: list[tuple[str, str, int]] = []

@@ -114,6 +114,7 @@ class SentinelSet:
         def agreed() -> bool:
             for s in self.sentinels:
                 state = s.client().sentinel_master(MASTER)
+                assert isinstance(state, dict)  # the bool in its type is a Sentinel manager's; one node replies
                 if state["num-other-sentinels"] != 2 or state["num-slaves"] != 1:
                     return False
             return True
@@ -138,7 +139,9 @@ class SentinelSet:
         """Where the sentinels say the primary is now."""
         for s in self.sentinels:
             with contextlib.suppress(redis.RedisError):
-                _, port = s.client().sentinel_get_master_addr_by_name(MASTER)
+                addr = s.client().sentinel_get_master_addr_by_name(MASTER)
+                assert isinstance(addr, tuple), addr  # (host, port): the master is monitored
+                _, port = addr
                 return int(port)
         raise RuntimeError("no sentinel answers")
 

@@ -38,7 +38,7 @@ def free_port() -> int:
 def with_database(url: str, dbname: str) -> str:
     params = conninfo_to_dict(url)
     params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def create_database(admin_url: str, prefix: str = "t") -> str:

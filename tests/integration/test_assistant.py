@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.chat import connect, join, make_room, send
 from tests.conftest import Services
-from tests.integration.test_messaging import connect, join, make_room, send
 from tests.support import WS, Chatd, request
 from tests.users import make_users
 
@@ -29,7 +29,7 @@ async def stream_of(
     ws: WS, room: int, timeout_s: float = 30
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     start = await ws.expect("stream_start", timeout_s=timeout_s, room_id=room)
-    chunks = []
+    chunks: list[dict[str, Any]] = []
     while True:
         frame = await ws.expect_any(("stream_chunk", "stream_end"), timeout_s=timeout_s, message_id=start["message_id"])
         if frame["type"] == "stream_end":

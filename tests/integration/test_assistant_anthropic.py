@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from tests.chat import connect, join, make_room, send
 from tests.conftest import Services
 from tests.fake_anthropic import FakeLLM
 from tests.integration.test_assistant import answers, stream_of
-from tests.integration.test_messaging import connect, join, make_room, send
 from tests.support import Chatd
 from tests.users import make_users
 
@@ -116,7 +116,9 @@ def seed_history(database_url: str, room: int, texts: list[str]) -> None:
     import psycopg
 
     with psycopg.connect(database_url) as conn:
-        owner = conn.execute("SELECT owner_id FROM rooms WHERE id = %s", (room,)).fetchone()[0]
+        row = conn.execute("SELECT owner_id FROM rooms WHERE id = %s", (room,)).fetchone()
+        assert row is not None
+        owner = row[0]
         conn.execute(
             "INSERT INTO messages (room_id, seq, sender_id, role, content)"
             " SELECT %s, n, %s, 'user', t FROM unnest(%s::text[]) WITH ORDINALITY AS x(t, n)",
@@ -132,7 +134,9 @@ async def wait_indexed(database_url: str, room: int, count: int) -> None:
 
     for _ in range(150):
         with psycopg.connect(database_url) as conn:
-            n = conn.execute("SELECT count(*) FROM message_embeddings WHERE room_id = %s", (room,)).fetchone()[0]
+            row = conn.execute("SELECT count(*) FROM message_embeddings WHERE room_id = %s", (room,)).fetchone()
+            assert row is not None
+            n = row[0]
         if n >= count:
             return
         await asyncio.sleep(0.2)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 async def rest_of_stream(ws: WS, message_id: int, timeout_s: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    chunks = []
+    chunks: list[dict[str, Any]] = []
     while True:
         frame = await ws.expect_any(("stream_chunk", "stream_end"), timeout_s=timeout_s, message_id=message_id)
         if frame["type"] == "stream_end":
@@ -101,11 +101,11 @@ async def test_redis_down_mid_answer_still_ends_with_one_stored_answer(
 def scripts_refused(redis_url: str) -> Iterator[None]:
     """Valkey refuses EVAL/EVALSHA: the job queue cannot take the enqueue that follows an ack."""
     client = redis.Redis.from_url(redis_url)
-    client.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+    client.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")  # type: ignore[no-untyped-call]  # redis-py
     try:
         yield
     finally:
-        client.execute_command("ACL", "SETUSER", "default", "+evalsha", "+eval")
+        client.execute_command("ACL", "SETUSER", "default", "+evalsha", "+eval")  # type: ignore[no-untyped-call]  # redis-py
         client.close()
 
 

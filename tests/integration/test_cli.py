@@ -127,7 +127,8 @@ class OnTerminal:
     def wait_exit(self, timeout_s: float = 40) -> int | None:
         self._reader.join(timeout_s)
         self.child.close()
-        return self.child.exitstatus
+        status: int | None = self.child.exitstatus  # pexpect has no annotations
+        return status
 
 
 def test_make_run_says_where_to_open_it_then_the_readme_commands_then_ctrl_c(tmp_path: Path) -> None:

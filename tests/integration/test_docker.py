@@ -134,7 +134,9 @@ def test_compose_in_step_with_chatd() -> None:
 
 def locations(conf: str) -> list[str]:
     """The location blocks of an nginx file, in order (their directives included)."""
-    blocks, lines, depth, current = [], conf.splitlines(), 0, []
+    blocks: list[str] = []
+    current: list[str] = []
+    lines, depth = conf.splitlines(), 0
     for line in lines:
         if not current and line.strip().startswith("location"):
             current, depth = [line], 0

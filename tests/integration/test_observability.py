@@ -127,7 +127,8 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(chatd_factory: Any
     # Both sockets are read while the answer streams, and `a` is closed as soon as it ends: Tornado's client
     # stops reading the wire (pongs included) at its second unread frame, and with 1 s pings a socket left
     # unread through a slow answer was closed "ping timed out", counted as a second ping timeout.
-    _, end = await asyncio.gather(a.expect("stream_end", timeout_s=30), b.expect("stream_end", timeout_s=30))
+    # (not `_, end`: mypy cannot type `end` then, with a `_` in scrape_ok's comprehension below)
+    _a_end, end = await asyncio.gather(a.expect("stream_end", timeout_s=30), b.expect("stream_end", timeout_s=30))
     assert end["usage"]["output_tokens"] > 0
     a.conn.close(1000, "bye")  # the client closes
     assert (await request("GET", server.http + "/api/v1/nope")).status == 404

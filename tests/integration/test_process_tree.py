@@ -139,7 +139,8 @@ def test_migrate_command_and_unknown_route(services: Services, tmp_path: Any) ->
     import psycopg
 
     with psycopg.connect(with_database(url, url.rsplit("dbname=", 1)[-1].split()[0])) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] >= 1
+        row = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()
+        assert row is not None and row[0] >= 1
 
 
 async def test_sigterm_closes_websockets_with_1001_within_grace(chatd_factory: Any, services: Services) -> None:

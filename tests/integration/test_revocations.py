@@ -64,7 +64,8 @@ async def test_a_removed_member_reads_nothing_of_the_room_when_the_kick_is_lost(
     first = await send(a, room, "before")
     assert (await m.expect("message", room_id=room))["seq"] == first["seq"]
 
-    stop, acked = asyncio.Event(), []
+    stop = asyncio.Event()
+    acked: list[int] = []
     with publish_refused(services.redis_url):
         r = await request("DELETE", f"{a_srv.http}{API}/rooms/{room}/members/{member.id}", None, owner.token)
         assert r.status == 204, r.body

@@ -14,7 +14,7 @@ from chatd.api import routes as api
 from chatd.api.web import BaseHandler
 from tests.chat import API, connect, join, make_room, send
 from tests.openapi_check import Api, contract_for
-from tests.support import WS, request, wait_user_channel
+from tests.support import WS, Response, request, wait_user_channel
 from tests.users import PASSWORD, make_users
 
 ORIGIN = "https://app.example.com"
@@ -114,7 +114,10 @@ async def test_account_basics(chatd_factory: Any, services: Any) -> None:
     server = chatd_factory()
     call = Api(server.http, await contract_for(server.http))
     [user] = make_users(services.database_url, 1)
-    login = lambda: call("POST", f"{API}/auth/login", {"email": user.email, "password": PASSWORD})  # noqa: E731
+
+    async def login() -> Response:
+        return await call("POST", f"{API}/auth/login", {"email": user.email, "password": PASSWORD})
+
     first, second = (await login()).body, (await login()).body
     r = await call("PATCH", f"{API}/me", {"name": "  Ada  "}, first["access_token"])
     assert r.status == 200 and r.body["name"] == "Ada"

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -210,7 +210,9 @@ async def test_failover_under_chat_load_loses_nothing(
     prefix = servers[0].env["CHATD_STORAGE_REDIS_KEY_PREFIX"]
     deadline = time.monotonic() + 15
     while True:
-        heartbeats = new_primary.client().zrange(f"{prefix}workers", 0, -1, withscores=True)
+        # withscores: (member, score) pairs, which redis-py's return type does not single out
+        scored = new_primary.client().zrange(f"{prefix}workers", 0, -1, withscores=True)
+        heartbeats = cast("list[tuple[bytes, float]]", scored)
         fresh = len(heartbeats) == 2 and all(expiry > killed_wall_ms + 6000 for _, expiry in heartbeats)
         if fresh or time.monotonic() > deadline:
             break

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from chatd.process.embedded import EmbeddedPostgres
-from tests.integration.test_messaging import connect, join, make_room, send
+from tests.chat import connect, join, make_room, send
 from tests.support import WS, Chatd, http_get
 from tests.users import make_users
 

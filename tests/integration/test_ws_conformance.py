@@ -138,6 +138,7 @@ async def test_compressed_sockets_get_their_frames_and_fan_out(chatd_factory: An
     for user in (alice, bob):
         request = HTTPRequest(server.ws, headers={"Authorization": f"Bearer {user.token}"}, request_timeout=20)
         conn = await websocket_connect(request, compression_options={})
+        assert conn.headers is not None
         assert "permessage-deflate" in conn.headers.get("Sec-WebSocket-Extensions", "")
         ws = WS(conn)
         assert (await ws.expect("hello"))["user_id"] == user.id

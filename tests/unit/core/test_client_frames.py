@@ -411,8 +411,9 @@ def test_a_frame_with_unknown_members_keeps_its_request_id() -> None:
 
 
 MAX_CHARS = 10  # the decoder's content limit in the property below
-_NO_SURROGATES = st.characters(blacklist_categories=("Cs",))
-_EDGES = [None, True, False, 0, 1, -1, MAX, MAX + 1, -MAX, -MAX - 1, 2**64, 1.0, 2.5, -0.0, 1e300, [1], {"a": 1}]
+_NO_SURROGATES = st.characters(blacklist_categories=["Cs"])
+_EDGES: list[object] = [None, True, False, 0, 1, -1, MAX, MAX + 1, -MAX, -MAX - 1, 2**64, 1.0, 2.5, -0.0, 1e300]
+_EDGES += [[1], {"a": 1}]
 _EDGES += ["", " ", "x", " x", "a\x00", "\u3000", "\x85", "a b", "c-1", "ключ", "\U0001f600", "x" * 64, "x" * 65]
 _EDGES += ["join", "\x00" * (MAX_CHARS + 1), " " * (MAX_CHARS + 1), "t" * client_frames.MAX_TOKEN_CHARS]
 _EDGES += [c * n for c in "y\x00" for n in (MAX_CHARS, MAX_CHARS + 1, 4000, 4001)]

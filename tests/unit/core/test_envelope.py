@@ -76,7 +76,11 @@ def test_valid_envelopes_decode_to_their_op(scope: envelope.Scope, data: bytes, 
 
 
 def test_both_versions_decode_alike() -> None:
-    for header, payloads in [({"o": "m", "s": [3, 4]}, [P, P]), ({"o": "f", "x": "c", "m": 1, "i": 2}, [P])]:
+    cases: list[tuple[dict[str, Any], list[bytes]]] = [
+        ({"o": "m", "s": [3, 4]}, [P, P]),
+        ({"o": "f", "x": "c", "m": 1, "i": 2}, [P]),
+    ]
+    for header, payloads in cases:
         assert envelope.decode(_old(header, *payloads), "room") == envelope.decode(
             envelope.encode(ORG, header, payloads), "room"
         )

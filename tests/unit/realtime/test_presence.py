@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -17,6 +17,7 @@ from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.realtime.fanout import Hub
 from chatd.realtime.presence import Presence
+from chatd.realtime.pubsub import Subscriber
 
 ROOM = 7
 OTHER = b"0123456789ab"  # another worker's origin
@@ -81,7 +82,7 @@ class Conn:
 async def world() -> Any:
     kv = FakeKV()
     settings = WebSocketSettings(probe_interval_s=1.0)
-    hub = Hub(kv, None, Keys(), settings, lambda on_message, resub: FakeSubscriber(resub))  # type: ignore[arg-type]
+    hub = Hub(kv, None, Keys(), settings, lambda on_message, resub: cast(Subscriber, FakeSubscriber(resub)))  # type: ignore[arg-type]
     presence = Presence(kv, hub, settings, clock=lambda: 0.0)  # type: ignore[arg-type]
     conn = Conn()
     hub.rooms[ROOM] = RoomLog(ROOM)
