@@ -424,7 +424,9 @@ FITS = """
   return texts.map((t) => ctx.measureText(t).width + arrow <= room);
 }
 """
-AT_BOTTOM = "() => { const log = document.getElementById('log'); return log.scrollHeight - log.scrollTop - log.clientHeight; }"
+AT_BOTTOM = (
+    "() => { const log = document.getElementById('log'); return log.scrollHeight - log.scrollTop - log.clientHeight; }"
+)
 
 
 def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_links_are_safe(
@@ -437,8 +439,12 @@ def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_li
         a = ann.page
         assert a.evaluate(FITS, "#create-kind") == [True, True]  # the Kind select is not truncated
         room_id = create_room(ann, f"media-{uuid.uuid4().hex[:6]}")
-        tall = "\n".join(f"line {i}" for i in range(40))
-        rest(server.http, f"/rooms/{room_id}/messages", ann.token(), {"content": tall, "client_msg_id": "tall"})
+
+        def post(content: str) -> None:  # as from another device of Ann's
+            body = {"content": content, "client_msg_id": uuid.uuid4().hex}
+            rest(server.http, f"/rooms/{room_id}/messages", ann.token(), body)
+
+        post("\n".join(f"line {i}" for i in range(40)))
         expect(a.locator("#messages > li.msg")).to_have_count(1)
 
         # A 64x48 image is drawn at its natural size, not stretched to the bubble; its room is reserved from
@@ -446,8 +452,7 @@ def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_li
         a.locator("#attach-input").set_input_files({"name": "dot.png", "mimeType": "image/png", "buffer": _png(64, 48)})
         preview = "document.querySelector('#messages img.preview')"
         a.wait_for_function(f"() => {preview}?.complete && {preview}.naturalWidth === 64")
-        # (from another device: one's own sends always scroll to the bottom)
-        rest(server.http, f"/rooms/{room_id}/messages", ann.token(), {"content": "after the image", "client_msg_id": "i1"})
+        post("after the image")  # not typed here: one's own sends always scroll to the bottom
         expect(ann.bodies("after the image")).to_have_count(1)
         assert a.evaluate(AT_BOTTOM) <= 2, a.evaluate(AT_BOTTOM)
         assert a.evaluate(f"(({{width, height}}) => [width, height])({preview}.getBoundingClientRect())") == [64, 48]
@@ -458,7 +463,7 @@ def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_li
 
         # Scrolled up, the view stays put when a message comes, and a marker says there is more below.
         a.evaluate("document.getElementById('log').scrollTop = 100")
-        rest(server.http, f"/rooms/{room_id}/messages", ann.token(), {"content": "from my laptop", "client_msg_id": "l1"})
+        post("from my laptop")
         expect(ann.bodies("from my laptop")).to_have_count(1)
         marker = a.get_by_role("button", name="New messages ↓")
         expect(marker).to_be_visible()
@@ -489,7 +494,8 @@ def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_li
             "() => document.querySelectorAll('#messages > li.assistant.streaming').length === 2"
             " && document.querySelectorAll('#messages > li.assistant.queued').length === 1"
         )
-        assert answers.locator(".reply-to").all_inner_texts() == [f"↳ You: @assistant {w}" for w in ("one", "two", "three")]
+        quotes = [f"↳ You: @assistant {w}" for w in ("one", "two", "three")]
+        assert answers.locator(".reply-to").all_inner_texts() == quotes
         roles = a.evaluate("[...document.querySelectorAll('#messages > li')].map((li) => li.className.split(' ')[1])")
         assert roles[-6:] == ["mine"] * 3 + ["assistant"] * 3, roles
         for word in ("three", "one", "two"):
@@ -497,7 +503,7 @@ def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_li
         stopped = a.locator("#messages > li.assistant.partial")
         expect(stopped).to_have_count(2)
         expect(answers).to_have_count(2)
-        expect(stopped.locator(".reply-to")).to_have_text([f"↳ You: @assistant {w}" for w in ("one", "two")])
+        expect(stopped.locator(".reply-to")).to_have_text(quotes[:2])
         # Regenerate is a small icon button, named for screen readers.
         regenerate = stopped.first.get_by_role("button", name="Regenerate")
         box = regenerate.bounding_box()
