@@ -438,6 +438,8 @@ def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_li
         ann.register()
         a = ann.page
         assert a.evaluate(FITS, "#create-kind") == [True, True]  # the Kind select is not truncated
+        assert a.evaluate(FITS, "#composer-input") == [True]
+        expect(ann.composer()).to_have_attribute("placeholder", re.compile("Enter sends"))  # where it fits
         room_id = create_room(ann, f"media-{uuid.uuid4().hex[:6]}")
 
         def post(content: str) -> None:  # as from another device of Ann's

@@ -13,7 +13,7 @@ const MAX_ALERTS = 3;
 const OUTBOX_PREFIX = "chatd.outbox."; // + user id: the sends not stored yet, kept over a reload
 const PREVIEW_MAX_H = 400; // px: a tall image's preview is scaled down to this height (keeping its shape)
 const REPLY_EXCERPT = 80; // characters of a prompt quoted above an answer drawn apart from it
-const WIDE = matchMedia("(min-width: 721px)"); // app.css's phone layout is up to 720 px
+const PLACEHOLDER = "Message (Enter sends, Shift+Enter: new line)";
 
 const api = new Api(() => showSignIn());
 let session = null;
@@ -559,9 +559,17 @@ function followGrowth() {
   if (pinned && !keepScroll) scrollToBottom();
 }
 
+let measure = null; // a canvas context: text widths in the box's font
+
 function setPlaceholder() {
-  // The Enter hint where it fits; a phone's box shows just what it is for.
-  $("composer-input").placeholder = WIDE.matches ? "Message (Enter sends, Shift+Enter: new line)" : "Message";
+  // The Enter hint where it fits in the box (not on phones, nor beside a wide room list); else just "Message".
+  const box = $("composer-input");
+  const style = getComputedStyle(box);
+  measure ??= document.createElement("canvas").getContext("2d");
+  measure.font = style.font;
+  const room = box.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const text = measure.measureText(PLACEHOLDER).width <= room ? PLACEHOLDER : "Message";
+  if (box.placeholder !== text) box.placeholder = text;
 }
 
 function setKindHint() {
@@ -815,8 +823,7 @@ function init() {
   $("new-below").addEventListener("click", scrollToBottom);
   new ResizeObserver(followGrowth).observe($("messages"));
   $("create-kind").addEventListener("change", setKindHint);
-  WIDE.addEventListener("change", setPlaceholder);
-  setPlaceholder();
+  new ResizeObserver(setPlaceholder).observe($("composer-input"));
   $("rooms-toggle").addEventListener("click", () => {
     const open = $("sidebar").classList.toggle("open");
     $("rooms-toggle").setAttribute("aria-expanded", String(open));
