@@ -24,7 +24,7 @@ let renderQueued = false;
 let keepScroll = null; // {height, top} while older messages are prepended
 let pinned = true; // the view follows new messages: the user has not scrolled up from the bottom
 let lastScrollTop = 0;
-let newestShown = null; // {roomId, mark}: what the room's newest item was at the last render
+let newestShown = null; // {roomId, mark}: the room's newest item at the last render (renderMessages)
 let signOutReason = ""; // shown on the sign-in form after a sign-out the user did not ask for
 let outboxSig = ""; // what was last written to the outbox
 let outboxKnown = new Set(); // client_msg_ids this page holds (or held): the rest of the kept outbox is another tab's
@@ -655,7 +655,7 @@ function renderRoomList() {
 
 // The room's items: stored messages in seq order; then the answers on their way (streaming or waiting), in
 // the order of their prompts, which is the order they are answered and stored in; then one's unsent messages.
-// An answer not drawn right under its prompt quotes it (replyLine). Returns a mark of the newest item.
+// An answer not drawn right under its prompt quotes it (replyLine). Returns the key of the newest item.
 function renderMessages(room) {
   const items = new Map();
   const messages = ordered(room);
@@ -688,8 +688,7 @@ function renderMessages(room) {
       else updatePending(li, item.p);
     },
   );
-  const keys = [...items.keys()].filter((k) => k[0] !== "p");
-  return `${keys.at(-1) ?? ""}|${keys.length}`;
+  return [...items.keys()].filter((k) => k[0] !== "p").at(-1) ?? ""; // older pages prepended do not change it
 }
 
 function replyLine(prompt) {
@@ -739,7 +738,11 @@ function updateMessage(li, m, room, streaming, reply) {
   if (note) children.push(el("p", { class: "flag", text: note }));
   if (assistant && !m.superseded && !streaming) {
     const again = () => run(session.regenerate(m.messageId));
-    const button = el("button", { type: "button", class: "icon-action", "aria-label": "Regenerate", title: "Regenerate this answer", onclick: again }, "↻");
+    const button = el(
+      "button",
+      { type: "button", class: "icon-action", "aria-label": "Regenerate", title: "Regenerate this answer", onclick: again },
+      "↻",
+    );
     children.push(el("div", { class: "actions" }, button));
   }
   li.replaceChildren(...children);
