@@ -239,10 +239,11 @@ class OfflineProvider:
         last_user = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         words = last_user.split()
         summary = " ".join(words[:_OFFLINE_SUMMARY_WORDS]) + (" ..." if len(words) > _OFFLINE_SUMMARY_WORDS else "")
+        # Words for the people in the room, not for whoever runs the server (OPERATIONS.md says how to connect a model).
         return (
             f'{OFFLINE_PREFIX}You said: "{summary}" ({len(request.messages)} messages of context). '
-            "No language model is configured on this server, so this built-in assistant only echoes; "
-            "set ANTHROPIC_API_KEY or assistant.openai_base_url for real answers."
+            "I am a stand-in that can only repeat what you write; "
+            "real answers come once this server is connected to a language model."
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:

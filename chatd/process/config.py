@@ -308,7 +308,12 @@ class AssistantSettings:
     max_tokens: int = _f(1024, "Default max_tokens of an answer.", min=1)
     temperature: float = _f(1.0, "Default temperature; 1.0 (the API default) is not sent to Anthropic.", min=0, max=2)
     system_prompt: str = _f("You are a helpful assistant in a group chat.", "Default system prompt.")
-    offline_tokens_per_s: float = _f(50.0, "Token rate of the offline provider.", min=0.1)
+    offline_tokens_per_s: float = _f(
+        50.0,
+        "Token rate (words per second) of the offline provider. config/dev.toml (make run) sets 20, a model's pace,"
+        " so that an answer streams long enough to be read and stopped; tests and load tests keep 50.",
+        min=0.1,
+    )
     provider_timeout_s: float = _f(60.0, "Timeout of one provider request (connect and between events).", min=1)
     provider_retries: int = _f(2, "Retries of a failed provider call, only before the first token.", min=0, max=10)
     concurrency: int = _f(16, "Generations one worker process runs at once.", min=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -322,6 +323,8 @@ async def test_offline_is_named_and_deterministic() -> None:
     assert first.text.startswith(OFFLINE_PREFIX)
     assert 'You said: "bob: summarise the thread please"' in first.text  # the last user message
     assert "(3 messages of context)" in first.text
+    # Written for the people in the room: no setting or key of the server's operator (issue 22).
+    assert not re.search(r"ANTHROPIC|API_KEY|base_url|assistant\.", first.text), first.text
     assert first.finished == second.finished
     assert first.finished is not None and first.finished.stop_reason == "end_turn"
     assert first.finished.input_tokens == len("be brief".split()) + sum(len(m.content.split()) for m in CONTEXT)

@@ -68,6 +68,7 @@ def server(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "CHATD_STORAGE_REDIS_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}:",
             "CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S": "8",
             "CHATD_WS_SEND_RATE_WINDOW_S": str(SEND_WINDOW_S),
+            "CHATD_FILES_LOCAL_DIR": str(tmp_path_factory.mktemp("webapp-files")),
         },
     )
     chatd.start()
@@ -368,6 +369,9 @@ def test_phone_sized_dark_screen(server: Chatd, browser: Browser) -> None:
         expect(phone.bodies("from my phone")).to_have_count(1)
         box = page.get_by_role("button", name="Send").bounding_box()
         assert box is not None and box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 844
+        # The placeholders fit their boxes (the composer's desktop one, with the Enter hint, was clipped here).
+        assert page.evaluate(FITS, "#composer-input") == [True], page.get_attribute("#composer-input", "placeholder")
+        assert page.evaluate(FITS, "#add-member-id") == [True]
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert background == "rgb(21, 23, 27)"  # the dark palette
         ARTIFACTS.mkdir(exist_ok=True)
@@ -405,6 +409,112 @@ def test_history_pages_back_through_rest(chatd_factory: Any, browser: Browser, s
         assert person.errors == []
     finally:
         person.context.close()
+
+
+# Whether each text of a control (a select's options, a textarea's placeholder) fits in it on one line.
+FITS = """
+(selector) => {
+  const node = document.querySelector(selector);
+  const style = getComputedStyle(node);
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = style.font;
+  const room = node.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const texts = node.tagName === "SELECT" ? [...node.options].map((o) => o.text) : [node.placeholder];
+  const arrow = node.tagName === "SELECT" ? 20 : 0; // the select's drop-down arrow
+  return texts.map((t) => ctx.measureText(t).width + arrow <= room);
+}
+"""
+AT_BOTTOM = (
+    "() => { const log = document.getElementById('log'); return log.scrollHeight - log.scrollTop - log.clientHeight; }"
+)
+
+
+def test_images_keep_their_size_the_view_follows_answers_keep_their_order_and_links_are_safe(
+    server: Chatd, browser: Browser
+) -> None:
+    # Issue 22 items 3, 4, 5 and 9.
+    ann = Person(browser, server.http, "Ann")
+    try:
+        ann.register()
+        a = ann.page
+        assert a.evaluate(FITS, "#create-kind") == [True, True]  # the Kind select is not truncated
+        assert a.evaluate(FITS, "#composer-input") == [True]
+        expect(ann.composer()).to_have_attribute("placeholder", re.compile("Enter sends"))  # where it fits
+        room_id = create_room(ann, f"media-{uuid.uuid4().hex[:6]}")
+
+        def post(content: str) -> None:  # as from another device of Ann's
+            body = {"content": content, "client_msg_id": uuid.uuid4().hex}
+            rest(server.http, f"/rooms/{room_id}/messages", ann.token(), body)
+
+        post("\n".join(f"line {i}" for i in range(40)))
+        expect(a.locator("#messages > li.msg")).to_have_count(1)
+
+        # A 64x48 image is drawn at its natural size, not stretched to the bubble; its room is reserved from
+        # the attachment's width and height, so the view still follows the messages that come after it.
+        a.locator("#attach-input").set_input_files({"name": "dot.png", "mimeType": "image/png", "buffer": _png(64, 48)})
+        preview = "document.querySelector('#messages img.preview')"
+        a.wait_for_function(f"() => {preview}?.complete && {preview}.naturalWidth === 64")
+        post("after the image")  # not typed here: one's own sends always scroll to the bottom
+        expect(ann.bodies("after the image")).to_have_count(1)
+        assert a.evaluate(AT_BOTTOM) <= 2, a.evaluate(AT_BOTTOM)
+        assert a.evaluate(f"(({{width, height}}) => [width, height])({preview}.getBoundingClientRect())") == [64, 48]
+        a.reload()
+        expect(ann.bodies("after the image")).to_have_count(1)
+        a.wait_for_function(f"() => {preview}?.complete && {preview}.naturalWidth === 64")
+        assert a.evaluate(AT_BOTTOM) <= 2, a.evaluate(AT_BOTTOM)
+
+        # Scrolled up, the view stays put when a message comes, and a marker says there is more below.
+        a.evaluate("document.getElementById('log').scrollTop = 100")
+        post("from my laptop")
+        expect(ann.bodies("from my laptop")).to_have_count(1)
+        marker = a.get_by_role("button", name="New messages ↓")
+        expect(marker).to_be_visible()
+        assert a.evaluate("document.getElementById('log').scrollTop") == 100
+        marker.click()
+        expect(marker).to_be_hidden()
+        a.wait_for_function(f"() => ({AT_BOTTOM})() <= 2")
+
+        # A user's links are links (safe ones, opened apart); their markup stays text.
+        text = "see https://example.com/a?b=1&c=2. <script>document.title='pwned'</script> javascript:alert(1)"
+        ann.say(text)
+        body = ann.bodies(text)
+        expect(body).to_have_count(1)
+        link = body.locator("a")
+        expect(link).to_have_count(1)
+        expect(link).to_have_attribute("href", "https://example.com/a?b=1&c=2")
+        expect(link).to_have_attribute("rel", "noopener noreferrer")
+        expect(link).to_have_attribute("target", "_blank")
+        expect(a.locator("#messages script")).to_have_count(0)
+        assert a.title() == "chatd"
+
+        # Three prompts at once: each answer (streaming or waiting) in the order of its prompt, each saying
+        # which prompt it answers.
+        for word in ("one", "two", "three"):
+            ann.say(f"@assistant {word}")
+        answers = a.locator("#messages > li.assistant")
+        a.wait_for_function(  # the server streams two answers of a room at once: the third waits
+            "() => document.querySelectorAll('#messages > li.assistant.streaming').length === 2"
+            " && document.querySelectorAll('#messages > li.assistant.queued').length === 1"
+        )
+        quotes = [f"↳ You: @assistant {w}" for w in ("one", "two", "three")]
+        assert answers.locator(".reply-to").all_inner_texts() == quotes
+        roles = a.evaluate("[...document.querySelectorAll('#messages > li')].map((li) => li.className.split(' ')[1])")
+        assert roles[-6:] == ["mine"] * 3 + ["assistant"] * 3, roles
+        for word in ("three", "one", "two"):
+            answers.filter(has_text=f"@assistant {word}").get_by_role("button", name="Stop").click()
+        stopped = a.locator("#messages > li.assistant.partial")
+        expect(stopped).to_have_count(2)
+        expect(answers).to_have_count(2)
+        expect(stopped.locator(".reply-to")).to_have_text(quotes[:2])
+        # Regenerate is a small icon button, named for screen readers.
+        regenerate = stopped.first.get_by_role("button", name="Regenerate")
+        box = regenerate.bounding_box()
+        assert box is not None and box["width"] <= 40 and box["height"] <= 32, box
+        ARTIFACTS.mkdir(exist_ok=True)
+        a.screenshot(path=str(ARTIFACTS / "webapp-answers.png"))
+        assert ann.errors == []
+    finally:
+        ann.context.close()
 
 
 # Every WebSocket the page opens, for a test to write on the app's own socket.

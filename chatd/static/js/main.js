@@ -3,7 +3,7 @@
 
 import { Api, ApiError } from "./api.js";
 import { Connection } from "./connection.js";
-import { renderMarkdown } from "./markdown.js";
+import { renderLinkified, renderMarkdown } from "./markdown.js";
 import { Session, ordered, unread } from "./session.js";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +11,9 @@ const ROOMS_POLL_MS = 120000; // a safety net: the server announces rooms itself
 const NOTICE_MS = 5000; // info and success notices go after this long; errors stay until dismissed
 const MAX_ALERTS = 3;
 const OUTBOX_PREFIX = "chatd.outbox."; // + user id: the sends not stored yet, kept over a reload
+const PREVIEW_MAX_H = 400; // px: a tall image's preview is scaled down to this height (keeping its shape)
+const REPLY_EXCERPT = 80; // characters of a prompt quoted above an answer drawn apart from it
+const PLACEHOLDER = "Message (Enter sends, Shift+Enter: new line)";
 
 const api = new Api(() => showSignIn());
 let session = null;
@@ -19,6 +22,9 @@ let current = null; // open room id
 let timers = [];
 let renderQueued = false;
 let keepScroll = null; // {height, top} while older messages are prepended
+let pinned = true; // the view follows new messages: the user has not scrolled up from the bottom
+let lastScrollTop = 0;
+let newestShown = null; // {roomId, mark}: the room's newest item at the last render (renderMessages)
 let signOutReason = ""; // shown on the sign-in form after a sign-out the user did not ask for
 let outboxSig = ""; // what was last written to the outbox
 let outboxKnown = new Set(); // client_msg_ids this page holds (or held): the rest of the kept outbox is another tab's
@@ -194,6 +200,7 @@ function stop() {
   current = null;
   outboxSig = "";
   outboxKnown = new Set();
+  newestShown = null;
   clearTimeout(noticeTimer);
   clearNotice();
   $("alerts").replaceChildren();
@@ -345,6 +352,7 @@ function openRoom(roomId) {
   $("sidebar").classList.remove("open");
   $("rooms-toggle").setAttribute("aria-expanded", "false");
   run(session.openRoom(roomId));
+  pinned = true;
   render();
   scrollToBottom();
   $("composer-input").focus();
@@ -466,12 +474,18 @@ function fileCard(data) {
     el("button", { type: "button", class: "download", onclick: () => onDownload(data), text: "Download" }),
   );
   if (data.content_type.startsWith("image/") && data.width && data.height) {
-    const img = el("img", { alt: data.name, width: Math.min(data.width, 320), class: "preview" });
+    // Its size from the attachment's width and height: at most its natural size (app.css keeps it within
+    // the bubble), and its room reserved before it loads, so that the view does not move when it does.
+    const scale = Math.min(1, PREVIEW_MAX_H / data.height);
+    const width = Math.max(1, Math.round(data.width * scale));
+    const height = Math.max(1, Math.round(data.height * scale));
+    const img = el("img", { alt: data.name, width, height, class: "preview" });
+    const box = el("div", { class: "preview-box" }, img);
     fileUrl(data.file_id).then(
       (url) => (img.src = url),
-      () => img.remove(),
+      () => box.remove(),
     );
-    card.prepend(img);
+    card.prepend(box);
   }
   return card;
 }
@@ -485,7 +499,7 @@ function onSend(ev) {
   run(session.sendText(current, box.value, performance.now()));
   box.value = "";
   autosize();
-  scrollToBottom();
+  scrollToBottom(); // one's own message brings the view back to the bottom
 }
 
 function onKey(ev) {
@@ -520,6 +534,49 @@ function scheduleRender() {
 function scrollToBottom() {
   const log = $("log");
   log.scrollTop = log.scrollHeight;
+  lastScrollTop = log.scrollTop;
+  pinned = true;
+  $("new-below").hidden = true;
+}
+
+function onLogScroll() {
+  // Unpinned only by a scroll up: content that grows (no scroll event) or a late event does not unpin.
+  const log = $("log");
+  const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 60;
+  if (atBottom) pinned = true;
+  else if (log.scrollTop < lastScrollTop) pinned = false;
+  lastScrollTop = log.scrollTop;
+  if (pinned) {
+    $("new-below").hidden = true;
+    if (current !== null && session && document.visibilityState === "visible") run(session.markRead(current));
+  }
+  if (log.scrollTop < 40 && current !== null && session) run(session.loadOlder(current));
+}
+
+// Whatever grows the messages (an image decoded, a code block laid out, an answer streaming) keeps a view that
+// follows at the bottom; sizes are reserved where known, this catches the rest.
+function followGrowth() {
+  if (pinned && !keepScroll) scrollToBottom();
+}
+
+let measure = null; // a canvas context: text widths in the box's font
+
+function setPlaceholder() {
+  // The Enter hint where it fits in the box (not on phones, nor beside a wide room list); else just "Message".
+  const box = $("composer-input");
+  const style = getComputedStyle(box);
+  measure ??= document.createElement("canvas").getContext("2d");
+  measure.font = style.font;
+  const room = box.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const text = measure.measureText(PLACEHOLDER).width <= room ? PLACEHOLDER : "Message";
+  if (box.placeholder !== text) box.placeholder = text;
+}
+
+function setKindHint() {
+  $("create-kind-hint").textContent =
+    $("create-kind").value === "assistant"
+      ? "The assistant answers every message."
+      : "The assistant answers messages that mention @assistant.";
 }
 
 function render() {
@@ -542,15 +599,18 @@ function render() {
   $("typing").textContent = typing.length ? `${typing.join(", ")} ${typing.length === 1 ? "is" : "are"} typing…` : "";
 
   const log = $("log");
-  const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 60;
-  renderMessages(room);
+  const mark = renderMessages(room);
+  const grew = newestShown?.roomId === room.id && mark !== newestShown.mark;
+  newestShown = { roomId: room.id, mark };
   if (keepScroll) {
     log.scrollTop = log.scrollHeight - keepScroll.height + keepScroll.top;
     keepScroll = null;
-  } else if (atBottom) {
+  } else if (pinned) {
     scrollToBottom();
+  } else if (grew) {
+    $("new-below").hidden = false; // scrolled up: the view stays, and says there is more below
   }
-  if (atBottom && document.visibilityState === "visible") run(session.markRead(room.id));
+  if (pinned && document.visibilityState === "visible") run(session.markRead(room.id));
 }
 
 function renderHint(room) {
@@ -593,25 +653,54 @@ function renderRoomList() {
   );
 }
 
+// The room's items: stored messages in seq order; then the answers on their way (streaming or waiting), in
+// the order of their prompts, which is the order they are answered and stored in; then one's unsent messages.
+// An answer not drawn right under its prompt quotes it (replyLine). Returns the key of the newest item.
 function renderMessages(room) {
   const items = new Map();
+  const messages = ordered(room);
+  const byId = new Map(messages.map((m) => [m.messageId, m]));
   const streamingPrompts = new Set([...room.streams.values()].map((s) => s.replyTo));
-  for (const m of ordered(room)) items.set(`m${m.seq}`, { type: "message", m, streaming: streamingPrompts.has(m.replyTo) });
-  for (const [prompt, position] of room.queued) items.set(`q${prompt}`, { type: "queued", prompt, position });
-  for (const s of room.streams.values()) items.set(`s${s.messageId}`, { type: "stream", s });
+  for (const m of messages) items.set(`m${m.seq}`, { type: "message", m, replyTo: m.replyTo, streaming: streamingPrompts.has(m.replyTo) });
+  const coming = [
+    ...[...room.streams.values()].map((s) => [`s${s.messageId}`, { type: "stream", s, replyTo: s.replyTo }]),
+    ...[...room.queued].map(([prompt, position]) => [`q${prompt}`, { type: "queued", prompt, position, replyTo: prompt }]),
+  ];
+  const promptSeq = (entry) => byId.get(entry[1].replyTo)?.seq ?? Infinity;
+  coming.sort((x, y) => promptSeq(x) - promptSeq(y)); // stable: prompts not loaded keep their order, last
+  for (const [key, item] of coming) items.set(key, item);
   for (const p of session.pending.values()) if (p.roomId === room.id) items.set(`p${p.clientMsgId}`, { type: "pending", p });
+  let previous = null;
+  for (const item of items.values()) {
+    const prompt = item.replyTo == null ? null : byId.get(item.replyTo);
+    item.reply = item.replyTo == null || (prompt && previous === prompt) ? "" : replyLine(prompt);
+    previous = item.type === "message" ? item.m : null;
+  }
   reconcile(
     $("messages"),
     [...items.keys()],
     () => el("li"),
     (li, key) => {
       const item = items.get(key);
-      if (item.type === "message") updateMessage(li, item.m, room, item.streaming);
+      if (item.type === "message") updateMessage(li, item.m, room, item.streaming, item.reply);
       else if (item.type === "queued") updateQueued(li, item);
-      else if (item.type === "stream") updateStream(li, item.s);
+      else if (item.type === "stream") updateStream(li, item.s, item.reply);
       else updatePending(li, item.p);
     },
   );
+  return [...items.keys()].filter((k) => k[0] !== "p").at(-1) ?? ""; // older pages prepended do not change it
+}
+
+function replyLine(prompt) {
+  if (!prompt) return "↳ an earlier message";
+  const text = prompt.deleted ? "message deleted" : prompt.content.replace(/\s+/g, " ").trim();
+  const excerpt = text.length > REPLY_EXCERPT ? `${text.slice(0, REPLY_EXCERPT - 1)}…` : text;
+  const who = prompt.role === "assistant" ? "Assistant" : nameOf(prompt.senderId);
+  return `↳ ${who}: ${excerpt}`;
+}
+
+function replyNote(text) {
+  return text ? [el("p", { class: "reply-to", text })] : [];
 }
 
 function meta(who, when, state, stateLabel) {
@@ -621,10 +710,10 @@ function meta(who, when, state, stateLabel) {
   return el("div", { class: "meta" }, ...parts);
 }
 
-function updateMessage(li, m, room, streaming) {
+function updateMessage(li, m, room, streaming, reply) {
   const note = room.notes.get(m.messageId) ?? "";
   const who = m.role === "assistant" ? "Assistant" : m.role === "system" ? "" : nameOf(m.senderId);
-  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who].join("|");
+  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who, reply].join("|");
   if (li.dataset.sig === sig) return;
   li.dataset.sig = sig;
   const mine = m.senderId !== null && m.senderId === session.userId;
@@ -639,8 +728,9 @@ function updateMessage(li, m, room, streaming) {
   const body = el("div", { class: "body" });
   if (m.deleted) body.append(el("em", { text: "message deleted" }));
   else if (assistant) renderMarkdown(body, m.content);
-  else body.textContent = m.content;
-  const children = [meta(who, m.createdAt, mine, "✓ delivered"), body];
+  else if (system) body.textContent = m.content;
+  else renderLinkified(body, m.content);
+  const children = [...replyNote(reply), meta(who, m.createdAt, mine, "✓ delivered"), body];
   if (m.kind === "file" && m.data && !m.deleted) children.push(fileCard(m.data));
   if (m.status === "cancelled") children.push(el("p", { class: "flag", text: "Stopped before the end." }));
   if (m.status === "error") children.push(el("p", { class: "flag", text: "The answer failed part way." }));
@@ -648,37 +738,43 @@ function updateMessage(li, m, room, streaming) {
   if (note) children.push(el("p", { class: "flag", text: note }));
   if (assistant && !m.superseded && !streaming) {
     const again = () => run(session.regenerate(m.messageId));
-    children.push(el("div", { class: "actions" }, el("button", { type: "button", onclick: again, text: "Regenerate" })));
+    const button = el(
+      "button",
+      { type: "button", class: "icon-action", "aria-label": "Regenerate", title: "Regenerate this answer", onclick: again },
+      "↻",
+    );
+    children.push(el("div", { class: "actions" }, button));
   }
   li.replaceChildren(...children);
 }
 
 // Stop only for whom the server lets stop the answer (Session.canStop); Regenerate for every member.
 
-function updateQueued(li, { prompt, position }) {
+function updateQueued(li, { prompt, position, reply }) {
   const stoppable = session.canStop(current, prompt, false);
-  const sig = `q|${position}|${stoppable}`;
+  const sig = `q|${position}|${stoppable}|${reply}`;
   if (li.dataset.sig === sig) return;
   li.dataset.sig = sig;
   li.className = "msg assistant queued";
   const stop = () => run(session.cancel(current, prompt));
-  const children = [meta("Assistant", null, false, ""), el("div", { class: "body", text: `Waiting (position ${position})…` })];
+  const children = [...replyNote(reply), meta("Assistant", null, false, ""), el("div", { class: "body", text: `Waiting (position ${position})…` })];
   if (stoppable) children.push(el("div", { class: "actions" }, el("button", { type: "button", onclick: stop, text: "Stop" })));
   li.replaceChildren(...children);
 }
 
-function updateStream(li, s) {
+function updateStream(li, s, reply) {
   const stoppable = session.canStop(current, s.replyTo, true);
-  const sig = `s|${s.text}|${s.ended}|${s.interrupted}|${stoppable}`;
+  const sig = `s|${s.text}|${s.ended}|${s.interrupted}|${stoppable}|${reply}`;
   if (li.dataset.sig === sig) return;
-  const rebuild = li.dataset.stoppable !== String(stoppable);
+  const rebuild = li.dataset.stoppable !== String(stoppable) || li.dataset.reply !== reply;
+  li.dataset.reply = reply;
   li.dataset.sig = sig;
   li.dataset.stoppable = String(stoppable);
   li.className = "msg assistant streaming";
   li.setAttribute("aria-busy", String(!s.ended));
   if (rebuild) {
     const stop = () => run(session.cancel(current, s.messageId));
-    const children = [meta("Assistant", null, true, "writing…"), el("div", { class: "body" })];
+    const children = [...replyNote(reply), meta("Assistant", null, true, "writing…"), el("div", { class: "body" })];
     if (stoppable) {
       children.push(el("div", { class: "actions" }, el("button", { type: "button", class: "stop", onclick: stop, text: "Stop" })));
     }
@@ -726,9 +822,11 @@ function init() {
   $("composer-input").addEventListener("keydown", onKey);
   $("composer-input").addEventListener("input", onInput);
   $("older").addEventListener("click", () => current !== null && run(session.loadOlder(current)));
-  $("log").addEventListener("scroll", () => {
-    if ($("log").scrollTop < 40 && current !== null && session) run(session.loadOlder(current));
-  });
+  $("log").addEventListener("scroll", onLogScroll);
+  $("new-below").addEventListener("click", scrollToBottom);
+  new ResizeObserver(followGrowth).observe($("messages"));
+  $("create-kind").addEventListener("change", setKindHint);
+  new ResizeObserver(setPlaceholder).observe($("composer-input"));
   $("rooms-toggle").addEventListener("click", () => {
     const open = $("sidebar").classList.toggle("open");
     $("rooms-toggle").setAttribute("aria-expanded", String(open));

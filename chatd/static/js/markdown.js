@@ -27,3 +27,43 @@ const OPTIONS = {
 export function renderMarkdown(element, text) {
   element.innerHTML = DOMPurify.sanitize(marked.parse(text), OPTIONS);
 }
+
+// A user's message: its text as text, its web addresses as links. Built from DOM nodes (no HTML is parsed),
+// the links as the sanitizer leaves the assistant's: http(s) only, opened apart (target, rel).
+const URL_IN_TEXT = /\bhttps?:\/\/[^\s<>"'`]+/gi;
+const CLOSERS = { ")": "(", "]": "[", "}": "{" };
+const count = (text, c) => text.split(c).length - 1;
+
+function trimAddress(url) {
+  // Sentence punctuation after an address is not part of it; a closing bracket is unless the address opened it.
+  for (;;) {
+    const c = url.at(-1);
+    const open = CLOSERS[c];
+    if (".,;:!?'\"".includes(c) || (open && count(url, open) < count(url, c))) url = url.slice(0, -1);
+    else return url;
+  }
+}
+
+export function renderLinkified(element, text) {
+  const parts = [];
+  let last = 0;
+  for (const match of text.matchAll(URL_IN_TEXT)) {
+    const url = trimAddress(match[0]);
+    let href;
+    try {
+      href = new URL(url);
+    } catch {
+      continue;
+    }
+    if (href.protocol !== "http:" && href.protocol !== "https:") continue;
+    const link = document.createElement("a");
+    link.href = href.href;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    link.textContent = url;
+    parts.push(text.slice(last, match.index), link);
+    last = match.index + url.length;
+  }
+  parts.push(text.slice(last));
+  element.replaceChildren(...parts.filter((p) => p !== ""));
+}

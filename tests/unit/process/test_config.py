@@ -78,6 +78,14 @@ def test_invalid_files_name_the_key(tmp_path: Path, toml: str, key: str | None) 
     assert exc.value.key == (key or str(f))
 
 
+def test_make_run_streams_the_offline_assistant_at_a_models_pace() -> None:
+    # Issue 22: at the default 50 words/s an offline answer was over in under a second, before Stop could be
+    # tried. config/dev.toml (make run) slows it to a model's pace; servers without it (tests) keep 50.
+    dev = load(file=ROOT / "config" / "dev.toml")
+    assert 20 <= dev.assistant.offline_tokens_per_s <= 30
+    assert load().assistant.offline_tokens_per_s == 50
+
+
 def test_short_secret_allowed_in_dev_mode() -> None:
     s = config_load.load(None, env={"CHATD_SERVER_DEV_MODE": "true"})
     assert s.server.dev_mode and s.auth.jwt_secret == ""
