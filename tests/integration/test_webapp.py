@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, FilePayload, Page, expect, sync_playwright
 
 from tests.client_support import SHORT_TOKENS, refresh_counts
 from tests.conftest import Services
@@ -316,7 +316,11 @@ def test_room_added_member_by_email_and_an_attachment_round_trip(
         assert Path(download.value.path()).read_bytes() == image
 
         # A file whose bytes are not what its name says is refused, and Alice is told why.
-        spoof = {"name": "evil.png", "mimeType": "image/png", "buffer": b"<html><script>alert(1)</script></html>"}
+        spoof: FilePayload = {
+            "name": "evil.png",
+            "mimeType": "image/png",
+            "buffer": b"<html><script>alert(1)</script></html>",
+        }
         a.locator("#attach-input").set_input_files(spoof)
         expect(a.locator("#alerts")).to_contain_text("Could not send evil.png: content type text/html is not allowed")
 
