@@ -117,7 +117,9 @@ async def test_cancel_keeps_partial_text(chatd_factory: Any, services: Services)
 
 
 async def test_cancel_while_queued(chatd_factory: Any, services: Services) -> None:
-    server: Chatd = chatd_factory(CHATD_ASSISTANT_PER_USER_CONCURRENCY="1", **SLOW)
+    # The first answer must outlast the steps up to Alice's cancel (about 0.5 s, 3 s seen on a loaded CI box), or
+    # the second starts and the cancel finds it running, not queued: 4 tokens/s makes it about 8 s.
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_PER_USER_CONCURRENCY="1", CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="4")
     other: Chatd = chatd_factory()
     alice, bob = make_users(services.database_url, 2)
     room = await make_room(server, alice, [bob], kind="assistant")
