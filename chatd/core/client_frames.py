@@ -199,21 +199,8 @@ ClientFrame: TypeAlias = Join | Leave | Send | Typing | Read | Edit | Delete | P
 FRAME_MODELS: Final[tuple[type[ClientFrame], ...]] = typing.get_args(ClientFrame)
 
 
-def _refuse_assignment(self: object, name: str, value: object) -> NoReturn:
-    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-
-
-def _refuse_deletion(self: object, name: str) -> NoReturn:
-    raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
-
-
 for _model in FRAME_MODELS:
     _model.TYPE = str(_model.__struct_config__.tag)
-    # msgspec's frozen models refuse assignment with a bare AttributeError; the frozen dataclasses they replaced
-    # raised dataclasses.FrozenInstanceError (an AttributeError too), and still do.  Set after the class exists:
-    # msgspec installs its own attribute slot when it builds the class (setattr: mypy refuses assigning a method).
-    setattr(_model, "__setattr__", _refuse_assignment)  # noqa: B010
-    setattr(_model, "__delattr__", _refuse_deletion)  # noqa: B010
 
 CLIENT_FRAME_TYPES: Final = frozenset(model.TYPE for model in FRAME_MODELS)
 _MODEL_OF_TYPE: Final[Mapping[str, type[ClientFrame]]] = {model.TYPE: model for model in FRAME_MODELS}

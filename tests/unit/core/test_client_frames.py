@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from functools import cache
 from pathlib import Path
@@ -107,7 +106,7 @@ def test_parse_client_frame_accepts_a_decoded_object() -> None:
 
 def test_frames_are_frozen() -> None:
     frame = client_frames.Join(1, None)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # msgspec's frozen models refuse assignment
         frame.room_id = 2  # type: ignore[misc]
 
 
@@ -399,7 +398,7 @@ def test_frames_are_hashable_match_positionally_and_take_the_request_id_by_keywo
             assert (room_id, seq, frame.request_id) == (4, 2, "r")
         case _:
             pytest.fail(f"not a Read: {frame!r}")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         del frame.seq  # type: ignore[misc]
     with pytest.raises(TypeError):
         client_frames.Read(4, 2, "r")  # type: ignore[misc]
