@@ -396,13 +396,15 @@ async def test_a_removal_that_overtakes_a_join_wins(chatd_factory: Any, services
         psycopg.connect(services.database_url, autocommit=True) as probe,
     ):
         # The join reads membership (rooms, room_members), then its replay from `messages`: held here.
+        # The probe matches the replay's own text (storage.messages._messages_in_ranges), not any query on
+        # `messages`: the background indexer's read also waits on the lock, and it once stood in for the join.
         holder.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
         await b.send({"type": "join", "room_id": room, "since_seq": 0, "id": "j"})
         deadline = time.monotonic() + 10
         while True:
             row = probe.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE '%FROM messages%'"
+                " AND wait_event_type = 'Lock' AND query LIKE '%JOIN messages m ON m.room_id = r.room_id%'"
             ).fetchone()
             if row and row[0]:
                 break
