@@ -109,7 +109,11 @@ class RoomAccess(ApiHandler):
             raise errors.Forbidden("only the owner or an admin may change this room")
 
 
-def message_json(row: dict[str, Any]) -> dict[str, Any]:
+def message_json(row: dict[str, Any], viewer: int | None = None) -> dict[str, Any]:
+    """A message as REST shows it; with ``viewer``, each reaction says whether it is theirs (``me``): a
+    response has one reader, unlike a fan-out frame, whose readers compute it from ``users``."""
     frame = server_frames.message_from_row(row)
     frame.pop("type", None)
+    if viewer is not None and "reactions" in frame:
+        frame["reactions"] = [r | {"me": viewer in r["users"]} for r in frame["reactions"]]
     return frame

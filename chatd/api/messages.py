@@ -1,4 +1,4 @@
-"""A room's messages: history, send, and send-then-stream the assistant's answer as Server-Sent Events."""
+"""A room's messages: history, send, reactions, and send-then-stream the assistant's answer as Server-Sent Events."""
 
 from __future__ import annotations
 
@@ -41,12 +41,13 @@ class MessagesHandler(RoomAccess):
         responses={200: ("Page", MessagePage)},
     )
     async def get(self, room_id: str) -> None:
-        _, room = await self._room(room_id)
+        principal, room = await self._room(room_id)
         limit = self.arg("limit")
         rows, has_more = await messages_db.messages_page(
             self.db, room["id"], self.arg("after_seq"), self.arg("before_seq"), limit
         )
-        self.send_json({"messages": [message_json(r) for r in rows], "has_more": has_more})
+        viewer = principal.user_id
+        self.send_json({"messages": [message_json(r, viewer) for r in rows], "has_more": has_more})
 
     @op(
         summary="Send a message (idempotent by client_msg_id)",
@@ -66,6 +67,41 @@ class MessagesHandler(RoomAccess):
         elif result.answer_pending:  # owed; the sweeper queues it once the queue answers
             body["assistant"] = {"status": "pending"}
         self.send_json(body, 200 if result.duplicate else 201)
+
+
+class ReactionHandler(RoomAccess):
+    """``/rooms/{id}/messages/{message_id}/reactions/{emoji}``: the caller's reaction (emoji URL-encoded).
+
+    Idempotent: putting a reaction that is there, or deleting one that is not, answers the message as it is.
+    """
+
+    @op(
+        summary="Add your reaction to a message (the room gets message_updated)",
+        tag="messages",
+        responses={200: ("The message with its reactions", Message)},
+    )
+    async def put(self, room_id: str, message_id: str, emoji: str) -> None:
+        await self._react(room_id, message_id, emoji, True)
+
+    @op(
+        summary="Remove your reaction from a message (the room gets message_updated)",
+        tag="messages",
+        responses={200: ("The message with its reactions", Message)},
+    )
+    async def delete(self, room_id: str, message_id: str, emoji: str) -> None:
+        await self._react(room_id, message_id, emoji, False)
+
+    async def _react(self, room_id: str, message_id: str, emoji: str, add: bool) -> None:
+        principal = await self.auth()
+        room = self.path_id(room_id, "room")
+        raw = {"type": "react", "message_id": self.path_id(message_id, "message"), "emoji": emoji, "add": add}
+        try:  # the socket's rules and words (react.emoji must be ...)
+            frame = client_frames.parse_client_frame(raw)
+        except client_frames.FrameError as exc:
+            raise exc.error from None
+        assert isinstance(frame, client_frames.React)
+        row, _ = await self.rooms.react(principal.user_id, frame.message_id, frame.emoji, add, room_id=room)
+        self.send_json(message_json(row, principal.user_id))
 
 
 # One event of the stream (OpenAPI 3.2's reading of an event-stream schema: each event, not the whole text).

@@ -106,6 +106,13 @@ class FileInfo(Reply):
     height: int | None
 
 
+class Reaction(Reply):
+    emoji: str
+    count: int
+    users: Annotated[list[Id], Meta(description="who reacted, in reaction order (count of them)")]
+    me: Annotated[bool, Meta(description="the caller reacted with it")] | UnsetType = UNSET
+
+
 class Message(Reply):
     room_id: Id
     message_id: Id
@@ -122,6 +129,9 @@ class Message(Reply):
     status: Literal["cancelled", "error"] | UnsetType = UNSET
     superseded: bool | UnsetType = UNSET
     data: Annotated[dict[str, Any], Meta(description="kind file: FileInfo; kind system: {event, user_id, ...}")] | (
+        UnsetType
+    ) = UNSET
+    reactions: Annotated[list[Reaction], Meta(description="omitted when none; emoji in first-reaction order")] | (
         UnsetType
     ) = UNSET
     duplicate: bool | UnsetType = UNSET

@@ -17,7 +17,7 @@ from chatd.api.admin import (
 from chatd.api.auth import LoginHandler, LogoutHandler, RefreshHandler, RegisterHandler
 from chatd.api.base import ApiHandler
 from chatd.api.files import FileHandler, FileUploadHandler
-from chatd.api.messages import MessagesHandler, StreamingSendHandler
+from chatd.api.messages import MessagesHandler, ReactionHandler, StreamingSendHandler
 from chatd.api.openapi import op
 from chatd.api.rooms import MemberHandler, MembersHandler, RoomHandler, RoomsHandler
 from chatd.api.search import SearchHandler
@@ -80,6 +80,7 @@ def routes(
         (prefix + r"/rooms/([^/]+)/members/([^/]+)", MemberHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/stream", StreamingSendHandler, deps),
+        (prefix + r"/rooms/([^/]+)/messages/([^/]+)/reactions/([^/]+)", ReactionHandler, deps),
         (prefix + r"/rooms/([^/]+)/files", FileUploadHandler, {**deps, "files": files}),
         (prefix + r"/files/([^/]+)", FileHandler, {**deps, "files": files}),
         (prefix + r"/search", SearchHandler, {**deps, "search": search}),

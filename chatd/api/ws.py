@@ -382,13 +382,23 @@ class ChatSocket(WebSocket):
                 self._adopting = principal
                 return self.session.authenticated(frame, principal.user_id, principal.claims.exp, time.time())
             case Perform(frame=frame):
-                await self._perform(frame)
-                return []
+                return await self._perform(frame)
         raise AssertionError(f"not an I/O action: {action!r}")
 
-    async def _perform(self, frame: Performed) -> None:
+    async def _perform(self, frame: Performed) -> Actions:
         assert self.principal is not None
         match frame:
+            case client_frames.React():
+                row, changed = await self.rooms.react(self.user_id, frame.message_id, frame.emoji, frame.add)
+                reply = server_frames.reacted(
+                    room_id=int(row["room_id"]),
+                    message_id=frame.message_id,
+                    emoji=frame.emoji,
+                    add=frame.add,
+                    changed=changed,
+                    reply_to=frame.request_id,
+                )
+                return [Reply(reply)]
             case client_frames.Read():
                 await self.rooms.read(self, frame.room_id, frame.seq)
             case client_frames.Edit():
@@ -400,6 +410,7 @@ class ChatSocket(WebSocket):
                 if assistant is None:
                     raise errors.NotFound("no such generation")
                 await assistant.control(self.user_id, self.principal.is_admin, frame)
+        return []
 
     def _on_durable(self, frame: client_frames.Send, fut: asyncio.Future[Committed]) -> None:
         exc = fut.exception()

@@ -158,7 +158,17 @@ def message(
     }
 
 
-def message_updated(*, room_id: int, message_id: int, seq: int, content: str, edited_at: str) -> dict[str, Any]:
+def message_updated(
+    *,
+    room_id: int,
+    message_id: int,
+    seq: int,
+    content: str,
+    edited_at: str | None,
+    reactions: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The message's whole changeable state (an edit or a reaction): applying it twice, or a later one
+    first, cannot leave a client with a mix.  ``edited_at`` None (omitted): a reaction on an unedited message."""
     return {
         "type": "message_updated",
         "room_id": room_id,
@@ -166,6 +176,22 @@ def message_updated(*, room_id: int, message_id: int, seq: int, content: str, ed
         "seq": seq,
         "content": content,
         "edited_at": edited_at,
+        "reactions": list(reactions),
+    }
+
+
+def reacted(
+    *, room_id: int, message_id: int, emoji: str, add: bool, changed: bool, reply_to: RequestId
+) -> dict[str, Any]:
+    """The direct reply to ``react``; the new counts reach the room (this socket too) as ``message_updated``."""
+    return {
+        "type": "reacted",
+        "room_id": room_id,
+        "message_id": message_id,
+        "emoji": emoji,
+        "add": add,
+        "changed": changed,
+        "reply_to": reply_to,
     }
 
 
@@ -358,6 +384,8 @@ def message_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
         frame["superseded"] = True
     if row.get("data") is not None:
         frame["data"] = row["data"]  # kind file: the attachment; kind system: the event
+    if row.get("reactions"):
+        frame["reactions"] = row["reactions"]  # [{emoji, count, users}]; omitted when none
     return frame
 
 
@@ -370,7 +398,8 @@ def change_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
         message_id=row["id"],
         seq=row["seq"],
         content=row["content"],
-        edited_at=iso(row["edited_at"]) or "",
+        edited_at=iso(row["edited_at"]),
+        reactions=row.get("reactions") or (),
     )
 
 

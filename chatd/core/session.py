@@ -43,7 +43,12 @@ from chatd.core.framelimits import ALLOWED, FrameLimiter
 
 TimerKey: TypeAlias = tuple[str, int]
 Performed: TypeAlias = (
-    client_frames.Read | client_frames.Edit | client_frames.Delete | client_frames.Cancel | client_frames.Regenerate
+    client_frames.Read
+    | client_frames.Edit
+    | client_frames.Delete
+    | client_frames.React
+    | client_frames.Cancel
+    | client_frames.Regenerate
 )
 TOKEN_WARNING: Final[TimerKey] = ("token_warning", 0)
 TOKEN_EXPIRY: Final[TimerKey] = ("token_expiry", 0)
@@ -55,7 +60,7 @@ FRAME_GROUPS: Final[Mapping[str, str]] = {
     "leave": "join",
     "read": "read",
     "typing": "typing",
-    **dict.fromkeys(("edit", "delete", "auth", "cancel", "regenerate"), "control"),
+    **dict.fromkeys(("edit", "delete", "react", "auth", "cancel", "regenerate"), "control"),
 }
 
 
@@ -147,7 +152,8 @@ class PublishTyping:
 
 @dataclass(frozen=True, slots=True)
 class Perform:
-    """The frame's service call (read, edit, delete, cancel, regenerate); only its failure comes back."""
+    """The frame's service call (read, edit, delete, react, cancel, regenerate); a failure comes back as its
+    error, a ``react`` also gets its ``reacted`` reply."""
 
     frame: Performed
 
@@ -304,6 +310,7 @@ class ServerSession:
                 client_frames.Read()
                 | client_frames.Edit()
                 | client_frames.Delete()
+                | client_frames.React()
                 | client_frames.Cancel()
                 | client_frames.Regenerate()
             ):

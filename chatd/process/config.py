@@ -215,9 +215,19 @@ class WebSocketSettings:
     typing_rate_per_s: float = _f(3.0, "typing frames per socket per second.", min=0.1)
     typing_burst: int = _f(10, "typing frames one socket may send at once.", min=1)
     control_rate_per_s: float = _f(
-        2.0, "edit, delete, auth, cancel and regenerate frames per socket per second.", min=0.1
+        2.0, "edit, delete, react, auth, cancel and regenerate frames per socket per second.", min=0.1
     )
-    control_burst: int = _f(20, "edit, delete, auth, cancel and regenerate frames one socket may send at once.", min=1)
+    control_burst: int = _f(
+        20, "edit, delete, react, auth, cancel and regenerate frames one socket may send at once.", min=1
+    )
+    reactions_per_message: int = _f(
+        200,
+        "Reactions (user and emoji pairs) one message may carry; the next add gets conflict. Bounds the user ids"
+        " every message_updated and history row carries.",
+        min=1,
+        max=10_000,
+    )
+    reactions_per_user: int = _f(10, "Different emoji one user may put on one message.", min=1, max=100)
     max_violations: int = _f(
         50,
         "Refused frames (rate_limited, invalid fields) a socket may send within violation_window_s; the next one"

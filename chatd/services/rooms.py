@@ -1,4 +1,4 @@
-"""Room operations shared by the socket and REST handlers: send, join/leave, typing, read, edit, delete.
+"""Room operations shared by the socket and REST handlers: send, join/leave, typing, read, edit, delete, react.
 
 Thin: the rules live here, the mechanisms in their own modules (group commit
 ``writer``, delivery ``fanout``, presence ``presence``, SQL ``chatd.storage``).
@@ -324,3 +324,28 @@ class Rooms:
             raise errors.Conflict("message was deleted")
         await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), server_frames.change_from_row(row))
         return row
+
+    async def react(
+        self, user_id: int, message_id: int, emoji: str, add: bool, room_id: int | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Add or remove the user's reaction; ``(message, changed)``.  A change rides the edit path: the
+        message takes the room's next edit revision and the room gets ``message_updated`` with the counts,
+        which repair re-reads from Postgres if this publish is lost.  Adding a reaction already there, or
+        removing one that is not, changes nothing and announces nothing."""
+        msg = await messages_db.message_by_id(self.db, message_id)
+        if (
+            msg is None
+            or room_id not in (None, msg["room_id"])  # REST names the room too
+            or await rooms_db.room_for_member(self.db, msg["room_id"], user_id) is None
+        ):
+            raise errors.NotFound("message not found")
+        if msg["deleted_at"] is not None:
+            raise errors.Conflict("message was deleted")
+        per_message, per_user = self.settings.reactions_per_message, self.settings.reactions_per_user
+        result = await messages_db.react(self.db, message_id, user_id, emoji, add, per_message, per_user)
+        if result.row is None:
+            raise errors.Conflict("message was deleted")
+        if result.changed:
+            row = result.row
+            await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), server_frames.change_from_row(row))
+        return result.row, result.changed

@@ -4,7 +4,7 @@ The group commit (``commit_batch``: one round trip through
 ``chatd_commit_messages``), history pages, the reads joins and the fan-out's
 repair use (``join_reads``, ``messages_in_ranges``, ``changes_after``, the
 ``probe_rooms`` probe), and edits and tombstones, which take the room's next
-``edit_rev`` in the same transaction.  ``join_reads`` is here rather than in
+``edit_rev`` in the same transaction, as do reaction changes (``react``).  ``join_reads`` is here rather than in
 ``rooms`` because its cost is the replay: it shares the range read with the
 fan-out's gap fill.
 """
@@ -25,7 +25,7 @@ from chatd.storage.rooms import ROOM_COLUMNS
 
 MESSAGE_COLUMNS = (
     "id, room_id, seq, sender_id, role, kind, content, client_msg_id, reply_to_id, created_at, edited_at, deleted_at,"
-    " status, superseded_at, edit_rev, data"
+    " status, superseded_at, edit_rev, data, reactions"
 )
 
 
@@ -189,7 +189,12 @@ async def message_by_id(pool: Database, message_id: int) -> Row | None:
 
 
 async def _change_message(
-    pool: Database, message_id: int, assignments: str, params: Sequence[Any], delete_files: bool = False
+    pool: Database,
+    message_id: int,
+    assignments: str,
+    params: Sequence[Any],
+    delete_files: bool = False,
+    delete_reactions: bool = False,
 ) -> Row | None:
     """Edit or tombstone a message and give the change the room's next edit revision (one transaction).
 
@@ -219,6 +224,8 @@ async def _change_message(
             await conn.execute(
                 "UPDATE files SET deleted_at = now() WHERE message_id = %s AND deleted_at IS NULL", (message_id,)
             )
+        if delete_reactions:  # a tombstone carries none (react refuses a deleted message, under the same lock)
+            await conn.execute("DELETE FROM message_reactions WHERE message_id = %s", (message_id,))
     return row
 
 
@@ -231,8 +238,97 @@ async def edit_message(pool: Database, message_id: int, content: str) -> Row | N
 async def delete_message(pool: Database, message_id: int, deleted_by: int | None = None) -> Row | None:
     """Tombstone: the row and its seq stay, the content (and an attachment's blob) goes."""
     return await _change_message(
-        pool, message_id, "content = '', data = NULL, deleted_at = now(), deleted_by = %s", (deleted_by,), True
+        pool,
+        message_id,
+        "content = '', data = NULL, reactions = NULL, deleted_at = now(), deleted_by = %s",
+        (deleted_by,),
+        True,
+        delete_reactions=True,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Reacted:
+    row: Row | None  # the message with its aggregated reactions; None: unknown or deleted
+    changed: bool  # False: the reaction was there already (add) or was not (remove); no revision used
+
+
+# messages.reactions: per emoji its count and who (in reaction order), emoji in order of their first reaction.
+_AGGREGATE = (
+    "SELECT jsonb_agg(jsonb_build_object('emoji', emoji, 'count', n, 'users', users) ORDER BY first, emoji)"
+    " FROM (SELECT emoji, count(*) AS n, min(created_at) AS first, jsonb_agg(user_id ORDER BY created_at, user_id)"
+    " AS users FROM message_reactions WHERE message_id = %s GROUP BY emoji) e"
+)
+
+
+@bounded
+async def react(
+    pool: Database, message_id: int, user_id: int, emoji: str, add: bool, per_message: int, per_user: int
+) -> Reacted:
+    """Add or remove one reaction; the message takes the room's next edit revision with its new aggregate.
+
+    Race-free by the primary key: the same (message, user, emoji) is one row however many add it at once
+    (ON CONFLICT DO NOTHING), so nobody counts twice and no concurrent add is lost.  The limits are checked
+    after the insert, in the transaction that holds the room's row (every change of the room's messages
+    takes it for the revision), so two adds racing for the last place cannot both get it; over a limit the
+    transaction rolls back: nothing is stored, no revision is used.
+    """
+    over: errors.ChatdError | None = None
+    unchanged: Row | None = None
+    row = None
+    async with transaction(pool) as conn:
+        cur = await conn.execute(
+            "UPDATE rooms SET edit_rev = rooms.edit_rev + 1 FROM messages m"
+            " WHERE m.id = %s AND m.deleted_at IS NULL AND rooms.id = m.room_id RETURNING rooms.edit_rev",
+            (message_id,),
+        )
+        rev = await cur.fetchone()
+        if rev is None:
+            return Reacted(None, False)  # unknown or deleted
+        if add:
+            cur = await conn.execute(
+                "INSERT INTO message_reactions (message_id, user_id, emoji) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING 1",
+                (message_id, user_id, emoji),
+            )
+        else:
+            cur = await conn.execute(
+                "DELETE FROM message_reactions WHERE message_id = %s AND user_id = %s AND emoji = %s RETURNING 1",
+                (message_id, user_id, emoji),
+            )
+        if await cur.fetchone() is None:  # nothing to do: answered with the message as it is
+            cur = await conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s AND deleted_at IS NULL", (message_id,)
+            )
+            unchanged = await cur.fetchone()
+            raise psycopg.Rollback()
+        if add:
+            cur = await conn.execute(
+                "SELECT count(*) AS total, count(*) FILTER (WHERE user_id = %s) AS mine"
+                " FROM message_reactions WHERE message_id = %s",
+                (user_id, message_id),
+            )
+            counts = await cur.fetchone()
+            assert counts is not None
+            if counts["total"] > per_message:
+                over = errors.Conflict(f"reaction limit: at most {per_message} reactions on a message")
+            elif counts["mine"] > per_user:
+                over = errors.Conflict(f"reaction limit: at most {per_user} reactions per user on a message")
+            if over is not None:
+                raise psycopg.Rollback()
+        cur = await conn.execute(
+            f"UPDATE messages SET reactions = ({_AGGREGATE}), edit_rev = %s WHERE id = %s AND deleted_at IS NULL"
+            f" RETURNING {MESSAGE_COLUMNS}",
+            (message_id, rev["edit_rev"], message_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise psycopg.Rollback()  # deleted meanwhile (see _change_message)
+    if over is not None:
+        raise over
+    if row is None:
+        return Reacted(unchanged, False)
+    return Reacted(row, True)
 
 
 @bounded

@@ -37,9 +37,22 @@ CLOSE_CODES = {1002, 1003, 1007, 1008, 1009}  # what a client can earn by sendin
 SERVER_TYPES = {
     "hello", "error", "ack", "joined", "left", "message", "message_updated", "message_deleted", "typing",
     "presence", "read", "pong", "authenticated", "token_expiring", "resync_required", "queued",
-    "stream_start", "stream_chunk", "stream_end",
+    "stream_start", "stream_chunk", "stream_end", "reacted",
 }  # fmt: skip
-CLIENT_TYPES = ["join", "leave", "send", "typing", "read", "edit", "delete", "ping", "auth", "cancel", "regenerate"]
+CLIENT_TYPES = [
+    "join",
+    "leave",
+    "send",
+    "typing",
+    "read",
+    "edit",
+    "delete",
+    "react",
+    "ping",
+    "auth",
+    "cancel",
+    "regenerate",
+]
 
 json_values = st.recursive(
     st.none()
@@ -50,7 +63,19 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = ["room_id", "since_seq", "content", "client_msg_id", "is_typing", "seq", "message_id", "token", "id"]
+FIELDS = [
+    "room_id",
+    "since_seq",
+    "content",
+    "client_msg_id",
+    "is_typing",
+    "seq",
+    "message_id",
+    "token",
+    "emoji",
+    "add",
+    "id",
+]
 
 
 def frames_for(room: int) -> st.SearchStrategy[list[tuple[str, Any]]]:

@@ -19,6 +19,7 @@ const GROUPS = {
   typing: "typing",
   edit: "control",
   delete: "control",
+  react: "control",
   auth: "control",
   cancel: "control",
   regenerate: "control",

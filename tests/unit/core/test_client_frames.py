@@ -72,6 +72,8 @@ VALID_FRAMES: list[tuple[dict[str, Any], client_frames.ClientFrame]] = [
     ({"type": "read", "room_id": 4, "seq": 123, "id": "x"}, client_frames.Read(4, 123, request_id="x")),
     ({"type": "edit", "message_id": 11, "content": "fixed"}, client_frames.Edit(11, "fixed")),
     ({"type": "delete", "message_id": 11, "id": 0}, client_frames.Delete(11, request_id=0)),
+    ({"type": "react", "message_id": 11, "emoji": "👍"}, client_frames.React(11, "👍", True)),
+    ({"type": "react", "message_id": 11, "emoji": ":tada:", "add": False}, client_frames.React(11, ":tada:", False)),
     ({"type": "ping"}, client_frames.Ping()),
     ({"type": "ping", "id": -5}, client_frames.Ping(request_id=-5)),
     ({"type": "ping", "future": {"nested": [1, 2]}, "v": 2}, client_frames.Ping()),  # unknown members ignored
@@ -96,7 +98,7 @@ def test_valid_frames_decode(obj: dict[str, Any], expected: client_frames.Client
 def test_every_frame_type_is_covered_and_named_consistently() -> None:
     covered = {frame.TYPE for _, frame in VALID_FRAMES}
     assert covered == client_frames.CLIENT_FRAME_TYPES
-    assert len(client_frames.CLIENT_FRAME_TYPES) == 11
+    assert len(client_frames.CLIENT_FRAME_TYPES) == 12
 
 
 def test_parse_client_frame_accepts_a_decoded_object() -> None:

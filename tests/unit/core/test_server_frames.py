@@ -161,12 +161,26 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "seq": 43,
             "content": "new",
             "edited_at": "t2",
+            "reactions": [],
         },
     ),
     (
         "message_deleted",
         server_frames.message_deleted(room_id=5, message_id=77, seq=44),
         {"type": "message_deleted", "room_id": 5, "message_id": 77, "seq": 44},
+    ),
+    (
+        "reacted",
+        server_frames.reacted(room_id=5, message_id=77, emoji="👍", add=True, changed=False, reply_to="r1"),
+        {
+            "type": "reacted",
+            "room_id": 5,
+            "message_id": 77,
+            "emoji": "👍",
+            "add": True,
+            "changed": False,
+            "reply_to": "r1",
+        },
     ),
     (
         "typing",
@@ -277,7 +291,7 @@ def test_every_server_builder_is_tested() -> None:
     builders = {
         "hello", "token_expiring", "authenticated", "joined", "left", "resync_required",
         "ack", "message", "message_updated", "message_deleted", "typing", "read",
-        "presence", "pong", "error", "queued", "cancelled", "stream_start", "stream_chunk", "stream_end",
+        "reacted", "presence", "pong", "error", "queued", "cancelled", "stream_start", "stream_chunk", "stream_end",
     }  # fmt: skip
     assert {case[0] for case in BUILDER_CASES} == builders
     public = {
@@ -367,7 +381,7 @@ def test_change_from_row_is_an_update_or_a_delete() -> None:
     edited = _row(edited_at=dt.datetime(2026, 1, 2, 3, 5, tzinfo=dt.UTC), content="new")
     assert server_frames.change_from_row(edited) == {
         "type": "message_updated", "room_id": 7, "message_id": 9, "seq": 3, "content": "new",
-        "edited_at": "2026-01-02T03:05:00.000Z",
+        "edited_at": "2026-01-02T03:05:00.000Z", "reactions": [],
     }  # fmt: skip
     assert server_frames.change_from_row(_row(deleted_at=edited["edited_at"]))["type"] == "message_deleted"
 
