@@ -331,6 +331,8 @@ class ChatSocket(WebSocket):
             case EnterRoom():
                 joined, self._entering = self._entering, None
                 assert joined is not None
+                for change in joined.changes:  # before `joined`: a client that has `joined` has them too
+                    self.send_frame(change)
                 self.send_frame(joined.joined)
                 if joined.resync is not None:
                     self.send_frame(joined.resync)
@@ -362,7 +364,13 @@ class ChatSocket(WebSocket):
                 return self.session.capacity()
             case Join(frame=frame):
                 self._entering = await self.rooms.join(
-                    self, frame.room_id, frame.since_seq, frame.request_id, rejoin=action.rejoin, epoch=frame.epoch
+                    self,
+                    frame.room_id,
+                    frame.since_seq,
+                    frame.request_id,
+                    rejoin=action.rejoin,
+                    epoch=frame.epoch,
+                    since_rev=frame.since_rev,
                 )
                 return self.session.join_answered(frame)
             case Leave():

@@ -32,6 +32,12 @@ class Message:
     status: str | None = None  # "cancelled" / "error": a partial answer
     superseded: bool = False
     data: dict[str, Any] | None = None  # kind file: the attachment; kind system: the event
+    reactions: list[dict[str, Any]] = field(default_factory=list)  # [{emoji, count, users}], first-reaction order
+    rev: int = 0  # the edit revision of the last change applied: an older change frame is dropped
+
+    def reacted(self, user_id: int | None, emoji: str) -> bool:
+        """Whether ``user_id`` reacted with ``emoji`` (frames carry who; "me" is computed here)."""
+        return any(r.get("emoji") == emoji and user_id in r.get("users", ()) for r in self.reactions)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Message:
@@ -51,6 +57,7 @@ class Message:
             status=d.get("status"),
             superseded=bool(d.get("superseded", False)),
             data=d.get("data"),
+            reactions=list(d.get("reactions") or ()),
         )
 
 
@@ -94,6 +101,7 @@ class Room:
     loaded: bool = False  # history is kept: last_seq is contiguous and messages are stored
     last_seq: int = 0
     epoch: str | None = None  # of the room's seqs (from `joined`): sent back with since_seq
+    edit_rev: int | None = None  # the room's edit revision at the last `joined`: sent back as since_rev
     first_seq: int = 0  # oldest loaded seq, for scrolling back
     has_older: bool = False
     messages: dict[int, Message] = field(default_factory=dict)  # by seq
@@ -183,11 +191,18 @@ class RoomRemoved:
 
 
 @dataclass(frozen=True)
+class Reacted:
+    """A shown message's reactions changed (a line-printing client cannot redraw it in place)."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
 class Redraw:
     """Live state changed (streams, typing, presence, pending, unread counts)."""
 
 
-Action = SendFrame | FetchPage | RefreshToken | Show | ShowOlder | Reset | Notice | RoomRemoved | Redraw
+Action = SendFrame | FetchPage | RefreshToken | Show | ShowOlder | Reset | Notice | RoomRemoved | Reacted | Redraw
 
 
 def reconnect_delay(attempt: int, close_code: int | None, rand: float) -> float:

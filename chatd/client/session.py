@@ -41,6 +41,7 @@ from chatd.client.model import (
     Message,
     Notice,
     Pending,
+    Reacted,
     Redraw,
     RefreshToken,
     Reset,
@@ -281,6 +282,18 @@ class ClientSession:
             return [Notice("nothing to stop", room_id)]
         return [SendFrame({"type": "cancel", "id": f"x:{target}", "message_id": target})]
 
+    def react(self, room_id: int, message_id: int, emoji: str) -> list[Action]:
+        """Toggle the user's ``emoji`` on a message: removed if theirs already, else added.  The counts change
+        when the room's ``message_updated`` comes (this socket gets it too), not before."""
+        room = self.rooms.get(room_id)
+        msg = next((m for m in room.messages.values() if m.message_id == message_id), None) if room else None
+        if msg is None or not self.connected:
+            return []
+        add = not msg.reacted(self.user_id, emoji)
+        return [
+            SendFrame({"type": "react", "id": f"e:{message_id}", "message_id": message_id, "emoji": emoji, "add": add})
+        ]
+
     def regenerate(self, room_id: int, message_id: int | None = None) -> list[Action]:
         """Answer again: the given assistant message, or the room's newest live answer."""
         room = self.rooms.get(room_id)
@@ -361,6 +374,8 @@ class ClientSession:
         room.joined = True
         room.join_retry_at = None
         room.online = {int(u) for u in f.get("online", [])}
+        if isinstance(f.get("edit_rev"), int):
+            room.edit_rev = int(f["edit_rev"])  # the changes before it came ahead of `joined`
         epoch = f.get("epoch")
         if isinstance(epoch, str) and room.epoch is not None and epoch != room.epoch and room.loaded:
             # Another history of the room (a restore, a failover): what we hold is not its past.
@@ -461,10 +476,19 @@ class ClientSession:
         msg = room.messages.get(int(f.get("seq", 0))) if room else None
         if msg is None or msg.message_id != f.get("message_id"):
             return []
+        rev = f.get("rev")
+        if isinstance(rev, int):
+            if rev < msg.rev:
+                return []  # an older state than the one shown (a late publish after the join's repair)
+            msg.rev = rev
+        before = msg.reactions
         if f["type"] == "message_deleted":
-            msg.deleted, msg.content = True, ""
+            msg.deleted, msg.content, msg.reactions = True, "", []
         else:
             msg.content, msg.edited_at = str(f.get("content", "")), f.get("edited_at")
+            msg.reactions = list(f.get("reactions") or ())
+        if msg.reactions != before and not msg.deleted:
+            return [Reacted(msg), Redraw()]
         return [Redraw()]
 
     def _on_typing(self, f: Mapping[str, Any], now: float) -> list[Action]:
@@ -527,7 +551,7 @@ class ClientSession:
             if room is not None:
                 room.join_retry_at = now + JOIN_RETRY_S
             return []
-        if isinstance(reply_to, str) and reply_to[:2] in ("x:", "r:"):
+        if isinstance(reply_to, str) and reply_to[:2] in ("x:", "r:", "e:"):
             return [Notice(f"{code}: {text}", level="error")]
         if code == "rate_limited":
             return []  # a typing or read frame refused as too soon: nothing the user can act on
@@ -615,6 +639,8 @@ class ClientSession:
             frame["since_seq"] = room.last_seq
             if room.epoch is not None:
                 frame["epoch"] = room.epoch
+            if room.edit_rev is not None:
+                frame["since_rev"] = room.edit_rev  # edits, deletes and reactions missed meanwhile
         return SendFrame(frame)
 
     def _flush(self, now: float) -> list[Action]:
@@ -679,6 +705,7 @@ class ClientSession:
             known = room.messages.get(msg.seq)
             if known is not None and known.message_id == msg.message_id:
                 known.content, known.status, known.deleted = msg.content, msg.status, msg.deleted
+                known.reactions = msg.reactions
                 known.superseded = known.superseded or msg.superseded
             self._settle_pending(msg)
             return []

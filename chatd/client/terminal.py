@@ -39,6 +39,7 @@ from chatd.client.model import (
     FetchPage,
     Message,
     Notice,
+    Reacted,
     Redraw,
     RefreshToken,
     Reset,
@@ -60,6 +61,7 @@ HELP = """commands:
   /add NAME|EMAIL|ID     add a member (owner)          /me             your user id
   /more                  older messages                /who            who is online
   /stop                  stop the assistant's answer   /regen          answer again
+  /react N EMOJI         toggle your reaction on the N-th newest message (1 = the last), e.g. /react 1 👍
   /quit                  leave (also Ctrl-D)"""
 
 STYLE = Style.from_dict(
@@ -135,7 +137,16 @@ class TerminalChat:
             text += " [stopped]"
         elif m.status == "error":
             text += " [failed]"
-        return [("class:time", _clock(m.created_at) + " "), (style, who), ("", f": {text}\n")]
+        line: StyleAndTextTuples = [("class:time", _clock(m.created_at) + " "), (style, who), ("", f": {text}")]
+        return [*line, *self._reactions(m), ("", "\n")]
+
+    def _reactions(self, m: Message) -> StyleAndTextTuples:
+        """`  👍 2  🎉 1`, yours in the "me" colour (the frames say who; "me" is known here)."""
+        out: StyleAndTextTuples = []
+        for r in m.reactions:
+            mine = self.session.user_id in r.get("users", ())
+            out.append(("class:me" if mine else "class:time", f"  {r.get('emoji', '')} {r.get('count', 0)}"))
+        return out
 
     def _room(self) -> Room | None:
         return self.session.rooms.get(self.current) if self.current is not None else None
@@ -214,6 +225,16 @@ class TerminalChat:
             elif isinstance(a, Notice):
                 if a.room_id is None or a.room_id == self.current:
                     lines.append(("class:notice", a.text + "\n"))
+            elif isinstance(a, Reacted):
+                m = a.message
+                if m.room_id == self.current:  # printed lines stay: a line says what changed on which message
+                    snippet = (m.content[:30] + "…") if len(m.content) > 30 else m.content
+                    counts = self._reactions(m) or [("class:time", "  none")]
+                    lines += [
+                        ("class:notice", f"  ↳ reactions on {self._name(m.sender_id, m.role)}: {snippet}:"),
+                        *counts,
+                    ]
+                    lines.append(("", "\n"))
             elif isinstance(a, RoomRemoved):
                 if a.room_id == self.current:
                     self.current = None
@@ -352,8 +373,18 @@ class TerminalChat:
             self.do(s.cancel(self.current))
         elif cmd == "/regen" and self.current is not None:
             self.do(s.regenerate(self.current))
+        elif cmd == "/react" and self._room() is not None:
+            self.do(self._react(arg))
         else:
             self._notice(f"unknown command {cmd} (/help)")
+
+    def _react(self, arg: str) -> list[Action]:
+        room = self._room()
+        back, _, emoji = arg.partition(" ")
+        shown = [m for m in room.ordered() if not m.deleted] if room else []
+        if room is None or not back.isdigit() or not 1 <= int(back) <= len(shown) or not emoji.strip():
+            return [Notice("usage: /react N EMOJI (N = 1 for the last message, 2 for the one before...)")]
+        return self.session.react(room.id, shown[-int(back)].message_id, emoji.strip())
 
     async def _open(self, name_or_id: str) -> None:
         rooms = self.session.rooms.values()

@@ -154,6 +154,7 @@ class Join(BaseFrame, tag="join", frozen=True):
     room_id: PositiveId
     since_seq: Seq | None = None  # None: no backfill wanted
     epoch: Epoch | None = None  # the epoch since_seq belongs to (from `joined`); None: not known
+    since_rev: Seq | None = None  # the edit_rev of the last `joined`: changes after it are sent again
 
 
 class Leave(BaseFrame, tag="leave", frozen=True):
@@ -292,7 +293,7 @@ def _says_of(kind: Any) -> str:
 
 # The order the members are checked in (the first wrong one is reported): declaration order, except that a
 # join's optional members come before its room_id, as they always have.
-_CHECKED_FIRST: Final[Mapping[type[ClientFrame], tuple[str, ...]]] = {Join: ("since_seq", "epoch")}
+_CHECKED_FIRST: Final[Mapping[type[ClientFrame], tuple[str, ...]]] = {Join: ("since_seq", "epoch", "since_rev")}
 
 
 def _members(model: type[ClientFrame]) -> tuple[_Member, ...]:

@@ -78,12 +78,17 @@ def authenticated(*, expires_at_ms: int, reply_to: RequestId) -> dict[str, Any]:
     }
 
 
-def joined(*, room_id: int, last_seq: int, epoch: str, online: list[int], reply_to: RequestId) -> dict[str, Any]:
+def joined(
+    *, room_id: int, last_seq: int, epoch: str, online: list[int], reply_to: RequestId, edit_rev: int | None = None
+) -> dict[str, Any]:
+    """``edit_rev``: the room's edit revision at the join; a client sends it back as ``since_rev`` to get the
+    edits, deletes and reaction changes it missed while away."""
     return {
         "type": "joined",
         "room_id": room_id,
         "last_seq": last_seq,
         "epoch": epoch,
+        "edit_rev": edit_rev,
         "online": list(online),  # copy: the caller's set/list may change later
         "reply_to": reply_to,
     }
@@ -166,6 +171,7 @@ def message_updated(
     content: str,
     edited_at: str | None,
     reactions: Sequence[Mapping[str, Any]] = (),
+    rev: int | None = None,
 ) -> dict[str, Any]:
     """The message's whole changeable state (an edit or a reaction): applying it twice, or a later one
     first, cannot leave a client with a mix.  ``edited_at`` None (omitted): a reaction on an unedited message."""
@@ -177,6 +183,7 @@ def message_updated(
         "content": content,
         "edited_at": edited_at,
         "reactions": list(reactions),
+        "rev": rev,  # the room's edit revision of this change: a client drops a change older than one it has
     }
 
 
@@ -195,12 +202,13 @@ def reacted(
     }
 
 
-def message_deleted(*, room_id: int, message_id: int, seq: int) -> dict[str, Any]:
+def message_deleted(*, room_id: int, message_id: int, seq: int, rev: int | None = None) -> dict[str, Any]:
     return {
         "type": "message_deleted",
         "room_id": room_id,
         "message_id": message_id,
         "seq": seq,
+        "rev": rev,
     }
 
 
@@ -391,8 +399,9 @@ def message_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def change_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The last change of a stored message: ``message_deleted`` or ``message_updated``."""
+    rev = int(row["edit_rev"]) if row.get("edit_rev") else None
     if row["deleted_at"] is not None:
-        return message_deleted(room_id=row["room_id"], message_id=row["id"], seq=row["seq"])
+        return message_deleted(room_id=row["room_id"], message_id=row["id"], seq=row["seq"], rev=rev)
     return message_updated(
         room_id=row["room_id"],
         message_id=row["id"],
@@ -400,6 +409,7 @@ def change_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
         content=row["content"],
         edited_at=iso(row["edited_at"]),
         reactions=row.get("reactions") or (),
+        rev=rev,
     )
 
 

@@ -7,6 +7,7 @@ Thin: the rules live here, the mechanisms in their own modules (group commit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,6 +74,7 @@ class JoinResult:
     history: list[tuple[int, Event]]  # replayed messages, merged with held live frames by hub.finish_join
     baseline_seq: int  # the socket is considered to have every seq up to this one
     catch_up: list[tuple[int, int, list[bytes]]]  # running answers: (message id, chunk index, frames)
+    changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # since_rev: changes missed, oldest first
 
 
 class Rooms:
@@ -167,6 +169,7 @@ class Rooms:
         request_id: Any,
         rejoin: bool = False,
         epoch: str | None = None,
+        since_rev: int | None = None,
     ) -> JoinResult:
         await self.hub.join_room(conn, room_id)
         try:
@@ -191,6 +194,20 @@ class Rooms:
                 replay = []
             elif since_seq is not None and since_seq < last_seq:
                 baseline_seq = since_seq
+            changes: list[dict[str, Any]] = []
+            if since_rev is not None and resync is None and since_rev < read.edit_rev:
+                # Edits, deletes and reactions since the client's last join, of the messages it holds (the replay
+                # carries the newer ones as they are now).  More than a replay's worth: it refetches instead.
+                limit = self.settings.replay_limit
+                rows = await messages_db.changes_after(self.db, [(room_id, since_rev)], limit + 1)
+                if len(rows) > limit:
+                    metrics.resyncs.labels("replay_limit").inc()
+                    resync = server_frames.resync_required(
+                        room_id=room_id, last_seq=last_seq, epoch=read.epoch, reply_to=request_id
+                    )
+                    replay, baseline_seq = [], last_seq
+                else:
+                    changes = [server_frames.change_from_row(r) for r in rows if r["seq"] <= baseline_seq]
             history: list[tuple[int, Event]] = []
             for r in replay:
                 frame = wsframe.ws_text_frame(server_frames.encode_bytes(server_frames.message_from_row(r)))
@@ -207,9 +224,14 @@ class Rooms:
             self.presence.joined(room_id, conn.user_id)
         online = sorted(self.hub.online(room_id) | {conn.user_id})
         joined = server_frames.joined(
-            room_id=room_id, last_seq=last_seq, epoch=read.epoch, online=online, reply_to=request_id
+            room_id=room_id,
+            last_seq=last_seq,
+            epoch=read.epoch,
+            online=online,
+            reply_to=request_id,
+            edit_rev=read.edit_rev,
         )
-        return JoinResult(joined, resync, history, baseline_seq, catch_up)
+        return JoinResult(joined, resync, history, baseline_seq, catch_up, changes)
 
     async def leave(self, conn: Conn, room_id: int, *, detached: bool = False) -> None:
         """``detached``: the socket was in the room and ``Hub.detach`` already took it out of the delivery."""

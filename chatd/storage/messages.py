@@ -35,6 +35,7 @@ class JoinRead:
     history: list[Row]  # messages after since_seq, when a replay was asked and fits the limit
     resync: bool = False  # the gap since since_seq is over the replay limit: nothing read
     epoch: str = ""  # which history of the database the seqs belong to (EPOCH_SQL)
+    edit_rev: int = 0  # the room's edit revision, read with last_seq
 
 
 # The history a seq belongs to: the cluster (its system identifier: a restore into a new cluster changes it)
@@ -72,13 +73,15 @@ async def join_reads(pool: Database, joins: Sequence[tuple[int, int, int | None]
     once (a reconnect storm re-joins thousands of rooms; ``Batched`` groups them): two queries in all."""
     rows = await fetch_all(
         pool,
-        f"SELECT j.ord, {ROOM_COLUMNS}, m.role AS member_role, m.read_seq, {EPOCH_SQL} AS epoch"
+        f"SELECT j.ord, {ROOM_COLUMNS}, m.role AS member_role, m.read_seq, {EPOCH_SQL} AS epoch,"
+        " r.edit_rev AS j_edit_rev"
         " FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS j (room_id, user_id, ord)"
         " JOIN rooms r ON r.id = j.room_id JOIN room_members m ON m.room_id = r.id AND m.user_id = j.user_id",
         (await _identity(pool), [j[0] for j in joins], [j[1] for j in joins]),
     )
     rooms: dict[int, Row] = {int(r.pop("ord")) - 1: r for r in rows}
     epochs = {i: str(r.pop("epoch")) for i, r in rooms.items()}
+    revs = {i: int(r.pop("j_edit_rev")) for i, r in rooms.items()}
     replays: dict[int, tuple[int, int]] = {}  # join index -> (first, last) seqs to replay
     resync: set[int] = set()
     for i, (_, _, since) in enumerate(joins):
@@ -102,7 +105,7 @@ async def join_reads(pool: Database, joins: Sequence[tuple[int, int, int | None]
             if first_last
             else []
         )
-        out.append(JoinRead(rooms.get(i), rows_i, i in resync, epochs.get(i, "")))
+        out.append(JoinRead(rooms.get(i), rows_i, i in resync, epochs.get(i, ""), revs.get(i, 0)))
     return out
 
 

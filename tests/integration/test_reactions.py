@@ -176,3 +176,65 @@ async def test_rest_reactions_and_history_carry_me(chatd: Chatd, services: Servi
     assert r.status == 200
     (page,) = await history(api, bob, room)
     assert "reactions" not in page
+
+
+async def test_reactions_missed_while_away_arrive_on_resume(
+    two_instances: tuple[Chatd, Chatd], services: Services
+) -> None:
+    """A socket that was away rejoins with since_seq and since_rev (the edit_rev of its last joined): the
+    reactions (and deletes) made meanwhile on messages it holds come before its joined, newest state only."""
+    a_srv, b_srv = two_instances
+    alice, bob, carol = make_users(services.database_url, 3)
+    room = await make_room(a_srv, alice, [bob, carol])
+    a = await connect(a_srv, alice)
+    await join(a, room)
+    first = (await send(a, room, "one"))["message_id"]
+    second = (await send(a, room, "two"))["message_id"]
+    assert (await react(a, first, "👀"))["changed"]
+    c = await connect(b_srv, carol)
+    before = await join(c, room, since_seq=0)
+    assert before["last_seq"] == 2 and before["edit_rev"] >= 1
+    c.close()  # away
+    await c.closed()
+
+    b = await connect(b_srv, bob)
+    await join(b, room)
+    assert (await react(b, first, "👀"))["changed"]
+    assert (await react(b, first, "🚀"))["changed"]
+    assert (await react(a, first, "👀", add=False))["changed"]
+    await a.send({"type": "delete", "id": "d", "message_id": second})
+    await a.expect("message_deleted", message_id=second)
+    third = (await send(b, room, "three"))["message_id"]
+    assert (await react(a, third, "✅"))["changed"]
+
+    c = await connect(b_srv, carol)
+    rid = "resume"
+    await c.send(
+        {
+            "type": "join",
+            "id": rid,
+            "room_id": room,
+            "since_seq": 2,
+            "epoch": before["epoch"],
+            "since_rev": before["edit_rev"],
+        }
+    )
+    frames = []
+    while True:
+        frame = await c.recv()
+        assert frame is not None
+        frames.append(frame)
+        if frame["type"] == "joined":
+            break
+    changes = {f["message_id"]: f for f in frames if f["type"] in ("message_updated", "message_deleted")}
+    assert set(changes) == {first, second}, frames  # the third is replayed as it is now, after joined
+    assert counts(changes[first]["reactions"]) == {"👀": [bob.id], "🚀": [bob.id]}
+    assert changes[second]["type"] == "message_deleted"
+    assert frames[-1]["edit_rev"] > before["edit_rev"]
+    replayed = await c.expect("message", room_id=room, seq=3)
+    assert counts(replayed["reactions"]) == {"✅": [alice.id]}
+
+    # Without since_rev nothing but the replay comes (the client refetches over REST instead).
+    d = await connect(b_srv, carol)
+    await d.send({"type": "join", "id": "plain", "room_id": room, "since_seq": 2, "epoch": before["epoch"]})
+    assert (await d.recv())["type"] == "joined"  # type: ignore[index]

@@ -41,6 +41,12 @@ function state(s, want) {
         buffered: sorted(room.buffer.keys()),
         typing: sorted(room.typing.keys()),
         joined: room.joined,
+        reactions: Object.fromEntries(
+          [...room.messages.entries()]
+            .filter(([, m]) => m.reactions.length > 0)
+            .sort(([a], [b]) => a - b)
+            .map(([seq, m]) => [String(seq), Object.fromEntries(m.reactions.map((r) => [r.emoji, r.users]))]),
+        ),
       };
       got.rooms[rid] = Object.fromEntries(Object.keys(keys).map((k) => [k, every[k]]));
     }
@@ -60,6 +66,7 @@ function step(s, st) {
     case "send_text": return [s.sendText(st.room_id, st.content, st.now)];
     case "input_changed": return [s.inputChanged(st.room_id, st.empty, st.now)];
     case "tick": return [s.tick(st.now)];
+    case "react": return [s.react(st.room_id, st.message_id, st.emoji)];
     case "mark_read": return [s.markRead(st.room_id)];
     case "token_refreshed": return [s.tokenRefreshed(st.token)];
     case "closed": {

@@ -56,6 +56,11 @@ const ACTION_WORDS = {
     forbidden: "Only the person who asked, the room owner or an admin can stop this answer.",
     not_found: "This answer can no longer be stopped.",
   },
+  react: {
+    not_found: "This message is gone.",
+    conflict: "No more reactions fit on this message, or it was deleted.",
+    bad_request: "That is not an emoji the server takes.",
+  },
   regenerate: {
     not_found: "This answer cannot be regenerated now: it is still being written, or it is gone.",
     conflict: "This answer was already regenerated.",
@@ -101,6 +106,8 @@ function toMessage(d) {
     status: d.status ?? null, // "cancelled" | "error": a partial answer
     superseded: Boolean(d.superseded),
     data: d.data ?? null, // kind file: the attachment; kind system: the event
+    reactions: d.reactions ?? [], // [{emoji, count, users}], first-reaction order
+    rev: 0, // the edit revision of the last change applied: an older change frame is dropped
   };
 }
 
@@ -116,6 +123,7 @@ function newRoom(id) {
     loaded: false, // history kept: lastSeq is contiguous
     lastSeq: 0,
     epoch: null, // of the room's seqs (from `joined`): sent back with since_seq
+    editRev: null, // the room's edit revision at the last `joined`: sent back as since_rev
     firstSeq: 0,
     hasOlder: false,
     messages: new Map(), // seq -> message
@@ -130,6 +138,11 @@ function newRoom(id) {
     queued: new Map(), // prompt id -> position
     notes: new Map(), // message id -> text
   };
+}
+
+// Whether userId reacted with emoji (frames carry who reacted; "me" is computed here).
+export function reacted(msg, userId, emoji) {
+  return (msg.reactions ?? []).some((r) => r.emoji === emoji && (r.users ?? []).includes(userId));
 }
 
 function findMessage(room, messageId) {
@@ -356,6 +369,16 @@ export class Session {
     return [send({ type: "cancel", id: `x:${messageId}`, message_id: messageId })];
   }
 
+  // Toggle the user's emoji on a message: removed if theirs already, else added. The counts change when the
+  // room's message_updated comes (this socket gets it too), not before.
+  react(roomId, messageId, emoji) {
+    const room = this.rooms.get(roomId);
+    const msg = room ? findMessage(room, messageId) : null;
+    if (!msg || !this.connected) return [];
+    const add = !reacted(msg, this.userId, emoji);
+    return [send({ type: "react", id: `e:${messageId}`, message_id: messageId, emoji, add })];
+  }
+
   regenerate(messageId) {
     if (!this.connected) return [];
     for (const room of this.rooms.values()) {
@@ -442,6 +465,7 @@ export class Session {
     room.joined = true;
     room.joinRetryAt = null;
     room.online = new Set(f.online ?? []);
+    if (Number.isInteger(f.edit_rev)) room.editRev = f.edit_rev; // the changes before it came ahead of `joined`
     const epoch = typeof f.epoch === "string" ? f.epoch : null;
     if (epoch !== null && room.epoch !== null && epoch !== room.epoch && room.loaded) {
       // Another history of the room (a restore, a failover): what we hold is not its past.
@@ -538,12 +562,18 @@ export class Session {
     const room = this.rooms.get(f.room_id);
     const msg = room?.messages.get(f.seq);
     if (!msg || msg.messageId !== f.message_id) return [];
+    if (Number.isInteger(f.rev)) {
+      if (f.rev < msg.rev) return []; // an older state than the one shown (a late publish after the join's repair)
+      msg.rev = f.rev;
+    }
     if (f.type === "message_deleted") {
       msg.deleted = true;
       msg.content = "";
+      msg.reactions = [];
     } else {
       msg.content = f.content ?? "";
       msg.editedAt = f.edited_at ?? null;
+      msg.reactions = f.reactions ?? [];
     }
     return [REDRAW];
   }
@@ -606,6 +636,7 @@ export class Session {
     }
     if (replyTo.startsWith("x:")) return [notice(describeError(f.code, "cancel"), null, "error")];
     if (replyTo.startsWith("r:")) return [notice(describeError(f.code, "regenerate"), null, "error")];
+    if (replyTo.startsWith("e:")) return [notice(describeError(f.code, "react"), null, "error")];
     // A typing or read frame refused as too soon: nothing the user can act on (and the app paces them).
     if (f.code === "rate_limited") return [];
     if (f.code === "llm_unavailable") return [notice(`The assistant could not answer: ${f.message}`, null, "error")];
@@ -697,6 +728,7 @@ export class Session {
     if (room.loaded) {
       frame.since_seq = room.lastSeq;
       if (room.epoch !== null) frame.epoch = room.epoch;
+      if (room.editRev !== null) frame.since_rev = room.editRev; // edits, deletes and reactions missed meanwhile
     }
     return send(frame);
   }
@@ -755,6 +787,7 @@ export class Session {
         known.content = msg.content;
         known.status = msg.status;
         known.deleted = msg.deleted;
+        known.reactions = msg.reactions;
         known.superseded = known.superseded || msg.superseded;
       }
       this.settlePending(msg);

@@ -62,6 +62,11 @@ def _state(s: ClientSession, want: dict[str, Any]) -> dict[str, Any]:
                 "buffered": sorted(room.buffer),
                 "typing": sorted(room.typing),
                 "joined": room.joined,
+                "reactions": {  # seq -> emoji -> who, of the messages that have any
+                    str(seq): {r["emoji"]: r["users"] for r in m.reactions}
+                    for seq, m in sorted(room.messages.items())
+                    if m.reactions
+                },
             }
             got["rooms"][rid] = {k: every[k] for k in keys}
     return got
@@ -85,6 +90,8 @@ def _step(s: ClientSession, st: dict[str, Any]) -> tuple[list[Action], dict[str,
         return s.input_changed(st["room_id"], st["empty"], _s(st["now"])), None
     if do == "tick":
         return s.tick(_s(st["now"])), None
+    if do == "react":
+        return s.react(st["room_id"], st["message_id"], st["emoji"]), None
     if do == "mark_read":
         return s.mark_read(st["room_id"]), None
     if do == "token_refreshed":

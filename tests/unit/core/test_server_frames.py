@@ -88,8 +88,16 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "joined",
-        server_frames.joined(room_id=5, last_seq=41, epoch="e1", online=[1, 2], reply_to=3),
-        {"type": "joined", "room_id": 5, "last_seq": 41, "epoch": "e1", "online": [1, 2], "reply_to": 3},
+        server_frames.joined(room_id=5, last_seq=41, epoch="e1", online=[1, 2], reply_to=3, edit_rev=8),
+        {
+            "type": "joined",
+            "room_id": 5,
+            "last_seq": 41,
+            "epoch": "e1",
+            "edit_rev": 8,
+            "online": [1, 2],
+            "reply_to": 3,
+        },
     ),
     (
         "left",
@@ -153,7 +161,7 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "message_updated",
-        server_frames.message_updated(room_id=5, message_id=77, seq=43, content="new", edited_at="t2"),
+        server_frames.message_updated(room_id=5, message_id=77, seq=43, content="new", edited_at="t2", rev=6),
         {
             "type": "message_updated",
             "room_id": 5,
@@ -162,12 +170,13 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "content": "new",
             "edited_at": "t2",
             "reactions": [],
+            "rev": 6,
         },
     ),
     (
         "message_deleted",
-        server_frames.message_deleted(room_id=5, message_id=77, seq=44),
-        {"type": "message_deleted", "room_id": 5, "message_id": 77, "seq": 44},
+        server_frames.message_deleted(room_id=5, message_id=77, seq=44, rev=7),
+        {"type": "message_deleted", "room_id": 5, "message_id": 77, "seq": 44, "rev": 7},
     ),
     (
         "reacted",
@@ -381,7 +390,7 @@ def test_change_from_row_is_an_update_or_a_delete() -> None:
     edited = _row(edited_at=dt.datetime(2026, 1, 2, 3, 5, tzinfo=dt.UTC), content="new")
     assert server_frames.change_from_row(edited) == {
         "type": "message_updated", "room_id": 7, "message_id": 9, "seq": 3, "content": "new",
-        "edited_at": "2026-01-02T03:05:00.000Z", "reactions": [],
+        "edited_at": "2026-01-02T03:05:00.000Z", "reactions": [], "rev": None,
     }  # fmt: skip
     assert server_frames.change_from_row(_row(deleted_at=edited["edited_at"]))["type"] == "message_deleted"
 
