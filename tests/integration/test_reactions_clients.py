@@ -1,13 +1,18 @@
-"""Reactions in the reference clients: ``chatd chat`` in a pseudo-terminal (``/react``, counts shown, live)."""
+"""Reactions in the reference clients: ``chatd chat`` in a pseudo-terminal (``/react``, counts shown, live),
+and the web app in Chromium (picker, chips, "mine")."""
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 import uuid
 from typing import Any
 
+from playwright.sync_api import Browser, Page, expect
+
 from tests.client_support import Terminal
 from tests.conftest import Services
+from tests.integration.test_webapp import Person, browser, create_room, rest  # noqa: F401  (browser: fixture)
 from tests.support import Chatd, request
 from tests.users import PASSWORD, make_users
 
@@ -58,3 +63,49 @@ async def test_terminal_client_reacts_and_shows_counts(chatd_factory: Any, servi
         await term.wait_for("bad_request")
     finally:
         term.close()
+
+
+def test_web_app_reactions_picker_counts_and_toggle(chatd_factory: Any, browser: Browser) -> None:  # noqa: F811
+    """Two people in two browser contexts: the picker adds, a chip toggles, counts and "mine" follow live."""
+    server: Chatd = chatd_factory()
+    alice = Person(browser, server.http, "Alice")
+    bob = Person(browser, server.http, "Bob")
+    try:
+        alice.register()
+        bob.register()
+        a, b = alice.page, bob.page
+        name = f"react-{uuid.uuid4().hex[:6]}"
+        room = create_room(alice, name)
+        rest(server.http, f"/rooms/{room}/members", alice.token(), {"user_id": bob.id})
+        alice.say("react here")
+        expect(alice.bodies("react here")).to_have_count(1)
+        b.get_by_role("button", name=re.compile(f"^{name}")).click()
+        expect(bob.bodies("react here")).to_have_count(1)
+
+        def chip(page: Page, emoji: str) -> Any:
+            msg = page.locator("#messages > li.msg", has=page.locator(".body", has_text="react here"))
+            return msg.locator("button.reaction", has_text=emoji)
+
+        msg_b = b.locator("#messages > li.msg", has=b.locator(".body", has_text="react here"))
+        msg_b.get_by_label("Add a reaction").click()
+        msg_b.get_by_role("button", name="React 👍").click()
+        expect(chip(b, "👍")).to_have_text("👍 1")
+        expect(chip(b, "👍")).to_have_attribute("aria-pressed", "true")
+        expect(chip(a, "👍")).to_have_text("👍 1")
+        expect(chip(a, "👍")).to_have_attribute("aria-pressed", "false")
+        chip(a, "👍").click()  # alice adds hers through the chip
+        expect(chip(a, "👍")).to_have_text("👍 2")
+        expect(chip(b, "👍")).to_have_text("👍 2")
+        expect(chip(a, "👍")).to_have_attribute("aria-pressed", "true")
+        chip(b, "👍").click()  # bob takes his back
+        expect(chip(b, "👍")).to_have_text("👍 1")
+        expect(chip(b, "👍")).to_have_attribute("aria-pressed", "false")
+        expect(chip(a, "👍")).to_have_text("👍 1")
+        # History (a reload reads REST) shows the same.
+        a.reload()
+        expect(chip(a, "👍")).to_have_text("👍 1")
+        expect(chip(a, "👍")).to_have_attribute("aria-pressed", "true")
+        assert alice.errors == [] and bob.errors == []
+    finally:
+        alice.context.close()
+        bob.context.close()

@@ -4,7 +4,7 @@
 import { Api, ApiError } from "./api.js";
 import { Connection } from "./connection.js";
 import { renderLinkified, renderMarkdown } from "./markdown.js";
-import { Session, ordered, unread } from "./session.js";
+import { Session, ordered, reacted, unread } from "./session.js";
 
 const $ = (id) => document.getElementById(id);
 const ROOMS_POLL_MS = 120000; // a safety net: the server announces rooms itself (room_added / room_removed)
@@ -14,6 +14,7 @@ const OUTBOX_PREFIX = "chatd.outbox."; // + user id: the sends not stored yet, k
 const PREVIEW_MAX_H = 400; // px: a tall image's preview is scaled down to this height (keeping its shape)
 const REPLY_EXCERPT = 80; // characters of a prompt quoted above an answer drawn apart from it
 const PLACEHOLDER = "Message (Enter sends, Shift+Enter: new line)";
+const PICKER = ["👍", "❤️", "😂", "🎉", "😮", "😢", "👀", "🚀"]; // the reaction picker: a few common emoji
 
 const api = new Api(() => showSignIn());
 let session = null;
@@ -713,7 +714,8 @@ function meta(who, when, state, stateLabel) {
 function updateMessage(li, m, room, streaming, reply) {
   const note = room.notes.get(m.messageId) ?? "";
   const who = m.role === "assistant" ? "Assistant" : m.role === "system" ? "" : nameOf(m.senderId);
-  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who, reply].join("|");
+  const reactionSig = JSON.stringify(m.reactions);
+  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who, reply, reactionSig].join("|");
   if (li.dataset.sig === sig) return;
   li.dataset.sig = sig;
   const mine = m.senderId !== null && m.senderId === session.userId;
@@ -736,6 +738,7 @@ function updateMessage(li, m, room, streaming, reply) {
   if (m.status === "error") children.push(el("p", { class: "flag", text: "The answer failed part way." }));
   if (m.superseded) children.push(el("p", { class: "flag", text: "Replaced by a newer answer." }));
   if (note) children.push(el("p", { class: "flag", text: note }));
+  if (!m.deleted && !system) children.push(reactionBar(m));
   if (assistant && !m.superseded && !streaming) {
     const again = () => run(session.regenerate(m.messageId));
     const button = el(
@@ -746,6 +749,31 @@ function updateMessage(li, m, room, streaming, reply) {
     children.push(el("div", { class: "actions" }, button));
   }
   li.replaceChildren(...children);
+}
+
+// Reactions under a message: one chip per emoji with its count (mine highlighted; a click toggles mine),
+// then a small picker. The counts move when the room's message_updated comes, for this tab too.
+function reactionBar(m) {
+  const toggle = (emoji) => run(session.react(current, m.messageId, emoji));
+  const chips = m.reactions.map((r) => {
+    const mine = reacted(m, session.userId, r.emoji);
+    const who = r.users.map((u) => (u === session.userId ? "you" : nameOf(u))).join(", ");
+    return el(
+      "button",
+      { type: "button", class: mine ? "reaction mine" : "reaction", "aria-pressed": String(mine), title: who, onclick: () => toggle(r.emoji) },
+      `${r.emoji} ${r.count}`,
+    );
+  });
+  const choices = PICKER.map((emoji) =>
+    el("button", { type: "button", class: "pick", "aria-label": `React ${emoji}`, onclick: () => toggle(emoji) }, emoji),
+  );
+  const picker = el(
+    "details",
+    { class: "picker" },
+    el("summary", { "aria-label": "Add a reaction", title: "Add a reaction" }, "☺+"),
+    el("div", { class: "choices" }, ...choices),
+  );
+  return el("div", { class: "reactions" }, ...chips, picker);
 }
 
 // Stop only for whom the server lets stop the answer (Session.canStop); Regenerate for every member.
