@@ -84,6 +84,25 @@ END: Final = r"(?![\s\S])"  # the end of the string in both dialects ($ in Pytho
 CONTENT_PATTERN: Final = rf"^[{WS}]*[^{WS}\x00][^\x00]*{END}"
 CLIENT_MSG_ID_PATTERN: Final = rf"^[!-~]{{1,{MAX_ID_CHARS}}}{END}"
 
+# A reaction: one emoji or a :shortcode:.  Not a full UTS #51 parser (that needs the Unicode emoji data), but its
+# shape over the emoji blocks: a pictograph, then a presentation selector or skin tone and tag characters
+# (subdivision flags), joined by ZWJ into one sequence; a flag (two regional indicators); a keycap.  So one emoji,
+# never text, never two side by side.  The characters are literal (no escapes), so that Python's re and ECMA-262
+# (with the u flag, as JSON Schema 2020-12 reads patterns) read the same classes.
+_PICTO: Final = (
+    "\u00a9\u00ae\u203c\u2049\u2122\u2139\u2194-\u2199\u21a9\u21aa\u231a-\u23ff\u24c2\u25aa-\u27bf"
+    "\u2934\u2935\u2b05-\u2b55\u3030\u303d\u3297\u3299\U0001f000-\U0001f1e5\U0001f200-\U0001f3fa"
+    "\U0001f400-\U0001faff"
+)
+_ELEMENT: Final = f"[{_PICTO}](?:\ufe0f|[\U0001f3fb-\U0001f3ff])?(?:[\U000e0020-\U000e007e]+\U000e007f)?"
+EMOJI_PATTERN: Final = (
+    f"^(?:{_ELEMENT}(?:\u200d{_ELEMENT})*"  # a pictograph sequence (👍, 👍🏽, 👨‍👩‍👧, 🏴 England)
+    "|[\U0001f1e6-\U0001f1ff]{2}"  # a flag
+    "|[0-9#*]\ufe0f?\u20e3"  # a keycap
+    f"|:[a-z0-9_+-]{{1,32}}:){END}"  # a shortcode, for custom emoji a client maps
+)
+MAX_EMOJI_CHARS: Final = 34  # code points: a 32-character :shortcode:, and bounds the regex's work
+
 
 # -- Member types: the constraints, and what a refused value is told (after ``<type>.<member> ``)
 
@@ -113,16 +132,13 @@ Token = Annotated[
     str, _says(f"must be a string of 1..{MAX_TOKEN_CHARS} characters", min_length=1, max_length=MAX_TOKEN_CHARS)
 ]
 Flag = Annotated[bool, _says("must be a boolean")]
-EMOJI_SAYS: Final = "must be one emoji or a :shortcode: (a-z, 0-9, _ + -, at most 32)"
-MAX_EMOJI_CHARS: Final = 34  # a :shortcode: of 32, the longest form (an emoji sequence is capped at 16 code points)
 Emoji = Annotated[
     str,
     _says(
-        EMOJI_SAYS,
-        min_length=1,
+        "must be one emoji or a :shortcode: (a-z, 0-9, _ + -, at most 32)",
+        pattern=EMOJI_PATTERN,
         max_length=MAX_EMOJI_CHARS,
-        description="one emoji (a pictograph with its modifiers, ZWJ sequences, a flag, a keycap) or a :shortcode:;"
-        " the exact rule (chatd.core.client_frames.is_emoji) is checked after the schema",
+        description="one emoji (a pictograph with its modifiers, a ZWJ sequence, a flag, a keycap) or a :shortcode:",
     ),
 ]
 # A bool is not an int here (msgspec is strict): ``true`` must not become room 1.
@@ -387,38 +403,10 @@ def _refusal(obj: Mapping[str, Any], max_message_chars: int) -> FrameError:
 
 
 def _within_limit(frame: ClientFrame, max_message_chars: int) -> ClientFrame:
-    """``frame``, unless its content is longer than this server takes (a setting: no static schema states it),
-    or its emoji is not one (a rule JSON Schema's patterns cannot spell the same way in Python and ECMA-262)."""
+    """``frame``, unless its content is longer than this server takes (a setting: no static schema states it)."""
     if isinstance(frame, (Send, Edit)) and len(frame.content) > max_message_chars:
         raise FrameError(TooLarge(f"{frame.TYPE}.content exceeds {max_message_chars} characters"), frame.request_id)
-    if isinstance(frame, React) and not is_emoji(frame.emoji):
-        raise FrameError(BadRequest(f"react.emoji {EMOJI_SAYS}"), frame.request_id)
     return frame
-
-
-# -- Emoji: what a reaction may be.  Not a full UTS #51 parser (that needs the Unicode emoji data, which the
-# standard library lacks), but its shape over the emoji blocks: a pictograph, then presentation selector, skin
-# tone or tag modifiers, joined by ZWJ into one sequence; a flag (two regional indicators); a keycap.  So one
-# grapheme of emoji, never text, never two emoji side by side.
-_PICTO: Final = (
-    "\u00a9\u00ae\u203c\u2049\u2122\u2139\u2194-\u2199\u21a9\u21aa\u231a-\u23ff\u24c2\u25aa-\u27bf"
-    "\u2934\u2935\u2b05-\u2b55\u3030\u303d\u3297\u3299\U0001f000-\U0001f1e5\U0001f200-\U0001f3fa"
-    "\U0001f400-\U0001faff"
-)
-_ELEMENT: Final = f"[{_PICTO}](?:\ufe0f|[\U0001f3fb-\U0001f3ff])?(?:[\U000e0020-\U000e007e]+\U000e007f)?"
-_EMOJI_RE: Final = re.compile(
-    f"(?:{_ELEMENT}(?:\u200d{_ELEMENT})*"  # a pictograph sequence (👍, 👍🏽, 👨‍👩‍👧, 🏴 England)
-    "|[\U0001f1e6-\U0001f1ff]{2}"  # a flag
-    "|[0-9#*]\ufe0f?\u20e3"  # a keycap
-    f"|:[a-z0-9_+-]{{1,32}}:){END}"  # a shortcode, for custom emoji a client maps
-)
-MAX_EMOJI_CODE_POINTS: Final = 16
-
-
-def is_emoji(text: str) -> bool:
-    """Whether ``text`` is one reaction emoji (see above); PROTOCOL.md §3 react states the rule."""
-    longest = MAX_EMOJI_CHARS if text.startswith(":") else MAX_EMOJI_CODE_POINTS  # bounds the regex's work
-    return len(text) <= longest and _EMOJI_RE.match(text) is not None
 
 
 def parse_client_frame(obj: Mapping[str, Any], *, max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS) -> ClientFrame:
@@ -569,3 +557,4 @@ class FrameDecoder:
     def _fail(self, reason: str, close_code: CloseCode) -> NoReturn:
         self._fatal = ProtocolViolation(reason, close_code)
         raise ProtocolViolation(reason, close_code)
+
