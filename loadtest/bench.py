@@ -709,6 +709,7 @@ class Bench:
         out.update(
             {
                 "ended": sum(r["ended"] for r in res),
+                "prompt_retries": sum(r.get("retries", 0) for r in res),  # prompts refused busy, then resent
                 "stop_reasons": merge_counts(res, "stop_reasons"),
                 "refused": merge_counts(res, "refused"),
                 "errors": merge_counts(res, "errors"),
@@ -1144,7 +1145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hot-rates", default="", help="comma list (default 10,20,50,100,200,400,800,1600; quick 50)")
     p.add_argument("--hot-step-s", type=float, default=0, help="default 8; quick 1")
     p.add_argument("--asst-streams", type=int, default=0, help="default 500; quick 10")
-    p.add_argument("--asst-timeout", type=float, default=120)
+    p.add_argument("--asst-timeout", type=float, default=0, help="seconds to wait for the answers (default 120;"
+                   " quick 30)")
     p.add_argument("--tokens-per-s", type=float, default=50.0)
     p.add_argument("--overload-conns", type=int, default=0, help="sockets in rooms of 2 (default 3000; quick 100)")
     p.add_argument("--overload-rates", default="",
@@ -1183,6 +1185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.hot_rates = [int(x) for x in dflt(a.hot_rates, "10,20,50,100,200,400,800,1600", "50").split(",")]
     a.hot_step_s = dflt(a.hot_step_s, 8.0, 1.0)
     a.asst_streams = dflt(a.asst_streams, 500, 10)
+    a.asst_timeout = dflt(a.asst_timeout, 120.0, 30.0)
     a.overload_conns = dflt(a.overload_conns, 3000, 100)
     a.overload_rates = [int(x) for x in dflt(a.overload_rates, "1000,2000,4000,6000,8000,12000", "1000").split(",")]
     a.overload_step_s = dflt(a.overload_step_s, 20.0, 1.5)

@@ -263,12 +263,15 @@ class Conn(WSProtocol):
             code = f.get("code")
             if code == "busy":
                 self.quiet_until = max(self.quiet_until, perf() + int(f.get("retry_after_ms", 0)) / 1000)
-            if code in RETRY_CODES and kind == "send" and gen.retrying and cmid in self.offers:
+            if code in RETRY_CODES and gen.retrying and cmid in self.offers:
                 # §10 step 7: the same client_msg_id and content again, once retry_after_ms has passed (a
                 # backoff for unavailable, which carries none); a stored first try then acks as a duplicate.
                 delay = int(f.get("retry_after_ms") or 0) / 1000 or 0.2
                 gen.retry_waiting += 1
-                asyncio.get_running_loop().call_later(delay, self.resend, cmid, room, gen.round)
+                asyncio.get_running_loop().call_later(delay, self.resend, cmid, room, kind, gen.round)
+            elif kind == "prompt" and self.asst is not None and self.asst.refused is None:
+                self.asst.refused = str(code)  # the prompt itself was refused: no answer will come
+                gen.asst_done += 1
 
     def on_assistant(self, t: str, f: dict[str, Any]) -> None:
         run = self.asst
@@ -323,7 +326,7 @@ class Conn(WSProtocol):
         rid = self.next_id()
         cmid = f"c{self.key}-{rid}"
         content = f"t={wall():.6f} k={self.key} n={rid} {pad}"
-        if kind == "send":
+        if kind in ("send", "prompt"):
             self.offers[cmid] = (perf(), content, 1)
             self.gen.offered += 1
         self._transmit(rid, room, content, cmid, kind)
@@ -337,7 +340,7 @@ class Conn(WSProtocol):
         self.gen.sent += 1
         self.send_text(self.send_frame(rid, room, content, cmid))
 
-    def resend(self, cmid: str, room: int, round_: int) -> None:
+    def resend(self, cmid: str, room: int, kind: str, round_: int) -> None:
         gen = self.gen
         if round_ != gen.round:
             return  # a timer of an earlier round: its counters are gone
@@ -347,11 +350,14 @@ class Conn(WSProtocol):
             return  # the drain ended: it stays in offers and is reported never acked
         if self.quiet_until > perf():  # told busy again meanwhile (another send): wait for that too
             gen.retry_waiting += 1
-            asyncio.get_running_loop().call_later(self.quiet_until - perf(), self.resend, cmid, room, round_)
+            asyncio.get_running_loop().call_later(self.quiet_until - perf(), self.resend, cmid, room, kind, round_)
             return
         self.offers[cmid] = (offer[0], offer[1], offer[2] + 1)
         gen.retries += 1
-        self._transmit(self.next_id(), room, offer[1], cmid, "send")
+        rid = self.next_id()
+        if kind == "prompt" and self.asst is not None:
+            self.asst.rid = rid  # the answer's own refusals (after the ack) name the try that was acked
+        self._transmit(rid, room, offer[1], cmid, kind)
 
     @staticmethod
     def send_frame(rid: int, room: int, content: str, cmid: str) -> bytes:
@@ -621,6 +627,10 @@ async def cmd_chat(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
 async def cmd_assistant(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     gen.reset()
+    gen.retrying = True  # a prompt refused busy is resent like any send; its t_send stays the first try's
+    for c in gen.conns.values():
+        c.offers.clear()
+        c.quiet_until = 0.0
     prompts = [(gen.conns[k], room) for k, room in cmd["prompts"] if k in gen.conns]
     await _wait_until(cmd["start_at"])
     cpu0 = time.process_time()
@@ -632,6 +642,7 @@ async def cmd_assistant(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     while gen.asst_done < len(prompts) and perf() < deadline:  # noqa: ASYNC110  # polled counter, bounded
         await asyncio.sleep(0.05)
     await _drain(gen, 3.0, lambda: gen.outstanding <= 0)
+    gen.retrying = False
     dt = 1.0 / float(cmd["tokens_per_s"])
     first_chunk, to_start, to_ack, full, gaps, lag = [], [], [], [], [], []
     server_first, server_latency, chunks_per, tok_rate = [], [], [], []
@@ -669,6 +680,7 @@ async def cmd_assistant(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
         conn.asst = None
     return {
         "prompts": len(prompts),
+        "retries": gen.retries,
         "ended": len(full),
         "acked": gen.acked,
         "errors": dict(gen.errors),
