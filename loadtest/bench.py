@@ -801,8 +801,10 @@ class Bench:
             for wl in a.workloads:
                 if wl in ("assistant", "overload") and t.kind != "chatd":
                     continue  # only chatd has an assistant and a commit to overload
+                w0 = time.perf_counter()
                 try:
                     res[wl] = getattr(self, f"wl_{wl}")(t)
+                    res[wl]["workload_wall_s"] = round(time.perf_counter() - w0, 1)  # to plan a full run's time
                 except Exception as exc:
                     log(f"{name}: workload {wl} failed: {exc!r}")
                     res[wl] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
@@ -1150,11 +1152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens-per-s", type=float, default=50.0)
     p.add_argument("--overload-conns", type=int, default=0, help="sockets in rooms of 2 (default 3000; quick 100)")
     p.add_argument("--overload-rates", default="",
-                   help="offered sends/s, stepped (default 1000,2000,4000,6000,8000,12000; quick 1000)")
+                   help="offered sends/s, stepped (default 1000,2000,4000,6000,8000,12000; quick 2000)")
     p.add_argument("--overload-step-s", type=float, default=0, help="default 20; quick 1.5")
     p.add_argument("--overload-drain-s", type=float, default=15.0, help="time for the last retries after a step")
     p.add_argument("--send-queue-max", type=int, default=0,
-                   help="CHATD_WS_SEND_QUEUE_MAX for chatd (default chatd's own; quick 8, so that busy and the"
+                   help="CHATD_WS_SEND_QUEUE_MAX for chatd (default chatd's own; quick 32, so that busy and the"
                         " retries happen)")
     p.add_argument("--embedder", default="", help="CHATD_ASSISTANT_EMBEDDER for chatd (default: chatd's own)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
@@ -1187,9 +1189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.asst_streams = dflt(a.asst_streams, 500, 10)
     a.asst_timeout = dflt(a.asst_timeout, 120.0, 30.0)
     a.overload_conns = dflt(a.overload_conns, 3000, 100)
-    a.overload_rates = [int(x) for x in dflt(a.overload_rates, "1000,2000,4000,6000,8000,12000", "1000").split(",")]
+    a.overload_rates = [int(x) for x in dflt(a.overload_rates, "1000,2000,4000,6000,8000,12000", "2000").split(",")]
     a.overload_step_s = dflt(a.overload_step_s, 20.0, 1.5)
-    a.send_queue_max = dflt(a.send_queue_max, 0, 8)
+    a.send_queue_max = dflt(a.send_queue_max, 0, 32)
     if (os.cpu_count() or 1) < 2:
         a.server_cpus = a.gen_cpus = ""
     a.server_cpus = a.server_cpus or None
