@@ -475,7 +475,9 @@ class Bench:
         offered = sum(r.get("offered", 0) for r in res)  # distinct messages sent at least once
         delivered = sum(r["delivered"] for r in res)
         server_cpu = cpu1 - cpu0
-        svc_cpu = svc1 - svc0
+        # Per process: one started in the window counts from 0; one that exited in it is lost (an undercount,
+        # never a negative figure as a plain difference of sums would give).
+        svc_cpu = sum(max(0.0, cpu - svc0.get(pid, 0.0)) for pid, cpu in svc1.items())
         # All-in: what a delivery costs the machine, the server's Postgres and Valkey work included.
         allin_cpu = server_cpu + (svc_cpu if t.uses_services else 0.0)
         agg = {
@@ -517,10 +519,11 @@ class Bench:
             agg["warning"] = "generator CPU > 90%: figures may be generator-bound"
         return res, agg
 
-    def services_cpu(self) -> float:
+    def services_cpu(self) -> dict[int, float]:
+        """CPU seconds of each Postgres and Valkey process now."""
         if self.services is None:
-            return 0.0
-        return sum(fixtures.proc_cpu_seconds(p) for p in self.services.pids())
+            return {}
+        return {p: fixtures.proc_cpu_seconds(p) for p in self.services.pids()}
 
     def wl_fanout(self, t: Target) -> dict[str, Any]:
         a = self.args

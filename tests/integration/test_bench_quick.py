@@ -37,7 +37,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     assert set(targets) == {"baseline", "websockets", "chatd-1w"}
     chatd = targets["chatd-1w"]
     # The figures this issue added, on chatd: all-in CPU beside the server's own, and the overload step with
-    # refused sends retried until acked (the quick run's small commit queue makes chatd refuse some).
+    # refused sends retried until acked (the quick run's small commit queue lets chatd refuse some under load).
     assert chatd["fanout"]["allin_cpu_s_per_1m_msgs"] >= chatd["fanout"]["server_cpu_s_per_1m_msgs"] > 0
     step = chatd["overload"]["steps"][0]
     assert step["acked"] > 0 and step["final_ack_ms"]["n"] > 0
