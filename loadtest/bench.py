@@ -383,8 +383,10 @@ class Bench:
         server = fixtures.chatd_server(name, workers, db, self.services.redis_url, self.log_dir, cpus, env)
         t = Target(name, "chatd", "chatd", server, single * workers, f"chatd --workers {workers}")
         t.database_url = db
-        n_users = max(*self.args.conn_levels, self.args.fanout_conns, self.args.hot_members, streams,
-                      self.args.overload_conns)
+        a = self.args
+        sizes = {"connections": max(a.conn_levels), "fanout": a.fanout_conns, "hot": a.hot_members,
+                 "assistant": streams, "overload": a.overload_conns}
+        n_users = max((sizes[w] for w in a.workloads), default=1)  # the workloads run, not every default size
         t0 = time.perf_counter()
         t.users = fixtures.make_users(db, n_users)
         log(f"{name}: {n_users} users by SQL + JWT in {time.perf_counter() - t0:.1f}s")
