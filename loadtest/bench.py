@@ -1095,8 +1095,9 @@ def markdown(rep: dict[str, Any]) -> str:
                     r, lambda s: f"{fmt(_get(s, 'ack_ms', 'p50'))} / {fmt(_get(s, 'ack_ms', 'p99'))}")),
                 (f"{rate:,}/s: first try->final ack p50 / p99 ms", lambda r, cell=cell: cell(
                     r, lambda s: f"{fmt(_get(s, 'final_ack_ms', 'p50'))} / {fmt(_get(s, 'final_ack_ms', 'p99'))}")),
-                (f"{rate:,}/s: server CPU %, all-in CPU s / 1M msgs", lambda r, cell=cell: cell(
-                    r, lambda s: f"{fmt(s['server_cpu_pct_core'])}, {fmt(s['allin_cpu_s_per_1m_msgs'])}")),
+                (f"{rate:,}/s: server CPU %, all-in CPU s / 1M msgs, generator CPU %", lambda r, cell=cell: cell(
+                    r, lambda s: f"{fmt(s['server_cpu_pct_core'])}, {fmt(s['allin_cpu_s_per_1m_msgs'])}, "
+                    f"{fmt(s['gen_cpu_pct'])}")),
                 (f"{rate:,}/s: missing / dup at the receivers", lambda r, cell=cell: cell(
                     r, lambda s: f"{fmt(_get(s, 'loss', 'missing'))} / {fmt(_get(s, 'loss', 'duplicates'))}")),
             ]
