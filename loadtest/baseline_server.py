@@ -12,10 +12,18 @@ chatd's frames that the benchmark generator uses, with the same shapes:
     on connect                                    <- {"type":"hello",...}
 
 Per-room seqs are an in-memory counter.  Fan-out builds each frame once and
-writes the same bytes to every socket's stream, as chatd does.  Sockets are
-pinged every 25 s like chatd's default heartbeat, so idle CPU compares.
+writes the same bytes to every socket, as chatd does.  Sockets are pinged
+every 25 s like chatd's default heartbeat, so idle CPU compares.
 
-    python loadtest/baseline_server.py --port 8090
+Write path (``--write-path``): ``direct`` (default) is chatd's own
+(chatd/realtime/wsconn.py ``WsConnection._write``): when nothing is queued on
+the stream, one ``socket.send()`` and no IOStream bookkeeping; only what the
+kernel does not take goes through ``stream.write``.  ``stream`` is Tornado's
+``IOStream.write`` for every frame, the path this baseline had before: kept to
+show what the direct path is worth, not as the ceiling (with it chatd beat its
+own "ceiling" in the hot room).
+
+    python loadtest/baseline_server.py --port 8090 [--write-path stream]
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from tornado.iostream import StreamClosedError
 
 _ids = itertools.count(1)
 _users = itertools.count(1)
+DIRECT = True  # --write-path direct (see the module docstring)
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -90,6 +99,22 @@ class BaselineSocket(tornado.websocket.WebSocketHandler):
         stream = getattr(conn, "stream", None) if conn is not None else None
         if stream is None or conn is None or conn.is_closing():
             return
+        if DIRECT and not stream.writing():
+            # As chatd: nothing queued, so the bytes can go to the kernel now, in order.  While the stream
+            # holds bytes, the frame queues behind them in stream.write below (order kept).
+            sock = stream.socket
+            if sock is None:
+                return
+            try:
+                sent = sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # reset, broken pipe: the stream closes, on_close follows
+                stream.close()
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]  # the rest of a frame: handed over now, never dropped
         try:
             stream.write(frame)
         except StreamClosedError:
@@ -196,5 +221,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--backlog", type=int, default=4096)
+    parser.add_argument("--write-path", choices=("direct", "stream"), default="direct")
     args = parser.parse_args()
+    DIRECT = args.write_path == "direct"
     uvloop.run(main(args.host, args.port, args.backlog))

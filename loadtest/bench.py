@@ -1,7 +1,9 @@
 """chatd benchmark harness: one command, servers started here, results in loadtest/results/.
 
-    python loadtest/bench.py --quick        # < 3 minutes: the whole pipeline at small scale
-    python loadtest/bench.py                # full run (< 25 minutes), on a quiet machine
+    python loadtest/bench.py --quick        # smoke run (~40 s): every workload once, small; fails without figures
+    python loadtest/bench.py                # full run, 3 runs of every target, on a quiet machine
+    python loadtest/bench.py --targets baseline,websockets,chatd-1w --workloads fanout --fanout-conns 1000 \
+        --fanout-interval 2 --runs 3        # one row of docs/BENCHMARKS.md
 
 What it does, in order:
 
@@ -11,20 +13,30 @@ What it does, in order:
    under test is started with ``taskset -c 0`` (``--server-cpus``), so its CPU
    figures are per core.
 2. For each target, side by side: BASELINE (``baseline_server.py``: Tornado +
-   uvloop broadcast, no auth/persistence/Redis: the ceiling), PEER
-   (``peer_socketio.py``: python-socketio + AsyncRedisManager on aiohttp),
-   chatd with 1 worker and chatd with 2 workers (both on the same core by
-   default: the 2-worker figures show what cross-worker fan-out costs; 20k
-   sockets need 2 worker processes anyway, RLIMIT_NOFILE being 20000 per
+   uvloop broadcast, no auth/persistence/Redis, writing to the socket directly
+   as chatd does: the ceiling; ``baseline-stream`` is the same through
+   Tornado's ``IOStream.write``, the old baseline), WEBSOCKETS
+   (``websockets_server.py``: the websockets library's ``broadcast``, a second
+   reference), PEER (``peer_socketio.py``: python-socketio + AsyncRedisManager
+   on aiohttp), chatd with 1 worker and chatd with 2 workers (both on the same
+   core by default: the 2-worker figures show what cross-worker fan-out costs;
+   20k sockets need 2 worker processes anyway, RLIMIT_NOFILE being 20000 per
    process).
 3. Workloads: connection scale (idle authenticated sockets: connect rate, RSS
    per socket, idle CPU), chat fan-out (rooms of R, everyone sending every
-   I s: delivered/s, send->echo percentiles, CPU per 10k frames, loss check),
+   I s: delivered/s, send->echo percentiles, CPU per delivery of the server
+   alone and all-in, i.e. with Postgres + Valkey, loss check),
    hot room (1 sender, 1 room of M members, rate stepped up until p99 > 100 ms),
    assistant streaming (offline provider, S concurrent streams), durability
-   (group commit: committed messages/s and batch sizes, read from Postgres).
-4. Writes ``loadtest/results/bench-<timestamp>.json`` and a markdown report to
-   stdout and ``loadtest/results/latest.md``.
+   (group commit: committed messages/s and batch sizes, read from Postgres),
+   overload (rooms of 2, offered sends/s stepped past the commit capacity,
+   refused sends retried after ``retry_after_ms``: acked/s, first try -> final
+   ack, never acked).
+4. Repeats all of it ``--runs`` times (3 by default; every target in each run,
+   the order flipped every other run) and reports each figure as the median
+   [min–max] over the runs; ratios are taken within a run, then summarized.
+5. Writes ``loadtest/results/bench-<timestamp>.json`` (every run, and the
+   summary) and a markdown report to stdout and ``loadtest/results/latest.md``.
 
 All traffic goes to 127.0.0.0/8 and unix sockets.  Every loop is bounded in
 count and time.
@@ -34,12 +46,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import json
 import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +74,8 @@ from loadgen import GenPool
 
 RESULTS = fixtures.LOADTEST / "results"
 P99_LIMIT_MS = 100.0
+TARGETS = ("baseline", "baseline-stream", "websockets", "peer")  # and chatd-<N>w
+WORKLOADS = ("connections", "fanout", "hot", "assistant", "overload")
 
 
 # -- small helpers -----------------------------------------------------------------------
@@ -97,6 +113,67 @@ def merge_counts(results: list[dict[str, Any]], key: str) -> dict[str, int]:
     return out
 
 
+class Spread:
+    """One figure over several runs, printed ``median [min–max]``: the median says what to expect, the range how
+    far one run may be from it (quoting the quietest run would hide that)."""
+
+    __slots__ = ("missing", "values")
+
+    def __init__(self, values: list[float], missing: int = 0) -> None:
+        self.values = values
+        self.missing = missing  # runs without this figure (a step not reached, a limit not found)
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.values))
+
+    def render(self, nd: int = 1) -> str:
+        lo, hi = min(self.values), max(self.values)
+        text = fmt(self.median, nd) if lo == hi else f"{fmt(self.median, nd)} [{fmt(lo, nd)}–{fmt(hi, nd)}]"
+        n = len(self.values) + self.missing
+        return text + (f" ({self.missing} of {n} runs: –)" if self.missing else "")
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def __format__(self, spec: str) -> str:
+        return self.render()
+
+    def __bool__(self) -> bool:
+        return any(self.values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median": self.median, "min": min(self.values), "max": max(self.values), "runs": self.values,
+                "runs_without": self.missing}
+
+
+def merge_runs(values: list[Any]) -> Any:
+    """The same structure over runs, leaf by leaf: numbers that differ become a Spread, lists of dicts (a
+    workload's steps) merge by position, anything else is the first run's."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(isinstance(v, dict) for v in present):
+        keys = dict.fromkeys(k for v in present for k in v)
+        return {k: merge_runs([v.get(k) for v in present]) for k in keys}
+    if all(isinstance(v, list) for v in present):
+        if any(isinstance(x, dict) for v in present for x in v):
+            n = max(len(v) for v in present)
+            return [merge_runs([v[i] for v in present if i < len(v)]) for i in range(n)]
+        return present[0]
+    if all(isinstance(v, bool) for v in present):
+        return all(present)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        if len(set(present)) == 1 and len(present) == len(values):
+            return present[0]
+        return Spread([float(v) for v in present], len(values) - len(present))
+    return present[0]
+
+
+def json_default(x: Any) -> Any:
+    return x.to_json() if isinstance(x, Spread) else str(x)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -126,6 +203,12 @@ class Target:
         self.note = note
         self.database_url = ""
         self.users: list[fixtures.User] = []
+
+    @property
+    def uses_services(self) -> bool:
+        """chatd and the peer work through Postgres/Valkey: their all-in CPU counts those; the in-memory
+        references use neither, so what the services do meanwhile (autovacuum, checkpoints) is not theirs."""
+        return self.kind in ("chatd", "peer")
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -247,8 +330,11 @@ class Bench:
                 dups += dup
                 ooo += o
         unjoined = getattr(self, "unjoined", 0)  # sockets whose join was refused: they received nothing
+        # Offered (sent at least once) but never acked, retries included: lost from the sender's side.
+        never_acked = sum(r.get("never_acked", 0) for r in res)
         return {"members": members, "unjoined": unjoined, "missing": missing, "duplicates": dups,
-                "out_of_order": ooo, "extra": extra, "ok": missing == 0 and dups == 0 and unjoined == 0}
+                "out_of_order": ooo, "extra": extra, "never_acked": never_acked,
+                "ok": missing == 0 and dups == 0 and unjoined == 0 and never_acked == 0}
 
     # -- targets -----------------------------------------------------------------------
 
@@ -257,11 +343,21 @@ class Bench:
         cpus = self.args.server_cpus
         nofile = fixtures.raise_nofile()
         single = nofile - 200  # listening socket, pools, logs
-        if name == "baseline":
+        if name in ("baseline", "baseline-stream"):
             port = fixtures.free_port()
-            argv = [sys.executable, str(fixtures.LOADTEST / "baseline_server.py"), "--port", str(port)]
+            path = "stream" if name == "baseline-stream" else "direct"
+            argv = [sys.executable, str(fixtures.LOADTEST / "baseline_server.py"), "--port", str(port),
+                    "--write-path", path]
             server = ServerProcess(name, argv, port, dict(os.environ), self.log_dir / f"{name}.log", cpus=cpus)
-            return Target(name, "baseline", "chatd", server, single, "Tornado+uvloop, no auth/persistence/Redis")
+            note = ("Tornado+uvloop, no auth/persistence/Redis, chatd's direct socket write" if path == "direct"
+                    else "the same, every frame through Tornado's IOStream.write (the old baseline)")
+            return Target(name, "baseline", "chatd", server, single, note)
+        if name == "websockets":
+            port = fixtures.free_port()
+            argv = [sys.executable, str(fixtures.LOADTEST / "websockets_server.py"), "--port", str(port)]
+            server = ServerProcess(name, argv, port, dict(os.environ), self.log_dir / f"{name}.log", cpus=cpus)
+            note = "the websockets library's asyncio server + broadcast() on uvloop, no auth/persistence/Redis"
+            return Target(name, "reference", "chatd", server, single, note)
         if name == "peer":
             port = fixtures.free_port()
             argv = [
@@ -280,12 +376,17 @@ class Bench:
             "CHATD_ASSISTANT_CONCURRENCY": str(max(16, streams)),
             "CHATD_ASSISTANT_QUEUE_MAX_DEPTH": str(max(1000, 2 * streams)),
         }
+        if self.args.send_queue_max:
+            env["CHATD_WS_SEND_QUEUE_MAX"] = str(self.args.send_queue_max)
         if self.args.embedder:
             env["CHATD_ASSISTANT_EMBEDDER"] = self.args.embedder
         server = fixtures.chatd_server(name, workers, db, self.services.redis_url, self.log_dir, cpus, env)
         t = Target(name, "chatd", "chatd", server, single * workers, f"chatd --workers {workers}")
         t.database_url = db
-        n_users = max(*self.args.conn_levels, self.args.fanout_conns, self.args.hot_members, streams)
+        a = self.args
+        sizes = {"connections": max(a.conn_levels), "fanout": a.fanout_conns, "hot": a.hot_members,
+                 "assistant": streams, "overload": a.overload_conns}
+        n_users = max((sizes[w] for w in a.workloads), default=1)  # the workloads run, not every default size
         t0 = time.perf_counter()
         t.users = fixtures.make_users(db, n_users)
         log(f"{name}: {n_users} users by SQL + JWT in {time.perf_counter() - t0:.1f}s")
@@ -296,7 +397,7 @@ class Bench:
     def wl_connections(self, t: Target) -> dict[str, Any]:
         a = self.args
         srv = t.server
-        time.sleep(1.0)
+        time.sleep(a.settle_s if a.quick else 1.0)  # the RSS before: after start-up work
         rss0 = srv.rss_bytes()
         out: dict[str, Any] = {"rss_before_mib": round(rss0 / 2**20, 1), "levels": []}
         connected = 0
@@ -334,7 +435,7 @@ class Bench:
         """Wait (bounded) until the server's CPU use drops below ``below`` of a core: join storms leave work behind
         (chatd: presence frames to every member).  Returns the seconds waited."""
         start = time.perf_counter()
-        max_s = max_s if max_s is not None else (5.0 if self.args.quick else 15.0)
+        max_s = max_s if max_s is not None else (2.0 if self.args.quick else 15.0)
         time.sleep(self.args.settle_s)
         while time.perf_counter() - start < max_s:
             c0, w0 = t.server.cpu_seconds(), time.perf_counter()
@@ -350,11 +451,13 @@ class Bench:
         self, t: Target, senders: list[tuple[int, int]], interval_s: float, duration_s: float,
         track_deliver: bool = True, drain_s: float = 10.0,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One round of scheduled sends, then a drain (bounded by ``drain_s``) in which refused sends are still
+        retried; what is unacked at its end is reported as never acked."""
         assert self.pool is not None
         parts: list[list[tuple[int, int]]] = [[] for _ in range(self.w)]
         for k, room in senders:
             parts[k % self.w].append((k, room))
-        start_at = time.time() + 0.5
+        start_at = time.time() + (0.2 if self.args.quick else 0.5)  # every generator starts together
         cmds = [
             {
                 "op": "chat", "senders": p, "interval_s": interval_s, "duration_s": duration_s, "start_at": start_at,
@@ -372,26 +475,41 @@ class Bench:
         send_wall = max(r["send_wall_s"] for r in res)
         sent = sum(r["sent"] for r in res)
         deferred = sum(r.get("deferred", 0) for r in res)  # held back by the generator after a busy
+        offered = sum(r.get("offered", 0) for r in res)  # distinct messages sent at least once
         delivered = sum(r["delivered"] for r in res)
         server_cpu = cpu1 - cpu0
+        # Per process: one started in the window counts from 0; one that exited in it is lost (an undercount,
+        # never a negative figure as a plain difference of sums would give).
+        svc_cpu = sum(max(0.0, cpu - svc0.get(pid, 0.0)) for pid, cpu in svc1.items())
+        # All-in: what a delivery costs the machine, the server's Postgres and Valkey work included.
+        allin_cpu = server_cpu + (svc_cpu if t.uses_services else 0.0)
         agg = {
             "sent": sent,
+            "offered": offered,
+            "retries": sum(r.get("retries", 0) for r in res),
+            "never_acked": sum(r.get("never_acked", 0) for r in res),
+            "tries": merge_counts(res, "tries"),
             "deferred": deferred,
-            "offered_per_s": round((sent + deferred) / send_wall, 1) if send_wall else None,
+            "offered_per_s": round((offered + deferred) / send_wall, 1) if send_wall else None,
+            "first_tries_per_s": round(offered / send_wall, 1) if send_wall else None,
             "acked": sum(r["acked"] for r in res),
-            "acked_per_s": round(sum(r["acked"] for r in res) / send_wall, 1) if send_wall else None,
+            "acked_per_s": round(sum(r.get("acked_in_window", r["acked"]) for r in res) / send_wall, 1)
+            if send_wall else None,
             "send_rate_per_s": round(sent / send_wall, 1) if send_wall else None,
             "delivered": delivered,
             "delivered_per_s": round(delivered / send_wall, 1) if send_wall else None,
             "errors": merge_counts(res, "errors"),
-            "ack_ms": summary(merge_lists(res, "lat_ack")),
+            "ack_ms": summary(merge_lists(res, "lat_ack")),  # the accepted try's own send -> ack
+            "final_ack_ms": summary(merge_lists(res, "lat_final")),  # first try -> final ack, retries included
             "echo_ms": summary(merge_lists(res, "lat_echo")),
             "deliver_ms": summary(merge_lists(res, "lat_deliver")),
             "server_cpu_s": round(server_cpu, 2),
             "server_cpu_pct_core": round(100 * server_cpu / wall, 1) if wall else None,
             "server_cpu_s_per_10k_frames": round(server_cpu / delivered * 1e4, 4) if delivered else None,
             "server_cpu_s_per_1m_msgs": round(server_cpu / delivered * 1e6, 1) if delivered else None,
-            "pg_valkey_cpu_s": round(svc1 - svc0, 2),
+            "pg_valkey_cpu_s": round(svc_cpu, 2),
+            "allin_cpu_s": round(allin_cpu, 2),
+            "allin_cpu_s_per_1m_msgs": round(allin_cpu / delivered * 1e6, 1) if delivered else None,
             "gen_cpu_pct": round(100 * (g1 - g0) / wall, 1) if wall else None,
             "wall_s": round(wall, 2),
             "send_wall_s": round(send_wall, 2),
@@ -404,10 +522,11 @@ class Bench:
             agg["warning"] = "generator CPU > 90%: figures may be generator-bound"
         return res, agg
 
-    def services_cpu(self) -> float:
+    def services_cpu(self) -> dict[int, float]:
+        """CPU seconds of each Postgres and Valkey process now."""
         if self.services is None:
-            return 0.0
-        return sum(fixtures.proc_cpu_seconds(p) for p in self.services.pids())
+            return {}
+        return {p: fixtures.proc_cpu_seconds(p) for p in self.services.pids()}
 
     def wl_fanout(self, t: Target) -> dict[str, Any]:
         a = self.args
@@ -510,7 +629,8 @@ class Bench:
         out["join"] = self.join([(k, room) for k in keys])
         out["quiesce_s"] = self.quiesce(t)
         # Warm-up (not measured): first frames pay for lazy set-up (Redis subscriptions, caches) on every server.
-        self._chat_round(t, [(0, room)], 1.0 / a.hot_rates[0], 1.0, drain_s=2.0)
+        if not a.quick:  # the smoke run checks that figures come out, not what they are
+            self._chat_round(t, [(0, room)], 1.0 / a.hot_rates[0], 1.0, drain_s=2.0)
         best = None
         for rate in a.hot_rates:
             _, agg = self._chat_round(t, [(0, room)], 1.0 / rate, a.hot_step_s, drain_s=5.0)
@@ -528,6 +648,43 @@ class Bench:
                 break
             best = rate
         out["best_rate_p99_under_100ms"] = best
+        self.close_all()
+        return out
+
+    def wl_overload(self, t: Target) -> dict[str, Any]:
+        """Offered sends/s stepped past the commit capacity, rooms of 2 (the commit, not the fan-out, is the
+        limit).  Refused sends are retried after ``retry_after_ms`` (docs/PROTOCOL.md §3, §10); each step reports
+        acked/s within the send window and its share of the best step, accepted-try and first-try->final-ack
+        latencies, and every offered message that was never acked."""
+        a = self.args
+        n = min(a.overload_conns, t.max_conns) // 2 * 2
+        keys = list(range(n))
+        groups = [keys[i : i + 2] for i in range(0, n, 2)]
+        rooms = t.rooms(groups, "group", first_id=2_000_000)
+        room_of = {k: rooms[i // 2] for i, k in enumerate(keys)}
+        out: dict[str, Any] = {"conns": n, "room_size": 2, "step_s": a.overload_step_s, "steps": []}
+        out["connect"] = self.connect(t, keys)
+        out["join"] = self.join([(k, room_of[k]) for k in keys])
+        for rate in a.overload_rates:
+            out["quiesce_s"] = self.quiesce(t)  # the last step's backlog committed before the next starts
+            # Retries of the last sends may wait up to 5 s (retry_after_ms) each: drain long enough for a few.
+            _, agg = self._chat_round(t, [(k, room_of[k]) for k in keys], n / rate, a.overload_step_s,
+                                      track_deliver=False, drain_s=a.overload_drain_s)
+            step = {"rate": rate, **{k: agg[k] for k in (
+                "offered", "offered_per_s", "first_tries_per_s", "deferred", "sent", "retries", "never_acked",
+                "tries", "acked", "acked_per_s", "delivered_per_s", "ack_ms", "final_ack_ms", "server_cpu_pct_core",
+                "server_cpu_s_per_1m_msgs", "pg_valkey_cpu_s", "allin_cpu_s_per_1m_msgs", "gen_cpu_pct", "loss",
+                "errors", "still_open",
+            )}}
+            step["busy"] = agg["errors"].get("send:busy", 0)
+            out["steps"].append(step)
+            log(f"{t.name}: overload {rate}/s offered -> {agg['acked_per_s']} acked/s, busy {step['busy']}, "
+                f"retries {agg['retries']}, final ack p99 {agg['final_ack_ms'].get('p99')} ms, never acked "
+                f"{agg['never_acked']}, missing {agg['loss']['missing']}, CPU {agg['server_cpu_pct_core']}%")
+        peak = max((s["acked_per_s"] or 0 for s in out["steps"]), default=0)
+        out["peak_acked_per_s"] = peak
+        for s in out["steps"]:
+            s["pct_of_peak"] = round(100 * (s["acked_per_s"] or 0) / peak, 1) if peak else None
         self.close_all()
         return out
 
@@ -558,6 +715,7 @@ class Bench:
         out.update(
             {
                 "ended": sum(r["ended"] for r in res),
+                "prompt_retries": sum(r.get("retries", 0) for r in res),  # prompts refused busy, then resent
                 "stop_reasons": merge_counts(res, "stop_reasons"),
                 "refused": merge_counts(res, "refused"),
                 "errors": merge_counts(res, "errors"),
@@ -592,6 +750,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         a = self.args
         started = datetime.now(UTC)
+        load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
         nofile = fixtures.raise_nofile()
         if a.gen_cpus and hasattr(os, "sched_setaffinity"):
             with contextlib.suppress(OSError, ValueError):
@@ -601,36 +760,22 @@ class Bench:
         self.services = Services(self.tmp / "svc", os.environ.get("DATABASE_URL", ""),
                                  os.environ.get("REDIS_URL", "")).start()
         self.pool = GenPool(a.gen_procs)
-        for name in a.targets:
-            t: Target | None = None
-            res: dict[str, Any] = {}
-            self.results[name] = res
-            try:
-                t = self.make_target(name)
-                res["note"] = t.note
-                t.server.start()
-                time.sleep(1.0)
-                log(f"{name}: serving on 127.0.0.1:{t.server.port} (pids {t.server.pids()})")
-                for wl in a.workloads:
-                    if wl == "assistant" and t.kind != "chatd":
-                        continue
-                    try:
-                        res[wl] = getattr(self, f"wl_{wl}")(t)
-                    except Exception as exc:
-                        log(f"{name}: workload {wl} failed: {exc!r}")
-                        res[wl] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-                        with contextlib.suppress(Exception):
-                            self.close_all()
-                    time.sleep(a.settle_s)
-            except Exception as exc:
-                log(f"{name}: failed: {exc!r}")
-                res["error"] = f"{type(exc).__name__}: {exc}"
-            finally:
-                if t is not None:
-                    t.server.stop()
-                    res["server_log"] = log_summary(t.server.log_path)
+        runs: list[dict[str, Any]] = []
+        for i in range(a.runs):
+            # Every run has every target, so each ratio is taken within one run; the order flips every other
+            # run so that no target always runs first (fresh Postgres) or last (bloated tables, warm caches).
+            order = a.targets if i % 2 == 0 else a.targets[::-1]
+            if a.runs > 1:
+                log(f"run {i + 1} of {a.runs}: {', '.join(order)}")
+            self.results = {name: {} for name in a.targets}
+            for name in order:
+                self.run_target(name, self.results[name])
+            runs.append({"order": order, "targets": self.results, "ratios": ratios(self.results)})
         report = {
             "started": started.isoformat(timespec="seconds"),
+            # A figure taken while other work shared the cores is not a quiet figure: say so next to it.
+            "load_start": load_start,
+            "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
             "command": " ".join(shlex.quote(x) for x in [Path(sys.executable).name, *sys.argv]),
             "quick": a.quick,
@@ -640,17 +785,55 @@ class Bench:
             "placement": {"server_cpus": a.server_cpus, "generator_cpus": a.gen_cpus, "generator_procs": a.gen_procs,
                           "postgres_valkey_cpus": a.gen_cpus},
             "settings": {k: v for k, v in vars(a).items() if k not in ("targets", "workloads")},
-            "targets": self.results,
+            "runs": runs,
+            # Each figure over the runs: a plain number when every run gave the same, else a Spread (median,
+            # range); the markdown prints median [min–max], the JSON the values of every run as well.
+            "targets": merge_runs([r["targets"] for r in runs]),
+            "ratios": merge_runs([r["ratios"] for r in runs]) or {},
             "notes": self.notes,
         }
-        report["ratios"] = ratios(self.results)
         return report
 
+    def run_target(self, name: str, res: dict[str, Any]) -> None:
+        """Start one target, run every workload on it, stop it."""
+        a = self.args
+        t: Target | None = None
+        try:
+            t = self.make_target(name)
+            res["note"] = t.note
+            t.server.start()
+            time.sleep(0.3 if a.quick else 1.0)
+            log(f"{name}: serving on 127.0.0.1:{t.server.port} (pids {t.server.pids()})")
+            for wl in a.workloads:
+                if wl in ("assistant", "overload") and t.kind != "chatd":
+                    continue  # only chatd has an assistant and a commit to overload
+                w0 = time.perf_counter()
+                try:
+                    res[wl] = getattr(self, f"wl_{wl}")(t)
+                    res[wl]["workload_wall_s"] = round(time.perf_counter() - w0, 1)  # to plan a full run's time
+                except Exception as exc:
+                    log(f"{name}: workload {wl} failed: {exc!r}")
+                    res[wl] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+                    with contextlib.suppress(Exception):
+                        self.close_all()
+                time.sleep(a.settle_s)
+        except Exception as exc:
+            log(f"{name}: failed: {exc!r}")
+            res["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if t is not None:
+                t0 = time.perf_counter()
+                t.server.stop()
+                log(f"{name}: stopped in {time.perf_counter() - t0:.1f} s")
+                res["server_log"] = log_summary(t.server.log_path)
+
     def close(self) -> None:
+        t0 = time.perf_counter()
         if self.pool is not None:
             self.pool.stop()
         if self.services is not None:
             self.services.stop()
+        log(f"generators, Postgres and Valkey stopped in {time.perf_counter() - t0:.1f} s")
         if not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -701,11 +884,14 @@ def _level(res: dict[str, Any], conns: int) -> dict[str, Any] | None:
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """chatd / baseline and chatd / peer for the headline metrics."""
+    """chatd / each reference (baseline, websockets, peer, baseline-stream) for the headline metrics, all from
+    one run.  The all-in ratio divides chatd's server + Postgres + Valkey CPU by the reference's own (the
+    in-memory references use no services; the peer's Valkey is counted)."""
     metrics: dict[str, Callable[[dict[str, Any]], Any]] = {
         "fanout_delivered_per_s": lambda r: _get(r, "fanout", "delivered_per_s"),
         "fanout_echo_p99_ms": lambda r: _get(r, "fanout", "echo_ms", "p99"),
         "fanout_cpu_s_per_1m_msgs": lambda r: _get(r, "fanout", "server_cpu_s_per_1m_msgs"),
+        "fanout_allin_cpu_s_per_1m_msgs": lambda r: _get(r, "fanout", "allin_cpu_s_per_1m_msgs"),
         "hot_best_rate": lambda r: _get(r, "hot", "best_rate_p99_under_100ms"),
         "rss_per_conn_kib": lambda r: _get(r, "connections", "levels", -1, "rss_per_conn_kib")
         if _get(r, "connections", "levels", -1, "skipped") is None else None,
@@ -715,10 +901,11 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         ),
     }
     out: dict[str, Any] = {}
-    for chatd in [n for n in results if n.startswith("chatd")]:
-        for ref in ("baseline", "peer"):
-            if ref not in results:
-                continue
+    pairs = [(c, ref) for c in results if c.startswith("chatd")
+             for ref in ("baseline", "websockets", "peer", "baseline-stream")]
+    pairs.append(("baseline", "baseline-stream"))  # what the direct write is worth to the baseline itself
+    for chatd, ref in pairs:
+        if chatd in results and ref in results:
             row = {}
             for name, fn in metrics.items():
                 try:
@@ -734,6 +921,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def fmt(x: Any, nd: int = 1) -> str:
     if x is None:
         return "–"
+    if isinstance(x, Spread):
+        return x.render(nd)
     if isinstance(x, float):
         return f"{x:,.{nd}f}"
     if isinstance(x, int):
@@ -750,6 +939,10 @@ def markdown(rep: dict[str, Any]) -> str:
         f"# chatd benchmark {rep['started']}{' (quick)' if rep['quick'] else ''}",
         "",
         f"- command: `{rep['command']}` ({rep['duration_s']} s), git {rep['git'] or '?'}",
+        f"- runs: {len(rep['runs'])}" + (" (every target in each, order flipped every other run); each figure is"
+                                          " the median [min–max] over the runs, each ratio the median [min–max]"
+                                          " of the runs' own ratios" if len(rep["runs"]) > 1 else ""),
+        f"- load average at start / end: {rep.get('load_start', '?')} / {rep.get('load_end', '?')}",
         f"- machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB, kernel {m['kernel']},"
         f" nofile {m['nofile_soft']}/{m['nofile_hard']}, ports {m['ip_local_port_range']}, somaxconn {m['somaxconn']}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -799,21 +992,26 @@ def markdown(rep: dict[str, Any]) -> str:
         ("sockets / room size", lambda r: f"{_get(r, *f, 'conns'):,} / {_get(r, *f, 'room_size')}"),
         ("sends /s offered (held back after busy)", lambda r: f"{fmt(_get(r, *f, 'offered_per_s'))} "
          f"({fmt(_get(r, *f, 'deferred'))})"),
-        ("sends /s made", lambda r: _get(r, *f, "send_rate_per_s")),
+        ("sends /s made (retries)", lambda r: f"{fmt(_get(r, *f, 'send_rate_per_s'))} "
+         f"({fmt(_get(r, *f, 'retries'))})"),
         ("acked /s", lambda r: _get(r, *f, "acked_per_s")),
         ("delivered msg /s", lambda r: _get(r, *f, "delivered_per_s")),
         ("send->echo p50 ms", lambda r: _get(r, *f, "echo_ms", "p50")),
         ("send->echo p95 ms", lambda r: _get(r, *f, "echo_ms", "p95")),
         ("send->echo p99 ms", lambda r: _get(r, *f, "echo_ms", "p99")),
-        ("send->ack p99 ms", lambda r: _get(r, *f, "ack_ms", "p99")),
+        ("send->ack p99 ms (accepted try)", lambda r: _get(r, *f, "ack_ms", "p99")),
+        ("first try->final ack p99 ms", lambda r: _get(r, *f, "final_ack_ms", "p99")),
         ("delivery p99 ms (other members)", lambda r: _get(r, *f, "deliver_ms", "p99")),
         ("server CPU % core", lambda r: _get(r, *f, "server_cpu_pct_core")),
         ("server CPU s / 10k frames", lambda r: _get(r, *f, "server_cpu_s_per_10k_frames")),
-        ("server CPU s / 1M msgs", lambda r: _get(r, *f, "server_cpu_s_per_1m_msgs")),
+        ("server CPU s / 1M msgs (= µs / delivery)", lambda r: _get(r, *f, "server_cpu_s_per_1m_msgs")),
         ("Postgres+Valkey CPU s", lambda r: _get(r, *f, "pg_valkey_cpu_s")),
+        ("all-in CPU s / 1M msgs (server + Postgres + Valkey)", lambda r: _get(r, *f, "allin_cpu_s_per_1m_msgs")),
         ("loss (missing / dup / out of order)", lambda r: "{missing} / {duplicates} / {out_of_order}".format(
             **_get(r, *f, "loss")) + (f" + {_get(r, *f, 'loss', 'unjoined')} unjoined"
-                                      if _get(r, *f, "loss", "unjoined") else "")),
+                                      if _get(r, *f, "loss", "unjoined") else "")
+            + (f" + {_get(r, *f, 'loss', 'never_acked')} never acked"
+               if _get(r, *f, "loss", "never_acked") else "")),
         ("joins /s (retried, failed)", lambda r: f"{fmt(_get(r, *f, 'join', 'rate_per_s'))} "
          f"({_get(r, *f, 'join', 'retried')}, {_get(r, *f, 'join', 'failed')})"),
         ("errors", lambda r: ", ".join(f"{k} {n}" for k, n in (_get(r, *f, "errors") or {}).items()) or "0"),
@@ -872,9 +1070,41 @@ def markdown(rep: dict[str, Any]) -> str:
             ("/metrics: batch mean, commit ms mean", lambda r: f"{fmt(_get(r, *d, 'metrics', 'commit_batch_mean'))}, "
              f"{fmt(_get(r, *d, 'metrics', 'commit_ms_mean'))}" if _get(r, *d, "metrics", "commit_batches") else None),
         ])
+    over = [n for n in names if "overload" in res[n]]
+    if over:
+        o = ("overload",)
+        over_rows: list[tuple[str, Any]] = [
+            ("sockets (rooms of 2)", lambda r: _get(r, *o, "conns")),
+            ("peak acked /s (best step)", lambda r: _get(r, *o, "peak_acked_per_s")),
+        ]
+        orates = sorted({s["rate"] for n in over for s in _get(res[n], *o, "steps") or []})
+        for rate in orates:
+            def ostep(r: dict[str, Any], rate: int = rate) -> dict[str, Any] | None:
+                return next((s for s in _get(r, "overload", "steps") or [] if s["rate"] == rate), None)
+
+            def cell(r: dict[str, Any], fn: Callable[[dict[str, Any]], str], ostep: Any = ostep) -> str:
+                st = ostep(r)
+                return "–" if st is None else fn(st)
+
+            over_rows += [
+                (f"{rate:,}/s: offered /s, acked /s (% of peak)", lambda r, cell=cell: cell(
+                    r, lambda s: f"{fmt(s['offered_per_s'])}, {fmt(s['acked_per_s'])} ({fmt(s['pct_of_peak'])} %)")),
+                (f"{rate:,}/s: busy, retries, never acked", lambda r, cell=cell: cell(
+                    r, lambda s: f"{fmt(s['busy'])}, {fmt(s['retries'])}, {fmt(s['never_acked'])}")),
+                (f"{rate:,}/s: ack p50 / p99 ms (accepted try)", lambda r, cell=cell: cell(
+                    r, lambda s: f"{fmt(_get(s, 'ack_ms', 'p50'))} / {fmt(_get(s, 'ack_ms', 'p99'))}")),
+                (f"{rate:,}/s: first try->final ack p50 / p99 ms", lambda r, cell=cell: cell(
+                    r, lambda s: f"{fmt(_get(s, 'final_ack_ms', 'p50'))} / {fmt(_get(s, 'final_ack_ms', 'p99'))}")),
+                (f"{rate:,}/s: server CPU %, all-in CPU s / 1M msgs, generator CPU %", lambda r, cell=cell: cell(
+                    r, lambda s: f"{fmt(s['server_cpu_pct_core'])}, {fmt(s['allin_cpu_s_per_1m_msgs'])}, "
+                    f"{fmt(s['gen_cpu_pct'])}")),
+                (f"{rate:,}/s: missing / dup at the receivers", lambda r, cell=cell: cell(
+                    r, lambda s: f"{fmt(_get(s, 'loss', 'missing'))} / {fmt(_get(s, 'loss', 'duplicates'))}")),
+            ]
+        table("6. Overload (rooms of 2, refused sends retried after retry_after_ms)", over_rows)
     if rep["ratios"]:
         cols = list(next(iter(rep["ratios"].values())).keys())
-        lines += ["## Ratios (chatd / reference)", "", "| ratio | " + " | ".join(cols) + " |",
+        lines += ["## Ratios (target / reference, each within one run)", "", "| ratio | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(cols)]
         for k, ratio_row in rep["ratios"].items():
             lines.append(f"| {k} | " + " | ".join(fmt(ratio_row[c], 3) for c in cols) + " |")
@@ -900,28 +1130,41 @@ def markdown(rep: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="chatd benchmark harness (starts its own servers)")
-    p.add_argument("--quick", action="store_true", help="small scale, < 3 minutes")
-    p.add_argument("--targets", default="baseline,peer,chatd-1w,chatd-2w")
-    p.add_argument("--workloads", default="connections,fanout,hot,assistant")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: every workload once at small scale (~30 s), fails unless each produced figures")
+    p.add_argument("--runs", type=int, default=0, help="repeat every target this often (default 3; quick 1)")
+    p.add_argument("--targets", default="",
+                   help="comma list of baseline, baseline-stream, websockets, peer, chatd-1w, chatd-2w"
+                        " (default baseline,websockets,peer,chatd-1w,chatd-2w; quick baseline,websockets,chatd-1w)")
+    p.add_argument("--workloads", default="connections,fanout,hot,assistant,overload")
     p.add_argument("--server-cpus", default="0", help="taskset -c list for the servers under test ('' = no pinning)")
     p.add_argument("--gen-cpus", default="1", help="CPUs of the harness, generators, Postgres and Valkey")
     p.add_argument("--gen-procs", type=int, default=0, help="generator processes (default: 4, quick: 2)")
     p.add_argument("--connect-concurrency", type=int, default=100, help="connects in flight per generator process")
-    p.add_argument("--conn-levels", default="", help="comma list (default 1000,5000,10000,20000; quick 500,2000)")
-    p.add_argument("--idle-s", type=float, default=0, help="idle CPU window (default 10; quick 2)")
-    p.add_argument("--settle-s", type=float, default=0, help="pause after connecting (default 2; quick 0.5)")
-    p.add_argument("--fanout-conns", type=int, default=0, help="default 10000; quick 1000")
+    p.add_argument("--conn-levels", default="", help="comma list (default 1000,5000,10000,20000; quick 200)")
+    p.add_argument("--idle-s", type=float, default=0, help="idle CPU window (default 10; quick 0.5)")
+    p.add_argument("--settle-s", type=float, default=0, help="pause after connecting (default 2; quick 0.2)")
+    p.add_argument("--fanout-conns", type=int, default=0, help="default 10000; quick 200")
     p.add_argument("--fanout-room-size", type=int, default=10)
     p.add_argument("--fanout-interval", type=float, default=5.0, help="each socket sends every N s")
-    p.add_argument("--fanout-duration", type=float, default=0, help="default 40; quick 6")
+    p.add_argument("--fanout-duration", type=float, default=0, help="default 40; quick 2")
     p.add_argument("--pad", type=int, default=40, help="characters of padding in each message")
-    p.add_argument("--hot-members", type=int, default=0, help="default 1000; quick 200")
+    p.add_argument("--hot-members", type=int, default=0, help="default 1000; quick 50")
     p.add_argument("--hot-probes", type=int, default=100, help="members that parse every frame (latency, seqs)")
-    p.add_argument("--hot-rates", default="", help="comma list (default 10,20,50,100,200,400,800,1600)")
-    p.add_argument("--hot-step-s", type=float, default=0, help="default 8; quick 2")
-    p.add_argument("--asst-streams", type=int, default=0, help="default 500; quick 50")
-    p.add_argument("--asst-timeout", type=float, default=120)
+    p.add_argument("--hot-rates", default="", help="comma list (default 10,20,50,100,200,400,800,1600; quick 50)")
+    p.add_argument("--hot-step-s", type=float, default=0, help="default 8; quick 1")
+    p.add_argument("--asst-streams", type=int, default=0, help="default 500; quick 10")
+    p.add_argument("--asst-timeout", type=float, default=0, help="seconds to wait for the answers (default 120;"
+                   " quick 30)")
     p.add_argument("--tokens-per-s", type=float, default=50.0)
+    p.add_argument("--overload-conns", type=int, default=0, help="sockets in rooms of 2 (default 3000; quick 100)")
+    p.add_argument("--overload-rates", default="",
+                   help="offered sends/s, stepped (default 1000,2000,4000,6000,8000,12000; quick 2000)")
+    p.add_argument("--overload-step-s", type=float, default=0, help="default 20; quick 1.5")
+    p.add_argument("--overload-drain-s", type=float, default=15.0, help="time for the last retries after a step")
+    p.add_argument("--send-queue-max", type=int, default=0,
+                   help="CHATD_WS_SEND_QUEUE_MAX for chatd (default chatd's own; quick 32, so that busy and the"
+                        " retries happen)")
     p.add_argument("--embedder", default="", help="CHATD_ASSISTANT_EMBEDDER for chatd (default: chatd's own)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
     p.add_argument("--out-dir", default=str(RESULTS))
@@ -931,22 +1174,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def dflt(value: Any, full: Any, quick: Any) -> Any:
         return value if value else (quick if q else full)
 
-    a.targets = [x for x in a.targets.split(",") if x]
+    asked = bool(a.targets)
+    a.targets = [x for x in dflt(a.targets, "baseline,websockets,peer,chatd-1w,chatd-2w",
+                                 "baseline,websockets,chatd-1w").split(",") if x]
+    if not asked and "peer" in a.targets and not all(importlib.util.find_spec(m) for m in ("socketio", "aiohttp")):
+        a.targets.remove("peer")  # the bench extra is not installed: say so rather than report a failed target
+        log("peer left out of the default targets: python-socketio/aiohttp missing (pip install -e '.[bench]')")
+    unknown = [x for x in a.targets if x not in TARGETS and not x.startswith("chatd-")]
+    if unknown:
+        p.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}, chatd-<N>w")
     a.workloads = [x for x in a.workloads.split(",") if x]
+    unknown = [x for x in a.workloads if x not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
+    a.runs = dflt(a.runs, 3, 1)
     a.gen_procs = dflt(a.gen_procs, 4, 2)
-    a.conn_levels = [int(x) for x in dflt(a.conn_levels, "1000,5000,10000,20000", "500,2000").split(",")]
-    a.idle_s = dflt(a.idle_s, 10.0, 2.0)
-    a.settle_s = dflt(a.settle_s, 2.0, 0.5)
-    a.fanout_conns = dflt(a.fanout_conns, 10000, 1000)
-    a.fanout_duration = dflt(a.fanout_duration, 40.0, 6.0)
-    a.hot_members = dflt(a.hot_members, 1000, 200)
-    a.hot_rates = [int(x) for x in dflt(a.hot_rates, "10,20,50,100,200,400,800,1600", "20,50,100,200,400").split(",")]
-    a.hot_step_s = dflt(a.hot_step_s, 8.0, 2.0)
-    a.asst_streams = dflt(a.asst_streams, 500, 50)
+    a.conn_levels = [int(x) for x in dflt(a.conn_levels, "1000,5000,10000,20000", "200").split(",")]
+    a.idle_s = dflt(a.idle_s, 10.0, 0.5)
+    a.settle_s = dflt(a.settle_s, 2.0, 0.2)
+    a.fanout_conns = dflt(a.fanout_conns, 10000, 200)
+    a.fanout_duration = dflt(a.fanout_duration, 40.0, 2.0)
+    a.hot_members = dflt(a.hot_members, 1000, 50)
+    a.hot_rates = [int(x) for x in dflt(a.hot_rates, "10,20,50,100,200,400,800,1600", "50").split(",")]
+    a.hot_step_s = dflt(a.hot_step_s, 8.0, 1.0)
+    a.asst_streams = dflt(a.asst_streams, 500, 10)
+    a.asst_timeout = dflt(a.asst_timeout, 120.0, 30.0)
+    a.overload_conns = dflt(a.overload_conns, 3000, 100)
+    a.overload_rates = [int(x) for x in dflt(a.overload_rates, "1000,2000,4000,6000,8000,12000", "2000").split(",")]
+    a.overload_step_s = dflt(a.overload_step_s, 20.0, 1.5)
+    a.send_queue_max = dflt(a.send_queue_max, 0, 32)
     if (os.cpu_count() or 1) < 2:
         a.server_cpus = a.gen_cpus = ""
     a.server_cpus = a.server_cpus or None
     return a
+
+
+def check_figures(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """What --quick asserts: every target ran every workload that applies to it, without error, and each
+    produced its figures (numbers, not speeds: a loaded CI box may be slow, never silent)."""
+    need: dict[str, list[tuple[str | int, ...]]] = {
+        "connections": [("levels", 0, "connect", "rate_per_s"), ("levels", 0, "rss_per_conn_kib"),
+                        ("levels", 0, "idle_cpu_pct_core")],
+        "fanout": [("delivered_per_s",), ("echo_ms", "p99"), ("ack_ms", "p99"), ("final_ack_ms", "p99"),
+                   ("server_cpu_s_per_1m_msgs",), ("allin_cpu_s_per_1m_msgs",), ("pg_valkey_cpu_s",)],
+        "hot": [("steps", 0, "delivered"), ("steps", 0, "deliver_ms", "p99")],
+        "assistant": [("ended",), ("send_to_first_chunk_ms", "p99"), ("chunk_gap_ms", "p50")],
+        "overload": [("peak_acked_per_s",), ("steps", -1, "acked_per_s"), ("steps", -1, "ack_ms", "p99"),
+                     ("steps", -1, "final_ack_ms", "p99"), ("steps", -1, "allin_cpu_s_per_1m_msgs")],
+    }
+    problems: list[str] = []
+    for i, run in enumerate(rep["runs"]):
+        for name in args.targets:
+            res = run["targets"].get(name) or {}
+            if "error" in res:
+                problems.append(f"run {i + 1} {name}: {res['error']}")
+                continue
+            chatd = name.startswith("chatd")
+            for wl in args.workloads:
+                if wl in ("assistant", "overload") and not chatd:
+                    continue
+                body = res.get(wl)
+                if not isinstance(body, dict) or "error" in body:
+                    problems.append(f"run {i + 1} {name} {wl}: {(body or {}).get('error', 'no result')}")
+                    continue
+                for path in need[wl]:
+                    x = _get(body, *path)
+                    if not isinstance(x, (int, float)) or isinstance(x, bool) or (x == 0 and path[-1] in (
+                            "delivered_per_s", "rate_per_s", "delivered", "ended", "peak_acked_per_s")):
+                        problems.append(f"run {i + 1} {name} {wl}: no figure {'.'.join(map(str, path))} ({x!r})")
+        if "fanout" in args.workloads:
+            for key, row in run["ratios"].items():
+                if key.startswith("chatd") and row.get("fanout_cpu_s_per_1m_msgs") is None:
+                    problems.append(f"run {i + 1} ratio {key}: no CPU ratio")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -960,11 +1260,18 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     json_path = out_dir / f"bench-{stamp}.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str))
+    json_path.write_text(json.dumps(report, indent=2, default=json_default))
     md = markdown(report)
     (out_dir / "latest.md").write_text(md + f"\nRaw results: `{json_path.name}`\n")
     print(md)
     log(f"wrote {json_path} and {out_dir / 'latest.md'}")
+    if args.quick:
+        problems = check_figures(report, args)
+        for p in problems:
+            log(f"quick check: {p}")
+        if problems:
+            return 1
+        log("quick check: every target and workload produced its figures")
     return 0
 
 

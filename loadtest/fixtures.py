@@ -451,7 +451,7 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for dist in ("chatd", "tornado", "uvloop", "redis", "hiredis", "psycopg", "psycopg-pool",
-                 "python-socketio", "python-engineio", "aiohttp", "locust", "websocket-client"):
+                 "websockets", "python-socketio", "python-engineio", "aiohttp", "locust", "websocket-client"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -6,7 +6,8 @@ share of the work, and merges the answers.  Commands:
 
 ``connect``   open sockets (chatd: ``Authorization: Bearer``; Socket.IO: Engine.IO v4 ``40``), wait for ``hello``
 ``join``      join rooms, remember each socket's ``last_seq`` baseline per room
-``chat``      send on a schedule (``t=<unix time>`` inside each content), then drain; latencies + seq tracks
+``chat``      send on a schedule (``t=<unix time>`` inside each content), then drain; latencies + seq tracks;
+              a send refused ``busy``/``unavailable``/``rate_limited`` is resent after ``retry_after_ms``
 ``assistant`` every listed socket sends one prompt at once; follow queued/stream_start/stream_chunk/stream_end
 ``stats``     open sockets, close codes, CPU time of this process
 ``close``     close every socket
@@ -14,6 +15,12 @@ share of the work, and merges the answers.  Commands:
 Message bookkeeping per (socket, room): a ``SeqTrack`` counts distinct seqs
 after the join baseline, duplicates and out-of-order arrivals; the harness
 compares the counts with the highest acked seq of each room (loss = 0 check).
+Refused sends (docs/PROTOCOL.md §3 ``send``, §10 step 7): the socket resends a send answered ``busy``,
+``unavailable`` or ``rate_limited`` with the same ``client_msg_id`` and content once ``retry_after_ms`` has
+passed, and sends nothing new meanwhile (scheduled sends then are counted as held back, not offered).
+Every send offered once must end acked: ``lat_final`` is first try -> final ack, ``lat_ack`` the accepted
+try's own send -> ack; what is still unacked when the drain ends is reported as ``never_acked``.
+
 "Light" sockets (hot-room members that are not latency probes) only count
 ``message`` frames by prefix, without JSON decoding: the generator has one
 core and must stay faster than the server it measures.
@@ -41,6 +48,7 @@ _TOKEN = re.compile(r"\S+\s*")  # chatd.assistant.providers._TOKEN: how the offl
 
 MSG_PREFIX_CHATD = b'{"type":"message"'
 MSG_PREFIX_SIO = b'42["message"'
+RETRY_CODES = frozenset({"busy", "unavailable", "rate_limited"})  # refusals a client resends (PROTOCOL.md §3)
 
 
 class SeqTrack:
@@ -123,6 +131,13 @@ class Gen:
         self.outstanding = 0  # sends without ack/error yet
         self.deferred = 0  # scheduled sends skipped because the server said busy (retry_after_ms not over)
         self.asst_done = 0
+        self.offered = 0  # distinct messages sent at least once (first tries)
+        self.retries = 0  # resends of refused sends
+        self.retry_waiting = 0  # refused sends waiting for their retry_after_ms
+        self.lat_final: list[float] = []  # first try -> final ack
+        self.tries: Counter[int] = Counter()  # tries per finally acked message
+        self.retrying = False  # a chat round is on: refused sends are resent (off for the assistant prompts)
+        self.round: int = getattr(self, "round", 0) + 1  # stale resend timers of an earlier round do nothing
 
 
 class Conn(WSProtocol):
@@ -144,6 +159,7 @@ class Conn(WSProtocol):
         self.n = 0
         self.asst: AsstRun | None = None
         self.quiet_until = 0.0  # told busy: a well-behaved client sends nothing before retry_after_ms
+        self.offers: dict[str, tuple[float, str, int]] = {}  # client_msg_id -> (first try, content, tries): unacked
 
     # -- incoming ---------------------------------------------------------------------
 
@@ -229,7 +245,12 @@ class Conn(WSProtocol):
         gen.outstanding -= 1
         if f.get("type") == "ack":
             gen.acked += 1
-            gen.lat_ack.append((perf() - t0) * 1000)
+            now = perf()
+            gen.lat_ack.append((now - t0) * 1000)
+            offer = self.offers.pop(cmid, None)
+            if offer is not None:
+                gen.lat_final.append((now - offer[0]) * 1000)
+                gen.tries[offer[2]] += 1
             seq = int(f.get("seq", 0))
             if seq > gen.max_seq.get(room, 0):
                 gen.max_seq[room] = seq
@@ -239,8 +260,18 @@ class Conn(WSProtocol):
         else:
             gen.errors[f"{kind}:{f.get('code')}"] += 1
             self.echo.pop(cmid, None)
-            if f.get("code") == "busy":
+            code = f.get("code")
+            if code == "busy":
                 self.quiet_until = max(self.quiet_until, perf() + int(f.get("retry_after_ms", 0)) / 1000)
+            if code in RETRY_CODES and gen.retrying and cmid in self.offers:
+                # §10 step 7: the same client_msg_id and content again, once retry_after_ms has passed (a
+                # backoff for unavailable, which carries none); a stored first try then acks as a duplicate.
+                delay = int(f.get("retry_after_ms") or 0) / 1000 or 0.2
+                gen.retry_waiting += 1
+                asyncio.get_running_loop().call_later(delay, self.resend, cmid, room, kind, gen.round)
+            elif kind == "prompt" and self.asst is not None and self.asst.refused is None:
+                self.asst.refused = str(code)  # the prompt itself was refused: no answer will come
+                gen.asst_done += 1
 
     def on_assistant(self, t: str, f: dict[str, Any]) -> None:
         run = self.asst
@@ -295,13 +326,38 @@ class Conn(WSProtocol):
         rid = self.next_id()
         cmid = f"c{self.key}-{rid}"
         content = f"t={wall():.6f} k={self.key} n={rid} {pad}"
+        if kind in ("send", "prompt"):
+            self.offers[cmid] = (perf(), content, 1)
+            self.gen.offered += 1
+        self._transmit(rid, room, content, cmid, kind)
+        return rid
+
+    def _transmit(self, rid: int, room: int, content: str, cmid: str, kind: str) -> None:
         t0 = perf()
         self.pending[rid] = (kind, t0, room, cmid)
         self.echo[cmid] = t0
         self.gen.outstanding += 1
         self.gen.sent += 1
         self.send_text(self.send_frame(rid, room, content, cmid))
-        return rid
+
+    def resend(self, cmid: str, room: int, kind: str, round_: int) -> None:
+        gen = self.gen
+        if round_ != gen.round:
+            return  # a timer of an earlier round: its counters are gone
+        gen.retry_waiting -= 1
+        offer = self.offers.get(cmid)
+        if offer is None or self.closed or not gen.retrying:
+            return  # the drain ended: it stays in offers and is reported never acked
+        if self.quiet_until > perf():  # told busy again meanwhile (another send): wait for that too
+            gen.retry_waiting += 1
+            asyncio.get_running_loop().call_later(self.quiet_until - perf(), self.resend, cmid, room, kind, round_)
+            return
+        self.offers[cmid] = (offer[0], offer[1], offer[2] + 1)
+        gen.retries += 1
+        rid = self.next_id()
+        if kind == "prompt" and self.asst is not None:
+            self.asst.rid = rid  # the answer's own refusals (after the ack) name the try that was acked
+        self._transmit(rid, room, offer[1], cmid, kind)
 
     @staticmethod
     def send_frame(rid: int, room: int, content: str, cmid: str) -> bytes:
@@ -493,6 +549,10 @@ async def cmd_chat(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     gen.reset()
     gen.track_deliver = cmd.get("track_deliver", True)
+    gen.retrying = cmd.get("retry", True)
+    for c in gen.conns.values():
+        c.offers.clear()
+        c.quiet_until = 0.0
     senders = [(gen.conns[k], room) for k, room in cmd["senders"] if k in gen.conns]
     interval = float(cmd["interval_s"])
     duration = float(cmd["duration_s"])
@@ -534,11 +594,19 @@ async def cmd_chat(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
         # early, it would stop counting while the sender still sends, and report its members' frames as missing.
         await asyncio.sleep(end - loop.time())
     send_wall = loop.time() - t0
-    await _drain(gen, cmd.get("drain_s", 10.0), lambda: gen.outstanding <= 0)
+    acked_in_window = gen.acked  # throughput: acks within the send window, not those of the drain after it
+    await _drain(gen, cmd.get("drain_s", 10.0), lambda: gen.outstanding <= 0 and gen.retry_waiting <= 0)
+    gen.retrying = False
     return {
         "sent": gen.sent,
+        "offered": gen.offered,
+        "retries": gen.retries,
+        "never_acked": sum(len(c.offers) for c in gen.conns.values()),
+        "lat_final": gen.lat_final,
+        "tries": dict(gen.tries),
         "deferred": gen.deferred,
         "acked": gen.acked,
+        "acked_in_window": acked_in_window,
         "outstanding": gen.outstanding,
         "errors": dict(gen.errors),
         "delivered": gen.delivered,
@@ -559,6 +627,10 @@ async def cmd_chat(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
 async def cmd_assistant(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     gen.reset()
+    gen.retrying = True  # a prompt refused busy is resent like any send; its t_send stays the first try's
+    for c in gen.conns.values():
+        c.offers.clear()
+        c.quiet_until = 0.0
     prompts = [(gen.conns[k], room) for k, room in cmd["prompts"] if k in gen.conns]
     await _wait_until(cmd["start_at"])
     cpu0 = time.process_time()
@@ -570,6 +642,7 @@ async def cmd_assistant(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
     while gen.asst_done < len(prompts) and perf() < deadline:  # noqa: ASYNC110  # polled counter, bounded
         await asyncio.sleep(0.05)
     await _drain(gen, 3.0, lambda: gen.outstanding <= 0)
+    gen.retrying = False
     dt = 1.0 / float(cmd["tokens_per_s"])
     first_chunk, to_start, to_ack, full, gaps, lag = [], [], [], [], [], []
     server_first, server_latency, chunks_per, tok_rate = [], [], [], []
@@ -607,6 +680,7 @@ async def cmd_assistant(gen: Gen, cmd: dict[str, Any]) -> dict[str, Any]:
         conn.asst = None
     return {
         "prompts": len(prompts),
+        "retries": gen.retries,
         "ended": len(full),
         "acked": gen.acked,
         "errors": dict(gen.errors),
