@@ -1,0 +1,299 @@
+"""The worker's pub/sub in a Redis Cluster: sharded subscriptions to partitions, not to channels.
+
+``chatd.realtime.pubsub.Subscriber``'s contract (the hub cannot tell them apart): ``subscribe`` returns
+once Redis confirmed, ``want`` batches, ``on_message(channel, data)`` gets the logical channel
+(``chatd:room:7``), and ``on_resubscribed`` runs once a subscription lost on the way is back, so that
+what was published meanwhile is read back from Postgres.
+
+What travels is ``chatd.core.keys``'s partitions: a logical channel is wanted, its partition is
+SSUBSCRIBEd (once, however many of its channels are wanted) and SUNSUBSCRIBEd when none is wanted any
+more; a partition's messages carry their logical channel (``keys.pack``), and those of channels
+nobody here wants are dropped.  redis-py's ``ClusterPubSub`` keeps one connection per node holding
+partitions, and when the slot map changes (failover, migration) it moves each partition to its new
+owner with one SSUBSCRIBE: a confirmation this reader did not ask for is such a move, and whatever
+was published between the loss and it is lost to pub/sub, so the hook runs.  A read that fails on
+every node drops the whole connection: the reader subscribes every wanted partition again.
+
+No liveness PINGs here (a known gap): a half-open node connection is noticed by redis-py only when
+the cluster's slot map changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from chatd.core import errors
+from chatd.core.keys import Keys, unpack
+from chatd.process import metrics
+from chatd.process.config import StorageSettings
+from chatd.process.logs import app_log, fields
+from chatd.storage.kv import close_client, cluster_client, redis_errors
+
+_READ_WAIT_S = 1.0  # longest read before the loop looks at its state again
+_IDLE_WAIT_S = 0.05  # nothing subscribed yet: how long to wait before reading again
+_POOL_PER_NODE = 4  # the reader's connections per node, plus SSUBSCRIBEs in flight
+
+
+class ShardedSubscriber:
+    def __init__(
+        self,
+        storage: StorageSettings,
+        keys: Keys,
+        on_message: Callable[[bytes, bytes], None],
+        on_resubscribed: Callable[[], None],
+    ) -> None:
+        # A client of its own, as Subscriber's: a busy command pool must never keep the reader from reconnecting.
+        self._client = cluster_client(storage, max_connections=_POOL_PER_NODE)
+        self.timeout_s = storage.redis_timeout_s
+        self._keys = keys
+        self._on_message = on_message
+        self._on_resubscribed = on_resubscribed
+        self._channel_partition = {keys.partition_channel(p).encode(): p for p in range(keys.partitions)}
+        self._wanted: dict[int, set[bytes]] = {}  # partition -> its wanted logical channels
+        self._listening: set[bytes] = set()  # every wanted logical channel (the hot path's lookup)
+        self._confirmed: set[int] = set()
+        # Confirmed at least once while wanted: confirmed again without an SSUBSCRIBE of ours, it was moved.
+        self._confirmed_before: set[int] = set()
+        self._confirm: dict[int, asyncio.Future[None]] = {}
+        self._sent: dict[int, int] = {}  # SSUBSCRIBEs this reader sent, not yet confirmed, per partition
+        self._resubscribing: set[int] | None = None
+        self._pending: set[int] = set()
+        self._pending_event = asyncio.Event()
+        self._gap_hook_due = False
+        self._broken: str | None = None  # an SSUBSCRIBE failed: the reader drops the connection
+        self._pubsub: Any = None
+        self.connected = False
+
+    @property
+    def live(self) -> bool:
+        return self.connected
+
+    def health(self) -> dict[str, Any]:
+        """The ``pubsub`` entry of ``/health/ready`` (no I/O)."""
+        if not self.connected:
+            return {"ok": False, "error": "not connected (reconnecting)"}
+        nodes = len(self._pubsub.node_pubsub_mapping) if self._pubsub is not None else 0
+        return {"ok": True, "partitions": len(self._confirmed), "nodes": nodes}
+
+    async def close(self) -> None:
+        await close_client(self._client)
+
+    def _partition(self, channel: str) -> int:
+        return self._keys.partition_of(channel)
+
+    async def run(self) -> None:
+        """Read forever; start over on a failure no node survived (a supervised task)."""
+        backoff_s = 0.1
+        first = True
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                self._pubsub = pubsub
+                partitions = sorted(self._wanted)
+                if not first:
+                    self._resubscribing = set(partitions)
+                for partition in partitions:  # one SSUBSCRIBE each: a command's channels must share a slot
+                    self._sent[partition] = self._sent.get(partition, 0) + 1
+                    await pubsub.ssubscribe(self._keys.partition_channel(partition))
+                self.connected = True
+                metrics.pubsub_connected.set(1)
+                self._pending_event.set()  # wanted while disconnected: subscribe now
+                if not first:
+                    app_log.info("fanout_reconnected", extra=fields(partitions=len(partitions)))
+                    if not partitions:
+                        self._resubscribed()
+                first = False
+                backoff_s = 0.1
+                while True:
+                    if self._broken is not None:
+                        raise errors.Unavailable(self._broken)
+                    if not pubsub.node_pubsub_mapping:
+                        await asyncio.sleep(_IDLE_WAIT_S)  # no node to read: get_sharded_message would not wait
+                        continue
+                    msg = await pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=_READ_WAIT_S)
+                    if msg is not None:
+                        self._dispatch(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # whatever broke, the reader must come back: without it the worker is deaf
+                self.connected = False
+                metrics.pubsub_connected.set(0)
+                self._pubsub = None
+                self._broken = None
+                self._resubscribing = None
+                self._sent.clear()
+                self._confirmed.clear()
+                for fut in self._confirm.values():
+                    if not fut.done():
+                        fut.set_exception(errors.Unavailable("fan-out connection lost"))
+                        fut.exception()  # retrieved: nobody may be waiting
+                self._confirm.clear()
+                metrics.pubsub_reconnects.inc()
+                app_log.warning("fanout_redis_lost", extra=fields(error=str(exc)[:200], retry_in_s=backoff_s))
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+            finally:
+                with contextlib.suppress(Exception):  # the connections may be broken already
+                    await pubsub.aclose()
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "smessage" or kind == b"smessage":
+            metrics.hot.pubsub_received += 1
+            try:
+                channel, data = unpack(msg["data"])
+            except ValueError:
+                metrics.pubsub_bad_envelopes.labels("framing").inc()
+                return
+            if channel in self._listening:
+                self._on_message(channel, data)
+            return
+        partition = self._channel_partition.get(msg.get("channel") or b"")
+        if partition is None:
+            return
+        if kind == "ssubscribe" or kind == b"ssubscribe":
+            sent = self._sent.get(partition, 0)
+            if sent > 1:
+                self._sent[partition] = sent - 1
+                return  # a later SSUBSCRIBE of it is still on its way
+            self._sent.pop(partition, None)
+            if partition not in self._wanted:
+                return
+            if not sent and partition in self._confirmed_before:
+                # Not ours: redis-py moved the partition to the slot's new owner (failover, migration).
+                self._gap()
+            self._confirmed.add(partition)
+            self._confirmed_before.add(partition)
+            fut = self._confirm.pop(partition, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            if self._resubscribing is not None:
+                self._resubscribing.discard(partition)
+                if not self._resubscribing:
+                    self._resubscribed()
+        elif kind == "sunsubscribe" or kind == b"sunsubscribe":
+            if partition in self._wanted and not self._sent.get(partition):
+                # Still wanted: the node gave the slot away (Valkey tells its subscribers) or redis-py is
+                # moving it; its SSUBSCRIBE on the new owner confirms it again.
+                self._confirmed.discard(partition)
+                app_log.info("fanout_partition_moving", extra=fields(partition=partition))
+
+    def _gap(self) -> None:
+        """Coalesce the moves of one failover (tens of partitions) into one call of the hook."""
+        if self._gap_hook_due:
+            return
+        self._gap_hook_due = True
+        metrics.pubsub_reconnects.inc()
+        asyncio.get_running_loop().call_soon(self._run_gap_hook)
+
+    def _run_gap_hook(self) -> None:
+        self._gap_hook_due = False
+        app_log.info("fanout_partitions_moved")
+        self._resubscribed()
+
+    def _resubscribed(self) -> None:
+        self._resubscribing = None
+        try:
+            self._on_resubscribed()
+        except Exception as exc:  # the reader must keep reading
+            app_log.error("resubscribe_callback_failed", exc_info=exc)
+
+    def _add(self, channel: str) -> int:
+        partition = self._partition(channel)
+        key = channel.encode()
+        self._wanted.setdefault(partition, set()).add(key)
+        self._listening.add(key)
+        return partition
+
+    async def subscribe(self, channel: str) -> None:
+        """Returns once Redis confirmed the channel's partition; ``Unavailable`` when it cannot in time."""
+        partition = self._add(channel)
+        pubsub = self._pubsub
+        if pubsub is None or not self.connected:
+            raise errors.Unavailable("fan-out not connected, try again")
+        if partition in self._confirmed:
+            return
+        fut = self._confirm.get(partition)
+        if fut is None:
+            fut = self._confirm[partition] = asyncio.get_running_loop().create_future()
+            await self._ssubscribe(pubsub, [partition])
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except TimeoutError:
+            raise errors.Unavailable("fan-out subscription not confirmed, try again") from None
+
+    def want(self, channel: str) -> asyncio.Future[None]:
+        """Subscribe (kept through reconnects); the future is done once the partition is confirmed.
+        As ``Subscriber.want``: wait for it with a timeout."""
+        partition = self._add(channel)
+        loop = asyncio.get_running_loop()
+        if partition in self._confirmed:
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        if not self.connected:
+            self._pending.add(partition)
+            self._pending_event.set()
+            failed: asyncio.Future[None] = loop.create_future()
+            failed.set_exception(errors.Unavailable("fan-out not connected"))
+            failed.exception()
+            return failed
+        fut = self._confirm.get(partition)
+        if fut is None:
+            fut = self._confirm[partition] = loop.create_future()
+            self._pending.add(partition)
+            self._pending_event.set()
+        return fut
+
+    async def flush_wanted(self) -> None:
+        """Send the pending SSUBSCRIBEs (a supervised loop)."""
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            pubsub = self._pubsub
+            if pubsub is None or not self.connected:
+                continue
+            partitions = sorted(p for p in self._pending if p in self._wanted and p not in self._confirmed)
+            self._pending.clear()
+            if partitions:
+                with contextlib.suppress(errors.Unavailable):  # the reader starts over (_broken)
+                    await self._ssubscribe(pubsub, partitions)
+
+    async def _ssubscribe(self, pubsub: Any, partitions: list[int]) -> None:
+        try:
+            for partition in partitions:
+                self._sent[partition] = self._sent.get(partition, 0) + 1
+                async with redis_errors("subscribe"):
+                    await pubsub.ssubscribe(self._keys.partition_channel(partition))
+        except errors.Unavailable:
+            # The partition would stay wanted and unsubscribed: start over with every wanted one.
+            self._broken = "SSUBSCRIBE failed"
+            raise
+
+    async def unsubscribe(self, channel: str) -> None:
+        partition = self._partition(channel)
+        key = channel.encode()
+        self._listening.discard(key)
+        channels = self._wanted.get(partition)
+        if channels is None:
+            return
+        channels.discard(key)
+        if channels:
+            return  # another channel of the partition is still wanted
+        del self._wanted[partition]
+        self._pending.discard(partition)
+        self._confirmed.discard(partition)
+        self._confirmed_before.discard(partition)
+        fut = self._confirm.pop(partition, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(errors.Unavailable("unsubscribed"))
+            fut.exception()
+        pubsub = self._pubsub
+        if pubsub is not None:
+            # A lost unsubscribe costs only unwanted messages (dropped here) until the next reconnect.
+            with contextlib.suppress(errors.Unavailable):
+                async with redis_errors("unsubscribe"):
+                    await pubsub.sunsubscribe(self._keys.partition_channel(partition))
