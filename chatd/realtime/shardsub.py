@@ -25,6 +25,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from chatd.core import errors
 from chatd.core.keys import Keys, unpack
 from chatd.process import metrics
@@ -32,8 +34,11 @@ from chatd.process.config import StorageSettings
 from chatd.process.logs import app_log, fields
 from chatd.storage.kv import close_client, cluster_client, redis_errors
 
-_READ_WAIT_S = 1.0  # longest read before the loop looks at its state again
-_IDLE_WAIT_S = 0.05  # nothing subscribed yet: how long to wait before reading again
+# A node's read holds redis-py's per-node lock that an SSUBSCRIBE on that node waits for: short, so that a
+# join waits at most this long for its partition (10 idle reads a second per node cost ~0.1% of a core).
+_READ_WAIT_S = 0.1
+_IDLE_WAIT_S = 0.05  # a node's connection not open yet: how long to wait before reading again
+_SUPERVISE_EVERY_S = 0.1  # how often the nodes that hold partitions are checked for a reader
 _POOL_PER_NODE = 4  # the reader's connections per node, plus SSUBSCRIBEs in flight
 
 
@@ -64,17 +69,22 @@ class ShardedSubscriber:
         self._pending_event = asyncio.Event()
         self._gap_hook_due = False
         self._broken: str | None = None  # an SSUBSCRIBE failed: the reader drops the connection
+        self._failing: dict[str, str] = {}  # node name -> the error its last read failed with
+        self._nodes_changed = asyncio.Event()
         self._pubsub: Any = None
         self.connected = False
 
     @property
     def live(self) -> bool:
-        return self.connected
+        return self.connected and not self._failing
 
     def health(self) -> dict[str, Any]:
         """The ``pubsub`` entry of ``/health/ready`` (no I/O)."""
         if not self.connected:
             return {"ok": False, "error": "not connected (reconnecting)"}
+        if self._failing:
+            name, error = next(iter(self._failing.items()))
+            return {"ok": False, "error": f"reads from {name} fail: {error}"[:200]}
         nodes = len(self._pubsub.node_pubsub_mapping) if self._pubsub is not None else 0
         return {"ok": True, "partitions": len(self._confirmed), "nodes": nodes}
 
@@ -90,6 +100,7 @@ class ShardedSubscriber:
         first = True
         while True:
             pubsub = self._client.pubsub()
+            readers: dict[str, asyncio.Task[None]] = {}
             try:
                 self._pubsub = pubsub
                 partitions = sorted(self._wanted)
@@ -107,15 +118,17 @@ class ShardedSubscriber:
                         self._resubscribed()
                 first = False
                 backoff_s = 0.1
-                while True:
+                while True:  # one reader per node holding partitions (redis-py adds nodes as partitions move)
                     if self._broken is not None:
                         raise errors.Unavailable(self._broken)
-                    if not pubsub.node_pubsub_mapping:
-                        await asyncio.sleep(_IDLE_WAIT_S)  # no node to read: get_sharded_message would not wait
-                        continue
-                    msg = await pubsub.get_sharded_message(ignore_subscribe_messages=False, timeout=_READ_WAIT_S)
-                    if msg is not None:
-                        self._dispatch(msg)
+                    for name in [n for n, task in readers.items() if task.done()]:
+                        readers.pop(name).result()  # a reader ends when its node holds no partition any more
+                    for name in pubsub.node_pubsub_mapping:
+                        if name not in readers:
+                            readers[name] = asyncio.create_task(self._read_node(pubsub, name), name=f"fanout-{name}")
+                    self._nodes_changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._nodes_changed.wait(), _SUPERVISE_EVERY_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever broke, the reader must come back: without it the worker is deaf
@@ -136,8 +149,42 @@ class ShardedSubscriber:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)
             finally:
+                for task in readers.values():
+                    task.cancel()
+                await asyncio.gather(*readers.values(), return_exceptions=True)
+                self._failing.clear()
                 with contextlib.suppress(Exception):  # the connections may be broken already
                     await pubsub.aclose()
+
+    async def _read_node(self, pubsub: Any, name: str) -> None:
+        """Read one node's partitions until it holds none; a failed read is retried with backoff, after
+        asking for a new slot map (redis-py then moves the partitions of a node that lost its slots)."""
+        backoff_s = 0.1
+        while name in pubsub.node_pubsub_mapping:
+            node = self._client.get_node(node_name=name)
+            connection = pubsub.node_pubsub_mapping.get(name)
+            if node is None or connection is None or connection.connection is None:
+                await asyncio.sleep(_IDLE_WAIT_S)  # not connected yet (or being replaced): nothing to wait on
+                continue
+            try:
+                msg = await pubsub.get_sharded_message(
+                    ignore_subscribe_messages=False, timeout=_READ_WAIT_S, target_node=node
+                )
+            except (RedisError, OSError) as exc:
+                if name not in self._failing:
+                    app_log.warning("fanout_node_lost", extra=fields(node=name, error=str(exc)[:200]))
+                self._failing[name] = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+                with contextlib.suppress(RedisError, OSError):  # the other nodes answer; if none does, retried
+                    await self._client.nodes_manager.initialize()
+                continue
+            if self._failing.pop(name, None) is not None:
+                app_log.info("fanout_node_back", extra=fields(node=name))
+            backoff_s = 0.1
+            if msg is not None:
+                self._dispatch(msg)
+        self._failing.pop(name, None)
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -155,6 +202,7 @@ class ShardedSubscriber:
         if partition is None:
             return
         if kind == "ssubscribe" or kind == b"ssubscribe":
+            self._nodes_changed.set()  # a partition moved may have opened a node's connection: read it
             sent = self._sent.get(partition, 0)
             if sent > 1:
                 self._sent[partition] = sent - 1
@@ -268,6 +316,7 @@ class ShardedSubscriber:
                 self._sent[partition] = self._sent.get(partition, 0) + 1
                 async with redis_errors("subscribe"):
                     await pubsub.ssubscribe(self._keys.partition_channel(partition))
+                self._nodes_changed.set()
         except errors.Unavailable:
             # The partition would stay wanted and unsubscribed: start over with every wanted one.
             self._broken = "SSUBSCRIBE failed"
