@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -125,14 +125,17 @@ async def test_assistant_stream_across_instances_on_the_cluster(
     assert final["role"] == "assistant" and final["content"] == texts[0]
 
 
+@pytest.mark.parametrize("victim", ["room", "presence"])
 async def test_primary_killed_under_chat_load_loses_nothing(
-    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services
+    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services, victim: str
 ) -> None:
+    """``victim``: the primary of the first room's partition, or of the presence keys (heartbeats)."""
     env = _env(
         valkey_cluster,
         CHATD_WS_SEND_RATE_COUNT="1000000",
         CHATD_WS_PROBE_INTERVAL_S="0.5",
         CHATD_STORAGE_REDIS_TIMEOUT_S="1",
+        CHATD_WS_PRESENCE_TTL_S="6",  # a heartbeat every 2 s: proof below that chatd writes to the new primary
     )
     servers: list[Chatd] = [chatd_factory(**env), chatd_factory(**env)]
     users = make_users(services.database_url, 12)
@@ -181,14 +184,15 @@ async def test_primary_killed_under_chat_load_loses_nothing(
 
     prefix = servers[0].env["CHATD_STORAGE_REDIS_KEY_PREFIX"]
     keys = Keys(prefix, cluster=True, partitions=16)
-    victim = valkey_cluster.primary_of(keys.sharded(keys.room_channel(rooms[0]), b"")[0])
+    watched = keys.sharded(keys.room_channel(rooms[0]), b"")[0] if victim == "room" else keys.workers()
+    dead = valkey_cluster.primary_of(watched)
     readers = [asyncio.ensure_future(read(n, ws, room)) for n, (ws, room) in enumerate(sockets)]
     talkers = [asyncio.ensure_future(chat(n, ws, room)) for n, (ws, room) in enumerate(sockets)]
     loop = asyncio.get_running_loop()
     try:
         await asyncio.sleep(2)
         killed_at, killed_wall_ms = time.monotonic(), time.time() * 1000
-        valkey_cluster.kill(victim)
+        valkey_cluster.kill(dead)
 
         # Recovered: a replica took the dead primary's slots and both instances answer ready.
         promoted_at = ready_at = None
@@ -196,8 +200,7 @@ async def test_primary_killed_under_chat_load_loses_nothing(
             assert time.monotonic() - killed_at < 60, "chatd did not recover within 60 s"
             if promoted_at is None:
                 with contextlib.suppress(Exception):
-                    channel = keys.sharded(keys.room_channel(rooms[0]), b"")[0]
-                    if await loop.run_in_executor(None, valkey_cluster.primary_of, channel) is not victim:
+                    if await loop.run_in_executor(None, valkey_cluster.primary_of, watched) is not dead:
                         promoted_at = time.monotonic()
             statuses = [(await loop.run_in_executor(None, http_get, s.http + "/health/ready", 1))[0] for s in servers]
             if promoted_at is not None and all(st == 200 for st in statuses):
@@ -259,13 +262,27 @@ async def test_primary_killed_under_chat_load_loses_nothing(
         if moved
         else None,
     }
-    print("\ncluster failover:", json.dumps(report))
+    print(f"\ncluster failover ({victim}):", json.dumps(report))
 
     assert not lost, f"acked but not stored: {lost[:5]}"
     assert never_delivered == 0, f"{never_delivered} stored messages never reached a member's socket"
     assert sum(duplicates) == 0 and all(order_ok), "a socket received a room's messages out of order or twice"
     assert len(stored) == len(acked), "every stored message was acked"
-    assert moved, "no instance saw its partitions move to the promoted replica"
+    if victim == "room":
+        assert moved, "no instance saw its partitions move to the promoted replica"
+    # chatd writes to the promoted replica: both instances' heartbeats (expiry = now + 6 s) written after the kill.
+    client = valkey_cluster.client()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            heartbeats = cast("list[tuple[bytes, float]]", client.zrange(keys.workers(), 0, -1, withscores=True))
+            fresh = len(heartbeats) == 2 and all(expiry > killed_wall_ms + 6000 for _, expiry in heartbeats)
+            if fresh or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        client.close()
+    assert fresh, heartbeats
 
 
 def _epoch_ms(iso: str) -> float:
