@@ -62,6 +62,8 @@ class ShardedSubscriber:
         self._confirmed: set[int] = set()
         # Confirmed at least once while wanted: confirmed again without an SSUBSCRIBE of ours, it was moved.
         self._confirmed_before: set[int] = set()
+        self._lost: set[int] = set()  # wanted, and the node gave their slot away: their next confirmation ends a gap
+        self._refresh_slots = False  # read the slot map before the next SSUBSCRIBEs
         self._confirm: dict[int, asyncio.Future[None]] = {}
         self._sent: dict[int, int] = {}  # SSUBSCRIBEs this reader sent, not yet confirmed, per partition
         self._resubscribing: set[int] | None = None
@@ -139,6 +141,7 @@ class ShardedSubscriber:
                 self._resubscribing = None
                 self._sent.clear()
                 self._confirmed.clear()
+                self._lost.clear()
                 for fut in self._confirm.values():
                     if not fut.done():
                         fut.set_exception(errors.Unavailable("fan-out connection lost"))
@@ -210,8 +213,10 @@ class ShardedSubscriber:
             self._sent.pop(partition, None)
             if partition not in self._wanted:
                 return
-            if not sent and partition in self._confirmed_before:
-                # Not ours: redis-py moved the partition to the slot's new owner (failover, migration).
+            if partition in self._lost or (not sent and partition in self._confirmed_before):
+                # Lost on the way (the old owner gave the slot away), or not ours: redis-py moved the
+                # partition to the slot's new owner (failover, migration).  What was published meanwhile is lost.
+                self._lost.discard(partition)
                 self._gap()
             self._confirmed.add(partition)
             self._confirmed_before.add(partition)
@@ -224,9 +229,14 @@ class ShardedSubscriber:
                     self._resubscribed()
         elif kind == "sunsubscribe" or kind == b"sunsubscribe":
             if partition in self._wanted and not self._sent.get(partition):
-                # Still wanted: the node gave the slot away (Valkey tells its subscribers) or redis-py is
-                # moving it; its SSUBSCRIBE on the new owner confirms it again.
+                # Still wanted: the node gave the slot away (a migration: Valkey tells its subscribers), or
+                # redis-py is moving it.  redis-py's slot map may not know yet (no command of this client got
+                # a MOVED): read it again, then SSUBSCRIBE where the slot is now (flush_wanted).
                 self._confirmed.discard(partition)
+                self._lost.add(partition)
+                self._refresh_slots = True
+                self._pending.add(partition)
+                self._pending_event.set()
                 app_log.info("fanout_partition_moving", extra=fields(partition=partition))
 
     def _gap(self) -> None:
@@ -306,6 +316,10 @@ class ShardedSubscriber:
                 continue
             partitions = sorted(p for p in self._pending if p in self._wanted and p not in self._confirmed)
             self._pending.clear()
+            if self._refresh_slots:
+                self._refresh_slots = False
+                with contextlib.suppress(RedisError, OSError):  # else the SSUBSCRIBE fails, and all start over
+                    await self._client.nodes_manager.initialize()
             if partitions:
                 with contextlib.suppress(errors.Unavailable):  # the reader starts over (_broken)
                     await self._ssubscribe(pubsub, partitions)
@@ -336,6 +350,7 @@ class ShardedSubscriber:
         self._pending.discard(partition)
         self._confirmed.discard(partition)
         self._confirmed_before.discard(partition)
+        self._lost.discard(partition)
         fut = self._confirm.pop(partition, None)
         if fut is not None and not fut.done():
             fut.set_exception(errors.Unavailable("unsubscribed"))
