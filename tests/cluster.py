@@ -182,6 +182,10 @@ class ValkeyCluster:
                 return next(n for n in self.nodes if n.port == int(primary[1]))
         raise LookupError(f"no node serves slot {slot}")
 
+    def keyslot(self, key: str) -> int:
+        live = next(n for n in self.nodes if n.alive())
+        return int(_command(live.client(), "CLUSTER", "KEYSLOT", key))
+
     def kill(self, node: Node) -> None:
         assert node.proc is not None
         node.proc.send_signal(signal.SIGKILL)
@@ -221,3 +225,37 @@ def _wait(check: Callable[[], object], deadline: float, what: str) -> None:
             last = exc
         time.sleep(0.05)
     raise TimeoutError(f"valkey cluster: no {what} in time ({last})")
+
+
+def node_id(node: Node) -> str:
+    return str(_command(node.client(), "CLUSTER", "MYID").decode())
+
+
+def migrate_slot(cluster: ValkeyCluster, slot: int, target: Node, batch: int = 100, timeout_ms: int = 5000) -> int:
+    """Move one slot, with its keys, to ``target`` (a primary): what ``valkey-cli --cluster reshard`` does
+    for each slot (SETSLOT IMPORTING / MIGRATING, MIGRATE the keys in batches, SETSLOT NODE everywhere).
+    Returns how many keys moved."""
+    live = next(n for n in cluster.nodes if n.alive())
+    source_port = next(
+        int(entry[2][1])
+        for entry in _command(live.client(), "CLUSTER", "SLOTS")
+        if int(entry[0]) <= slot <= int(entry[1])
+    )
+    source = next(n for n in cluster.nodes if n.port == source_port)
+    assert source is not target, "the slot is on the target already"
+    source_id, target_id = node_id(source), node_id(target)
+    _command(target.client(), "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+    _command(source.client(), "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+    moved = 0
+    while True:
+        keys = _command(source.client(), "CLUSTER", "GETKEYSINSLOT", str(slot), str(batch))
+        if not keys:
+            break
+        args = ["MIGRATE", "127.0.0.1", str(target.port), "", "0", str(timeout_ms), "KEYS"]
+        _command(source.client(), *args, *(k.decode() for k in keys))
+        moved += len(keys)
+    # The target first, then the source: as valkey-cli does (the slot is never owned by nobody).
+    others = [n for n in cluster.nodes if n.alive() and n not in (target, source) and n.role() == "master"]
+    for node in [target, source, *others]:
+        _command(node.client(), "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+    return moved

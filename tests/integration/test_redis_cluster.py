@@ -25,7 +25,7 @@ import pytest
 
 from chatd.core.keys import Keys
 from tests.chat import connect, join, make_room, send
-from tests.cluster import ValkeyCluster
+from tests.cluster import ValkeyCluster, migrate_slot
 from tests.conftest import Services
 from tests.integration.test_assistant import stream_of
 from tests.integration.test_cli import chatd_cli
@@ -125,36 +125,38 @@ async def test_assistant_stream_across_instances_on_the_cluster(
     assert final["role"] == "assistant" and final["content"] == texts[0]
 
 
-@pytest.mark.parametrize("victim", ["room", "presence"])
-async def test_primary_killed_under_chat_load_loses_nothing(
-    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services, victim: str
-) -> None:
-    """``victim``: the primary of the first room's partition, or of the presence keys (heartbeats)."""
-    env = _env(
-        valkey_cluster,
-        CHATD_WS_SEND_RATE_COUNT="1000000",
-        CHATD_WS_PROBE_INTERVAL_S="0.5",
-        CHATD_STORAGE_REDIS_TIMEOUT_S="1",
-        CHATD_WS_PRESENCE_TTL_S="6",  # a heartbeat every 2 s: proof below that chatd writes to the new primary
-    )
-    servers: list[Chatd] = [chatd_factory(**env), chatd_factory(**env)]
-    users = make_users(services.database_url, 12)
-    rooms = [await make_room(servers[0], users[i], users[i + 1 : i + 4]) for i in (0, 4, 8)]
-    sockets: list[tuple[WS, int]] = []
-    for i, user in enumerate(users):
-        ws = await connect(servers[i % 2], user)
-        await join(ws, rooms[i // 4])
-        sockets.append((ws, rooms[i // 4]))
+class ChatLoad:
+    """12 sockets in 3 rooms on two instances, each sending every 50 ms: what was acked, stored and
+    received by every member (each seq once, in order)."""
 
-    acked: dict[str, tuple[int, int, float]] = {}  # client_msg_id -> (room, seq, acked at)
-    refused: dict[str, int] = {}  # error code -> count (a send may be refused, never lost)
-    received: list[dict[int, float]] = [{} for _ in sockets]  # per socket: seq -> first received at
-    duplicates = [0] * len(sockets)
-    order_ok = [True] * len(sockets)
-    replies: list[dict[str, asyncio.Future[dict[str, Any]]]] = [{} for _ in sockets]
-    stop = asyncio.Event()
+    def __init__(self, services: Services, servers: list[Chatd]) -> None:
+        self.services, self.servers = services, servers
+        self.rooms: list[int] = []
+        self.sockets: list[tuple[WS, int]] = []
+        self.acked: dict[str, tuple[int, int, float]] = {}  # client_msg_id -> (room, seq, acked at)
+        self.refused: dict[str, int] = {}  # error code -> count (a send may be refused, never lost)
+        self.received: list[dict[int, float]] = []  # per socket: seq -> first received at
+        self.duplicates = 0
+        self.order_ok = True
+        self._replies: list[dict[str, asyncio.Future[dict[str, Any]]]] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Future[None]] = []
+        self._talkers: list[asyncio.Future[None]] = []
 
-    async def read(n: int, ws: WS, room: int) -> None:
+    async def start(self) -> None:
+        users = make_users(self.services.database_url, 12)
+        self.rooms = [await make_room(self.servers[0], users[i], users[i + 1 : i + 4]) for i in (0, 4, 8)]
+        for i, user in enumerate(users):
+            ws = await connect(self.servers[i % 2], user)
+            await join(ws, self.rooms[i // 4])
+            self.sockets.append((ws, self.rooms[i // 4]))
+        self.received = [{} for _ in self.sockets]
+        self._replies = [{} for _ in self.sockets]
+        self._talkers = [asyncio.ensure_future(self._chat(n, ws, r)) for n, (ws, r) in enumerate(self.sockets)]
+        readers = [asyncio.ensure_future(self._read(n, ws, r)) for n, (ws, r) in enumerate(self.sockets)]
+        self._tasks = [*self._talkers, *readers]
+
+    async def _read(self, n: int, ws: WS, room: int) -> None:
         last = 0
         while True:
             frame = await ws.recv(timeout_s=60)
@@ -162,34 +164,123 @@ async def test_primary_killed_under_chat_load_loses_nothing(
                 return
             if frame["type"] == "message" and frame["room_id"] == room:
                 seq = frame["seq"]
-                order_ok[n] = order_ok[n] and seq == last + 1
+                self.order_ok = self.order_ok and seq == last + 1
                 last = seq
-                if seq in received[n]:
-                    duplicates[n] += 1
-                received[n].setdefault(seq, time.monotonic())
-            elif frame["type"] in ("ack", "error") and frame.get("reply_to") in replies[n]:
-                replies[n].pop(frame["reply_to"]).set_result(frame)
+                self.duplicates += seq in self.received[n]
+                self.received[n].setdefault(seq, time.monotonic())
+            elif frame["type"] in ("ack", "error") and frame.get("reply_to") in self._replies[n]:
+                self._replies[n].pop(frame["reply_to"]).set_result(frame)
 
-    async def chat(n: int, ws: WS, room: int) -> None:
-        while not stop.is_set():
+    async def _chat(self, n: int, ws: WS, room: int) -> None:
+        while not self._stop.is_set():
             cmid = uuid.uuid4().hex
-            replies[n][cmid] = answer = asyncio.get_running_loop().create_future()
+            self._replies[n][cmid] = answer = asyncio.get_running_loop().create_future()
             await ws.send({"type": "send", "room_id": room, "content": cmid, "client_msg_id": cmid, "id": cmid})
             reply = await asyncio.wait_for(answer, 30)
             if reply["type"] == "ack":
-                acked[cmid] = (room, reply["seq"], time.monotonic())
+                self.acked[cmid] = (room, reply["seq"], time.monotonic())
             else:
-                refused[reply["code"]] = refused.get(reply["code"], 0) + 1
+                self.refused[reply["code"]] = self.refused.get(reply["code"], 0) + 1
             await asyncio.sleep(0.05)
 
-    prefix = servers[0].env["CHATD_STORAGE_REDIS_KEY_PREFIX"]
-    keys = Keys(prefix, cluster=True, partitions=16)
-    watched = keys.sharded(keys.room_channel(rooms[0]), b"")[0] if victim == "room" else keys.workers()
-    dead = valkey_cluster.primary_of(watched)
-    readers = [asyncio.ensure_future(read(n, ws, room)) for n, (ws, room) in enumerate(sockets)]
-    talkers = [asyncio.ensure_future(chat(n, ws, room)) for n, (ws, room) in enumerate(sockets)]
+    async def finish(self) -> None:
+        """Stop sending; wait (bounded) until every socket has its room's last acked seq."""
+        self._stop.set()
+        try:
+            await asyncio.gather(*self._talkers)
+            last_acked = {room: max(seq for r, seq, _ in self.acked.values() if r == room) for room in self.rooms}
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(
+                max(got, default=0) < last_acked[room]
+                for got, (_, room) in zip(self.received, self.sockets, strict=True)
+            ):
+                await asyncio.sleep(0.1)
+        finally:
+            await self.cancel()
+
+    async def cancel(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def check(self) -> dict[str, Any]:
+        """The counters; asserts 0 lost, 0 never delivered, 0 duplicated, in order."""
+        with psycopg.connect(self.services.database_url) as conn:
+            stored = {
+                cmid: (room, seq)
+                for room, seq, cmid in conn.execute(
+                    "SELECT room_id, seq, client_msg_id FROM messages WHERE room_id = ANY(%s)", (self.rooms,)
+                )
+            }
+        lost = [cmid for cmid, (room, seq, _) in self.acked.items() if stored.get(cmid) != (room, seq)]
+        seqs_by_room = {room: sorted(seq for r, seq in stored.values() if r == room) for room in self.rooms}
+        never_delivered = 0
+        for n, (_, room) in enumerate(self.sockets):
+            assert seqs_by_room[room] == list(range(1, len(seqs_by_room[room]) + 1)), f"room {room}: seq gap"
+            never_delivered += len(set(seqs_by_room[room]) - set(self.received[n]))
+        acked_at = {(room, seq): at for room, seq, at in self.acked.values()}
+        worst_delay_s = max(
+            (at - acked_at[(room, seq)])
+            for n, (_, room) in enumerate(self.sockets)
+            for seq, at in self.received[n].items()
+            if (room, seq) in acked_at
+        )
+        report = {
+            "acked": len(self.acked),
+            "stored": len(stored),
+            "deliveries": sum(len(r) for r in self.received),
+            "lost": len(lost),
+            "never_delivered": never_delivered,
+            "duplicated": self.duplicates,
+            "refused": self.refused,
+            "worst_delivery_delay_s": round(worst_delay_s, 2),
+        }
+        assert not lost, f"acked but not stored: {lost[:5]}"
+        assert never_delivered == 0, f"{never_delivered} stored messages never reached a member's socket"
+        assert self.duplicates == 0 and self.order_ok, "a socket received a room's messages out of order or twice"
+        assert len(stored) == len(self.acked), "every stored message was acked"
+        return report
+
+
+_LOAD_ENV = {
+    "CHATD_WS_SEND_RATE_COUNT": "1000000",
+    "CHATD_WS_PROBE_INTERVAL_S": "0.5",
+    "CHATD_STORAGE_REDIS_TIMEOUT_S": "1",
+    "CHATD_WS_PRESENCE_TTL_S": "6",  # a heartbeat every 2 s: proof below that chatd writes where the slot went
+}
+
+
+async def _heartbeats_after(cluster: ValkeyCluster, keys: Keys, wall_ms: float, ttl_ms: float = 6000) -> None:
+    """Both instances' heartbeats were written after ``wall_ms`` (to wherever their slot is now)."""
+    client = cluster.client()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            heartbeats = cast("list[tuple[bytes, float]]", client.zrange(keys.workers(), 0, -1, withscores=True))
+            fresh = len(heartbeats) == 2 and all(expiry > wall_ms + ttl_ms for _, expiry in heartbeats)
+            if fresh or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        client.close()
+    assert fresh, heartbeats
+
+
+@pytest.mark.parametrize("victim", ["room", "presence"])
+async def test_primary_killed_under_chat_load_loses_nothing(
+    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services, victim: str
+) -> None:
+    """``victim``: the primary of the first room's partition, or of the presence keys (heartbeats)."""
+    env = _env(valkey_cluster, **_LOAD_ENV)
+    servers: list[Chatd] = [chatd_factory(**env), chatd_factory(**env)]
+    load = ChatLoad(services, servers)
+    keys = Keys(servers[0].env["CHATD_STORAGE_REDIS_KEY_PREFIX"], cluster=True, partitions=16)
     loop = asyncio.get_running_loop()
     try:
+        await load.start()
+        watched = keys.sharded(keys.room_channel(load.rooms[0]), b"")[0] if victim == "room" else keys.workers()
+        dead = valkey_cluster.primary_of(watched)
         await asyncio.sleep(2)
         killed_at, killed_wall_ms = time.monotonic(), time.time() * 1000
         valkey_cluster.kill(dead)
@@ -207,82 +298,63 @@ async def test_primary_killed_under_chat_load_loses_nothing(
                 ready_at = time.monotonic()
             await asyncio.sleep(0.1)
         await asyncio.sleep(3)  # the load goes on against the new primary
-        stop.set()
-        await asyncio.gather(*talkers)
-
-        last_acked = {room: max(seq for r, seq, _ in acked.values() if r == room) for room in rooms}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(
-            max(got, default=0) < last_acked[room] for got, (_, room) in zip(received, sockets, strict=True)
-        ):
-            await asyncio.sleep(0.1)
+        await load.finish()
     finally:
-        stop.set()
-        for task in [*talkers, *readers]:
-            task.cancel()
-        await asyncio.gather(*talkers, *readers, return_exceptions=True)
-
-    with psycopg.connect(services.database_url) as conn:
-        stored = {
-            cmid: (room, seq)
-            for room, seq, cmid in conn.execute(
-                "SELECT room_id, seq, client_msg_id FROM messages WHERE room_id = ANY(%s)", (rooms,)
-            )
-        }
-    lost = [cmid for cmid, (room, seq, _) in acked.items() if stored.get(cmid) != (room, seq)]
-    seqs_by_room = {room: sorted(seq for r, seq in stored.values() if r == room) for room in rooms}
-    never_delivered = 0
-    for n, (_, room) in enumerate(sockets):
-        assert seqs_by_room[room] == list(range(1, len(seqs_by_room[room]) + 1)), f"room {room}: seq gap in Postgres"
-        never_delivered += len(set(seqs_by_room[room]) - set(received[n]))
-    acked_at = {(room, seq): at for room, seq, at in acked.values()}
-    worst_delay_s = max(
-        (at - acked_at[(room, seq)])
-        for n, (_, room) in enumerate(sockets)
-        for seq, at in received[n].items()
-        if (room, seq) in acked_at
-    )
-    moved = [e for s in servers for e in s.events("fanout_partitions_moved")]
+        await load.cancel()
+    report = load.check()
     assert promoted_at is not None and ready_at is not None
-    report = {
-        "acked": len(acked),
-        "stored": len(stored),
-        "deliveries": sum(len(r) for r in received),
-        "lost": len(lost),
-        "never_delivered": never_delivered,
-        "duplicated": sum(duplicates),
-        "refused": refused,
+    moved = [e for s in servers for e in s.events("fanout_partitions_moved")]
+    report |= {
         "promoted_after_s": round(promoted_at - killed_at, 2),
         "recovered_after_s": round(ready_at - killed_at, 2),
-        "worst_delivery_delay_s": round(worst_delay_s, 2),
         "partitions_moved_events": len(moved),
-        "pubsub_back_after_s": round(
-            max((_epoch_ms(e["time"]) for e in moved), default=0) / 1000 - killed_wall_ms / 1000, 2
-        )
+        "pubsub_back_after_s": round(max(_epoch_ms(e["time"]) for e in moved) / 1000 - killed_wall_ms / 1000, 2)
         if moved
         else None,
     }
     print(f"\ncluster failover ({victim}):", json.dumps(report))
-
-    assert not lost, f"acked but not stored: {lost[:5]}"
-    assert never_delivered == 0, f"{never_delivered} stored messages never reached a member's socket"
-    assert sum(duplicates) == 0 and all(order_ok), "a socket received a room's messages out of order or twice"
-    assert len(stored) == len(acked), "every stored message was acked"
     if victim == "room":
         assert moved, "no instance saw its partitions move to the promoted replica"
-    # chatd writes to the promoted replica: both instances' heartbeats (expiry = now + 6 s) written after the kill.
-    client = valkey_cluster.client()
+    await _heartbeats_after(valkey_cluster, keys, killed_wall_ms)
+
+
+async def test_slots_migrated_under_chat_load_lose_nothing(
+    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services
+) -> None:
+    """The slots of the first room's partition and of the presence keys move to another primary, keys and
+    all (CLUSTER SETSLOT / MIGRATE, as ``valkey-cli --cluster reshard`` does), while the rooms chat."""
+    env = _env(valkey_cluster, **_LOAD_ENV)
+    servers: list[Chatd] = [chatd_factory(**env), chatd_factory(**env)]
+    load = ChatLoad(services, servers)
+    keys = Keys(servers[0].env["CHATD_STORAGE_REDIS_KEY_PREFIX"], cluster=True, partitions=16)
+    loop = asyncio.get_running_loop()
+    moved_keys = {}
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            heartbeats = cast("list[tuple[bytes, float]]", client.zrange(keys.workers(), 0, -1, withscores=True))
-            fresh = len(heartbeats) == 2 and all(expiry > killed_wall_ms + 6000 for _, expiry in heartbeats)
-            if fresh or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+        await load.start()
+        await asyncio.sleep(2)
+        migrated_wall_ms = time.time() * 1000
+        for what, key in (
+            ("room", keys.sharded(keys.room_channel(load.rooms[0]), b"")[0]),
+            ("presence", keys.workers()),
+        ):
+            slot = valkey_cluster.keyslot(key)
+            source = valkey_cluster.primary_of(key)
+            target = next(n for n in valkey_cluster.nodes if n is not source and n.role() == "master")
+            moved_keys[what] = await loop.run_in_executor(None, migrate_slot, valkey_cluster, slot, target)
+            assert valkey_cluster.primary_of(key) is target
+            await asyncio.sleep(1)
+        await asyncio.sleep(3)  # the load goes on where the slots went
+        await load.finish()
     finally:
-        client.close()
-    assert fresh, heartbeats
+        await load.cancel()
+    report = load.check()
+    moved = [e for s in servers for e in s.events("fanout_partitions_moved")]
+    report |= {"keys_migrated": moved_keys, "partitions_moved_events": len(moved)}
+    print("\ncluster slot migration:", json.dumps(report))
+    assert moved_keys["presence"] > 0  # the presence slot held the heartbeats, the rooms' presence...
+    # Both instances followed the room's partition to its new node (Valkey unsubscribed them from the old one).
+    assert all(s.events("fanout_partitions_moved") for s in servers), "pub/sub did not follow the slot"
+    await _heartbeats_after(valkey_cluster, keys, migrated_wall_ms)
 
 
 def _epoch_ms(iso: str) -> float:
