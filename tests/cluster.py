@@ -33,6 +33,7 @@ class Node:
     bus_port: int  # given: the default, port + 10000, overflows for a free port above 55535
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    frozen: bool = False  # SIGSTOPped: up, connections open, but it answers nothing
     _client: redis.Redis | None = None
 
     def client(self) -> redis.Redis:
@@ -41,7 +42,7 @@ class Node:
         return self._client
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None and not self.frozen
 
     def role(self) -> str:
         """``master`` or ``slave``, as the node itself says."""
@@ -186,6 +187,17 @@ class ValkeyCluster:
         live = next(n for n in self.nodes if n.alive())
         return int(_command(live.client(), "CLUSTER", "KEYSLOT", key))
 
+    def freeze(self, node: Node) -> None:
+        """SIGSTOP: a node that vanished without closing anything (no RST), until ``thaw``."""
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+        node.frozen = True
+
+    def thaw(self, node: Node) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGCONT)
+        node.frozen = False
+
     def kill(self, node: Node) -> None:
         assert node.proc is not None
         node.proc.send_signal(signal.SIGKILL)
@@ -195,6 +207,9 @@ class ValkeyCluster:
         _wait(self._settled, time.monotonic() + timeout_s, "the cluster settled again")
 
     def stop(self) -> None:
+        for node in self.nodes:
+            if node.frozen:
+                self.thaw(node)
         for node in self.nodes:
             if node.alive():
                 assert node.proc is not None

@@ -14,14 +14,14 @@ owner with one SSUBSCRIBE: a confirmation this reader did not ask for is such a 
 was published between the loss and it is lost to pub/sub, so the hook runs.  A read that fails on
 every node drops the whole connection: the reader subscribes every wanted partition again.
 
-No liveness PINGs here (a known gap): a half-open node connection is noticed by redis-py only when
-the cluster's slot map changes.
+Each node's connection keeps ``Subscriber``'s liveness deadline (``storage.pubsub_liveness_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +32,13 @@ from chatd.core.keys import Keys, unpack
 from chatd.process import metrics
 from chatd.process.config import StorageSettings
 from chatd.process.logs import app_log, fields
+from chatd.realtime.pubsub import Deaf, Liveness
 from chatd.storage.kv import close_client, cluster_client, redis_errors
 
 # A node's read holds redis-py's per-node lock that an SSUBSCRIBE on that node waits for: short, so that a
 # join waits at most this long for its partition (10 idle reads a second per node cost ~0.1% of a core).
 _READ_WAIT_S = 0.1
+_MIN_WAIT_S = 0.01  # the shortest read before the liveness deadline is checked
 _IDLE_WAIT_S = 0.05  # a node's connection not open yet: how long to wait before reading again
 _SUPERVISE_EVERY_S = 0.1  # how often the nodes that hold partitions are checked for a reader
 _POOL_PER_NODE = 4  # the reader's connections per node, plus SSUBSCRIBEs in flight
@@ -49,10 +51,13 @@ class ShardedSubscriber:
         keys: Keys,
         on_message: Callable[[bytes, bytes], None],
         on_resubscribed: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # A client of its own, as Subscriber's: a busy command pool must never keep the reader from reconnecting.
         self._client = cluster_client(storage, max_connections=_POOL_PER_NODE)
         self.timeout_s = storage.redis_timeout_s
+        self._liveness_s = storage.pubsub_liveness_s
+        self._clock = clock
         self._keys = keys
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
@@ -161,19 +166,38 @@ class ShardedSubscriber:
 
     async def _read_node(self, pubsub: Any, name: str) -> None:
         """Read one node's partitions until it holds none; a failed read is retried with backoff, after
-        asking for a new slot map (redis-py then moves the partitions of a node that lost its slots)."""
+        asking for a new slot map (redis-py then moves the partitions of a node that lost its slots).
+
+        The node's connection has ``Subscriber``'s liveness deadline (``Liveness``): a PING after a third
+        of it without a read; nothing read for all of it (a node frozen or cut off: no error ever comes,
+        and a failover elsewhere would leave this reader deaf), the connection is dropped and the node
+        counts as failing."""
         backoff_s = 0.1
+        liveness = Liveness(self._liveness_s, self._clock())
         while name in pubsub.node_pubsub_mapping:
             node = self._client.get_node(node_name=name)
             connection = pubsub.node_pubsub_mapping.get(name)
             if node is None or connection is None or connection.connection is None:
                 await asyncio.sleep(_IDLE_WAIT_S)  # not connected yet (or being replaced): nothing to wait on
+                liveness.restart(self._clock())
                 continue
             try:
+                wait_s = min(_READ_WAIT_S, max(_MIN_WAIT_S, liveness.wait_s(self._clock())))
                 msg = await pubsub.get_sharded_message(
-                    ignore_subscribe_messages=False, timeout=_READ_WAIT_S, target_node=node
+                    ignore_subscribe_messages=False, timeout=wait_s, target_node=node
                 )
-            except (RedisError, OSError) as exc:
+                now = self._clock()
+                if msg is not None:
+                    liveness.heard(now)
+                elif liveness.expired(now):
+                    metrics.pubsub_liveness_timeouts.inc()
+                    with contextlib.suppress(Exception):  # the next read reconnects and subscribes again
+                        await connection.connection.disconnect()
+                    raise Deaf(f"nothing read for {liveness.silent_s(now):.1f}s, PINGs unanswered")
+                elif liveness.ping_due(now):
+                    liveness.pinged(now)
+                    await connection.ping()
+            except (RedisError, OSError, Deaf) as exc:
                 if name not in self._failing:
                     app_log.warning("fanout_node_lost", extra=fields(node=name, error=str(exc)[:200]))
                 self._failing[name] = f"{type(exc).__name__}: {exc}"
@@ -181,12 +205,14 @@ class ShardedSubscriber:
                 backoff_s = min(backoff_s * 2, 1.0)
                 with contextlib.suppress(RedisError, OSError):  # the other nodes answer; if none does, retried
                     await self._client.nodes_manager.initialize()
+                liveness.restart(self._clock())
+                continue
+            if msg is None:
                 continue
             if self._failing.pop(name, None) is not None:
                 app_log.info("fanout_node_back", extra=fields(node=name))
             backoff_s = 0.1
-            if msg is not None:
-                self._dispatch(msg)
+            self._dispatch(msg)
         self._failing.pop(name, None)
 
     def _dispatch(self, msg: dict[str, Any]) -> None:

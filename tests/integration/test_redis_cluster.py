@@ -267,12 +267,14 @@ async def _heartbeats_after(cluster: ValkeyCluster, keys: Keys, wall_ms: float, 
     assert fresh, heartbeats
 
 
-@pytest.mark.parametrize("victim", ["room", "presence"])
+@pytest.mark.parametrize(("victim", "fault"), [("room", "kill"), ("presence", "kill"), ("room", "freeze")])
 async def test_primary_killed_under_chat_load_loses_nothing(
-    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services, victim: str
+    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services, victim: str, fault: str
 ) -> None:
-    """``victim``: the primary of the first room's partition, or of the presence keys (heartbeats)."""
-    env = _env(valkey_cluster, **_LOAD_ENV)
+    """``victim``: the primary of the first room's partition, or of the presence keys (heartbeats).
+    ``fault``: SIGKILL (its connections reset), or SIGSTOP (they stay open and silent: only the pub/sub
+    reader's liveness deadline notices)."""
+    env = _env(valkey_cluster, **_LOAD_ENV, CHATD_STORAGE_PUBSUB_LIVENESS_S="3")
     servers: list[Chatd] = [chatd_factory(**env), chatd_factory(**env)]
     load = ChatLoad(services, servers)
     keys = Keys(servers[0].env["CHATD_STORAGE_REDIS_KEY_PREFIX"], cluster=True, partitions=16)
@@ -283,7 +285,7 @@ async def test_primary_killed_under_chat_load_loses_nothing(
         dead = valkey_cluster.primary_of(watched)
         await asyncio.sleep(2)
         killed_at, killed_wall_ms = time.monotonic(), time.time() * 1000
-        valkey_cluster.kill(dead)
+        (valkey_cluster.kill if fault == "kill" else valkey_cluster.freeze)(dead)
 
         # Recovered: a replica took the dead primary's slots and both instances answer ready.
         promoted_at = ready_at = None
@@ -312,7 +314,7 @@ async def test_primary_killed_under_chat_load_loses_nothing(
         if moved
         else None,
     }
-    print(f"\ncluster failover ({victim}):", json.dumps(report))
+    print(f"\ncluster failover ({victim}, {fault}):", json.dumps(report))
     if victim == "room":
         assert moved, "no instance saw its partitions move to the promoted replica"
     await _heartbeats_after(valkey_cluster, keys, killed_wall_ms)
