@@ -361,3 +361,59 @@ async def test_slots_migrated_under_chat_load_lose_nothing(
 
 def _epoch_ms(iso: str) -> float:
     return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000
+
+
+async def test_a_failover_costs_a_subscription_per_partition_not_per_room(
+    valkey_cluster: ValkeyCluster, chatd_factory: Any, services: Services
+) -> None:
+    """One worker in 200 rooms (128 partitions, the default): when the primary holding most of its
+    partitions dies, what the promoted replica receives is one SSUBSCRIBE per partition it now holds,
+    however many rooms map to them (one channel per room would have cost one per room)."""
+    server: Chatd = chatd_factory(
+        REDIS_URL=valkey_cluster.url(), CHATD_WS_JOIN_BURST="1000", CHATD_WS_JOIN_RATE_PER_S="1000"
+    )
+    (alice,) = make_users(services.database_url, 1)
+    rooms = [await make_room(server, alice, []) for _ in range(200)]
+    ws = await connect(server, alice)
+    for room in rooms:
+        await join(ws, room)
+    keys = Keys(server.env["CHATD_STORAGE_REDIS_KEY_PREFIX"], cluster=True, partitions=128)
+    channels = [keys.room_channel(r) for r in rooms] + [keys.user_channel(alice.id), keys.control()]
+    by_partition: dict[int, int] = {}
+    for channel in channels:
+        by_partition[keys.partition_of(channel)] = by_partition.get(keys.partition_of(channel), 0) + 1
+    owner = {p: valkey_cluster.primary_of(keys.partition_channel(p)).port for p in by_partition}
+    dead_port = max(set(owner.values()), key=lambda port: sum(1 for o in owner.values() if o == port))
+    dead = next(n for n in valkey_cluster.nodes if n.port == dead_port)
+    replica = next(
+        n
+        for n in valkey_cluster.nodes
+        if n.role() == "slave" and n.client().info("replication")["master_port"] == dead_port
+    )
+    before = _ssubscribes(replica)
+    valkey_cluster.kill(dead)
+    deadline = time.monotonic() + 60
+    while not server.events("fanout_partitions_moved"):
+        assert time.monotonic() < deadline, "the partitions never moved to the promoted replica"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1)  # the moves of the other partitions of the node, if any came later
+    moved_partitions = [p for p, port in owner.items() if port == dead_port]
+    report = {
+        "rooms": len(rooms),
+        "partitions_wanted": len(by_partition),
+        "partitions_on_dead_node": len(moved_partitions),
+        "channels_on_dead_node": sum(by_partition[p] for p in moved_partitions),
+        "ssubscribes_on_promoted_replica": _ssubscribes(replica) - before,
+    }
+    print("\ncluster failover resubscription:", json.dumps(report))
+    assert 0 < report["ssubscribes_on_promoted_replica"] <= 2 * report["partitions_on_dead_node"]
+    assert report["channels_on_dead_node"] > report["partitions_on_dead_node"]  # what one channel per room costs
+    # And the room still works there: a message to a room of a moved partition reaches the socket live.
+    room = next(r for r in rooms if keys.partition_of(keys.room_channel(r)) in moved_partitions)
+    ack = await send(ws, room, "after the failover")
+    assert (await ws.expect("message", room_id=room, seq=ack["seq"], timeout_s=15))["content"] == "after the failover"
+
+
+def _ssubscribes(node: Any) -> int:
+    stats = node.client().info("commandstats")
+    return int(stats.get("cmdstat_ssubscribe", {}).get("calls", 0))
