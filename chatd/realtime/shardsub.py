@@ -110,6 +110,8 @@ class ShardedSubscriber:
             readers: dict[str, asyncio.Task[None]] = {}
             try:
                 self._pubsub = pubsub
+                if not first:  # an SSUBSCRIBE failed: where the slots are may have changed since
+                    await self._client.nodes_manager.initialize()
                 partitions = sorted(self._wanted)
                 if not first:
                     self._resubscribing = set(partitions)
