@@ -9,8 +9,11 @@ in time; every process dies with the test process (``die_with_parent``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,7 +25,6 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from chatd.process.embedded import EmbeddedValkey, die_with_parent
-from tests.support import free_port
 
 NODE_TIMEOUT_MS = 1000
 
@@ -81,11 +83,11 @@ class ValkeyCluster:
     def _start(self, timeout_s: float) -> ValkeyCluster:
         deadline = time.monotonic() + timeout_s
         count = self.primaries * (1 + self.replicas_per_primary)
-        self.nodes = [Node(free_port(), free_port(), self.base / f"node{i}") for i in range(count)]
+        self.nodes = [Node(_port(), _port(), self.base / f"node{i}") for i in range(count)]
         for node in self.nodes:
             self._spawn(node)
         for node in self.nodes:
-            _wait(node.client().ping, deadline, f"node {node.port} up")
+            self._wait_up(node, deadline)
         create = subprocess.run(
             [
                 str(self.cli),
@@ -107,6 +109,25 @@ class ValkeyCluster:
             )
         _wait(self._settled, deadline, "every node agreeing on a whole slot map, replicas in sync")
         return self
+
+    def _wait_up(self, node: Node, deadline: float) -> None:
+        """Until the node answers; one that exited (a port taken between the choice and its bind) is started
+        again on other ports."""
+        respawns = 0
+        while time.monotonic() < deadline:
+            assert node.proc is not None
+            if node.proc.poll() is not None:
+                if respawns == 5:
+                    break
+                respawns += 1
+                node.port, node.bus_port, node._client = _port(), _port(), None
+                (node.dir / "nodes.conf").unlink(missing_ok=True)  # its identity from the failed start
+                self._spawn(node)
+            with contextlib.suppress(redis.RedisError, OSError):
+                if node.client().ping():
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"valkey cluster: node {node.dir.name} not up in time: {node.log()[-500:]}")
 
     def _spawn(self, node: Node) -> None:
         node.dir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +245,19 @@ class ValkeyCluster:
             except subprocess.TimeoutExpired:
                 os.kill(node.proc.pid, signal.SIGKILL)
                 node.proc.wait()
+
+
+def _port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999): no outgoing connection of this busy machine
+    takes it between this check and the node's bind (what ``free_port`` cannot promise)."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def _command(client: redis.Redis, *args: str) -> Any:
