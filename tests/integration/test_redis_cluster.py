@@ -28,7 +28,7 @@ from tests.chat import connect, join, make_room, send
 from tests.cluster import ValkeyCluster, migrate_slot
 from tests.conftest import Services
 from tests.integration.test_assistant import stream_of
-from tests.integration.test_cli import chatd_cli
+from tests.integration.test_cli import chatd_cli, one_line_error
 from tests.support import JWT_SECRET, WS, Chatd, http_get
 from tests.users import make_users
 
@@ -53,6 +53,9 @@ def test_check_config_connects_to_the_cluster(valkey_cluster: ValkeyCluster, ser
     ok = chatd_cli("check-config", "--connect", env=env)
     assert ok.returncode == 0, ok.stderr
     assert f"redis: ok, connected to {valkey_cluster.url()}, 3 primaries" in ok.stderr
+
+    bad = chatd_cli("check-config", env={**env, "REDIS_URL": valkey_cluster.url() + "/0"})
+    assert bad.returncode == 2 and "storage.redis_url: path /0: a cluster has no databases" in one_line_error(bad)
 
 
 @pytest.mark.smoke
