@@ -11,8 +11,15 @@ more; a partition's messages carry their logical channel (``keys.pack``), and th
 nobody here wants are dropped.  redis-py's ``ClusterPubSub`` keeps one connection per node holding
 partitions, and when the slot map changes (failover, migration) it moves each partition to its new
 owner with one SSUBSCRIBE: a confirmation this reader did not ask for is such a move, and whatever
-was published between the loss and it is lost to pub/sub, so the hook runs.  A read that fails on
-every node drops the whole connection: the reader subscribes every wanted partition again.
+was published between the loss and it is lost to pub/sub, so the hook runs.
+
+Each node's connection has its own reader task: redis-py's round robin over the nodes waits on one
+while another has a message (measured: p99 0.3 s with three nodes), too slow for a chat.  A node
+whose reads fail (dead, or a primary no more) is retried with backoff, and each failure asks for a
+new slot map: once a replica took over, redis-py moves that node's partitions, the others never
+stopped.  An SSUBSCRIBE that fails (its node down, its slot moving) is sent again every second after
+reading the slot map; only an unexpected error drops every connection, after which the reader
+subscribes every wanted partition again, then the hook runs.
 
 Each node's connection keeps ``Subscriber``'s liveness deadline (``storage.pubsub_liveness_s``).
 """
@@ -39,7 +46,8 @@ from chatd.storage.kv import close_client, cluster_client, redis_errors
 # join waits at most this long for its partition (10 idle reads a second per node cost ~0.1% of a core).
 _READ_WAIT_S = 0.1
 _MIN_WAIT_S = 0.01  # the shortest read before the liveness deadline is checked
-_IDLE_WAIT_S = 0.05  # a node's connection not open yet: how long to wait before reading again
+_IDLE_WAIT_S = 0.05  # a node's connection with nothing to read: how long to wait before looking again
+_RETRY_EVERY_S = 1.0  # SSUBSCRIBEs that failed are sent again this often (a failover takes seconds)
 _SUPERVISE_EVERY_S = 0.1  # how often the nodes that hold partitions are checked for a reader
 _POOL_PER_NODE = 4  # the reader's connections per node, plus SSUBSCRIBEs in flight
 
@@ -75,7 +83,6 @@ class ShardedSubscriber:
         self._pending: set[int] = set()
         self._pending_event = asyncio.Event()
         self._gap_hook_due = False
-        self._broken: str | None = None  # an SSUBSCRIBE failed: the reader drops the connection
         self._failing: dict[str, str] = {}  # node name -> the error its last read failed with
         self._nodes_changed = asyncio.Event()
         self._pubsub: Any = None
@@ -110,14 +117,13 @@ class ShardedSubscriber:
             readers: dict[str, asyncio.Task[None]] = {}
             try:
                 self._pubsub = pubsub
-                if not first:  # an SSUBSCRIBE failed: where the slots are may have changed since
+                if not first:  # where the slots are may have changed since
                     await self._client.nodes_manager.initialize()
                 partitions = sorted(self._wanted)
                 if not first:
                     self._resubscribing = set(partitions)
-                for partition in partitions:  # one SSUBSCRIBE each: a command's channels must share a slot
-                    self._sent[partition] = self._sent.get(partition, 0) + 1
-                    await pubsub.ssubscribe(self._keys.partition_channel(partition))
+                with contextlib.suppress(errors.Unavailable):  # the failed ones stay pending: flush_wanted
+                    await self._ssubscribe(pubsub, partitions)
                 self.connected = True
                 metrics.pubsub_connected.set(1)
                 self._pending_event.set()  # wanted while disconnected: subscribe now
@@ -128,8 +134,6 @@ class ShardedSubscriber:
                 first = False
                 backoff_s = 0.1
                 while True:  # one reader per node holding partitions (redis-py adds nodes as partitions move)
-                    if self._broken is not None:
-                        raise errors.Unavailable(self._broken)
                     for name in [n for n, task in readers.items() if task.done()]:
                         readers.pop(name).result()  # a reader ends when its node holds no partition any more
                     for name in pubsub.node_pubsub_mapping:
@@ -144,7 +148,6 @@ class ShardedSubscriber:
                 self.connected = False
                 metrics.pubsub_connected.set(0)
                 self._pubsub = None
-                self._broken = None
                 self._resubscribing = None
                 self._sent.clear()
                 self._confirmed.clear()
@@ -179,8 +182,11 @@ class ShardedSubscriber:
         while name in pubsub.node_pubsub_mapping:
             node = self._client.get_node(node_name=name)
             connection = pubsub.node_pubsub_mapping.get(name)
-            if node is None or connection is None or connection.connection is None:
-                await asyncio.sleep(_IDLE_WAIT_S)  # not connected yet (or being replaced): nothing to wait on
+            if node is None or connection is None or connection.connection is None or not connection.shard_channels:
+                # Not connected yet (or being replaced), or nothing subscribed there (its SSUBSCRIBE failed, or its
+                # partitions moved away): nothing to wait on, and nothing missed.
+                self._failing.pop(name, None)
+                await asyncio.sleep(_IDLE_WAIT_S)
                 liveness.restart(self._clock())
                 continue
             try:
@@ -196,11 +202,14 @@ class ShardedSubscriber:
                     with contextlib.suppress(Exception):  # the next read reconnects and subscribes again
                         await connection.connection.disconnect()
                     raise Deaf(f"nothing read for {liveness.silent_s(now):.1f}s, PINGs unanswered")
-                elif liveness.ping_due(now):
-                    liveness.pinged(now)
-                    await connection.ping()
+                else:
+                    if liveness.late(now):  # readiness says so before the deadline, as Subscriber's does
+                        self._failing[name] = f"nothing read for {liveness.silent_s(now):.1f}s, PING unanswered"
+                    if liveness.ping_due(now):
+                        liveness.pinged(now)
+                        await connection.ping()
             except (RedisError, OSError, Deaf) as exc:
-                if name not in self._failing:
+                if name not in self._failing or isinstance(exc, Deaf):
                     app_log.warning("fanout_node_lost", extra=fields(node=name, error=str(exc)[:200]))
                 self._failing[name] = f"{type(exc).__name__}: {exc}"
                 await asyncio.sleep(backoff_s)
@@ -335,9 +344,11 @@ class ShardedSubscriber:
         return fut
 
     async def flush_wanted(self) -> None:
-        """Send the pending SSUBSCRIBEs (a supervised loop)."""
+        """Send the pending SSUBSCRIBEs (a supervised loop).  Those that failed (their node down, their slot
+        moving) stay pending and are sent again at least every ``_RETRY_EVERY_S``, after a new slot map."""
         while True:
-            await self._pending_event.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pending_event.wait(), _RETRY_EVERY_S)
             self._pending_event.clear()
             pubsub = self._pubsub
             if pubsub is None or not self.connected:
@@ -346,23 +357,32 @@ class ShardedSubscriber:
             self._pending.clear()
             if self._refresh_slots:
                 self._refresh_slots = False
-                with contextlib.suppress(RedisError, OSError):  # else the SSUBSCRIBE fails, and all start over
+                with contextlib.suppress(RedisError, OSError):  # else the SSUBSCRIBEs fail again, and are retried
                     await self._client.nodes_manager.initialize()
             if partitions:
-                with contextlib.suppress(errors.Unavailable):  # the reader starts over (_broken)
+                with contextlib.suppress(errors.Unavailable):
                     await self._ssubscribe(pubsub, partitions)
 
     async def _ssubscribe(self, pubsub: Any, partitions: list[int]) -> None:
-        try:
-            for partition in partitions:
-                self._sent[partition] = self._sent.get(partition, 0) + 1
+        """One SSUBSCRIBE per partition (a command's channels must share a slot).  A failed one goes back
+        to pending, to be sent where its slot is then (``flush_wanted``); ``Unavailable`` if any failed."""
+        failed = []
+        for partition in partitions:
+            self._sent[partition] = self._sent.get(partition, 0) + 1
+            try:
                 async with redis_errors("subscribe"):
                     await pubsub.ssubscribe(self._keys.partition_channel(partition))
+            except errors.Unavailable:
+                left = self._sent.pop(partition, 1) - 1
+                if left > 0:
+                    self._sent[partition] = left
+                failed.append(partition)
+            else:
                 self._nodes_changed.set()
-        except errors.Unavailable:
-            # The partition would stay wanted and unsubscribed: start over with every wanted one.
-            self._broken = "SSUBSCRIBE failed"
-            raise
+        if failed:
+            self._pending.update(failed)
+            self._refresh_slots = True
+            raise errors.Unavailable("fan-out subscription failed, try again")
 
     async def unsubscribe(self, channel: str) -> None:
         partition = self._partition(channel)
