@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatd.realtime.pubsub import Subscriber
+from chatd.realtime.pubsub import FanoutSubscriber
 from chatd.storage.db import Database, probe
 from chatd.storage.kv import KV
 
@@ -37,7 +37,9 @@ def _forget(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved: it was reported as a timeout already
 
 
-async def check_dependencies(db: Database, kv: KV, pubsub: Subscriber, timeout_s: float) -> dict[str, dict[str, Any]]:
+async def check_dependencies(
+    db: Database, kv: KV, pubsub: FanoutSubscriber, timeout_s: float
+) -> dict[str, dict[str, Any]]:
     """Postgres and Redis answer within ``timeout_s``; the fan-out connection is live (its own view: a PING of
     ours on it would only queue behind the messages, and its reader PINGs it already)."""
 

@@ -27,7 +27,7 @@ from chatd.process import metrics
 from chatd.process.config import ServerSettings, Settings
 from chatd.process.logs import access_log, fields
 from chatd.process.state import ServerState
-from chatd.realtime.pubsub import Subscriber
+from chatd.realtime.pubsub import FanoutSubscriber
 from chatd.storage.db import Database
 from chatd.storage.kv import KV
 
@@ -267,7 +267,7 @@ class ReadyHandler(BaseHandler):
     background task runs; 503 otherwise."""
 
     def initialize(  # type: ignore[override]
-        self, state: ServerState, settings: Settings, db: Database, kv: KV, pubsub: Subscriber
+        self, state: ServerState, settings: Settings, db: Database, kv: KV, pubsub: FanoutSubscriber
     ) -> None:
         super().initialize(state, settings)
         self.db = db

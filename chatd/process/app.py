@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,6 @@ from chatd.assistant.answers import Assistant
 from chatd.assistant.providers import Provider, make_provider
 from chatd.assistant.retrieval import Retriever, load_embedder
 from chatd.core.errors import CloseCode
-from chatd.core.keys import Keys
 from chatd.process import metrics
 from chatd.process.config import Settings
 from chatd.process.logs import assistant_log, fields, server_log
@@ -35,8 +35,9 @@ from chatd.process.state import ServerState
 from chatd.realtime.batching import Batched
 from chatd.realtime.fanout import Hub
 from chatd.realtime.presence import Presence
-from chatd.realtime.pubsub import Subscriber
+from chatd.realtime.pubsub import FanoutSubscriber, Subscriber
 from chatd.realtime.repair import Repair
+from chatd.realtime.shardsub import ShardedSubscriber
 from chatd.realtime.writer import MessageWriter
 from chatd.realtime.wshandler import EchoSocket
 from chatd.services.accounts import Accounts
@@ -80,11 +81,17 @@ class Worker:
         state = ServerState(worker_id)
         storage, ws = settings.storage, settings.ws
         db = await open_database(storage, f"chatd-w{worker_id}")
-        keys = Keys(storage.redis_key_prefix)
+        keys = kv.keys_for(storage)
         redis = kv.KV(kv.connect(storage), keys)
-        hub = Hub(
-            redis, db, keys, ws, lambda on_message, on_resubscribed: Subscriber(storage, on_message, on_resubscribed)
-        )
+
+        def subscriber(
+            on_message: Callable[[bytes, bytes], None], on_resubscribed: Callable[[], None]
+        ) -> FanoutSubscriber:
+            if keys.cluster:
+                return ShardedSubscriber(storage, keys, on_message, on_resubscribed)
+            return Subscriber(storage, on_message, on_resubscribed)
+
+        hub = Hub(redis, db, keys, ws, subscriber)
         writer = MessageWriter(db, hub, settings)
         presence = Presence(redis, hub, ws)
         limiter = SendLimiter(redis, ws.send_rate_count, ws.send_rate_window_s)

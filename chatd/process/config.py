@@ -115,7 +115,8 @@ class StorageSettings:
     redis_url: str = _f(
         "",
         "Redis/Valkey URL (redis://, rediss://, unix://), or sentinel://host1:26379,host2:26379/<master>[/db] for a"
-        " primary managed by Redis Sentinel; empty starts the embedded server. Env: REDIS_URL.",
+        " primary managed by Redis Sentinel, or redis+cluster://host1:6379,host2:6379[?partitions=128] for a Redis"
+        " Cluster; empty starts the embedded server. Env: REDIS_URL.",
         secret=True,
     )
     redis_key_prefix: str = _f("chatd:", "Prefix of every Redis key and channel (share one Redis between deployments).")

@@ -300,10 +300,9 @@ def _check_redis_url(url: str) -> None:
         return
     from redis.connection import parse_url
 
-
-    if redisurl.is_sentinel(url):
+    if redisurl.is_sentinel(url) or redisurl.is_cluster(url):
         try:
-            redisurl.parse_sentinel(url)
+            (redisurl.parse_sentinel if redisurl.is_sentinel(url) else redisurl.parse_cluster)(url)
         except ValueError as exc:
             raise ConfigError("storage.redis_url", f"{exc}; {redisurl.HINT}") from None
         return

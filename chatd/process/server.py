@@ -137,10 +137,27 @@ def check_redis(url: str, timeout_s: float) -> str:
                 ) from None
             where = f"{where}, primary {host}:{port}"
             client = sentinel.master_for(target.master)  # type: ignore[no-untyped-call]
+        elif redisurl.is_cluster(url):
+            from redis.cluster import ClusterNode, RedisCluster
+
+            seeds = redisurl.parse_cluster(url)
+            cluster = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in seeds.nodes],  # type: ignore[no-untyped-call]
+                username=seeds.username,
+                password=seeds.password,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+            )
+            try:  # every primary answers: the slot map is whole
+                cluster.ping(target_nodes=RedisCluster.PRIMARIES)
+                where = f"{where}, {len(cluster.get_primaries())} primaries"  # type: ignore[no-untyped-call]
+            finally:
+                cluster.close()
         else:
             client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        clients.append(client)
-        client.ping()
+        if not redisurl.is_cluster(url):
+            clients.append(client)
+            client.ping()
     except ValueError as exc:
         raise StartupError(f"REDIS_URL is not a Redis URL ({_first_line(exc)}); {redisurl.HINT}") from None
     except redis.RedisError as exc:

@@ -26,7 +26,7 @@ from chatd.process import metrics
 from chatd.process.config import WebSocketSettings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.outbox import PublishQueue
-from chatd.realtime.pubsub import Subscriber
+from chatd.realtime.pubsub import FanoutSubscriber
 from chatd.storage import messages as messages_db
 from chatd.storage.db import Database
 from chatd.storage.kv import KV
@@ -57,7 +57,7 @@ class Hub:
         db: Database,
         keys: Keys,
         settings: WebSocketSettings,
-        subscriber_factory: Callable[[Callable[[bytes, bytes], None], Callable[[], None]], Subscriber],
+        subscriber_factory: Callable[[Callable[[bytes, bytes], None], Callable[[], None]], FanoutSubscriber],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kv = kv

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from chatd.core import errors
 from chatd.process import metrics
@@ -35,6 +35,31 @@ from chatd.process.logs import app_log, fields
 from chatd.storage.kv import close_client, pubsub_client, redis_errors
 
 _MIN_WAIT_S = 0.05  # the shortest read the reader makes before it checks its deadline
+
+
+class FanoutSubscriber(Protocol):
+    """What the hub, the health checks and the worker need of a subscriber: ``Subscriber`` (one Redis,
+    Sentinel) or ``chatd.realtime.shardsub.ShardedSubscriber`` (a Redis Cluster)."""
+
+    timeout_s: float
+    connected: bool
+
+    @property
+    def live(self) -> bool: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    async def run(self) -> None: ...
+
+    async def flush_wanted(self) -> None: ...
+
+    async def subscribe(self, channel: str) -> None: ...
+
+    def want(self, channel: str) -> asyncio.Future[None]: ...
+
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class Liveness:

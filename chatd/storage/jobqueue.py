@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from chatd.core.keys import Keys
 from chatd.storage.kv import guarded
@@ -152,11 +153,13 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, client: aioredis.Redis, keys: Keys, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, client: aioredis.Redis | RedisCluster, keys: Keys, clock: Callable[[], float] = time.time
+    ) -> None:
         self.redis = client
         self.keys = keys
         self.clock = clock
-        p = keys.prefix
+        p = keys.queue_prefix
         self._depth, self._users, self._active, self._leases = (
             f"{p}q:depth",
             f"{p}q:users",
@@ -171,10 +174,10 @@ class JobQueue:
         self._position = client.register_script(_POSITION)
 
     def _user_list(self, user_id: int) -> str:
-        return f"{self.keys.prefix}q:user:{user_id}"
+        return f"{self.keys.queue_prefix}q:user:{user_id}"
 
     def _job(self, job_id: str) -> str:
-        return f"{self.keys.prefix}q:job:{job_id}"
+        return f"{self.keys.queue_prefix}q:job:{job_id}"
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -189,7 +192,7 @@ class JobQueue:
     async def enqueue_many(self, jobs: list[Job], max_depth: int) -> list[tuple[int | None, int | None]]:
         """Queue many jobs in one call: per job ``(depth, position)``; depth None when the queue was
         full, position None when the job is not waiting (it was running already)."""
-        args: list[Any] = [max_depth, self.keys.prefix]
+        args: list[Any] = [max_depth, self.keys.queue_prefix]
         for job in jobs:
             args += [job.user_id, job.id, json.dumps({"user_id": job.user_id, "data": job.data})]
         out = await self._enqueue(keys=[self._depth, self._users, self._active], args=args)
@@ -208,7 +211,7 @@ class JobQueue:
         """Up to ``max_jobs`` jobs in fair order (users take turns), leased to the caller, in one call."""
         found = await self._claim(
             keys=[self._depth, self._users, self._active, self._leases],
-            args=[self._now_ms(), int(lease_s * 1000), per_user_cap, self.keys.prefix, max_jobs],
+            args=[self._now_ms(), int(lease_s * 1000), per_user_cap, self.keys.queue_prefix, max_jobs],
         )
         jobs = []
         for raw_id, payload in zip(found[::2], found[1::2], strict=True):
@@ -229,14 +232,15 @@ class JobQueue:
     @guarded("jobqueue")
     async def ack(self, job: Job) -> None:
         """Done (answered, cancelled or failed for good): the job leaves the queue for ever."""
-        running = f"{self.keys.prefix}q:running:{job.user_id}"
+        running = f"{self.keys.queue_prefix}q:running:{job.user_id}"
         await self._ack(keys=[self._leases, running, self._job(job.id)], args=[job.id])
 
     @guarded("jobqueue")
     async def reap(self, limit: int = 50) -> list[str]:
         """Put jobs whose lease expired (their worker died) back at the head of their user's list."""
         expired = await self._reap(
-            keys=[self._leases, self._depth, self._users, self._active], args=[self._now_ms(), self.keys.prefix, limit]
+            keys=[self._leases, self._depth, self._users, self._active],
+            args=[self._now_ms(), self.keys.queue_prefix, limit],
         )
         return [j.decode() if isinstance(j, bytes) else str(j) for j in expired]
 

@@ -16,6 +16,11 @@ from ``chatd.keys``; the pub/sub subscriber lives in ``chatd.pubsub``.
 (``chatd.redisurl``): with Sentinel every new connection asks the sentinels
 where the primary is, so after a failover the next command reaches the
 promoted replica (the failed ones meanwhile are ``Unavailable`` as usual).
+
+With ``redis+cluster://`` they return redis-py's cluster client, which routes each command by its key's
+slot and follows the slot map through failovers and migrations.  Publishes then go over sharded pub/sub
+to the logical channel's partition (``Keys.sharded``), and a MULTI only ever touches one hash tag
+(``chatd.core.keys``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
@@ -44,6 +50,8 @@ R = TypeVar("R")
 _LOG_EVERY_S = 10.0
 _VIEWS_PER_SCRIPT = 500  # rooms per presence_views script call (a pipeline carries all of them)
 _last_logged: dict[str, float] = {}
+
+Client = aioredis.Redis | RedisCluster
 
 
 _op_metrics: dict[str, tuple[Histogram, Counter]] = {}  # op -> (latency histogram, error counter): labels() once per op
@@ -83,8 +91,9 @@ def guarded(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaita
     return decorate
 
 
-def connect(storage: StorageSettings, max_connections: int | None = None) -> aioredis.Redis:
-    """A client with a blocking pool: a burst waits for a connection instead of failing at once."""
+def connect(storage: StorageSettings, max_connections: int | None = None) -> Client:
+    """A client with a blocking pool: a burst waits for a connection instead of failing at once
+    (in a cluster: up to ``max_connections`` per node, beyond which a command fails as ``Unavailable``)."""
     limit = max_connections or storage.redis_pool_max
     timeouts: dict[str, Any] = {
         "socket_timeout": storage.redis_timeout_s,
@@ -95,6 +104,8 @@ def connect(storage: StorageSettings, max_connections: int | None = None) -> aio
         return _sentinel_client(
             storage, _BlockingSentinelPool, max_connections=limit, timeout=storage.redis_timeout_s, **timeouts
         )
+    if redisurl.is_cluster(storage.redis_url):
+        return cluster_client(storage, max_connections=limit)
     pool = aioredis.BlockingConnectionPool.from_url(
         storage.redis_url, max_connections=limit, timeout=storage.redis_timeout_s, **timeouts
     )
@@ -115,9 +126,34 @@ def pubsub_client(storage: StorageSettings) -> aioredis.Redis:
     return aioredis.Redis.from_url(storage.redis_url, **kwargs)
 
 
-async def close_client(client: aioredis.Redis) -> None:
+def cluster_client(storage: StorageSettings, max_connections: int) -> RedisCluster:
+    """A Redis Cluster client seeded with the URL's nodes; it reads the slot map from them and keeps it
+    current (a MOVED, or a node that stopped answering, makes it ask again)."""
+    target = redisurl.parse_cluster(storage.redis_url)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        socket_timeout=storage.redis_timeout_s,
+        socket_connect_timeout=storage.redis_timeout_s,
+        max_connections=max_connections,
+        decode_responses=False,
+    )
+
+
+def keys_for(storage: StorageSettings) -> Keys:
+    """The key layout of the configured Redis: hash-tagged, with pub/sub partitions, in a cluster."""
+    if redisurl.is_cluster(storage.redis_url):
+        partitions = redisurl.parse_cluster(storage.redis_url).partitions
+        return Keys(storage.redis_key_prefix, cluster=True, partitions=partitions)
+    return Keys(storage.redis_key_prefix)
+
+
+async def close_client(client: Client) -> None:
     """Close a client from ``connect`` / ``pubsub_client``, and its sentinel connections if it has any."""
     await client.aclose()
+    if isinstance(client, RedisCluster):
+        return
     manager = getattr(client.connection_pool, "sentinel_manager", None)
     if isinstance(manager, Sentinel):
         await manager.aclose()
@@ -157,9 +193,10 @@ def _text(value: bytes | str) -> str:
 class KV:
     """The worker's Redis operations (one client, one error policy)."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self.client = client
         self.keys = keys
+        self.cluster = isinstance(client, RedisCluster)
         self._connect = client.register_script(scripts.CONNECT)
         self._rate = client.register_script(scripts.RATE)
         self._quota_sync = client.register_script(scripts.QUOTA_SYNC)
@@ -258,24 +295,36 @@ class KV:
         for subject, delta in deltas.items():
             args += (subject, delta)
         async with redis_errors("quota_sync"):
-            totals = await self._quota_sync(keys=[], args=args)
+            # The key is only the script's route (in a cluster, to the slot of the scope's counters).
+            totals = await self._quota_sync(keys=[self.keys.quota(scope)], args=args)
         return [int(t) for t in totals]
 
     # -- pub/sub (publishing; the subscriber is chatd.pubsub) ------------------------------
 
     async def publish(self, channel: str, payload: bytes) -> None:
         async with redis_errors("publish"):
-            await self.client.publish(channel, payload)
+            if self.cluster:
+                await self.client.spublish(*self.keys.sharded(channel, payload))
+            else:
+                await self.client.publish(channel, payload)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         if len(items) == 1:
             await self.publish(*items[0])
             return
         pipe = self.client.pipeline(transaction=False)
-        for channel, payload in items:
-            pipe.publish(channel, payload)
+        self._queue_publishes(pipe, items)
         async with redis_errors("publish"):
             await pipe.execute()
+
+    def _queue_publishes(self, pipe: Any, items: Sequence[tuple[str, bytes]]) -> None:
+        """PUBLISHes, or in a cluster SPUBLISHes to the partitions (the cluster pipeline sends each node its
+        own, in order: a channel's messages keep their order)."""
+        for channel, payload in items:
+            if self.cluster:
+                pipe.spublish(*self.keys.sharded(channel, payload))
+            else:
+                pipe.publish(channel, payload)
 
     # -- presence ------------------------------------------------------------------
 
@@ -311,7 +360,8 @@ class KV:
         (each once, with that revision)."""
         async with redis_errors("presence"):
             rows = await self._presence_due(
-                keys=[self.keys.presence_pending(), self.keys.presence_revisions()], args=[self.keys.prefix, limit]
+                keys=[self.keys.presence_pending(), self.keys.presence_revisions()],
+                args=[self.keys.presence_prefix, limit],
             )
         return [(int(room), int(rev), sorted(int(u) for u in users)) for room, rev, *users in rows]
 
@@ -321,16 +371,21 @@ class KV:
         read together.  One round trip (a pipeline) for any number of rooms."""
         if not rooms:
             return {}
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for i in range(0, len(rooms), _VIEWS_PER_SCRIPT):
             chunk = rooms[i : i + _VIEWS_PER_SCRIPT]
             keys = [self.keys.presence_revisions(), self.keys.presence_pending()]
             for room, _ in chunk:
                 keys += (self.keys.presence_users(room), self.keys.presence_grace(room))
-            args = [x for room, known in chunk for x in (room, known)]
-            await self._presence_views(keys=keys, args=args, client=pipe)
+            calls.append((keys, [x for room, known in chunk for x in (room, known)]))
         async with redis_errors("presence"):
-            replies = await pipe.execute()
+            if self.cluster:  # one call each: a cluster pipeline does not load a script a node lacks (NOSCRIPT)
+                replies = [await self._presence_views(keys=keys, args=args) for keys, args in calls]
+            else:
+                pipe: Any = self.client.pipeline(transaction=False)
+                for keys, args in calls:
+                    await self._presence_views(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
         return {
             int(room): (int(rev), sorted({int(u) for u in users})) for rows in replies for room, rev, *users in rows
         }
@@ -345,7 +400,7 @@ class KV:
             return bool(
                 await self._heartbeat(
                     keys=[self.keys.workers(), self.keys.presence_pending()],
-                    args=[origin, int(ttl_s * 1000), self.keys.prefix],
+                    args=[origin, int(ttl_s * 1000), self.keys.presence_prefix],
                 )
             )
 
@@ -355,7 +410,7 @@ class KV:
         async with redis_errors("heartbeat"):
             await self._presence_retire(
                 keys=[self.keys.workers(), self.keys.presence_pending()],
-                args=[origin, int(grace_s * 1000), self.keys.prefix],
+                args=[origin, int(grace_s * 1000), self.keys.presence_prefix],
             )
 
     # -- typing ------------------------------------------------------------------------
@@ -390,10 +445,13 @@ class KV:
         for message_id, text, index in appends:
             pipe.append(self.keys.stream_text(message_id), text)
             pipe.hset(self.keys.stream(message_id), "index", index)
-        for channel, payload in publishes:
-            pipe.publish(channel, payload)
+        if not self.cluster:
+            self._queue_publishes(pipe, publishes)
         async with redis_errors("stream"):
-            await pipe.execute()
+            if begins or appends or not self.cluster:
+                await pipe.execute()
+        if self.cluster and publishes:  # the partitions are other slots than {streams}: after the MULTI
+            await self.publish_many(publishes)
 
     async def stream_clear(self, room_id: int, message_id: int) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -1,7 +1,11 @@
 """The Lua scripts of ``chatd.storage.kv``: one string per script, with the keys and arguments it takes.
 
 ``NOW_MS`` and ``SWEEP`` are shared prefixes (helper functions) that ``KV`` prepends to the scripts that use
-them before registering.  Every key a script touches is passed in KEYS (no key built inside Lua).
+them before registering.  Most keys a script touches are passed in KEYS; the presence scripts (sweep, due)
+also build keys inside Lua from a prefix they are given, for rooms and workers they find in Redis.  In a
+Redis Cluster every key of one call must be in one slot: the keys passed together share a hash tag, and the
+prefix given carries it too (``Keys.presence_prefix``: ``chatd:{presence}:``), so the built keys land in
+the same slot (``chatd.core.keys``).  The quota script builds all its keys; its KEYS[1] only routes it.
 """
 
 # KEYS: per connection, the denylist key of its token and its user's connection set
@@ -41,6 +45,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, 0}
 """
 
+# KEYS: the scope's quota prefix (unused: it routes the call to the slot of the counters in a cluster)
 # ARGV: key prefix, current slice, slices per window, slice ms, then subject, delta pairs.
 # Returns, per subject, the events counted in the window's slices over all workers.
 QUOTA_SYNC = """
