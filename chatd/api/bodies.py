@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from chatd.core import client_frames, errors
+from chatd.core import client_frames, content_rules, errors
 from chatd.core.client_frames import CLIENT_MSG_ID_PATTERN as CLIENT_MSG_ID_PATTERN  # re-exported: the socket's rules
 from chatd.core.client_frames import CONTENT_PATTERN as CONTENT_PATTERN
 from chatd.core.client_frames import DEFAULT_MAX_MESSAGE_CHARS as DEFAULT_MAX_MESSAGE_CHARS
@@ -228,6 +228,30 @@ class Broadcast(Body):
     content: Announcement
 
 
+# -- moderation -------------------------------------------------------------------------------------------------
+
+MAX_REASON_CHARS = 4000  # the schema's bound; moderation.max_reason_chars (default 500) is checked by the service
+Reason = Annotated[str, text("must not be blank", max_length=MAX_REASON_CHARS, pattern=NOT_BLANK)]
+
+
+class ReportFile(Body):
+    reason: Reason
+
+
+class ReportAction(Body):
+    action: Literal["resolve", "dismiss", "delete", "ban"]  # services.moderation.REPORT_ACTIONS
+
+
+class ContentRuleCreate(Closed):
+    kind: Literal["word", "regex"]
+    pattern: Annotated[str, text("must not be blank", max_length=content_rules.MAX_PATTERN_CHARS, pattern=NOT_BLANK)]
+    action: Literal["block", "flag", "mask"]
+
+
+class Redact(Closed):
+    room_id: Id | UnsetType = UNSET  # absent: every room
+
+
 # -- decoding ---------------------------------------------------------------------------------------------------
 
 B = TypeVar("B", bound=Body)
@@ -342,4 +366,8 @@ MODELS: tuple[type[Body], ...] = (
     RoleChange,
     Announce,
     Broadcast,
+    ReportFile,
+    ReportAction,
+    ContentRuleCreate,
+    Redact,
 )

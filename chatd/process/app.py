@@ -41,7 +41,9 @@ from chatd.realtime.writer import MessageWriter
 from chatd.realtime.wshandler import EchoSocket
 from chatd.services.accounts import Accounts
 from chatd.services.admin import Admin
+from chatd.services.content_rules import ContentRules
 from chatd.services.files import Files, make_storage
+from chatd.services.moderation import Moderation
 from chatd.services.ratelimit import SendLimiter
 from chatd.services.revocations import Revocations
 from chatd.services.rooms import Rooms
@@ -74,6 +76,8 @@ class Worker:
     files: Files
     search: Search
     admin: Admin
+    content_rules: ContentRules
+    moderation: Moderation
 
     @classmethod
     async def create(cls, settings: Settings, worker_id: int) -> Worker:
@@ -102,6 +106,11 @@ class Worker:
         registrations: Batched[tuple[str, int, str], int] = Batched(
             lambda conns: redis.register_connections(conns, cap, CONNECTION_TTL_S)
         )
+        content_rules = ContentRules(db, hub, state.tasks, settings.moderation.rules_poll_s)
+        rooms.content_rules = content_rules
+        files.content_rules = content_rules
+        admin = Admin(db, redis, hub, rooms, accounts, settings)
+        moderation = Moderation(db, redis, hub, rooms, accounts, admin, content_rules, settings.moderation)
         return cls(
             settings,
             state,
@@ -121,7 +130,9 @@ class Worker:
             registrations,
             files,
             Search(db, retriever),
-            Admin(db, redis, hub, rooms, accounts, settings),
+            admin,
+            content_rules,
+            moderation,
         )
 
     def start(self) -> None:
@@ -148,6 +159,7 @@ class Worker:
         tasks.supervise("metrics-loop-lag", metrics.loop_lag_loop)
         tasks.supervise("metrics-sample", lambda: metrics.sample_loop(self.db.pop_stats, self._ready))
         tasks.supervise("file-sweeper", self.files.run_sweeper)
+        tasks.supervise("content-rules", self.content_rules.run)
         tasks.spawn(self.retriever.start(), "retrieval-start")
         self.assistant.start()
         assistant_log.info(
@@ -191,6 +203,7 @@ class Worker:
                 self.search,
                 self.admin,
                 spec,
+                self.moderation,
             ),
         ]
         spec.update(openapi.document(rest, __version__))  # the same list the application registers
