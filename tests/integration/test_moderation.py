@@ -242,11 +242,10 @@ async def test_content_rules_block_mask_and_flag_on_every_instance(chatd_factory
     )
     assert user_try.status == 403
     assert row_of(services.database_url, "SELECT count(*) FROM content_rules", ())[0] == count
-    # A pathological regex for a backtracking engine costs RE2 nothing: sends stay fast.
+    # A pathological regex for a backtracking engine (minutes with Python's re on this message) costs RE2
+    # nothing: the send is answered as usual (send's reply wait would fail the test otherwise).
     slow = await add_rule(api_a, admin, "regex", r"\w*\w*\w*" + token(), "block")
-    started = time.monotonic()
     assert (await send_until(b, room, "a" * 3900, None))["type"] == "ack"
-    assert time.monotonic() - started < 5
 
     listed = await api_a("GET", f"{API}/admin/content-rules", token=admin.token)
     assert {block["id"], mask["id"], flag["id"], slow["id"]} <= {x["id"] for x in listed.body["rules"]}
