@@ -367,3 +367,17 @@ async def test_bulk_redaction_is_live_on_two_instances_and_repaired_on_resume(
     assert (await api("POST", f"{API}/admin/users/{victim.id}/redact", {}, bob.token)).status == 403
     unknown = await api("POST", f"{API}/admin/users/{victim.id}/redact", {"room_id": 2**40}, admin.token)
     assert unknown.status == 404
+
+
+async def test_concurrent_reports_by_one_user_are_one_report(chatd_factory: Any, services: Services) -> None:
+    a_srv, b_srv = chatd_factory(), chatd_factory()
+    owner, bob, carol = make_users(services.database_url, 3)
+    room = await make_room(a_srv, owner, [bob, carol])
+    b = await connect(a_srv, bob)
+    msg = (await send(b, room, "once"))["message_id"]
+    path = f"{API}/rooms/{room}/messages/{msg}/reports"
+    apis = [await api_for(a_srv), await api_for(b_srv)]
+    replies = await asyncio.gather(*(apis[i % 2]("POST", path, {"reason": f"r{i}"}, carol.token) for i in range(6)))
+    assert sorted(r.status for r in replies) == [200] * 5 + [201]
+    assert len({r.body["id"] for r in replies}) == 1
+    assert row_of(services.database_url, "SELECT count(*) FROM message_reports WHERE message_id = %s", (msg,))[0] == 1
