@@ -26,7 +26,7 @@ from chatd.api.ws import CONNECTION_TTL_S, ChatSocket, refresh_registrations
 from chatd.assistant.answers import Assistant
 from chatd.assistant.providers import Provider, make_provider
 from chatd.assistant.retrieval import Retriever, load_embedder
-from chatd.core.errors import CloseCode
+from chatd.core.errors import ChatdError, CloseCode
 from chatd.core.keys import Keys
 from chatd.process import metrics
 from chatd.process.config import Settings
@@ -107,6 +107,10 @@ class Worker:
             lambda conns: redis.register_connections(conns, cap, CONNECTION_TTL_S)
         )
         content_rules = ContentRules(db, hub, state.tasks, settings.moderation.rules_poll_s)
+        try:  # in force before the first send is read; with Postgres away, from the first successful poll on
+            await content_rules.reload()
+        except ChatdError:
+            pass
         rooms.content_rules = content_rules
         files.content_rules = content_rules
         admin = Admin(db, redis, hub, rooms, accounts, settings)

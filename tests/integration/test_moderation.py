@@ -20,7 +20,7 @@ from tests.chat import API, connect, join, make_room, send, send_many
 from tests.conftest import Services
 from tests.fake_anthropic import FakeLLM
 from tests.openapi_check import Api, contract_for
-from tests.support import WS, Chatd
+from tests.support import WS, Chatd, request
 from tests.users import User, make_users
 
 
@@ -381,3 +381,39 @@ async def test_concurrent_reports_by_one_user_are_one_report(chatd_factory: Any,
     assert sorted(r.status for r in replies) == [200] * 5 + [201]
     assert len({r.body["id"] for r in replies}) == 1
     assert row_of(services.database_url, "SELECT count(*) FROM message_reports WHERE message_id = %s", (msg,))[0] == 1
+
+
+async def upload(server: Chatd, user: User, room: int, caption: str) -> Any:
+    boundary = "modfixture"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="caption"\r\n\r\n{caption}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="note.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n"
+    ).encode()
+    return await request(
+        "POST",
+        f"{server.http}{API}/rooms/{room}/files",
+        token=user.token,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        raw_body=body,
+    )
+
+
+async def test_a_file_caption_follows_the_rules(chatd_factory: Any, services: Services) -> None:
+    server = chatd_factory()
+    (owner,) = make_users(services.database_url, 1)
+    (admin,) = make_users(services.database_url, 1, role="admin")
+    room = await make_room(server, owner, [])
+    api = await api_for(server)
+    blocked, masked = token(), token()
+    rules = [await add_rule(api, admin, "word", blocked, "block"), await add_rule(api, admin, "word", masked, "mask")]
+    try:
+        refused = await upload(server, owner, room, f"look {blocked}")
+        assert refused.status == 422 and refused.body["error"]["code"] == "content_blocked", refused.body
+        files = row_of(services.database_url, "SELECT count(*) FROM files WHERE room_id = %s", (room,))[0]
+        assert files == 0  # refused before the blob or its row were kept
+        stored = await upload(server, owner, room, f"look {masked}")
+        assert stored.status == 201 and stored.body["content"] == "look ***", stored.body
+    finally:
+        for rule in rules:
+            await api("DELETE", f"{API}/admin/content-rules/{rule['id']}", token=admin.token)
