@@ -229,6 +229,19 @@ async def test_content_rules_block_mask_and_flag_on_every_instance(chatd_factory
     assert row_of(services.database_url, "SELECT content FROM messages WHERE id = %s", (mine,))[0] == "clean"
     await b.send({"type": "edit", "id": token(), "message_id": mine, "content": f"now {masked}42"})
     await o.expect("message_updated", message_id=mine, content="now ***")
+    await b.send({"type": "edit", "id": token(), "message_id": mine, "content": f"then {flagged}"})
+    await o.expect("message_updated", message_id=mine, content=f"then {flagged}")
+    deadline = time.monotonic() + 10  # filed just after the edit is published: polled briefly
+    while True:
+        flags = row_of(
+            services.database_url,
+            "SELECT count(*) FROM message_reports WHERE message_id = %s AND reporter_id IS NULL",
+            (mine,),
+        )[0]
+        if flags or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert flags == 1  # an edit is flagged as a send is
 
     # Bad rules: a clear 400, nothing stored.
     count = row_of(services.database_url, "SELECT count(*) FROM content_rules", ())[0]
