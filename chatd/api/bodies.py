@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from chatd.core import client_frames, errors
+from chatd.core import client_frames, content_rules, errors
 from chatd.core.client_frames import CLIENT_MSG_ID_PATTERN as CLIENT_MSG_ID_PATTERN  # re-exported: the socket's rules
 from chatd.core.client_frames import CONTENT_PATTERN as CONTENT_PATTERN
 from chatd.core.client_frames import DEFAULT_MAX_MESSAGE_CHARS as DEFAULT_MAX_MESSAGE_CHARS
@@ -91,33 +91,57 @@ ClientMsgId = Annotated[
 ]
 
 
-class Id(int):
-    """An id in a body: 1..2^53-1.  ``7.0`` counts: JSON Schema's integer is any number without a fractional
-    part, and some JSON encoders write every number as a float (checked in ``_dec_hook``)."""
+class Whole(int):
+    """An integer in a body, from ``LOW`` to ``HIGH``.  ``7.0`` counts: JSON Schema's integer is any number
+    without a fractional part, and some JSON encoders write every number as a float (checked in
+    ``_dec_hook``; msgspec's own ``int`` refuses it, so bodies use these)."""
 
+    LOW: ClassVar[int] = 0
+    HIGH: ClassVar[int] = MAX_SAFE_INT
+    SCHEMA: ClassVar[dict[str, Any]] = {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT}
+
+
+class Id(Whole):
+    """An id: 1..2^53-1."""
+
+    LOW = 1
     SCHEMA: ClassVar[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": MAX_SAFE_INT}
 
 
-def as_id(value: Any) -> int | None:
+class LoadTestCount(Whole):
+    LOW, HIGH = 1, MAX_LOAD_TEST_USERS
+    SCHEMA: ClassVar[dict[str, Any]] = {"type": "integer", "minimum": 1, "maximum": MAX_LOAD_TEST_USERS}
+
+
+class LoadTestTtl(Whole):
+    LOW, HIGH = 60, MAX_LOAD_TEST_TTL_S
+    SCHEMA: ClassVar[dict[str, Any]] = {"type": "integer", "minimum": 60, "maximum": MAX_LOAD_TEST_TTL_S}
+
+
+def as_whole(value: Any, low: int = 1, high: int = MAX_SAFE_INT) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SAFE_INT:
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
         return value
     return None
 
 
+def as_id(value: Any) -> int | None:
+    return as_whole(value)
+
+
 def _dec_hook(kind: type, value: Any) -> Any:
-    if kind is Id:
-        checked = as_id(value)
+    if isinstance(kind, type) and issubclass(kind, Whole):
+        checked = as_whole(value, kind.LOW, kind.HIGH)
         if checked is None:
-            raise ValueError(f"must be an integer from 1 to {MAX_SAFE_INT}")
-        return Id(checked)
+            raise ValueError(f"must be an integer from {kind.LOW} to {kind.HIGH}")
+        return kind(checked)
     raise NotImplementedError(kind)
 
 
 def schema_hook(kind: type) -> dict[str, Any]:
-    if kind is Id:
-        return dict(Id.SCHEMA)
+    if isinstance(kind, type) and issubclass(kind, Whole):
+        return dict(kind.SCHEMA)
     raise NotImplementedError(kind)
 
 
@@ -210,9 +234,9 @@ class MessageSend(Body):
 
 
 class LoadTestUsers(Closed):
-    count: Annotated[int, Meta(ge=1, le=MAX_LOAD_TEST_USERS)]
+    count: LoadTestCount
     password: Password | UnsetType = UNSET  # absent: the users cannot sign in with a password (tokens only)
-    access_ttl_s: Annotated[int, Meta(ge=60, le=MAX_LOAD_TEST_TTL_S)] | UnsetType = UNSET  # absent: auth.access_ttl_s
+    access_ttl_s: LoadTestTtl | UnsetType = UNSET  # absent: auth.access_ttl_s
 
 
 class RoleChange(Body):
@@ -226,6 +250,30 @@ class Announce(Body):
 class Broadcast(Body):
     target: Literal["rooms", "users"]
     content: Announcement
+
+
+# -- moderation -------------------------------------------------------------------------------------------------
+
+MAX_REASON_CHARS = 4000  # the schema's bound; moderation.max_reason_chars (default 500) is checked by the service
+Reason = Annotated[str, text("must not be blank", max_length=MAX_REASON_CHARS, pattern=NOT_BLANK)]
+
+
+class ReportFile(Body):
+    reason: Reason
+
+
+class ReportAction(Body):
+    action: Literal["resolve", "dismiss", "delete", "ban"]  # services.moderation.REPORT_ACTIONS
+
+
+class ContentRuleCreate(Closed):
+    kind: Literal["word", "regex"]
+    pattern: Annotated[str, text("must not be blank", max_length=content_rules.MAX_PATTERN_CHARS, pattern=NOT_BLANK)]
+    action: Literal["block", "flag", "mask"]
+
+
+class Redact(Closed):
+    room_id: Id | UnsetType = UNSET  # absent: every room
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
@@ -277,8 +325,8 @@ def explain(model: type[Body], message: str) -> str:
     if not where and what.startswith("Expected `object`"):
         return "request body must be a JSON object"
     leaf, says = _leaf(msgspec.inspect.type_info(model), path)
-    if isinstance(leaf, msgspec.inspect.CustomType) and leaf.cls is Id:  # ours, or a number out of range
-        wrong = f"must be an integer from 1 to {MAX_SAFE_INT}"
+    if isinstance(leaf, msgspec.inspect.CustomType) and issubclass(leaf.cls, Whole):  # ours, or out of range
+        wrong = f"must be an integer from {leaf.cls.LOW} to {leaf.cls.HIGH}"
     elif isinstance(leaf, msgspec.inspect.LiteralType):
         wrong = f"must be one of {', '.join(map(str, leaf.values))}"
     elif what.startswith("Expected `str` matching regex") and says:
@@ -342,4 +390,8 @@ MODELS: tuple[type[Body], ...] = (
     RoleChange,
     Announce,
     Broadcast,
+    ReportFile,
+    ReportAction,
+    ContentRuleCreate,
+    Redact,
 )

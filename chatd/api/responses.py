@@ -31,6 +31,7 @@ ErrorCode = Literal[
     "conflict",
     "too_large",
     "unsupported_type",
+    "content_blocked",
     "range_not_satisfiable",
     "headers_too_large",
     "rate_limited",
@@ -178,6 +179,36 @@ class AdminMessage(Reply):
     deleted_by: Id | None
 
 
+class ReportedMessage(Reply):
+    seq: int
+    content: str
+    deleted: bool
+
+
+class Report(Reply):
+    id: Id
+    message_id: Id
+    room_id: Id
+    sender_id: Id | None
+    reporter_id: Annotated[Id | None, Meta(description="null: raised by a content rule with action flag")]
+    reason: str
+    status: Literal["open", "resolved", "dismissed", "deleted", "banned"]
+    handled_by: Id | None
+    handled_at: Time | None
+    created_at: Time
+    message: ReportedMessage | UnsetType = UNSET  # in the queue: the message as it is now
+
+
+class ContentRule(Reply):
+    id: Id
+    kind: Literal["word", "regex"]
+    pattern: str
+    action: Literal["block", "flag", "mask"]
+    created_by: Id | None
+    created_at: Time
+    version: int | UnsetType = UNSET  # on create: the list's new version
+
+
 class UsageDay(Reply):
     day: str
     answers: int
@@ -252,6 +283,28 @@ class LoadTestUsersMade(Reply):
     expires_in: int
 
 
+class ReportPage(Reply):
+    reports: list[Report]
+    next_cursor: int | None
+
+
+class ContentRules(Reply):
+    version: int
+    rules: list[ContentRule]
+
+
+class ContentRuleDeleted(Reply):
+    id: Id
+    version: int
+
+
+class Redacted(Reply):
+    user_id: Id
+    room_id: Id | None
+    messages: int
+    rooms: list[Id]
+
+
 class BroadcastDone(Reply):
     target: Literal["rooms", "users"]
     count: int
@@ -270,4 +323,6 @@ MODELS: tuple[type[Reply], ...] = (
     AuditEntry,
     AdminMessage,
     Usage,
+    Report,
+    ContentRule,
 )

@@ -18,6 +18,14 @@ from chatd.api.auth import LoginHandler, LogoutHandler, RefreshHandler, Register
 from chatd.api.base import ApiHandler
 from chatd.api.files import FileHandler, FileUploadHandler
 from chatd.api.messages import MessagesHandler, ReactionHandler, StreamingSendHandler
+from chatd.api.moderation import (
+    ContentRuleHandler,
+    ContentRulesHandler,
+    RedactHandler,
+    ReportActionHandler,
+    ReportHandler,
+    ReportQueueHandler,
+)
 from chatd.api.openapi import op
 from chatd.api.rooms import MemberHandler, MembersHandler, RoomHandler, RoomsHandler
 from chatd.api.search import SearchHandler
@@ -27,6 +35,7 @@ from chatd.process.state import ServerState
 from chatd.services.accounts import Accounts
 from chatd.services.admin import Admin
 from chatd.services.files import Files
+from chatd.services.moderation import Moderation
 from chatd.services.rooms import Rooms
 from chatd.services.search import Search
 from chatd.storage.db import Database
@@ -52,6 +61,7 @@ def routes(
     search: Search,
     admin: Admin,
     spec: dict[str, Any],
+    moderation: Moderation | None = None,  # None: only the document is wanted (its handlers are not run)
 ) -> list[tuple[str, type[ApiHandler], dict[str, Any]]]:
     """Every REST route; ``spec`` is filled with the OpenAPI document of the application's routes."""
     deps = {"state": state, "settings": settings, "db": db, "accounts": accounts, "rooms": rooms}
@@ -74,6 +84,15 @@ def routes(
         (prefix + r"/admin/broadcast", AdminBroadcastHandler, {**deps, "admin": admin}),
         (prefix + r"/admin/audit", AdminAuditHandler, {**deps, "admin": admin}),
         (prefix + r"/admin/load-test-users", LoadTestUsersHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/users/([^/]+)/redact", RedactHandler, {**deps, "admin": admin, "moderation": moderation}),
+        (prefix + r"/admin/content-rules", ContentRulesHandler, {**deps, "admin": admin, "moderation": moderation}),
+        (
+            prefix + r"/admin/content-rules/([^/]+)",
+            ContentRuleHandler,
+            {**deps, "admin": admin, "moderation": moderation},
+        ),
+        (prefix + r"/moderation/reports", ReportQueueHandler, {**deps, "moderation": moderation}),
+        (prefix + r"/moderation/reports/([^/]+)", ReportActionHandler, {**deps, "moderation": moderation}),
         (prefix + r"/rooms", RoomsHandler, deps),
         (prefix + r"/rooms/([^/]+)", RoomHandler, deps),
         (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),
@@ -81,6 +100,7 @@ def routes(
         (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/stream", StreamingSendHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/([^/]+)/reactions/([^/]+)", ReactionHandler, deps),
+        (prefix + r"/rooms/([^/]+)/messages/([^/]+)/reports", ReportHandler, {**deps, "moderation": moderation}),
         (prefix + r"/rooms/([^/]+)/files", FileUploadHandler, {**deps, "files": files}),
         (prefix + r"/files/([^/]+)", FileHandler, {**deps, "files": files}),
         (prefix + r"/search", SearchHandler, {**deps, "search": search}),

@@ -62,6 +62,7 @@ HELP = """commands:
   /more                  older messages                /who            who is online
   /stop                  stop the assistant's answer   /regen          answer again
   /react N EMOJI         toggle your reaction on the N-th newest message (1 = the last), e.g. /react 1 👍
+  /report N REASON       report the N-th newest message to the room's owner and the admins
   /quit                  leave (also Ctrl-D)"""
 
 STYLE = Style.from_dict(
@@ -375,6 +376,8 @@ class TerminalChat:
             self.do(s.regenerate(self.current))
         elif cmd == "/react" and self._room() is not None:
             self.do(self._react(arg))
+        elif cmd == "/report" and self._room() is not None:
+            await self._report(arg)
         else:
             self._notice(f"unknown command {cmd} (/help)")
 
@@ -385,6 +388,19 @@ class TerminalChat:
         if room is None or not back.isdigit() or not 1 <= int(back) <= len(shown) or not emoji.strip():
             return [Notice("usage: /react N EMOJI (N = 1 for the last message, 2 for the one before...)")]
         return self.session.react(room.id, shown[-int(back)].message_id, emoji.strip())
+
+    async def _report(self, arg: str) -> None:
+        """``/report N REASON``: REST (POST .../reports); reporting the same message again finds the first report."""
+        room = self._room()
+        back, _, reason = arg.partition(" ")
+        shown = [m for m in room.ordered() if not m.deleted] if room else []
+        if room is None or not back.isdigit() or not 1 <= int(back) <= len(shown) or not reason.strip():
+            self._notice("usage: /report N REASON (N = 1 for the last message, 2 for the one before...)")
+            return
+        msg = shown[-int(back)]
+        path = f"/rooms/{room.id}/messages/{msg.message_id}/reports"
+        report = await self.api.call("POST", path, {"reason": reason.strip()})
+        self._notice(f"reported message {msg.seq} (report {report['id']}): the room's owner and the admins see it")
 
     async def _open(self, name_or_id: str) -> None:
         rooms = self.session.rooms.values()

@@ -106,6 +106,14 @@ class UnsupportedType(ChatdError):
     default_message = "unsupported content type"
 
 
+class ContentBlocked(ChatdError):
+    """A content rule with action block matched the message (send or edit): nothing is stored, no seq used."""
+
+    code = "content_blocked"
+    http_status = 422
+    default_message = "the message matches a blocked content rule"
+
+
 class RangeNotSatisfiable(ChatdError):
     code = "range_not_satisfiable"
     http_status = 416
@@ -188,6 +196,7 @@ ERROR_CODES: tuple[str, ...] = tuple(
                 Conflict,
                 TooLarge,
                 UnsupportedType,
+                ContentBlocked,
                 RangeNotSatisfiable,
                 HeadersTooLarge,
                 RateLimited,

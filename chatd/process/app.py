@@ -27,7 +27,7 @@ from chatd.api.ws import CONNECTION_TTL_S, ChatSocket, refresh_registrations
 from chatd.assistant.answers import Assistant
 from chatd.assistant.providers import Provider, make_provider
 from chatd.assistant.retrieval import Retriever, load_embedder
-from chatd.core.errors import CloseCode
+from chatd.core.errors import ChatdError, CloseCode
 from chatd.process import metrics
 from chatd.process.config import Settings
 from chatd.process.logs import assistant_log, fields, server_log
@@ -42,7 +42,9 @@ from chatd.realtime.writer import MessageWriter
 from chatd.realtime.wshandler import EchoSocket
 from chatd.services.accounts import Accounts
 from chatd.services.admin import Admin
+from chatd.services.content_rules import ContentRules
 from chatd.services.files import Files, make_storage
+from chatd.services.moderation import Moderation
 from chatd.services.ratelimit import SendLimiter
 from chatd.services.revocations import Revocations
 from chatd.services.rooms import Rooms
@@ -75,6 +77,8 @@ class Worker:
     files: Files
     search: Search
     admin: Admin
+    content_rules: ContentRules
+    moderation: Moderation
 
     @classmethod
     async def create(cls, settings: Settings, worker_id: int) -> Worker:
@@ -109,6 +113,15 @@ class Worker:
         registrations: Batched[tuple[str, int, str], int] = Batched(
             lambda conns: redis.register_connections(conns, cap, CONNECTION_TTL_S)
         )
+        content_rules = ContentRules(db, hub, state.tasks, settings.moderation.rules_poll_s)
+        try:  # in force before the first send is read; with Postgres away, from the first successful poll on
+            await content_rules.reload()
+        except ChatdError:
+            pass
+        rooms.content_rules = content_rules
+        files.content_rules = content_rules
+        admin = Admin(db, redis, hub, rooms, accounts, settings)
+        moderation = Moderation(db, redis, hub, rooms, accounts, admin, content_rules, settings.moderation)
         return cls(
             settings,
             state,
@@ -128,7 +141,9 @@ class Worker:
             registrations,
             files,
             Search(db, retriever),
-            Admin(db, redis, hub, rooms, accounts, settings),
+            admin,
+            content_rules,
+            moderation,
         )
 
     def start(self) -> None:
@@ -155,6 +170,7 @@ class Worker:
         tasks.supervise("metrics-loop-lag", metrics.loop_lag_loop)
         tasks.supervise("metrics-sample", lambda: metrics.sample_loop(self.db.pop_stats, self._ready))
         tasks.supervise("file-sweeper", self.files.run_sweeper)
+        tasks.supervise("content-rules", self.content_rules.run)
         tasks.spawn(self.retriever.start(), "retrieval-start")
         self.assistant.start()
         assistant_log.info(
@@ -198,6 +214,7 @@ class Worker:
                 self.search,
                 self.admin,
                 spec,
+                self.moderation,
             ),
         ]
         spec.update(openapi.document(rest, __version__))  # the same list the application registers

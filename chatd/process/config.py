@@ -400,6 +400,23 @@ class FileSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ModerationSettings:
+    reports_per_window: int = _f(10, "Reports one user may file per reports_window_s; more get rate_limited.", min=1)
+    reports_window_s: float = _f(600.0, "The report rate window.", min=1)
+    max_reason_chars: int = _f(500, "Longest reason of a report.", min=1, max=4000)
+    max_rules: int = _f(500, "Content rules the list may hold (each one adds to every send's scan).", min=1, max=10_000)
+    rules_poll_s: float = _f(
+        5.0,
+        "How often a worker checks the content rules' version in Postgres, in case it missed the control"
+        " message a change publishes (a change reaches every worker at once otherwise).",
+        min=0.1,
+    )
+    redact_batch: int = _f(
+        500, "Messages tombstoned per transaction by a bulk redaction (the room's row is locked for one batch).", min=1
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = _f("info", "Log level.", choices=("debug", "info", "warning", "error"))
     format: str = _f(
@@ -419,6 +436,7 @@ class Settings:
     ws: WebSocketSettings = field(default_factory=WebSocketSettings)
     assistant: AssistantSettings = field(default_factory=AssistantSettings)
     files: FileSettings = field(default_factory=FileSettings)
+    moderation: ModerationSettings = field(default_factory=ModerationSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

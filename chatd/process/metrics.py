@@ -157,6 +157,15 @@ gaps_filled = Counter("chatd_fanout_gap_messages_filled_total", "Messages read b
 seqs_lost = Counter(
     "chatd_fanout_seqs_lost_total", "Committed seqs Postgres could not return (invariant breach: resync sent)"
 )
+content_rule_hits = Counter(
+    "chatd_content_rule_hits_total", "Sends and edits a content rule matched, by action (block, flag, mask)", ["action"]
+)
+content_rules_version = Gauge(
+    "chatd_content_rules_version", "Version of the content rules a worker applies", multiprocess_mode="min"
+)
+reports_filed = Counter("chatd_reports_filed_total", "Message reports filed, by source (user, rule)", ["source"])
+reports_settled = Counter("chatd_reports_settled_total", "Reports closed from the queue, by action", ["action"])
+messages_redacted = Counter("chatd_messages_redacted_total", "Messages tombstoned by bulk redactions")
 sends_busy = Counter("chatd_sends_busy_total", "Sends refused with 'busy' (group-commit queue full)")
 presence_views_healed = Counter(
     "chatd_presence_views_healed_total",

@@ -36,6 +36,7 @@ from chatd.core import errors
 from chatd.process.config import FileSettings, Settings
 from chatd.process.logs import app_log, fields
 from chatd.realtime.writer import MessageWriter
+from chatd.services.content_rules import ContentRules
 from chatd.storage import files as files_db
 from chatd.storage.db import Database
 from chatd.storage.messages import PendingMessage
@@ -357,6 +358,7 @@ class Files:
         # Temporary files next to the local blobs (one rename to store), else in data_dir.
         base = storage.root if isinstance(storage, LocalStorage) else Path(settings.storage.data_dir)
         self.tmp_dir = base / ".uploads"
+        self.content_rules: ContentRules | None = None  # a caption follows the send's content rules
 
     def begin(self, content_type_header: str) -> Upload:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -366,6 +368,10 @@ class Files:
         """Store the blob and its row, then commit the ``file`` message (seq, ack, fan-out like any message)."""
         upload.finish()
         caption = upload.caption_text()
+        flagged: tuple[int, ...] = ()
+        if caption and self.content_rules is not None and not self.content_rules.current.empty:
+            screened = self.content_rules.screen(caption)  # blocked: before the blob is kept
+            caption, flagged = screened.content, screened.flagged
         assert upload.path is not None and upload.content_type is not None and upload.name is not None
         width = height = None
         if upload.content_type.startswith("image/"):
@@ -410,6 +416,8 @@ class Files:
             await self._forget(row)
             raise result.error
         assert result.row is not None
+        if flagged and self.content_rules is not None and not result.duplicate:
+            await self.content_rules.flag(int(result.row["id"]), flagged)
         return result.row
 
     async def _forget(self, row: dict[str, Any]) -> None:

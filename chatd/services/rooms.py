@@ -20,6 +20,7 @@ from chatd.realtime.batching import Batched
 from chatd.realtime.fanout import Conn, Event, Hub
 from chatd.realtime.presence import Presence
 from chatd.realtime.writer import MessageWriter
+from chatd.services.content_rules import ContentRules
 from chatd.services.ratelimit import SendLimiter
 from chatd.storage import messages as messages_db
 from chatd.storage import rooms as rooms_db
@@ -96,6 +97,7 @@ class Rooms:
         self.limiter = limiter
         self.settings = settings
         self.assistant: AssistantPort | None = None  # set when the assistant runs
+        self.content_rules: ContentRules | None = None  # the admin's rules, applied before anything is stored
         # Membership, last_seq and replay of concurrent joins (a reconnect storm) in one round of queries.
         self.join_reads: Batched[tuple[int, int, int | None], messages_db.JoinRead] = Batched(
             lambda joins: messages_db.join_reads(db, joins, settings.replay_limit)
@@ -123,10 +125,20 @@ class Rooms:
                 f"at most {self.settings.send_rate_count} messages per {self.settings.send_rate_window_s:g} s",
                 retry_after_ms=decision.retry_after_ms,
             )
+        flagged: tuple[int, ...] = ()
+        rules = self.content_rules
+        if rules is not None and not rules.current.empty:  # without rules: this test is all it costs
+            # Before the message is queued: a block stores nothing and uses no seq; a masked message is stored
+            # (and later read by the assistant) masked.  A blocked attempt still counted against the quota.
+            screened = rules.screen(content)
+            content, flagged = screened.content, screened.flagged
         message = PendingMessage(
             room_id, user_id, "user", "text", content, client_msg_id, mentions_assistant=mentions_assistant(content)
         )
-        return self.writer.submit(message)
+        durable = self.writer.submit(message)
+        if flagged and rules is not None:
+            durable.add_done_callback(rules.flag_when_durable(flagged))
+        return durable
 
     async def send(self, user_id: int, room_id: int, content: str, client_msg_id: str | None) -> SendResult:
         """Submit, wait until durable, then queue the assistant's answer if the room wants one."""
@@ -333,10 +345,17 @@ class Rooms:
         if len(content) > self.settings.max_message_chars:
             raise errors.TooLarge(f"content over {self.settings.max_message_chars} characters")
         await self._own_message(user_id, is_admin, message_id)
+        flagged: tuple[int, ...] = ()
+        rules = self.content_rules
+        if rules is not None and not rules.current.empty:  # an edit follows the send's rules
+            screened = rules.screen(content)
+            content, flagged = screened.content, screened.flagged
         row = await messages_db.edit_message(self.db, message_id, content)
         if row is None:
             raise errors.Conflict("message was deleted")
         await self.hub.publish_change(row["room_id"], int(row["edit_rev"]), server_frames.change_from_row(row))
+        if flagged and rules is not None:
+            await rules.flag(message_id, flagged)
         return row
 
     async def delete(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:

@@ -67,6 +67,19 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 [[operations]]
 include-operation-id = "AdminStatsHandler.get"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+
+# Rules no static schema states (docs/API.md, Moderation), answered 400: a content rule's regex must compile
+# as RE2 and not match the empty string; a report's reason is bounded by moderation.max_reason_chars and
+# nobody reports their own message; nobody bans themselves.
+[[operations]]
+include-operation-id = "ContentRulesHandler.post"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+[[operations]]
+include-operation-id = "ReportHandler.post"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+[[operations]]
+include-operation-id = "ReportActionHandler.post"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 """
 
 # Excluded from the user's run, because they end the session in use (every later case would be a 401):

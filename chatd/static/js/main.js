@@ -738,7 +738,7 @@ function updateMessage(li, m, room, streaming, reply) {
   if (m.status === "error") children.push(el("p", { class: "flag", text: "The answer failed part way." }));
   if (m.superseded) children.push(el("p", { class: "flag", text: "Replaced by a newer answer." }));
   if (note) children.push(el("p", { class: "flag", text: note }));
-  if (!m.deleted && !system) children.push(reactionBar(m));
+  if (!m.deleted && !system) children.push(reactionBar(m, !mine));
   if (assistant && !m.superseded && !streaming) {
     const again = () => run(session.regenerate(m.messageId));
     const button = el(
@@ -753,7 +753,7 @@ function updateMessage(li, m, room, streaming, reply) {
 
 // Reactions under a message: one chip per emoji with its count (mine highlighted; a click toggles mine),
 // then a small picker. The counts move when the room's message_updated comes, for this tab too.
-function reactionBar(m) {
+function reactionBar(m, reportable) {
   const toggle = (emoji) => run(session.react(current, m.messageId, emoji));
   const chips = m.reactions.map((r) => {
     const mine = reacted(m, session.userId, r.emoji);
@@ -773,7 +773,36 @@ function reactionBar(m) {
     el("summary", { "aria-label": "Add a reaction", title: "Add a reaction" }, "☺+"),
     el("div", { class: "choices" }, ...choices),
   );
-  return el("div", { class: "reactions" }, ...chips, picker);
+  const extra = reportable ? [reportForm(m)] : [];
+  return el("div", { class: "reactions" }, ...chips, picker, ...extra);
+}
+
+// Report a message (not your own) to the room's owner and the admins: POST .../reports with a reason.
+// Reporting it again is harmless: the server keeps your first report (API.md, "Reports").
+function reportForm(m) {
+  const input = el("input", { type: "text", maxlength: "500", placeholder: "Why?", "aria-label": "Reason for the report" });
+  const details = el("details", { class: "report" });
+  const submit = async (ev) => {
+    ev.preventDefault();
+    const reason = input.value.trim();
+    if (!reason) {
+      showNotice("Say why you report this message.", "error");
+      return;
+    }
+    try {
+      await api.call("POST", `/rooms/${m.roomId}/messages/${m.messageId}/reports`, { reason });
+      details.open = false;
+      input.value = "";
+      showNotice("Reported. The room's owner and the admins will look at it.", "success");
+    } catch (err) {
+      showNotice(`Could not report the message: ${errorText(err)}`, "error");
+    }
+  };
+  details.append(
+    el("summary", { "aria-label": "Report this message", title: "Report this message" }, "⚑"),
+    el("form", { class: "report-form", onsubmit: submit }, input, el("button", { type: "submit", text: "Send report" })),
+  );
+  return details;
 }
 
 // Stop only for whom the server lets stop the answer (Session.canStop); Regenerate for every member.

@@ -39,6 +39,7 @@ const WORDS = {
   not_found: "That is no longer there.",
   conflict: "That was already done.",
   too_large: "That is too long.",
+  content_blocked: "That contains something this server does not allow.",
   bad_request: "The server did not accept that.",
   quota_exceeded: "You have used up today's assistant allowance. It renews at midnight (UTC).",
   unauthorized: "Your session has ended. Sign in again.",
@@ -50,6 +51,7 @@ const ACTION_WORDS = {
     not_found: "You are no longer a member of this room.",
     conflict: "This room is archived: nothing more can be sent to it.",
     too_large: "This message is too long.",
+    content_blocked: "This message contains something this server does not allow: it was not sent.",
     bad_request: "The server did not accept this message.",
   },
   cancel: {
