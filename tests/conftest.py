@@ -78,7 +78,14 @@ def redis_prefix() -> str:
 
 
 @pytest.fixture
-def chatd_factory(services: Services, tmp_path: Path, redis_prefix: str) -> Iterator[object]:
+def chatd_factory(
+    services: Services, tmp_path: Path, redis_prefix: str, request: pytest.FixtureRequest
+) -> Iterator[object]:
+    # A test's own Postgres or Valkey is set up before its servers, so it is stopped after them: stopped first,
+    # it held each server's shutdown (pool, final writes) for seconds in the teardown (up to 10 s).
+    for name in ("own_postgres", "own_valkey"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name)
     started: list[Chatd] = []
 
     def make(workers: int = 1, database_url: str | None = None, start: bool = True, **env: str) -> Chatd:

@@ -38,6 +38,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from tests.users import User
 
 LATE_S = 1.0  # a message reaching a member later than this after its ack counts against recovery
+SETTLE_MIN_S = 1.0  # the report waits at least this (two probe intervals) once every send is acked, 3 s at most
 
 SAME_WORKER, SAME_INSTANCE, OTHER_INSTANCE = "same worker", "same instance", "other instance"
 
@@ -491,6 +493,51 @@ class ChatLoad:
             await asyncio.sleep(0.1)
         return sent
 
+    def _until_delivered(self, upto: dict[int, int]) -> bool:
+        """Every member still in the load (not a bystander, not retired) has its room's seqs up to ``upto``."""
+        return all(m.contiguous >= upto.get(m.room, 0) for m in self.members if m.follow)
+
+    def _acked_upto(self) -> dict[int, int]:
+        """Each room's highest acked seq so far."""
+        upto: dict[int, int] = {}
+        for room, seq in list(self.ack_at):
+            upto[room] = max(upto.get(room, 0), seq)
+        return upto
+
+    async def _until(self, check: Callable[[], bool], deadline: float) -> bool:
+        while not check():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def warmed_up(self, rounds: int = 1, timeout_s: float = 10) -> bool:
+        """Wait (bounded) until the load runs: each sending member has ``rounds`` sends acked, and every member
+        has received each room's messages acked by then.  Whether it did."""
+        deadline = time.monotonic() + timeout_s
+        senders = [m for m in self.members if m.follow and m.sending]
+        if not await self._until(lambda: all(len(m.acked) >= rounds for m in senders), deadline):
+            return False
+        upto = self._acked_upto()
+        return await self._until(lambda: self._until_delivered(upto), deadline)
+
+    async def recovered(self, timeout_s: float = 5) -> bool:
+        """Wait (bounded) until the load is back to normal after a fault: every send unanswered now is acked,
+        then a fresh send of each sending member, written after those, is acked as well, and every member has
+        received each room's messages acked by then (reconnected and resumed if it was dropped).  Whether it
+        was; the report's ``recover_s`` still measures the last late delivery, error or reconnect."""
+        deadline = time.monotonic() + timeout_s
+        members = [m for m in self.members if m.follow]
+        unanswered = {id(m): list(m.pending) for m in members}
+        if not await self._until(lambda: all(c in m.acked for m in members for c in unanswered[id(m)]), deadline):
+            return False
+        senders = [m for m in members if m.sending]
+        fresh = {id(m): f"{self.tag}-{m.user.id}-{m.sent + 1}" for m in senders}
+        if not await self._until(lambda: all(fresh[id(m)] in m.acked for m in senders), deadline):
+            return False
+        upto = self._acked_upto()
+        return await self._until(lambda: self._until_delivered(upto), deadline)
+
     async def finish(self, timeout_s: float = 90) -> None:
         """Stop new sends; wait until every send is answered with an ack (bounded)."""
         self.stop_sending = True
@@ -513,7 +560,25 @@ class ChatLoad:
 
     async def report(self, scenario: str, fault_end: float, fault_s: float) -> Report:
         """Settle, resume every socket that misses something, then compare with Postgres."""
-        await asyncio.sleep(3)  # live deliveries and the repair loop catch up
+        # Live deliveries and the repair loop catch up: until every member still in the load, or retired, has
+        # every stored seq of its room (up to its cut), 3 s at most; at least SETTLE_MIN_S for a late repeat.
+        start = time.monotonic()
+        rows = self.stored()
+        seqs_by_room: dict[int, set[int]] = {}
+        for room, seq, _ in rows:
+            seqs_by_room.setdefault(room, set()).add(seq)
+
+        tops = {room: max(seqs) for room, seqs in seqs_by_room.items()}
+
+        def has_all(m: Member) -> bool:
+            top = tops.get(m.room, 0) if m.cut is None else m.cut
+            return m.contiguous >= top or all(s in m.got for s in seqs_by_room.get(m.room, ()) if s <= top)
+
+        def caught_up() -> bool:
+            return all(has_all(m) for m in self.members if m.follow or m.cut is not None)
+
+        await self._until(caught_up, start + 3)
+        await asyncio.sleep(max(0.0, start + SETTLE_MIN_S - time.monotonic()))
         rows = self.stored()
         by_room: dict[int, set[int]] = {}
         for room, seq, _ in rows:

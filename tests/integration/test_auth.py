@@ -29,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
+from chatd.process.config import AuthSettings
 from chatd.services import credentials
+from chatd.services.tokens import TokenService
 from tests.conftest import Services
 from tests.support import JWT_SECRET, WS, Chatd, Response, request
 
@@ -613,18 +615,22 @@ async def test_ws_first_frame_is_hello(server: Chatd) -> None:
 
 async def test_ws_in_band_refresh_keeps_the_socket_past_expiry(chatd_factory: Any) -> None:
     server: Chatd = chatd_factory(
-        CHATD_AUTH_ACCESS_TTL_S="30", CHATD_AUTH_TOKEN_EXPIRING_WARNING_S="28", **MANY_ATTEMPTS
+        CHATD_AUTH_ACCESS_TTL_S="30", CHATD_AUTH_TOKEN_EXPIRING_WARNING_S="5", **MANY_ATTEMPTS
     )
     pair = await register(server)
-    first_exp = unverified(pair["access_token"])["exp"]
-    renewed = await WS.connect(server.ws, pair["access_token"])
-    lapsed = await WS.connect(server.ws, pair["access_token"])
+    # The sockets' token: the session's own (its family, the server's secret), minted here with a 10 s
+    # lifetime rather than the 30 s minimum of auth.access_ttl_s, so the test waits 10 s for its expiry.
+    claims = unverified(pair["access_token"])
+    short_lived = TokenService(AuthSettings(jwt_secret=JWT_SECRET, access_ttl_s=10))
+    first, _ = short_lived.mint(int(claims["sub"]), claims["role"], "access", family=claims["fam"])
+    first_exp = unverified(first)["exp"]
+    renewed = await WS.connect(server.ws, first)
+    lapsed = await WS.connect(server.ws, first)
     try:
         for ws in (renewed, lapsed):
             await ws.expect("hello")
             warning = await ws.expect("token_expiring", timeout_s=10)
-            assert 0 < warning["expires_in_ms"] <= 28_000
-        await asyncio.sleep(3)  # so the new token outlives the first by a few seconds
+            assert 0 < warning["expires_in_ms"] <= 5_000
         new = await refresh(server, pair["refresh_token"])
         assert new.status == 200, new.body
         new_exp = unverified(new.body["access_token"])["exp"]

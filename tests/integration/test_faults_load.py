@@ -104,12 +104,18 @@ async def run_scenario(
     bystanders: int = 0,
     setup: Setup | None = None,
     record: bool = True,
+    rounds: int = 1,
+    watch: Callable[[ChatLoad], bool] | None = None,
+    watch_s: float = 0.0,
 ) -> tuple[Report, ChatLoad]:
     """The load, ``fault`` in the middle of it, the report.
 
     ``setup``: runs once the members are added, before they connect (add sockets, swap a member's token).
     ``record``: print (and append) the report line here; a scenario with figures of its own adds them to
     ``report.notes`` and calls ``_record`` itself.
+    Before the fault the load runs until each sender has ``rounds`` sends acked and delivered (10 s at most);
+    after it, until it has recovered (``ChatLoad.recovered``: what was unanswered acked, a fresh round acked
+    and delivered), 5 s at most, and ``watch`` holds, if given (``watch_s`` after the fault's end at most).
     The members are ``load.members[:SOCKETS]`` in room order: member ``i`` is in room ``i // ROOM_SIZE`` (member
     ``i % ROOM_SIZE == 0`` created it) on instance ``i % 2``.
     """
@@ -130,11 +136,13 @@ async def run_scenario(
         await setup(cluster, load)
     await load.start()
     load.locate_workers({s.port: s.worker_pids() for s in cluster.servers})
-    await asyncio.sleep(3)
+    await load.warmed_up(rounds)  # not asserted: as a fixed 3 s was not; the scenario checks what it needs
     started = time.monotonic()
     await fault(cluster, load)
     fault_end = time.monotonic()
-    await asyncio.sleep(5)
+    await load.recovered(RECOVER_BOUND_S)  # not asserted here: the report's recover_s is
+    if watch is not None:
+        await until(lambda: watch(load), fault_end + watch_s - time.monotonic())
     await load.finish()
     report = await load.report(name, fault_end, fault_end - started)
     report.server_errors = _error_events(cluster.servers, log_from)
@@ -305,17 +313,29 @@ async def test_instance_sigkilled(cluster: Cluster) -> None:
         os.killpg(c.servers[0].proc.pid, signal.SIGKILL)  # master and workers, without a goodbye
         killed_at.append(time.monotonic())
 
-    report, load = await run_scenario(cluster, "an instance SIGKILLed", fault, bystanders=2)
-    assert_clean(report)
-    bystanders = {m.user.id for m in load.members if not m.follow}
-    watchers = [m for m in load.members if m.follow and m.room == load.members[-1].room and m.home == 1]
-    offline_at = {
-        uid: min(
-            (at for w in watchers for at, u, status in w.presence if u == uid and status == "offline"), default=None
-        )
-        for uid in bystanders
-    }
+    def watchers(load: ChatLoad) -> list[Member]:
+        return [m for m in load.members if m.follow and m.room == load.members[-1].room and m.home == 1]
+
+    def offline(load: ChatLoad) -> dict[int, float | None]:
+        return {
+            uid: min(
+                (at for w in watchers(load) for at, u, status in w.presence if u == uid and status == "offline"),
+                default=None,
+            )
+            for uid in (m.user.id for m in load.members if not m.follow)
+        }
+
     ttl_s, grace_s = float(PRESENCE["CHATD_WS_PRESENCE_TTL_S"]), float(PRESENCE["CHATD_WS_PRESENCE_GRACE_S"])
+    report, load = await run_scenario(
+        cluster,
+        "an instance SIGKILLed",
+        fault,
+        bystanders=2,
+        watch=lambda load: None not in offline(load).values(),  # the load runs on until both are seen offline
+        watch_s=ttl_s + grace_s + 3.5,
+    )
+    assert_clean(report)
+    offline_at = offline(load)
     late = {u: at for u, at in offline_at.items() if at is None or at - killed_at[0] > ttl_s + grace_s + 3}
     shown = {u: None if at is None else round(at - killed_at[0], 1) for u, at in offline_at.items()}
     print(f"offline after the kill (s): {shown}")
@@ -401,7 +421,8 @@ async def test_removal_ban_and_logout_while_publish_is_refused(cluster: Cluster)
             closing = victims["banned"] + victims["logged out"]
             await until(lambda: all(m.closes for m in closing), CLOSE_WITHIN_S + 1)
             await asyncio.sleep(max(0.0, last + PROMISE_S + 0.5 - time.monotonic()))  # still refused past 2 s
-        # Publishing works again; the load runs on for 5 s, the removed members must still read nothing.
+        # Publishing works again; the load runs on until it has recovered (every sender's fresh message acked and
+        # delivered to its room, 5 s at most), the removed members must still read nothing.
 
     report, _ = await run_scenario(
         cluster, "removal, ban and logout while PUBLISH is refused", fault, setup=setup, record=False
@@ -545,7 +566,7 @@ async def test_edit_and_delete_races_under_load(cluster: Cluster) -> None:
             assert row.status == 200, row.body
             race["row"] = row.body["messages"][0]
 
-    report, load = await run_scenario(cluster, "edit/delete races", fault, setup=setup, record=False)
+    report, load = await run_scenario(cluster, "edit/delete races", fault, setup=setup, record=False, rounds=2)
     refused = {rid: code for m in load.members for rid, code in m.refused.items()}
     failures: list[Any] = []
     edits_applied = edits_refused = deletes_refused = 0
