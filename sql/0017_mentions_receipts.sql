@@ -1,0 +1,39 @@
+-- Mentions and read receipts (issue 20).  Numbered 0017 to leave 0015/0016 to work on other branches.
+--
+-- Mentions are found when a message is stored, by a statement trigger on messages: no extra round
+-- trip on the send path, one statement per group commit, and only messages containing '@' are
+-- looked at.  The rule: '@' at the start or after a character that is not a letter, digit or '_',
+-- then a member's name (case-insensitive), then the end or a character that is not a letter, digit
+-- or '_'.  '@room' mentions every member.  The sender is never mentioned by their own message; system
+-- messages mention nobody; an edit does not add or remove mentions.
+CREATE TABLE mentions (
+    user_id    bigint NOT NULL,
+    room_id    bigint NOT NULL,
+    seq        bigint NOT NULL,
+    message_id bigint NOT NULL,
+    PRIMARY KEY (user_id, room_id, seq)
+);
+
+CREATE FUNCTION chatd_store_mentions() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO mentions (user_id, room_id, seq, message_id)
+    SELECT m.user_id, n.room_id, n.seq, n.id
+    FROM new_rows n
+    JOIN room_members m ON m.room_id = n.room_id
+    JOIN users u ON u.id = m.user_id
+    WHERE n.kind <> 'system' AND strpos(n.content, '@') > 0
+      AND m.user_id IS DISTINCT FROM n.sender_id
+      AND (n.content ~* '(^|[^[:alnum:]_])@room($|[^[:alnum:]_])'
+           -- the name as a literal: every character that is not a letter or digit escaped
+           OR n.content ~* ('(^|[^[:alnum:]_])@' || regexp_replace(u.name, '([^[:alnum:]])', '\\\1', 'g')
+                            || '($|[^[:alnum:]_])'))
+    ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER messages_mentions AFTER INSERT ON messages
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION chatd_store_mentions();
+
+-- The read marker shared with other members.  read_seq (your devices, unread and mention counts) is
+-- the private marker; shared_seq is NULL while it equals read_seq (no read was private), so existing
+-- rows need no rewrite.  A member's receipt is COALESCE(shared_seq, read_seq).
+ALTER TABLE room_members ADD COLUMN shared_seq bigint;
