@@ -128,6 +128,7 @@ class ClientSession:
         room.owner_id = r.get("owner_id")
         room.status = str(r.get("status", "active"))
         room.read_seq = max(room.read_seq, int(r.get("read_seq", 0)))
+        room.mention_count = int(r.get("mention_count", room.mention_count))
         room.latest_seq = max(room.latest_seq, int(r.get("last_seq", 0)))
         return out
 
@@ -263,6 +264,7 @@ class ClientSession:
         if room is None or not room.loaded or room.last_seq <= room.read_seq:
             return []
         room.read_seq = room.last_seq
+        room.mention_count = 0  # read to the end: no mention left after it
         out: list[Action] = [Redraw()]
         if self.connected:
             out.append(SendFrame({"type": "read", "room_id": room_id, "seq": room.last_seq}))
@@ -514,7 +516,9 @@ class ClientSession:
         room = self.rooms.get(int(f["room_id"]))
         if room is None:
             return []
-        room.read_seq = max(room.read_seq, int(f["seq"]))
+        if int(f["seq"]) >= room.read_seq:
+            room.read_seq = int(f["seq"])
+            room.mention_count = int(f.get("mention_count", 0))
         return [Redraw()]
 
     def _on_pong(self, f: Mapping[str, Any], now: float) -> list[Action]:

@@ -56,7 +56,7 @@ from chatd.client.session import (
 )
 
 HELP = """commands:
-  /rooms                 rooms with unread counts      /join NAME|ID   switch room
+  /rooms                 unread and mention counts     /join NAME|ID   switch room
   /create NAME [assistant]  new room (assistant: every message answered)
   /add NAME|EMAIL|ID     add a member (owner)          /me             your user id
   /more                  older messages                /who            who is online
@@ -182,8 +182,9 @@ class TerminalChat:
             if typing:
                 parts.append(", ".join(typing) + (" is typing" if len(typing) == 1 else " are typing"))
         unread = sum(r.unread for r in self.session.rooms.values() if r.id != self.current)
+        mentions = sum(r.mention_count for r in self.session.rooms.values() if r.id != self.current)
         if unread:
-            parts.append(f"{unread} unread elsewhere")
+            parts.append(f"{unread} unread elsewhere" + (f" ({mentions} @)" if mentions else ""))
         parts.append(self.conn_state)
         return [("class:status", " " + " · ".join(parts) + " ")]
 
@@ -342,6 +343,7 @@ class TerminalChat:
             rows = [
                 f"  {r.id:>5}  {r.name}{' (assistant)' if r.kind == 'assistant' else ''}"
                 + (f"  {r.unread} unread" if r.unread else "")
+                + (f"  {r.mention_count} @" if r.mention_count else "")
                 for r in s.rooms.values()
             ]
             self._notice("rooms:\n" + ("\n".join(rows) or "  none yet: /create NAME"))
