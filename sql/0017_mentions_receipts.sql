@@ -6,6 +6,8 @@
 -- then a member's name (case-insensitive), then the end or a character that is not a letter, digit
 -- or '_'.  '@room' mentions every member.  The sender is never mentioned by their own message; system
 -- messages mention nobody; an edit does not add or remove mentions.
+-- One row per (mentioned member, message); an @room message has one row with user_id 0 (everyone), so a
+-- busy room's @room costs one row, not one per member.  The counts skip the sender's own messages.
 CREATE TABLE mentions (
     user_id    bigint NOT NULL,
     room_id    bigint NOT NULL,
@@ -16,17 +18,24 @@ CREATE TABLE mentions (
 
 CREATE FUNCTION chatd_store_mentions() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    WITH n AS (
+        SELECT id, room_id, seq, sender_id, content,
+               content ~* '(^|[^[:alnum:]_])@room($|[^[:alnum:]_])' AS everyone
+        FROM new_rows WHERE kind <> 'system' AND strpos(content, '@') > 0
+    ), who AS (
+        -- each member's name as a literal pattern (every character that is not a letter or digit escaped),
+        -- built once per member, not once per message
+        SELECT m.room_id, m.user_id,
+               '(^|[^[:alnum:]_])@' || regexp_replace(u.name, '([^[:alnum:]])', '\\\1', 'g') || '($|[^[:alnum:]_])'
+                   AS pattern
+        FROM room_members m JOIN users u ON u.id = m.user_id
+        WHERE m.room_id IN (SELECT room_id FROM n WHERE NOT everyone)
+    )
     INSERT INTO mentions (user_id, room_id, seq, message_id)
-    SELECT m.user_id, n.room_id, n.seq, n.id
-    FROM new_rows n
-    JOIN room_members m ON m.room_id = n.room_id
-    JOIN users u ON u.id = m.user_id
-    WHERE n.kind <> 'system' AND strpos(n.content, '@') > 0
-      AND m.user_id IS DISTINCT FROM n.sender_id
-      AND (n.content ~* '(^|[^[:alnum:]_])@room($|[^[:alnum:]_])'
-           -- the name as a literal: every character that is not a letter or digit escaped
-           OR n.content ~* ('(^|[^[:alnum:]_])@' || regexp_replace(u.name, '([^[:alnum:]])', '\\\1', 'g')
-                            || '($|[^[:alnum:]_])'))
+    SELECT 0, room_id, seq, id FROM n WHERE everyone
+    UNION ALL
+    SELECT w.user_id, n.room_id, n.seq, n.id FROM n JOIN who w ON w.room_id = n.room_id
+    WHERE NOT n.everyone AND w.user_id IS DISTINCT FROM n.sender_id AND n.content ~* w.pattern
     ON CONFLICT DO NOTHING;
     RETURN NULL;
 END $$;

@@ -19,10 +19,12 @@ from psycopg.types.json import Jsonb
 from chatd.core import errors
 from chatd.storage.db import Database, Row, bounded, fetch_all, fetch_one, transaction
 
-# Mentions of member m after its read marker, in messages not deleted since (sql/0017_mentions_receipts.sql).
+# Messages after member m's read marker that mention it (user_id 0: @room), not deleted, not its own
+# (sql/0017_mentions_receipts.sql).
 MENTION_COUNT_SQL = (
     "(SELECT count(*) FROM mentions x JOIN messages msg ON msg.id = x.message_id"
-    " WHERE x.user_id = m.user_id AND x.room_id = m.room_id AND x.seq > m.read_seq AND msg.deleted_at IS NULL)"
+    " WHERE x.user_id IN (m.user_id, 0) AND x.room_id = m.room_id AND x.seq > m.read_seq"
+    " AND msg.deleted_at IS NULL AND msg.sender_id IS DISTINCT FROM m.user_id)"
 )
 
 ROOM_COLUMNS = "r.id, r.name, r.kind, r.owner_id, r.status, r.assistant, r.last_seq, r.created_at, r.updated_at"
