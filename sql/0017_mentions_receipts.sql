@@ -19,13 +19,13 @@ CREATE TABLE mentions (
 CREATE FUNCTION chatd_store_mentions() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     WITH n AS (
-        SELECT id, room_id, seq, sender_id, content,
+        SELECT id, room_id, seq, sender_id, content, lower(content) AS lowered,
                content ~* '(^|[^[:alnum:]_])@room($|[^[:alnum:]_])' AS everyone
         FROM new_rows WHERE kind <> 'system' AND strpos(content, '@') > 0
     ), who AS (
         -- each member's name as a literal pattern (every character that is not a letter or digit escaped),
         -- built once per member, not once per message
-        SELECT m.room_id, m.user_id,
+        SELECT m.room_id, m.user_id, '@' || lower(u.name) AS needle,
                '(^|[^[:alnum:]_])@' || regexp_replace(u.name, '([^[:alnum:]])', '\\\1', 'g') || '($|[^[:alnum:]_])'
                    AS pattern
         FROM room_members m JOIN users u ON u.id = m.user_id
@@ -35,7 +35,10 @@ BEGIN
     SELECT 0, room_id, seq, id FROM n WHERE everyone
     UNION ALL
     SELECT w.user_id, n.room_id, n.seq, n.id FROM n JOIN who w ON w.room_id = n.room_id
-    WHERE NOT n.everyone AND w.user_id IS DISTINCT FROM n.sender_id AND n.content ~* w.pattern
+    WHERE NOT n.everyone AND w.user_id IS DISTINCT FROM n.sender_id
+      -- a plain substring test first: the regex (one per member, more than the backend's cache of
+      -- compiled ones) only for the few members whose name follows an '@'
+      AND CASE WHEN strpos(n.lowered, w.needle) > 0 THEN n.content ~* w.pattern ELSE false END
     ON CONFLICT DO NOTHING;
     RETURN NULL;
 END $$;
