@@ -84,6 +84,7 @@ class ClientSession:
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id  # prefix of client_msg_ids: unique per client instance
         self.user_id: int | None = None
+        self.private_reads = False  # read markers for your own devices only: no receipts to other members
         self.connected = False  # socket open
         self.live = False  # resume barrier passed: sends go out directly
         self.rooms: dict[int, Room] = {}
@@ -267,7 +268,10 @@ class ClientSession:
         room.mention_count = 0  # read to the end: no mention left after it
         out: list[Action] = [Redraw()]
         if self.connected:
-            out.append(SendFrame({"type": "read", "room_id": room_id, "seq": room.last_seq}))
+            frame: dict[str, Any] = {"type": "read", "room_id": room_id, "seq": room.last_seq}
+            if self.private_reads:
+                frame["private"] = True
+            out.append(SendFrame(frame))
         return out
 
     def cancel(self, room_id: int) -> list[Action]:

@@ -62,6 +62,7 @@ HELP = """commands:
   /more                  older messages                /who            who is online
   /stop                  stop the assistant's answer   /regen          answer again
   /react N EMOJI         toggle your reaction on the N-th newest message (1 = the last), e.g. /react 1 👍
+  /private on|off        private read receipts: only your devices see how far you read
   /quit                  leave (also Ctrl-D)"""
 
 STYLE = Style.from_dict(
@@ -365,6 +366,9 @@ class TerminalChat:
             if not arg.isdigit():
                 s.names[user_id] = name  # found by name or email: its name is known (an id's comes with member_joined)
             self._notice(f"{name} {'added' if res['added'] else 'is already a member'}")
+        elif cmd == "/private" and arg in ("on", "off"):
+            s.private_reads = arg == "on"
+            self._notice(f"private read receipts {arg}")
         elif cmd == "/who":
             room = self._room()
             if room is not None:

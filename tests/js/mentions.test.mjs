@@ -57,3 +57,11 @@ test("receipts from the roster and receipts frames: seen by", () => {
   s.receive({ type: "receipts", room_id: 7, receipts: [{ user_id: BOB, read_seq: 1 }] }, 0); // never backwards
   assert.equal(room.receipts.get(BOB), 2);
 });
+
+test("private reads carry private: true", () => {
+  const s = live();
+  s.privateReads = true;
+  const out = s.markRead(7).filter((a) => a.kind === "send").map((a) => a.frame);
+  assert.deepEqual(out, [{ type: "read", room_id: 7, seq: 2, private: true }]);
+  assert.equal(s.rooms.get(7).mentionCount, 0);
+});

@@ -171,6 +171,7 @@ async function start() {
   $("me-name").textContent = user?.name ?? "";
   $("me-id").textContent = user ? `(user id ${user.id})` : "";
   session = new Session(randomId());
+  session.privateReads = $("private-reads").checked;
   session.isAdmin = user?.role === "admin";
   conn = new Connection(api, session, run, setStatus, showNotice);
   restoreOutbox(); // before anything is written back to it
@@ -844,6 +845,11 @@ function init() {
     stop();
     if (key) localStorage.removeItem(key); // asked to sign out: nothing of this user is sent later
     await api.signOut();
+  });
+  $("private-reads").checked = localStorage.getItem("chatd.privateReads") === "1";
+  $("private-reads").addEventListener("change", () => {
+    localStorage.setItem("chatd.privateReads", $("private-reads").checked ? "1" : "0");
+    if (session) session.privateReads = $("private-reads").checked;
   });
   $("create-room").addEventListener("submit", onCreateRoom);
   $("add-member").addEventListener("submit", onAddMember);

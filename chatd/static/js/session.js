@@ -183,6 +183,7 @@ export class Session {
   constructor(clientId) {
     this.clientId = clientId;
     this.userId = null;
+    this.privateReads = false; // read markers for your own devices only: no receipts to other members
     this.connected = false;
     this.live = false;
     this.rooms = new Map();
@@ -386,7 +387,9 @@ export class Session {
     room.readSeq = room.lastSeq;
     room.mentionCount = 0;
     const out = [REDRAW];
-    if (this.connected) out.push(send({ type: "read", room_id: roomId, seq: room.lastSeq }));
+    if (this.connected) {
+      out.push(send({ type: "read", room_id: roomId, seq: room.lastSeq, ...(this.privateReads ? { private: true } : {}) }));
+    }
     return out;
   }
 
