@@ -94,6 +94,12 @@ class Room(Reply):
     updated_at: Time
     read_seq: int | UnsetType = UNSET
     unread_count: int | UnsetType = UNSET
+    mention_count: (
+        Annotated[
+            int, Meta(description="rooms list: mentions of you (@name, @room) after read_seq, in messages not deleted")
+        ]
+        | UnsetType
+    ) = UNSET
     last_message: dict[str, Any] | UnsetType | None = UNSET
 
 
@@ -233,6 +239,16 @@ class RoomPage(Reply):
 
 class MemberPage(Reply):
     members: list[Member]
+    next_cursor: int | None
+
+
+class Receipt(Reply):
+    user_id: Id
+    read_seq: Annotated[int, Meta(description="read up to this seq (your own marker on your row)")]
+
+
+class ReceiptPage(Reply):
+    receipts: list[Receipt]
     next_cursor: int | None
 
 

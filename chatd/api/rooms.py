@@ -1,4 +1,5 @@
-"""Rooms (``/rooms``, ``/rooms/{id}``) and their members (``/rooms/{id}/members``)."""
+"""Rooms (``/rooms``, ``/rooms/{id}``), their members (``/rooms/{id}/members``) and read receipts
+(``/rooms/{id}/receipts``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from msgspec import UNSET
 from chatd.api.base import LIMIT, MAX_PAGE, ApiHandler, RoomAccess
 from chatd.api.bodies import AssistantSettings, MemberAdd, RoomChange, RoomCreate
 from chatd.api.openapi import Param, op
-from chatd.api.responses import MemberAdded, MemberPage, Room, RoomPage
+from chatd.api.responses import MemberAdded, MemberPage, ReceiptPage, Room, RoomPage
 from chatd.core import errors, server_frames
 from chatd.storage import rooms as rooms_db
 from chatd.storage.db import iso
@@ -121,9 +122,9 @@ class MembersHandler(RoomAccess):
         responses={200: ("Page of members", MemberPage)},
     )
     async def get(self, room_id: str) -> None:
-        _, room = await self._room(room_id)
+        principal, room = await self._room(room_id)
         limit = self.arg("limit")
-        rows = await rooms_db.room_roster(self.db, room["id"], self.arg("cursor") or 0, limit + 1)
+        rows = await rooms_db.room_roster(self.db, room["id"], principal.user_id, self.arg("cursor") or 0, limit + 1)
         items = rows[:limit]
         online = await self.rooms.online_now(room["id"])
         members = [
@@ -139,6 +140,25 @@ class MembersHandler(RoomAccess):
             for r in items
         ]
         self.send_json({"members": members, "next_cursor": items[-1]["id"] if len(rows) > limit else None})
+
+
+class ReceiptsHandler(RoomAccess):
+    @op(
+        summary="Who read up to which message (members only), by user id: each member's shared read marker",
+        tag="rooms",
+        query=(
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}),
+            Param("cursor", {"type": "integer", "minimum": 1}, "next_cursor of the previous page"),
+        ),
+        responses={200: ("Page of receipts", ReceiptPage)},
+    )
+    async def get(self, room_id: str) -> None:
+        principal, room = await self._room(room_id)
+        limit = self.arg("limit")
+        rows = await rooms_db.room_receipts(self.db, room["id"], principal.user_id, self.arg("cursor") or 0, limit + 1)
+        items = rows[:limit]
+        receipts = [{"user_id": r["user_id"], "read_seq": r["read_seq"]} for r in items]
+        self.send_json({"receipts": receipts, "next_cursor": items[-1]["user_id"] if len(rows) > limit else None})
 
 
 class MemberHandler(RoomAccess):

@@ -27,7 +27,7 @@ from chatd.api.moderation import (
     ReportQueueHandler,
 )
 from chatd.api.openapi import op
-from chatd.api.rooms import MemberHandler, MembersHandler, RoomHandler, RoomsHandler
+from chatd.api.rooms import MemberHandler, MembersHandler, ReceiptsHandler, RoomHandler, RoomsHandler
 from chatd.api.search import SearchHandler
 from chatd.api.users import BanHandler, MeHandler, PasswordHandler, UsageHandler, UsersHandler
 from chatd.process.config import Settings
@@ -97,6 +97,7 @@ def routes(
         (prefix + r"/rooms/([^/]+)", RoomHandler, deps),
         (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),
         (prefix + r"/rooms/([^/]+)/members/([^/]+)", MemberHandler, deps),
+        (prefix + r"/rooms/([^/]+)/receipts", ReceiptsHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/stream", StreamingSendHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/([^/]+)/reactions/([^/]+)", ReactionHandler, deps),

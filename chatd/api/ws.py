@@ -408,7 +408,7 @@ class ChatSocket(WebSocket):
                 )
                 return [Reply(reply)]
             case client_frames.Read():
-                await self.rooms.read(self, frame.room_id, frame.seq)
+                await self.rooms.read(self, frame.room_id, frame.seq, frame.private)
             case client_frames.Edit():
                 await self.rooms.edit(self.user_id, self.principal.is_admin, frame.message_id, frame.content)
             case client_frames.Delete():

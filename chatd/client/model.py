@@ -97,6 +97,7 @@ class Room:
     owner_id: int | None = None
     status: str = "active"  # or "archived"
     read_seq: int = 0
+    mention_count: int = 0  # mentions of you after read_seq, as the server last counted them
     latest_seq: int = 0  # highest seq known to exist (joined, message, ack, stream_end)
     loaded: bool = False  # history is kept: last_seq is contiguous and messages are stored
     last_seq: int = 0

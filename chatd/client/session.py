@@ -84,6 +84,7 @@ class ClientSession:
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id  # prefix of client_msg_ids: unique per client instance
         self.user_id: int | None = None
+        self.private_reads = False  # read markers for your own devices only: no receipts to other members
         self.connected = False  # socket open
         self.live = False  # resume barrier passed: sends go out directly
         self.rooms: dict[int, Room] = {}
@@ -128,6 +129,7 @@ class ClientSession:
         room.owner_id = r.get("owner_id")
         room.status = str(r.get("status", "active"))
         room.read_seq = max(room.read_seq, int(r.get("read_seq", 0)))
+        room.mention_count = int(r.get("mention_count", room.mention_count))
         room.latest_seq = max(room.latest_seq, int(r.get("last_seq", 0)))
         return out
 
@@ -263,9 +265,13 @@ class ClientSession:
         if room is None or not room.loaded or room.last_seq <= room.read_seq:
             return []
         room.read_seq = room.last_seq
+        room.mention_count = 0  # read to the end: no mention left after it
         out: list[Action] = [Redraw()]
         if self.connected:
-            out.append(SendFrame({"type": "read", "room_id": room_id, "seq": room.last_seq}))
+            frame: dict[str, Any] = {"type": "read", "room_id": room_id, "seq": room.last_seq}
+            if self.private_reads:
+                frame["private"] = True
+            out.append(SendFrame(frame))
         return out
 
     def cancel(self, room_id: int) -> list[Action]:
@@ -514,7 +520,9 @@ class ClientSession:
         room = self.rooms.get(int(f["room_id"]))
         if room is None:
             return []
-        room.read_seq = max(room.read_seq, int(f["seq"]))
+        if int(f["seq"]) >= room.read_seq:
+            room.read_seq = int(f["seq"])
+            room.mention_count = int(f.get("mention_count", 0))
         return [Redraw()]
 
     def _on_pong(self, f: Mapping[str, Any], now: float) -> list[Action]:

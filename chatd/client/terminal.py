@@ -56,13 +56,14 @@ from chatd.client.session import (
 )
 
 HELP = """commands:
-  /rooms                 rooms with unread counts      /join NAME|ID   switch room
+  /rooms                 unread and mention counts     /join NAME|ID   switch room
   /create NAME [assistant]  new room (assistant: every message answered)
   /add NAME|EMAIL|ID     add a member (owner)          /me             your user id
   /more                  older messages                /who            who is online
   /stop                  stop the assistant's answer   /regen          answer again
   /react N EMOJI         toggle your reaction on the N-th newest message (1 = the last), e.g. /react 1 👍
   /report N REASON       report the N-th newest message to the room's owner and the admins
+  /private on|off        private read receipts: only your devices see how far you read
   /quit                  leave (also Ctrl-D)"""
 
 STYLE = Style.from_dict(
@@ -183,8 +184,9 @@ class TerminalChat:
             if typing:
                 parts.append(", ".join(typing) + (" is typing" if len(typing) == 1 else " are typing"))
         unread = sum(r.unread for r in self.session.rooms.values() if r.id != self.current)
+        mentions = sum(r.mention_count for r in self.session.rooms.values() if r.id != self.current)
         if unread:
-            parts.append(f"{unread} unread elsewhere")
+            parts.append(f"{unread} unread elsewhere" + (f" ({mentions} @)" if mentions else ""))
         parts.append(self.conn_state)
         return [("class:status", " " + " · ".join(parts) + " ")]
 
@@ -343,6 +345,7 @@ class TerminalChat:
             rows = [
                 f"  {r.id:>5}  {r.name}{' (assistant)' if r.kind == 'assistant' else ''}"
                 + (f"  {r.unread} unread" if r.unread else "")
+                + (f"  {r.mention_count} @" if r.mention_count else "")
                 for r in s.rooms.values()
             ]
             self._notice("rooms:\n" + ("\n".join(rows) or "  none yet: /create NAME"))
@@ -364,6 +367,9 @@ class TerminalChat:
             if not arg.isdigit():
                 s.names[user_id] = name  # found by name or email: its name is known (an id's comes with member_joined)
             self._notice(f"{name} {'added' if res['added'] else 'is already a member'}")
+        elif cmd == "/private" and arg in ("on", "off"):
+            s.private_reads = arg == "on"
+            self._notice(f"private read receipts {arg}")
         elif cmd == "/who":
             room = self._room()
             if room is not None:

@@ -191,6 +191,7 @@ class Typing(BaseFrame, tag="typing", frozen=True):
 class Read(BaseFrame, tag="read", frozen=True):
     room_id: PositiveId
     seq: Seq
+    private: Flag = False  # share the marker with your own devices only (no receipt to other members)
 
 
 class Edit(BaseFrame, tag="edit", frozen=True):

@@ -221,8 +221,18 @@ def typing(*, room_id: int, user_id: int, is_typing: bool) -> dict[str, Any]:
     }
 
 
-def read(*, room_id: int, user_id: int, seq: int) -> dict[str, Any]:
-    return {"type": "read", "room_id": room_id, "user_id": user_id, "seq": seq}
+def read(*, room_id: int, user_id: int, seq: int, mention_count: int) -> dict[str, Any]:
+    """Your read marker moved (on another of your devices): unread and mention counts follow it."""
+    return {"type": "read", "room_id": room_id, "user_id": user_id, "seq": seq, "mention_count": mention_count}
+
+
+def receipts(*, room_id: int, seqs: Mapping[int, int]) -> dict[str, Any]:
+    """Members' shared read markers that moved since the room's last ``receipts`` frame (batched)."""
+    return {
+        "type": "receipts",
+        "room_id": room_id,
+        "receipts": [{"user_id": user_id, "read_seq": seq} for user_id, seq in sorted(seqs.items())],
+    }
 
 
 def presence(*, room_id: int, online: Sequence[int], offline: Sequence[int]) -> dict[str, Any]:
@@ -251,6 +261,8 @@ def room_object(row: Mapping[str, Any]) -> dict[str, Any]:
     if "read_seq" in row:
         out["read_seq"] = row["read_seq"]
         out["unread_count"] = max(0, row["last_seq"] - row["read_seq"])
+    if "mention_count" in row:  # the rooms list (the counts cost a query the other room reads skip)
+        out["mention_count"] = row["mention_count"]
     if "last_message" in row:
         out["last_message"] = row["last_message"]
     return out

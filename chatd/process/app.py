@@ -167,6 +167,7 @@ class Worker:
         tasks.supervise("auth-denylist-reads", self.accounts.denied_reads.run)
         tasks.supervise("connection-registrations", self.registrations.run)
         tasks.supervise("join-reads", self.rooms.join_reads.run)
+        tasks.supervise("read-receipts", self.rooms.receipts.run)
         tasks.supervise("metrics-loop-lag", metrics.loop_lag_loop)
         tasks.supervise("metrics-sample", lambda: metrics.sample_loop(self.db.pop_stats, self._ready))
         tasks.supervise("file-sweeper", self.files.run_sweeper)

@@ -238,6 +238,11 @@ class WebSocketSettings:
     violation_window_s: float = _f(10.0, "The window of max_violations.", min=0.1)
     replay_limit: int = _f(1000, "Longest replay on join; longer sends resync_required.", min=1)
     typing_interval_s: float = _f(2.0, "At most one typing frame relayed per user per room per interval.", min=0)
+    receipts_interval_s: float = _f(
+        1.0,
+        "At most one receipts frame per room per interval (per worker): the read receipts of a busy room are batched.",
+        min=0.05,
+    )
     typing_ttl_s: float = _f(6.0, "Typing state expires without a refresh.", min=0.5)
     presence_grace_s: float = _f(5.0, "A reconnect within this time does not flap presence.", min=0)
     presence_ttl_s: float = _f(

@@ -19,6 +19,7 @@ from chatd.process.config import WebSocketSettings
 from chatd.realtime.batching import Batched
 from chatd.realtime.fanout import Conn, Event, Hub
 from chatd.realtime.presence import Presence
+from chatd.realtime.receipts import Receipts
 from chatd.realtime.writer import MessageWriter
 from chatd.services.content_rules import ContentRules
 from chatd.services.ratelimit import SendLimiter
@@ -98,6 +99,7 @@ class Rooms:
         self.settings = settings
         self.assistant: AssistantPort | None = None  # set when the assistant runs
         self.content_rules: ContentRules | None = None  # the admin's rules, applied before anything is stored
+        self.receipts = Receipts(hub, settings.receipts_interval_s)
         # Membership, last_seq and replay of concurrent joins (a reconnect storm) in one round of queries.
         self.join_reads: Batched[tuple[int, int, int | None], messages_db.JoinRead] = Batched(
             lambda joins: messages_db.join_reads(db, joins, settings.replay_limit)
@@ -285,7 +287,9 @@ class Rooms:
         row = await self.system_message(
             room["id"], f"{name} joined", {"event": "member_joined", "user_id": user_id, "name": name, "by": by}
         )
-        await rooms_db.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
+        read = await rooms_db.set_read(self.db, room["id"], user_id, int(row["seq"]))  # "X joined" is not news to X
+        if read is not None:
+            self.receipts.add(room["id"], user_id, read.shared_seq)
         fresh = await rooms_db.room_for_member(self.db, room["id"], user_id)
         if fresh is not None:
             await self.hub.publish_users([user_id], server_frames.room_added(room=server_frames.room_object(fresh)))
@@ -323,13 +327,19 @@ class Rooms:
         frame = server_frames.typing(room_id=room_id, user_id=conn.user_id, is_typing=is_typing)
         await self.hub.publish_room(room_id, frame, exclude=conn.connection_id)
 
-    async def read(self, conn: Conn, room_id: int, seq: int) -> int:
-        stored = await rooms_db.set_read(self.db, room_id, conn.user_id, seq)
+    async def read(self, conn: Conn, room_id: int, seq: int, private: bool = False) -> int:
+        """Move the read marker: ``read`` (with the mention count) to the user's other devices, and unless
+        private, the receipt to the room in the next batched ``receipts`` frame."""
+        stored = await rooms_db.set_read(self.db, room_id, conn.user_id, seq, private)
         if stored is None:
             raise errors.NotFound("room not found")
-        frame = server_frames.read(room_id=room_id, user_id=conn.user_id, seq=stored)
+        frame = server_frames.read(
+            room_id=room_id, user_id=conn.user_id, seq=stored.read_seq, mention_count=stored.mention_count
+        )
         await self.hub.publish_user(conn.user_id, frame, exclude=conn.connection_id)
-        return stored
+        if not private:
+            self.receipts.add(room_id, conn.user_id, stored.shared_seq)
+        return stored.read_seq
 
     async def _own_message(self, user_id: int, is_admin: bool, message_id: int) -> dict[str, Any]:
         msg = await messages_db.message_by_id(self.db, message_id)

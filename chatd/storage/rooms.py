@@ -10,6 +10,7 @@ replay of it, are in ``messages``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -17,6 +18,14 @@ from psycopg.types.json import Jsonb
 
 from chatd.core import errors
 from chatd.storage.db import Database, Row, bounded, fetch_all, fetch_one, transaction
+
+# Messages after member m's read marker that mention it (user_id 0: @room), not deleted, not its own
+# (sql/0017_mentions_receipts.sql).
+MENTION_COUNT_SQL = (
+    "(SELECT count(*) FROM mentions x JOIN messages msg ON msg.id = x.message_id"
+    " WHERE x.user_id IN (m.user_id, 0) AND x.room_id = m.room_id AND x.seq > m.read_seq"
+    " AND msg.deleted_at IS NULL AND msg.sender_id IS DISTINCT FROM m.user_id)"
+)
 
 ROOM_COLUMNS = "r.id, r.name, r.kind, r.owner_id, r.status, r.assistant, r.last_seq, r.created_at, r.updated_at"
 
@@ -75,6 +84,7 @@ async def list_rooms(pool: Database, user_id: int, status: str, limit: int, befo
         pool,
         f"SELECT {ROOM_COLUMNS}, m.role AS member_role, m.read_seq,"
         " GREATEST(r.last_seq - m.read_seq, 0) AS unread_count,"
+        f" {MENTION_COUNT_SQL} AS mention_count,"
         " (SELECT row_to_json(x) FROM (SELECT id, seq, sender_id, role, kind,"
         "     CASE WHEN deleted_at IS NULL THEN content ELSE '' END AS content,"
         "     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at"
@@ -140,24 +150,60 @@ async def remove_member(pool: Database, room_id: int, user_id: int) -> bool:
     return row is not None
 
 
+@dataclass(frozen=True, slots=True)
+class ReadMarker:
+    read_seq: int  # the user's own marker (their devices; unread and mention counts)
+    shared_seq: int  # the receipt other members see
+    mention_count: int  # mentions after read_seq
+
+
 @bounded
-async def set_read(pool: Database, room_id: int, user_id: int, seq: int) -> int | None:
-    """Advance the read position (never backwards, never past the last message)."""
+async def set_read(pool: Database, room_id: int, user_id: int, seq: int, private: bool = False) -> ReadMarker | None:
+    """Advance the read position (never backwards, never past the last message).
+
+    A public read advances the shared marker too; a private one leaves it where it was.  ``shared_seq``
+    is stored NULL while it equals ``read_seq`` (the NULLIF), so a user who never reads privately
+    has one marker.
+    """
     row = await fetch_one(
         pool,
-        "UPDATE room_members m SET read_seq = GREATEST(m.read_seq, LEAST(%s, r.last_seq)) FROM rooms r"
-        " WHERE m.room_id = %s AND m.user_id = %s AND r.id = m.room_id RETURNING m.read_seq",
-        (seq, room_id, user_id),
+        "WITH s AS (SELECT LEAST(%(seq)s::bigint, r.last_seq) AS seq FROM rooms r WHERE r.id = %(room)s)"
+        " UPDATE room_members m SET read_seq = GREATEST(m.read_seq, s.seq),"
+        "   shared_seq = NULLIF(CASE WHEN %(private)s THEN COALESCE(m.shared_seq, m.read_seq)"
+        "     ELSE GREATEST(COALESCE(m.shared_seq, m.read_seq), s.seq) END, GREATEST(m.read_seq, s.seq))"
+        " FROM s WHERE m.room_id = %(room)s AND m.user_id = %(user)s"
+        " RETURNING m.read_seq, COALESCE(m.shared_seq, m.read_seq) AS shared_seq,"
+        f" {MENTION_COUNT_SQL} AS mention_count",
+        {"seq": seq, "room": room_id, "user": user_id, "private": private},
     )
-    return None if row is None else int(row["read_seq"])
+    if row is None:
+        return None
+    return ReadMarker(int(row["read_seq"]), int(row["shared_seq"]), int(row["mention_count"]))
 
 
 @bounded
-async def room_roster(pool: Database, room_id: int, after_user_id: int, limit: int) -> list[Row]:
-    """Members of a room by user id, with names (deleted accounts keep their row, status 'deleted')."""
+async def room_roster(pool: Database, room_id: int, viewer_id: int, after_user_id: int, limit: int) -> list[Row]:
+    """Members of a room by user id, with names (deleted accounts keep their row, status 'deleted').
+
+    ``read_seq`` is the viewer's own marker on the viewer's row and the shared receipt on the others'.
+    """
     return await fetch_all(
         pool,
-        "SELECT u.id, u.name, u.status, m.role, m.read_seq, m.joined_at FROM room_members m"
+        "SELECT u.id, u.name, u.status, m.role, m.joined_at,"
+        " CASE WHEN m.user_id = %s THEN m.read_seq ELSE COALESCE(m.shared_seq, m.read_seq) END AS read_seq"
+        " FROM room_members m"
         " JOIN users u ON u.id = m.user_id WHERE m.room_id = %s AND m.user_id > %s ORDER BY m.user_id LIMIT %s",
-        (room_id, after_user_id, limit),
+        (viewer_id, room_id, after_user_id, limit),
+    )
+
+
+@bounded
+async def room_receipts(pool: Database, room_id: int, viewer_id: int, after_user_id: int, limit: int) -> list[Row]:
+    """Each member's read receipt by user id (the viewer's own marker for the viewer, as the roster)."""
+    return await fetch_all(
+        pool,
+        "SELECT m.user_id,"
+        " CASE WHEN m.user_id = %s THEN m.read_seq ELSE COALESCE(m.shared_seq, m.read_seq) END AS read_seq"
+        " FROM room_members m WHERE m.room_id = %s AND m.user_id > %s ORDER BY m.user_id LIMIT %s",
+        (viewer_id, room_id, after_user_id, limit),
     )

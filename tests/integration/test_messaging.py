@@ -276,7 +276,7 @@ async def test_typing_read_edit_delete_presence(chatd_factory: Any, services: Se
     ack = await send(a, room, "read me")
     await b_phone.send({"type": "read", "room_id": room, "seq": ack["seq"]})
     sync = await b_laptop.expect("read", room_id=room)
-    assert sync == {"type": "read", "room_id": room, "user_id": bob.id, "seq": ack["seq"]}
+    assert sync == {"type": "read", "room_id": room, "user_id": bob.id, "seq": ack["seq"], "mention_count": 0}
     rooms = await request("GET", f"{server.http}{API}/rooms", token=bob.token)
     mine = next(r for r in rooms.body["rooms"] if r["id"] == room)
     assert mine["unread_count"] == 0 and mine["last_message"]["content"] == "read me"

@@ -4,7 +4,7 @@
 import { Api, ApiError } from "./api.js";
 import { Connection } from "./connection.js";
 import { renderLinkified, renderMarkdown } from "./markdown.js";
-import { Session, ordered, reacted, unread } from "./session.js";
+import { Session, ordered, reacted, seenBy, unread } from "./session.js";
 
 const $ = (id) => document.getElementById(id);
 const ROOMS_POLL_MS = 120000; // a safety net: the server announces rooms itself (room_added / room_removed)
@@ -171,6 +171,7 @@ async function start() {
   $("me-name").textContent = user?.name ?? "";
   $("me-id").textContent = user ? `(user id ${user.id})` : "";
   session = new Session(randomId());
+  session.privateReads = $("private-reads").checked;
   session.isAdmin = user?.role === "admin";
   conn = new Connection(api, session, run, setStatus, showNotice);
   restoreOutbox(); // before anything is written back to it
@@ -331,7 +332,7 @@ async function loadMembers(roomId) {
       const query = cursor ? { limit: 200, cursor } : { limit: 200 };
       const body = await api.call("GET", `/rooms/${roomId}/members`, null, query);
       if (s !== session) return;
-      run(s.setMembers(body.members));
+      run(s.setMembers(body.members, roomId));
       cursor = body.next_cursor;
     } while (cursor);
   } catch {
@@ -641,7 +642,8 @@ function renderRoomList() {
       const room = session.rooms.get(Number(key.slice(1)));
       const button = li.firstElementChild;
       const count = room.id === current ? 0 : unread(room);
-      const sig = `${room.name}|${room.kind}|${count}|${room.id === current}`;
+      const atMe = room.id === current ? 0 : room.mentionCount;
+      const sig = `${room.name}|${room.kind}|${count}|${atMe}|${room.id === current}`;
       if (button.dataset.sig === sig) return;
       button.dataset.sig = sig;
       button.toggleAttribute("aria-current", room.id === current);
@@ -649,6 +651,7 @@ function renderRoomList() {
       const parts = [el("span", { class: "room-name", text: room.name })];
       if (room.kind === "assistant") parts.push(el("span", { class: "tag", text: "assistant" }));
       if (count) parts.push(el("span", { class: "badge", "aria-label": `${count} unread`, text: String(count) }));
+      if (atMe) parts.push(el("span", { class: "badge mention", "aria-label": `${atMe} mentions`, text: `@${atMe}` }));
       button.replaceChildren(...parts);
     },
   );
@@ -663,6 +666,8 @@ function renderMessages(room) {
   const byId = new Map(messages.map((m) => [m.messageId, m]));
   const streamingPrompts = new Set([...room.streams.values()].map((s) => s.replyTo));
   for (const m of messages) items.set(`m${m.seq}`, { type: "message", m, replyTo: m.replyTo, streaming: streamingPrompts.has(m.replyTo) });
+  const lastMine = messages.findLast((m) => m.senderId === session.userId && !m.deleted);
+  if (lastMine) items.get(`m${lastMine.seq}`).seen = seenBy(room, lastMine.seq, session.userId);
   const coming = [
     ...[...room.streams.values()].map((s) => [`s${s.messageId}`, { type: "stream", s, replyTo: s.replyTo }]),
     ...[...room.queued].map(([prompt, position]) => [`q${prompt}`, { type: "queued", prompt, position, replyTo: prompt }]),
@@ -683,7 +688,7 @@ function renderMessages(room) {
     () => el("li"),
     (li, key) => {
       const item = items.get(key);
-      if (item.type === "message") updateMessage(li, item.m, room, item.streaming, item.reply);
+      if (item.type === "message") updateMessage(li, item.m, room, item.streaming, item.reply, item.seen ?? 0);
       else if (item.type === "queued") updateQueued(li, item);
       else if (item.type === "stream") updateStream(li, item.s, item.reply);
       else updatePending(li, item.p);
@@ -711,11 +716,11 @@ function meta(who, when, state, stateLabel) {
   return el("div", { class: "meta" }, ...parts);
 }
 
-function updateMessage(li, m, room, streaming, reply) {
+function updateMessage(li, m, room, streaming, reply, seen) {
   const note = room.notes.get(m.messageId) ?? "";
   const who = m.role === "assistant" ? "Assistant" : m.role === "system" ? "" : nameOf(m.senderId);
   const reactionSig = JSON.stringify(m.reactions);
-  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who, reply, reactionSig].join("|");
+  const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who, reply, reactionSig, seen].join("|");
   if (li.dataset.sig === sig) return;
   li.dataset.sig = sig;
   const mine = m.senderId !== null && m.senderId === session.userId;
@@ -732,7 +737,7 @@ function updateMessage(li, m, room, streaming, reply) {
   else if (assistant) renderMarkdown(body, m.content);
   else if (system) body.textContent = m.content;
   else renderLinkified(body, m.content);
-  const children = [...replyNote(reply), meta(who, m.createdAt, mine, "✓ delivered"), body];
+  const children = [...replyNote(reply), meta(who, m.createdAt, mine, seen ? `✓ seen by ${seen}` : "✓ delivered"), body];
   if (m.kind === "file" && m.data && !m.deleted) children.push(fileCard(m.data));
   if (m.status === "cancelled") children.push(el("p", { class: "flag", text: "Stopped before the end." }));
   if (m.status === "error") children.push(el("p", { class: "flag", text: "The answer failed part way." }));
@@ -869,6 +874,11 @@ function init() {
     stop();
     if (key) localStorage.removeItem(key); // asked to sign out: nothing of this user is sent later
     await api.signOut();
+  });
+  $("private-reads").checked = localStorage.getItem("chatd.privateReads") === "1";
+  $("private-reads").addEventListener("change", () => {
+    localStorage.setItem("chatd.privateReads", $("private-reads").checked ? "1" : "0");
+    if (session) session.privateReads = $("private-reads").checked;
   });
   $("create-room").addEventListener("submit", onCreateRoom);
   $("add-member").addEventListener("submit", onAddMember);

@@ -121,6 +121,8 @@ function newRoom(id) {
     ownerId: null,
     status: "active",
     readSeq: 0,
+    mentionCount: 0, // mentions of you after readSeq (rooms list and read frames; new live messages counted here)
+    receipts: new Map(), // user id -> the read marker the member shares (roster, then receipts frames)
     latestSeq: 0, // highest seq known to exist
     loaded: false, // history kept: lastSeq is contiguous
     lastSeq: 0,
@@ -152,6 +154,25 @@ function findMessage(room, messageId) {
   return null;
 }
 
+// PROTOCOL.md "Mentions": @name (case-insensitive, not inside a word) or @room.
+export function mentions(content, name) {
+  const text = (content ?? "").toLowerCase();
+  const boundary = (ch) => ch === undefined || !/[\p{L}\p{N}_]/u.test(ch);
+  for (const target of ["room", ...(name ? [name.toLowerCase()] : [])]) {
+    for (let i = text.indexOf("@" + target); i >= 0; i = text.indexOf("@" + target, i + 1)) {
+      if (boundary(text[i - 1]) && boundary(text[i + 1 + target.length])) return true;
+    }
+  }
+  return false;
+}
+
+// "Seen by": the other members whose shared read marker reached seq.
+export function seenBy(room, seq, userId) {
+  let n = 0;
+  for (const [user, readSeq] of room.receipts) if (user !== userId && readSeq >= seq) n += 1;
+  return n;
+}
+
 export function unread(room) {
   return Math.max(0, room.latestSeq - room.readSeq);
 }
@@ -164,6 +185,7 @@ export class Session {
   constructor(clientId) {
     this.clientId = clientId;
     this.userId = null;
+    this.privateReads = false; // read markers for your own devices only: no receipts to other members
     this.connected = false;
     this.live = false;
     this.rooms = new Map();
@@ -214,13 +236,18 @@ export class Session {
     room.ownerId = r.owner_id;
     room.status = r.status ?? "active";
     room.readSeq = Math.max(room.readSeq, r.read_seq ?? 0);
+    if (r.mention_count !== undefined) room.mentionCount = r.mention_count;
     room.latestSeq = Math.max(room.latestSeq, r.last_seq ?? 0);
     return out;
   }
 
-  setMembers(members) {
-    // A page of GET /rooms/{id}/members: the names senders are shown with.
-    for (const m of members) this.names.set(m.id, m.name);
+  setMembers(members, roomId) {
+    // A page of GET /rooms/{id}/members: the names senders are shown with, and each member's read receipt.
+    const room = this.rooms.get(roomId);
+    for (const m of members) {
+      this.names.set(m.id, m.name);
+      if (room && m.read_seq !== undefined) room.receipts.set(m.id, Math.max(room.receipts.get(m.id) ?? 0, m.read_seq));
+    }
     return [REDRAW];
   }
 
@@ -360,8 +387,11 @@ export class Session {
     const room = this.rooms.get(roomId);
     if (!room || !room.loaded || room.lastSeq <= room.readSeq) return [];
     room.readSeq = room.lastSeq;
+    room.mentionCount = 0;
     const out = [REDRAW];
-    if (this.connected) out.push(send({ type: "read", room_id: roomId, seq: room.lastSeq }));
+    if (this.connected) {
+      out.push(send({ type: "read", room_id: roomId, seq: room.lastSeq, ...(this.privateReads ? { private: true } : {}) }));
+    }
     return out;
   }
 
@@ -549,6 +579,10 @@ export class Session {
     const room = this.rooms.get(f.room_id);
     if (!room) return [];
     const msg = toMessage(f);
+    // Only a message newer than any seq known yet: the rooms list's count already has the older ones.
+    if (msg.seq > room.latestSeq && msg.seq > room.readSeq && msg.kind !== "system" && msg.senderId !== this.userId) {
+      if (mentions(msg.content, this.names.get(this.userId))) room.mentionCount += 1;
+    }
     room.latestSeq = Math.max(room.latestSeq, msg.seq);
     if (msg.kind === "system" && msg.data?.user_id && msg.data?.name) this.names.set(msg.data.user_id, msg.data.name);
     if (!room.loaded) {
@@ -599,7 +633,17 @@ export class Session {
   onRead(f) {
     const room = this.rooms.get(f.room_id);
     if (!room) return [];
-    room.readSeq = Math.max(room.readSeq, f.seq);
+    if (f.seq >= room.readSeq) {
+      room.readSeq = f.seq;
+      room.mentionCount = f.mention_count ?? 0;
+    }
+    return [REDRAW];
+  }
+
+  onReceipts(f) {
+    const room = this.rooms.get(f.room_id);
+    if (!room) return [];
+    for (const r of f.receipts) room.receipts.set(r.user_id, Math.max(room.receipts.get(r.user_id) ?? 0, r.read_seq));
     return [REDRAW];
   }
 
@@ -835,6 +879,7 @@ const HANDLERS = {
   typing: Session.prototype.onTyping,
   presence: Session.prototype.onPresence,
   read: Session.prototype.onRead,
+  receipts: Session.prototype.onReceipts,
   pong: Session.prototype.onPong,
   token_expiring: Session.prototype.onTokenExpiring,
   error: Session.prototype.onError,

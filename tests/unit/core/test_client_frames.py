@@ -403,7 +403,7 @@ def test_frames_are_hashable_match_positionally_and_take_the_request_id_by_keywo
     with pytest.raises(AttributeError):
         del frame.seq  # type: ignore[misc]
     with pytest.raises(TypeError):
-        client_frames.Read(4, 2, "r")  # type: ignore[misc]
+        client_frames.Read(4, 2, False, "r")  # type: ignore[misc]
 
 
 def test_a_frame_with_unknown_members_keeps_its_request_id() -> None:

@@ -198,8 +198,17 @@ BUILDER_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "read",
-        server_frames.read(room_id=5, user_id=2, seq=44),
-        {"type": "read", "room_id": 5, "user_id": 2, "seq": 44},
+        server_frames.read(room_id=5, user_id=2, seq=44, mention_count=1),
+        {"type": "read", "room_id": 5, "user_id": 2, "seq": 44, "mention_count": 1},
+    ),
+    (
+        "receipts",
+        server_frames.receipts(room_id=5, seqs={3: 40, 2: 44}),
+        {
+            "type": "receipts",
+            "room_id": 5,
+            "receipts": [{"user_id": 2, "read_seq": 44}, {"user_id": 3, "read_seq": 40}],
+        },
     ),
     (
         "presence",
@@ -300,7 +309,8 @@ def test_every_server_builder_is_tested() -> None:
     builders = {
         "hello", "token_expiring", "authenticated", "joined", "left", "resync_required",
         "ack", "message", "message_updated", "message_deleted", "typing", "read",
-        "reacted", "presence", "pong", "error", "queued", "cancelled", "stream_start", "stream_chunk", "stream_end",
+        "receipts", "reacted", "presence", "pong", "error", "queued", "cancelled", "stream_start", "stream_chunk",
+        "stream_end",
     }  # fmt: skip
     assert {case[0] for case in BUILDER_CASES} == builders
     public = {
