@@ -18,7 +18,9 @@ from psycopg.types.json import Jsonb
 from chatd.core import errors
 from chatd.storage.db import Database, Row, bounded, fetch_all, fetch_one, transaction
 
-ROOM_COLUMNS = "r.id, r.name, r.kind, r.owner_id, r.status, r.assistant, r.last_seq, r.created_at, r.updated_at"
+ROOM_COLUMNS = (
+    "r.id, r.name, r.kind, r.owner_id, r.status, r.assistant, r.last_seq, r.created_at, r.updated_at, r.assistant_count"
+)
 
 
 @bounded
