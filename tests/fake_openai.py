@@ -9,6 +9,8 @@ answering in the same room.  ``base_url`` is what ``assistant.openai_base_url`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.fake_anthropic import FakeLLM
 
 
@@ -19,6 +21,6 @@ class FakeOpenAI(FakeLLM):
     def base_url(self) -> str:
         return self.openai_url
 
-    def completions(self) -> list[dict[str, object]]:
+    def completions(self) -> list[dict[str, Any]]:
         """The chat-completions request bodies received, oldest first."""
         return [r for r in self.requests() if isinstance(r, dict) and r.get("stream") is not None and "messages" in r]
