@@ -1,7 +1,7 @@
 -- Issue 21: several assistants per room.  Admins define the assistants of the server (`assistants`);
 -- a room owner picks some of them for the room (`room_assistants`), each answering every message
--- (mode always) or only when mentioned by name (mode mention).  A room that picks none keeps the
--- server's default assistant and its own `rooms.assistant` settings (assistant id 0 below).
+-- (mode always) or only when mentioned by name (mode mention).  A room that picks none (or whose picks
+-- are all retired) keeps the server's default assistant and its `rooms.assistant` settings (assistant id 0).
 -- Numbered 0016 (not 0015): another branch may add 0015 at the same time.
 
 CREATE TABLE assistants (
@@ -119,7 +119,8 @@ BEGIN
           FROM fresh f JOIN ins n ON n.room_id = f.room_id AND n.seq = f.new_seq
           CROSS JOIN LATERAL (
               SELECT 0::bigint AS assistant_id
-               WHERE NOT EXISTS (SELECT 1 FROM room_assistants ra WHERE ra.room_id = f.room_id)
+               WHERE NOT EXISTS (SELECT 1 FROM room_assistants ra JOIN assistants a ON a.id = ra.assistant_id
+                                  WHERE ra.room_id = f.room_id AND a.status = 'active')
                  AND CASE coalesce(f.room_assistant ->> 'mode', CASE WHEN f.room_kind = 'assistant' THEN 'always' END)
                          WHEN 'always' THEN f.room_kind = 'assistant'
                          WHEN 'mention' THEN f.mentions

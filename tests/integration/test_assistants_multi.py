@@ -9,6 +9,7 @@ the fake Anthropic API, the fake OpenAI-compatible server (``tests/fake_openai.p
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from tests.conftest import Services
 from tests.fake_anthropic import FakeLLM
 from tests.fake_openai import FakeOpenAI
 from tests.openapi_check import Api, contract_for
-from tests.support import WS, Chatd
+from tests.support import WS, Chatd, request
 from tests.users import User, make_users
 
 
@@ -283,3 +284,42 @@ async def test_owners_pick_only_defined_assistants_and_admins_define_them(
         await asyncio.sleep(0.1)
     assert actions.count("POST /api/v1/admin/assistants") == 4
     assert f"PATCH /api/v1/admin/assistants/{helper['id']}" in actions
+
+
+async def test_sse_follows_one_answer_and_a_late_joiner_sees_who_is_answering(
+    chatd_factory: Any, services: Services
+) -> None:
+    server: Chatd = chatd_factory(CHATD_ASSISTANT_PROVIDER="offline", CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="10")
+    call = Api(server.http, await contract_for(server.http))
+    [admin] = make_users(services.database_url, 1, role="admin")
+    alice, bob = make_users(services.database_url, 2)
+    t = tag()
+    one = await define(call, admin, f"one_{t}", "offline", "m", mode="always")
+    two = await define(call, admin, f"two_{t}", "offline", "m", mode="always")
+    room = await make_room(server, alice, [bob])
+    await pick(call, alice, room, one)
+    await pick(call, alice, room, two)
+    sse = asyncio.ensure_future(
+        request(
+            "POST",
+            f"{server.http}{API}/rooms/{room}/messages/stream",
+            {"content": "two answers", "client_msg_id": "sse-1"},
+            alice.token,
+        )
+    )
+    # Bob joins while both answers stream: the catch-up names each one's assistant.
+    b = await connect(server, bob)
+    await asyncio.sleep(1.0)
+    await join(b, room)
+    starts = [await b.expect("stream_start", 15, room_id=room) for _ in range(2)]
+    assert sorted(s["answered_by"]["name"] for s in starts) == sorted([one["name"], two["name"]])
+    r = await sse
+    assert r.status == 200
+    events = [
+        (block.split("\n")[0][len("event: ") :], json.loads(block.split("\n")[1][len("data: ") :]))
+        for block in r.body.decode().strip().split("\n\n")
+    ]
+    followed = [d for e, d in events if e == "stream_start"]
+    assert len(followed) == 1 and followed[0]["answered_by"]["name"] in (one["name"], two["name"])
+    ids = {d["message_id"] for e, d in events if e in ("stream_chunk", "stream_end")}
+    assert ids == {followed[0]["message_id"]} and events[-1][0] == "stream_end"
