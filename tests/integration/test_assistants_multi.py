@@ -216,10 +216,21 @@ async def test_every_message_mode_and_one_failing_assistant(
     r = await call("DELETE", f"{API}/rooms/{room}/assistants/{gpt['id']}", token=alice.token)
     assert r.status == 204
     last = await send(a, room, "after the drop")
-    (name,) = (await streams(a, room, last["message_id"], 1)).keys()
+    ((name, (first, _, _)),) = (await streams(a, room, last["message_id"], 1)).items()
     assert name == echo["name"]
     await asyncio.sleep(0.3)
     assert [x[0] for x in owed(services.database_url, last["message_id"])] == [echo["id"]]
+
+    # Regenerate asks the same assistant again; the old answer is superseded.
+    await a.send({"type": "regenerate", "message_id": first["message_id"], "id": "r1"})
+    again, _, end = (await streams(a, room, last["message_id"], 1))[echo["name"]]
+    assert again["message_id"] != first["message_id"] and end["stop_reason"] == "end_turn"
+    with psycopg.connect(services.database_url) as conn:
+        rows = conn.execute(
+            "SELECT id, assistant_id, superseded_at IS NOT NULL FROM messages WHERE reply_to_id = %s ORDER BY id",
+            (last["message_id"],),
+        ).fetchall()
+    assert rows == [(first["message_id"], echo["id"], True), (again["message_id"], echo["id"], False)]
 
 
 async def test_owners_pick_only_defined_assistants_and_admins_define_them(
