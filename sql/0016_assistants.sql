@@ -54,7 +54,8 @@ CREATE TABLE usage_assistants (
     PRIMARY KEY (day, user_id, assistant_id, model)
 );
 
--- "@name" as a word, as chatd.assistant.context.mentions reads it: not inside an address (x@name.io).
+-- "@name" as a word, the rule of "@assistant" (chatd.assistant.context.mentions_assistant): not inside an
+-- address (x@name.io), nor the start of a longer name (@name_2).
 CREATE FUNCTION chatd_mentions(p_content text, p_name text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT p_content ~* ('(^|[^[:alnum:]_.@])@' || p_name || '($|[^[:alnum:]_.@]|[.@]($|[^[:alnum:]_]))')

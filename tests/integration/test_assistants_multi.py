@@ -334,3 +334,25 @@ async def test_sse_follows_one_answer_and_a_late_joiner_sees_who_is_answering(
     assert len(followed) == 1 and followed[0]["answered_by"]["name"] in (one["name"], two["name"])
     ids = {d["message_id"] for e, d in events if e in ("stream_chunk", "stream_end")}
     assert ids == {followed[0]["message_id"]} and events[-1][0] == "stream_end"
+
+
+@pytest.mark.parametrize(
+    ("content", "mentioned"),
+    [
+        ("@gpt hi", True),
+        ("hi @GPT", True),
+        ("@gpt, and you?", True),
+        ("ask @gpt.", True),
+        ("(@gpt)", True),
+        ("mail x@gpt.io", False),
+        ("a@gpt", False),
+        ("@gpt_2 hi", False),
+        ("@gpt2", False),
+        ("@gp", False),
+        ("gpt", False),
+    ],
+)
+def test_a_mention_is_the_name_as_a_word(services: Services, content: str, mentioned: bool) -> None:
+    with psycopg.connect(services.database_url) as conn:
+        row = conn.execute("SELECT chatd_mentions(%s, 'gpt')", (content,)).fetchone()
+    assert row is not None and row[0] is mentioned
