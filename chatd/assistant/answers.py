@@ -242,26 +242,31 @@ class Assistant:
         if prompt is not None and prompt["sender_id"] is not None:
             room = await rooms_db.room_for_member(self.db, prompt["room_id"], user_id)
             if room is not None and (user_id in (prompt["sender_id"], room["owner_id"]) or is_admin):
-                cancelled = False
-                # Every assistant's queued answer to the prompt (the default one's id is tried as before).
-                for assistant_id in sorted({0, *await answers_db.owed_by(self.db, message_id)}):
-                    job_id = self.job_id(message_id, None, assistant_id)
-                    removed = await self.queue.remove(job_id, prompt["sender_id"])
-                    # Owed but not queued (its enqueue was lost): cancelling settles it too.
-                    if removed or (
-                        await self.queue.missing([job_id])
-                        and await answers_db.settle_answer(self.db, message_id, assistant_id)
-                    ):
-                        self.waiting.pop(job_id, None)
-                        if removed:
-                            await self.settle(message_id, assistant_id)
-                        cancelled = True
+                # The default assistant's job first, as before (no extra round trip), then the room assistants'.
+                cancelled = await self._cancel_queued(prompt, 0)
+                for assistant_id in await answers_db.owed_by(self.db, message_id):
+                    if assistant_id:
+                        cancelled = await self._cancel_queued(prompt, assistant_id) or cancelled
                 if cancelled:
                     # Every member's "waiting" indicator goes: no stream_start will come.
                     frame = server_frames.cancelled(room_id=prompt["room_id"], reply_to_message_id=message_id)
                     await self.hub.publish_room(prompt["room_id"], frame)
                     return
         raise errors.NotFound("no such generation")
+
+    async def _cancel_queued(self, prompt: dict[str, Any], assistant_id: int) -> bool:
+        """Drop ``assistant_id``'s queued answer to ``prompt``; whether one was queued or owed."""
+        job_id = self.job_id(prompt["id"], None, assistant_id)
+        removed = await self.queue.remove(job_id, prompt["sender_id"])
+        # Owed but not queued (its enqueue was lost): cancelling settles it too.
+        if removed or (
+            await self.queue.missing([job_id]) and await answers_db.settle_answer(self.db, prompt["id"], assistant_id)
+        ):
+            self.waiting.pop(job_id, None)
+            if removed:
+                await self.settle(prompt["id"], assistant_id)
+            return True
+        return False
 
     def _on_cancel(self, head: dict[str, Any]) -> None:
         run = self.running.get(int(head["message_id"]))

@@ -356,3 +356,32 @@ def test_a_mention_is_the_name_as_a_word(services: Services, content: str, menti
     with psycopg.connect(services.database_url) as conn:
         row = conn.execute("SELECT chatd_mentions(%s, 'gpt')", (content,)).fetchone()
     assert row is not None and row[0] is mentioned
+
+
+async def test_cancel_while_queued_cancels_every_assistants_answer(chatd_factory: Any, services: Services) -> None:
+    server: Chatd = chatd_factory(
+        CHATD_ASSISTANT_PROVIDER="offline",
+        CHATD_ASSISTANT_OFFLINE_TOKENS_PER_S="10",
+        CHATD_ASSISTANT_PER_USER_CONCURRENCY="1",
+    )
+    call = Api(server.http, await contract_for(server.http))
+    [admin] = make_users(services.database_url, 1, role="admin")
+    (alice,) = make_users(services.database_url, 1)
+    t = tag()
+    one = await define(call, admin, f"one_{t}", "offline", "m", mode="always")
+    two = await define(call, admin, f"two_{t}", "offline", "m", mode="always")
+    room = await make_room(server, alice, [])
+    await pick(call, alice, room, one)
+    await pick(call, alice, room, two)
+    a = await connect(server, alice)
+    await join(a, room)
+    first = await send(a, room, "first")
+    second = await send(a, room, "second")  # both its answers wait behind the first prompt's (one at a time)
+    await a.expect("queued", room_id=room, reply_to_message_id=second["message_id"])
+    await a.send({"type": "cancel", "message_id": second["message_id"], "id": "c"})
+    gone = await a.expect("cancelled", room_id=room)
+    assert gone["reply_to_message_id"] == second["message_id"]
+    assert len(await streams(a, room, first["message_id"], 2)) == 2
+    with pytest.raises(asyncio.TimeoutError):
+        await a.expect("stream_start", room_id=room, timeout_s=2)
+    assert owed(services.database_url, second["message_id"]) == []
