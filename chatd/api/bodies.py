@@ -222,6 +222,43 @@ class MemberAdd(Body):
     user_id: Id
 
 
+# -- assistants (sql/0016) -----------------------------------------------------------------------------------------
+
+ASSISTANT_NAME_PATTERN = rf"^[a-z][a-z0-9_]{{0,31}}{END}"  # the @handle; sql/0016 checks the same
+AssistantName = Annotated[
+    str, text("must be a lowercase letter, then up to 31 of a-z, 0-9 and _", pattern=ASSISTANT_NAME_PATTERN)
+]
+AssistantProvider = Literal["anthropic", "openai", "offline"]
+ModelName = Annotated[str, text("must not be blank", max_length=200, pattern=NOT_BLANK)]
+
+
+class AssistantCreate(Closed):
+    """An assistant the server offers (admin)."""
+
+    name: AssistantName
+    provider: AssistantProvider
+    model: ModelName
+    system_prompt: Setting = ""  # "": setting assistant.system_prompt
+    mode: AssistantMode = "mention"  # when a room picks it without saying
+
+
+class AssistantChange(Closed):
+    """Only what is given changes (the name does not: answers and mentions refer to it)."""
+
+    provider: AssistantProvider | UnsetType = UNSET
+    model: ModelName | UnsetType = UNSET
+    system_prompt: Setting | UnsetType = UNSET
+    mode: AssistantMode | UnsetType = UNSET
+    status: Literal["active", "retired"] | UnsetType = UNSET
+
+    def given(self) -> dict[str, str]:
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not UNSET}
+
+
+class RoomAssistantPick(Closed):
+    mode: AssistantMode | None = None  # null or absent: the assistant's default mode
+
+
 # -- messages ---------------------------------------------------------------------------------------------------
 
 
@@ -385,6 +422,9 @@ MODELS: tuple[type[Body], ...] = (
     RoomCreate,
     RoomChange,
     MemberAdd,
+    AssistantCreate,
+    AssistantChange,
+    RoomAssistantPick,
     MessageSend,
     LoadTestUsers,
     RoleChange,

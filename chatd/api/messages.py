@@ -231,6 +231,8 @@ class SseListener:
             if kind == "stream_start":
                 if frame_json["message_id"] == self.message_id:
                     return  # announced by the catch-up already
+                if self.message_id is not None and frame_json.get("supersedes") != self.message_id:
+                    return  # another room assistant's answer to this prompt: the response follows the first
                 self.message_id = frame_json["message_id"]
         elif kind in ("stream_chunk", "stream_end") and frame_json.get("message_id") == self.message_id:
             if kind == "stream_chunk" and frame_json.get("index", 0) <= self.mark:

@@ -39,6 +39,7 @@ ErrorCode = Literal[
     "busy",
     "unavailable",
     "llm_unavailable",
+    "unknown_assistant",
     "internal",
 ]
 UserStatus = Literal["active", "banned", "deleted"]
@@ -120,6 +121,12 @@ class Reaction(Reply):
     me: Annotated[bool, Meta(description="the caller reacted with it")] | UnsetType = UNSET
 
 
+class AnsweredBy(Reply):
+    id: Id
+    name: str
+    model: str
+
+
 class Message(Reply):
     room_id: Id
     message_id: Id
@@ -143,6 +150,10 @@ class Message(Reply):
     ) = UNSET
     duplicate: bool | UnsetType = UNSET
     assistant: dict[str, Any] | UnsetType = UNSET
+    answered_by: Annotated[AnsweredBy, Meta(description="a room assistant's answer: who answered")] | UnsetType = UNSET
+    error: Annotated[ErrorDetail, Meta(description="why a room assistant's answer ended with error")] | (
+        UnsetType
+    ) = UNSET
 
 
 class Member(Reply):
@@ -324,6 +335,62 @@ class Redacted(Reply):
 class BroadcastDone(Reply):
     target: Literal["rooms", "users"]
     count: int
+
+
+AssistantMode = Literal["always", "mention"]
+AssistantProvider = Literal["anthropic", "openai", "offline"]
+
+
+class AssistantOffered(Reply):
+    """An assistant the server offers, as every user sees it (GET /assistants)."""
+
+    id: Id
+    name: str
+    provider: AssistantProvider
+    model: str
+    mode: AssistantMode
+
+
+class AssistantDefinition(AssistantOffered):
+    """An assistant as admins see it."""
+
+    system_prompt: str
+    status: Literal["active", "retired"]
+    created_at: Time
+    updated_at: Time
+
+
+class RoomAssistant(AssistantOffered):
+    """One of a room's assistants; ``mode`` is how it answers in this room."""
+
+    added_by: Id | None
+
+
+class AssistantList(Reply):
+    assistants: list[AssistantOffered]
+
+
+class AssistantDefinitionList(Reply):
+    assistants: list[AssistantDefinition]
+
+
+class RoomAssistantList(Reply):
+    assistants: list[RoomAssistant]
+
+
+class AssistantUsageRow(Reply):
+    day: str
+    assistant_id: int
+    assistant: str | None
+    model: str
+    user_id: Id
+    answers: int
+    input_tokens: int
+    output_tokens: int
+
+
+class AssistantUsage(Reply):
+    usage: list[AssistantUsageRow]
 
 
 MODELS: tuple[type[Reply], ...] = (

@@ -14,6 +14,14 @@ from chatd.api.admin import (
     AdminUsersHandler,
     LoadTestUsersHandler,
 )
+from chatd.api.assistants import (
+    AdminAssistantHandler,
+    AdminAssistantsHandler,
+    AdminAssistantUsageHandler,
+    AssistantsHandler,
+    RoomAssistantHandler,
+    RoomAssistantsHandler,
+)
 from chatd.api.auth import LoginHandler, LogoutHandler, RefreshHandler, RegisterHandler
 from chatd.api.base import ApiHandler
 from chatd.api.files import FileHandler, FileUploadHandler
@@ -93,11 +101,17 @@ def routes(
         ),
         (prefix + r"/moderation/reports", ReportQueueHandler, {**deps, "moderation": moderation}),
         (prefix + r"/moderation/reports/([^/]+)", ReportActionHandler, {**deps, "moderation": moderation}),
+        (prefix + r"/admin/assistants", AdminAssistantsHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/assistants/usage", AdminAssistantUsageHandler, {**deps, "admin": admin}),
+        (prefix + r"/admin/assistants/([^/]+)", AdminAssistantHandler, {**deps, "admin": admin}),
+        (prefix + r"/assistants", AssistantsHandler, deps),
         (prefix + r"/rooms", RoomsHandler, deps),
         (prefix + r"/rooms/([^/]+)", RoomHandler, deps),
         (prefix + r"/rooms/([^/]+)/members", MembersHandler, deps),
         (prefix + r"/rooms/([^/]+)/members/([^/]+)", MemberHandler, deps),
         (prefix + r"/rooms/([^/]+)/receipts", ReceiptsHandler, deps),
+        (prefix + r"/rooms/([^/]+)/assistants", RoomAssistantsHandler, deps),
+        (prefix + r"/rooms/([^/]+)/assistants/([^/]+)", RoomAssistantHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages", MessagesHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/stream", StreamingSendHandler, deps),
         (prefix + r"/rooms/([^/]+)/messages/([^/]+)/reactions/([^/]+)", ReactionHandler, deps),

@@ -59,7 +59,7 @@ _CLAIM_BATCH = 128  # jobs claimed per queue round trip at most
 def answers_in(room: dict[str, Any]) -> bool:
     """Whether answers can stream in this room at all (a join checks for running ones only then)."""
     settings = room.get("assistant") or {}
-    return room.get("kind") == "assistant" or settings.get("mode") == "mention"
+    return room.get("kind") == "assistant" or settings.get("mode") == "mention" or bool(room.get("assistant_count"))
 
 
 class Assistant:
@@ -117,24 +117,32 @@ class Assistant:
             run.cancelled.set()  # partial text kept, marked cancelled
         while self.active:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        await self.provider.aclose()
+        await self.generations.aclose()
 
     # -- enqueue ---------------------------------------------------------------------
 
     @staticmethod
-    def job_id(prompt_id: int, supersede_id: int | None) -> str:
-        return f"p{prompt_id}" if supersede_id is None else f"p{prompt_id}-r{supersede_id}"
+    def job_id(prompt_id: int, supersede_id: int | None, assistant_id: int = 0) -> str:
+        """One job per prompt and assistant (0: the server's default one, whose ids stay as they were)."""
+        base = f"p{prompt_id}" if not assistant_id else f"p{prompt_id}-a{assistant_id}"
+        return base if supersede_id is None else f"{base}-r{supersede_id}"
 
-    async def enqueue(self, room_id: int, prompt_id: int, requester_id: int, supersede_id: int | None = None) -> int:
-        """Queue an answer to ``prompt_id``; the position, or ``busy`` / ``quota_exceeded``."""
+    async def enqueue(
+        self,
+        room_id: int,
+        prompt_id: int,
+        requester_id: int,
+        supersede_id: int | None = None,
+        assistant_id: int = 0,
+    ) -> int:
+        """Queue ``assistant_id``'s answer to ``prompt_id``; the position, or ``busy`` / ``quota_exceeded``."""
         budget = self.settings.daily_token_budget
         if budget and await answers_db.tokens_used_today(self.db, requester_id) >= budget:
             raise errors.QuotaExceeded(f"daily budget of {budget} tokens used up; it resets at 00:00 UTC")
-        job = Job(
-            self.job_id(prompt_id, supersede_id),
-            requester_id,
-            {"room_id": room_id, "prompt_id": prompt_id, "supersede_id": supersede_id},
-        )
+        data: dict[str, Any] = {"room_id": room_id, "prompt_id": prompt_id, "supersede_id": supersede_id}
+        if assistant_id:
+            data["assistant_id"] = assistant_id
+        job = Job(self.job_id(prompt_id, supersede_id, assistant_id), requester_id, data)
         done: asyncio.Future[tuple[int | None, int | None]] = asyncio.get_running_loop().create_future()
         self._to_enqueue.append((job, room_id, done))
         if self._enqueue_task is None or self._enqueue_task.done():
@@ -173,10 +181,11 @@ class Assistant:
             self._wake.set()
             await self.hub.publish_room_frames(frames)
 
-    async def settle(self, prompt_id: int) -> None:
-        """The answer owed to ``prompt_id`` will not come (refused): the sweeper must not queue it."""
+    async def settle(self, prompt_id: int, assistant_id: int | None = None) -> None:
+        """``assistant_id``'s answer (None: any) owed to ``prompt_id`` will not come (refused): the sweeper
+        must not queue it."""
         try:
-            await answers_db.settle_answer(self.db, prompt_id)
+            await answers_db.settle_answer(self.db, prompt_id, assistant_id)
         except errors.Unavailable:
             assistant_log.warning("settle_failed", extra=fields(prompt_id=prompt_id))
 
@@ -190,16 +199,17 @@ class Assistant:
                 continue
             try:
                 owed = await answers_db.answers_owed(self.db, self.settings.outbox_grace_s, 200)
-                by_job = {self.job_id(int(r["prompt_id"]), None): r for r in owed}
+                by_job = {self.job_id(int(r["prompt_id"]), None, int(r["assistant_id"])): r for r in owed}
                 for job_id in await self.queue.missing(list(by_job)):
                     r = by_job[job_id]
                     room_id, prompt_id, user_id = int(r["room_id"]), int(r["prompt_id"]), int(r["requester_id"])
+                    assistant_id = int(r["assistant_id"])
                     try:
-                        await self.enqueue(room_id, prompt_id, user_id)
+                        await self.enqueue(room_id, prompt_id, user_id, assistant_id=assistant_id)
                     except errors.Busy:
                         break  # next sweep
                     except errors.QuotaExceeded as err:
-                        await answers_db.settle_answer(self.db, prompt_id)
+                        await answers_db.settle_answer(self.db, prompt_id, assistant_id)
                         await self.hub.publish_user(user_id, server_frames.error(err, reply_to=None))
                         continue
                     assistant_log.info("answer_requeued", extra=fields(prompt_id=prompt_id, room_id=room_id))
@@ -232,20 +242,31 @@ class Assistant:
         if prompt is not None and prompt["sender_id"] is not None:
             room = await rooms_db.room_for_member(self.db, prompt["room_id"], user_id)
             if room is not None and (user_id in (prompt["sender_id"], room["owner_id"]) or is_admin):
-                job_id = self.job_id(message_id, None)
-                removed = await self.queue.remove(job_id, prompt["sender_id"])
-                # Owed but not queued (its enqueue was lost): cancelling settles it too.
-                if removed or (
-                    await self.queue.missing([job_id]) and await answers_db.settle_answer(self.db, message_id)
-                ):
-                    self.waiting.pop(job_id, None)
-                    if removed:
-                        await self.settle(message_id)
+                # The default assistant's job first, as before (no extra round trip), then the room assistants'.
+                cancelled = await self._cancel_queued(prompt, 0)
+                for assistant_id in await answers_db.owed_by(self.db, message_id):
+                    if assistant_id:
+                        cancelled = await self._cancel_queued(prompt, assistant_id) or cancelled
+                if cancelled:
                     # Every member's "waiting" indicator goes: no stream_start will come.
                     frame = server_frames.cancelled(room_id=prompt["room_id"], reply_to_message_id=message_id)
                     await self.hub.publish_room(prompt["room_id"], frame)
                     return
         raise errors.NotFound("no such generation")
+
+    async def _cancel_queued(self, prompt: dict[str, Any], assistant_id: int) -> bool:
+        """Drop ``assistant_id``'s queued answer to ``prompt``; whether one was queued or owed."""
+        job_id = self.job_id(prompt["id"], None, assistant_id)
+        removed = await self.queue.remove(job_id, prompt["sender_id"])
+        # Owed but not queued (its enqueue was lost): cancelling settles it too.
+        if removed or (
+            await self.queue.missing([job_id]) and await answers_db.settle_answer(self.db, prompt["id"], assistant_id)
+        ):
+            self.waiting.pop(job_id, None)
+            if removed:
+                await self.settle(prompt["id"], assistant_id)
+            return True
+        return False
 
     def _on_cancel(self, head: dict[str, Any]) -> None:
         run = self.running.get(int(head["message_id"]))
@@ -260,7 +281,9 @@ class Assistant:
             raise errors.BadRequest("only an assistant answer can be regenerated")
         if answer["superseded_at"] is not None:
             raise errors.Conflict("this answer was already regenerated")
-        return await self.enqueue(answer["room_id"], answer["reply_to_id"], user_id, supersede_id=message_id)
+        by = (answer.get("data") or {}).get("answered_by") or {}  # the same assistant answers again
+        room_id, prompt_id, assistant_id = answer["room_id"], answer["reply_to_id"], int(by.get("id") or 0)
+        return await self.enqueue(room_id, prompt_id, user_id, supersede_id=message_id, assistant_id=assistant_id)
 
     # -- the worker side -------------------------------------------------------------
 
@@ -298,7 +321,10 @@ class Assistant:
         inputs: list[answers_db.AnswerInputs | None] = [None] * len(jobs)
         fresh: set[str] = set()
         try:
-            keys = [(int(job.data["prompt_id"]), int(job.data["room_id"])) for job in jobs]
+            keys = [
+                (int(job.data["prompt_id"]), int(job.data["room_id"]), int(job.data.get("assistant_id") or 0))
+                for job in jobs
+            ]
             inputs = list(await answers_db.answer_inputs(self.db, keys, HISTORY))
             # Fresh jobs name their answer id in one round trip (a taker ends that stream if we die).
             # Not a taken-over or retried job: its orphan id must stay in it until that stream is ended.
@@ -357,7 +383,9 @@ class Assistant:
             await self.generations.end_failed(attempt)
             with contextlib.suppress(Exception):
                 await self.queue.ack(job)  # a poisoned job must not loop for ever
-                await answers_db.settle_answer(self.db, int(job.data["prompt_id"]))  # nor come back by the sweeper
+                await answers_db.settle_answer(  # nor come back by the sweeper
+                    self.db, int(job.data["prompt_id"]), int(job.data.get("assistant_id") or 0)
+                )
         finally:
             if attempt.run is not None:
                 self.running.pop(attempt.run.message_id, None)

@@ -20,12 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from chatd.assistant.context import Coalescer, build_context, recent_window
-from chatd.assistant.providers import Finished, GenerationRequest, Provider, ProviderError, TextDelta
+from chatd.assistant.providers import (
+    Finished,
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    StreamEvent,
+    TextDelta,
+    make_provider,
+)
 from chatd.assistant.streams import StreamRelay
 from chatd.core import errors, server_frames
 from chatd.process import metrics
@@ -58,6 +68,8 @@ class Run:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     flush_timer: asyncio.TimerHandle | None = None  # buffered text goes out when due
     supersedes: int | None = None  # the orphaned stream of a takeover, which this attempt replaces
+    provider: Provider | None = None  # None: the server's default provider
+    answered_by: dict[str, Any] | None = None  # a room assistant: {id, name, model}; None: the default one
 
 
 @dataclass(eq=False)
@@ -93,8 +105,41 @@ async def _persist_answer(db: Database, answer: dict[str, Any]) -> dict[str, Any
             first_token_ms=usage["first_token_ms"],
             latency_ms=usage["latency_ms"],
             retrieved_ids=tuple(usage["retrieved_ids"]),
+            assistant_id=int(usage.get("assistant_id") or 0),
         ),
+        data=answer.get("data"),
     )
+
+
+class _Unconfigured:
+    """A room assistant whose provider this server cannot reach (no key or URL configured): each answer
+    fails at once, not retried, and says so in the room; the other assistants are not affected."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        raise ProviderError(f"{self.name}: not configured: {self.reason}", retryable=False)
+        yield  # pragma: no cover  # an async generator, like the real providers
+
+    async def aclose(self) -> None:
+        pass
+
+
+def relabel_history(history: list[dict[str, Any]], me: int) -> list[dict[str, Any]]:
+    """The room's history as assistant ``me`` (0: the default one) should read it: its own answers are its
+    turns; another assistant's answers are what someone else said, so they become user turns naming it
+    (a model must not take them for its own words)."""
+    out = []
+    for row in history:
+        by = (row.get("data") or {}).get("answered_by") if row["role"] == "assistant" else None
+        author = int(by["id"]) if by else 0
+        if row["role"] == "assistant" and author != me:
+            name = f"@{by['name']}" if by else "the default assistant"
+            row = row | {"role": "user", "content": f"[{name} answered:] {row['content']}"}
+        out.append(row)
+    return out
 
 
 class Generations:
@@ -118,6 +163,22 @@ class Generations:
         self.queue = queue
         self.streams = streams
         self.running: dict[int, Run] = {}  # by answer message id
+        # One client per provider kind, made when a room assistant first needs it (the SDKs cost imports).
+        self.providers: dict[str, Provider] = {provider.name: provider}
+
+    def provider_for(self, kind: str) -> Provider:
+        provider = self.providers.get(kind)
+        if provider is None:
+            try:
+                provider = make_provider(dataclasses.replace(self.settings, provider=kind))
+            except errors.ConfigError as exc:
+                provider = _Unconfigured(kind, str(exc))
+            self.providers[kind] = provider
+        return provider
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
 
     async def run(self, attempt: Attempt) -> None:
         job = attempt.job
@@ -125,13 +186,16 @@ class Generations:
         room_id, prompt_id = int(data["room_id"]), int(data["prompt_id"])
         supersede_id = data.get("supersede_id")
         orphan = int(data["answer_id"]) if data.get("answer_id") else None  # a dead worker's stream
+        assistant_id = int(data.get("assistant_id") or 0)
         pg = self.db
-        inputs = attempt.inputs or (await answers_db.answer_inputs(pg, [(prompt_id, room_id)], HISTORY))[0]
-        prompt, room = inputs.prompt, inputs.room
-        if prompt is None or room is None or prompt["deleted_at"] is not None:
+        inputs = (
+            attempt.inputs or (await answers_db.answer_inputs(pg, [(prompt_id, room_id, assistant_id)], HISTORY))[0]
+        )
+        prompt, room, named = inputs.prompt, inputs.room, inputs.assistant
+        if prompt is None or room is None or prompt["deleted_at"] is not None or (assistant_id and named is None):
             if orphan is not None:
                 await self._end_orphan(room_id, orphan)
-            await answers_db.settle_answer(pg, prompt_id)
+            await answers_db.settle_answer(pg, prompt_id, assistant_id)
             await self.queue.ack(job)
             return
         if supersede_id is None:
@@ -147,9 +211,16 @@ class Generations:
         if orphan is not None:
             await self._end_orphan(room_id, orphan)  # taken over from a dead worker
         cfg = room["assistant"] or {}
+        provider = self.provider
+        answered_by: dict[str, Any] | None = None
+        if named is not None:  # a room assistant: its own provider, model and system prompt
+            provider = self.provider_for(named["provider"])
+            cfg = {"model": named["model"], "system_prompt": named["system_prompt"]}
         # The offline provider says so wherever a model name shows.
-        model = "offline" if self.provider.name == "offline" else (cfg.get("model") or self.settings.model)
-        history = [h for h in inputs.history if h["id"] != supersede_id]
+        model = "offline" if provider.name == "offline" else (cfg.get("model") or self.settings.model)
+        if named is not None:
+            answered_by = {"id": assistant_id, "name": named["name"], "model": model}
+        history = relabel_history([h for h in inputs.history if h["id"] != supersede_id], assistant_id)
         retrieved: list[dict[str, Any]] = []
         window = recent_window(history, self.settings.context_budget_tokens)
         if self.retriever is not None and self.settings.retrieval_top_k and window[0]["seq"] > 1:
@@ -193,6 +264,8 @@ class Generations:
             model,
             Coalescer(self.settings.chunk_interval_ms / 1000, local.sockets if local else 1),
             supersedes=orphan,
+            provider=provider,
+            answered_by=answered_by,
         )
         attempt.run = run
         self.running[message_id] = run
@@ -229,16 +302,20 @@ class Generations:
             "owner": owner_id,
             "index": -1,
         }
+        if run.answered_by is not None:  # late joiners' catch-up names it too (StreamRelay.live)
+            state |= {"assistant_id": run.answered_by["id"], "assistant_name": run.answered_by["name"]}
         start = server_frames.stream_start(
             room_id=run.room_id,
             message_id=run.message_id,
             reply_to_message_id=run.prompt_id,
             model=run.model,
             supersedes=run.supersedes,
+            answered_by=run.answered_by,
         )
         self.streams.start(run.room_id, run.message_id, start, state)
 
         stop_reason = "end_turn"
+        failure: dict[str, Any] | None = None
         generation = asyncio.ensure_future(self._generate(run, request))
         cancel_wait = asyncio.ensure_future(run.cancelled.wait())
         try:
@@ -257,6 +334,9 @@ class Generations:
             assistant_log.warning(
                 "provider_failed", extra=fields(message_id=run.message_id, error=str(exc)[:300], status=exc.status)
             )
+            if run.answered_by is not None:  # a room assistant's failure is told in the room, by name
+                who = f"@{run.answered_by['name']}"
+                failure = errors.LLMUnavailable(f"{who} could not answer this time; try again later").to_dict()
             if run.requester_id is not None:
                 err = errors.LLMUnavailable("the assistant could not answer this time; try again later")
                 await self.hub.publish_user(run.requester_id, server_frames.error(err, reply_to=None))
@@ -264,12 +344,12 @@ class Generations:
             cancel_wait.cancel()
             if not generation.done():  # cancelled from outside (shutdown): the provider call stops too
                 generation.cancel()
-        await self._finish(attempt, stop_reason, retrieved, supersede_id)
+        await self._finish(attempt, stop_reason, retrieved, supersede_id, failure)
 
     async def _generate(self, run: Run, request: GenerationRequest) -> None:
         for attempt in range(self.settings.provider_retries + 1):
             try:
-                async for event in self.provider.stream(request):
+                async for event in (run.provider or self.provider).stream(request):
                     if isinstance(event, TextDelta):
                         if run.first_token_ms is None:
                             run.first_token_ms = int((time.monotonic() - run.started) * 1000)
@@ -307,7 +387,14 @@ class Generations:
     def _emit(self, run: Run, content: str, index: int) -> None:
         self.streams.chunk(run.room_id, run.message_id, index, content)
 
-    async def _finish(self, attempt: Attempt, stop_reason: str, retrieved: tuple[int, ...], supersede_id: Any) -> None:
+    async def _finish(
+        self,
+        attempt: Attempt,
+        stop_reason: str,
+        retrieved: tuple[int, ...],
+        supersede_id: Any,
+        failure: dict[str, Any] | None = None,
+    ) -> None:
         run = attempt.run
         assert run is not None
         if run.flush_timer is not None:
@@ -319,7 +406,7 @@ class Generations:
         await self.streams.idle()  # elsewhere too, the chunks come before the message and stream_end
         latency_ms = int((time.monotonic() - run.started) * 1000)
         usage: dict[str, Any] = {
-            "provider": self.provider.name,
+            "provider": (run.provider or self.provider).name,
             "model": run.model,
             "stop_reason": stop_reason,
             "input_tokens": run.finished.input_tokens if run.finished else 0,
@@ -327,6 +414,7 @@ class Generations:
             "first_token_ms": run.first_token_ms,
             "latency_ms": latency_ms,
             "retrieved_ids": list(retrieved),
+            "assistant_id": run.answered_by["id"] if run.answered_by else 0,
         }
         answer: dict[str, Any] = {  # JSON: kept in the job when the write fails
             "message_id": run.message_id,
@@ -338,6 +426,8 @@ class Generations:
             "supersede_id": int(supersede_id) if supersede_id else None,
             "usage": usage,
         }
+        if run.answered_by is not None:  # who answered, kept with the message (history, replay, REST)
+            answer["data"] = {"answered_by": run.answered_by} | ({"error": failure} if failure else {})
         row = await self._persist(attempt, answer)
         seq = 0
         if row is not None:
@@ -354,6 +444,7 @@ class Generations:
             output_tokens=usage["output_tokens"],
             first_token_ms=run.first_token_ms,
             latency_ms=latency_ms,
+            error=failure,
         )
         attempt.ended = True
         await self.hub.publish_room(run.room_id, end)

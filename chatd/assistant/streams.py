@@ -86,6 +86,7 @@ class StreamRelay:
                     message_id=mid,
                     reply_to_message_id=int(st[b"reply_to"]),
                     model=st[b"model"].decode(),
+                    answered_by=_answered_by(st),
                 )
             ]
             if index >= 0:
@@ -94,3 +95,14 @@ class StreamRelay:
                 )
             out.append((mid, index, frames))
         return out
+
+
+def _answered_by(state: dict[bytes, bytes]) -> dict[str, Any] | None:
+    """A named assistant's identity from the stream's state (``Generations._stream`` writes it)."""
+    if not state.get(b"assistant_id"):
+        return None
+    return {
+        "id": int(state[b"assistant_id"]),
+        "name": state[b"assistant_name"].decode(),
+        "model": state[b"model"].decode(),
+    }

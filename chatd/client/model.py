@@ -34,6 +34,7 @@ class Message:
     data: dict[str, Any] | None = None  # kind file: the attachment; kind system: the event
     reactions: list[dict[str, Any]] = field(default_factory=list)  # [{emoji, count, users}], first-reaction order
     rev: int = 0  # the edit revision of the last change applied: an older change frame is dropped
+    answered_by: dict[str, Any] | None = None  # a room assistant's answer: {id, name, model}
 
     def reacted(self, user_id: int | None, emoji: str) -> bool:
         """Whether ``user_id`` reacted with ``emoji`` (frames carry who; "me" is computed here)."""
@@ -58,6 +59,7 @@ class Message:
             superseded=bool(d.get("superseded", False)),
             data=d.get("data"),
             reactions=list(d.get("reactions") or ()),
+            answered_by=d.get("answered_by"),
         )
 
 
@@ -82,6 +84,7 @@ class Stream:
     message_id: int
     reply_to_message_id: int
     model: str = ""
+    assistant: str = ""  # the room assistant's name (answered_by), "" for the server's default one
     text: str = ""
     last_index: int = -1
     ended: bool = False

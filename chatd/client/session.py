@@ -611,7 +611,8 @@ class ClientSession:
         mid = int(f["message_id"])
         # A fresh bubble, also when re-announced on join: the catch-up chunk then holds the whole
         # text so far with an index > -1, so "append when the index is new" rebuilds it exactly.
-        room.streams[mid] = Stream(room.id, mid, prompt, str(f.get("model", "")))
+        by = f.get("answered_by") or {}
+        room.streams[mid] = Stream(room.id, mid, prompt, str(f.get("model", "")), str(by.get("name", "")))
         return [Redraw()]
 
     def _on_stream_chunk(self, f: Mapping[str, Any], now: float) -> list[Action]:

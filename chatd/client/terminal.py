@@ -133,6 +133,8 @@ class TerminalChat:
 
     def _format(self, m: Message) -> StyleAndTextTuples:
         who = self._name(m.sender_id, m.role)
+        if m.answered_by:  # one of the room's assistants: its @name and model
+            who = f"@{m.answered_by.get('name', '')} ({m.answered_by.get('model', '')})"
         style = "class:assistant" if m.role == "assistant" else ("class:me" if who == "you" else "class:user")
         text = "(deleted)" if m.deleted else m.content
         if m.status == "cancelled":
@@ -162,7 +164,8 @@ class TerminalChat:
             out.append(("class:notice", f"assistant: waiting (position {position})\n"))
         for s in room.streams.values():
             tail = " [interrupted]" if s.interrupted else ("" if s.ended else " ▍")
-            out += [("class:assistant", "assistant"), ("", f" ▸ {s.text}{tail}\n")]
+            who = f"@{s.assistant}" if s.assistant else "assistant"
+            out += [("class:assistant", who), ("", f" ▸ {s.text}{tail}\n")]
         for p in self.session.pending.values():
             if p.room_id != room.id:
                 continue

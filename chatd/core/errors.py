@@ -82,6 +82,13 @@ class NotFound(ChatdError):
     default_message = "not found"
 
 
+class UnknownAssistant(NotFound):
+    """A room picks an assistant the server does not offer (none by that id, or retired)."""
+
+    code = "unknown_assistant"
+    default_message = "no such assistant on this server"
+
+
 class MethodNotAllowed(ChatdError):
     code = "method_not_allowed"
     http_status = 405

@@ -319,10 +319,17 @@ def cancelled(*, room_id: int, reply_to_message_id: int) -> dict[str, Any]:
 
 
 def stream_start(
-    *, room_id: int, message_id: int, reply_to_message_id: int, model: str, supersedes: int | None = None
+    *,
+    room_id: int,
+    message_id: int,
+    reply_to_message_id: int,
+    model: str,
+    supersedes: int | None = None,
+    answered_by: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``supersedes``: a takeover's new attempt replaces that stream (ended with ``error``), which members
-    may have seen in part; ``resumed: true`` then says the answer starts over."""
+    may have seen in part; ``resumed: true`` then says the answer starts over.  ``answered_by``: the room's
+    assistant that answers (``{id, name, model}``), absent for the server's default assistant."""
     frame: dict[str, Any] = {
         "type": "stream_start",
         "room_id": room_id,
@@ -333,6 +340,8 @@ def stream_start(
     if supersedes is not None:
         frame["resumed"] = True
         frame["supersedes"] = supersedes
+    if answered_by is not None:
+        frame["answered_by"] = answered_by
     return frame
 
 
@@ -356,9 +365,11 @@ def stream_end(
     output_tokens: int,
     first_token_ms: int | None,
     latency_ms: int,
+    error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``first_token_ms`` is None when no token arrived (cancelled / error)."""
-    return {
+    """``first_token_ms`` is None when no token arrived (cancelled / error).  ``error``: why a room
+    assistant's answer ended with ``error`` (``{code, message}``), for members to read."""
+    frame: dict[str, Any] = {
         "type": "stream_end",
         "room_id": room_id,
         "message_id": message_id,
@@ -368,6 +379,9 @@ def stream_end(
         "first_token_ms": first_token_ms,
         "latency_ms": latency_ms,
     }
+    if error is not None:
+        frame["error"] = error
+    return frame
 
 
 # Stored rows as frames (live, replay, repair and REST share them).
@@ -402,8 +416,15 @@ def message_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
         frame["status"] = row["status"]  # "cancelled" or "error": a partial answer, kept
     if row.get("superseded_at") is not None:
         frame["superseded"] = True
-    if row.get("data") is not None:
-        frame["data"] = row["data"]  # kind file: the attachment; kind system: the event
+    data = row.get("data")
+    if data is not None and row["role"] == "assistant":
+        # A room assistant's answer: who answered with which model, and why it failed (sql/0016).
+        if "answered_by" in data:
+            frame["answered_by"] = data["answered_by"]
+        if "error" in data:
+            frame["error"] = data["error"]
+    elif data is not None:
+        frame["data"] = data  # kind file: the attachment; kind system: the event
     if row.get("reactions"):
         frame["reactions"] = row["reactions"]  # [{emoji, count, users}]; omitted when none
     return frame
@@ -439,4 +460,5 @@ def stream_end_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
         output_tokens=row.get("g_output_tokens") or 0,
         first_token_ms=row.get("g_first_token_ms"),
         latency_ms=row.get("g_latency_ms") or 0,
+        error=(row.get("data") or {}).get("error") if row["role"] == "assistant" else None,
     )

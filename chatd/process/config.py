@@ -367,6 +367,7 @@ class AssistantSettings:
         choices=("idle", "normal"),
     )
     daily_token_budget: int = _f(0, "Tokens (input + output) a user may spend per UTC day; 0 = unlimited.", min=0)
+    max_per_room: int = _f(8, "Assistants (of those admins define) a room owner may pick for one room.", min=1, max=100)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,9 +39,16 @@ class AssistantPort(Protocol):
 
     def answers_in(self, room: dict[str, Any]) -> bool: ...
 
-    async def enqueue(self, room_id: int, prompt_id: int, requester_id: int) -> int: ...
+    async def enqueue(
+        self,
+        room_id: int,
+        prompt_id: int,
+        requester_id: int,
+        supersede_id: int | None = None,
+        assistant_id: int = 0,
+    ) -> int: ...
 
-    async def settle(self, prompt_id: int) -> None: ...
+    async def settle(self, prompt_id: int, assistant_id: int | None = None) -> None: ...
 
     async def live_streams(self, room_id: int) -> list[tuple[int, int, list[dict[str, Any]]]]: ...
 
@@ -164,13 +171,19 @@ class Rooms:
         if self.assistant is not None and self.wants_answer(result):
             assert result.row is not None
             prompt_id = int(result.row["id"])
-            try:
-                queued = await self.assistant.enqueue(room_id, prompt_id, user_id)
-            except errors.Unavailable:
-                pending = True  # still owed (answers_owed): the sweeper queues it once Redis/Postgres answer
-            except errors.ChatdError as err:
-                refused = err  # the message is stored and acked; only the answer is refused
-                await self.assistant.settle(prompt_id)
+            # One answer per assistant that owes one (several in a room that picked assistants, sql/0016):
+            # the send reports the first one queued, or the refusal when none was.
+            for assistant_id in result.owed_by or (0,):
+                try:
+                    position = await self.assistant.enqueue(room_id, prompt_id, user_id, assistant_id=assistant_id)
+                    queued = position if queued is None else min(queued, position)
+                except errors.Unavailable:
+                    pending = True  # still owed (answers_owed): the sweeper queues it once Redis/Postgres answer
+                except errors.ChatdError as err:
+                    refused = refused or err  # the message is stored and acked; only this answer is refused
+                    await self.assistant.settle(prompt_id, assistant_id)
+            if queued is not None or pending:
+                refused = None
         return SendResult(result, queued, refused, pending)
 
     # -- join / leave -------------------------------------------------------------

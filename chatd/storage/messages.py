@@ -371,6 +371,7 @@ class Committed:
     error: errors.ChatdError | None = None
     room: Row | None = None  # {kind, assistant, owner_id} of the room, for the assistant trigger
     answer_owed: bool = False  # an `answers_owed` row exists for it (written now, or still owed for a duplicate)
+    owed_by: tuple[int, ...] = ()  # the assistants that owe it an answer (0: the server's default one; sql/0016)
 
 
 _COMMIT_ERRORS: dict[str, type[errors.ChatdError]] = {"not_found": errors.NotFound, "archived": errors.Conflict}
@@ -379,7 +380,7 @@ _COMMIT_MESSAGES = {"not_found": "room not found", "archived": "room is archived
 
 @bounded
 async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[Committed]:
-    """Store a batch in ONE round trip (``chatd_commit_messages``, sql/0012); per-room seqs stay gap-free.
+    """Store a batch in ONE round trip (``chatd_commit_messages``, sql/0016); per-room seqs stay gap-free.
 
     Rooms are locked in id order (no deadlock between concurrent batches); with
     the room rows locked, duplicates of a client_msg_id are found before seqs
@@ -409,6 +410,7 @@ async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[
     for row in rows:
         outcome = row.pop("outcome")
         owed = bool(row.pop("answer_owed"))
+        owed_by = tuple(int(a) for a in row.pop("owed_assistants") or ())
         row.pop("ord")
         room = {
             "kind": row.pop("room_kind"),
@@ -418,5 +420,5 @@ async def commit_batch(pool: Database, batch: Sequence[PendingMessage]) -> list[
         if outcome in _COMMIT_ERRORS:
             results.append(Committed(None, error=_COMMIT_ERRORS[outcome](_COMMIT_MESSAGES[outcome])))
         else:
-            results.append(Committed(row, duplicate=outcome != "stored", room=room, answer_owed=owed))
+            results.append(Committed(row, duplicate=outcome != "stored", room=room, answer_owed=owed, owed_by=owed_by))
     return results

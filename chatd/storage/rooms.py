@@ -27,7 +27,9 @@ MENTION_COUNT_SQL = (
     " AND msg.deleted_at IS NULL AND msg.sender_id IS DISTINCT FROM m.user_id)"
 )
 
-ROOM_COLUMNS = "r.id, r.name, r.kind, r.owner_id, r.status, r.assistant, r.last_seq, r.created_at, r.updated_at"
+ROOM_COLUMNS = (
+    "r.id, r.name, r.kind, r.owner_id, r.status, r.assistant, r.last_seq, r.created_at, r.updated_at, r.assistant_count"
+)
 
 
 @bounded

@@ -340,11 +340,30 @@ async function loadMembers(roomId) {
   }
 }
 
+// The room's assistants by room id ("@gpt, @claude"): the composer's hint of whom to mention.
+const mentionHints = new Map();
+
+async function loadAssistants(roomId) {
+  try {
+    const { assistants } = await api.call("GET", `/rooms/${roomId}/assistants`);
+    mentionHints.set(roomId, assistants.map((a) => `@${a.name}`).join(", "));
+  } catch {
+    mentionHints.delete(roomId); // no hint: the default assistant (@assistant where it listens)
+  }
+  if (roomId === current) setPlaceholder();
+}
+
+// "Assistant", or a room assistant's @name and model (several may answer one message).
+function assistantLabel(by) {
+  return by ? `@${by.name} · ${by.model}` : "Assistant";
+}
+
 function openRoom(roomId) {
   if (!session?.rooms.has(roomId)) return;
   if (current !== roomId) {
     $("messages").replaceChildren();
     loadMembers(roomId);
+    loadAssistants(roomId);
   }
   current = roomId;
   history.replaceState(null, "", `#room=${roomId}`);
@@ -570,7 +589,9 @@ function setPlaceholder() {
   measure ??= document.createElement("canvas").getContext("2d");
   measure.font = style.font;
   const room = box.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
-  const text = measure.measureText(PLACEHOLDER).width <= room ? PLACEHOLDER : "Message";
+  const hint = mentionHints.get(current);
+  const wanted = hint ? `Message (mention ${hint})` : PLACEHOLDER;
+  const text = measure.measureText(wanted).width <= room ? wanted : "Message";
   if (box.placeholder !== text) box.placeholder = text;
 }
 
@@ -718,7 +739,7 @@ function meta(who, when, state, stateLabel) {
 
 function updateMessage(li, m, room, streaming, reply, seen) {
   const note = room.notes.get(m.messageId) ?? "";
-  const who = m.role === "assistant" ? "Assistant" : m.role === "system" ? "" : nameOf(m.senderId);
+  const who = m.role === "assistant" ? assistantLabel(m.answeredBy) : m.role === "system" ? "" : nameOf(m.senderId);
   const reactionSig = JSON.stringify(m.reactions);
   const sig = [m.content, m.deleted, m.status, m.superseded, m.editedAt, note, streaming, who, reply, reactionSig, seen].join("|");
   if (li.dataset.sig === sig) return;
@@ -740,7 +761,7 @@ function updateMessage(li, m, room, streaming, reply, seen) {
   const children = [...replyNote(reply), meta(who, m.createdAt, mine, seen ? `✓ seen by ${seen}` : "✓ delivered"), body];
   if (m.kind === "file" && m.data && !m.deleted) children.push(fileCard(m.data));
   if (m.status === "cancelled") children.push(el("p", { class: "flag", text: "Stopped before the end." }));
-  if (m.status === "error") children.push(el("p", { class: "flag", text: "The answer failed part way." }));
+  if (m.status === "error") children.push(el("p", { class: "flag", text: m.error?.message ?? "The answer failed part way." }));
   if (m.superseded) children.push(el("p", { class: "flag", text: "Replaced by a newer answer." }));
   if (note) children.push(el("p", { class: "flag", text: note }));
   if (!m.deleted && !system) children.push(reactionBar(m, !mine));
@@ -836,7 +857,7 @@ function updateStream(li, s, reply) {
   li.setAttribute("aria-busy", String(!s.ended));
   if (rebuild) {
     const stop = () => run(session.cancel(current, s.messageId));
-    const children = [...replyNote(reply), meta("Assistant", null, true, "writing…"), el("div", { class: "body" })];
+    const children = [...replyNote(reply), meta(assistantLabel(s.answeredBy), null, true, "writing…"), el("div", { class: "body" })];
     if (stoppable) {
       children.push(el("div", { class: "actions" }, el("button", { type: "button", class: "stop", onclick: stop, text: "Stop" })));
     }

@@ -109,6 +109,8 @@ function toMessage(d) {
     superseded: Boolean(d.superseded),
     data: d.data ?? null, // kind file: the attachment; kind system: the event
     reactions: d.reactions ?? [], // [{emoji, count, users}], first-reaction order
+    answeredBy: d.answered_by ?? null, // a room assistant's answer: {id, name, model}
+    error: d.error ?? null, // why a room assistant's answer failed: {code, message}
     rev: 0, // the edit revision of the last change applied: an older change frame is dropped
   };
 }
@@ -736,6 +738,7 @@ export class Session {
       messageId: f.message_id,
       replyTo: f.reply_to_message_id,
       model: f.model ?? "",
+      answeredBy: f.answered_by ?? null, // one of the room's assistants: {id, name, model}
       text: "",
       lastIndex: -1,
       ended: false,
