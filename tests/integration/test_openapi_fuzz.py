@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 SEED = 20261201
 MAX_EXAMPLES = 10  # per operation and phase (coverage, fuzzing, stateful)
-RUN_BUDGET_S = 180  # each run, a hard stop for a hang (about 10 s quiet, 49 s seen at load 8; --max-time would be spent, not a bound)
+RUN_BUDGET_S = 180  # each run, a hard stop for a hang (10 s quiet, 49 s at load 8; --max-time would be spent)
 # DELETE /rooms/{room_id} archives (docs/API.md): the room stays readable with status "archived", so the
 # use_after_free check's "deleted resource still available" does not apply to chatd's DELETEs.
 NOT_APPLICABLE = "use_after_free"
