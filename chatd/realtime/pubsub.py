@@ -108,6 +108,13 @@ class Deaf(Exception):
     """Nothing read on the pub/sub connection within the liveness deadline."""
 
 
+def fail(fut: asyncio.Future[None] | None, reason: str) -> None:
+    """Fail a confirmation not yet given, as ``Unavailable``; retrieved, as nobody may be waiting on it."""
+    if fut is not None and not fut.done():
+        fut.set_exception(errors.Unavailable(reason))
+        fut.exception()
+
+
 class Subscriber:
     def __init__(
         self,
@@ -205,9 +212,7 @@ class Subscriber:
                 self._unconfirmed.clear()
                 self._confirmed.clear()
                 for fut in self._confirm.values():
-                    if not fut.done():
-                        fut.set_exception(errors.Unavailable("fan-out connection lost"))
-                        fut.exception()  # retrieved: nobody may be waiting
+                    fail(fut, "fan-out connection lost")
                 self._confirm.clear()
                 metrics.pubsub_reconnects.inc()
                 if isinstance(exc, Deaf):  # half-open: no error would ever have come
@@ -296,8 +301,7 @@ class Subscriber:
             self._pending.add(channel)  # flushed once connected, should the reconnect's SUBSCRIBE have missed it
             self._pending_event.set()
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            failed.set_exception(errors.Unavailable("fan-out not connected"))
-            failed.exception()  # retrieved: the caller may not wait
+            fail(failed, "fan-out not connected")
             return failed
         fut = self._confirm.get(key)
         if fut is None:  # else a SUBSCRIBE of it is queued or on its way already
@@ -331,9 +335,7 @@ class Subscriber:
         key = channel.encode()
         self._confirmed.discard(key)
         fut = self._confirm.pop(key, None)
-        if fut is not None and not fut.done():  # wanted again later: a new SUBSCRIBE and a new confirmation
-            fut.set_exception(errors.Unavailable("unsubscribed"))
-            fut.exception()
+        fail(fut, "unsubscribed")  # wanted again later: a new SUBSCRIBE and a new confirmation
         pubsub = self._pubsub
         if pubsub is not None:
             # A lost unsubscribe costs only unwanted messages until the next reconnect.

@@ -39,7 +39,7 @@ from chatd.core.keys import Keys, unpack
 from chatd.process import metrics
 from chatd.process.config import StorageSettings
 from chatd.process.logs import app_log, fields
-from chatd.realtime.pubsub import Deaf, Liveness
+from chatd.realtime.pubsub import Deaf, Liveness, fail
 from chatd.storage.kv import close_client, cluster_client, redis_errors
 
 # A node's read holds redis-py's per-node lock that an SSUBSCRIBE on that node waits for: short, so that a
@@ -153,9 +153,7 @@ class ShardedSubscriber:
                 self._confirmed.clear()
                 self._lost.clear()
                 for fut in self._confirm.values():
-                    if not fut.done():
-                        fut.set_exception(errors.Unavailable("fan-out connection lost"))
-                        fut.exception()  # retrieved: nobody may be waiting
+                    fail(fut, "fan-out connection lost")
                 self._confirm.clear()
                 metrics.pubsub_reconnects.inc()
                 app_log.warning("fanout_redis_lost", extra=fields(error=str(exc)[:200], retry_in_s=backoff_s))
@@ -333,8 +331,7 @@ class ShardedSubscriber:
             self._pending.add(partition)
             self._pending_event.set()
             failed: asyncio.Future[None] = loop.create_future()
-            failed.set_exception(errors.Unavailable("fan-out not connected"))
-            failed.exception()
+            fail(failed, "fan-out not connected")
             return failed
         fut = self._confirm.get(partition)
         if fut is None:
@@ -400,9 +397,7 @@ class ShardedSubscriber:
         self._confirmed_before.discard(partition)
         self._lost.discard(partition)
         fut = self._confirm.pop(partition, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(errors.Unavailable("unsubscribed"))
-            fut.exception()
+        fail(fut, "unsubscribed")
         pubsub = self._pubsub
         if pubsub is not None:
             # A lost unsubscribe costs only unwanted messages (dropped here) until the next reconnect.
