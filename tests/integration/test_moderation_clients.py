@@ -4,7 +4,6 @@ Also what a blocked send looks like in the web app."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Any
 
@@ -13,7 +12,7 @@ from playwright.sync_api import Browser, expect
 
 from tests.client_support import Terminal
 from tests.conftest import Services
-from tests.integration.test_webapp import Person, browser, create_room, rest  # noqa: F401  (browser: fixture)
+from tests.integration.test_webapp import Person, browser, rest, shared_room  # noqa: F401  (browser: fixture)
 from tests.support import Chatd, request
 from tests.users import PASSWORD, make_users
 
@@ -70,13 +69,7 @@ def test_web_app_reports_a_message_and_shows_a_blocked_send(chatd_factory: Any, 
         alice.register()
         bob.register()
         a, b = alice.page, bob.page
-        name = f"report-{uuid.uuid4().hex[:6]}"
-        room = create_room(alice, name)
-        rest(server.http, f"/rooms/{room}/members", alice.token(), {"user_id": bob.id})
-        alice.say("buy cheap watches")
-        expect(alice.bodies("buy cheap watches")).to_have_count(1)
-        b.get_by_role("button", name=re.compile(f"^{name}")).click()
-        expect(bob.bodies("buy cheap watches")).to_have_count(1)
+        room = shared_room(alice, bob, "report", "buy cheap watches")
         # No Report on your own message.
         mine = a.locator("#messages > li.msg", has=a.locator(".body", has_text="buy cheap watches"))
         expect(mine.get_by_label("Report this message")).to_have_count(0)

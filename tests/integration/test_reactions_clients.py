@@ -3,7 +3,6 @@ and the web app in Chromium (picker, chips, "mine")."""
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 import uuid
 from typing import Any
@@ -12,7 +11,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from tests.client_support import Terminal
 from tests.conftest import Services
-from tests.integration.test_webapp import Person, browser, create_room, rest  # noqa: F401  (browser: fixture)
+from tests.integration.test_webapp import Person, browser, shared_room  # noqa: F401  (browser: fixture)
 from tests.support import Chatd, request
 from tests.users import PASSWORD, make_users
 
@@ -74,13 +73,7 @@ def test_web_app_reactions_picker_counts_and_toggle(chatd_factory: Any, browser:
         alice.register()
         bob.register()
         a, b = alice.page, bob.page
-        name = f"react-{uuid.uuid4().hex[:6]}"
-        room = create_room(alice, name)
-        rest(server.http, f"/rooms/{room}/members", alice.token(), {"user_id": bob.id})
-        alice.say("react here")
-        expect(alice.bodies("react here")).to_have_count(1)
-        b.get_by_role("button", name=re.compile(f"^{name}")).click()
-        expect(bob.bodies("react here")).to_have_count(1)
+        shared_room(alice, bob, "react", "react here")
 
         def chip(page: Page, emoji: str) -> Any:
             msg = page.locator("#messages > li.msg", has=page.locator(".body", has_text="react here"))

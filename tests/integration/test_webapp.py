@@ -545,6 +545,19 @@ def create_room(person: Person, name: str) -> int:
     return int(page.evaluate("new URLSearchParams(location.hash.slice(1)).get('room')"))
 
 
+def shared_room(owner: Person, member: Person, prefix: str, first: str) -> int:
+    """``owner`` creates a room (named ``prefix-…``), adds ``member`` and says ``first``; ``member`` opens the
+    room and sees it.  Both registered; returns the room id."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    room = create_room(owner, name)
+    rest(owner.base, f"/rooms/{room}/members", owner.token(), {"user_id": member.id})
+    owner.say(first)
+    expect(owner.bodies(first)).to_have_count(1)
+    member.page.get_by_role("button", name=re.compile(f"^{name}")).click()
+    expect(member.bodies(first)).to_have_count(1)
+    return room
+
+
 def test_fast_sending_is_paced_kept_over_a_reload_and_a_policy_close_reconnects(
     server: Chatd, browser: Browser
 ) -> None:
